@@ -1,0 +1,4 @@
+//! The mfx inference engine: model families, CPU kernels, expert cache,
+//! sampling and the server.
+
+pub mod kernels;
