@@ -19,6 +19,14 @@ stopped (first id in the tokenizer's eos set), so a consumer can compare
 either way. `margins` records, per step, the gap between the best and the
 second-best logit: a tiny gap flags a step where a different but correct
 4-bit kernel could legitimately pick another token.
+
+Two runs per prompt. `generated_ids` is mlx-lm exactly as shipped: it computes
+in bf16 (the dtype of the scales), so its logits are rounded to bf16 and
+several steps are exact ties (margin 0.0) that argmax settles by index.
+`f32.generated_ids` is the same model after `model.set_dtype(mx.float32)`:
+identical 4-bit weights (the bf16 scales/biases and norms widen exactly to
+f32), f32 activations -- the arithmetic mfx's runtime does, so that is the
+sequence mfx's greedy output is expected to equal token for token.
 """
 import json
 import os
@@ -44,15 +52,18 @@ def main() -> int:
     with open(PROMPTS) as f:
         prompts = json.load(f)["prompts"]
 
+    def greedy(ids):
+        out, margins = [], []
+        for tok, logprobs in generate_step(mx.array(ids), model, max_tokens=STEPS):
+            out.append(int(tok))
+            top2 = mx.sort(logprobs.astype(mx.float32))[-2:].tolist()
+            margins.append(round(float(top2[1] - top2[0]), 5))
+        return out, margins
+
     cases = {}
     for name, p in prompts.items():
         ids = [int(t) for t in p["ids"]]
-        out, margins = [], []
-        for tok, logprobs in generate_step(mx.array(ids), model, max_tokens=STEPS):
-            tok = int(tok)
-            out.append(tok)
-            top2 = mx.sort(logprobs.astype(mx.float32))[-2:].tolist()
-            margins.append(round(float(top2[1] - top2[0]), 5))
+        out, margins = greedy(ids)
         eos_index = next((i for i, t in enumerate(out) if t in eos), None)
         stop = eos_index if eos_index is not None else len(out)
         cases[name] = {
@@ -64,10 +75,17 @@ def main() -> int:
         }
         print(f"{name}: {tokenizer.decode(out[:stop])!r}", file=sys.stderr)
 
+    model.set_dtype(mx.float32)
+    for name, case in cases.items():
+        out, margins = greedy(case["prompt_ids"])
+        case["f32"] = {"generated_ids": out, "margins": margins}
+        same = next((i for i, (a, b) in enumerate(zip(out, case["generated_ids"])) if a != b), len(out))
+        print(f"{name}: f32 run agrees with bf16 run for {same} tokens", file=sys.stderr)
+
     doc = {
         "model": "../shared/models/tiny-qwen3-moe-coder-mlx-4bit",
         "prompts_from": "../shared/models/tiny-qwen3-moe-coder/reference/reference.json",
-        "protocol": "prompt ids as-is, greedy argmax, 48 steps of mlx_lm.generate.generate_step, EOS not stopping",
+        "protocol": "prompt ids as-is, greedy argmax, 48 steps of mlx_lm.generate.generate_step, EOS not stopping; generated_ids in mlx-lm's default bf16 compute, f32.generated_ids after model.set_dtype(float32)",
         "steps": STEPS,
         "eos_token_ids": eos,
         "mlx_version": version("mlx"),
