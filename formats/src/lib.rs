@@ -2,3 +2,4 @@
 //! the quantization codecs with their scalar reference, and the profile schema.
 
 pub mod quant;
+pub mod profile;
