@@ -1,5 +1,14 @@
 //! Every byte mfx puts on disk: the `.mfx` pack format (see docs/FORMAT.md),
 //! the quantization codecs with their scalar reference, and the profile schema.
 
+pub mod codec;
+pub mod error;
+pub mod pack;
 pub mod quant;
+#[doc(hidden)]
+pub mod testing;
 pub mod profile;
+
+pub use codec::Codec;
+pub use error::FormatError;
+pub use pack::{ExpertEntry, Pack, PackMeta, PackWriter, PartData, TensorEntry, TensorView};
