@@ -1,16 +1,30 @@
 //! CPU kernels behind one dispatch point.
 //!
 //! Every kernel has a scalar reference (`scalar.rs`) that is always compiled
-//! and is the definition of correct; SIMD tiers (AVX2+FMA on x86_64, NEON on
-//! aarch64) are picked once at run time and cached. `MFX_KERNELS=scalar`
+//! and is the definition of correct; SIMD tiers (AVX2+FMA+F16C on x86_64, NEON
+//! on aarch64) are picked once at run time and cached. `MFX_KERNELS=scalar`
 //! (or `avx2`, `neon`) forces a tier so that tests exercise each path on the
-//! same machine; asking for a tier the CPU lacks falls back to scalar.
+//! same machine; asking for a tier the CPU lacks falls back to scalar. The
+//! binary is never built with `target-cpu=native`: SIMD code lives in
+//! `#[target_feature]` functions that are only reached after detection.
 //!
 //! Conventions: weights are `[rows, cols]` row-major (`rows` = output
 //! features, as in PyTorch's `nn.Linear.weight`); activations are f32,
 //! `n` rows of `cols`; accumulation is always f32.
+//!
+//! Parallelism (all tiers): output rows are cut into chunks of at least 16 KiB
+//! of weights and spread over rayon; products with less than 256 KiB of work
+//! stay on the calling thread so the tiny test models pay no pool overhead.
+//! For `n > 1` each weight row is decoded once and dotted with up to 8 inputs
+//! at a time, so prompt processing reads the weights once per call.
 
 pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+mod parallel;
 
 use half::{bf16, f16};
 use mfx_formats::quant::AffineMatrix;
@@ -36,6 +50,34 @@ impl MatRef<'_> {
         match self {
             MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::F16 { cols, .. } => *cols,
             MatRef::Affine(a) => a.cols,
+        }
+    }
+    /// Bytes of weights (codes + scales + biases) one output row reads; what
+    /// chunking and the benchmark's GB/s are measured in.
+    pub fn row_bytes(&self) -> usize {
+        match self {
+            MatRef::F32 { cols, .. } => cols * 4,
+            MatRef::Bf16 { cols, .. } | MatRef::F16 { cols, .. } => cols * 2,
+            MatRef::Affine(a) => a.row_bytes() + a.groups_per_row() * 4,
+        }
+    }
+    /// Whether the buffers hold exactly `rows * cols` elements; kernels check
+    /// this once so the hot loops can index without bounds checks.
+    fn is_consistent(&self) -> bool {
+        match self {
+            MatRef::F32 { rows, cols, data } => rows.checked_mul(*cols) == Some(data.len()),
+            MatRef::Bf16 { rows, cols, data } => rows.checked_mul(*cols) == Some(data.len()),
+            MatRef::F16 { rows, cols, data } => rows.checked_mul(*cols) == Some(data.len()),
+            MatRef::Affine(a) => {
+                let n = a.rows.checked_mul(a.cols);
+                a.group_size > 0
+                    && a.cols % a.group_size == 0
+                    && a.group_size % 32 == 0
+                    && mfx_formats::quant::AFFINE_BITS.contains(&a.bits)
+                    && n.map(|n| n / 8 * a.bits as usize) == Some(a.packed.len())
+                    && n.map(|n| n / a.group_size) == Some(a.scales.len())
+                    && a.biases.len() == a.scales.len()
+            }
         }
     }
     /// Reference dequantization of row `r` (slow path: embeddings lookup, tests).
@@ -65,16 +107,45 @@ pub enum Tier {
     Neon,
 }
 
+impl Tier {
+    /// The name `MFX_KERNELS` accepts for this tier.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Scalar => "scalar",
+            Tier::Avx2 => "avx2",
+            Tier::Neon => "neon",
+        }
+    }
+}
+
 /// The kernel set. One implementation per tier; all must agree with
 /// [`scalar`] within float32 reassociation error.
 pub trait Backend: Send + Sync {
     fn tier(&self) -> Tier;
     /// `y[n, rows] = x[n, cols] @ w^T`. Implementations parallelize over rows.
+    ///
+    /// Panics if the buffer lengths disagree with the shape (a caller bug,
+    /// not an input error: loaders validate tensors before building `MatRef`).
     fn matmul(&self, w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]);
     /// `sum(a[i] * b[i])`.
     fn dot(&self, a: &[f32], b: &[f32]) -> f32;
     /// `y[i] += alpha * x[i]`.
     fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]);
+    /// `dst[i] = src[i]` widened; the f16 KV cache is read through this.
+    fn convert_f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
+        scalar::convert_f16_to_f32(src, dst)
+    }
+    /// Round-to-nearest-even narrowing; the f16 KV cache is written through this.
+    fn convert_f32_to_f16(&self, src: &[f32], dst: &mut [f16]) {
+        scalar::convert_f32_to_f16(src, dst)
+    }
+    fn convert_bf16_to_f32(&self, src: &[bf16], dst: &mut [f32]) {
+        scalar::convert_bf16_to_f32(src, dst)
+    }
+    /// Round-to-nearest-even narrowing (NaN stays NaN).
+    fn convert_f32_to_bf16(&self, src: &[f32], dst: &mut [bf16]) {
+        scalar::convert_f32_to_bf16(src, dst)
+    }
 }
 
 static BACKEND: OnceLock<&'static dyn Backend> = OnceLock::new();
@@ -83,22 +154,49 @@ static BACKEND: OnceLock<&'static dyn Backend> = OnceLock::new();
 pub fn backend() -> &'static dyn Backend {
     *BACKEND.get_or_init(|| {
         let forced = std::env::var("MFX_KERNELS").ok();
-        select(forced.as_deref())
+        let b = select(forced.as_deref());
+        tracing::debug!(tier = b.tier().name(), "kernel tier selected");
+        b
     })
 }
 
-/// Picks a tier; `forced` is the value of `MFX_KERNELS` if set.
+/// Every tier this CPU can run, scalar first and the fastest last.
+pub fn available() -> Vec<&'static dyn Backend> {
+    #[allow(unused_mut)]
+    let mut v: Vec<&'static dyn Backend> = vec![&scalar::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = avx2::Avx2::detect() {
+        v.push(b);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(b) = neon::Neon::detect() {
+        v.push(b);
+    }
+    v
+}
+
+/// Picks a tier; `forced` is the value of `MFX_KERNELS` if set. Unset, empty
+/// or `auto` picks the fastest available; a named tier the CPU lacks (or an
+/// unknown name) falls back to scalar with a warning, never to a faster tier.
 pub fn select(forced: Option<&str>) -> &'static dyn Backend {
-    match forced {
-        Some("scalar") => &scalar::Scalar,
-        _ => &scalar::Scalar,
+    let avail = available();
+    let best = avail.last().copied().unwrap_or(&scalar::Scalar);
+    let name = match forced.map(|s| s.trim().to_ascii_lowercase()) {
+        None => return best,
+        Some(s) if s.is_empty() || s == "auto" => return best,
+        Some(s) => s,
+    };
+    match avail.iter().find(|b| b.tier().name() == name) {
+        Some(b) => *b,
+        None => {
+            tracing::warn!(requested = %name, "MFX_KERNELS names a tier this CPU cannot run; using scalar");
+            &scalar::Scalar
+        }
     }
 }
 
 /// `y[n, rows] = x[n, cols] @ w^T` on the process backend.
 pub fn matmul(w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-    debug_assert_eq!(x.len(), n * w.cols());
-    debug_assert_eq!(y.len(), n * w.rows());
     backend().matmul(w, x, n, y)
 }
 
@@ -107,9 +205,92 @@ pub fn matvec(w: &MatRef<'_>, x: &[f32], y: &mut [f32]) {
     matmul(w, x, 1, y)
 }
 
+/// `sum(a[i] * b[i])` on the process backend.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    backend().dot(a, b)
+}
+
+/// `y[i] += alpha * x[i]` on the process backend.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    backend().axpy(alpha, x, y)
+}
+
+/// Bulk f16 -> f32 on the process backend (lengths must match).
+pub fn convert_f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    backend().convert_f16_to_f32(src, dst)
+}
+
+/// Bulk f32 -> f16 (round to nearest even) on the process backend.
+pub fn convert_f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    backend().convert_f32_to_f16(src, dst)
+}
+
+/// Bulk bf16 -> f32 on the process backend.
+pub fn convert_bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    backend().convert_bf16_to_f32(src, dst)
+}
+
+/// Bulk f32 -> bf16 (round to nearest even) on the process backend.
+pub fn convert_f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    backend().convert_f32_to_bf16(src, dst)
+}
+
+/// Quantizes one row to int8 with a per-row absmax scale (`--kv-bits 8`):
+/// `x[i] ~= scale * codes[i]`, codes in `[-127, 127]`. Returns `scale`
+/// (0.0 for an all-zero row). Symmetric so that dot products need no bias term.
+pub fn quantize_row_i8(x: &[f32], codes: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), codes.len(), "quantize_row_i8: length mismatch");
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        // A non-finite row cannot be represented; zero codes with a NaN scale
+        // make the damage visible downstream instead of silently clamping.
+        codes.iter_mut().for_each(|c| *c = 0);
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let scale = amax / 127.0;
+    let inv = 127.0 / amax;
+    for (c, v) in codes.iter_mut().zip(x) {
+        *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// Inverse of [`quantize_row_i8`]: `out[i] = scale * codes[i]`.
+pub fn dequantize_row_i8(codes: &[i8], scale: f32, out: &mut [f32]) {
+    assert_eq!(codes.len(), out.len(), "dequantize_row_i8: length mismatch");
+    for (o, c) in out.iter_mut().zip(codes) {
+        *o = scale * *c as f32;
+    }
+}
+
+/// `scale * sum(codes[i] * x[i])`: a query against an int8 key row.
+pub fn dot_i8(codes: &[i8], scale: f32, x: &[f32]) -> f32 {
+    assert_eq!(codes.len(), x.len(), "dot_i8: length mismatch");
+    // 8 partial sums let the compiler vectorize without -ffast-math.
+    let mut acc = [0.0f32; 8];
+    let (cc, ct) = codes.split_at(codes.len() / 8 * 8);
+    let (xc, xt) = x.split_at(cc.len());
+    for (c8, x8) in cc.chunks_exact(8).zip(xc.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += c8[k] as f32 * x8[k];
+        }
+    }
+    let tail: f32 = ct.iter().zip(xt).map(|(c, v)| *c as f32 * v).sum();
+    scale * (acc.iter().sum::<f32>() + tail)
+}
+
+/// `y[i] += alpha * scale * codes[i]`: accumulating an int8 value row.
+pub fn axpy_i8(alpha: f32, codes: &[i8], scale: f32, y: &mut [f32]) {
+    assert_eq!(codes.len(), y.len(), "axpy_i8: length mismatch");
+    let a = alpha * scale;
+    for (yi, c) in y.iter_mut().zip(codes) {
+        *yi += a * *c as f32;
+    }
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * weight` (f32 throughout).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ss = dot(x, x) / x.len() as f32;
     let inv = 1.0 / (ss + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv * w;
@@ -118,14 +299,26 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// Numerically stable in-place softmax.
 pub fn softmax(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    softmax_scaled(x, 1.0)
+}
+
+/// In-place `softmax(scale * x)`, the attention form (`scale = 1/sqrt(hd)`)
+/// without a separate scaling pass. Max-subtracted, so large logits are safe;
+/// an all `-inf` row (fully masked) becomes all zeros rather than NaN.
+pub fn softmax_scaled(x: &mut [f32], scale: f32) {
+    let ms = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
+    if ms == f32::NEG_INFINITY {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
     let mut s = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - m).exp();
+        *v = (*v * scale - ms).exp();
         s += *v;
     }
+    let inv = 1.0 / s;
     for v in x.iter_mut() {
-        *v /= s;
+        *v *= inv;
     }
 }
 
@@ -139,4 +332,11 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = silu(*g) * u;
     }
+}
+
+/// Shape checks shared by every tier's `matmul`.
+fn check_matmul(w: &MatRef<'_>, x: &[f32], n: usize, y: &[f32]) {
+    assert!(w.is_consistent(), "matmul: weight buffers do not match the {}x{} shape", w.rows(), w.cols());
+    assert_eq!(x.len(), n * w.cols(), "matmul: x holds {} values, expected n={n} x cols={}", x.len(), w.cols());
+    assert_eq!(y.len(), n * w.rows(), "matmul: y holds {} values, expected n={n} x rows={}", y.len(), w.rows());
 }

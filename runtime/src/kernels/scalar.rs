@@ -1,7 +1,11 @@
 //! The scalar reference kernels: straightforward loops, f32 accumulation.
-//! Every SIMD tier is tested against these.
+//! Every SIMD tier is tested against these. `matmul` shares the row-chunk
+//! parallelism of the other tiers (it is also the fallback on CPUs without
+//! SIMD), but the per-row arithmetic is the plain definition.
 
-use super::{Backend, MatRef, Tier};
+use super::parallel::{for_row_chunks, Out};
+use super::{check_matmul, Backend, MatRef, Tier};
+use half::{bf16, f16};
 use mfx_formats::quant::get_bits;
 
 pub struct Scalar;
@@ -12,13 +16,18 @@ impl Backend for Scalar {
     }
 
     fn matmul(&self, w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+        check_matmul(w, x, n, y);
         let (rows, cols) = (w.rows(), w.cols());
-        for i in 0..n {
-            let xi = &x[i * cols..(i + 1) * cols];
-            for r in 0..rows {
-                y[i * rows + r] = row_dot(w, r, xi);
+        let out = Out::new(y, n, rows);
+        for_row_chunks(rows, w.row_bytes(), n, |range| {
+            for r in range {
+                for i in 0..n {
+                    let v = row_dot(w, r, &x[i * cols..(i + 1) * cols]);
+                    // SAFETY: r is in this task's range; y is borrowed for the call.
+                    unsafe { out.write(i, r, v) };
+                }
             }
-        }
+        });
     }
 
     fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
@@ -35,13 +44,21 @@ impl Backend for Scalar {
 /// Dot product of weight row `r` with `x`.
 pub fn row_dot(w: &MatRef<'_>, r: usize, x: &[f32]) -> f32 {
     match w {
-        MatRef::F32 { cols, data, .. } => data[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum(),
-        MatRef::Bf16 { cols, data, .. } => {
-            data[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
-        }
-        MatRef::F16 { cols, data, .. } => {
-            data[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
-        }
+        MatRef::F32 { cols, data, .. } => data[r * cols..(r + 1) * cols]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a * b)
+            .sum(),
+        MatRef::Bf16 { cols, data, .. } => data[r * cols..(r + 1) * cols]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a.to_f32() * b)
+            .sum(),
+        MatRef::F16 { cols, data, .. } => data[r * cols..(r + 1) * cols]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a.to_f32() * b)
+            .sum(),
         MatRef::Affine(a) => {
             let rb = a.row_bytes();
             let row = &a.packed[r * rb..(r + 1) * rb];
@@ -63,5 +80,33 @@ pub fn row_dot(w: &MatRef<'_>, r: usize, x: &[f32]) -> f32 {
             }
             acc
         }
+    }
+}
+
+pub fn convert_f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "convert_f16_to_f32: length mismatch");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+pub fn convert_f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    assert_eq!(src.len(), dst.len(), "convert_f32_to_f16: length mismatch");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(*s);
+    }
+}
+
+pub fn convert_bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "convert_bf16_to_f32: length mismatch");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+pub fn convert_f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "convert_f32_to_bf16: length mismatch");
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(*s);
     }
 }

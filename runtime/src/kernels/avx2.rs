@@ -1,0 +1,724 @@
+//! AVX2 + FMA + F16C kernels (x86_64).
+//!
+//! Every function that uses intrinsics carries
+//! `#[target_feature(enable = "avx2,fma,f16c")]` and is only reachable
+//! through [`Avx2`], whose sole instance is handed out by [`Avx2::detect`]
+//! after `is_x86_feature_detected!` confirmed all three features; that is the
+//! safety argument for every `unsafe` call into this module.
+//!
+//! Matmul structure: a weight row is read in blocks of 32 elements, each
+//! decoded into four `__m256` vectors (bf16/f16 widened, affine codes
+//! unpacked and dequantized with one FMA `q * scale + bias`), then multiplied
+//! into up to 8 inputs at once, so weights are decoded once per 8 inputs.
+//!
+//! The 4- and 2-bit decoders skip the nibble/crumb interleave: they produce
+//! lanes in "split" order (4-bit: all low nibbles of 8 bytes, then all high
+//! nibbles), and the activation is permuted once per call to the same order
+//! (a dot product does not care about order). x is shared by every row, so
+//! the permutation costs `n * cols` moves against `rows * cols` weights.
+//! 3- and 6-bit codes straddle bytes; they are gathered with one `pshufb`
+//! (two bytes per 32-bit lane) and a per-lane variable shift (`vpsrlvd`).
+//!
+//! Activations stay f32 (no int8 requantization of x as llama.cpp does): the
+//! kernels are within a few percent of the memory bound on this class of
+//! machine already (see the report in the kernels' bench), and f32
+//! activations keep the result within reassociation error of the reference.
+
+use super::parallel::{for_row_chunks, Out};
+use super::{check_matmul, Backend, MatRef, Tier};
+use half::{bf16, f16};
+use mfx_formats::quant::AffineMatrix;
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+/// Inputs (rows of x) processed per pass over a weight row. 8 f32
+/// accumulators + the decoded weight vector + one x load fit the 16 ymm
+/// registers without spills.
+const NB: usize = 8;
+
+/// Marker that AVX2, FMA and F16C were detected; see the module docs.
+pub struct Avx2 {
+    _private: (),
+}
+
+static AVX2: Avx2 = Avx2 { _private: () };
+
+impl Avx2 {
+    /// The AVX2 backend if this CPU supports AVX2, FMA and F16C.
+    pub fn detect() -> Option<&'static Avx2> {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            Some(&AVX2)
+        } else {
+            None
+        }
+    }
+}
+
+impl Backend for Avx2 {
+    fn tier(&self) -> Tier {
+        Tier::Avx2
+    }
+
+    fn matmul(&self, w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+        check_matmul(w, x, n, y);
+        let out = Out::new(y, n, w.rows());
+        match w {
+            MatRef::F32 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
+            MatRef::Bf16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
+            MatRef::F16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
+            MatRef::Affine(a) => match a.bits {
+                2 => affine_matmul::<Q2>(a, x, n, out),
+                3 => affine_matmul::<Q3>(a, x, n, out),
+                4 => affine_matmul::<Q4>(a, x, n, out),
+                6 => affine_matmul::<Q6>(a, x, n, out),
+                8 => affine_matmul::<Q8>(a, x, n, out),
+                // check_matmul accepted only AFFINE_BITS.
+                b => unreachable!("affine bit width {b} passed check_matmul"),
+            },
+        }
+    }
+
+    fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: length mismatch");
+        // SAFETY: features detected (module docs); lengths checked.
+        unsafe { dot_f32(a, b) }
+    }
+
+    fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len(), "axpy: length mismatch");
+        // SAFETY: as above.
+        unsafe { axpy_f32(alpha, x, y) }
+    }
+
+    fn convert_f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "convert_f16_to_f32: length mismatch");
+        // SAFETY: as above.
+        unsafe { widen(src, dst) }
+    }
+
+    fn convert_bf16_to_f32(&self, src: &[bf16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "convert_bf16_to_f32: length mismatch");
+        // SAFETY: as above.
+        unsafe { widen(src, dst) }
+    }
+
+    fn convert_f32_to_f16(&self, src: &[f32], dst: &mut [f16]) {
+        assert_eq!(src.len(), dst.len(), "convert_f32_to_f16: length mismatch");
+        // SAFETY: as above.
+        unsafe { narrow_f16(src, dst) }
+    }
+
+    fn convert_f32_to_bf16(&self, src: &[f32], dst: &mut [bf16]) {
+        assert_eq!(src.len(), dst.len(), "convert_f32_to_bf16: length mismatch");
+        // SAFETY: as above.
+        unsafe { narrow_bf16(src, dst) }
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Runs `$f::<..., NB>` for a runtime block size `nb` in `1..=8`.
+macro_rules! with_nb {
+    ($nb:expr, $f:ident::<$($t:ty),*>($($arg:expr),* $(,)?)) => {
+        match $nb {
+            1 => $f::<$($t,)* 1>($($arg),*),
+            2 => $f::<$($t,)* 2>($($arg),*),
+            3 => $f::<$($t,)* 3>($($arg),*),
+            4 => $f::<$($t,)* 4>($($arg),*),
+            5 => $f::<$($t,)* 5>($($arg),*),
+            6 => $f::<$($t,)* 6>($($arg),*),
+            7 => $f::<$($t,)* 7>($($arg),*),
+            _ => $f::<$($t,)* 8>($($arg),*),
+        }
+    };
+}
+
+/// Independent accumulators per input: one input needs 4 chains to hide
+/// the FMA latency, two need 2 each; from 3 inputs on there are enough.
+const fn chains(n: usize) -> usize {
+    match n {
+        1 => 4,
+        2 => 2,
+        _ => 1,
+    }
+}
+
+// ---------------------------------------------------------------- float weights
+
+/// An element type that loads as 8 f32 lanes.
+trait FloatLoad: Copy + Sync {
+    /// # Safety
+    /// `p..p+8` must be readable; AVX2/FMA/F16C must be available.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+impl FloatLoad for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl FloatLoad for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // bf16 is the top half of an f32: widen to 32 bits and shift up.
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl FloatLoad for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+fn float_matmul<T: FloatLoad>(data: &[T], rows: usize, cols: usize, x: &[f32], n: usize, out: Out) {
+    for_row_chunks(rows, cols * std::mem::size_of::<T>(), n, |range| {
+        let mut i0 = 0;
+        while i0 < n {
+            let nb = (n - i0).min(NB);
+            // SAFETY: features detected; check_matmul verified data.len() ==
+            // rows*cols and x.len() == n*cols; rows in range belong to this task.
+            unsafe { with_nb!(nb, float_rows::<T>(data, cols, x, i0, range.clone(), out)) };
+            i0 += nb;
+        }
+    });
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_rows<T: FloatLoad, const N: usize>(
+    data: &[T],
+    cols: usize,
+    x: &[f32],
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+) {
+    let xp = unsafe { x.as_ptr().add(i0 * cols) };
+    for r in rows {
+        let res = unsafe { float_dot::<T, N>(data.as_ptr().add(r * cols), cols, xp) };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+/// Dots one weight row (`cols` elements at `w`) with `N` consecutive rows of x.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_dot<T: FloatLoad, const N: usize>(
+    w: *const T,
+    cols: usize,
+    x: *const f32,
+) -> [f32; N] {
+    let ka = chains(N);
+    let mut acc = [[_mm256_setzero_ps(); 4]; N];
+    let mut c = 0;
+    unsafe {
+        while c + 32 <= cols {
+            for k in 0..4 {
+                let wv = T::load8(w.add(c + 8 * k));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i * cols + c + 8 * k));
+                    a[k % ka] = _mm256_fmadd_ps(wv, xv, a[k % ka]);
+                }
+            }
+            c += 32;
+        }
+        while c + 8 <= cols {
+            let wv = T::load8(w.add(c));
+            for (i, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * cols + c)), a[0]);
+            }
+            c += 8;
+        }
+    }
+    let mut res = [0.0f32; N];
+    for (i, a) in acc.iter().enumerate() {
+        let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        let mut v = unsafe { hsum(s) };
+        for cc in c..cols {
+            unsafe { v += (*w.add(cc)).to_f32() * *x.add(i * cols + cc) };
+        }
+        res[i] = v;
+    }
+    res
+}
+
+// ---------------------------------------------------------------- affine weights
+
+/// Unpacks 32 consecutive codes of one affine bit width.
+trait Decode {
+    const BITS: usize;
+    /// Lane order of [`Decode::decode32`]: lane `L` (vector `L / 8`, lane
+    /// `L % 8`) holds element `PERM[L]` of the block; `None` = natural order.
+    const PERM: Option<[u8; 32]>;
+    /// # Safety
+    /// `p..p + 16` must be readable (up to 4 bytes past the block for 3/6
+    /// bits; callers pad the last row); AVX2/FMA/F16C must be available.
+    unsafe fn decode32(p: *const u8) -> [__m256; 4];
+}
+
+/// Bytes a decoder may read past the end of a row.
+const OVERREAD: usize = 16;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u8x8_to_f32(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+struct Q8;
+impl Decode for Q8 {
+    const BITS: usize = 8;
+    const PERM: Option<[u8; 32]> = None;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32(p: *const u8) -> [__m256; 4] {
+        let lo = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let hi = unsafe { _mm_loadu_si128(p.add(16) as *const __m128i) };
+        unsafe {
+            [
+                u8x8_to_f32(lo),
+                u8x8_to_f32(_mm_srli_si128(lo, 8)),
+                u8x8_to_f32(hi),
+                u8x8_to_f32(_mm_srli_si128(hi, 8)),
+            ]
+        }
+    }
+}
+
+struct Q4;
+impl Decode for Q4 {
+    const BITS: usize = 4;
+    // Byte b holds elements 2b (low nibble) and 2b+1 (high nibble).
+    const PERM: Option<[u8; 32]> = Some(split_perm(4));
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32(p: *const u8) -> [__m256; 4] {
+        let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(v, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        unsafe {
+            [
+                u8x8_to_f32(lo),
+                u8x8_to_f32(_mm_srli_si128(lo, 8)),
+                u8x8_to_f32(hi),
+                u8x8_to_f32(_mm_srli_si128(hi, 8)),
+            ]
+        }
+    }
+}
+
+struct Q2;
+impl Decode for Q2 {
+    const BITS: usize = 2;
+    // Byte b holds elements 4b..4b+4 at shifts 0, 2, 4, 6.
+    const PERM: Option<[u8; 32]> = Some(split_perm(2));
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32(p: *const u8) -> [__m256; 4] {
+        let v = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+        let m = _mm_set1_epi8(0x03);
+        unsafe {
+            [
+                u8x8_to_f32(_mm_and_si128(v, m)),
+                u8x8_to_f32(_mm_and_si128(_mm_srli_epi16(v, 2), m)),
+                u8x8_to_f32(_mm_and_si128(_mm_srli_epi16(v, 4), m)),
+                u8x8_to_f32(_mm_and_si128(_mm_srli_epi16(v, 6), m)),
+            ]
+        }
+    }
+}
+
+/// Lane order of the split decoders above: vector `k` collects, from the
+/// bytes it covers, the field at shift `bits * (k / vectors_per_shift)`.
+const fn split_perm(bits: usize) -> [u8; 32] {
+    let per_byte = 8 / bits; // elements per byte
+    let vecs_per_field = 4 / per_byte; // vectors that share one shift
+    let mut perm = [0u8; 32];
+    let mut l = 0;
+    while l < 32 {
+        let k = l / 8;
+        let j = l % 8;
+        let field = k / vecs_per_field;
+        let byte = (k % vecs_per_field) * 8 + j;
+        perm[l] = (byte * per_byte + field) as u8;
+        l += 1;
+    }
+    perm
+}
+
+/// `pshufb` control for vector `k` of a 32-element block: 32-bit lane `j`
+/// receives the two bytes holding element `8k + j`, counted from the load
+/// at byte `base` (the same 16 bytes are broadcast to both 128-bit halves).
+const fn gather_mask(bits: usize, k: usize, base: usize) -> [i8; 32] {
+    let mut m = [-128i8; 32];
+    let mut j = 0;
+    while j < 8 {
+        let o = ((8 * k + j) * bits) / 8 - base;
+        let at = (j / 4) * 16 + (j % 4) * 4;
+        m[at] = o as i8;
+        m[at + 1] = (o + 1) as i8;
+        j += 1;
+    }
+    m
+}
+
+/// Right shifts that bring element `8k + j` to bit 0 of its lane.
+const fn gather_shift(bits: usize, k: usize) -> [i32; 8] {
+    let mut s = [0i32; 8];
+    let mut j = 0;
+    while j < 8 {
+        s[j] = (((8 * k + j) * bits) % 8) as i32;
+        j += 1;
+    }
+    s
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gather8(src: __m256i, mask: &[i8; 32], shift: &[i32; 8], bits: usize) -> __m256 {
+    let ctl = unsafe { _mm256_loadu_si256(mask.as_ptr() as *const __m256i) };
+    let sh = unsafe { _mm256_loadu_si256(shift.as_ptr() as *const __m256i) };
+    let v = _mm256_srlv_epi32(_mm256_shuffle_epi8(src, ctl), sh);
+    _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << bits) - 1)))
+}
+
+struct Q3;
+static Q3_MASK: [[i8; 32]; 4] = [
+    gather_mask(3, 0, 0),
+    gather_mask(3, 1, 0),
+    gather_mask(3, 2, 0),
+    gather_mask(3, 3, 0),
+];
+static Q3_SHIFT: [[i32; 8]; 4] = [
+    gather_shift(3, 0),
+    gather_shift(3, 1),
+    gather_shift(3, 2),
+    gather_shift(3, 3),
+];
+impl Decode for Q3 {
+    const BITS: usize = 3;
+    const PERM: Option<[u8; 32]> = None;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32(p: *const u8) -> [__m256; 4] {
+        // 12 bytes of codes; one 16-byte load covers them.
+        let src = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        unsafe {
+            [
+                gather8(src, &Q3_MASK[0], &Q3_SHIFT[0], 3),
+                gather8(src, &Q3_MASK[1], &Q3_SHIFT[1], 3),
+                gather8(src, &Q3_MASK[2], &Q3_SHIFT[2], 3),
+                gather8(src, &Q3_MASK[3], &Q3_SHIFT[3], 3),
+            ]
+        }
+    }
+}
+
+struct Q6;
+static Q6_MASK: [[i8; 32]; 4] = [
+    gather_mask(6, 0, 0),
+    gather_mask(6, 1, 0),
+    gather_mask(6, 2, 12),
+    gather_mask(6, 3, 12),
+];
+static Q6_SHIFT: [[i32; 8]; 4] = [
+    gather_shift(6, 0),
+    gather_shift(6, 1),
+    gather_shift(6, 2),
+    gather_shift(6, 3),
+];
+impl Decode for Q6 {
+    const BITS: usize = 6;
+    const PERM: Option<[u8; 32]> = None;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32(p: *const u8) -> [__m256; 4] {
+        // 24 bytes of codes: elements 0..16 from bytes 0..12, 16..32 from 12..24.
+        let a = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        let b =
+            _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.add(12) as *const __m128i) });
+        unsafe {
+            [
+                gather8(a, &Q6_MASK[0], &Q6_SHIFT[0], 6),
+                gather8(a, &Q6_MASK[1], &Q6_SHIFT[1], 6),
+                gather8(b, &Q6_MASK[2], &Q6_SHIFT[2], 6),
+                gather8(b, &Q6_MASK[3], &Q6_SHIFT[3], 6),
+            ]
+        }
+    }
+}
+
+/// Reorders every 32-element block of every x row into the decoder's lane order.
+fn permute_x(x: &[f32], perm: &[u8; 32]) -> Vec<f32> {
+    let mut xp = vec![0.0f32; x.len()];
+    for (dst, src) in xp.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+        for (d, &p) in dst.iter_mut().zip(perm) {
+            *d = src[p as usize];
+        }
+    }
+    xp
+}
+
+fn affine_matmul<D: Decode>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out) {
+    // cols is a multiple of the group size, itself a multiple of 32, so
+    // every x row is whole 32-blocks and the permutation never straddles rows.
+    let permuted;
+    let x = match D::PERM {
+        Some(p) => {
+            permuted = permute_x(x, &p);
+            &permuted[..]
+        }
+        None => x,
+    };
+    let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
+    for_row_chunks(a.rows, row_bytes, n, |range| {
+        let mut pad = Vec::new();
+        let mut i0 = 0;
+        while i0 < n {
+            let nb = (n - i0).min(NB);
+            // SAFETY: features detected; check_matmul verified every buffer
+            // length against the shape; rows in range belong to this task.
+            unsafe { with_nb!(nb, affine_rows::<D>(a, x, i0, range.clone(), out, &mut pad)) };
+            i0 += nb;
+        }
+    });
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn affine_rows<D: Decode, const N: usize>(
+    a: &AffineMatrix<'_>,
+    x: &[f32],
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+    pad: &mut Vec<u8>,
+) {
+    let rb = a.row_bytes();
+    let gpr = a.groups_per_row();
+    let xp = unsafe { x.as_ptr().add(i0 * a.cols) };
+    for r in rows {
+        let start = r * rb;
+        // Decoders may read OVERREAD bytes past the row; only the last rows
+        // of the buffer need a padded copy.
+        let p = if start + rb + OVERREAD <= a.packed.len() {
+            unsafe { a.packed.as_ptr().add(start) }
+        } else {
+            pad.clear();
+            pad.extend_from_slice(&a.packed[start..start + rb]);
+            pad.resize(rb + OVERREAD, 0);
+            pad.as_ptr()
+        };
+        let res = unsafe {
+            affine_dot::<D, N>(
+                p,
+                a.scales.as_ptr().add(r * gpr),
+                a.biases.as_ptr().add(r * gpr),
+                a.cols,
+                a.group_size,
+                xp,
+            )
+        };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+/// Dots one affine row with `N` consecutive (decoder-ordered) rows of x.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn affine_dot<D: Decode, const N: usize>(
+    row: *const u8,
+    scales: *const bf16,
+    biases: *const bf16,
+    cols: usize,
+    group_size: usize,
+    x: *const f32,
+) -> [f32; N] {
+    let ka = chains(N);
+    let mut acc = [[_mm256_setzero_ps(); 4]; N];
+    let blocks_per_group = group_size / 32;
+    let mut c = 0;
+    for g in 0..cols / group_size {
+        let (s, b) = unsafe { ((*scales.add(g)).to_f32(), (*biases.add(g)).to_f32()) };
+        let (s, b) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
+        for _ in 0..blocks_per_group {
+            let q = unsafe { D::decode32(row.add(c * D::BITS / 8)) };
+            for (k, qk) in q.into_iter().enumerate() {
+                let wv = _mm256_fmadd_ps(qk, s, b);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = unsafe { _mm256_loadu_ps(x.add(i * cols + c + 8 * k)) };
+                    a[k % ka] = _mm256_fmadd_ps(wv, xv, a[k % ka]);
+                }
+            }
+            c += 32;
+        }
+    }
+    let mut res = [0.0f32; N];
+    for (r, a) in res.iter_mut().zip(&acc) {
+        *r = unsafe {
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ))
+        };
+    }
+    res
+}
+
+// ---------------------------------------------------------------- vector helpers
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    unsafe {
+        while i + 32 <= n {
+            for (k, s) in acc.iter_mut().enumerate() {
+                *s = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8 * k)),
+                    _mm256_loadu_ps(pb.add(i + 8 * k)),
+                    *s,
+                );
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+    }
+    let mut s = unsafe {
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    };
+    for j in i..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len();
+    let av = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    unsafe {
+        while i + 8 <= n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(
+                yp,
+                _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp)),
+            );
+            i += 8;
+        }
+    }
+    for j in i..n {
+        y[j] += alpha * x[j];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen<T: FloatLoad>(src: &[T], dst: &mut [f32]) {
+    let n = src.len();
+    let mut i = 0;
+    unsafe {
+        while i + 8 <= n {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), T::load8(src.as_ptr().add(i)));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn narrow_f16(src: &[f32], dst: &mut [f16]) {
+    let n = src.len();
+    let mut i = 0;
+    unsafe {
+        while i + 8 <= n {
+            let h =
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = f16::from_f32(src[j]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
+    let n = src.len();
+    let mut i = 0;
+    unsafe {
+        while i + 8 <= n {
+            let v = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            // Round to nearest even: add 0x7FFF + the lowest kept bit.
+            let lsb = _mm256_and_si256(_mm256_srli_epi32(v, 16), _mm256_set1_epi32(1));
+            let rounded = _mm256_srli_epi32(
+                _mm256_add_epi32(v, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                16,
+            );
+            // NaN: keep the payload's top bits and force a quiet NaN, as half does.
+            let abs = _mm256_and_si256(v, _mm256_set1_epi32(0x7FFF_FFFF));
+            let is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+            let nan = _mm256_or_si256(_mm256_srli_epi32(v, 16), _mm256_set1_epi32(0x40));
+            let r = _mm256_blendv_epi8(rounded, nan, is_nan);
+            // Values fit 16 bits, so unsigned-saturating pack is exact; packus
+            // works per 128-bit half, the permute restores order.
+            let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b11_01_10_00);
+            _mm_storeu_si128(
+                dst.as_mut_ptr().add(i) as *mut __m128i,
+                _mm256_castsi256_si128(packed),
+            );
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = bf16::from_f32(src[j]);
+    }
+}

@@ -1,0 +1,490 @@
+//! One test body per kernel path: every tier this CPU can run (scalar always,
+//! AVX2 or NEON when detected) goes through the same checks, in the style of
+//! candle's `quantized_tests.rs`.
+//!
+//! Three references, each with its own budget:
+//! * the scalar tier (`TIER_VS_SCALAR`): SIMD may only reassociate f32 sums;
+//! * a float64 product of the weights dequantized by `mfx_formats::quant`
+//!   (`VS_DEQUANT`): catches a kernel that agrees with scalar because both are
+//!   wrong in the same way;
+//! * a float64 product of the *unquantized* weights (`QUANT_BUDGET[bits]`):
+//!   the numeric error budget per bit width, which bounds what quantization
+//!   plus kernel may cost.
+//!
+//! Errors are measured as `max_i |y_i - ref_i| / sum_j |w_ij x_j|`, i.e.
+//! relative to the magnitude of the terms summed, which is what float
+//! rounding scales with (a plain relative error explodes when terms cancel).
+
+use half::{bf16, f16};
+use mfx_formats::quant::{quantize, AffineOwned};
+use mfx_runtime::kernels::{self, scalar::Scalar, Backend, MatRef, Tier};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// SIMD vs scalar reference: reassociation of <= 640-term f32 sums.
+const TIER_VS_SCALAR: f64 = 2e-6;
+/// Any tier vs a float64 product of the same (dequantized) weights.
+const VS_DEQUANT: f64 = 2e-6;
+/// Relative RMS error of a quantized product against the unquantized f32
+/// weights, uniform [-1, 1) weights and activations. Half a step of rounding
+/// error per weight is `range / (2^bits - 1) / sqrt(12)` rms; these budgets
+/// sit ~1.5x above what group size 128 (the worst) measures.
+fn quant_budget(bits: u8) -> f64 {
+    match bits {
+        2 => 0.45,
+        3 => 0.20,
+        4 => 0.09,
+        6 => 0.022,
+        8 => 0.006,
+        _ => unreachable!(),
+    }
+}
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// A weight matrix in every scheme, plus the f32 values each scheme stores.
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+    Affine(AffineOwned),
+}
+
+impl Weights {
+    fn view(&self, rows: usize, cols: usize) -> MatRef<'_> {
+        match self {
+            Weights::F32(d) => MatRef::F32 {
+                rows,
+                cols,
+                data: d,
+            },
+            Weights::Bf16(d) => MatRef::Bf16 {
+                rows,
+                cols,
+                data: d,
+            },
+            Weights::F16(d) => MatRef::F16 {
+                rows,
+                cols,
+                data: d,
+            },
+            Weights::Affine(a) => MatRef::Affine(a.view()),
+        }
+    }
+    /// The stored values, dequantized by the formats crate (not the kernels).
+    fn dequantized(&self) -> Vec<f32> {
+        match self {
+            Weights::F32(d) => d.clone(),
+            Weights::Bf16(d) => d.iter().map(|v| v.to_f32()).collect(),
+            Weights::F16(d) => d.iter().map(|v| v.to_f32()).collect(),
+            Weights::Affine(a) => a.view().dequantize(),
+        }
+    }
+    fn name(&self) -> String {
+        match self {
+            Weights::F32(_) => "f32".into(),
+            Weights::Bf16(_) => "bf16".into(),
+            Weights::F16(_) => "f16".into(),
+            Weights::Affine(a) => format!("q{}g{}", a.bits, a.group_size),
+        }
+    }
+}
+
+/// `y[n, rows]` in float64, plus the per-output magnitude `sum |w x|`.
+fn dense_ref(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0.0; n * rows];
+    let mut mag = vec![0.0; n * rows];
+    for i in 0..n {
+        for r in 0..rows {
+            let (mut s, mut m) = (0.0f64, 0.0f64);
+            for c in 0..cols {
+                let t = w[r * cols + c] as f64 * x[i * cols + c] as f64;
+                s += t;
+                m += t.abs();
+            }
+            y[i * rows + r] = s;
+            mag[i * rows + r] = m.max(1e-30);
+        }
+    }
+    (y, mag)
+}
+
+fn max_scaled_err(y: &[f32], reference: &[f64], mag: &[f64]) -> f64 {
+    y.iter()
+        .zip(reference)
+        .zip(mag)
+        .map(|((a, b), m)| (*a as f64 - b).abs() / m)
+        .fold(0.0, f64::max)
+}
+
+fn run(b: &dyn Backend, w: &MatRef<'_>, x: &[f32], n: usize) -> Vec<f32> {
+    // NaN-filled so a kernel that skips an output cannot pass.
+    let mut y = vec![f32::NAN; n * w.rows()];
+    b.matmul(w, x, n, &mut y);
+    y
+}
+
+/// The shared body: every tier vs scalar and vs the dequantized float64 product.
+fn check_all_tiers(weights: &Weights, rows: usize, cols: usize, rng: &mut ChaCha8Rng) {
+    let w = weights.view(rows, cols);
+    let deq = weights.dequantized();
+    for n in [1usize, 3, 8, 17] {
+        let x = rand_vec(rng, n * cols);
+        let (yref, mag) = dense_ref(&deq, rows, cols, &x, n);
+        let ys = run(&Scalar, &w, &x, n);
+        let e = max_scaled_err(&ys, &yref, &mag);
+        assert!(
+            e <= VS_DEQUANT,
+            "scalar {} {rows}x{cols} n={n}: error vs dequantized {e:e}",
+            weights.name()
+        );
+        let ys64: Vec<f64> = ys.iter().map(|v| *v as f64).collect();
+        for tier in kernels::available() {
+            let y = run(tier, &w, &x, n);
+            let e = max_scaled_err(&y, &yref, &mag);
+            assert!(
+                e <= VS_DEQUANT,
+                "{:?} {} {rows}x{cols} n={n}: error vs dequantized {e:e} > {VS_DEQUANT:e}",
+                tier.tier(),
+                weights.name()
+            );
+            let e = max_scaled_err(&y, &ys64, &mag);
+            assert!(
+                e <= TIER_VS_SCALAR,
+                "{:?} {} {rows}x{cols} n={n}: error vs scalar {e:e} > {TIER_VS_SCALAR:e}",
+                tier.tier(),
+                weights.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn float_schemes_all_tiers() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // Odd row counts, column counts that exercise the 32-, 8- and 1-wide tails.
+    for (rows, cols) in [(1, 1), (5, 7), (7, 37), (33, 100), (64, 256), (3, 517)] {
+        let w = rand_vec(&mut rng, rows * cols);
+        check_all_tiers(&Weights::F32(w.clone()), rows, cols, &mut rng);
+        check_all_tiers(
+            &Weights::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
+            rows,
+            cols,
+            &mut rng,
+        );
+        check_all_tiers(
+            &Weights::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
+            rows,
+            cols,
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn affine_schemes_all_tiers() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for bits in [2u8, 3, 4, 6, 8] {
+        for gs in [32usize, 64, 128] {
+            for (rows, cols) in [(1, 128), (7, 256), (33, 384)] {
+                let w = rand_vec(&mut rng, rows * cols);
+                let q = quantize(&w, rows, cols, bits, gs).expect("valid shape");
+                check_all_tiers(&Weights::Affine(q), rows, cols, &mut rng);
+            }
+        }
+    }
+}
+
+/// Big enough to cross the parallel threshold and cut into several chunks,
+/// with a row count that does not divide evenly; also the last row of the
+/// buffer, where decoders must not read past the end.
+#[test]
+fn parallel_chunks_cover_every_row() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (rows, cols) = (1031, 512);
+    let w = rand_vec(&mut rng, rows * cols);
+    check_all_tiers(
+        &Weights::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
+        rows,
+        cols,
+        &mut rng,
+    );
+    for bits in [3u8, 4, 6] {
+        let q = quantize(&w, rows, cols, bits, 64).expect("valid shape");
+        check_all_tiers(&Weights::Affine(q), rows, cols, &mut rng);
+    }
+}
+
+/// The error budget per bit width: quantized product vs unquantized weights.
+#[test]
+fn quantization_error_budget_per_bit_width() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (rows, cols, n) = (96, 512, 3);
+    let w = rand_vec(&mut rng, rows * cols);
+    let x = rand_vec(&mut rng, n * cols);
+    let (yf, _) = dense_ref(&w, rows, cols, &x, n);
+    let norm = yf.iter().map(|v| v * v).sum::<f64>().sqrt();
+    for bits in [2u8, 3, 4, 6, 8] {
+        for gs in [32usize, 64, 128] {
+            let q = quantize(&w, rows, cols, bits, gs).expect("valid shape");
+            for tier in kernels::available() {
+                let y = run(tier, &MatRef::Affine(q.view()), &x, n);
+                let err = y
+                    .iter()
+                    .zip(&yf)
+                    .map(|(a, b)| (*a as f64 - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    / norm;
+                assert!(
+                    err <= quant_budget(bits),
+                    "{:?} q{bits}g{gs}: relative rms error {err:.4} > budget {}",
+                    tier.tier(),
+                    quant_budget(bits)
+                );
+                // Quantization must cost something: a kernel that ignored the
+                // codes and returned the float product would pass the budget.
+                if bits <= 4 {
+                    assert!(
+                        err > quant_budget(bits) / 20.0,
+                        "q{bits}g{gs}: suspiciously exact ({err:e})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn select_honours_forced_tiers() {
+    assert_eq!(kernels::select(Some("scalar")).tier(), Tier::Scalar);
+    assert_eq!(kernels::select(Some(" SCALAR ")).tier(), Tier::Scalar);
+    assert_eq!(kernels::select(Some("no-such-tier")).tier(), Tier::Scalar);
+    let avail = kernels::available();
+    assert_eq!(avail[0].tier(), Tier::Scalar);
+    let best = avail.last().expect("scalar is always available").tier();
+    assert_eq!(kernels::select(None).tier(), best);
+    assert_eq!(kernels::select(Some("auto")).tier(), best);
+    for b in &avail {
+        assert_eq!(kernels::select(Some(b.tier().name())).tier(), b.tier());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        assert_eq!(best, Tier::Avx2);
+    } else {
+        assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);
+    }
+    // A tier of another architecture is never "available".
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(kernels::select(Some("neon")).tier(), Tier::Scalar);
+}
+
+/// Runs in a child process (the backend is cached once per process): prints
+/// the tier `backend()` chose.
+#[test]
+fn child_reports_tier() {
+    if std::env::var_os("MFX_KERNELS_TEST_CHILD").is_some() {
+        println!("selected-tier={}", kernels::backend().tier().name());
+    }
+}
+
+#[test]
+fn env_var_forces_scalar_for_the_process() {
+    let exe = std::env::current_exe().expect("test binary path");
+    for (forced, expect) in [("scalar", "scalar"), ("bogus", "scalar")] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "child_reports_tier",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MFX_KERNELS", forced)
+            .env("MFX_KERNELS_TEST_CHILD", "1")
+            .output()
+            .expect("spawn test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("selected-tier={expect}")),
+            "MFX_KERNELS={forced}: child printed {stdout:?}"
+        );
+    }
+}
+
+#[test]
+fn dot_and_axpy_all_tiers() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for len in [0usize, 1, 7, 8, 31, 32, 33, 100, 1000] {
+        let a = rand_vec(&mut rng, len);
+        let b = rand_vec(&mut rng, len);
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let mag: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64 * *y as f64).abs())
+            .sum::<f64>()
+            .max(1e-30);
+        for tier in kernels::available() {
+            let d = tier.dot(&a, &b) as f64;
+            assert!(
+                (d - exact).abs() / mag <= 1e-6,
+                "{:?} dot len={len}: {d} vs {exact}",
+                tier.tier()
+            );
+            let mut y = b.clone();
+            tier.axpy(0.75, &a, &mut y);
+            for (k, ((yk, ak), bk)) in y.iter().zip(&a).zip(&b).enumerate() {
+                // One FMA or a mul+add: within one rounding of each other.
+                let e = 0.75f64 * *ak as f64 + *bk as f64;
+                assert!(
+                    (*yk as f64 - e).abs() <= 2.0 * f32::EPSILON as f64 * (e.abs() + 1.0),
+                    "{:?} axpy[{k}]",
+                    tier.tier()
+                );
+            }
+        }
+    }
+}
+
+/// Bulk conversions must agree bit for bit with `half` (the reference), on
+/// ordinary values and on the edges: signed zeros, subnormals, overflow to
+/// infinity, NaN, and ties for round-to-nearest-even.
+#[test]
+fn conversions_match_half_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let mut src: Vec<f32> = (0..1000)
+        .map(|_| rng.gen_range(-70000.0f32..70000.0))
+        .collect();
+    src.extend(rand_vec(&mut rng, 100));
+    src.extend([
+        0.0,
+        -0.0,
+        1e-8,
+        -6e-8,
+        1e-40,
+        f32::MIN_POSITIVE,
+        65504.0,
+        65520.0,
+        1e30,
+        -1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        1.0 + f32::EPSILON * 0.5,
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::MAX,
+    ]);
+    for tier in kernels::available() {
+        let mut h = vec![f16::ZERO; src.len()];
+        tier.convert_f32_to_f16(&src, &mut h);
+        for (s, v) in src.iter().zip(&h) {
+            assert_eq!(
+                v.to_bits(),
+                f16::from_f32(*s).to_bits(),
+                "{:?} f32->f16 of {s:e}",
+                tier.tier()
+            );
+        }
+        let mut b = vec![bf16::ZERO; src.len()];
+        tier.convert_f32_to_bf16(&src, &mut b);
+        for (s, v) in src.iter().zip(&b) {
+            assert_eq!(
+                v.to_bits(),
+                bf16::from_f32(*s).to_bits(),
+                "{:?} f32->bf16 of {s:e} ({:#x})",
+                tier.tier(),
+                s.to_bits()
+            );
+        }
+        let mut back = vec![0.0f32; src.len()];
+        tier.convert_f16_to_f32(&h, &mut back);
+        for (v, r) in h.iter().zip(&back) {
+            assert_eq!(
+                r.to_bits(),
+                v.to_f32().to_bits(),
+                "{:?} f16->f32 of {:#x}",
+                tier.tier(),
+                v.to_bits()
+            );
+        }
+        tier.convert_bf16_to_f32(&b, &mut back);
+        for (v, r) in b.iter().zip(&back) {
+            assert_eq!(
+                r.to_bits(),
+                v.to_f32().to_bits(),
+                "{:?} bf16->f32 of {:#x}",
+                tier.tier(),
+                v.to_bits()
+            );
+        }
+    }
+}
+
+#[test]
+fn int8_kv_roundtrip_and_dots() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let x: Vec<f32> = rand_vec(&mut rng, 128).iter().map(|v| v * 3.0).collect();
+    let mut codes = vec![0i8; x.len()];
+    let scale = kernels::quantize_row_i8(&x, &mut codes);
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!((scale - amax / 127.0).abs() <= 1e-7);
+    assert!(
+        codes.iter().any(|c| c.unsigned_abs() == 127),
+        "the absmax element maps to +-127"
+    );
+    let mut back = vec![0.0f32; x.len()];
+    kernels::dequantize_row_i8(&codes, scale, &mut back);
+    for (a, b) in x.iter().zip(&back) {
+        assert!(
+            (a - b).abs() <= scale * 0.5 + 1e-6,
+            "int8 roundtrip {a} -> {b}"
+        );
+    }
+    let q = rand_vec(&mut rng, x.len());
+    let want: f32 = back.iter().zip(&q).map(|(a, b)| a * b).sum();
+    let got = kernels::dot_i8(&codes, scale, &q);
+    assert!(
+        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+        "dot_i8 {got} vs {want}"
+    );
+    let mut y = vec![1.0f32; x.len()];
+    kernels::axpy_i8(0.5, &codes, scale, &mut y);
+    for (yi, b) in y.iter().zip(&back) {
+        assert!((yi - (1.0 + 0.5 * b)).abs() <= 1e-5);
+    }
+    // Degenerate rows: zeros quantize to scale 0; non-finite rows are flagged.
+    let mut c = [5i8; 4];
+    assert_eq!(kernels::quantize_row_i8(&[0.0; 4], &mut c), 0.0);
+    assert_eq!(c, [0; 4]);
+    assert!(kernels::quantize_row_i8(&[1.0, f32::INFINITY, 0.0, 2.0], &mut c).is_nan());
+}
+
+#[test]
+fn softmax_scaled_matches_f64_and_handles_masks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let x: Vec<f32> = rand_vec(&mut rng, 300).iter().map(|v| v * 50.0).collect();
+    let scale = 0.125f32;
+    let m = x
+        .iter()
+        .map(|v| (*v * scale) as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = x.iter().map(|v| ((*v * scale) as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    let mut y = x.clone();
+    kernels::softmax_scaled(&mut y, scale);
+    for (a, b) in y.iter().zip(&e) {
+        assert!((*a as f64 - b / s).abs() <= 1e-6, "{a} vs {}", b / s);
+    }
+    // Masked positions (-inf) get zero weight; a fully masked row gives zeros, not NaN.
+    let mut y = vec![1.0, f32::NEG_INFINITY, 1.0];
+    kernels::softmax_scaled(&mut y, 0.5);
+    assert_eq!(y, vec![0.5, 0.0, 0.5]);
+    let mut y = vec![f32::NEG_INFINITY; 3];
+    kernels::softmax(&mut y);
+    assert_eq!(y, vec![0.0; 3]);
+}
