@@ -2,3 +2,9 @@
 //! sampling and the server.
 
 pub mod kernels;
+pub mod config;
+pub mod error;
+pub mod models;
+pub mod weights;
+
+pub use error::RuntimeError;

@@ -1,0 +1,158 @@
+//! Causal grouped-query self-attention with a KV cache, f32 throughout.
+//!
+//! Keys and values of the tokens being processed are used at full f32
+//! precision for attention within this call and only rounded to the cache's
+//! storage precision when stored; earlier positions come from the cache.
+//! For a one-shot forward (logits, perplexity) this makes the result exactly
+//! the f32 computation transformers does.
+
+use super::kv_cache::LayerKv;
+use super::rope::Rope;
+use crate::kernels::{self, rms_norm};
+use crate::weights::Matrix;
+use rayon::prelude::*;
+
+/// Where (if anywhere) a family normalizes queries and keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Qwen3: RMSNorm over each head (`head_dim` weights).
+    PerHead,
+    /// OLMoE: RMSNorm over the whole projection (`heads * head_dim` weights).
+    Full,
+}
+
+/// Shape parameters shared by every attention layer of a model.
+#[derive(Debug, Clone)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub qk_norm: QkNorm,
+    pub clip_qkv: Option<f32>,
+}
+
+/// One layer's attention weights.
+#[derive(Debug, Clone)]
+pub struct AttnWeights {
+    pub q: Matrix,
+    pub k: Matrix,
+    pub v: Matrix,
+    pub o: Matrix,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+}
+
+fn project(
+    w: &Matrix,
+    bias: &Option<Vec<f32>>,
+    x: &[f32],
+    n: usize,
+    clip: Option<f32>,
+) -> Vec<f32> {
+    let mut y = vec![0.0; n * w.rows()];
+    kernels::matmul(&w.mat(), x, n, &mut y);
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (a, c) in row.iter_mut().zip(b) {
+                *a += c;
+            }
+        }
+    }
+    if let Some(c) = clip {
+        for a in y.iter_mut() {
+            *a = a.clamp(-c, c);
+        }
+    }
+    y
+}
+
+fn norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
+    let mut tmp = vec![0.0; width];
+    for row in x.chunks_exact_mut(width) {
+        rms_norm(row, w, eps, &mut tmp);
+        row.copy_from_slice(&tmp);
+    }
+}
+
+/// Attention over `n` new tokens whose normalized hidden states are `xn`
+/// (`[n, hidden]`), at positions `kv.len()..kv.len()+n`. Appends their keys
+/// and values to `kv` and returns the attention output after `o_proj`
+/// (`[n, hidden]`).
+pub fn attention(
+    s: &AttnShape,
+    w: &AttnWeights,
+    rope: &Rope,
+    xn: &[f32],
+    n: usize,
+    kv: &mut LayerKv,
+) -> Vec<f32> {
+    let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
+    let (qd, kd) = (nh * hd, nkv * hd);
+    let mut q = project(&w.q, &w.q_bias, xn, n, s.clip_qkv);
+    let mut k = project(&w.k, &w.k_bias, xn, n, s.clip_qkv);
+    let v = project(&w.v, &w.v_bias, xn, n, s.clip_qkv);
+    match s.qk_norm {
+        QkNorm::None => {}
+        QkNorm::PerHead => {
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+                norm_rows(&mut q, hd, qn, s.eps);
+                norm_rows(&mut k, hd, kn, s.eps);
+            }
+        }
+        QkNorm::Full => {
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+                norm_rows(&mut q, qd, qn, s.eps);
+                norm_rows(&mut k, kd, kn, s.eps);
+            }
+        }
+    }
+    let past = kv.len();
+    let (mut cos, mut sin) = (vec![0.0; hd / 2], vec![0.0; hd / 2]);
+    for i in 0..n {
+        rope.angles(past + i, &mut cos, &mut sin);
+        Rope::apply(&mut q[i * qd..(i + 1) * qd], hd, &cos, &sin);
+        Rope::apply(&mut k[i * kd..(i + 1) * kd], hd, &cos, &sin);
+    }
+    // All keys/values this call attends to: cached ones, then the new ones at f32.
+    let total = past + n;
+    let mut keys = vec![0.0; total * kd];
+    let mut vals = vec![0.0; total * kd];
+    kv.read(&mut keys, &mut vals);
+    keys[past * kd..].copy_from_slice(&k);
+    vals[past * kd..].copy_from_slice(&v);
+    kv.append(&k, &v);
+
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = nh / nkv;
+    let mut out = vec![0.0; n * qd];
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (idx, o)| {
+            let (i, h) = (idx / nh, idx % nh);
+            let kh = h / group;
+            let qv = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+            let ctx = past + i + 1;
+            scores.clear();
+            scores.extend((0..ctx).map(|j| {
+                let kr = &keys[j * kd + kh * hd..j * kd + (kh + 1) * hd];
+                qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+            }));
+            kernels::softmax(scores);
+            o.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                let vr = &vals[j * kd + kh * hd..j * kd + (kh + 1) * hd];
+                for (a, b) in o.iter_mut().zip(vr) {
+                    *a += p * b;
+                }
+            }
+        },
+    );
+    let mut y = vec![0.0; n * w.o.rows()];
+    kernels::matmul(&w.o.mat(), &out, n, &mut y);
+    y
+}

@@ -1,0 +1,244 @@
+//! Models: the [`Model`] trait the generation loop drives, loading from any
+//! supported checkpoint, and the four MoE families (one file each; the
+//! shared decoder arithmetic is in `decoder.rs`).
+
+pub mod attention;
+pub mod decoder;
+pub mod kv_cache;
+pub mod mixtral;
+pub mod moe;
+pub mod olmoe;
+pub mod qwen2_moe;
+pub mod qwen3_moe;
+pub mod rope;
+
+pub use decoder::{FamilySpec, Ffn, LayerWeights, Transformer};
+pub use kv_cache::{KvBits, LayerKv};
+pub use moe::{
+    ExpertMats, ExpertProvider, ExpertWeights, ResidentExperts, RouterObserver, Routing,
+};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::RuntimeError;
+use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::WeightSource;
+use std::path::Path;
+use std::sync::Arc;
+
+/// What callers need to know about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `qwen3_moe`, `qwen2_moe`, `mixtral` or `olmoe`.
+    pub arch: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    pub max_position_embeddings: usize,
+    /// The context this instance accepts (`LoadOptions::max_context` or the config's).
+    pub max_context: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+}
+
+/// A causal LM with its own sequence state.
+pub trait Model: Send {
+    fn info(&self) -> &ModelInfo;
+    /// Appends `tokens` to this model's sequence state (KV cache) and returns logits:
+    /// all positions `[tokens.len() * vocab]` if `all_logits`, else only the last `[vocab]`.
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError>;
+    fn seq_len(&self) -> usize;
+    /// Keep only the first `len` positions of the state (prompt-prefix reuse).
+    /// Returns false if this model cannot (then callers reset).
+    fn truncate(&mut self, len: usize) -> bool;
+    fn reset(&mut self);
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// KV cache storage precision (f16 unless asked otherwise).
+    pub kv_bits: KvBits,
+    /// Cap on positions (default: the config's `max_position_embeddings`).
+    pub max_context: Option<usize>,
+}
+
+/// The family switches for a config.
+pub fn family_spec(cfg: &ModelConfig) -> FamilySpec {
+    match cfg.arch {
+        Arch::Qwen3Moe => qwen3_moe::spec(),
+        Arch::Qwen2Moe => qwen2_moe::spec(),
+        Arch::Mixtral => mixtral::spec(),
+        Arch::Olmoe => olmoe::spec(),
+    }
+}
+
+/// Opens a checkpoint directory (Hugging Face or MLX layout): its config and
+/// a lazy source of its tensors. Also accepts the path of its `config.json`.
+pub fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>), RuntimeError> {
+    let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
+    if !dir.is_dir() {
+        if !dir.exists() {
+            return Err(RuntimeError::io(
+                &dir,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        return Err(RuntimeError::NotAModel { path: dir });
+    }
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(RuntimeError::NotAModel { path: dir });
+    }
+    let cfg = ModelConfig::from_file(&cfg_path)?;
+    let src = SafetensorsSource::open(&dir)?;
+    Ok((cfg, Box::new(src)))
+}
+
+/// Loads a model from a checkpoint directory (HF or MLX) or a `.mfx` pack.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeError> {
+    Ok(Box::new(MoeModel::load(path, opts)?))
+}
+
+/// The one [`Model`] implementation: the shared decoder over any family,
+/// with all non-expert weights resident and routed experts from a provider.
+pub struct MoeModel {
+    info: ModelInfo,
+    tf: Transformer,
+    layers: Vec<LayerWeights>,
+    experts: Arc<dyn ExpertProvider>,
+    kv: Vec<LayerKv>,
+}
+
+impl MoeModel {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, RuntimeError> {
+        let (cfg, src) = open(path)?;
+        Self::from_source(&cfg, src.as_ref(), opts, None)
+    }
+
+    /// Builds a model from an opened source. `experts`: a provider to use
+    /// instead of holding every expert of `src` resident (the streaming cache).
+    pub fn from_source(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        experts: Option<Arc<dyn ExpertProvider>>,
+    ) -> Result<Self, RuntimeError> {
+        let tf = Transformer::load(cfg, src)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| tf.load_layer(src, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let experts = match experts {
+            Some(p) => p,
+            None => {
+                let mut r = ResidentExperts::new(cfg.num_hidden_layers);
+                for l in 0..cfg.num_hidden_layers {
+                    r.insert_layer(l, tf.load_layer_experts(src, l)?);
+                }
+                Arc::new(r)
+            }
+        };
+        let max_context = opts.max_context.unwrap_or(cfg.max_position_embeddings);
+        let info = ModelInfo {
+            arch: cfg.arch.name().to_string(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            n_layers: cfg.num_hidden_layers,
+            max_position_embeddings: cfg.max_position_embeddings,
+            max_context,
+            bos_token_id: cfg.bos_token_id,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            num_experts: cfg.num_experts,
+            num_experts_per_tok: cfg.num_experts_per_tok,
+        };
+        let kv = (0..cfg.num_hidden_layers)
+            .map(|_| tf.new_kv(opts.kv_bits))
+            .collect();
+        Ok(MoeModel {
+            info,
+            tf,
+            layers,
+            experts,
+            kv,
+        })
+    }
+
+    pub fn transformer(&self) -> &Transformer {
+        &self.tf
+    }
+
+    /// [`Model::forward`] that also reports every routing decision.
+    pub fn forward_observed(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        mut observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let needed = self.seq_len() + tokens.len();
+        if needed > self.info.max_context {
+            return Err(RuntimeError::ContextFull {
+                needed,
+                max: self.info.max_context,
+            });
+        }
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut hidden = self.tf.embed(tokens)?;
+        for (lw, kv) in self.layers.iter().zip(self.kv.iter_mut()) {
+            let obs = observer.as_deref_mut();
+            if let Err(e) = self
+                .tf
+                .layer_forward(lw, self.experts.as_ref(), &mut hidden, kv, obs)
+            {
+                // Keep the layers' caches consistent: drop this call's positions.
+                let keep = needed - tokens.len();
+                for kv in self.kv.iter_mut() {
+                    kv.truncate(keep);
+                }
+                return Err(e);
+            }
+        }
+        Ok(self.tf.final_logits(&hidden, all_logits))
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|k| k.bytes()).sum()
+    }
+}
+
+impl Model for MoeModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
+        self.forward_observed(tokens, all_logits, None)
+    }
+
+    fn seq_len(&self) -> usize {
+        self.kv.first().map_or(0, |k| k.len())
+    }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        if len > self.seq_len() {
+            return false;
+        }
+        for kv in self.kv.iter_mut() {
+            kv.truncate(len);
+        }
+        true
+    }
+
+    fn reset(&mut self) {
+        for kv in self.kv.iter_mut() {
+            kv.clear();
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Mixture-of-experts feed-forward: routing (owned by the model) and expert
+//! weights (owned by an [`ExpertProvider`]).
+//!
+//! The split follows mistral.rs: the model decides *which* experts a token
+//! uses and how their outputs mix; the provider decides *where* an expert's
+//! bytes live (mapped checkpoint, resident set, SSD-streaming cache). The
+//! runtime's default provider, [`ResidentExperts`], hands out handles into
+//! the mapped checkpoint; the streaming cache substitutes its own.
+
+use crate::error::RuntimeError;
+use crate::kernels::{self, rms_norm, silu_mul, MatRef};
+use crate::weights::{Matrix, WeightSource};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`. Used for dense layers, for
+/// routed experts and for qwen2_moe's shared expert.
+#[derive(Debug, Clone)]
+pub struct ExpertMats {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+/// Borrowed kernel views of one expert.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights<'a> {
+    pub gate: MatRef<'a>,
+    pub up: MatRef<'a>,
+    pub down: MatRef<'a>,
+}
+
+impl ExpertMats {
+    pub fn weights(&self) -> ExpertWeights<'_> {
+        ExpertWeights {
+            gate: self.gate.mat(),
+            up: self.up.mat(),
+            down: self.down.mat(),
+        }
+    }
+
+    /// Bytes of the three matrices (what a cache budgets).
+    pub fn nbytes(&self) -> usize {
+        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+    }
+
+    /// `y[n, hidden] = mlp(x[n, hidden])`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        swiglu(&self.weights(), x, n)
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` over `n` rows.
+pub fn swiglu(w: &ExpertWeights<'_>, x: &[f32], n: usize) -> Vec<f32> {
+    let inter = w.gate.rows();
+    let mut g = vec![0.0; n * inter];
+    let mut u = vec![0.0; n * inter];
+    kernels::matmul(&w.gate, x, n, &mut g);
+    kernels::matmul(&w.up, x, n, &mut u);
+    silu_mul(&mut g, &u);
+    let mut y = vec![0.0; n * w.down.rows()];
+    kernels::matmul(&w.down, &g, n, &mut y);
+    y
+}
+
+/// Supplies routed experts' weights. `get` returns a shared handle so that a
+/// cache may evict its own reference while a forward pass still uses the
+/// expert; the bytes go when the last handle drops.
+pub trait ExpertProvider: Send + Sync {
+    /// Expert `expert` of MoE layer `layer`.
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError>;
+    /// Called once per MoE layer and forward pass, before any `get`, with the
+    /// experts the batch routes to (ascending): a cache can start reading
+    /// them all at once. The default does nothing.
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        let _ = (layer, experts);
+    }
+}
+
+/// Sees every routing decision. Prep uses this to count expert activations
+/// over a calibration set; tests use it to compare router logits.
+pub trait RouterObserver {
+    /// MoE layer `layer`, token `token` (index within this forward call):
+    /// `logits` are the router's pre-softmax outputs over all experts,
+    /// `probs` their softmax, `selected` the top-k experts (descending
+    /// probability, ties to the lower id) and `weights` the mixing weights
+    /// actually applied (renormalized where the family does so).
+    fn observe(
+        &mut self,
+        layer: usize,
+        token: usize,
+        logits: &[f32],
+        probs: &[f32],
+        selected: &[usize],
+        weights: &[f32],
+    );
+}
+
+/// How a family turns router logits into mixing weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing {
+    pub top_k: usize,
+    /// Divide the top-k probabilities by their sum (Mixtral always; qwen and
+    /// OLMoE when `norm_topk_prob`). Otherwise they are the softmax over all
+    /// experts, unnormalized.
+    pub renormalize: bool,
+}
+
+impl Routing {
+    /// Softmax over all experts, top-k (ties to the lower index, as
+    /// `torch.topk` on CPU does), optional renormalization. Fills `probs`
+    /// and returns `(selected, weights)`.
+    pub fn route(&self, logits: &[f32], probs: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+        probs.clear();
+        probs.extend_from_slice(logits);
+        kernels::softmax(probs);
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        idx.truncate(self.top_k);
+        let mut w: Vec<f32> = idx.iter().map(|&e| probs[e]).collect();
+        if self.renormalize {
+            let s: f32 = w.iter().sum();
+            for x in w.iter_mut() {
+                *x /= s;
+            }
+        }
+        (idx, w)
+    }
+}
+
+/// qwen2_moe's always-on expert, scaled by `sigmoid(gate . x)`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: ExpertMats,
+    /// `[1, hidden]`.
+    pub gate: Matrix,
+}
+
+/// One MoE layer's resident weights: the router, and the shared expert where
+/// the family has one. Routed experts come from the provider.
+#[derive(Debug, Clone)]
+pub struct MoeWeights {
+    pub router: Matrix,
+    pub shared: Option<SharedExpert>,
+}
+
+/// The MoE block over `n` tokens of post-attention-normalized `xn`;
+/// returns the block's output `[n, hidden]`.
+pub fn moe_forward(
+    layer: usize,
+    routing: &Routing,
+    w: &MoeWeights,
+    experts: &dyn ExpertProvider,
+    xn: &[f32],
+    n: usize,
+    mut observer: Option<&mut (dyn RouterObserver + '_)>,
+) -> Result<Vec<f32>, RuntimeError> {
+    let hidden = w.router.cols();
+    let ne = w.router.rows();
+    let mut logits = vec![0.0; n * ne];
+    kernels::matmul(&w.router.mat(), xn, n, &mut logits);
+
+    // Route each token, then group tokens by expert so each expert's weights
+    // are read once per call (one matmul with m rows).
+    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    let mut probs = Vec::with_capacity(ne);
+    for t in 0..n {
+        let lg = &logits[t * ne..(t + 1) * ne];
+        let (sel, wts) = routing.route(lg, &mut probs);
+        if let Some(obs) = observer.as_deref_mut() {
+            obs.observe(layer, t, lg, &probs, &sel, &wts);
+        }
+        for (&e, &wt) in sel.iter().zip(&wts) {
+            by_expert[e].push((t, wt));
+        }
+    }
+    let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
+    experts.prefetch(layer, &active);
+
+    let results: Vec<Result<(usize, Vec<f32>), RuntimeError>> = active
+        .par_iter()
+        .map(|&e| {
+            let toks = &by_expert[e];
+            let m = toks.len();
+            let mut xs = Vec::with_capacity(m * hidden);
+            for &(t, _) in toks {
+                xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
+            }
+            let ex = experts.get(layer, e)?;
+            Ok((e, ex.forward(&xs, m)))
+        })
+        .collect();
+
+    let mut out = vec![0.0; n * hidden];
+    for r in results {
+        let (e, ys) = r?;
+        for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
+            kernels::backend().axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
+        }
+    }
+
+    if let Some(sh) = &w.shared {
+        let ys = sh.mlp.forward(xn, n);
+        let mut g = vec![0.0; n];
+        kernels::matmul(&sh.gate.mat(), xn, n, &mut g);
+        for t in 0..n {
+            let s = 1.0 / (1.0 + (-g[t]).exp());
+            kernels::backend().axpy(
+                s,
+                &ys[t * hidden..(t + 1) * hidden],
+                &mut out[t * hidden..(t + 1) * hidden],
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Routed experts held as handles into their weight source (for a mapped
+/// checkpoint: the OS pages them in on first use). Layers without experts
+/// (dense ones, or layers not loaded) have none.
+pub struct ResidentExperts {
+    layers: Vec<Vec<Arc<ExpertMats>>>,
+}
+
+impl ResidentExperts {
+    /// An empty provider for a model of `n_layers` layers; fill with [`Self::insert_layer`].
+    pub fn new(n_layers: usize) -> Self {
+        ResidentExperts {
+            layers: vec![Vec::new(); n_layers],
+        }
+    }
+
+    pub fn insert_layer(&mut self, layer: usize, experts: Vec<ExpertMats>) {
+        if layer < self.layers.len() {
+            self.layers[layer] = experts.into_iter().map(Arc::new).collect();
+        }
+    }
+
+    /// Drops a layer's experts (prep, after the layer is done).
+    pub fn remove_layer(&mut self, layer: usize) {
+        if layer < self.layers.len() {
+            self.layers[layer] = Vec::new();
+        }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().flatten().map(|e| e.nbytes()).sum()
+    }
+}
+
+impl ExpertProvider for ResidentExperts {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError> {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.get(expert))
+            .cloned()
+            .ok_or_else(|| {
+                RuntimeError::Other(format!("expert {expert} of layer {layer} is not loaded"))
+            })
+    }
+}
+
+/// Tensor names of one expert's three projections (gate, up, down).
+pub type ExpertNames = [String; 3];
+
+/// Loads routed experts of one layer: per-expert tensors (hub layout) when
+/// `per_expert(e)` names exist, else slices of the stacked MLX
+/// `switch_mlp` tensors named by `stacked`.
+pub fn load_layer_experts(
+    src: &dyn WeightSource,
+    per_expert: &dyn Fn(usize) -> ExpertNames,
+    stacked: &ExpertNames,
+    n_experts: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<Vec<ExpertMats>, RuntimeError> {
+    let first = per_expert(0);
+    let use_stacked = !src.contains(&format!("{}.weight", first[0]))
+        && src.contains(&format!("{}.weight", stacked[0]));
+    (0..n_experts)
+        .map(|e| {
+            if use_stacked {
+                Ok(ExpertMats {
+                    gate: src.stacked_matrix(&stacked[0], e, n_experts, inter, hidden)?,
+                    up: src.stacked_matrix(&stacked[1], e, n_experts, inter, hidden)?,
+                    down: src.stacked_matrix(&stacked[2], e, n_experts, hidden, inter)?,
+                })
+            } else {
+                let nm = per_expert(e);
+                Ok(ExpertMats {
+                    gate: src.matrix(&nm[0], inter, hidden)?,
+                    up: src.matrix(&nm[1], inter, hidden)?,
+                    down: src.matrix(&nm[2], hidden, inter)?,
+                })
+            }
+        })
+        .collect()
+}
+
+/// RMSNorm of each row of `x` (`[n, width]`).
+pub fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let width = w.len();
+    let mut out = vec![0.0; x.len()];
+    for (o, r) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+        rms_norm(r, w, eps, o);
+    }
+    out
+}

@@ -1,0 +1,16 @@
+//! OLMoE (`OlmoeForCausalLM`): RMSNorm over the *whole* query and key
+//! projections (`q_norm` has `heads * head_dim` weights, applied before the
+//! split into heads), optional `clip_qkv` clamping, top-k without
+//! renormalization unless `norm_topk_prob`.
+
+use super::attention::QkNorm;
+use super::decoder::FamilySpec;
+
+pub fn spec() -> FamilySpec {
+    FamilySpec {
+        qk_norm: QkNorm::Full,
+        moe_module: "mlp",
+        expert_proj: ["gate_proj", "up_proj", "down_proj"],
+        shared_expert: false,
+    }
+}
