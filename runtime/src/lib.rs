@@ -6,5 +6,10 @@ pub mod config;
 pub mod error;
 pub mod models;
 pub mod weights;
+pub mod chat;
+pub mod generate;
+pub mod memory;
+pub mod sampling;
+pub mod tokenizer;
 
 pub use error::RuntimeError;

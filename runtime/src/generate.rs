@@ -1,0 +1,1116 @@
+//! The generation loop: prompt ids in, streamed text out.
+//!
+//! [`Generator`] owns one model (and its KV state), the tokenizer, the chat
+//! template and the model's generation defaults. It is `Send`, so a server can
+//! keep it on a worker thread and feed it requests one at a time; the
+//! per-token [`Event`] callback is where streaming and cancellation happen.
+//!
+//! What it takes care of, so callers don't have to:
+//! * **Prompt-prefix reuse.** It remembers the ids in the model's KV state;
+//!   a new prompt that starts with them (a chat's next turn, a retried
+//!   request) only prefills the new suffix. `Completion::reused_prompt_tokens`
+//!   says how many were skipped.
+//! * **Chunked prefill**, so a long prompt never materializes activations for
+//!   thousands of positions at once.
+//! * **Text that is safe to show**: deltas never split a UTF-8 character, and
+//!   text that might be the beginning of a stop string is held back until it
+//!   is known not to be; the stop string itself is never emitted.
+//! * **Stop conditions**: EOS ids (generation_config.json's `eos_token_id`,
+//!   int or list, plus the model config's and the tokenizer's EOS), stop
+//!   strings, `max_tokens`, the context limit, cancellation.
+
+use crate::chat::{ChatTemplate, ChatTemplateError, RenderOptions};
+use crate::error::RuntimeError;
+use crate::models::{LoadOptions, Model, ModelInfo};
+use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+use serde_json::Value as Json;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Prompt positions per `forward` call during prefill: large enough to keep
+/// the matmuls efficient, small enough to bound activation memory.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error("{origin}: {msg}")]
+    GenerationConfig { origin: String, msg: String },
+    #[error("the model has no chat template (no chat_template.jinja and no `chat_template` in tokenizer_config.json)")]
+    NoChatTemplate,
+    #[error("empty prompt: at least one token is needed")]
+    EmptyPrompt,
+    #[error("prompt is {prompt} tokens but the model's context is {context}")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("the model returned {got} logits, expected its vocabulary size {expected}")]
+    LogitsSize { got: usize, expected: usize },
+}
+
+/// The generation defaults of `generation_config.json` that matter here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` of a model directory; the default
+    /// (empty) config if the file is absent.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, GenerateError> {
+        let path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_json_str(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(GenerateError::GenerationConfig {
+                origin: path.display().to_string(),
+                msg: e.to_string(),
+            }),
+        }
+    }
+
+    /// Parses the JSON text; `origin` names it in errors.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, GenerateError> {
+        let v: Json = serde_json::from_str(text).map_err(|e| GenerateError::GenerationConfig {
+            origin: origin.into(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        Self::from_json(&v, origin)
+    }
+
+    /// From a parsed object (a pack's embedded `generation`).
+    pub fn from_json(v: &Json, origin: &str) -> Result<Self, GenerateError> {
+        let bad = |key: &str, expected: &str| GenerateError::GenerationConfig {
+            origin: origin.into(),
+            msg: format!(
+                "key `{key}`: expected {expected}, found {}",
+                v.get(key).map_or("nothing".into(), |x| x.to_string())
+            ),
+        };
+        let obj = v
+            .as_object()
+            .ok_or_else(|| GenerateError::GenerationConfig {
+                origin: origin.into(),
+                msg: "expected a JSON object".into(),
+            })?;
+        let get = |k: &str| obj.get(k).filter(|x| !x.is_null());
+        let as_id = |x: &Json| x.as_u64().and_then(|n| u32::try_from(n).ok());
+        let eos_token_ids = match get("eos_token_id") {
+            None => Vec::new(),
+            Some(x) if x.is_u64() => {
+                vec![as_id(x).ok_or_else(|| bad("eos_token_id", "a token id"))?]
+            }
+            Some(Json::Array(a)) => a
+                .iter()
+                .map(|x| as_id(x).ok_or_else(|| bad("eos_token_id", "a list of token ids")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("eos_token_id", "a token id or a list of them")),
+        };
+        let f = |k: &str| -> Result<Option<f32>, GenerateError> {
+            match get(k) {
+                None => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(|n| Some(n as f32))
+                    .ok_or_else(|| bad(k, "a number")),
+            }
+        };
+        let top_k = match get("top_k") {
+            None => None,
+            Some(x) => Some(
+                x.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| bad("top_k", "a non-negative integer"))?,
+            ),
+        };
+        let do_sample = match get("do_sample") {
+            None => None,
+            Some(x) => Some(
+                x.as_bool()
+                    .ok_or_else(|| bad("do_sample", "true or false"))?,
+            ),
+        };
+        Ok(Self {
+            eos_token_ids,
+            do_sample,
+            temperature: f("temperature")?,
+            top_p: f("top_p")?,
+            top_k,
+            min_p: f("min_p")?,
+            repetition_penalty: f("repetition_penalty")?,
+        })
+    }
+
+    /// The sampling parameters this config asks for, with transformers'
+    /// semantics: without `do_sample: true` decoding is greedy, whatever the
+    /// temperature says.
+    pub fn sampling_defaults(&self) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        if let Some(r) = self.repetition_penalty {
+            p.repetition_penalty = r;
+        }
+        if self.do_sample == Some(true) {
+            p.temperature = self.temperature.unwrap_or(1.0);
+            p.top_p = self.top_p.unwrap_or(1.0);
+            p.top_k = self.top_k.unwrap_or(50);
+            p.min_p = self.min_p.unwrap_or(0.0);
+        }
+        p
+    }
+}
+
+/// Limits and stop conditions of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate (also capped by the context).
+    pub max_tokens: usize,
+    /// Stop strings: generation ends when the text contains one; it and
+    /// everything after it are dropped from the output.
+    pub stop: Vec<String>,
+    /// Keep going past EOS tokens (benchmarks, reference comparisons).
+    pub ignore_eos: bool,
+    /// Drop special tokens (e.g. `<|im_start|>`) from the text. Stop tokens
+    /// are never part of the text either way.
+    pub skip_special_tokens: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            stop: Vec::new(),
+            ignore_eos: false,
+            skip_special_tokens: false,
+        }
+    }
+}
+
+/// What the callback sees, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Prefill finished (sent once, before the first token).
+    PromptProcessed {
+        prompt_tokens: usize,
+        reused_tokens: usize,
+        elapsed: Duration,
+    },
+    /// A token was sampled. `text` is the newly releasable text; it may be
+    /// empty (an incomplete character or a possible stop-string start is
+    /// being held back) and held text arrives with later tokens.
+    Token { id: u32, text: String },
+    /// Held-back text released when the stream ends (no new token): the
+    /// tail of a partial stop-string match, or a final partial character.
+    Text { text: String },
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model emitted this end-of-sequence id.
+    Eos(u32),
+    /// The text contained this stop string.
+    StopString(String),
+    /// `max_tokens` or the model's context ran out.
+    Length,
+    /// The callback returned `ControlFlow::Break`.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason` vocabulary.
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            FinishReason::Eos(_) | FinishReason::StopString(_) => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Wall-clock time spent in each phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Prefill of the non-reused prompt tokens (ends with the first logits).
+    pub prompt: Duration,
+    /// Everything after prefill: sampling and the decode forwards.
+    pub decode: Duration,
+    /// From the call to the first sampled token.
+    pub time_to_first_token: Duration,
+}
+
+/// The result of [`Generator::generate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated ids, excluding a final EOS id.
+    pub token_ids: Vec<u32>,
+    /// The generated text (what the events released, concatenated).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV state was kept from the previous call.
+    pub reused_prompt_tokens: usize,
+    /// Sampled tokens, including a final EOS (what an API bills).
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+impl Completion {
+    /// Prefill throughput over the tokens actually processed.
+    pub fn prompt_tokens_per_s(&self) -> f64 {
+        let n = self.prompt_tokens - self.reused_prompt_tokens;
+        rate(n, self.timings.prompt)
+    }
+
+    /// Decode throughput: the first token comes out of prefill, so `n`
+    /// tokens cost `n - 1` decode forwards.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(
+            self.completion_tokens.saturating_sub(1),
+            self.timings.decode,
+        )
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if n == 0 || s <= 0.0 {
+        0.0
+    } else {
+        n as f64 / s
+    }
+}
+
+/// A model with everything needed to turn prompts into text.
+pub struct Generator {
+    model: Box<dyn Model>,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    config: GenerationConfig,
+    eos_ids: Vec<u32>,
+    /// The ids whose KV state the model holds, in order.
+    fed: Vec<u32>,
+    prefill_chunk: usize,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("model", self.model.info())
+            .field("eos_ids", &self.eos_ids)
+            .field("cached_tokens", &self.fed.len())
+            .finish()
+    }
+}
+
+impl Generator {
+    /// Assembles a generator. EOS ids are the union of the generation
+    /// config's, the model config's and the chat template's `eos_token`.
+    pub fn new(
+        model: Box<dyn Model>,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        config: GenerationConfig,
+    ) -> Self {
+        let mut eos_ids = config.eos_token_ids.clone();
+        eos_ids.extend(model.info().eos_token_ids.iter().copied());
+        if let Some(id) = chat_template
+            .as_ref()
+            .and_then(|t| t.eos_token())
+            .and_then(|s| tokenizer.piece_to_id(s))
+        {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let mut model = model;
+        model.reset();
+        Self {
+            model,
+            tokenizer,
+            chat_template,
+            config,
+            eos_ids,
+            fed: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        }
+    }
+
+    /// Loads everything from a Hugging Face / MLX model directory.
+    pub fn from_model_dir(dir: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
+        let tokenizer = Tokenizer::from_model_dir(dir)?;
+        let chat_template = ChatTemplate::from_model_dir(dir)?;
+        let config = GenerationConfig::from_model_dir(dir)?;
+        let model = crate::models::load(dir, opts)?;
+        Ok(Self::new(model, tokenizer, chat_template, config))
+    }
+
+    /// Loads a model directory (or the directory of a `config.json`).
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
+        let dir: PathBuf = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json")
+        {
+            path.parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        } else {
+            path.to_path_buf()
+        };
+        Self::from_model_dir(&dir, opts)
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.config
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        self.model.info()
+    }
+
+    /// The ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The model's recommended sampling (see [`GenerationConfig::sampling_defaults`]).
+    pub fn default_sampling(&self) -> SamplingParams {
+        self.config.sampling_defaults()
+    }
+
+    /// Tokens the model's KV state currently holds.
+    pub fn cached_tokens(&self) -> usize {
+        self.fed.len()
+    }
+
+    /// Changes the prefill chunk (minimum 1).
+    pub fn set_prefill_chunk(&mut self, n: usize) {
+        self.prefill_chunk = n.max(1);
+    }
+
+    /// Drops the KV state.
+    pub fn reset(&mut self) {
+        self.model.reset();
+        self.fed.clear();
+    }
+
+    /// Tokenizes raw prompt text (the tokenizer's post-processor decides
+    /// about BOS, as `tokenizer(text)` does in transformers).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        Ok(self.tokenizer.encode(text, true)?)
+    }
+
+    /// Renders messages with the model's chat template and tokenizes the
+    /// result (no extra special tokens: the template has them).
+    pub fn encode_chat(
+        &self,
+        messages: &[Json],
+        opts: &RenderOptions,
+    ) -> Result<Vec<u32>, GenerateError> {
+        let text = self.render_chat(messages, opts)?;
+        Ok(self.tokenizer.encode(&text, false)?)
+    }
+
+    /// Renders messages with the model's chat template.
+    pub fn render_chat(
+        &self,
+        messages: &[Json],
+        opts: &RenderOptions,
+    ) -> Result<String, GenerateError> {
+        let t = self
+            .chat_template
+            .as_ref()
+            .ok_or(GenerateError::NoChatTemplate)?;
+        Ok(t.render(messages, opts)?)
+    }
+
+    /// Generates a continuation of `prompt_ids`, calling `on_event` as it
+    /// goes; return `ControlFlow::Break(())` from it to stop early.
+    ///
+    /// The KV state is left holding the prompt and the generated tokens, so
+    /// a follow-up prompt that extends them is prefilled incrementally.
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        opts: &GenerateOptions,
+        on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<Completion, GenerateError> {
+        let start = Instant::now();
+        if prompt_ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let info = self.model.info();
+        let vocab = info.vocab_size;
+        let context = info.max_context;
+        if prompt_ids.len() > context {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt_ids.len(),
+                context,
+            });
+        }
+        if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::TokenOutOfRange { id, vocab }.into());
+        }
+        let mut sampler = Sampler::new(params.clone())?;
+
+        // Prefill, reusing the longest common prefix still in the KV state
+        // (at least the last prompt token is re-fed: we need its logits).
+        let reused = self.reuse_prefix(prompt_ids);
+        let mut logits = Vec::new();
+        for chunk in prompt_ids[reused..].chunks(self.prefill_chunk) {
+            logits = self.forward(chunk)?;
+        }
+        let prompt_time = start.elapsed();
+        let mut completion = Completion {
+            token_ids: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: prompt_ids.len(),
+            reused_prompt_tokens: reused,
+            completion_tokens: 0,
+            timings: Timings {
+                prompt: prompt_time,
+                ..Timings::default()
+            },
+        };
+        let decode_start = Instant::now();
+        let finish = |c: &mut Completion| {
+            c.timings.decode = decode_start.elapsed();
+            if c.timings.time_to_first_token.is_zero() {
+                c.timings.time_to_first_token = start.elapsed();
+            }
+        };
+        let event = Event::PromptProcessed {
+            prompt_tokens: prompt_ids.len(),
+            reused_tokens: reused,
+            elapsed: prompt_time,
+        };
+        if on_event(event).is_break() {
+            completion.finish_reason = FinishReason::Cancelled;
+            finish(&mut completion);
+            return Ok(completion);
+        }
+
+        let budget = opts.max_tokens.min(context - prompt_ids.len());
+        let mut history: Vec<u32> = prompt_ids.to_vec();
+        let mut decoder = StreamDecoder::new(opts.skip_special_tokens);
+        let mut stops = StopMatcher::new(&opts.stop);
+        while completion.completion_tokens < budget {
+            let id = sampler.sample(&mut logits, &history)?;
+            completion.completion_tokens += 1;
+            if completion.completion_tokens == 1 {
+                completion.timings.time_to_first_token = start.elapsed();
+            }
+            if !opts.ignore_eos && self.eos_ids.contains(&id) {
+                completion.finish_reason = FinishReason::Eos(id);
+                break;
+            }
+            completion.token_ids.push(id);
+            history.push(id);
+            let piece = decoder.step(&self.tokenizer, id)?;
+            let (text, matched) = stops.push(&piece);
+            completion.text.push_str(&text);
+            let flow = on_event(Event::Token { id, text });
+            if let Some(s) = matched {
+                completion.finish_reason = FinishReason::StopString(s);
+                break;
+            }
+            if flow.is_break() {
+                completion.finish_reason = FinishReason::Cancelled;
+                break;
+            }
+            if completion.completion_tokens == budget {
+                break;
+            }
+            logits = self.forward(&[id])?;
+        }
+        // Release what was held back (a partial character, or text that
+        // could have begun a stop string but the stream ended first).
+        if completion.finish_reason == FinishReason::Length
+            || matches!(completion.finish_reason, FinishReason::Eos(_))
+        {
+            let tail = decoder.finish(&self.tokenizer)?;
+            let (mut text, matched) = stops.push(&tail);
+            if let Some(s) = matched {
+                completion.finish_reason = FinishReason::StopString(s);
+            } else {
+                text.push_str(&stops.flush());
+            }
+            if !text.is_empty() {
+                completion.text.push_str(&text);
+                // Streaming consumers must see the same text as `Completion::text`.
+                let _ = on_event(Event::Text { text });
+            }
+        }
+        finish(&mut completion);
+        Ok(completion)
+    }
+
+    /// Keeps the longest prefix of the KV state shared with `prompt`
+    /// (leaving at least one prompt token to feed) and returns its length.
+    fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        if self.model.seq_len() != self.fed.len() {
+            // Someone drove the model behind our back: trust nothing.
+            self.reset();
+            return 0;
+        }
+        let common = self
+            .fed
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(prompt.len() - 1);
+        if keep < self.fed.len() {
+            if keep == 0 || !self.model.truncate(keep) {
+                self.reset();
+                return 0;
+            }
+            self.fed.truncate(keep);
+        }
+        keep
+    }
+
+    /// One forward call that keeps `fed` in step with the model.
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        match self.model.forward(tokens, false) {
+            Ok(logits) => {
+                self.fed.extend_from_slice(tokens);
+                let expected = self.model.info().vocab_size;
+                if logits.len() != expected {
+                    return Err(GenerateError::LogitsSize {
+                        got: logits.len(),
+                        expected,
+                    });
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                // The state may be half-updated; start clean next time.
+                self.reset();
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Holds back text that could be the start of a stop string.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds text; returns what is safe to release and, if a stop string is
+    /// now complete, which one (the text before it is released, the rest is
+    /// dropped).
+    pub fn push(&mut self, text: &str) -> (String, Option<String>) {
+        self.pending.push_str(text);
+        if self.stops.is_empty() {
+            return (std::mem::take(&mut self.pending), None);
+        }
+        // Earliest match wins; on a tie, the longer stop string.
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                self.pending
+                    .find(s.as_str())
+                    .map(|at| (at, std::cmp::Reverse(s.len()), s))
+            })
+            .min();
+        if let Some((at, _, s)) = hit {
+            let out = self.pending[..at].to_owned();
+            let s = s.clone();
+            self.pending.clear();
+            return (out, Some(s));
+        }
+        // Longest suffix of pending that is a proper prefix of a stop string.
+        let mut hold = 0;
+        for s in &self.stops {
+            let max = s.len().saturating_sub(1).min(self.pending.len());
+            for n in (hold + 1..=max).rev() {
+                let cut = self.pending.len() - n;
+                if self.pending.is_char_boundary(cut) && s.starts_with(&self.pending[cut..]) {
+                    hold = n;
+                    break;
+                }
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (out, None)
+    }
+
+    /// Releases held-back text at the end of the stream.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::message;
+
+    fn shared_model(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/models")
+            .join(name)
+    }
+
+    /// A scripted model: it "predicts" the next token of a fixed script,
+    /// given how many tokens its state holds, and records every call.
+    struct ScriptModel {
+        info: ModelInfo,
+        script: Vec<u32>,
+        state: Vec<u32>,
+        calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<u32>>>>,
+        can_truncate: bool,
+    }
+
+    impl ScriptModel {
+        fn new(
+            script: Vec<u32>,
+            vocab: usize,
+        ) -> (Self, std::sync::Arc<std::sync::Mutex<Vec<Vec<u32>>>>) {
+            let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let info = ModelInfo {
+                arch: "script".into(),
+                vocab_size: vocab,
+                hidden_size: 0,
+                n_layers: 0,
+                max_position_embeddings: 64,
+                max_context: 64,
+                bos_token_id: None,
+                eos_token_ids: vec![2],
+                num_experts: 0,
+                num_experts_per_tok: 0,
+            };
+            (
+                Self {
+                    info,
+                    script,
+                    state: Vec::new(),
+                    calls: calls.clone(),
+                    can_truncate: true,
+                },
+                calls,
+            )
+        }
+    }
+
+    impl Model for ScriptModel {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn forward(&mut self, tokens: &[u32], _all: bool) -> Result<Vec<f32>, RuntimeError> {
+            self.calls.lock().expect("lock").push(tokens.to_vec());
+            self.state.extend_from_slice(tokens);
+            let next = self.script.get(self.state.len()).copied().unwrap_or(0);
+            let mut l = vec![0.0; self.info.vocab_size];
+            l[next as usize] = 10.0;
+            Ok(l)
+        }
+        fn seq_len(&self) -> usize {
+            self.state.len()
+        }
+        fn truncate(&mut self, len: usize) -> bool {
+            if self.can_truncate {
+                self.state.truncate(len);
+            }
+            self.can_truncate
+        }
+        fn reset(&mut self) {
+            self.state.clear();
+        }
+    }
+
+    fn tiny_tokenizer() -> Tokenizer {
+        Tokenizer::from_model_dir(&shared_model("tiny-qwen3-moe-coder")).expect("tokenizer")
+    }
+
+    /// A generator whose model "says" `text` after `prompt` (then EOS).
+    fn scripted(
+        prompt: &str,
+        text: &str,
+    ) -> (
+        Generator,
+        Vec<u32>,
+        std::sync::Arc<std::sync::Mutex<Vec<Vec<u32>>>>,
+    ) {
+        let tok = tiny_tokenizer();
+        let p = tok.encode(prompt, true).expect("encode");
+        let mut script = p.clone();
+        script.extend(tok.encode(text, false).expect("encode"));
+        script.push(2);
+        let (model, calls) = ScriptModel::new(script, tok.vocab_size());
+        let tmpl = ChatTemplate::from_model_dir(&shared_model("tiny-qwen3-moe-coder")).expect("t");
+        let cfg =
+            GenerationConfig::from_model_dir(&shared_model("tiny-qwen3-moe-coder")).expect("cfg");
+        (Generator::new(Box::new(model), tok, tmpl, cfg), p, calls)
+    }
+
+    fn collect(g: &mut Generator, p: &[u32], opts: &GenerateOptions) -> (Completion, Vec<Event>) {
+        let mut events = Vec::new();
+        let c = g
+            .generate(p, &SamplingParams::greedy(), opts, &mut |e| {
+                events.push(e);
+                ControlFlow::Continue(())
+            })
+            .expect("generate");
+        (c, events)
+    }
+
+    fn streamed(events: &[Event]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token { text, .. } | Event::Text { text } => Some(text.as_str()),
+                Event::PromptProcessed { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streams_until_eos_and_text_matches_events() {
+        let (mut g, p, _) = scripted("fn main() {", " println!(\"héllo 🦀\"); }");
+        let (c, events) = collect(&mut g, &p, &GenerateOptions::default());
+        assert_eq!(c.text, " println!(\"héllo 🦀\"); }");
+        assert_eq!(streamed(&events), c.text);
+        assert_eq!(c.finish_reason, FinishReason::Eos(2));
+        assert_eq!(c.completion_tokens, c.token_ids.len() + 1);
+        assert!(matches!(
+            events[0],
+            Event::PromptProcessed {
+                reused_tokens: 0,
+                ..
+            }
+        ));
+        for e in &events {
+            if let Event::Token { text, .. } = e {
+                assert!(!text.contains('\u{FFFD}'));
+            }
+        }
+        // ignore_eos runs on to max_tokens.
+        let (c, _) = collect(
+            &mut g,
+            &p,
+            &GenerateOptions {
+                max_tokens: 40,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.completion_tokens, 40);
+        assert_eq!(c.finish_reason, FinishReason::Length);
+    }
+
+    #[test]
+    fn stop_strings_are_never_emitted() {
+        let (mut g, p, _) = scripted("x", "alpha\nbeta\n\nSTOP gamma");
+        let opts = GenerateOptions {
+            stop: vec!["\n\n".into(), "gamma".into()],
+            ..Default::default()
+        };
+        let (c, events) = collect(&mut g, &p, &opts);
+        assert_eq!(c.text, "alpha\nbeta");
+        assert_eq!(streamed(&events), "alpha\nbeta");
+        assert_eq!(c.finish_reason, FinishReason::StopString("\n\n".into()));
+        // A partial stop match at the end of the stream is released.
+        let (mut g, p, _) = scripted("x", "one two thr");
+        let opts = GenerateOptions {
+            stop: vec!["three".into()],
+            ..Default::default()
+        };
+        let (c, events) = collect(&mut g, &p, &opts);
+        assert_eq!(c.text, "one two thr");
+        assert_eq!(streamed(&events), "one two thr");
+    }
+
+    #[test]
+    fn stop_matcher_holds_back_possible_prefixes() {
+        let mut m = StopMatcher::new(&["</tool>".into(), "END".into()]);
+        assert_eq!(m.push("abc <"), ("abc ".into(), None));
+        assert_eq!(m.push("/to"), (String::new(), None));
+        assert_eq!(m.push("x"), ("</tox".into(), None));
+        assert_eq!(m.push("E"), (String::new(), None));
+        assert_eq!(m.push("NZ EN"), ("ENZ ".into(), None));
+        assert_eq!(m.push("D tail"), (String::new(), Some("END".into())));
+        let mut m = StopMatcher::new(&["é!".into()]);
+        assert_eq!(m.push("caf"), ("caf".into(), None));
+        assert_eq!(m.push("é"), (String::new(), None));
+        assert_eq!(m.flush(), "é");
+        let mut m = StopMatcher::new(&[]);
+        assert_eq!(m.push("anything"), ("anything".into(), None));
+    }
+
+    #[test]
+    fn cancellation_and_max_tokens() {
+        let (mut g, p, _) = scripted("x", "a b c d e f g h");
+        let mut n = 0;
+        let c = g
+            .generate(
+                &p,
+                &SamplingParams::greedy(),
+                &GenerateOptions::default(),
+                &mut |e| {
+                    if matches!(e, Event::Token { .. }) {
+                        n += 1;
+                    }
+                    if n == 3 {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
+            .expect("generate");
+        assert_eq!(c.finish_reason, FinishReason::Cancelled);
+        assert_eq!(c.token_ids.len(), 3);
+        let (c, _) = collect(
+            &mut g,
+            &p,
+            &GenerateOptions {
+                max_tokens: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.finish_reason, FinishReason::Length);
+        assert_eq!(c.token_ids.len(), 2);
+    }
+
+    #[test]
+    fn prompt_prefix_is_reused_and_chunked() {
+        let (mut g, p, calls) = scripted("def f(x):\n    return x + 1\n", " # done");
+        g.set_prefill_chunk(4);
+        let (c, _) = collect(&mut g, &p, &GenerateOptions::default());
+        assert_eq!(c.reused_prompt_tokens, 0);
+        {
+            let calls = calls.lock().expect("lock");
+            let prefill: Vec<&Vec<u32>> = calls.iter().take(p.len().div_ceil(4)).collect();
+            assert!(prefill.iter().all(|c| c.len() <= 4));
+            assert_eq!(prefill.iter().map(|c| c.len()).sum::<usize>(), p.len());
+        }
+        // The next prompt extends prompt + completion: only the new part is fed.
+        let mut next = p.clone();
+        next.extend(&c.token_ids);
+        next.extend([201, 201]);
+        calls.lock().expect("lock").clear();
+        let (c2, events) = collect(
+            &mut g,
+            &next,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
+        // It ended on EOS: every non-EOS token was fed (to get the logits
+        // that chose the next one); the EOS itself never was.
+        assert_eq!(c.finish_reason, FinishReason::Eos(2));
+        let kept = p.len() + c.token_ids.len();
+        assert_eq!(c2.reused_prompt_tokens, kept);
+        assert!(
+            matches!(events[0], Event::PromptProcessed { reused_tokens, .. } if reused_tokens == kept)
+        );
+        assert_eq!(calls.lock().expect("lock")[0], next[kept..].to_vec());
+        // The same prompt again re-feeds only its last token.
+        let (c3, _) = collect(
+            &mut g,
+            &next,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c3.reused_prompt_tokens, next.len() - 1);
+        // A diverging prompt truncates to the common prefix.
+        let mut other = p[..3].to_vec();
+        other.push(7);
+        let (c4, _) = collect(
+            &mut g,
+            &other,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c4.reused_prompt_tokens, 3);
+        assert_eq!(g.cached_tokens(), 4);
+    }
+
+    #[test]
+    fn models_that_cannot_truncate_are_reset() {
+        let tok = tiny_tokenizer();
+        let (mut model, calls) = ScriptModel::new(vec![5; 64], tok.vocab_size());
+        model.can_truncate = false;
+        let mut g = Generator::new(Box::new(model), tok, None, GenerationConfig::default());
+        let (_, _) = collect(
+            &mut g,
+            &[3, 4, 5],
+            &GenerateOptions {
+                max_tokens: 3,
+                ..Default::default()
+            },
+        );
+        calls.lock().expect("lock").clear();
+        let (c, _) = collect(
+            &mut g,
+            &[3, 4, 9],
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.reused_prompt_tokens, 0);
+        assert_eq!(calls.lock().expect("lock")[0], vec![3, 4, 9]);
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        let (mut g, p, _) = scripted("x", "y");
+        let mut noop = |_: Event| ControlFlow::Continue(());
+        let e = g
+            .generate(
+                &[],
+                &SamplingParams::greedy(),
+                &GenerateOptions::default(),
+                &mut noop,
+            )
+            .expect_err("empty");
+        assert!(matches!(e, GenerateError::EmptyPrompt));
+        let e = g
+            .generate(
+                &[1 << 20],
+                &SamplingParams::greedy(),
+                &GenerateOptions::default(),
+                &mut noop,
+            )
+            .expect_err("oov");
+        assert!(e.to_string().contains("out of range"), "{e}");
+        let long = vec![5u32; 65];
+        let e = g
+            .generate(
+                &long,
+                &SamplingParams::greedy(),
+                &GenerateOptions::default(),
+                &mut noop,
+            )
+            .expect_err("long");
+        assert!(matches!(
+            e,
+            GenerateError::PromptTooLong {
+                prompt: 65,
+                context: 64
+            }
+        ));
+        let bad = SamplingParams {
+            top_p: -1.0,
+            ..Default::default()
+        };
+        assert!(g
+            .generate(&p, &bad, &GenerateOptions::default(), &mut noop)
+            .is_err());
+        // The context caps max_tokens.
+        let (mut g, _, _) = scripted("x", "y");
+        let p = vec![5u32; 60];
+        let (c, _) = collect(
+            &mut g,
+            &p,
+            &GenerateOptions {
+                max_tokens: 100,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.completion_tokens, 4);
+        assert_eq!(c.finish_reason, FinishReason::Length);
+    }
+
+    #[test]
+    fn chat_prompts_use_the_template_and_eos_set() {
+        let (g, _, _) = scripted("x", "y");
+        assert_eq!(g.eos_ids(), &[0, 2]);
+        let ids = g
+            .encode_chat(
+                &[message("user", "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines.")],
+                &RenderOptions { add_generation_prompt: true, ..Default::default() },
+            )
+            .expect("chat");
+        let r: Json = serde_json::from_str(
+            &std::fs::read_to_string(shared_model(
+                "tiny-qwen3-moe-coder/reference/reference.json",
+            ))
+            .expect("ref"),
+        )
+        .expect("json");
+        let expected: Vec<u32> = r["prompts"]["chat"]["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn generation_config_parsing() {
+        let c =
+            GenerationConfig::from_model_dir(&shared_model("tiny-qwen3-moe-coder")).expect("cfg");
+        assert_eq!(c.eos_token_ids, vec![2, 0]);
+        let p = c.sampling_defaults();
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.7, 0.9, 40));
+        let c = GenerationConfig::from_json_str(r#"{"eos_token_id": 7, "temperature": 0.6}"#, "g")
+            .expect("cfg");
+        assert_eq!(c.eos_token_ids, vec![7]);
+        assert!(
+            c.sampling_defaults().is_greedy(),
+            "no do_sample means greedy, as in transformers"
+        );
+        let e = GenerationConfig::from_json_str(r#"{"eos_token_id": "x"}"#, "gen.json")
+            .expect_err("bad");
+        assert!(
+            e.to_string().contains("gen.json") && e.to_string().contains("eos_token_id"),
+            "{e}"
+        );
+        let e = GenerationConfig::from_json_str(r#"{"top_k": -1}"#, "gen.json").expect_err("bad");
+        assert!(e.to_string().contains("top_k"), "{e}");
+        assert_eq!(
+            GenerationConfig::from_model_dir(Path::new("/nonexistent")).expect("absent"),
+            GenerationConfig::default()
+        );
+    }
+
+    #[test]
+    fn generator_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Generator>();
+    }
+}
