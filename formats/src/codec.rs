@@ -44,11 +44,7 @@ impl Codec {
     pub fn encode(self, raw: &[u8]) -> Vec<u8> {
         match self {
             Codec::None => raw.to_vec(),
-            // bulk::compress sizes its output with ZSTD_compressBound and uses a
-            // valid constant level, so the only failure left is allocation, which
-            // aborts anyway.
-            Codec::Zstd => zstd::bulk::compress(raw, ZSTD_LEVEL)
-                .expect("zstd compress into a bound-sized buffer"),
+            Codec::Zstd => zstd_encode(raw),
             Codec::Huffman => huffman_encode(raw),
         }
     }
@@ -161,6 +157,19 @@ impl Codec {
             reason: reason.into(),
         }
     }
+}
+
+/// One zstd frame with the content size and the content checksum (XXH64)
+/// flags set, so decoding itself detects a corrupt frame even when the caller
+/// skips the blob checksum on the hot path.
+fn zstd_encode(raw: &[u8]) -> Vec<u8> {
+    // The only failures left with a valid constant level and parameter and
+    // a bound-sized output buffer are allocation failures, which abort anyway.
+    let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context");
+    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .expect("zstd checksum flag");
+    c.compress(raw)
+        .expect("zstd compress into a bound-sized buffer")
 }
 
 /// A Huffman blob spends at least one bit per symbol, so its decoded size is
