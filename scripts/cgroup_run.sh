@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Run a command under a hard memory limit and report what it used.
+#
+#   cgroup_run.sh [--evict FILE]... [--report FILE] LIMIT -- CMD [ARGS...]
+#
+# LIMIT: bytes, or with a suffix K/M/G (binary: 1400M = 1400 MiB).
+# Why a cgroup and not ulimit: the point of mfx is running models larger than
+# RAM through the page cache, and page cache (file pages a process maps or reads)
+# counts against a memory cgroup's limit but not against RLIMIT_AS/RSS. This is
+# the "machine with only N bytes of RAM" experiment.
+#
+# --evict FILE: drop FILE's clean pages from the page cache first
+#   (posix_fadvise DONTNEED), so the run starts cold. Needed for fairness: a page
+#   already cached by another cgroup stays charged there, so a warm file would
+#   let the limited command read it for free. Repeatable.
+# --report FILE: also write the summary as JSON (peak bytes, failcnt, majfaults,
+#   time -v fields) for bench scripts.
+#
+# Works with cgroup v1 (memory.limit_in_bytes / memory.max_usage_in_bytes) and v2
+# (memory.max / memory.peak). Needs root. Exit status is the command's; an OOM
+# kill is reported on stderr and in the JSON.
+set -euo pipefail
+
+die() { echo "cgroup_run.sh: $*" >&2; exit 2; }
+
+EVICT=()
+REPORT=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --evict) EVICT+=("$2"); shift 2 ;;
+        --report) REPORT="$2"; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 3 && "$2" == "--" ]] || die "usage: cgroup_run.sh [--evict FILE]... [--report FILE] LIMIT -- CMD [ARGS...]"
+LIMIT_ARG="$1"; shift 2
+
+to_bytes() {
+    local v="$1" n unit
+    [[ "$v" =~ ^([0-9]+)([KkMmGg]?)(i?[Bb])?$ ]] || die "LIMIT '$v': expected bytes or a number with K/M/G"
+    n="${BASH_REMATCH[1]}"; unit="${BASH_REMATCH[2]}"
+    case "$unit" in
+        K|k) echo $((n * 1024)) ;;
+        M|m) echo $((n * 1024 * 1024)) ;;
+        G|g) echo $((n * 1024 * 1024 * 1024)) ;;
+        *) echo "$n" ;;
+    esac
+}
+LIMIT="$(to_bytes "$LIMIT_ARG")"
+[[ "$LIMIT" -ge $((16 * 1024 * 1024)) ]] || die "LIMIT $LIMIT bytes is below 16 MiB; probably a unit mistake"
+[[ "$(id -u)" == 0 ]] || die "needs root to create a cgroup"
+
+# Pick the hierarchy that has the memory controller.
+if V1="$(awk '$3 == "cgroup" && $4 ~ /(^|,)memory(,|$)/ {print $2; exit}' /proc/mounts)" && [[ -n "$V1" ]]; then
+    MODE=v1; ROOT="$V1"
+elif V2="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)" && [[ -n "$V2" ]] \
+        && grep -qw memory "$V2/cgroup.controllers"; then
+    MODE=v2; ROOT="$V2"
+    grep -qw memory "$ROOT/cgroup.subtree_control" || echo +memory > "$ROOT/cgroup.subtree_control" \
+        || die "$ROOT: cannot enable the memory controller for children"
+else
+    die "no cgroup hierarchy with the memory controller (see: mount | grep cgroup)"
+fi
+
+CG="$ROOT/mfx-run-$$"
+mkdir "$CG" || die "cannot create $CG"
+cleanup() {
+    # Processes are gone by now; leftover page-cache charges move to the parent.
+    rmdir "$CG" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+if [[ $MODE == v1 ]]; then
+    echo "$LIMIT" > "$CG/memory.limit_in_bytes"
+    # No swap on these machines, but make the limit hard if swap accounting exists.
+    [[ -e "$CG/memory.memsw.limit_in_bytes" ]] && echo "$LIMIT" > "$CG/memory.memsw.limit_in_bytes" 2>/dev/null || true
+else
+    echo "$LIMIT" > "$CG/memory.max"
+    [[ -e "$CG/memory.swap.max" ]] && echo 0 > "$CG/memory.swap.max" || true
+fi
+
+for f in "${EVICT[@]}"; do
+    [[ -f "$f" ]] || die "--evict $f: not a file"
+    python3 - "$f" <<'EOF'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+finally:
+    os.close(fd)
+EOF
+done
+
+TIMEF="$(mktemp)"
+set +e
+# The child joins the cgroup before exec, so every page it touches is charged.
+/bin/sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec /usr/bin/time -v -o "$0" "$@"' \
+    "$TIMEF" "$CG" "$@"
+RC=$?
+set -e
+
+if [[ $MODE == v1 ]]; then
+    PEAK="$(cat "$CG/memory.max_usage_in_bytes")"
+    FAILCNT="$(cat "$CG/memory.failcnt")"
+    OOMK="$(awk '$1 == "oom_kill" {print $2}' "$CG/memory.oom_control")"
+else
+    PEAK="$(cat "$CG/memory.peak" 2>/dev/null || echo -1)"
+    FAILCNT="$(awk '$1 == "max" {print $2}' "$CG/memory.events")"
+    OOMK="$(awk '$1 == "oom_kill" {print $2}' "$CG/memory.events")"
+fi
+RSS_KB="$(awk -F': ' '/Maximum resident set size/ {print $2}' "$TIMEF")"
+MAJ="$(awk -F': ' '/Major \(requiring I\/O\) page faults/ {print $2}' "$TIMEF")"
+WALL="$(awk -F': ' '/Elapsed \(wall clock\) time/ {print $2}' "$TIMEF")"
+rm -f "$TIMEF"
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+{
+    echo "[cgroup_run] $MODE limit $(mib "$LIMIT") MiB | cgroup peak $(mib "$PEAK") MiB (incl. page cache)" \
+         "| own peak RSS $(mib $((${RSS_KB:-0} * 1024))) MiB | major faults ${MAJ:-?} | limit hits ${FAILCNT:-?}" \
+         "| oom kills ${OOMK:-0} | wall ${WALL:-?} | exit $RC"
+} >&2
+[[ "${OOMK:-0}" == 0 ]] || echo "[cgroup_run] the command was OOM-killed at the $(mib "$LIMIT") MiB limit" >&2
+
+if [[ -n "$REPORT" ]]; then
+    cat > "$REPORT" <<EOF
+{"cgroup": "$MODE", "limit_bytes": $LIMIT, "cgroup_peak_bytes": $PEAK, "peak_rss_bytes": $((${RSS_KB:-0} * 1024)),
+ "major_faults": ${MAJ:-null}, "limit_hits": ${FAILCNT:-null}, "oom_kills": ${OOMK:-0}, "wall": "${WALL:-}", "exit": $RC}
+EOF
+fi
+exit "$RC"

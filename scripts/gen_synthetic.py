@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Write a synthetic qwen3_moe checkpoint in the Hugging Face hub layout.
+
+Why: the real models mfx targets (Qwen3-30B-A3B and up) are tens of GB and
+cannot be downloaded here, but speed and memory behaviour depend on shapes, not
+on trained values. This writes random weights with the real shapes, in exactly
+the layout `mfx prep` reads (config.json with hub keys, sharded bf16 safetensors
++ index, per-expert tensors, tokenizer.json), and optionally the same weights as
+GGUF (bf16, Q4_0) for llama.cpp, so both runtimes load identical weights.
+
+Properties worth knowing:
+  * Deterministic: every tensor is drawn from its own stream seeded by
+    (--seed, tensor name), so the output does not depend on write order, and a
+    --layers 8 model is exactly the first 8 layers of the 48-layer one.
+  * Streaming: one tensor is in memory at a time; the safetensors header is
+    computed up front from shapes, then tensor bytes are appended. A 60 GB model
+    needs a few hundred MB of RAM.
+  * Scale: linear weights ~ N(0, 1/fan_in) and RMSNorm weights 1, so activations
+    keep unit scale through the layers instead of exploding or vanishing; the
+    embedding is N(0, 1) for the same reason.
+  * Routing skew (--skew S): router row e of layer L is scaled by
+    (1 + rank_L(e)) ** -S, where rank_L is a per-layer random permutation of the
+    experts. A row with a larger norm produces larger-magnitude logits and lands
+    in the top-k more often, so a few experts per layer are hot and which ones
+    differs between layers, as in trained MoEs. S = 0 is uniform routing. The
+    script estimates the resulting share of top-k picks taken by the top 25% of
+    experts with Gaussian probe inputs and records it in synthetic.json; with
+    128 experts / top-8: S=0 -> ~0.29, 0.25 -> ~0.51, 0.35 -> ~0.60,
+    0.5 -> ~0.72, 1.0 -> ~0.92. The trained tiny model in shared/ has 0.54-0.68,
+    hence the default 0.35.
+
+Usage:
+  gen_synthetic.py --preset ci-small -o /tmp/ci-small
+  gen_synthetic.py --preset qwen3-30b-a3b --layers 8 -o /work/.peers/models/q30b-l8 --gguf --q4_0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_TOKENIZER_DIR = REPO.parent / "shared" / "models" / "tiny-qwen3-moe-coder"
+PEERS = Path(os.environ.get("MFX_PEERS_DIR", "/work/.peers"))
+
+# Hub keys as in Qwen/Qwen3-30B-A3B's config.json; vocab cut to the shared
+# tokenizer's 8192 (saves 1.2 GB of embedding + lm_head, changes nothing in the
+# expert path that mfx is about). Special ids follow that tokenizer.
+PRESETS: dict[str, dict] = {
+    "qwen3-30b-a3b": dict(
+        num_hidden_layers=48, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        intermediate_size=6144, max_position_embeddings=40960, max_window_layers=48,
+    ),
+    # A few tens of MB, several shards: for CI and quick end-to-end checks.
+    "ci-small": dict(
+        num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=64,
+        intermediate_size=512, max_position_embeddings=4096, max_window_layers=4,
+    ),
+}
+PRESET_SHARD_BYTES = {"qwen3-30b-a3b": 2 * 10**9, "ci-small": 8 * 2**20}
+
+
+class GenError(Exception):
+    pass
+
+
+def hub_config(preset: str, layers: int | None) -> dict:
+    p = dict(PRESETS[preset])
+    if layers is not None:
+        if not 1 <= layers <= p["num_hidden_layers"]:
+            raise GenError(f"--layers {layers}: preset {preset} has 1..{p['num_hidden_layers']} layers")
+        p["num_hidden_layers"] = layers
+        p["max_window_layers"] = layers
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": None,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 2,
+        "head_dim": p["head_dim"],
+        "hidden_act": "silu",
+        "hidden_size": p["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": p["intermediate_size"],
+        "max_position_embeddings": p["max_position_embeddings"],
+        "max_window_layers": p["max_window_layers"],
+        "mlp_only_layers": [],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": p["moe_intermediate_size"],
+        "norm_topk_prob": True,
+        "num_attention_heads": p["num_attention_heads"],
+        "num_experts": p["num_experts"],
+        "num_experts_per_tok": p["num_experts_per_tok"],
+        "num_hidden_layers": p["num_hidden_layers"],
+        "num_key_value_heads": p["num_key_value_heads"],
+        "output_router_logits": False,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 8192,
+    }
+
+
+@dataclass
+class Spec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "normal" | "ones" | "router"
+    std: float = 1.0
+    layer: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 2
+
+
+def tensor_specs(cfg: dict) -> list[Spec]:
+    """All tensors in the order transformers' save_pretrained lists them."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E, ff = cfg["num_experts"], cfg["moe_intermediate_size"]
+    out = [Spec("model.embed_tokens.weight", (v, h), "normal", 1.0)]
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}"
+        out += [
+            Spec(f"{p}.input_layernorm.weight", (h,), "ones"),
+            Spec(f"{p}.self_attn.q_proj.weight", (nq * hd, h), "normal", h**-0.5),
+            Spec(f"{p}.self_attn.k_proj.weight", (nkv * hd, h), "normal", h**-0.5),
+            Spec(f"{p}.self_attn.v_proj.weight", (nkv * hd, h), "normal", h**-0.5),
+            Spec(f"{p}.self_attn.o_proj.weight", (h, nq * hd), "normal", (nq * hd) ** -0.5),
+            Spec(f"{p}.self_attn.q_norm.weight", (hd,), "ones"),
+            Spec(f"{p}.self_attn.k_norm.weight", (hd,), "ones"),
+            Spec(f"{p}.post_attention_layernorm.weight", (h,), "ones"),
+            Spec(f"{p}.mlp.gate.weight", (E, h), "router", h**-0.5, L),
+        ]
+        for e in range(E):
+            out += [
+                Spec(f"{p}.mlp.experts.{e}.gate_proj.weight", (ff, h), "normal", h**-0.5),
+                Spec(f"{p}.mlp.experts.{e}.up_proj.weight", (ff, h), "normal", h**-0.5),
+                Spec(f"{p}.mlp.experts.{e}.down_proj.weight", (h, ff), "normal", ff**-0.5),
+            ]
+    out += [
+        Spec("model.norm.weight", (h,), "ones"),
+        Spec("lm_head.weight", (v, h), "normal", h**-0.5),
+    ]
+    return out
+
+
+def rng_for(seed: int, name: str) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
+
+
+def router_scales(seed: int, layer: int, n_experts: int, skew: float) -> np.ndarray:
+    """Per-expert row scale (1 + rank)^-skew with a per-layer random rank order."""
+    ranks = rng_for(seed, f"router-rank-{layer}").permutation(n_experts)
+    return (1.0 + ranks) ** (-skew)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns, round to nearest even (as torch does)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def materialize(spec: Spec, seed: int, skew: float) -> np.ndarray:
+    if spec.kind == "ones":
+        return np.full(spec.shape, 0x3F80, dtype=np.uint16)  # bf16 1.0
+    w = rng_for(seed, spec.name).standard_normal(spec.shape, dtype=np.float32)
+    w *= np.float32(spec.std)
+    if spec.kind == "router":
+        w *= router_scales(seed, spec.layer, spec.shape[0], skew).astype(np.float32)[:, None]
+    return bf16_bits(w)
+
+
+def estimate_top25_mass(cfg: dict, seed: int, skew: float, probes: int = 2048) -> list[float]:
+    """Share of top-k picks that go to the busiest 25% of experts, per layer,
+    for isotropic Gaussian inputs (the router sees RMS-normed hidden states)."""
+    E, k, h = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"]
+    H = rng_for(seed, "probe").standard_normal((probes, h), dtype=np.float32)
+    out = []
+    for L in range(cfg["num_hidden_layers"]):
+        spec = Spec(f"model.layers.{L}.mlp.gate.weight", (E, h), "router", h**-0.5, L)
+        W = (materialize(spec, seed, skew).astype(np.uint32) << 16).view(np.float32)
+        top = np.argpartition(-(H @ W.T), k - 1, axis=1)[:, :k]
+        counts = np.sort(np.bincount(top.ravel(), minlength=E))[::-1]
+        out.append(round(float(counts[: max(1, E // 4)].sum() / counts.sum()), 4))
+    return out
+
+
+def plan_shards(specs: list[Spec], max_bytes: int) -> list[list[Spec]]:
+    """Greedy in-order packing, like save_pretrained's max_shard_size: a tensor
+    larger than the limit gets a shard of its own."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def write_safetensors(path: Path, specs: list[Spec], seed: int, skew: float) -> None:
+    """Header from shapes first, then tensor bytes one at a time.
+
+    Layout per the safetensors README: u64 LE header length, JSON header
+    (padded with spaces to 8 bytes), then the byte buffer fully covered by the
+    tensors' data_offsets, in order, without holes.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for s in specs:
+        header[s.name] = {"dtype": "BF16", "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        off += s.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for s in specs:
+            materialize(s, seed, skew).tofile(f)
+    tmp.replace(path)
+
+
+def write_checkpoint(out: Path, cfg: dict, seed: int, skew: float, shard_bytes: int, meta: dict) -> None:
+    specs = tensor_specs(cfg)
+    shards = plan_shards(specs, shard_bytes)
+    n = len(shards)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    total = sum(s.nbytes for s in specs)
+    t0 = time.time()
+    done = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors(out / fname, shard, seed, skew)
+        for s in shard:
+            weight_map[s.name] = fname
+        done += sum(s.nbytes for s in shard)
+        print(f"[gen_synthetic] {fname} ({done / 2**30:.2f}/{total / 2**30:.2f} GiB, "
+              f"{time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 0], "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        src = SHARED_TOKENIZER_DIR / f
+        if not src.is_file():
+            raise GenError(f"{src}: missing; the synthetic model reuses the shared tiny model's tokenizer")
+        shutil.copyfile(src, out / f)
+    (out / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def run(cmd: list[str]) -> None:
+    print("[gen_synthetic] $ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Write a synthetic qwen3_moe checkpoint (HF layout, optional GGUF).")
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--layers", type=int, help="cut the preset's layer count (disk space)")
+    ap.add_argument("--skew", type=float, default=0.35, help="router skew exponent, 0 = uniform (default 0.35)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-shard-bytes", type=int, help="shard size limit (default: 2e9, ci-small 8 MiB)")
+    ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    ap.add_argument("--gguf", action="store_true", help="also write OUT/../NAME-bf16.gguf via scripts/hf_to_gguf.py")
+    ap.add_argument("--q4_0", action="store_true", help="also write NAME-q4_0.gguf with llama-quantize (implies --gguf)")
+    ap.add_argument("--llama-bin", type=Path, default=PEERS / "llama.cpp" / "bin")
+    a = ap.parse_args()
+    try:
+        if a.skew < 0:
+            raise GenError(f"--skew {a.skew}: must be >= 0")
+        if a.out.exists() and any(a.out.iterdir()):
+            raise GenError(f"{a.out}: exists and is not empty")
+        cfg = hub_config(a.preset, a.layers)
+        shard_bytes = a.max_shard_bytes or PRESET_SHARD_BYTES[a.preset]
+        mass = estimate_top25_mass(cfg, a.seed, a.skew)
+        meta = {
+            "generator": "scripts/gen_synthetic.py",
+            "preset": a.preset, "layers": cfg["num_hidden_layers"], "seed": a.seed, "skew": a.skew,
+            "router_row_scale": "(1 + rank_L(e)) ** -skew, rank_L a per-layer random permutation",
+            "top25_mass_gaussian_probe_per_layer": mass,
+            "top25_mass_gaussian_probe_mean": round(float(np.mean(mass)), 4),
+        }
+        print(f"[gen_synthetic] {a.preset}: {cfg['num_hidden_layers']} layers, skew {a.skew}, "
+              f"est. top-25% mass {meta['top25_mass_gaussian_probe_mean']}", file=sys.stderr)
+        write_checkpoint(a.out, cfg, a.seed, a.skew, shard_bytes, meta)
+        if a.gguf or a.q4_0:
+            base = a.out.parent / a.out.name
+            bf16 = Path(f"{base}-bf16.gguf")
+            run([sys.executable, str(REPO / "scripts" / "hf_to_gguf.py"), str(a.out), str(bf16)])
+            if a.q4_0:
+                quant = a.llama_bin / "llama-quantize"
+                if not quant.exists():
+                    raise GenError(f"{quant}: missing; run scripts/build_llamacpp.sh first")
+                run([str(quant), str(bf16), f"{base}-q4_0.gguf", "Q4_0", str(os.cpu_count() or 2)])
+    except GenError as e:
+        sys.exit(f"gen_synthetic.py: {e}")
+
+
+if __name__ == "__main__":
+    main()
