@@ -2,6 +2,8 @@
 //! `run(args) -> anyhow::Result<()>`. Add a variant to [`Command`] and an arm
 //! to [`dispatch`] for a new subcommand; keep the logic in the libraries.
 
+pub mod eval;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -12,8 +14,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Compare against references: logits (.npy), greedy tokens, perplexity.
+    Eval(eval::Args),
+}
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Eval(a) => eval::run(a),
+    }
 }

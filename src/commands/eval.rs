@@ -1,0 +1,274 @@
+//! `mfx eval`: numbers to hold mfx against outside references.
+//!
+//! * `logits` writes the float32 `[len, vocab]` logits of one forward pass
+//!   as `.npy` (compare with transformers' output).
+//! * `greedy` prints N greedy token ids (compare with transformers/mlx-lm).
+//! * `ppl` scores a text file with the protocol of `shared/README.md`:
+//!   split on `\n<|endoftext|>\n`, drop empty pieces, encode each piece
+//!   (special tokens parsed, nothing added), append token 0 after each,
+//!   concatenate, take `rows * ctx` tokens as `rows` independent rows and
+//!   average the next-token NLL over all `rows * (ctx - 1)` predictions.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use mfx_runtime::models::{self, KvBits, LoadOptions, Model};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum What {
+    /// Write the logits of one forward pass over --ids as float32 [len, vocab] .npy.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_parser = parse_ids)]
+        ids: Ids,
+        /// Output .npy file.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Print N greedy continuation token ids, space-separated.
+    Greedy {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated prompt token ids.
+        #[arg(long, value_parser = parse_ids)]
+        ids: Ids,
+        /// Number of tokens to generate (end-of-sequence tokens do not stop it).
+        #[arg(short = 'n', long, default_value_t = 16)]
+        n: usize,
+    },
+    /// Mean next-token NLL and perplexity of a text file.
+    Ppl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text file; documents separated by `\n<|endoftext|>\n`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Number of rows scored.
+        #[arg(long, default_value_t = 64)]
+        rows: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Print JSON instead of `nll=... ppl=...`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Hugging Face or MLX) or .mfx pack.
+    pub model: PathBuf,
+    /// KV cache precision: 16 (f16) or 8 (int8).
+    #[arg(long, default_value = "16")]
+    pub kv_bits: KvBits,
+}
+
+/// Token ids from the command line (a newtype so clap treats the list as one value).
+#[derive(Debug, Clone)]
+pub struct Ids(pub Vec<u32>);
+
+fn parse_ids(s: &str) -> Result<Ids, String> {
+    let ids = s
+        .split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("bad token id {t:?} (expected e.g. 1,2,3)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err("no token ids".into());
+    }
+    Ok(Ids(ids))
+}
+
+fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
+    let opts = LoadOptions {
+        kv_bits: m.kv_bits,
+        max_context,
+    };
+    models::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.what {
+        What::Logits { model, ids, out } => {
+            let mut m = load(&model, None)?;
+            let logits = m.forward(&ids.0, true)?;
+            let vocab = m.info().vocab_size;
+            write_npy_f32(&out, &[ids.0.len(), vocab], &logits)
+        }
+        What::Greedy { model, ids, n } => {
+            let mut m = load(&model, None)?;
+            let toks = greedy(m.as_mut(), &ids.0, n)?;
+            let line: Vec<String> = toks.iter().map(|t| t.to_string()).collect();
+            let mut so = std::io::stdout().lock();
+            writeln!(so, "{}", line.join(" "))?;
+            Ok(())
+        }
+        What::Ppl {
+            model,
+            data,
+            rows,
+            ctx,
+            json,
+        } => {
+            if ctx < 2 || rows == 0 {
+                bail!("--ctx must be at least 2 and --rows at least 1");
+            }
+            let tokens = protocol_tokens(&model.model, &data, rows * ctx)?;
+            let mut m = load(&model, Some(ctx))?;
+            let t0 = std::time::Instant::now();
+            let nll = mean_nll(m.as_mut(), &tokens, rows, ctx)?;
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "scored {} tokens in {secs:.1}s ({:.0} tok/s)",
+                rows * ctx,
+                (rows * ctx) as f64 / secs
+            );
+            let mut so = std::io::stdout().lock();
+            if json {
+                let v = serde_json::json!({
+                    "nll": nll, "ppl": nll.exp(), "rows": rows, "ctx": ctx,
+                    "predictions": rows * (ctx - 1), "data": data.display().to_string(),
+                });
+                writeln!(so, "{v}")?;
+            } else {
+                writeln!(so, "nll={nll:.6} ppl={:.4}", nll.exp())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prompt, then `n` argmax steps (ties to the lower id) through the KV cache.
+fn greedy(m: &mut dyn Model, ids: &[u32], n: usize) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return Ok(out);
+    }
+    let mut logits = m.forward(ids, false)?;
+    loop {
+        let t = argmax(&logits);
+        out.push(t);
+        if out.len() == n {
+            return Ok(out);
+        }
+        logits = m.forward(&[t], false)?;
+    }
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The tokenizer file next to a checkpoint.
+fn tokenizer_path(model: &Path) -> Result<PathBuf> {
+    let dir = if model.is_dir() {
+        model.to_path_buf()
+    } else {
+        model.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let p = dir.join("tokenizer.json");
+    if !p.is_file() {
+        bail!(
+            "{}: no tokenizer.json next to the model (needed to tokenize --data)",
+            dir.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The first `count` tokens of `data` under the shared/README.md protocol.
+fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> {
+    let tp = tokenizer_path(model)?;
+    let tok = tokenizers::Tokenizer::from_file(&tp)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?;
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let mut ids = Vec::with_capacity(count + 1024);
+    for piece in text.split("\n<|endoftext|>\n").filter(|p| !p.is_empty()) {
+        let enc = tok
+            .encode(piece, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", data.display()))?;
+        ids.extend_from_slice(enc.get_ids());
+        ids.push(0);
+        if ids.len() >= count {
+            break;
+        }
+    }
+    if ids.len() < count {
+        bail!(
+            "{}: only {} tokens, need {count} (rows * ctx)",
+            data.display(),
+            ids.len()
+        );
+    }
+    ids.truncate(count);
+    Ok(ids)
+}
+
+/// Mean NLL (nats) over `rows` rows of `ctx` tokens, each from an empty cache.
+fn mean_nll(m: &mut dyn Model, tokens: &[u32], rows: usize, ctx: usize) -> Result<f64> {
+    let vocab = m.info().vocab_size;
+    let mut total = 0.0f64;
+    for row in tokens.chunks_exact(ctx).take(rows) {
+        m.reset();
+        let logits = m.forward(row, true)?;
+        for (i, &next) in row.iter().enumerate().skip(1) {
+            let l = &logits[(i - 1) * vocab..i * vocab];
+            let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln() + mx;
+            total += lse - l[next as usize] as f64;
+        }
+    }
+    Ok(total / (rows * (ctx - 1)) as f64)
+}
+
+/// Writes a little-endian float32 C-order `.npy` (format 1.0), atomically.
+fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_s = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut buf = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    buf.extend_from_slice(b"\x93NUMPY\x01\x00");
+    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    buf.extend_from_slice(header.as_bytes());
+    for v in data {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out.npy".into());
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
