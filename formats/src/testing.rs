@@ -171,3 +171,45 @@ pub fn fix_checksums(bytes: &mut [u8]) {
     let c = crate::pack::header::header_checksum(&h);
     bytes[120..128].copy_from_slice(&c.to_le_bytes());
 }
+
+/// The smallest pack that still has every feature (each codec, a merged
+/// expert, an affine and a raw tensor): ~25 KiB, a good fuzzing seed.
+pub fn write_micro_pack(path: &Path) -> Result<PackSummary, FormatError> {
+    let meta = PackMeta {
+        tokenizer_json: "{}".into(),
+        ..PackMeta::default()
+    };
+    let mut w = PackWriter::create(path, meta, 4096)?;
+    let (p, s, b) = affine_bytes(2, 32, 3, 32, 1);
+    w.add_tensor(
+        "a",
+        Scheme::affine(3, 32).expect("valid"),
+        &[2, 32],
+        &[&p, &s, &b],
+    )?;
+    let n = bf16_bytes(8, 2);
+    w.add_tensor("b", Scheme::Bf16, &[8], &[&n])?;
+    for (e, codec) in [Codec::Huffman, Codec::Zstd, Codec::None]
+        .into_iter()
+        .enumerate()
+    {
+        let g = affine_bytes(4, 64, 6, 64, 3 + e as u64);
+        let parts = [
+            PartData {
+                name: "gate_proj".into(),
+                scheme: Scheme::affine(6, 64).expect("valid"),
+                shape: vec![4, 64],
+                bytes: vec![&g.0, &g.1, &g.2],
+            },
+            PartData {
+                name: "down_proj".into(),
+                scheme: Scheme::Bf16,
+                shape: vec![8],
+                bytes: vec![&n],
+            },
+        ];
+        w.add_expert(0, e as u32, codec, &parts)?;
+    }
+    w.add_merged_expert(0, 3, 1)?;
+    w.finish()
+}
