@@ -21,14 +21,29 @@ use mfx_runtime::kernels::{self, scalar::Scalar, Backend, MatRef, Tier};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// SIMD vs scalar reference: reassociation of <= 640-term f32 sums.
-const TIER_VS_SCALAR: f64 = 2e-6;
-/// Any tier vs a float64 product of the same (dequantized) weights.
-const VS_DEQUANT: f64 = 2e-6;
+/// SIMD vs scalar reference, and any tier vs a float64 product of the same
+/// (dequantized) weights: reassociation of <= 640-term f32 sums; measured
+/// worst 2.6e-7 (scalar bf16), 9e-8 (AVX2).
+const F32_BUDGET: f64 = 1e-6;
+/// The same for products that quantize x to int8 per 32-block (the AVX2
+/// default for 2/4-bit weights): each x is off by at most half a step,
+/// `absmax / 254`, a random walk over the row; measured worst over these
+/// tests 2.6e-3 (q4) and 2.3e-3 (q2).
+const INT8X_BUDGET: f64 = 5e-3;
+
+/// The error budget for one backend on one scheme.
+fn tier_budget(b: &dyn Backend, w: &MatRef<'_>) -> f64 {
+    match w {
+        MatRef::Affine(a) if b.name() == "avx2" && matches!(a.bits, 2 | 4) => INT8X_BUDGET,
+        _ => F32_BUDGET,
+    }
+}
+
 /// Relative RMS error of a quantized product against the unquantized f32
-/// weights, uniform [-1, 1) weights and activations. Half a step of rounding
-/// error per weight is `range / (2^bits - 1) / sqrt(12)` rms; these budgets
-/// sit ~1.5x above what group size 128 (the worst) measures.
+/// weights, uniform [-1, 1) weights and activations (rounding costs about
+/// `step / sqrt(12)` rms per weight, `step = range / (2^bits - 1)`). Measured
+/// on AVX2, worst of group sizes 32/64/128: q2 0.339, q3 0.146, q4 0.064,
+/// q6 0.015, q8 0.0036; the budgets sit 1.3-1.7x above.
 fn quant_budget(bits: u8) -> f64 {
     match bits {
         2 => 0.45,
@@ -130,31 +145,40 @@ fn run(b: &dyn Backend, w: &MatRef<'_>, x: &[f32], n: usize) -> Vec<f32> {
 fn check_all_tiers(weights: &Weights, rows: usize, cols: usize, rng: &mut ChaCha8Rng) {
     let w = weights.view(rows, cols);
     let deq = weights.dequantized();
+    let verbose = std::env::var_os("MFX_KERNELS_TEST_VERBOSE").is_some();
     for n in [1usize, 3, 8, 17] {
         let x = rand_vec(rng, n * cols);
         let (yref, mag) = dense_ref(&deq, rows, cols, &x, n);
         let ys = run(&Scalar, &w, &x, n);
         let e = max_scaled_err(&ys, &yref, &mag);
         assert!(
-            e <= VS_DEQUANT,
+            e <= F32_BUDGET,
             "scalar {} {rows}x{cols} n={n}: error vs dequantized {e:e}",
             weights.name()
         );
         let ys64: Vec<f64> = ys.iter().map(|v| *v as f64).collect();
         for tier in kernels::available() {
+            let budget = tier_budget(tier, &w);
             let y = run(tier, &w, &x, n);
             let e = max_scaled_err(&y, &yref, &mag);
+            if verbose {
+                eprintln!(
+                    "err {} {} {rows}x{cols} n={n}: {e:e}",
+                    tier.name(),
+                    weights.name()
+                );
+            }
             assert!(
-                e <= VS_DEQUANT,
-                "{:?} {} {rows}x{cols} n={n}: error vs dequantized {e:e} > {VS_DEQUANT:e}",
-                tier.tier(),
+                e <= budget,
+                "{} {} {rows}x{cols} n={n}: error vs dequantized {e:e} > {budget:e}",
+                tier.name(),
                 weights.name()
             );
             let e = max_scaled_err(&y, &ys64, &mag);
             assert!(
-                e <= TIER_VS_SCALAR,
-                "{:?} {} {rows}x{cols} n={n}: error vs scalar {e:e} > {TIER_VS_SCALAR:e}",
-                tier.tier(),
+                e <= budget,
+                "{} {} {rows}x{cols} n={n}: error vs scalar {e:e} > {budget:e}",
+                tier.name(),
                 weights.name()
             );
         }
@@ -241,7 +265,7 @@ fn quantization_error_budget_per_bit_width() {
                 assert!(
                     err <= quant_budget(bits),
                     "{:?} q{bits}g{gs}: relative rms error {err:.4} > budget {}",
-                    tier.tier(),
+                    tier.name(),
                     quant_budget(bits)
                 );
                 // Quantization must cost something: a kernel that ignored the
@@ -331,7 +355,7 @@ fn dot_and_axpy_all_tiers() {
             assert!(
                 (d - exact).abs() / mag <= 1e-6,
                 "{:?} dot len={len}: {d} vs {exact}",
-                tier.tier()
+                tier.name()
             );
             let mut y = b.clone();
             tier.axpy(0.75, &a, &mut y);
@@ -341,7 +365,7 @@ fn dot_and_axpy_all_tiers() {
                 assert!(
                     (*yk as f64 - e).abs() <= 2.0 * f32::EPSILON as f64 * (e.abs() + 1.0),
                     "{:?} axpy[{k}]",
-                    tier.tier()
+                    tier.name()
                 );
             }
         }
@@ -387,7 +411,7 @@ fn conversions_match_half_bit_for_bit() {
                 v.to_bits(),
                 f16::from_f32(*s).to_bits(),
                 "{:?} f32->f16 of {s:e}",
-                tier.tier()
+                tier.name()
             );
         }
         let mut b = vec![bf16::ZERO; src.len()];
@@ -397,7 +421,7 @@ fn conversions_match_half_bit_for_bit() {
                 v.to_bits(),
                 bf16::from_f32(*s).to_bits(),
                 "{:?} f32->bf16 of {s:e} ({:#x})",
-                tier.tier(),
+                tier.name(),
                 s.to_bits()
             );
         }
@@ -408,7 +432,7 @@ fn conversions_match_half_bit_for_bit() {
                 r.to_bits(),
                 v.to_f32().to_bits(),
                 "{:?} f16->f32 of {:#x}",
-                tier.tier(),
+                tier.name(),
                 v.to_bits()
             );
         }
@@ -418,7 +442,7 @@ fn conversions_match_half_bit_for_bit() {
                 r.to_bits(),
                 v.to_f32().to_bits(),
                 "{:?} bf16->f32 of {:#x}",
-                tier.tier(),
+                tier.name(),
                 v.to_bits()
             );
         }

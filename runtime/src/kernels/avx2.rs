@@ -38,28 +38,46 @@ const NB: usize = 8;
 
 /// Marker that AVX2, FMA and F16C were detected; see the module docs.
 pub struct Avx2 {
-    _private: (),
+    /// Quantize x to int8 per 32-block for the 2- and 4-bit products (the
+    /// default; see the module docs). `false` keeps x in f32 everywhere.
+    int8_x: bool,
 }
 
-static AVX2: Avx2 = Avx2 { _private: () };
+static AVX2: Avx2 = Avx2 { int8_x: true };
+static AVX2_F32X: Avx2 = Avx2 { int8_x: false };
 
 impl Avx2 {
-    /// The AVX2 backend if this CPU supports AVX2, FMA and F16C.
-    pub fn detect() -> Option<&'static Avx2> {
-        if is_x86_feature_detected!("avx2")
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
-        {
-            Some(&AVX2)
-        } else {
-            None
-        }
+    }
+
+    /// The AVX2 backend if this CPU supports AVX2, FMA and F16C.
+    pub fn detect() -> Option<&'static Avx2> {
+        Self::supported().then_some(&AVX2)
+    }
+
+    /// The same tier with f32 activations in every product (`MFX_KERNELS=avx2-f32x`):
+    /// slower for 2/4-bit weights, but within f32 reassociation error of the
+    /// scalar reference, for ruling out activation quantization when
+    /// chasing a numerical difference.
+    pub fn detect_f32x() -> Option<&'static Avx2> {
+        Self::supported().then_some(&AVX2_F32X)
     }
 }
 
 impl Backend for Avx2 {
     fn tier(&self) -> Tier {
         Tier::Avx2
+    }
+
+    fn name(&self) -> &'static str {
+        if self.int8_x {
+            "avx2"
+        } else {
+            "avx2-f32x"
+        }
     }
 
     fn matmul(&self, w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]) {
@@ -70,6 +88,8 @@ impl Backend for Avx2 {
             MatRef::Bf16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
             MatRef::F16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
             MatRef::Affine(a) => match a.bits {
+                2 if self.int8_x => int8x_matmul::<Q2i8>(a, x, n, out),
+                4 if self.int8_x => int8x_matmul::<Q4i8>(a, x, n, out),
                 2 => affine_matmul::<Q2>(a, x, n, out),
                 3 => affine_matmul::<Q3>(a, x, n, out),
                 4 => affine_matmul::<Q4>(a, x, n, out),
@@ -721,4 +741,237 @@ unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
     for j in i..n {
         dst[j] = bf16::from_f32(src[j]);
     }
+}
+
+// ---------------------------------------------------------------- int8 activations (2/4-bit)
+//
+// For 2- and 4-bit weights the f32 path is compute bound (decode + convert +
+// two FMAs per 8 weights). As llama.cpp does, x is instead quantized once per
+// call to int8 with one f32 scale per 32-block, and each block's dot is
+// `vpmaddubsw` (unsigned codes x signed x, pairwise i16) + `vpmaddwd` (to
+// i32) + one convert + one FMA with `scale_w * scale_x`. The bias term uses
+// the identity `sum((s q + b) x) = s sum(q x) + b sum(x)` with the exact f32
+// `sum(x)` per group. Codes are at most 15, so `15 * 127 * 2` cannot
+// saturate the i16 pairs. The extra error is x's rounding, at most half an
+// int8 step of the block's absmax per element: about 2e-3 of `sum |w x|`,
+// an order of magnitude under 4-bit weight rounding (see the budgets in
+// `tests/kernels.rs`). 8-bit codes would saturate `vpmaddubsw`, and 3/6-bit
+// are rarer, so those stay on the f32 path.
+
+/// A decoder for the integer path: one 32-byte vector of codes per block.
+trait DecodeI8 {
+    const BITS: usize;
+    /// Lane `L` of a decoded block holds element `PERM[L]`.
+    const PERM: [u8; 32];
+    /// Blocks `p` and `p + 4 * BITS` bytes (reads exactly those 8 * BITS bytes).
+    /// # Safety: bytes readable; AVX2 available.
+    unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i);
+    /// One block (reads exactly 4 * BITS bytes). # Safety: as above.
+    unsafe fn decode_one(p: *const u8) -> __m256i;
+}
+
+struct Q4i8;
+impl DecodeI8 for Q4i8 {
+    const BITS: usize = 4;
+    // Low nibbles (even elements) in lanes 0..16, high nibbles (odd) in 16..32.
+    const PERM: [u8; 32] = split_perm(4);
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
+        unsafe { (Self::decode_one(p), Self::decode_one(p.add(16))) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_one(p: *const u8) -> __m256i {
+        let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let m = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+    }
+}
+
+struct Q2i8;
+impl DecodeI8 for Q2i8 {
+    const BITS: usize = 2;
+    // Per block: field 0 (elements 4j), field 2 (4j+2), field 1 (4j+1), field 3 (4j+3).
+    const PERM: [u8; 32] = q2i8_perm();
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
+        let (a, b) = unsafe { q2_fields(_mm_loadu_si128(p as *const __m128i)) };
+        (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_one(p: *const u8) -> __m256i {
+        let (a, b) = unsafe { q2_fields(_mm_loadl_epi64(p as *const __m128i)) };
+        _mm256_unpacklo_epi64(a, b)
+    }
+}
+
+/// For 16 bytes (two 2-bit blocks) broadcast to both halves: `a` holds field
+/// 0 (low half) and field 1 (high half) of every byte, `b` fields 2 and 3.
+/// Shifting 32-bit words is fine: bits pulled in from the next byte land
+/// above bit 1 and are masked off.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_fields(v: __m128i) -> (__m256i, __m256i) {
+    let bc = _mm256_broadcastsi128_si256(v);
+    let m = _mm256_set1_epi8(3);
+    let a = _mm256_and_si256(
+        _mm256_srlv_epi32(bc, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)),
+        m,
+    );
+    let b = _mm256_and_si256(
+        _mm256_srlv_epi32(bc, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)),
+        m,
+    );
+    (a, b)
+}
+
+const fn q2i8_perm() -> [u8; 32] {
+    const FIELD_OF_QUARTER: [usize; 4] = [0, 2, 1, 3];
+    let mut p = [0u8; 32];
+    let mut l = 0;
+    while l < 32 {
+        p[l] = (4 * (l % 8) + FIELD_OF_QUARTER[l / 8]) as u8;
+        l += 1;
+    }
+    p
+}
+
+/// x quantized for the integer path, laid out for one decoder.
+struct XInt8 {
+    /// `n * cols` codes, each 32-block in the decoder's lane order.
+    q: Vec<i8>,
+    /// `n * cols / 32` block scales (`x ~= d * q`).
+    d: Vec<f32>,
+    /// `n * cols / group_size` exact f32 sums of x per weight group.
+    sum: Vec<f32>,
+}
+
+fn quantize_x(x: &[f32], cols: usize, group_size: usize, perm: &[u8; 32]) -> XInt8 {
+    let mut q = vec![0i8; x.len()];
+    let mut d = Vec::with_capacity(x.len() / 32);
+    for (src, dst) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
+        let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, &p) in dst.iter_mut().zip(perm) {
+            *o = (src[p as usize] * inv).round() as i8;
+        }
+        d.push(amax / 127.0);
+    }
+    let sum = x.chunks_exact(group_size).map(|g| g.iter().sum()).collect();
+    debug_assert_eq!(x.len() % cols, 0);
+    XInt8 { q, d, sum }
+}
+
+fn int8x_matmul<D: DecodeI8>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out) {
+    let xq = quantize_x(x, a.cols, a.group_size, &D::PERM);
+    let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
+    for_row_chunks(a.rows, row_bytes, n, |range| {
+        let mut i0 = 0;
+        while i0 < n {
+            let nb = (n - i0).min(NB);
+            // SAFETY: features detected; check_matmul verified every buffer
+            // length; xq was built from x (n * cols); rows belong to this task.
+            unsafe { with_nb!(nb, int8x_rows::<D>(a, &xq, i0, range.clone(), out)) };
+            i0 += nb;
+        }
+    });
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
+    a: &AffineMatrix<'_>,
+    xq: &XInt8,
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+) {
+    let rb = a.row_bytes();
+    let gpr = a.groups_per_row();
+    let nblk = a.cols / 32;
+    for r in rows {
+        let res = unsafe {
+            int8x_dot::<D, N>(
+                a.packed.as_ptr().add(r * rb),
+                a.scales.as_ptr().add(r * gpr),
+                a.biases.as_ptr().add(r * gpr),
+                a.cols,
+                a.group_size,
+                xq.q.as_ptr().add(i0 * a.cols),
+                xq.d.as_ptr().add(i0 * nblk),
+                xq.sum.as_ptr().add(i0 * gpr),
+            )
+        };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
+    row: *const u8,
+    scales: *const bf16,
+    biases: *const bf16,
+    cols: usize,
+    group_size: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xsum: *const f32,
+) -> [f32; N] {
+    let nblk = cols / 32;
+    let gpr = cols / group_size;
+    let bpg = group_size / 32;
+    // Two FMA chains per input while they fit the registers.
+    let k1 = if N <= 4 { 1 } else { 0 };
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    let mut bias = [0.0f32; N];
+    for g in 0..gpr {
+        let b = unsafe { (*biases.add(g)).to_f32() };
+        for (i, bi) in bias.iter_mut().enumerate() {
+            *bi += b * unsafe { *xsum.add(i * gpr + g) };
+        }
+    }
+    let block_dot = |c: __m256i, x: *const i8| {
+        // SAFETY: x points at 32 codes inside xq; features as the caller's.
+        let xv = unsafe { _mm256_loadu_si256(x as *const __m256i) };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
+    };
+    let mut blk = 0;
+    unsafe {
+        while blk + 2 <= nblk {
+            let (c0, c1) = D::decode_pair(row.add(blk * 4 * D::BITS));
+            let s0 = (*scales.add(blk / bpg)).to_f32();
+            let s1 = (*scales.add((blk + 1) / bpg)).to_f32();
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = xq.add(i * cols + blk * 32);
+                let d = xd.add(i * nblk + blk);
+                a[0] = _mm256_fmadd_ps(block_dot(c0, xi), _mm256_set1_ps(s0 * *d), a[0]);
+                a[k1] = _mm256_fmadd_ps(
+                    block_dot(c1, xi.add(32)),
+                    _mm256_set1_ps(s1 * *d.add(1)),
+                    a[k1],
+                );
+            }
+            blk += 2;
+        }
+        if blk < nblk {
+            let c = D::decode_one(row.add(blk * 4 * D::BITS));
+            let s = (*scales.add(blk / bpg)).to_f32();
+            for (i, a) in acc.iter_mut().enumerate() {
+                let p = block_dot(c, xq.add(i * cols + blk * 32));
+                a[0] = _mm256_fmadd_ps(p, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
+            }
+        }
+    }
+    let mut res = [0.0f32; N];
+    for ((r, a), b) in res.iter_mut().zip(&acc).zip(bias) {
+        *r = unsafe { hsum(_mm256_add_ps(a[0], a[1])) } + b;
+    }
+    res
 }

@@ -33,22 +33,38 @@ use std::sync::OnceLock;
 /// A borrowed weight matrix in any storage scheme.
 #[derive(Debug, Clone, Copy)]
 pub enum MatRef<'a> {
-    F32 { rows: usize, cols: usize, data: &'a [f32] },
-    Bf16 { rows: usize, cols: usize, data: &'a [bf16] },
-    F16 { rows: usize, cols: usize, data: &'a [f16] },
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: &'a [f32],
+    },
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        data: &'a [bf16],
+    },
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: &'a [f16],
+    },
     Affine(AffineMatrix<'a>),
 }
 
 impl MatRef<'_> {
     pub fn rows(&self) -> usize {
         match self {
-            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::F16 { rows, .. } => *rows,
+            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::F16 { rows, .. } => {
+                *rows
+            }
             MatRef::Affine(a) => a.rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
-            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::F16 { cols, .. } => *cols,
+            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::F16 { cols, .. } => {
+                *cols
+            }
             MatRef::Affine(a) => a.cols,
         }
     }
@@ -83,7 +99,9 @@ impl MatRef<'_> {
     /// Reference dequantization of row `r` (slow path: embeddings lookup, tests).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match self {
-            MatRef::F32 { cols, data, .. } => out[..*cols].copy_from_slice(&data[r * cols..(r + 1) * cols]),
+            MatRef::F32 { cols, data, .. } => {
+                out[..*cols].copy_from_slice(&data[r * cols..(r + 1) * cols])
+            }
             MatRef::Bf16 { cols, data, .. } => {
                 for (o, v) in out.iter_mut().zip(&data[r * cols..(r + 1) * cols]) {
                     *o = v.to_f32();
@@ -122,6 +140,11 @@ impl Tier {
 /// [`scalar`] within float32 reassociation error.
 pub trait Backend: Send + Sync {
     fn tier(&self) -> Tier;
+    /// The `MFX_KERNELS` name of this backend; a tier may offer variants
+    /// (`avx2-f32x`: AVX2 with f32 activations in every product).
+    fn name(&self) -> &'static str {
+        self.tier().name()
+    }
     /// `y[n, rows] = x[n, cols] @ w^T`. Implementations parallelize over rows.
     ///
     /// Panics if the buffer lengths disagree with the shape (a caller bug,
@@ -155,7 +178,7 @@ pub fn backend() -> &'static dyn Backend {
     *BACKEND.get_or_init(|| {
         let forced = std::env::var("MFX_KERNELS").ok();
         let b = select(forced.as_deref());
-        tracing::debug!(tier = b.tier().name(), "kernel tier selected");
+        tracing::debug!(kernels = b.name(), "kernel tier selected");
         b
     })
 }
@@ -165,8 +188,9 @@ pub fn available() -> Vec<&'static dyn Backend> {
     #[allow(unused_mut)]
     let mut v: Vec<&'static dyn Backend> = vec![&scalar::Scalar];
     #[cfg(target_arch = "x86_64")]
-    if let Some(b) = avx2::Avx2::detect() {
-        v.push(b);
+    if let (Some(exact), Some(fast)) = (avx2::Avx2::detect_f32x(), avx2::Avx2::detect()) {
+        v.push(exact);
+        v.push(fast);
     }
     #[cfg(target_arch = "aarch64")]
     if let Some(b) = neon::Neon::detect() {
@@ -186,7 +210,7 @@ pub fn select(forced: Option<&str>) -> &'static dyn Backend {
         Some(s) if s.is_empty() || s == "auto" => return best,
         Some(s) => s,
     };
-    match avail.iter().find(|b| b.tier().name() == name) {
+    match avail.iter().find(|b| b.name() == name) {
         Some(b) => *b,
         None => {
             tracing::warn!(requested = %name, "MFX_KERNELS names a tier this CPU cannot run; using scalar");
@@ -336,7 +360,24 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// Shape checks shared by every tier's `matmul`.
 fn check_matmul(w: &MatRef<'_>, x: &[f32], n: usize, y: &[f32]) {
-    assert!(w.is_consistent(), "matmul: weight buffers do not match the {}x{} shape", w.rows(), w.cols());
-    assert_eq!(x.len(), n * w.cols(), "matmul: x holds {} values, expected n={n} x cols={}", x.len(), w.cols());
-    assert_eq!(y.len(), n * w.rows(), "matmul: y holds {} values, expected n={n} x rows={}", y.len(), w.rows());
+    assert!(
+        w.is_consistent(),
+        "matmul: weight buffers do not match the {}x{} shape",
+        w.rows(),
+        w.cols()
+    );
+    assert_eq!(
+        x.len(),
+        n * w.cols(),
+        "matmul: x holds {} values, expected n={n} x cols={}",
+        x.len(),
+        w.cols()
+    );
+    assert_eq!(
+        y.len(),
+        n * w.rows(),
+        "matmul: y holds {} values, expected n={n} x rows={}",
+        y.len(),
+        w.rows()
+    );
 }
