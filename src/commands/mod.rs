@@ -3,6 +3,8 @@
 //! to [`dispatch`] for a new subcommand; keep the logic in the libraries.
 
 pub mod eval;
+pub mod inspect;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -17,10 +19,16 @@ pub struct Cli {
 pub enum Command {
     /// Compare against references: logits (.npy), greedy tokens, perplexity.
     Eval(eval::Args),
+    /// Describe a pack: header, sizes, tensor and expert tables, precision mix, pinning.
+    Inspect(inspect::Args),
+    /// Check every checksum of a pack; exits 1 naming the first bad tensor or expert.
+    Verify(verify::Args),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Verify(a) => verify::run(a),
     }
 }
