@@ -1,1 +1,44 @@
-//! placeholder
+//! The offline mfx pipeline (`mfx prep`): routing profile, pinning, expert
+//! merging, mixed precision, entropy coding and pack writing. Each stage is
+//! one module with its own tests; `pipeline::run` strings them together.
+
+pub mod calib;
+pub mod checkpoint;
+pub mod config;
+pub mod entropy;
+pub mod error;
+pub mod forward;
+pub mod merge;
+pub mod pin;
+pub mod pipeline;
+pub mod plan;
+pub mod quantize;
+pub mod ram;
+pub mod report;
+pub mod routing;
+
+pub use error::{PrepError, Result};
+pub use pipeline::{run, Options, Outcome};
+pub use plan::{plan, Plan, PlanInput};
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` via a temp file in the same directory and a
+/// rename, so a reader never sees a half-written file and a failure leaves
+/// nothing behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let werr = |e: std::io::Error| PrepError::Write {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
+    tmp.write_all(bytes).map_err(werr)?;
+    tmp.as_file().sync_all().map_err(werr)?;
+    tmp.persist(path).map_err(|e| werr(e.error))?;
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! One error type for the whole pipeline; every variant names the file,
+//! tensor or option at fault and what was expected.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepError {
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    BadFile { path: PathBuf, msg: String },
+    #[error("config.json of {model}: {msg}")]
+    Config { model: PathBuf, msg: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tensor {name}: {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("bad --ram value {value:?}: {msg}")]
+    BadRam { value: String, msg: String },
+    #[error("{0}")]
+    Budget(String),
+    #[error("bad option: {0}")]
+    Option(String),
+    #[error(transparent)]
+    Profile(#[from] mfx_formats::profile::ProfileError),
+    #[error(transparent)]
+    Quant(#[from] mfx_formats::quant::QuantError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("merge: {0}")]
+    Merge(String),
+    #[error("pack: {0}")]
+    Pack(String),
+}
+
+pub type Result<T, E = PrepError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> PrepError {
+    let path = path.into();
+    move |source| PrepError::Io { path, source }
+}

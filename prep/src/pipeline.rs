@@ -1,0 +1,673 @@
+//! The whole `mfx prep` run: resolve -> profile -> (merge) -> plan -> write
+//! one pack per `--ram` budget, each with a report and a model card.
+
+use crate::calib::{self, Tok};
+use crate::checkpoint::{resolve_model, Checkpoint};
+use crate::entropy::{code_entropy, Measure};
+use crate::error::{PrepError, Result};
+use crate::forward;
+use crate::merge::{self, MergeOutcome};
+use crate::pin::pin_by_mass;
+use crate::plan::{self, LayerUse, Plan, PlanInput};
+use crate::quantize::{self, DenseTensor, Stored};
+use crate::ram::human;
+use crate::report::{self, CodecStats, PackReport};
+use crate::routing::{self, LayerStats};
+use mfx_formats::codec::Codec;
+use mfx_formats::pack::{PackMeta, PackWriter, PartData};
+use mfx_formats::profile::{PinRule, Profile, PROFILE_SCHEMA, PROFILE_VERSION};
+use mfx_formats::quant::{Scheme, AFFINE_BITS};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub model: String,
+    /// `(label as typed, bytes)` per budget.
+    pub rams: Vec<(String, u64)>,
+    /// Output path; with several budgets it must contain `{ram}`.
+    pub output: String,
+    pub calib: Vec<PathBuf>,
+    pub calib_rows: usize,
+    pub calib_seq: usize,
+    pub profile: Option<PathBuf>,
+    pub save_profile: Option<PathBuf>,
+    pub pin_mass: f64,
+    pub hot_bits: u8,
+    pub cold_bits: u8,
+    pub dense_bits: u8,
+    pub group_size: u32,
+    pub hot_fraction: Option<f64>,
+    pub merge: bool,
+    pub merge_max_nll: f64,
+    pub min_codec_saving: f64,
+    pub report: Option<PathBuf>,
+    pub model_card: bool,
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            rams: Vec::new(),
+            output: String::new(),
+            calib: Vec::new(),
+            calib_rows: 16,
+            calib_seq: 512,
+            profile: None,
+            save_profile: None,
+            pin_mass: 0.8,
+            hot_bits: 4,
+            cold_bits: 2,
+            dense_bits: 8,
+            group_size: 64,
+            hot_fraction: None,
+            merge: false,
+            merge_max_nll: 0.02,
+            min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
+            report: None,
+            model_card: true,
+            progress: false,
+        }
+    }
+}
+
+/// What one run produced.
+pub struct Outcome {
+    pub profile: Profile,
+    pub packs: Vec<PackReport>,
+    pub calib_nll: Option<f64>,
+    pub merge: Option<MergeOutcome>,
+}
+
+fn check_options(o: &Options) -> Result<()> {
+    for (flag, b) in [("--hot-bits", o.hot_bits), ("--cold-bits", o.cold_bits)] {
+        if !AFFINE_BITS.contains(&b) {
+            return Err(PrepError::Option(format!(
+                "{flag} {b}: expected one of 2, 3, 4, 6, 8"
+            )));
+        }
+    }
+    if !quantize::DENSE_BITS.contains(&o.dense_bits) {
+        return Err(PrepError::Option(format!(
+            "--dense-bits {}: dense weights are stored at 8 or 4 bits, never lower",
+            o.dense_bits
+        )));
+    }
+    if o.cold_bits > o.hot_bits {
+        return Err(PrepError::Option(format!(
+            "--cold-bits {} is above --hot-bits {}",
+            o.cold_bits, o.hot_bits
+        )));
+    }
+    Scheme::affine(4, o.group_size)?;
+    if let Some(f) = o.hot_fraction {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(PrepError::Option(format!(
+                "--hot-fraction {f}: expected a fraction in [0, 1]"
+            )));
+        }
+    }
+    if !(0.0..=1.0).contains(&o.pin_mass) {
+        return Err(PrepError::Option(format!(
+            "--pin-mass {}: expected a fraction in [0, 1]",
+            o.pin_mass
+        )));
+    }
+    if o.rams.len() > 1 && !o.output.contains("{ram}") {
+        return Err(PrepError::Option(format!(
+            "several --ram budgets need an -o pattern with {{ram}}, e.g. model-{{ram}}.mfx (got {})",
+            o.output
+        )));
+    }
+    if o.calib_rows == 0 || o.calib_seq < 2 {
+        return Err(PrepError::Option(
+            "--calib-rows must be >= 1 and --calib-seq >= 2".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub fn output_path(pattern: &str, ram_label: &str) -> PathBuf {
+    PathBuf::from(pattern.replace("{ram}", ram_label))
+}
+
+/// Fails early (before hours of profiling) if an output cannot be created.
+fn check_writable(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(PrepError::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("directory {} does not exist", dir.display()),
+            ),
+        });
+    }
+    if path.is_dir() {
+        return Err(PrepError::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::Other, "is a directory"),
+        });
+    }
+    let probe = dir.join(format!(".mfx-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| PrepError::Write {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn read_opt(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// Builds the budget-independent profile from routing stats.
+pub fn build_profile(
+    ck: &Checkpoint,
+    stats: Vec<LayerStats>,
+    calibration: mfx_formats::profile::Calibration,
+    pin_mass: f64,
+) -> Profile {
+    let layers = stats
+        .into_iter()
+        .map(|s| {
+            let pinned = pin_by_mass(&s.gate_mass, &s.counts, pin_mass, 0);
+            s.into_profile(pinned)
+        })
+        .collect();
+    Profile {
+        schema: PROFILE_SCHEMA.into(),
+        version: PROFILE_VERSION,
+        model: ck.config.identity(),
+        calibration,
+        pin_rule: PinRule {
+            mass_threshold: pin_mass,
+            max_per_layer: 0,
+        },
+        layers,
+    }
+}
+
+pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
+    let t0 = Instant::now();
+    check_options(o)?;
+    let outputs: Vec<PathBuf> = o
+        .rams
+        .iter()
+        .map(|(l, _)| output_path(&o.output, l))
+        .collect();
+    for p in &outputs {
+        check_writable(p)?;
+    }
+    let dir = resolve_model(&o.model)?;
+    let ck = Checkpoint::open(&dir)?;
+    let c = ck.config.clone();
+    forward::check_supported(&c)?;
+    log(&format!(
+        "model {} ({}, {} layers, {} experts, top-{}), {} of safetensors",
+        dir.display(),
+        c.model_type,
+        c.layers,
+        c.experts,
+        c.top_k,
+        human(ck.input_bytes())
+    ));
+
+    // Sizes first: a budget that cannot work is refused before any profiling.
+    let dense = quantize::dense_tensors(&ck, o.dense_bits, o.group_size)?;
+    let dense_bytes: u64 = dense
+        .iter()
+        .map(quantize::dense_bytes)
+        .sum::<Result<u64>>()?;
+    let hot_bytes = quantize::expert_bytes(c.hidden, c.moe_inter, o.hot_bits, o.group_size)?;
+    let cold_bytes = quantize::expert_bytes(c.hidden, c.moe_inter, o.cold_bits, o.group_size)?;
+    let moe_layers = c.moe_layers();
+    for (label, ram) in &o.rams {
+        let min = plan::minimum_ram(dense_bytes, hot_bytes, c.top_k, moe_layers.len());
+        if *ram < min {
+            return Err(PrepError::Budget(format!(
+                "--ram {label} is too small for this model: dense weights alone take {} at --dense-bits {}, and the minimum budget \
+                 (dense + runtime reserve + one token's {} experts per layer at {} bits) is {}",
+                human(dense_bytes),
+                o.dense_bits,
+                c.top_k,
+                o.hot_bits,
+                human(min.div_ceil(1 << 20) << 20)
+            )));
+        }
+    }
+
+    // Stage 1/2: routing profile (or a reused one).
+    let mut calib_nll = None;
+    let mut calib_batch = None;
+    let profile = if let Some(p) = &o.profile {
+        let prof = Profile::load(p)?;
+        prof.check_model(&c.identity())?;
+        log(&format!(
+            "reusing profile {} ({} calibration tokens); skipping stage 1",
+            p.display(),
+            prof.calibration.tokens
+        ));
+        prof
+    } else {
+        let tok = Tok::load(
+            &dir,
+            c.raw
+                .get("eos_token_id")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32),
+        )?;
+        let texts = if o.calib.is_empty() {
+            calib::builtin_texts()
+        } else {
+            calib::read_texts(&o.calib)?
+        };
+        let batch = routing::tokenize(&tok, &texts, o.calib_rows, o.calib_seq)?;
+        log(&format!(
+            "stage 1: profiling routing over {} calibration tokens ({} rows x {})",
+            batch.ids.len(),
+            batch.rows,
+            batch.seq
+        ));
+        let t = Instant::now();
+        let bar = progress_bar(o.progress, c.layers as u64, "profile");
+        let (stats, nll) = routing::profile_checkpoint(&ck, &batch, o.merge, &|done, _| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        log(&format!("  profiled in {:.1}s", t.elapsed().as_secs_f64()));
+        calib_nll = nll;
+        let prof = build_profile(&ck, stats, batch.calibration.clone(), o.pin_mass);
+        calib_batch = Some(batch);
+        prof
+    };
+    if let Some(p) = &o.save_profile {
+        crate::write_atomic(p, prof_json(&profile).as_bytes())?;
+        log(&format!("profile written to {}", p.display()));
+    }
+
+    // Stage 3: merging (optional).
+    let merge_outcome = if o.merge {
+        let batch = match calib_batch.take() {
+            Some(b) => b,
+            None => {
+                let tok = Tok::load(&dir, None)?;
+                let texts = if o.calib.is_empty() {
+                    calib::builtin_texts()
+                } else {
+                    calib::read_texts(&o.calib)?
+                };
+                routing::tokenize(&tok, &texts, o.calib_rows, o.calib_seq)?
+            }
+        };
+        let m = merge::run(&ck, &profile, &batch, o.merge_max_nll, calib_nll, log)?;
+        Some(m)
+    } else {
+        None
+    };
+
+    // Stage 4-6: per budget.
+    let mut packs = Vec::new();
+    for ((label, ram), out) in o.rams.iter().zip(&outputs) {
+        let layers: Vec<LayerUse> = profile
+            .layers
+            .iter()
+            .map(|l| LayerUse {
+                layer: l.layer,
+                counts: &l.counts,
+                gate_mass: &l.gate_mass,
+            })
+            .collect();
+        let pl = plan::plan(&PlanInput {
+            ram: *ram,
+            dense_bytes,
+            hot_bytes,
+            cold_bytes,
+            top_k: c.top_k,
+            experts: c.experts,
+            layers,
+            hot_fraction: o.hot_fraction,
+            pin_mass: o.pin_mass,
+        })?;
+        log(&format!("--ram {label}: {}", pl.reason));
+        let t = Instant::now();
+        let rep = write_pack(
+            &ck,
+            &dir,
+            o,
+            &profile,
+            &pl,
+            &dense,
+            merge_outcome.as_ref(),
+            out,
+            label,
+        )?;
+        log(&format!(
+            "  wrote {} ({}) in {:.1}s: {:.2} bits/weight, {} pinned experts ({:.0}% of routed tokens), predicted hit rate {:.1}%",
+            out.display(),
+            human(rep.file_bytes),
+            t.elapsed().as_secs_f64(),
+            rep.bits_per_weight,
+            rep.pinned_experts,
+            rep.pinned_token_share * 100.0,
+            rep.predicted_hit_rate * 100.0
+        ));
+        packs.push(rep);
+    }
+    let outcome = Outcome {
+        profile,
+        packs,
+        calib_nll,
+        merge: merge_outcome,
+    };
+    let full = report::full_report(
+        &dir,
+        o,
+        &outcome,
+        t0.elapsed().as_secs_f64(),
+        ck.input_bytes(),
+    );
+    if let Some(r) = &o.report {
+        crate::write_atomic(r, full.as_bytes())?;
+    }
+    if o.model_card {
+        for (rep, out) in outcome.packs.iter().zip(&outputs) {
+            let path = report::write_model_card(out, &dir, &c, rep, &outcome)?;
+            log(&format!("  model card {}", path.display()));
+        }
+    }
+    Ok(outcome)
+}
+
+fn prof_json(p: &Profile) -> String {
+    p.to_json()
+}
+
+fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    if let Ok(s) =
+        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {elapsed}")
+    {
+        b.set_style(s.progress_chars("=> "));
+    }
+    b.set_prefix(what.to_string());
+    b
+}
+
+/// One expert, quantized and measured, ready to append.
+struct ExpertOut {
+    parts: [(Scheme, Vec<u64>, Stored); 3],
+    codec: Codec,
+    measure: Measure,
+    entropy_bits: f64,
+    bits: u8,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_pack(
+    ck: &Checkpoint,
+    dir: &Path,
+    o: &Options,
+    profile: &Profile,
+    pl: &Plan,
+    dense: &[DenseTensor],
+    merge: Option<&MergeOutcome>,
+    out: &Path,
+    ram_label: &str,
+) -> Result<PackReport> {
+    let c = &ck.config;
+    let pack_profile = pack_profile(profile, pl);
+    let generation: serde_json::Value = read_opt(&dir.join("generation_config.json"))
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    let chat_template = read_opt(&dir.join("chat_template.jinja")).or_else(|| {
+        read_opt(&dir.join("tokenizer_config.json"))
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            })
+    });
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer_json =
+        std::fs::read_to_string(&tok_path).map_err(crate::error::io_err(&tok_path))?;
+    let meta = PackMeta {
+        config: c.raw.clone(),
+        tokenizer_json,
+        chat_template,
+        generation,
+        pin_profile: serde_json::to_value(&pack_profile).ok(),
+        routing_summary: Some(report::routing_summary(profile)),
+        provenance: report::provenance(dir, o, ram_label, ck, pl),
+    };
+    let mut w =
+        PackWriter::create_default(out, meta).map_err(|e| PrepError::Pack(e.to_string()))?;
+    let mut stats = CodecStats::default();
+    let mut weights_total = 0u64;
+    let mut dense_stored = 0u64;
+    for t in dense {
+        let s = quantize::encode_dense(ck, t)?;
+        let parts = s.parts();
+        if let (Stored::Affine(a), Scheme::Affine { bits, .. }) = (&s, t.scheme) {
+            let raw: Vec<u8> = parts.concat();
+            stats.add_dense(&Measure::of(&raw), code_entropy(&a.packed, bits), bits);
+        }
+        w.add_tensor(&t.name, t.scheme, &t.shape, &parts)
+            .map_err(|e| PrepError::Pack(e.to_string()))?;
+        let n: u64 = t.shape.iter().product();
+        weights_total += n;
+        dense_stored += quantize::dense_bytes(t)?;
+    }
+    ck.release_pages();
+    let mut expert_stored = 0u64;
+    let mut expert_raw = 0u64;
+    let mut expert_weights = 0u64;
+    let mut bit_weighted = 0f64;
+    for lp in &pl.layers {
+        let l = lp.layer as usize;
+        let mut hot = vec![false; c.experts];
+        for &h in &lp.hot {
+            hot[h as usize] = true;
+        }
+        let map = merge.and_then(|m| m.layer_map(l));
+        let reps: Vec<usize> = (0..c.experts)
+            .filter(|&e| map.is_none_or(|m| m[e] as usize == e))
+            .collect();
+        let chunk = rayon::current_num_threads().max(1) * 4;
+        for group in reps.chunks(chunk) {
+            let outs: Vec<Result<(usize, ExpertOut)>> = group
+                .par_iter()
+                .map(|&e| {
+                    let bits = if hot[e] { o.hot_bits } else { o.cold_bits };
+                    let ew = match merge.and_then(|m| m.weights(l, e)) {
+                        Some(wts) => wts,
+                        None => forward::load_expert(ck, l, e)?,
+                    };
+                    encode_expert(&ew, bits, o.group_size, o.min_codec_saving, l, e).map(|x| (e, x))
+                })
+                .collect();
+            for r in outs {
+                let (e, x) = r?;
+                // Merged experts pointing at `e` come right after it in id order
+                // only if larger; the writer needs ascending ids, so add
+                // representatives and aliases in one sorted pass below.
+                let parts: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+                    .iter()
+                    .zip(&x.parts)
+                    .map(|(n, (scheme, shape, s))| PartData {
+                        name: n.to_string(),
+                        scheme: *scheme,
+                        shape: shape.clone(),
+                        bytes: s.parts(),
+                    })
+                    .collect();
+                let n_alias = map.map_or(0, |m| {
+                    m.iter()
+                        .enumerate()
+                        .filter(|(i, r)| **r as usize == e && *i != e)
+                        .count()
+                });
+                pending_add(&mut w, l as u32, e as u32, x.codec, &parts, map)?;
+                let per = x.measure.stored(x.codec);
+                expert_stored += per;
+                expert_raw += x.measure.raw;
+                let nweights = 3 * (c.hidden * c.moe_inter) as u64;
+                expert_weights += nweights * (1 + n_alias as u64);
+                bit_weighted += x.bits as f64 * nweights as f64 * (1 + n_alias) as f64;
+                stats.add_expert(&x.measure, x.codec, x.entropy_bits, x.bits);
+            }
+        }
+        ck.release_pages();
+    }
+    let summary = w.finish().map_err(|e| PrepError::Pack(e.to_string()))?;
+    weights_total += expert_weights;
+    let pinned: usize = pl.layers.iter().map(|l| l.pinned.len()).sum();
+    let share = pinned_share(profile, pl);
+    Ok(PackReport {
+        path: out.display().to_string(),
+        ram_label: ram_label.to_string(),
+        ram: pl.ram,
+        file_bytes: summary.file_length,
+        dense_bytes: dense_stored,
+        expert_raw_bytes: expert_raw,
+        expert_stored_bytes: expert_stored,
+        bits_per_weight: (summary.file_length as f64 * 8.0) / weights_total.max(1) as f64,
+        expert_code_bits: bit_weighted / expert_weights.max(1) as f64,
+        pinned_experts: pinned,
+        total_experts: pl.layers.len() * c.experts,
+        pinned_token_share: share,
+        predicted_hit_rate: pl.predicted_hit_rate,
+        hot_fraction: pl.hot_fraction,
+        plan: pl.clone(),
+        codecs: stats,
+    })
+}
+
+/// Adds expert `e` and, right after, nothing else: merged aliases are added
+/// by `add_aliases` in id order. The writer wants strictly ascending ids, so
+/// with merging we add each representative, then later aliases in order.
+fn pending_add(
+    w: &mut PackWriter,
+    l: u32,
+    e: u32,
+    codec: Codec,
+    parts: &[PartData],
+    map: Option<&[u32]>,
+) -> Result<()> {
+    // Aliases with a smaller id than their representative must be added
+    // before it; the merge stage guarantees the representative is the
+    // smallest id of its cluster, so aliases always come later. Add the
+    // aliases that fall between e and the next representative.
+    w.add_expert(l, e, codec, parts)
+        .map_err(|err| PrepError::Pack(err.to_string()))?;
+    if let Some(m) = map {
+        let mut a = e as usize + 1;
+        while a < m.len() && m[a] as usize != a {
+            w.add_merged_expert(l, a as u32, m[a])
+                .map_err(|err| PrepError::Pack(err.to_string()))?;
+            a += 1;
+        }
+    }
+    Ok(())
+}
+
+fn encode_expert(
+    ew: &forward::ExpertWeights,
+    bits: u8,
+    group: u32,
+    min_saving: f64,
+    l: usize,
+    e: usize,
+) -> Result<ExpertOut> {
+    let name = |p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}");
+    let mut parts = Vec::with_capacity(3);
+    let mut raw_parts: Vec<PartData> = Vec::new();
+    let _ = &mut raw_parts;
+    let mut ent = 0f64;
+    for (p, m) in [
+        ("gate_proj", &ew.gate),
+        ("up_proj", &ew.up),
+        ("down_proj", &ew.down),
+    ] {
+        let g = quantize::group_for(m.cols, group).ok_or_else(|| PrepError::Tensor {
+            name: name(p),
+            msg: format!("{} columns is not a multiple of 32", m.cols),
+        })?;
+        let scheme = Scheme::affine(bits, g)?;
+        let s = quantize::quantize_mat(m, scheme, &name(p))?;
+        if let Stored::Affine(a) = &s {
+            ent += code_entropy(&a.packed, bits) / 3.0;
+        }
+        parts.push((scheme, vec![m.rows as u64, m.cols as u64], s));
+    }
+    let pd: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .zip(&parts)
+        .map(|(n, (scheme, shape, s))| PartData {
+            name: n.to_string(),
+            scheme: *scheme,
+            shape: shape.clone(),
+            bytes: s.parts(),
+        })
+        .collect();
+    let (raw, _) = PackWriter::build_expert_blob(&format!("L{l} E{e}"), &pd)
+        .map_err(|err| PrepError::Pack(err.to_string()))?;
+    let measure = Measure::of(&raw);
+    let codec = measure.choose(min_saving);
+    let mut it = parts.into_iter();
+    let (a, b, cc) = match (it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => return Err(PrepError::Pack("expert parts".into())),
+    };
+    Ok(ExpertOut {
+        parts: [a, b, cc],
+        codec,
+        measure,
+        entropy_bits: ent,
+        bits,
+    })
+}
+
+/// The profile embedded in a pack: the measured counts with `pinned` set to
+/// what this budget actually pins.
+fn pack_profile(profile: &Profile, pl: &Plan) -> Profile {
+    let mut p = profile.clone();
+    for lp in &mut p.layers {
+        if let Some(x) = pl.layers.iter().find(|x| x.layer == lp.layer) {
+            lp.pinned = x.pinned.clone();
+        }
+    }
+    p.pin_rule.max_per_layer = pl
+        .layers
+        .iter()
+        .map(|l| l.pinned.len() as u32)
+        .max()
+        .unwrap_or(0);
+    p
+}
+
+fn pinned_share(profile: &Profile, pl: &Plan) -> f64 {
+    let (mut hit, mut tot) = (0u64, 0u64);
+    for lp in &pl.layers {
+        if let Some(l) = profile.layer(lp.layer) {
+            tot += l.counts.iter().sum::<u64>();
+            hit += lp.pinned.iter().map(|&e| l.counts[e as usize]).sum::<u64>();
+        }
+    }
+    if tot == 0 {
+        0.0
+    } else {
+        hit as f64 / tot as f64
+    }
+}

@@ -1,0 +1,326 @@
+//! Stage 4 (memory side): what fits in `--ram`. Splits the budget into
+//! dense weights, pinned experts and a working cache, picks each expert's bit
+//! width (hot or cold) by routing mass, and predicts the cache hit rate.
+//! `plan` is pure arithmetic on sizes and profile counts, so the runtime's
+//! cache planner can call it with the same inputs.
+
+use crate::error::{PrepError, Result};
+use crate::pin::{hit_rate, mass_order};
+use crate::ram::human;
+use serde::Serialize;
+
+/// Memory the runtime needs besides weights (KV cache, activations, I/O
+/// buffers, allocator slack): 1/16 of the budget, at least 64 MiB.
+pub fn runtime_reserve(ram: u64) -> u64 {
+    (ram / 16).max(64 << 20)
+}
+
+/// Working cache wanted beyond the pinned experts, in multiples of top_k per
+/// layer: 4x holds the current token's experts plus recent ones, so a token
+/// that reuses a neighbour's experts hits; 1x is the floor (one token's experts).
+pub const CACHE_TOPK_FACTOR: usize = 4;
+
+/// Routing mass that is always kept at hot bits when the hot set is chosen
+/// automatically, however small the budget: half of the traffic at full quality.
+pub const MIN_HOT_MASS: f64 = 0.5;
+
+/// Per-layer routing numbers the planner needs (from the profile).
+pub struct LayerUse<'a> {
+    pub layer: u32,
+    pub counts: &'a [u64],
+    pub gate_mass: &'a [f64],
+}
+
+pub struct PlanInput<'a> {
+    pub ram: u64,
+    pub dense_bytes: u64,
+    /// Bytes of one expert at hot / cold bits (all projections).
+    pub hot_bytes: u64,
+    pub cold_bytes: u64,
+    pub top_k: usize,
+    pub experts: usize,
+    pub layers: Vec<LayerUse<'a>>,
+    /// `--hot-fraction`: fraction of each layer's experts at hot bits.
+    pub hot_fraction: Option<f64>,
+    /// Pin experts in mass order until this share of the layer's mass.
+    pub pin_mass: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerPlan {
+    pub layer: u32,
+    /// Expert ids stored at hot bits (the rest are cold).
+    pub hot: Vec<u32>,
+    /// Expert ids kept resident by the runtime, descending mass.
+    pub pinned: Vec<u32>,
+    /// Cache slots for streamed experts.
+    pub cache_slots: usize,
+    pub predicted_hit_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub ram: u64,
+    pub reserve: u64,
+    pub dense_bytes: u64,
+    pub pinned_bytes: u64,
+    pub cache_bytes: u64,
+    pub minimum_ram: u64,
+    pub hot_fraction: f64,
+    pub all_resident: bool,
+    /// Token-weighted mean over layers.
+    pub predicted_hit_rate: f64,
+    pub layers: Vec<LayerPlan>,
+    /// One or two sentences on why this split was chosen.
+    pub reason: String,
+}
+
+/// The least `--ram` that can run the model: dense weights, the runtime
+/// reserve, and a cache holding one token's experts (top_k) per layer.
+pub fn minimum_ram(dense_bytes: u64, hot_bytes: u64, top_k: usize, moe_layers: usize) -> u64 {
+    let base = dense_bytes + moe_layers as u64 * top_k as u64 * hot_bytes;
+    // Solve ram >= base + reserve(ram): reserve is max(64 MiB, ram/16).
+    let a = base + (64 << 20);
+    let b = (base * 16).div_ceil(15);
+    a.max(b)
+}
+
+pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
+    let nl = inp.layers.len();
+    let e = inp.experts;
+    let min = minimum_ram(inp.dense_bytes, inp.hot_bytes, inp.top_k, nl);
+    if inp.ram < min {
+        return Err(PrepError::Budget(format!(
+            "--ram {} is too small: dense weights take {}, the runtime reserve {}, and a cache for one token's \
+             {} experts in each of {nl} MoE layers {}; the minimum is {} (try --dense-bits 4 or smaller --hot-bits)",
+            human(inp.ram),
+            human(inp.dense_bytes),
+            human(runtime_reserve(inp.ram)),
+            inp.top_k,
+            human(nl as u64 * inp.top_k as u64 * inp.hot_bytes),
+            human(min.div_ceil(1 << 20) << 20)
+        )));
+    }
+    let reserve = runtime_reserve(inp.ram);
+    let avail = inp.ram - reserve - inp.dense_bytes;
+    let everything_hot = nl as u64 * e as u64 * inp.hot_bytes;
+    let all_resident = inp.hot_fraction.is_none() && everything_hot <= avail;
+    // How many experts per layer fit resident at hot bits after the working cache.
+    let cache_want = (CACHE_TOPK_FACTOR * inp.top_k).min(e);
+    let per_layer = avail / nl.max(1) as u64;
+    let fit_hot = (per_layer / inp.hot_bytes.max(1)).saturating_sub(cache_want as u64) as usize;
+
+    let mut layers = Vec::with_capacity(nl);
+    let (mut pinned_bytes, mut cache_bytes) = (0u64, 0u64);
+    let (mut hit_num, mut hit_den) = (0f64, 0f64);
+    let mut hot_total = 0usize;
+    let mut reason = String::new();
+    for lu in &inp.layers {
+        let order = mass_order(lu.gate_mass, lu.counts);
+        let total_mass: f64 = lu.gate_mass.iter().sum();
+        let n_hot = match inp.hot_fraction {
+            Some(f) => ((f * e as f64).round() as usize).min(e),
+            None if all_resident => e,
+            None => {
+                let mut acc = 0.0;
+                let mut need = 0;
+                for &id in &order {
+                    if total_mass <= 0.0 || acc >= MIN_HOT_MASS * total_mass {
+                        break;
+                    }
+                    acc += lu.gate_mass[id as usize];
+                    need += 1;
+                }
+                fit_hot.min(e).max(need)
+            }
+        };
+        let hot: Vec<u32> = order[..n_hot].to_vec();
+        hot_total += n_hot;
+        let bytes_of = |rank: usize| {
+            if rank < n_hot {
+                inp.hot_bytes
+            } else {
+                inp.cold_bytes
+            }
+        };
+        // Cache slots are sized for the largest expert that may stream in.
+        let slot = if n_hot < e {
+            inp.cold_bytes
+                .max(if n_hot > 0 { inp.hot_bytes } else { 0 })
+        } else {
+            inp.hot_bytes
+        };
+        let min_cache = inp.top_k.min(e) as u64 * slot;
+        let want_cache = cache_want as u64 * slot;
+        // Pin in mass order while the working cache still fits; stop at pin_mass.
+        let mut used = 0u64;
+        let mut pinned = Vec::new();
+        let mut acc = 0.0;
+        for (rank, &id) in order.iter().enumerate() {
+            let reach = if all_resident { 1.0 } else { inp.pin_mass };
+            if total_mass > 0.0 && acc >= reach * total_mass && !all_resident {
+                break;
+            }
+            let b = bytes_of(rank);
+            let remaining_after = e - rank - 1;
+            let cache_need = if remaining_after == 0 {
+                0
+            } else {
+                want_cache
+                    .min(remaining_after as u64 * slot)
+                    .max(min_cache.min(remaining_after as u64 * slot))
+            };
+            if used + b + cache_need > per_layer {
+                break;
+            }
+            used += b;
+            acc += lu.gate_mass[id as usize];
+            pinned.push(id);
+        }
+        let rest = e - pinned.len();
+        let slots = if rest == 0 {
+            0
+        } else {
+            (((per_layer - used) / slot.max(1)) as usize)
+                .min(rest)
+                .max(inp.top_k.min(rest))
+        };
+        pinned_bytes += used;
+        cache_bytes += slots as u64 * slot;
+        let resident = pinned.len() + slots;
+        let hr = hit_rate(lu.counts, resident);
+        let toks: u64 = lu.counts.iter().sum();
+        hit_num += hr * toks as f64;
+        hit_den += toks as f64;
+        layers.push(LayerPlan {
+            layer: lu.layer,
+            hot,
+            pinned,
+            cache_slots: slots,
+            predicted_hit_rate: hr,
+        });
+    }
+    let hot_fraction = if nl == 0 || e == 0 {
+        1.0
+    } else {
+        hot_total as f64 / (nl * e) as f64
+    };
+    if let Some(f) = inp.hot_fraction {
+        reason.push_str(&format!("--hot-fraction {f} given: the {f} most-used experts of each layer by routing mass are at hot bits. "));
+    } else if all_resident {
+        reason.push_str(&format!(
+            "every expert fits in RAM at hot bits ({} of {} available after dense weights and reserve), so all are hot and pinned. ",
+            human(everything_hot),
+            human(avail)
+        ));
+    } else {
+        reason.push_str(&format!(
+            "not all experts fit at hot bits ({} needed, {} available): the experts that fit resident at hot bits beside a {}-slot cache per layer \
+             are hot, and at least those carrying {:.0}% of each layer's routing mass; the rest are cold and stream from disk. ",
+            human(everything_hot),
+            human(avail),
+            cache_want,
+            MIN_HOT_MASS * 100.0
+        ));
+    }
+    let hit = if hit_den > 0.0 {
+        hit_num / hit_den
+    } else {
+        0.0
+    };
+    Ok(Plan {
+        ram: inp.ram,
+        reserve,
+        dense_bytes: inp.dense_bytes,
+        pinned_bytes,
+        cache_bytes,
+        minimum_ram: min,
+        hot_fraction,
+        all_resident,
+        predicted_hit_rate: hit,
+        layers,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer<'a>(counts: &'a [u64], mass: &'a [f64]) -> LayerUse<'a> {
+        LayerUse {
+            layer: 0,
+            counts,
+            gate_mass: mass,
+        }
+    }
+
+    #[test]
+    fn too_small_names_the_minimum() {
+        let c = [10u64; 8];
+        let m = [1.0; 8];
+        let inp = PlanInput {
+            ram: 100 << 20,
+            dense_bytes: 90 << 20,
+            hot_bytes: 1 << 20,
+            cold_bytes: 1 << 19,
+            top_k: 2,
+            experts: 8,
+            layers: vec![layer(&c, &m)],
+            hot_fraction: None,
+            pin_mass: 0.9,
+        };
+        let e = plan(&inp).unwrap_err().to_string();
+        assert!(e.contains("minimum is") && e.contains("156.00 MiB"), "{e}");
+    }
+
+    #[test]
+    fn everything_fits_is_all_hot_and_pinned() {
+        let c = [5u64, 1, 0, 2];
+        let m = [5.0, 1.0, 0.0, 2.0];
+        let inp = PlanInput {
+            ram: 1 << 30,
+            dense_bytes: 1 << 20,
+            hot_bytes: 1 << 20,
+            cold_bytes: 1 << 19,
+            top_k: 2,
+            experts: 4,
+            layers: vec![layer(&c, &m)],
+            hot_fraction: None,
+            pin_mass: 0.5,
+        };
+        let p = plan(&inp).unwrap();
+        assert!(p.all_resident);
+        assert_eq!(p.layers[0].hot.len(), 4);
+        assert_eq!(p.layers[0].pinned, vec![0, 3, 1, 2]);
+        assert_eq!(p.predicted_hit_rate, 1.0);
+    }
+
+    #[test]
+    fn tight_budget_pins_the_heavy_experts_and_keeps_a_cache() {
+        // 16 experts, 1 MiB each hot; room for ~10 per layer after reserve.
+        let counts: Vec<u64> = (0..16).map(|i| 100 - i * 6).collect();
+        let mass: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+        let inp = PlanInput {
+            ram: (64 << 20) + (10 << 20) + (1 << 20),
+            dense_bytes: 1 << 20,
+            hot_bytes: 1 << 20,
+            cold_bytes: 1 << 19,
+            top_k: 2,
+            experts: 16,
+            layers: vec![layer(&counts, &mass)],
+            hot_fraction: Some(0.25),
+            pin_mass: 0.9,
+        };
+        let p = plan(&inp).unwrap();
+        let l = &p.layers[0];
+        assert_eq!(l.hot, vec![0, 1, 2, 3]);
+        assert!(l.cache_slots >= 2, "{l:?}");
+        assert_eq!(l.pinned[0], 0);
+        assert!(
+            p.dense_bytes + p.pinned_bytes + p.cache_bytes + p.reserve <= inp.ram,
+            "{p:?}"
+        );
+        assert!(p.predicted_hit_rate > 0.5 && p.predicted_hit_rate < 1.0);
+    }
+}
