@@ -13,3 +13,5 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use error::RuntimeError;
+pub mod server;
+pub mod toolcall;

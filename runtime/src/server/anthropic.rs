@@ -1,0 +1,468 @@
+//! Anthropic's `/v1/messages`.
+//!
+//! Requests map onto the same template messages as OpenAI's: `system` becomes
+//! a leading system message, `tool_use` blocks become assistant
+//! `tool_calls`, `tool_result` blocks become `tool` messages. The stream is
+//! Anthropic's event sequence: `message_start`, `ping`, then per content
+//! block `content_block_start` / `content_block_delta`s (`text_delta` or
+//! `input_json_delta`) / `content_block_stop`, then `message_delta` (with
+//! `stop_reason` and output usage) and `message_stop`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::backend::{ChatPrompt, Completion, Finish};
+use super::error::{parse_body, ApiError, Flavor};
+use super::openai::sse_response;
+use super::pipeline::{self, new_id, Out, PromptSource, SamplingRequest};
+use super::AppState;
+
+const F: Flavor = Flavor::Anthropic;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Blocks(Vec<Block>),
+}
+
+/// A content block; only the fields the server uses are read.
+#[derive(Deserialize)]
+pub struct Block {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub input: Option<Value>,
+    #[serde(default)]
+    pub tool_use_id: Option<String>,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub is_error: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Content,
+}
+
+#[derive(Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub input_schema: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct MessagesRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub system: Option<Content>,
+    /// Required by Anthropic's API; the SDKs always send it.
+    pub max_tokens: i64,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub stop_sequences: Option<Vec<String>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+/// Text of a string or of a list of blocks (non-text blocks refused).
+fn plain_text(c: Content, at: &str) -> Result<String, ApiError> {
+    match c {
+        Content::Text(s) => Ok(s),
+        Content::Blocks(blocks) => {
+            let mut out = String::new();
+            for (j, b) in blocks.into_iter().enumerate() {
+                match (b.kind.as_str(), b.text) {
+                    ("text", Some(t)) => out.push_str(&t),
+                    (kind, _) => {
+                        return Err(ApiError::bad_request(
+                            F,
+                            format!("{at}[{j}]: blocks of type `{kind}` are not supported here; send `text` blocks"),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Anthropic messages in the template's shape (see [`ChatPrompt`]).
+pub fn to_template_messages(
+    system: Option<Content>,
+    messages: Vec<Message>,
+) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request(
+            F,
+            "messages: at least one message is required",
+        ));
+    }
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    if let Some(sys) = system {
+        let text = plain_text(sys, "system")?;
+        if !text.is_empty() {
+            out.push(json!({"role": "system", "content": text}));
+        }
+    }
+    for (i, m) in messages.into_iter().enumerate() {
+        if m.role != "user" && m.role != "assistant" {
+            return Err(ApiError::bad_request(
+                F,
+                format!(
+                    "messages.{i}.role: `{}` is not one of user, assistant",
+                    m.role
+                ),
+            ));
+        }
+        let blocks = match m.content {
+            Content::Text(s) => {
+                out.push(json!({"role": m.role, "content": s}));
+                continue;
+            }
+            Content::Blocks(b) => b,
+        };
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for (j, b) in blocks.into_iter().enumerate() {
+            match b.kind.as_str() {
+                "text" => text.push_str(b.text.as_deref().unwrap_or("")),
+                "tool_use" if m.role == "assistant" => {
+                    let name = b.name.ok_or_else(|| {
+                        ApiError::bad_request(F, format!("messages.{i}.content.{j}.name: required for tool_use"))
+                    })?;
+                    calls.push(json!({
+                        "id": b.id.unwrap_or_default(), "type": "function",
+                        "function": {"name": name, "arguments": b.input.unwrap_or_else(|| json!({}))},
+                    }));
+                }
+                "tool_result" if m.role == "user" => {
+                    let mut content = match b.content {
+                        None => String::new(),
+                        Some(c) => plain_text(c, &format!("messages.{i}.content.{j}.content"))?,
+                    };
+                    if b.is_error == Some(true) {
+                        content = format!("Error: {content}");
+                    }
+                    out.push(json!({
+                        "role": "tool", "content": content, "tool_call_id": b.tool_use_id.unwrap_or_default(),
+                    }));
+                }
+                // Reasoning blocks from an earlier turn carry nothing the template uses.
+                "thinking" | "redacted_thinking" => {}
+                other => {
+                    return Err(ApiError::bad_request(
+                        F,
+                        format!("messages.{i}.content.{j}.type: `{other}` blocks are not supported in {} messages", m.role),
+                    ))
+                }
+            }
+        }
+        if m.role == "assistant" {
+            let mut msg = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                msg["tool_calls"] = Value::Array(calls);
+            }
+            out.push(msg);
+        } else if !text.is_empty() {
+            out.push(json!({"role": "user", "content": text}));
+        }
+    }
+    Ok(out)
+}
+
+/// Anthropic tools in the OpenAI shape chat templates expect.
+fn to_openai_tools(tools: Vec<Tool>) -> Vec<Value> {
+    tools
+        .into_iter()
+        .map(|t| {
+            json!({"type": "function", "function": {
+                "name": t.name,
+                "description": t.description.unwrap_or_default(),
+                "parameters": t.input_schema.unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            }})
+        })
+        .collect()
+}
+
+fn stop_reason(c: &Completion, tool_calls: usize) -> (&'static str, Value) {
+    match &c.finish {
+        Finish::Length => ("max_tokens", Value::Null),
+        Finish::Stop(s) => ("stop_sequence", Value::String(s.clone())),
+        _ if tool_calls > 0 => ("tool_use", Value::Null),
+        _ => ("end_turn", Value::Null),
+    }
+}
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        ApiError::new(
+            F,
+            e.status(),
+            format!("could not read the request body: {e}"),
+        )
+    })?;
+    let req: MessagesRequest = parse_body(F, &body)?;
+    let tools = match req
+        .tool_choice
+        .as_ref()
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+    {
+        Some("none") => Vec::new(),
+        _ => to_openai_tools(req.tools.unwrap_or_default()),
+    };
+    let messages = to_template_messages(req.system, req.messages)?;
+    let sampling = SamplingRequest {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: None,
+        max_tokens: Some(req.max_tokens),
+        stop: req.stop_sequences.unwrap_or_default(),
+    };
+    let prepared = pipeline::prepare(
+        &state,
+        F,
+        PromptSource::Chat(ChatPrompt { messages, tools }),
+        sampling,
+    )
+    .await?;
+    let input_tokens = prepared.prompt.len();
+    let gen = pipeline::start(&state, F, prepared)?;
+    let ctx = Ctx {
+        id: new_id("msg_"),
+        model: req.model.unwrap_or_else(|| state.backend.info().id.clone()),
+        input_tokens,
+    };
+    if req.stream.unwrap_or(false) {
+        Ok(sse_response(stream(gen, ctx)))
+    } else {
+        collect(gen, ctx).await
+    }
+}
+
+struct Ctx {
+    id: String,
+    model: String,
+    input_tokens: usize,
+}
+
+async fn collect(mut gen: pipeline::Generation, ctx: Ctx) -> Result<Response, ApiError> {
+    let mut content: Vec<Value> = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    while let Some(ev) = gen.next().await {
+        match ev {
+            Out::Text(t) => match content.last_mut() {
+                Some(b) if b["type"] == "text" => {
+                    if let Some(Value::String(s)) = b.get_mut("text") {
+                        s.push_str(&t)
+                    }
+                }
+                _ => content.push(json!({"type": "text", "text": t})),
+            },
+            Out::ToolStart { name, .. } => {
+                content.push(
+                    json!({"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}),
+                );
+                args.push(String::new());
+            }
+            Out::ToolArgs { json, .. } => {
+                if let Some(a) = args.last_mut() {
+                    a.push_str(&json)
+                }
+            }
+            Out::ToolEnd { .. } => {
+                let parsed = args
+                    .last()
+                    .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                    .unwrap_or_else(|| json!({}));
+                if let Some(b) = content.last_mut() {
+                    b["input"] = parsed;
+                }
+            }
+            Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
+            Out::Finished {
+                completion,
+                tool_calls,
+            } => {
+                let (reason, seq) = stop_reason(&completion, tool_calls);
+                let body = json!({
+                    "id": ctx.id, "type": "message", "role": "assistant", "model": ctx.model,
+                    "content": content, "stop_reason": reason, "stop_sequence": seq,
+                    "usage": {
+                        "input_tokens": completion.prompt_tokens,
+                        "output_tokens": completion.completion_tokens,
+                        "cache_read_input_tokens": completion.cached_prompt_tokens,
+                    },
+                });
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError::new(
+        F,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation ended without a result",
+    ))
+}
+
+fn event(name: &str, v: &Value) -> String {
+    format!("event: {name}\ndata: {v}\n\n")
+}
+
+fn stream(
+    gen: pipeline::Generation,
+    ctx: Ctx,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    struct St {
+        gen: pipeline::Generation,
+        ctx: Ctx,
+        started: bool,
+        finished: bool,
+        /// Index of the next content block.
+        blocks: usize,
+        /// The open block is text (true) or a tool call (false).
+        open: Option<bool>,
+    }
+    let st = St {
+        gen,
+        ctx,
+        started: false,
+        finished: false,
+        blocks: 0,
+        open: None,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        if !st.started {
+            st.started = true;
+            let start = json!({"type": "message_start", "message": {
+                "id": st.ctx.id, "type": "message", "role": "assistant", "model": st.ctx.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": st.ctx.input_tokens, "output_tokens": 0},
+            }});
+            let s = event("message_start", &start) + &event("ping", &json!({"type": "ping"}));
+            return Some((Ok(Bytes::from(s)), st));
+        }
+        let mut s = String::new();
+        // Closes the open block, if any.
+        let close = |st: &mut St, s: &mut String| {
+            if st.open.take().is_some() {
+                let i = st.blocks - 1;
+                s.push_str(&event(
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": i}),
+                ));
+            }
+        };
+        loop {
+            match st.gen.next().await {
+                None => {
+                    st.finished = true;
+                    break;
+                }
+                Some(Out::Text(t)) => {
+                    if st.open != Some(true) {
+                        close(&mut st, &mut s);
+                        let start = json!({"type": "content_block_start", "index": st.blocks,
+                            "content_block": {"type": "text", "text": ""}});
+                        s.push_str(&event("content_block_start", &start));
+                        st.blocks += 1;
+                        st.open = Some(true);
+                    }
+                    let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
+                        "delta": {"type": "text_delta", "text": t}});
+                    s.push_str(&event("content_block_delta", &delta));
+                    break;
+                }
+                Some(Out::ToolStart { name, .. }) => {
+                    close(&mut st, &mut s);
+                    let start = json!({"type": "content_block_start", "index": st.blocks,
+                        "content_block": {"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}});
+                    s.push_str(&event("content_block_start", &start));
+                    st.blocks += 1;
+                    st.open = Some(false);
+                    break;
+                }
+                Some(Out::ToolArgs { json, .. }) => {
+                    let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
+                        "delta": {"type": "input_json_delta", "partial_json": json}});
+                    s.push_str(&event("content_block_delta", &delta));
+                    break;
+                }
+                Some(Out::ToolEnd { .. }) => {
+                    close(&mut st, &mut s);
+                    break;
+                }
+                Some(Out::Failed(e)) => {
+                    st.finished = true;
+                    s.push_str(&event("error", &pipeline::backend_error(F, e).body()));
+                    break;
+                }
+                Some(Out::Finished {
+                    completion,
+                    tool_calls,
+                }) => {
+                    st.finished = true;
+                    close(&mut st, &mut s);
+                    if st.blocks == 0 {
+                        // Anthropic always answers with at least one block.
+                        let start = json!({"type": "content_block_start", "index": 0,
+                            "content_block": {"type": "text", "text": ""}});
+                        s.push_str(&event("content_block_start", &start));
+                        s.push_str(&event(
+                            "content_block_stop",
+                            &json!({"type": "content_block_stop", "index": 0}),
+                        ));
+                    }
+                    let (reason, seq) = stop_reason(&completion, tool_calls);
+                    let delta = json!({"type": "message_delta",
+                        "delta": {"stop_reason": reason, "stop_sequence": seq},
+                        "usage": {"output_tokens": completion.completion_tokens}});
+                    s.push_str(&event("message_delta", &delta));
+                    s.push_str(&event("message_stop", &json!({"type": "message_stop"})));
+                    break;
+                }
+            }
+        }
+        Some((Ok(Bytes::from(s)), st))
+    })
+}

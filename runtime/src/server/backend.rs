@@ -1,0 +1,136 @@
+//! What the server needs from a model, and nothing more.
+//!
+//! The server speaks HTTP and the providers' JSON; everything about tokens,
+//! templates and weights sits behind [`Backend`]. That keeps the protocol
+//! code testable with a fake and lets the engine change underneath it.
+
+use std::time::Duration;
+
+/// A chat rendered by the model's template. Messages are in the
+/// Hugging Face / OpenAI shape that chat templates expect (`role`,
+/// `content` as a string, assistant `tool_calls` with `function.arguments`
+/// as an object, `tool` messages with `tool_call_id`).
+#[derive(Debug, Clone, Default)]
+pub struct ChatPrompt {
+    pub messages: Vec<serde_json::Value>,
+    /// OpenAI-style tool definitions (`{"type":"function","function":{...}}`);
+    /// empty when the request has none or chose `tool_choice: "none"`.
+    pub tools: Vec<serde_json::Value>,
+}
+
+/// Sampling defaults, normally from the model's `generation_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+}
+
+impl Default for SamplingDefaults {
+    /// transformers' own defaults when a model ships no generation config.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 50,
+        }
+    }
+}
+
+/// Static facts about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The name clients send as `model` and `/v1/models` lists.
+    pub id: String,
+    /// Longest sequence (prompt + completion) the model accepts.
+    pub context_length: usize,
+    pub defaults: SamplingDefaults,
+}
+
+/// One generation, fully resolved (no defaults left to apply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    /// Stop strings; the matched one and anything after it are not emitted.
+    pub stop: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` (or the context) ran out.
+    Length,
+    /// A stop string matched; it is the one given.
+    Stop(String),
+    /// The `on_delta` callback asked to stop (client went away).
+    Cancelled,
+}
+
+/// The result of [`Backend::generate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV state was reused from the previous request.
+    pub cached_prompt_tokens: usize,
+    /// Time from the call to the first generated token (prefill + 1 step).
+    pub time_to_first_token: Duration,
+    /// Total time of the call.
+    pub total_time: Duration,
+}
+
+/// Counters the backend keeps that the server exports on `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BackendMetrics {
+    /// Expert-cache lookups that hit and missed, since start.
+    pub expert_cache_hits: u64,
+    pub expert_cache_misses: u64,
+}
+
+/// A failure inside the backend. `Invalid` is the client's fault (a bad
+/// template input, say) and becomes a 400; `Internal` becomes a 500.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The model as the server sees it.
+///
+/// `render_chat`, `tokenize` and `info` may be called from any thread at any
+/// time; `generate` is only ever called by the server's single worker
+/// thread, one request after another, so an implementation may keep state
+/// (the KV cache of the last request, for prefix reuse) across calls.
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Applies the model's chat template with the generation prompt added.
+    fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError>;
+
+    /// Token ids of already-rendered text (special tokens parsed, none added).
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError>;
+
+    /// Generates from `prompt`, calling `on_delta` with each piece of text
+    /// (never splitting a UTF-8 character, never including a stop string).
+    /// When `on_delta` returns false the generation stops with
+    /// [`Finish::Cancelled`] as soon as possible.
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenParams,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Completion, BackendError>;
+
+    fn metrics(&self) -> BackendMetrics {
+        BackendMetrics::default()
+    }
+}

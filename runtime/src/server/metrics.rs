@@ -1,0 +1,174 @@
+//! Counters for `/metrics`, rendered in the Prometheus text format.
+//!
+//! A handful of atomics and one small map; the format is simple enough that a
+//! client library would add more than it saves.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::backend::{BackendMetrics, Completion, Finish};
+
+#[derive(Default)]
+pub struct Metrics {
+    prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    /// Microseconds spent generating, first token excluded (decode time).
+    decode_micros: AtomicU64,
+    /// Microseconds from request start to first token, summed.
+    ttft_micros: AtomicU64,
+    completions: AtomicU64,
+    cancelled: AtomicU64,
+    busy: AtomicBool,
+    /// tok/s of the most recent completion's decode phase, as f64 bits.
+    last_tok_per_s: AtomicU64,
+    /// (endpoint, status) -> count.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Metrics {
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    pub fn add_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_completion(&self, c: &Completion) {
+        if c.finish == Finish::Cancelled {
+            self.add_cancelled();
+        }
+        self.completions.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_prompt_tokens
+            .fetch_add(c.cached_prompt_tokens as u64, Ordering::Relaxed);
+        self.generated_tokens
+            .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+        self.ttft_micros
+            .fetch_add(c.time_to_first_token.as_micros() as u64, Ordering::Relaxed);
+        let decode = c.total_time.saturating_sub(c.time_to_first_token);
+        self.decode_micros
+            .fetch_add(decode.as_micros() as u64, Ordering::Relaxed);
+        if c.completion_tokens > 1 && !decode.is_zero() {
+            let rate = (c.completion_tokens - 1) as f64 / decode.as_secs_f64();
+            self.last_tok_per_s.store(rate.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_request(&self, endpoint: &str, status: u16) {
+        if let Ok(mut map) = self.requests.lock() {
+            *map.entry((endpoint.to_owned(), status)).or_default() += 1;
+        }
+    }
+
+    /// The Prometheus exposition text.
+    pub fn render(&self, backend: BackendMetrics, queue_depth: usize) -> String {
+        let mut s = String::new();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            );
+        };
+        counter(
+            "mfx_prompt_tokens_total",
+            "Prompt tokens processed or reused.",
+            load(&self.prompt_tokens),
+        );
+        counter(
+            "mfx_prompt_tokens_reused_total",
+            "Prompt tokens whose KV state was reused from the previous request.",
+            load(&self.cached_prompt_tokens),
+        );
+        counter(
+            "mfx_generated_tokens_total",
+            "Tokens generated.",
+            load(&self.generated_tokens),
+        );
+        counter(
+            "mfx_completions_total",
+            "Generations run to an end.",
+            load(&self.completions),
+        );
+        counter(
+            "mfx_cancelled_total",
+            "Generations cancelled by a client disconnect.",
+            load(&self.cancelled),
+        );
+        counter(
+            "mfx_expert_cache_hits_total",
+            "Expert cache lookups that hit.",
+            backend.expert_cache_hits,
+        );
+        counter(
+            "mfx_expert_cache_misses_total",
+            "Expert cache lookups that missed.",
+            backend.expert_cache_misses,
+        );
+        let decode_s = load(&self.decode_micros) as f64 / 1e6;
+        let gen = load(&self.generated_tokens);
+        let completions = load(&self.completions);
+        let decode_tokens = gen.saturating_sub(completions);
+        let mut gauge = |name: &str, help: &str, v: f64| {
+            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+        };
+        gauge(
+            "mfx_decode_tokens_per_second",
+            "Decode rate averaged over all completions since start.",
+            if decode_s > 0.0 {
+                decode_tokens as f64 / decode_s
+            } else {
+                0.0
+            },
+        );
+        gauge(
+            "mfx_last_decode_tokens_per_second",
+            "Decode rate of the most recent completion.",
+            f64::from_bits(load(&self.last_tok_per_s)),
+        );
+        gauge(
+            "mfx_time_to_first_token_seconds_avg",
+            "Mean time from generation start to first token.",
+            if completions > 0 {
+                load(&self.ttft_micros) as f64 / 1e6 / completions as f64
+            } else {
+                0.0
+            },
+        );
+        let (hits, misses) = (backend.expert_cache_hits, backend.expert_cache_misses);
+        gauge(
+            "mfx_expert_cache_hit_rate",
+            "Share of expert lookups served from memory since start.",
+            if hits + misses > 0 {
+                hits as f64 / (hits + misses) as f64
+            } else {
+                0.0
+            },
+        );
+        gauge(
+            "mfx_queue_depth",
+            "Requests waiting for the generator.",
+            queue_depth as f64,
+        );
+        gauge(
+            "mfx_generating",
+            "1 while a generation runs.",
+            u8::from(self.busy.load(Ordering::Relaxed)) as f64,
+        );
+        let _ = write!(s, "# HELP mfx_requests_total HTTP requests by endpoint and status.\n# TYPE mfx_requests_total counter\n");
+        if let Ok(map) = self.requests.lock() {
+            for ((endpoint, status), n) in map.iter() {
+                let _ = writeln!(
+                    s,
+                    "mfx_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,613 @@
+//! OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models`.
+//!
+//! Streaming follows OpenAI: `data: {chunk}\n\n` lines of
+//! `chat.completion.chunk` objects, the first carrying the role, tool calls
+//! as `delta.tool_calls[i]` (id, type and name first, then argument
+//! fragments), a last chunk with `finish_reason`, an optional usage chunk
+//! (`stream_options.include_usage`) and `data: [DONE]`.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::backend::{ChatPrompt, Completion, Finish};
+use super::error::{parse_body, ApiError, Flavor};
+use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
+use super::AppState;
+
+const F: Flavor = Flavor::OpenAi;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ToolCallIn {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub function: FunctionIn,
+}
+
+#[derive(Deserialize)]
+pub struct FunctionIn {
+    pub name: String,
+    /// A JSON string per OpenAI; an object is accepted too.
+    #[serde(default)]
+    pub arguments: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptIn,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+}
+
+fn content_text(c: Option<Content>, at: usize) -> Result<String, ApiError> {
+    match c {
+        None => Ok(String::new()),
+        Some(Content::Text(s)) => Ok(s),
+        Some(Content::Parts(parts)) => {
+            let mut out = String::new();
+            for (j, p) in parts.into_iter().enumerate() {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => out.push_str(&t),
+                    (kind, _) => {
+                        return Err(ApiError::bad_request(
+                            F,
+                            format!("messages[{at}].content[{j}]: content parts of type `{kind}` are not supported by this text-only model; send `text` parts"),
+                        )
+                        .param(format!("messages[{at}].content[{j}].type")))
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Turns a tool call's `arguments` (a JSON string) into the object chat
+/// templates iterate over; text that is not a JSON object is kept as is.
+fn arguments_object(args: Option<Value>) -> Value {
+    match args {
+        None | Some(Value::Null) => json!({}),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => Value::String(s),
+        },
+        Some(v) => v,
+    }
+}
+
+/// OpenAI messages in the template's shape (see [`ChatPrompt`]).
+pub fn to_template_messages(messages: Vec<Message>) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(
+            ApiError::bad_request(F, "`messages` must hold at least one message").param("messages"),
+        );
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" | "function" => "tool",
+            other => {
+                return Err(ApiError::bad_request(
+                    F,
+                    format!("messages[{i}].role `{other}` is not one of system, developer, user, assistant, tool"),
+                )
+                .param(format!("messages[{i}].role")))
+            }
+        };
+        let content = content_text(m.content, i)?;
+        let mut msg = json!({"role": role, "content": content});
+        if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty()) {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "id": c.id.unwrap_or_default(),
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": arguments_object(c.function.arguments)},
+                    })
+                })
+                .collect();
+            msg["tool_calls"] = Value::Array(calls);
+        }
+        if let Some(id) = m.tool_call_id {
+            msg["tool_call_id"] = Value::String(id);
+        }
+        if let Some(name) = m.name {
+            msg["name"] = Value::String(name);
+        }
+        out.push(msg);
+    }
+    Ok(out)
+}
+
+fn check_n(n: Option<u32>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(n) => Err(ApiError::bad_request(
+            F,
+            format!("n = {n} is not supported; this server returns one choice"),
+        )
+        .param("n")),
+    }
+}
+
+fn seed(s: Option<i64>) -> Option<u64> {
+    s.map(|s| s as u64)
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        ApiError::new(
+            F,
+            e.status(),
+            format!("could not read the request body: {e}"),
+        )
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(F, &body_bytes(body)?)?;
+    check_n(req.n)?;
+    let tools = match req.tool_choice.as_ref() {
+        Some(Value::String(s)) if s == "none" => Vec::new(),
+        _ => req.tools.unwrap_or_default(),
+    };
+    for (i, t) in tools.iter().enumerate() {
+        let name = t
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str);
+        if name.is_none() {
+            return Err(
+                ApiError::bad_request(F, format!("tools[{i}] needs `function.name`"))
+                    .param(format!("tools[{i}]")),
+            );
+        }
+    }
+    let messages = to_template_messages(req.messages)?;
+    let sampling = SamplingRequest {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: seed(req.seed),
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
+    };
+    let prepared = pipeline::prepare(
+        &state,
+        F,
+        PromptSource::Chat(ChatPrompt { messages, tools }),
+        sampling,
+    )
+    .await?;
+    let prompt_tokens = prepared.prompt.len();
+    let gen = pipeline::start(&state, F, prepared)?;
+    let model = state.backend.info().id.clone();
+    let ctx = ResponseCtx {
+        id: new_id("chatcmpl-"),
+        created: unix_now(),
+        model,
+        prompt_tokens,
+    };
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
+        Ok(sse_response(chat_stream(gen, ctx, include_usage)))
+    } else {
+        chat_collect(gen, ctx).await
+    }
+}
+
+struct ResponseCtx {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+}
+
+fn finish_reason(c: &Completion, tool_calls: usize) -> &'static str {
+    match c.finish {
+        Finish::Length => "length",
+        _ if tool_calls > 0 => "tool_calls",
+        _ => "stop",
+    }
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens},
+    })
+}
+
+async fn chat_collect(
+    mut gen: pipeline::Generation,
+    ctx: ResponseCtx,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut calls: Vec<Value> = Vec::new();
+    while let Some(ev) = gen.next().await {
+        match ev {
+            Out::Text(t) => text.push_str(&t),
+            Out::ToolStart { name, .. } => calls.push(json!({
+                "id": new_id("call_"), "type": "function", "function": {"name": name, "arguments": ""}
+            })),
+            Out::ToolArgs { index, json } => {
+                if let Some(Value::String(a)) = calls.get_mut(index).and_then(|c| c.pointer_mut("/function/arguments")) {
+                    a.push_str(&json);
+                }
+            }
+            Out::ToolEnd { .. } => {}
+            Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
+            Out::Finished { completion, tool_calls } => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    if text.trim().is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = Value::Array(std::mem::take(&mut calls));
+                }
+                let body = json!({
+                    "id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
+                    "choices": [{
+                        "index": 0, "message": message, "logprobs": null,
+                        "finish_reason": finish_reason(&completion, tool_calls),
+                    }],
+                    "usage": usage(&completion),
+                    "system_fingerprint": null,
+                });
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError::new(
+        F,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation ended without a result",
+    ))
+}
+
+fn data(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// The chat SSE stream as a byte stream; dropping it cancels the generation.
+fn chat_stream(
+    gen: pipeline::Generation,
+    ctx: ResponseCtx,
+    include_usage: bool,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    struct St {
+        gen: pipeline::Generation,
+        ctx: ResponseCtx,
+        include_usage: bool,
+        started: bool,
+        finished: bool,
+        call_ids: Vec<String>,
+    }
+    let st = St {
+        gen,
+        ctx,
+        include_usage,
+        started: false,
+        finished: false,
+        call_ids: Vec::new(),
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let chunk = |st: &St, delta: Value, finish: Value| {
+            json!({
+                "id": st.ctx.id, "object": "chat.completion.chunk", "created": st.ctx.created,
+                "model": st.ctx.model, "system_fingerprint": null,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        if !st.started {
+            st.started = true;
+            let first = chunk(
+                &st,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            );
+            return Some((Ok(data(&first)), st));
+        }
+        let out = loop {
+            match st.gen.next().await {
+                None => {
+                    st.finished = true;
+                    break Bytes::from_static(b"data: [DONE]\n\n");
+                }
+                Some(Out::Text(t)) => break data(&chunk(&st, json!({"content": t}), Value::Null)),
+                Some(Out::ToolStart { index, name }) => {
+                    let id = new_id("call_");
+                    st.call_ids.push(id.clone());
+                    let delta = json!({"tool_calls": [{
+                        "index": index, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }]});
+                    break data(&chunk(&st, delta, Value::Null));
+                }
+                Some(Out::ToolArgs { index, json }) => {
+                    let delta =
+                        json!({"tool_calls": [{"index": index, "function": {"arguments": json}}]});
+                    break data(&chunk(&st, delta, Value::Null));
+                }
+                Some(Out::ToolEnd { .. }) => continue,
+                Some(Out::Failed(e)) => {
+                    st.finished = true;
+                    let err = pipeline::backend_error(F, e).body();
+                    break Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n"));
+                }
+                Some(Out::Finished {
+                    completion,
+                    tool_calls,
+                }) => {
+                    let last = chunk(
+                        &st,
+                        json!({}),
+                        json!(finish_reason(&completion, tool_calls)),
+                    );
+                    let mut s = format!("data: {last}\n\n");
+                    if st.include_usage {
+                        let u = json!({
+                            "id": st.ctx.id, "object": "chat.completion.chunk", "created": st.ctx.created,
+                            "model": st.ctx.model, "choices": [], "usage": usage(&completion),
+                        });
+                        s.push_str(&format!("data: {u}\n\n"));
+                    }
+                    break Bytes::from(s);
+                }
+            }
+        };
+        Some((Ok(out), st))
+    })
+}
+
+pub fn sse_response<S>(stream: S) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(F, &body_bytes(body)?)?;
+    check_n(req.n)?;
+    if req.echo.unwrap_or(false) {
+        return Err(ApiError::bad_request(F, "echo is not supported").param("echo"));
+    }
+    let prompt = match req.prompt {
+        PromptIn::One(s) => s,
+        PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptIn::Many(v) => {
+            return Err(ApiError::bad_request(
+                F,
+                format!("one prompt per request is supported, got {}", v.len()),
+            )
+            .param("prompt"))
+        }
+    };
+    let sampling = SamplingRequest {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: seed(req.seed),
+        // OpenAI's legacy default is 16 tokens.
+        max_tokens: Some(req.max_tokens.unwrap_or(16)),
+        stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
+    };
+    let prepared = pipeline::prepare(&state, F, PromptSource::Text(prompt), sampling).await?;
+    let prompt_tokens = prepared.prompt.len();
+    let mut gen = pipeline::start(&state, F, prepared)?;
+    let ctx = ResponseCtx {
+        id: new_id("cmpl-"),
+        created: unix_now(),
+        model: state.backend.info().id.clone(),
+        prompt_tokens,
+    };
+    let chunk = move |ctx: &ResponseCtx, text: &str, finish: Value| {
+        json!({
+            "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+        })
+    };
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
+        let stream =
+            futures::stream::unfold((gen, ctx, false), move |(mut gen, ctx, done)| async move {
+                if done {
+                    return None;
+                }
+                let out = loop {
+                    match gen.next().await {
+                        None => return None,
+                        Some(Out::Text(t)) => break (data(&chunk(&ctx, &t, Value::Null)), false),
+                        Some(Out::Failed(e)) => {
+                            let err = pipeline::backend_error(F, e).body();
+                            break (
+                                Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")),
+                                true,
+                            );
+                        }
+                        Some(Out::Finished { completion, .. }) => {
+                            let mut last = chunk(&ctx, "", json!(finish_reason(&completion, 0)));
+                            if include_usage {
+                                last["usage"] = usage(&completion);
+                            }
+                            break (
+                                Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n")),
+                                true,
+                            );
+                        }
+                        Some(_) => continue,
+                    }
+                };
+                Some((Ok(out.0), (gen, ctx, out.1)))
+            });
+        return Ok(sse_response(stream));
+    }
+    let mut text = String::new();
+    while let Some(ev) = gen.next().await {
+        match ev {
+            Out::Text(t) => text.push_str(&t),
+            Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
+            Out::Finished { completion, .. } => {
+                let mut body = chunk(&ctx, &text, json!(finish_reason(&completion, 0)));
+                body["usage"] = usage(&completion);
+                let _ = ctx.prompt_tokens;
+                return Ok(Json(body).into_response());
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError::new(
+        F,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation ended without a result",
+    ))
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let info = state.backend.info();
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.id, "object": "model", "created": state.started_at, "owned_by": "mfx",
+            "context_length": info.context_length,
+        }],
+    }))
+    .into_response()
+}

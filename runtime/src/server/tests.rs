@@ -1,0 +1,736 @@
+//! Protocol tests against a fake backend over real sockets (raw HTTP/1.0,
+//! so the bytes on the wire are what is checked). The real model is tested
+//! end to end with the official Python clients in `tests/server/`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+/// A model that "generates" a scripted reply one character per token.
+/// The reply is chosen by the last message's text: `TOOL` asks for a Qwen3-
+/// Coder XML tool call, `SLOW` for 20 ms per token; anything else gets
+/// `Hello, world! How are you?`.
+struct Fake {
+    info: ModelInfo,
+    /// Prompts rendered, for assertions on template input.
+    rendered: Mutex<Vec<String>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    cancelled: AtomicUsize,
+    started: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            info: ModelInfo {
+                id: "fake-model".into(),
+                context_length: 1024,
+                defaults: SamplingDefaults {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    top_k: 40,
+                },
+            },
+            rendered: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            max_running: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            started: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+const TOOL_REPLY: &str = "I'll look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
+
+impl Backend for Fake {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn render_chat(&self, p: &ChatPrompt) -> Result<String, BackendError> {
+        let mut s = String::new();
+        if !p.tools.is_empty() {
+            s.push_str(&format!("tools:{}\n", Value::Array(p.tools.clone())));
+        }
+        for m in &p.messages {
+            s.push_str(&format!("{m}\n"));
+        }
+        if let Ok(mut r) = self.rendered.lock() {
+            r.push(s.clone());
+        }
+        Ok(s)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
+        Ok(text.chars().map(|c| c as u32).collect())
+    }
+
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenParams,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Completion, BackendError> {
+        let t0 = Instant::now();
+        let n = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(n, Ordering::SeqCst);
+        let prompt_text: String = prompt.iter().filter_map(|&c| char::from_u32(c)).collect();
+        let tag = prompt_text
+            .rsplit("content")
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        if let Ok(mut s) = self.started.lock() {
+            s.push(tag.clone());
+        }
+        let reply = if tag.contains("TOOL") {
+            TOOL_REPLY
+        } else {
+            "Hello, world! How are you?"
+        };
+        let slow = tag.contains("SLOW");
+        let mut out = String::new();
+        let mut finish = Finish::Eos;
+        let mut produced = 0;
+        for ch in reply.chars() {
+            if produced == params.max_tokens {
+                finish = Finish::Length;
+                break;
+            }
+            produced += 1;
+            out.push(ch);
+            if let Some(stop) = params.stop.iter().find(|s| out.ends_with(s.as_str())) {
+                finish = Finish::Stop(stop.clone());
+                break;
+            }
+            if slow {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Hold back nothing: the fake's stop strings are only checked
+            // for single characters in these tests.
+            if !on_delta(&ch.to_string()) {
+                self.cancelled.fetch_add(1, Ordering::SeqCst);
+                finish = Finish::Cancelled;
+                break;
+            }
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(Completion {
+            finish,
+            prompt_tokens: prompt.len(),
+            completion_tokens: produced,
+            cached_prompt_tokens: 0,
+            time_to_first_token: Duration::from_millis(1),
+            total_time: t0.elapsed(),
+        })
+    }
+}
+
+async fn start(fake: Arc<Fake>, config: ServerConfig) -> (SocketAddr, Arc<AppState>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (app, state) = router(fake, &config).expect("router");
+    tokio::spawn(serve(listener, app, std::future::pending()));
+    (addr, state)
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.0 exchange: the server closes the connection after the body,
+/// so streams arrive unchunked and complete.
+async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write body");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    let text = String::from_utf8(buf).expect("utf8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("http head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    Reply {
+        status,
+        headers: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    raw(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_non_streaming_with_usage_and_defaults() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let r = post(addr, "/v1/chat/completions", json!({
+        "model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "some_unknown_field": 1
+    }))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let prompt_len = fake.rendered.lock().expect("lock")[0].chars().count();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_len);
+    assert_eq!(v["usage"]["total_tokens"], prompt_len + 5);
+
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "stop": ","}),
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_stream_is_well_formed_and_ends_with_done() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let r = post(addr, "/v1/chat/completions", json!({
+        "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": true}
+    }))
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers
+            .to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{}",
+        r.headers
+    );
+    let events = sse_data(&r.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk json"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello, world! How are you?");
+    let finals: Vec<_> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0]["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().expect("usage chunk");
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 26);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_openai_both_ways_and_tools_reach_the_template() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let req = json!({"messages": [{"role": "user", "content": "TOOL please"}], "tools": [weather_tool()]});
+    let v = post(addr, "/v1/chat/completions", req.clone()).await.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], "I'll look.\n");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(call["id"].as_str().is_some_and(|s| s.starts_with("call_")));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("string"))
+        .expect("json");
+    assert_eq!(args, json!({"city": "Paris", "days": 2}));
+    assert!(fake.rendered.lock().expect("lock")[0].contains("\"get_weather\""));
+
+    let mut sreq = req;
+    sreq["stream"] = json!(true);
+    let r = post(addr, "/v1/chat/completions", sreq).await;
+    let events = sse_data(&r.body);
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).expect("json"))
+        .collect();
+    let tc: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert!(
+        tc.len() >= 3,
+        "name chunk then one chunk per parameter then close: {tc:?}"
+    );
+    assert_eq!(tc[0]["function"]["name"], "get_weather");
+    assert!(tc[0]["id"].is_string());
+    let streamed: String = tc
+        .iter()
+        .filter_map(|t| t["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&streamed).expect("args json"),
+        json!({"city": "Paris", "days": 2})
+    );
+    assert_eq!(
+        chunks
+            .iter()
+            .rev()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str()),
+        Some("tool_calls")
+    );
+
+    // tool_choice "none" keeps the tools out of the prompt and the output unparsed.
+    let v = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "TOOL"}],
+        "tools": [weather_tool()], "tool_choice": "none"}),
+    )
+    .await
+    .json();
+    assert_eq!(v["choices"][0]["message"]["content"], TOOL_REPLY);
+    assert!(!fake.rendered.lock().expect("lock")[2].contains("get_weather\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_results_go_back_through_the_template_in_template_shape() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}
+    ], "tools": [weather_tool()]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rendered = fake.rendered.lock().expect("lock")[0].clone();
+    // arguments arrive at the template as an object, content as a string
+    assert!(
+        rendered.contains(r#""arguments":{"city":"Oslo"}"#),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains(r#"{"role":"tool","content":"sunny","tool_call_id":"call_1"}"#),
+        "{rendered}"
+    );
+
+    let r = post(addr, "/v1/messages", json!({"max_tokens": 10, "system": [{"type": "text", "text": "Be brief."}], "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}
+    ]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rendered = fake.rendered.lock().expect("lock")[1].clone();
+    let lines: Vec<Value> = rendered
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(lines[0], json!({"role": "system", "content": "Be brief."}));
+    assert_eq!(
+        lines[2]["tool_calls"][0]["function"],
+        json!({"name": "get_weather", "arguments": {"city": "Oslo"}})
+    );
+    assert_eq!(lines[2]["content"], "Checking.");
+    assert_eq!(
+        lines[3],
+        json!({"role": "tool", "content": "sunny", "tool_call_id": "toolu_1"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_and_event_sequence() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let v = post(
+        addr,
+        "/v1/messages",
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"], json!([{"type": "text", "text": "Hello"}]));
+    assert_eq!(v["stop_reason"], "max_tokens");
+    assert_eq!(v["usage"]["output_tokens"], 5);
+
+    let v = post(addr, "/v1/messages", json!({"max_tokens": 50, "stop_sequences": ["!"], "messages": [{"role": "user", "content": "hi"}]})).await.json();
+    assert_eq!(v["stop_reason"], "stop_sequence");
+    assert_eq!(v["stop_sequence"], "!");
+
+    let r = post(addr, "/v1/messages", json!({"max_tokens": 200, "stream": true,
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}],
+        "messages": [{"role": "user", "content": "TOOL"}]})).await;
+    let names: Vec<&str> = r
+        .body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("event: "))
+        .map(|e| e.lines().next().unwrap_or(""))
+        .collect();
+    let mut expected = vec!["message_start", "ping", "content_block_start"];
+    let text_deltas = "I'll look.\n".chars().count();
+    expected.extend(std::iter::repeat("content_block_delta").take(text_deltas));
+    expected.extend([
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]);
+    assert_eq!(names, expected);
+    let datas: Vec<Value> = sse_data(&r.body)
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("json"))
+        .collect();
+    let tool_start = datas
+        .iter()
+        .find(|d| d["content_block"]["type"] == "tool_use")
+        .expect("tool block");
+    assert_eq!(tool_start["index"], 1);
+    assert_eq!(tool_start["content_block"]["name"], "get_weather");
+    let partial: String = datas
+        .iter()
+        .filter_map(|d| d["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&partial).expect("json"),
+        json!({"city": "Paris", "days": 2})
+    );
+    let md = datas
+        .iter()
+        .find(|d| d["type"] == "message_delta")
+        .expect("message_delta");
+    assert_eq!(md["delta"]["stop_reason"], "tool_use");
+    assert!(md["usage"]["output_tokens"].as_u64().is_some_and(|n| n > 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_provider_shapes() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let r = raw(addr, "POST", "/v1/chat/completions", &[], b"{not json").await;
+    assert_eq!(r.status, 400);
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "invalid_request_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("malformed JSON")),
+        "{e}"
+    );
+    assert!(e.get("param").is_some() && e.get("code").is_some());
+
+    let r = post(addr, "/v1/chat/completions", json!({"model": "m"})).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("messages")));
+
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": 5}]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "messages[0].content");
+
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [], "temperature": 0.5}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("temperature"))
+    );
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "top_p": 0}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("top_p"))
+    );
+
+    let long = "x".repeat(1100);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": long}]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": "nope"}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let v = r.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x".repeat(1100)}]}),
+    )
+    .await;
+    assert_eq!((r.status, r.json()["type"].clone()), (400, json!("error")));
+    let r = raw(addr, "POST", "/v1/messages", &[], b"").await;
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (400, json!("invalid_request_error"))
+    );
+
+    let r = raw(addr, "GET", "/v1/nothing", &[], b"").await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"]["message"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_checked_on_both_headers() {
+    let config = ServerConfig {
+        api_key: Some("sekrit".into()),
+        ..ServerConfig::default()
+    };
+    let (addr, _) = start(Fake::new(), config).await;
+    let r = raw(addr, "GET", "/v1/models", &[], b"").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = raw(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "wrong")],
+        b"{}",
+    )
+    .await;
+    assert_eq!((r.status, r.json()["type"].clone()), (401, json!("error")));
+    let r = raw(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer sekrit")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"][0]["id"], "fake-model");
+    let r = raw(addr, "GET", "/v1/models", &[("x-api-key", "sekrit")], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(raw(addr, "GET", "/health", &[], b"").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_is_fifo_bounded_and_one_at_a_time() {
+    let fake = Fake::new();
+    let config = ServerConfig {
+        max_queue: 2,
+        ..ServerConfig::default()
+    };
+    let (addr, state) = start(fake.clone(), config).await;
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let body = json!({"messages": [{"role": "user", "content": format!("SLOW {i}")}], "max_tokens": 10});
+        handles.push(tokio::spawn(post(addr, "/v1/chat/completions", body)));
+        // Let each request reach the queue before the next, so order is defined.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.started.lock().expect("lock").len() + state.worker.queue_depth() < i + 1
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // One generating and two waiting: the next is refused.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (429, json!("rate_limit_error"))
+    );
+    for h in handles {
+        assert_eq!(h.await.expect("join").status, 200);
+    }
+    let order: Vec<String> = fake.started.lock().expect("lock").clone();
+    let idx: Vec<usize> = order
+        .iter()
+        .filter_map(|t| (0..3).find(|i| t.contains(&format!("SLOW {i}"))))
+        .collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(fake.max_running.load(Ordering::SeqCst), 1);
+
+    let metrics = raw(addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        metrics.contains("mfx_requests_total{endpoint=\"/v1/chat/completions\",status=\"429\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mfx_generated_tokens_total 30"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mfx_queue_depth 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_generation() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let body =
+        json!({"messages": [{"role": "user", "content": "SLOW"}], "stream": true}).to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).await.expect("read");
+    assert!(n > 0);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.cancelled.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        fake.cancelled.load(Ordering::SeqCst),
+        1,
+        "generation was not cancelled"
+    );
+    // The slot is free again.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_completions() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let v = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "def f():", "max_tokens": 3}),
+    )
+    .await
+    .json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "Hel");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], 8);
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 4, "stream": true}),
+    )
+    .await;
+    let events = sse_data(&r.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(e)
+                .ok()
+                .and_then(|v| v["choices"][0]["text"].as_str().map(str::to_owned))
+        })
+        .collect();
+    assert_eq!(text, "Hell");
+}
