@@ -29,7 +29,7 @@ pub const ZSTD_LEVEL: i32 = 3;
 pub const HUFFMAN_MAX_LEN: u8 = 24;
 const HUFFMAN_TABLE: usize = 256;
 /// Codes up to this length decode with one table lookup.
-const LUT_BITS: u32 = 10;
+const LUT_BITS: u32 = 12;
 
 impl Codec {
     pub fn name(self) -> &'static str {
@@ -335,12 +335,23 @@ impl<'a> HuffmanDecoder<'a> {
     #[inline]
     fn peek(&self) -> u32 {
         let byte = (self.pos / 8) as usize;
-        let mut w: u32 = 0;
-        for k in 0..4 {
-            w = (w << 8) | *self.bits.get(byte + k).unwrap_or(&0) as u32;
-        }
-        // w holds 32 bits starting at bit (byte*8); drop the already-read ones.
-        (w << (self.pos % 8)) >> (32 - HUFFMAN_MAX_LEN as u32)
+        // Fast path: one big-endian load of 8 bytes holds the (at most 7)
+        // already-consumed bits of this byte plus the 24 we want.
+        let w = match self
+            .bits
+            .get(byte..byte + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        {
+            Some(b) => u64::from_be_bytes(b),
+            None => {
+                let mut w: u64 = 0;
+                for k in 0..8 {
+                    w = (w << 8) | *self.bits.get(byte + k).unwrap_or(&0) as u64;
+                }
+                w
+            }
+        };
+        ((w << (self.pos % 8)) >> (64 - HUFFMAN_MAX_LEN as u32)) as u32
     }
 
     #[inline]

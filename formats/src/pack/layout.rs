@@ -134,12 +134,14 @@ mod tests {
         assert_eq!(l.scales_offset % 64, 0);
         assert_eq!(l.biases_offset % 64, 0);
         assert_eq!(l.length, l.biases_offset + l.groups_len);
+        assert_eq!(l.length, 36864);
         // 3 bits: 64 cols * 3 bits = 24 bytes per row, 72 in all: an
         // odd packed length forces real padding before the scales.
         let l = TensorLayout::of(Scheme::affine(3, 32).unwrap(), &[3, 64]).unwrap();
         assert_eq!(l.packed_len, 72);
         assert_eq!(l.scales_offset, 128);
         assert_eq!(l.biases_offset, 128 + 64);
+        assert_eq!(l.length, 204, "the worked example of FORMAT.md section 12");
     }
 
     #[test]
