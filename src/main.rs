@@ -4,6 +4,7 @@
 //! the exit code is 1 for errors and 2 for usage errors (clap's own).
 
 mod commands;
+mod hub;
 
 use clap::Parser;
 

@@ -4,6 +4,8 @@
 
 pub mod eval;
 pub mod inspect;
+pub mod pull;
+pub mod push;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Compare against references: logits (.npy), greedy tokens, perplexity.
     Eval(eval::Args),
+    /// Publish packs, their model card and manifest.json to a Hugging Face hub repo.
+    Push(push::Args),
+    /// Download the published pack that fits this machine's memory and verify it.
+    Pull(pull::Args),
     /// Describe a pack: header, sizes, tensor and expert tables, precision mix, pinning.
     Inspect(inspect::Args),
     /// Check every checksum of a pack; exits 1 naming the first bad tensor or expert.
@@ -28,6 +34,8 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
+        Command::Push(a) => push::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
     }
