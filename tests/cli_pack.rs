@@ -1,5 +1,6 @@
 //! `mfx inspect` and `mfx verify` on packs written by the real writer, and on
 //! the damaged and foreign files users actually hit.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -78,6 +78,7 @@ impl Codec {
                 Ok(())
             }
             Codec::Zstd => {
+                zstd_one_frame(stored).map_err(|r| self.err("blob", r))?;
                 let n = zstd::bulk::Decompressor::new()
                     .and_then(|mut d| d.decompress_to_buffer(stored, out))
                     .map_err(|e| self.err("blob", e.to_string()))?;
@@ -114,6 +115,7 @@ impl Codec {
             }
             Codec::Zstd => {
                 use std::io::Read;
+                zstd_one_frame(stored).map_err(|r| self.err("blob", r))?;
                 let mut dec = zstd::stream::read::Decoder::with_buffer(stored)
                     .map_err(|e| self.err("blob", e.to_string()))?;
                 let mut buf = vec![0u8; 1 << 16];
@@ -170,6 +172,24 @@ fn zstd_encode(raw: &[u8]) -> Vec<u8> {
         .expect("zstd checksum flag");
     c.compress(raw)
         .expect("zstd compress into a bound-sized buffer")
+}
+
+/// The spec allows exactly one frame and nothing after it. libzstd's one-shot
+/// decoder would also accept zero or several concatenated frames while the
+/// streaming one would not, so pin it down before either runs (found by
+/// fuzzing: an empty blob "decoded" to zero bytes).
+fn zstd_one_frame(stored: &[u8]) -> Result<(), String> {
+    match zstd::zstd_safe::find_frame_compressed_size(stored) {
+        Ok(n) if n == stored.len() => Ok(()),
+        Ok(n) => Err(format!(
+            "{} bytes after the zstd frame of {n} bytes",
+            stored.len() - n
+        )),
+        Err(code) => Err(format!(
+            "not a zstd frame: {}",
+            zstd::zstd_safe::get_error_name(code)
+        )),
+    }
 }
 
 /// A Huffman blob spends at least one bit per symbol, so its decoded size is
@@ -396,7 +416,7 @@ impl<'a> HuffmanDecoder<'a> {
                 self.bits.len() as u64 - used_bytes
             ));
         }
-        if self.pos % 8 != 0 {
+        if !self.pos.is_multiple_of(8) {
             let last = self.bits[self.bits.len() - 1];
             if last & (0xffu8 >> (self.pos % 8)) != 0 {
                 return Err("non-zero padding bits after the last symbol".into());
@@ -407,6 +427,7 @@ impl<'a> HuffmanDecoder<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -542,5 +563,15 @@ mod tests {
         assert!(Codec::Zstd.decode(&z, data.len() - 1).is_err());
         assert!(Codec::Zstd.check(&z, data.len() as u64 + 1).is_err());
         assert!(Codec::Zstd.decode(&data, 10).is_err());
+        // Regression (cargo-fuzz crash-7afe1150): no frame at all, or a second
+        // frame after the first, must fail in decode and check alike.
+        assert!(Codec::Zstd.decode(&[], 0).is_err());
+        assert!(Codec::Zstd.check(&[], 0).is_err());
+        let mut two = z.clone();
+        two.extend_from_slice(&z);
+        assert!(
+            err(Codec::Zstd.decode(&two, data.len()).unwrap_err()).contains("after the zstd frame")
+        );
+        assert!(Codec::Zstd.check(&two, data.len() as u64).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Hostile bytes: every kind of damage gets its own precise error, never a
 //! panic and never a silently wrong pack. Each case starts from a valid pack
 //! written by the real writer and breaks exactly one thing.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use mfx_formats::error::FormatError;
 use mfx_formats::pack::{Pack, Parsed};

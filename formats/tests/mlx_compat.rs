@@ -5,6 +5,7 @@
 //!   quantization step of the bf16 original model's weights;
 //! - 3- and 6-bit packing must agree with MLX's `extract_bits` (mlx/backend/
 //!   cpu/quantized.cpp), transcribed below mask for mask.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::path::Path;
 

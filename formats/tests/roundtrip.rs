@@ -1,5 +1,6 @@
 //! Write/read roundtrips: property-based over random tables, plus the
 //! determinism and atomic-write promises of the writer.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use mfx_formats::codec::Codec;
 use mfx_formats::pack::{Pack, PackWriter, PartData, TensorLayout};
@@ -112,7 +113,7 @@ proptest! {
             // Id 1000 sorts after every id of its layer: add it right after the
             // layer's last expert to keep (layer, expert) order.
             if let Some((ml, mid, into)) = merged {
-                let last_of_layer = expert_data.iter().filter(|(s, _)| s.layer == ml).last().map(|(s, _)| s.expert);
+                let last_of_layer = expert_data.iter().rev().find(|(s, _)| s.layer == ml).map(|(s, _)| s.expert);
                 if spec.layer == ml && Some(spec.expert) == last_of_layer {
                     w.add_merged_expert(ml, mid, into).unwrap();
                 }

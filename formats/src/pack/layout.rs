@@ -76,7 +76,7 @@ impl TensorLayout {
                     ));
                 }
                 let bits = bits as u64;
-                if (cols * bits) % 32 != 0 {
+                if !(cols * bits).is_multiple_of(32) {
                     return Err(format!(
                         "last dim {cols} times {bits} bits is not a multiple of 32"
                     ));
@@ -121,6 +121,7 @@ impl TensorLayout {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -185,7 +185,7 @@ fn check_range(what: &str, offset: u64, length: u64, h: &Header) -> Result<u64, 
     if offset < h.data_offset || end > h.data_end() {
         return Err(out());
     }
-    if offset % h.alignment as u64 != 0 {
+    if !offset.is_multiple_of(h.alignment as u64) {
         return Err(FormatError::Misaligned {
             what: what.to_string(),
             offset,
