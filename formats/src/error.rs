@@ -91,6 +91,8 @@ pub enum FormatError {
         scheme: String,
         wanted: &'static str,
     },
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,

@@ -6,6 +6,37 @@
 //!   blobs either from the map or with positioned reads into caller buffers.
 //! - [`PackWriter`] streams blobs to a temp file and renames it into place;
 //!   the same inputs always give the same bytes.
+//!
+//! ```
+//! use mfx_formats::codec::Codec;
+//! use mfx_formats::pack::{Pack, PackMeta, PackWriter, PartData};
+//! use mfx_formats::quant::{quantize, Scheme};
+//!
+//! # fn main() -> Result<(), mfx_formats::FormatError> {
+//! let dir = tempfile::tempdir().expect("tempdir");
+//! let path = dir.path().join("m.mfx");
+//! let mut w = PackWriter::create(&path, PackMeta::default(), 4096)?;
+//! let norm = vec![0u8; 2 * 64]; // bf16 [64]
+//! w.add_tensor("model.norm.weight", Scheme::Bf16, &[64], &[&norm])?;
+//! let q = quantize(&vec![0.5f32; 32 * 64], 32, 64, 4, 64).expect("valid shape");
+//! let (s, b): (&[u8], &[u8]) = (bytemuck::cast_slice(&q.scales), bytemuck::cast_slice(&q.biases));
+//! let gate = PartData { name: "gate_proj".into(), scheme: Scheme::affine(4, 64)?, shape: vec![32, 64], bytes: vec![&q.packed, s, b] };
+//! w.add_expert(0, 0, Codec::Zstd, &[gate])?;
+//! w.finish()?;
+//!
+//! let pack = Pack::open(&path)?;
+//! pack.verify()?;
+//! assert_eq!(pack.tensor("model.norm.weight").expect("present").as_bf16()?.len(), 64);
+//! let e = pack.expert(0, 0).expect("present");
+//! let mut stored = vec![0u8; e.length as usize];
+//! pack.read_expert_into(e, &mut stored)?; // pread, as the runtime streams
+//! let mut raw = vec![0u8; e.raw_length as usize];
+//! e.decode_into(&stored, &mut raw)?;
+//! let m = e.part(&raw, 0)?.affine()?;
+//! assert_eq!(m.dequantize()[0], 0.5);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod header;
 pub mod layout;
