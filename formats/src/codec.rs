@@ -51,8 +51,23 @@ impl Codec {
 
     /// Decodes `stored` into a new buffer of exactly `raw_len` bytes.
     pub fn decode(self, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, FormatError> {
-        if self == Codec::Huffman {
-            huffman_bound(stored, raw_len as u64).map_err(|r| self.err("blob", r))?;
+        // Refuse before allocating when the stored bytes cannot decode to
+        // `raw_len` (a hostile length must not make us allocate it).
+        match self {
+            Codec::Huffman => {
+                huffman_bound(stored, raw_len as u64).map_err(|r| self.err("blob", r))?
+            }
+            Codec::Zstd => {
+                zstd_one_frame(stored).map_err(|r| self.err("blob", r))?;
+                if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(stored) {
+                    if n != raw_len as u64 {
+                        return Err(
+                            self.err("blob", format!("frame holds {n} bytes, expected {raw_len}"))
+                        );
+                    }
+                }
+            }
+            Codec::None => {}
         }
         let mut out = vec![0u8; raw_len];
         self.decode_into(stored, &mut out)?;
