@@ -104,14 +104,7 @@ impl Codec {
                 }
                 Ok(())
             }
-            Codec::Huffman => {
-                let mut d = HuffmanDecoder::new(stored, out.len() as u64)
-                    .map_err(|r| self.err("blob", r))?;
-                for o in out.iter_mut() {
-                    *o = d.next().map_err(|r| self.err("blob", r))?;
-                }
-                d.finish().map_err(|r| self.err("blob", r))
-            }
+            Codec::Huffman => huffman_decode_into(stored, out).map_err(|r| self.err("blob", r)),
         }
     }
 
@@ -302,6 +295,45 @@ fn huffman_encode(raw: &[u8]) -> Vec<u8> {
         out.push((acc << (8 - nbits)) as u8);
     }
     out
+}
+
+/// Decodes a whole Huffman blob into `out`. The hot loop does one 8-byte
+/// load per two symbols (a load leaves >= 57 fresh bits, two codes need at
+/// most 48), so it never bounds-checks the stream per symbol; the last few
+/// bytes go through the careful per-symbol path.
+fn huffman_decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let mut d = HuffmanDecoder::new(stored, out.len() as u64)?;
+    let bits = d.bits;
+    let mut i = 0;
+    if bits.len() >= 8 {
+        let last_load = bits.len() - 8;
+        while i + 2 <= out.len() {
+            let byte = (d.pos / 8) as usize;
+            if byte > last_load {
+                break;
+            }
+            let Ok(b) = <[u8; 8]>::try_from(&bits[byte..byte + 8]) else {
+                break;
+            };
+            let mut w = u64::from_be_bytes(b) << (d.pos % 8);
+            for _ in 0..2 {
+                let (sym, len) = d.lut[(w >> (64 - LUT_BITS)) as usize];
+                let (sym, len) = if len > 0 {
+                    (sym, len as u32)
+                } else {
+                    d.slow((w >> (64 - HUFFMAN_MAX_LEN as u32)) as u32)?
+                };
+                out[i] = sym;
+                i += 1;
+                d.pos += len as u64;
+                w <<= len;
+            }
+        }
+    }
+    for o in &mut out[i..] {
+        *o = d.next()?;
+    }
+    d.finish()
 }
 
 /// Streaming canonical-Huffman decoder over one stored blob.
