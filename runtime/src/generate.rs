@@ -43,6 +43,8 @@ pub enum GenerateError {
     ChatTemplate(#[from] ChatTemplateError),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Pack(#[from] mfx_formats::FormatError),
     #[error("{origin}: {msg}")]
     GenerationConfig { origin: String, msg: String },
     #[error("the model has no chat template (no chat_template.jinja and no `chat_template` in tokenizer_config.json)")]
@@ -357,16 +359,47 @@ impl Generator {
         Ok(Self::new(model, tokenizer, chat_template, config))
     }
 
-    /// Loads a model directory (or the directory of a `config.json`).
+    /// Loads a model directory (or its `config.json`) or a `.mfx` pack,
+    /// whose manifest embeds the tokenizer, chat template and generation
+    /// defaults.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
-        let dir: PathBuf = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json")
-        {
-            path.parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        } else {
-            path.to_path_buf()
+        if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
+            let dir = path
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            return Self::from_model_dir(&dir, opts);
+        }
+        if path.is_file() {
+            return Self::from_pack(path, opts);
+        }
+        Self::from_model_dir(path, opts)
+    }
+
+    /// Loads a `.mfx` pack.
+    pub fn from_pack(path: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
+        let origin = path.display().to_string();
+        let (tokenizer, chat_template, config) = {
+            let pack = mfx_formats::Pack::open(path)?;
+            let m = pack.manifest();
+            let tokenizer = Tokenizer::from_bytes(m.tokenizer_json.as_bytes())?;
+            let chat_template = match &m.chat_template {
+                Some(src) => Some(ChatTemplate::new(
+                    src.clone(),
+                    format!("{origin} (chat_template)"),
+                    None,
+                    None,
+                )?),
+                None => None,
+            };
+            let config = if m.generation.is_null() {
+                GenerationConfig::default()
+            } else {
+                GenerationConfig::from_json(&m.generation, &format!("{origin} (generation)"))?
+            };
+            (tokenizer, chat_template, config)
         };
-        Self::from_model_dir(&dir, opts)
+        let model = crate::models::load(path, opts)?;
+        Ok(Self::new(model, tokenizer, chat_template, config))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

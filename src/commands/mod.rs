@@ -2,10 +2,12 @@
 //! `run(args) -> anyhow::Result<()>`. Add a variant to [`Command`] and an arm
 //! to [`dispatch`] for a new subcommand; keep the logic in the libraries.
 
+pub mod chat;
 pub mod eval;
 pub mod inspect;
 pub mod pull;
 pub mod push;
+pub mod run;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Compare against references: logits (.npy), greedy tokens, perplexity.
     Eval(eval::Args),
+    /// Generate text from a prompt, streamed to stdout (summary on stderr).
+    Run(run::Args),
+    /// Interactive chat with the model's chat template (/reset, /stats, /exit).
+    Chat(chat::Args),
     /// Publish packs, their model card and manifest.json to a Hugging Face hub repo.
     Push(push::Args),
     /// Download the published pack that fits this machine's memory and verify it.
@@ -34,6 +40,8 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Push(a) => push::run(a),
         Command::Pull(a) => pull::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -1,0 +1,381 @@
+//! `mfx run` and `mfx chat` end to end, and greedy parity with outside
+//! references: transformers' float32 greedy tokens for the bf16 model
+//! (shared/models/tiny-qwen3-moe-coder/reference) and mlx-lm's for the MLX
+//! 4-bit model (tests/data/mlx_greedy_4bit.json, scripts/mlx_reference.py).
+
+use mfx_runtime::generate::{FinishReason, GenerateOptions, Generator};
+use mfx_runtime::models::LoadOptions;
+use mfx_runtime::sampling::SamplingParams;
+use serde_json::Value;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+fn bf16_model() -> PathBuf {
+    shared().join("models/tiny-qwen3-moe-coder")
+}
+
+fn mlx_model() -> PathBuf {
+    shared().join("models/tiny-qwen3-moe-coder-mlx-4bit")
+}
+
+fn reference() -> Value {
+    let p = bf16_model().join("reference/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("reference.json")).expect("json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn mfx(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mfx"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mfx");
+    {
+        let mut sin = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            sin.write_all(s.as_bytes()).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("wait mfx")
+}
+
+/// `mfx run` ends its output with a newline unless the text already does.
+fn with_nl(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_owned()
+    } else {
+        format!("{s}\n")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8(b.to_vec()).expect("utf-8 output")
+}
+
+#[test]
+fn run_greedy_equals_transformers_reference() {
+    let r = reference();
+    let model = bf16_model();
+    for name in ["python", "rust"] {
+        let p = &r["prompts"][name];
+        let out = mfx(
+            &[
+                "run",
+                model.to_str().expect("path"),
+                "--prompt",
+                p["text"].as_str().expect("text"),
+                "--temp",
+                "0",
+                "-n",
+                "48",
+            ],
+            None,
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "mfx run failed: {stderr}");
+        let expected = p["greedy_text"].as_str().expect("greedy_text");
+        assert_eq!(stdout, with_nl(expected), "prompt {name}; stderr: {stderr}");
+        // One summary line: prompt size, 48 decoded tokens, speeds, memory.
+        let n_prompt = p["ids"].as_array().expect("ids").len();
+        let line = stderr.lines().last().expect("summary line");
+        assert!(
+            line.starts_with(&format!("prompt: {n_prompt} tok, ")),
+            "{line}"
+        );
+        assert!(
+            line.contains("| decode: 48 tok, ")
+                && line.contains(" tok/s | peak RSS ")
+                && line.ends_with(" MiB"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn run_chat_wraps_the_prompt_in_the_template() {
+    // The reference "chat" prompt is the template applied to this message.
+    let r = reference();
+    let p = &r["prompts"]["chat"];
+    let full = p["text"].as_str().expect("text");
+    let user = full
+        .strip_prefix("<|im_start|>user\n")
+        .and_then(|s| s.split("<|im_end|>").next())
+        .expect("user");
+    let model = bf16_model();
+    let out = mfx(
+        &[
+            "run",
+            model.to_str().expect("path"),
+            "--chat",
+            "--prompt",
+            user,
+            "--temp",
+            "0",
+            "-n",
+            "48",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        with_nl(p["greedy_text"].as_str().expect("t"))
+    );
+    assert!(text(&out.stderr).contains(&format!(
+        "prompt: {} tok",
+        p["ids"].as_array().expect("ids").len()
+    )));
+}
+
+#[test]
+fn run_sampling_is_reproducible_with_a_seed_and_kv8_runs() {
+    let model = bf16_model();
+    let m = model.to_str().expect("path");
+    let args = |seed: &str| {
+        mfx(
+            &[
+                "run",
+                m,
+                "--prompt",
+                "fn main() {",
+                "--temp",
+                "0.9",
+                "--top-p",
+                "0.95",
+                "--seed",
+                seed,
+                "-n",
+                "24",
+            ],
+            None,
+        )
+    };
+    let (a, b, c) = (args("7"), args("7"), args("8"));
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+    assert_ne!(a.stdout, c.stdout, "another seed should sample differently");
+    // int8 KV cache: greedy output must stay sensible (same first tokens).
+    let r = reference();
+    let p = &r["prompts"]["rust"];
+    let out = mfx(
+        &[
+            "run",
+            m,
+            "--prompt",
+            p["text"].as_str().expect("t"),
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "--kv-bits",
+            "8",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tok = mfx_runtime::tokenizer::Tokenizer::from_model_dir(&model).expect("tok");
+    let first8 = tok
+        .decode(&ids(&p["greedy_48"])[..8], false)
+        .expect("decode");
+    assert_eq!(text(&out.stdout), with_nl(&first8));
+    // Stop strings end the output before the match.
+    let out = mfx(
+        &[
+            "run",
+            m,
+            "--prompt",
+            p["text"].as_str().expect("t"),
+            "--temp",
+            "0",
+            "-n",
+            "48",
+            "--stop",
+            "3]",
+        ],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout,
+        format!(
+            "{}\n",
+            &p["greedy_text"].as_str().expect("t")[..stdout.len() - 1]
+        )
+    );
+    assert!(
+        !stdout.contains("3]") && stdout.ends_with("2, \n"),
+        "{stdout:?}"
+    );
+}
+
+#[test]
+fn run_errors_name_the_problem() {
+    let out = mfx(&["run", "/nonexistent/model", "--prompt", "x"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/model"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A checkpoint without tokenizer.json.
+    let fixture = shared().join("fixtures/qwen3_moe");
+    let out = mfx(
+        &["run", fixture.to_str().expect("p"), "--prompt", "x"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("tokenizer.json"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = mfx(
+        &[
+            "run",
+            bf16_model().to_str().expect("p"),
+            "--prompt",
+            "x",
+            "--top-p",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("top_p"), "{}", text(&out.stderr));
+    let out = mfx(
+        &[
+            "run",
+            bf16_model().to_str().expect("p"),
+            "--prompt",
+            "x",
+            "--kv-bits",
+            "3",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects it as a usage error"
+    );
+}
+
+#[test]
+fn chat_over_a_pipe_keeps_history_and_handles_commands() {
+    let r = reference();
+    let p = &r["prompts"]["chat"];
+    let full = p["text"].as_str().expect("text");
+    let user = full
+        .strip_prefix("<|im_start|>user\n")
+        .and_then(|s| s.split("<|im_end|>").next())
+        .expect("user");
+    let input = format!("{user}\n/stats\nThanks. Now in Rust.\n/stats\n/reset\n/stats\n/bogus\n{user}\n/exit\nnever read\n");
+    let model = bf16_model();
+    let out = mfx(
+        &[
+            "chat",
+            model.to_str().expect("p"),
+            "--temp",
+            "0",
+            "-n",
+            "48",
+        ],
+        Some(&input),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let replies: Vec<&str> = stdout.split_terminator('\n').collect();
+    let first = p["greedy_text"].as_str().expect("t");
+    // Greedy first reply equals transformers' (no EOS within 48 tokens),
+    // and after /reset the same question gets the same answer.
+    assert!(stdout.starts_with(&format!("{first}\n")), "{stdout:?}");
+    assert!(stdout.ends_with(&format!("{first}\n")), "{stdout:?}");
+    assert!(replies.len() >= 3);
+    let stats: Vec<&str> = stderr.lines().filter(|l| l.contains("turns: ")).collect();
+    assert_eq!(stats.len(), 3, "{stderr}");
+    assert!(stats[0].contains("turns: 1 |"), "{}", stats[0]);
+    // The second turn reused the first turn's KV state.
+    let last_turn: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("last turn: prompt:"))
+        .collect();
+    assert!(last_turn[1].contains(" reused)"), "{}", last_turn[1]);
+    assert!(
+        stats[2].contains("context: 0 /"),
+        "after /reset: {}",
+        stats[2]
+    );
+    assert!(stderr.contains("unknown command /bogus"), "{stderr}");
+    assert!(!stdout.contains("never read"));
+}
+
+#[test]
+fn chat_refuses_a_model_without_template() {
+    // Not a model at all: the error names the path.
+    let out = mfx(&["chat", "/nonexistent/m"], Some("hi\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/m"));
+}
+
+/// mlx-lm's greedy tokens on the MLX 4-bit model, with f32 activations
+/// (what mfx computes; see scripts/mlx_reference.py for why not bf16).
+#[test]
+fn mlx_4bit_greedy_parity_with_mlx_lm() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mlx_greedy_4bit.json");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).expect("mlx_greedy_4bit.json"))
+            .expect("json");
+    let mut gen = Generator::load(&mlx_model(), &LoadOptions::default()).expect("load MLX model");
+    let mut report = Vec::new();
+    for (name, case) in r["cases"].as_object().expect("cases") {
+        let prompt = ids(&case["prompt_ids"]);
+        let expected = ids(&case["f32"]["generated_ids"]);
+        gen.reset();
+        let opts = GenerateOptions {
+            max_tokens: expected.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let c = gen
+            .generate(&prompt, &SamplingParams::greedy(), &opts, &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .expect("generate");
+        assert_eq!(c.finish_reason, FinishReason::Length);
+        if c.token_ids != expected {
+            let at = c
+                .token_ids
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(expected.len());
+            report.push(format!(
+                "{name}: first difference at step {at} (mlx margin there {}): mfx {:?} vs mlx {:?}",
+                case["f32"]["margins"][at],
+                &c.token_ids[at..(at + 4).min(c.token_ids.len())],
+                &expected[at..(at + 4).min(expected.len())]
+            ));
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "greedy tokens differ from mlx-lm:\n{}",
+        report.join("\n")
+    );
+}
