@@ -22,7 +22,8 @@
 #      LAYERS (synthetic layer count, default 8), BENCH_NICE (default -10: peers and
 #      mfx both run at this nice level, because the 2-core dev machines are shared
 #      with compilers and llama.cpp's spinning threads suffer badly from preemption).
-# Results: $MFX_PEERS_DIR/results/latest -> results/<UTC stamp>/ (JSON + logs).
+# Results: $MFX_PEERS_DIR/results/latest -> results/<UTC stamp>/ (JSON + logs);
+#      BENCH_RESULTS=DIR collects several partial runs into one directory.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/peers_env.sh"
@@ -42,7 +43,7 @@ SYN_Q4="$MODELS/$SYN_NAME-q4_0.gguf"
 MFX="$MFX_REPO_ROOT/target/release/mfx"
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
-RES="$PEERS/results/$STAMP"
+RES="${BENCH_RESULTS:-$PEERS/results/$STAMP}"
 mkdir -p "$RES" "$MODELS"
 ln -sfn "$RES" "$PEERS/results/latest"
 
@@ -130,28 +131,56 @@ step_cgroup() {
         > "$RES/syn-ram-pp2048.json" 2> "$RES/syn-ram-pp2048.err" || true
 }
 
-# mfx side. Uses only the CLI (prep/run/eval); its timing summary on stderr is
-# kept verbatim in the .err files and parsed for tok/s by bench_report.py.
+# mfx side. Uses only the CLI (prep/run); its one-line timing summary on stderr
+# ("prompt: N tok, X tok/s | decode: N tok, Y tok/s | peak RSS Z MiB") is kept
+# verbatim in the .err files and parsed by bench_report.py.
+# MFX_PREP_ARGS: extra `mfx prep` flags for the synthetic model (default: a
+# small calibration set, since its weights are random anyway).
 step_mfx() {
     if [[ ! -x "$MFX" ]]; then
         log "no $MFX: build it with cargo build --release; skipping mfx"
         return 0
     fi
     log "mfx on the same models"
-    local prompt="def quicksort(arr):"
+    # Prompts of exactly 128 and 2048 tokens of real text (shared tokenizer), so
+    # mfx's "prompt" tok/s lines up with llama-bench's pp128/pp2048 (which feed
+    # random tokens; the speed is the same) and "decode" with tg128 (mfx decodes
+    # after the 128-token prompt, llama-bench from an empty context).
+    local n
+    for n in 128 2048; do
+        "$PY" "$HERE/prompt_tokens.py" "$TINY_HF/tokenizer.json" "$MFX_SHARED/data/python.val.txt" "$n" \
+            > "$RES/prompt$n.txt"
+    done
+    local prompt long
+    prompt="$(cat "$RES/prompt128.txt")"; long="$(cat "$RES/prompt2048.txt")"
+    for t in 1 2; do
+        RAYON_NUM_THREADS=$t timed "mfx-tiny-bf16-t$t" "$MFX" run "$TINY_HF" -p "$prompt" -n 128 --temp 0 --ignore-eos \
+            > "$RES/mfx-tiny-bf16-t$t.out" 2> "$RES/mfx-tiny-bf16-t$t.err" || true
+    done
     local tiny_pack="$MODELS/tiny-qwen3-moe-coder.mfx"
     [[ -f "$tiny_pack" ]] || "$MFX" prep "$TINY_HF" --ram 1G -o "$tiny_pack" > "$RES/mfx-prep-tiny.log" 2>&1 || true
-    for t in 1 2; do
-        RAYON_NUM_THREADS=$t timed "mfx-tiny-t$t" "$MFX" run "$tiny_pack" -p "$prompt" -n 128 --temp 0 --ignore-eos \
-            > "$RES/mfx-tiny-t$t.out" 2> "$RES/mfx-tiny-t$t.err" || true
-    done
+    if [[ -f "$tiny_pack" ]]; then
+        for t in 1 2; do
+            RAYON_NUM_THREADS=$t timed "mfx-tiny-pack-t$t" "$MFX" run "$tiny_pack" -p "$prompt" -n 128 --temp 0 --ignore-eos \
+                > "$RES/mfx-tiny-pack-t$t.out" 2> "$RES/mfx-tiny-pack-t$t.err" || true
+        done
+    fi
     for lim in $LIMITS; do
         local pack="$MODELS/$SYN_NAME-$lim.mfx"
-        [[ -f "$pack" ]] || "$MFX" prep "$SYN_HF" --ram "$lim" -o "$pack" > "$RES/mfx-prep-syn-$lim.log" 2>&1 || true
-        [[ -f "$pack" ]] || continue
-        timed "mfx-cg$lim" bash "$HERE/cgroup_run.sh" --evict "$pack" --report "$RES/mfx-syn-cg$lim.mem.json" "$lim" -- \
+        if [[ ! -f "$pack" ]]; then
+            # shellcheck disable=SC2086
+            timed "mfx-prep-$lim" /usr/bin/time -v "$MFX" prep "$SYN_HF" --ram "$lim" -o "$pack" \
+                ${MFX_PREP_ARGS:---calib-rows 2 --calib-seq 256} > "$RES/mfx-prep-syn-$lim.log" 2>&1 || true
+        fi
+        [[ -f "$pack" ]] || { log "mfx prep for $lim failed: see $RES/mfx-prep-syn-$lim.log"; continue; }
+        RAYON_NUM_THREADS=2 timed "mfx-cg$lim-tg" bash "$HERE/cgroup_run.sh" --evict "$pack" \
+            --report "$RES/mfx-syn-cg$lim-tg.mem.json" "$lim" -- \
             "$MFX" run "$pack" -p "$prompt" -n 128 --temp 0 --ignore-eos \
-            > "$RES/mfx-syn-cg$lim.out" 2> "$RES/mfx-syn-cg$lim.err" || true
+            > "$RES/mfx-syn-cg$lim-tg.out" 2> "$RES/mfx-syn-cg$lim-tg.err" || true
+        RAYON_NUM_THREADS=2 timed "mfx-cg$lim-pp2048" bash "$HERE/cgroup_run.sh" --evict "$pack" \
+            --report "$RES/mfx-syn-cg$lim-pp2048.mem.json" "$lim" -- \
+            "$MFX" run "$pack" -p "$long" -n 1 --temp 0 --ignore-eos \
+            > "$RES/mfx-syn-cg$lim-pp2048.out" 2> "$RES/mfx-syn-cg$lim-pp2048.err" || true
     done
 }
 

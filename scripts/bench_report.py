@@ -38,14 +38,18 @@ def fmt(v: tuple[float, float] | None) -> str:
     return f"{avg:.2f} ± {sd:.2f}" if avg < 100 else f"{avg:.0f} ± {sd:.0f}"
 
 
-def mfx_tps(p: Path) -> str:
-    """tok/s from mfx run's stderr summary, whatever its exact wording."""
+def mfx_tps(p: Path, which: str = "decode") -> str:
+    """tok/s from mfx run's stderr summary line
+    ("prompt: N tok, X tok/s | decode: N tok, Y tok/s | peak RSS Z MiB")."""
     try:
         text = p.read_text()
     except OSError:
         return TBD
-    m = re.findall(r"([0-9.]+)\s*tok(?:ens)?/s", text)
-    return f"{float(m[-1]):.2f} (see {p.name})" if m else f"no tok/s in {p.name}"
+    m = re.findall(which + r":\s*\d+ tok, ([0-9.]+) tok/s", text)
+    if not m:
+        return f"failed, see {p.name}"
+    v = float(m[-1])
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
 def main() -> None:
@@ -73,7 +77,9 @@ def main() -> None:
         out.append(f"| {q} | {size / 2**20:.1f} | {matched if matched is not None else '-'} | "
                    f"{fmt(rows.get((1, 'pp128')))} | {fmt(rows.get((1, 'tg128')))} | "
                    f"{fmt(rows.get((2, 'pp128')))} | {fmt(rows.get((2, 'tg128')))} |" if size else f"| {q} | - | - | - | - | - | - |")
-    out.append(f"| mfx | | | {TBD} | {mfx_tps(res / 'mfx-tiny-t1.err')} | | {mfx_tps(res / 'mfx-tiny-t2.err')} |")
+    for kind, label in (("bf16", "mfx, bf16 HF dir"), ("pack", "mfx, .mfx pack (prep --ram 1G)")):
+        t1, t2 = res / f"mfx-tiny-{kind}-t1.err", res / f"mfx-tiny-{kind}-t2.err"
+        out.append(f"| {label} | | | {mfx_tps(t1, 'prompt')} | {mfx_tps(t1)} | {mfx_tps(t2, 'prompt')} | {mfx_tps(t2)} |")
     mlx = (res / "mlx-tiny.txt")
     if mlx.is_file():
         m = re.search(r"Averages: prompt_tps=([0-9.]+), generation_tps=([0-9.]+)", mlx.read_text())
@@ -99,7 +105,11 @@ def main() -> None:
         out.append(f"| cgroup {lim}, mmap, no repack | 2 | {fmt(rows.get((2, 'pp128')))} | "
                    f"{fmt(rows.get((2, 'tg128')))} | {fmt(pp2k.get((2, 'pp2048')))} | {peak} | "
                    f"{mem.get('major_faults', '-')} |")
-        out.append(f"| mfx, cgroup {lim} | 2 | {TBD} | {mfx_tps(res / f'mfx-syn-cg{lim}.err')} | {TBD} | | |")
+        mm = load_json(res / f"mfx-syn-cg{lim}-tg.mem.json") or {}
+        mpeak = f"{mm['cgroup_peak_bytes'] / 2**20:.0f}" if mm else "-"
+        tg = res / f"mfx-syn-cg{lim}-tg.err"
+        out.append(f"| mfx, cgroup {lim} | 2 | {mfx_tps(tg, 'prompt')} | {mfx_tps(tg)} | "
+                   f"{mfx_tps(res / f'mfx-syn-cg{lim}-pp2048.err', 'prompt')} | {mpeak} | {mm.get('major_faults', '-')} |")
     out.append("")
     load = res / "load.log"
     if load.is_file():
