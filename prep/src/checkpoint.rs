@@ -102,6 +102,10 @@ pub struct Checkpoint {
     shards: Vec<Mmap>,
     tensors: BTreeMap<String, Entry>,
     input_bytes: u64,
+    /// When set, `matrix` returns dense (non-expert) matrices as the pack
+    /// will hold them: quantized at (dense bits, group) then dequantized, so
+    /// prep can measure a pack's quality with its own forward pass.
+    dense_sim: Option<(u8, u32)>,
 }
 
 impl Checkpoint {
@@ -177,6 +181,7 @@ impl Checkpoint {
             shard_paths.push(path);
         }
         Ok(Self {
+            dense_sim: None,
             dir: dir.to_path_buf(),
             config,
             shard_paths,
@@ -300,6 +305,37 @@ impl Checkpoint {
     /// MLX-quantized weights dequantized by the reference. `index` picks one
     /// slice of a stacked `[E, rows, cols]` tensor (MLX `switch_mlp`).
     pub fn matrix(&self, module: &str, index: Option<usize>) -> Result<Mat> {
+        let m = self.matrix_source(module, index)?;
+        match self.dense_sim {
+            Some((bits, group)) if index.is_none() && !module.contains(".mlp.experts.") => {
+                let bits = if module.ends_with(".mlp.gate") {
+                    crate::quantize::ROUTER_BITS
+                } else {
+                    bits
+                };
+                match crate::quantize::group_for(m.cols, group) {
+                    Some(g) => {
+                        let s = crate::quantize::quantize_mat(
+                            &m,
+                            mfx_formats::quant::Scheme::affine(bits, g)?,
+                            module,
+                        )?;
+                        Ok(crate::quantize::dequant(&s, m.rows, m.cols))
+                    }
+                    None => Ok(m),
+                }
+            }
+            _ => Ok(m),
+        }
+    }
+
+    /// Turns the dense-weight simulation on (`Some((bits, group))`) or off.
+    pub fn set_dense_sim(&mut self, sim: Option<(u8, u32)>) {
+        self.dense_sim = sim;
+    }
+
+    /// The matrix exactly as the checkpoint stores it (MLX dequantized).
+    pub fn matrix_source(&self, module: &str, index: Option<usize>) -> Result<Mat> {
         let wname = format!("{module}.weight");
         let terr = |msg: String| PrepError::Tensor {
             name: wname.clone(),

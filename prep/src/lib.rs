@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod entropy;
 pub mod error;
+pub mod eval;
 pub mod forward;
 pub mod merge;
 pub mod pin;
@@ -38,6 +39,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
     tmp.write_all(bytes).map_err(werr)?;
+    #[cfg(unix)]
+    {
+        // tempfile creates 0600; packs, profiles and cards are meant to be shared.
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(werr)?;
+    }
     tmp.as_file().sync_all().map_err(werr)?;
     tmp.persist(path).map_err(|e| werr(e.error))?;
     Ok(())

@@ -43,6 +43,9 @@ pub struct Options {
     pub merge_max_nll: f64,
     pub min_codec_saving: f64,
     pub report: Option<PathBuf>,
+    /// Texts to measure each pack's NLL on (reference protocol).
+    pub eval_data: Vec<PathBuf>,
+    pub eval_rows: usize,
     pub model_card: bool,
     pub progress: bool,
 }
@@ -68,6 +71,8 @@ impl Default for Options {
             merge_max_nll: 0.02,
             min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
             report: None,
+            eval_data: Vec::new(),
+            eval_rows: 64,
             model_card: true,
             progress: false,
         }
@@ -80,6 +85,8 @@ pub struct Outcome {
     pub packs: Vec<PackReport>,
     pub calib_nll: Option<f64>,
     pub merge: Option<MergeOutcome>,
+    /// NLL of the unquantized source on each `--eval-data` text.
+    pub source_eval: Vec<(String, f64)>,
 }
 
 fn check_options(o: &Options) -> Result<()> {
@@ -207,7 +214,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         check_writable(p)?;
     }
     let dir = resolve_model(&o.model)?;
-    let ck = Checkpoint::open(&dir)?;
+    let mut ck = Checkpoint::open(&dir)?;
     let c = ck.config.clone();
     forward::check_supported(&c)?;
     log(&format!(
@@ -313,6 +320,37 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         None
     };
 
+    // Quality baseline: the source model on the evaluation texts.
+    let eval_texts = if o.eval_data.is_empty() {
+        Vec::new()
+    } else {
+        calib::read_texts(&o.eval_data)?
+    };
+    let eval_tok = if eval_texts.is_empty() {
+        None
+    } else {
+        Some(Tok::load(&dir, None)?)
+    };
+    let mut source_eval = Vec::new();
+    if let Some(tok) = &eval_tok {
+        let t = Instant::now();
+        source_eval = crate::eval::nll_per_text(
+            &ck,
+            tok,
+            &eval_texts,
+            o.eval_rows,
+            o.calib_seq,
+            &forward::CheckpointExperts(&ck),
+        )?;
+        for (n, v) in &source_eval {
+            log(&format!("  source NLL on {n}: {v:.4}"));
+        }
+        log(&format!(
+            "  (source evaluation took {:.1}s)",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+
     // Stage 4-6: per budget.
     let mut packs = Vec::new();
     for ((label, ram), out) in o.rams.iter().zip(&outputs) {
@@ -338,7 +376,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         })?;
         log(&format!("--ram {label}: {}", pl.reason));
         let t = Instant::now();
-        let rep = write_pack(
+        let mut rep = write_pack(
             &ck,
             &dir,
             o,
@@ -349,6 +387,28 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             out,
             label,
         )?;
+        if let Some(tok) = &eval_tok {
+            ck.set_dense_sim(Some((o.dense_bits, o.group_size)));
+            let sim = crate::eval::SimExperts::new(
+                &ck,
+                &pl,
+                o.hot_bits,
+                o.cold_bits,
+                o.group_size,
+                merge_outcome.as_ref(),
+            );
+            let r =
+                crate::eval::nll_per_text(&ck, tok, &eval_texts, o.eval_rows, o.calib_seq, &sim);
+            drop(sim);
+            ck.set_dense_sim(None);
+            rep.eval_nll = r?;
+            for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&source_eval) {
+                log(&format!(
+                    "  pack NLL on {n}: {v:.4} (source {b:.4}, {:+.2}%)",
+                    (v - b) / b * 100.0
+                ));
+            }
+        }
         log(&format!(
             "  wrote {} ({}) in {:.1}s: {:.2} bits/weight, {} pinned experts ({:.0}% of routed tokens), predicted hit rate {:.1}%",
             out.display(),
@@ -366,6 +426,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         packs,
         calib_nll,
         merge: merge_outcome,
+        source_eval,
     };
     let full = report::full_report(
         &dir,
@@ -542,7 +603,9 @@ fn write_pack(
         dense_bytes: dense_stored,
         expert_raw_bytes: expert_raw,
         expert_stored_bytes: expert_stored,
-        bits_per_weight: (summary.file_length as f64 * 8.0) / weights_total.max(1) as f64,
+        bits_per_weight: ((dense_stored + expert_stored) as f64 * 8.0)
+            / weights_total.max(1) as f64,
+        eval_nll: Vec::new(),
         expert_code_bits: bit_weighted / expert_weights.max(1) as f64,
         pinned_experts: pinned,
         total_experts: pl.layers.len() * c.experts,

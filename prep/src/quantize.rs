@@ -178,7 +178,7 @@ pub fn quantize_mat(m: &Mat, scheme: Scheme, what: &str) -> Result<Stored> {
 /// Reads and encodes one dense tensor.
 pub fn encode_dense(ck: &Checkpoint, t: &DenseTensor) -> Result<Stored> {
     if t.shape.len() == 2 {
-        let m = ck.matrix(&t.module, None)?;
+        let m = ck.matrix_source(&t.module, None)?;
         quantize_mat(&m, t.scheme, &t.name)
     } else {
         let (_, v) = ck.float_tensor(&t.name)?;

@@ -116,6 +116,8 @@ pub struct PackReport {
     pub pinned_token_share: f64,
     pub predicted_hit_rate: f64,
     pub hot_fraction: f64,
+    /// Measured NLL of this pack per `--eval-data` text (prep's forward, weights as stored).
+    pub eval_nll: Vec<(String, f64)>,
     #[serde(skip)]
     pub plan: Plan,
     #[serde(skip)]
@@ -193,6 +195,7 @@ pub fn full_report(dir: &Path, o: &Options, out: &Outcome, secs: f64, input_byte
         "calibration_nll": out.calib_nll,
         "routing": routing_summary(&out.profile),
         "merge": out.merge,
+        "source_eval_nll": out.source_eval,
         "packs": packs,
         "seconds": secs,
         "input_bytes": input_bytes,
@@ -252,6 +255,20 @@ pub fn write_model_card(
         _ => "not measured in this run (measure with `mfx eval ppl PACK --data FILE`)".into(),
     };
     let hit = rep.predicted_hit_rate * 100.0;
+    let mut quality = String::new();
+    if !rep.eval_nll.is_empty() {
+        quality.push_str("\n## Measured quality\n\nMean next-token NLL (nats; 64 rows x 512 tokens per file), source weights vs this pack:\n\n| data | source | pack | change |\n| --- | --- | --- | --- |\n");
+        for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&out.source_eval) {
+            let short = Path::new(n)
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_else(|| n.clone());
+            quality.push_str(&format!(
+                "| {short} | {b:.4} | {v:.4} | {:+.2}% |\n",
+                (v - b) / b * 100.0
+            ));
+        }
+    }
     let text = format!(
         "---\nbase_model: {base}\nlibrary_name: mfx\ntags:\n- mfx\n- mixture-of-experts\n- quantized\nmfx:\n  ram_budget: \"{ram}\"\n  ram_bytes: {ram_bytes}\n  bits_per_weight: {bpw:.3}\n  predicted_hit_rate: {hitf:.4}\n---\n{CARD_MARKER}\n\
 # {base} for mfx, {ram} RAM\n\n\
@@ -260,7 +277,7 @@ tuned to run in {ram} of RAM: dense weights and the most-used experts stay resid
 | | |\n| --- | --- |\n| file size | {size} |\n| bits per weight | {bpw:.2} |\n| hot experts (4-bit class) | {hotp:.0}% |\n\
 | pinned experts | {pinned} of {total} ({share:.0}% of calibration routing) |\n| predicted cache hit rate | {hit:.1}% |\n| quality | {nll} |\n\n\
 Run it:\n\n```\nmfx run {file} -p \"def fib(n):\"\n```\n\n\
-Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\n",
+Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\n{quality}",
         ram = rep.ram_label,
         ram_bytes = rep.ram,
         bpw = rep.bits_per_weight,

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod eval;
 pub mod inspect;
+pub mod prep;
 pub mod pull;
 pub mod push;
 pub mod run;
@@ -31,6 +32,8 @@ pub enum Command {
     Push(push::Args),
     /// Download the published pack that fits this machine's memory and verify it.
     Pull(pull::Args),
+    /// Turn a checkpoint into a pack tuned for a memory budget (profile, pin, quantize, write).
+    Prep(prep::Args),
     /// Describe a pack: header, sizes, tensor and expert tables, precision mix, pinning.
     Inspect(inspect::Args),
     /// Check every checksum of a pack; exits 1 naming the first bad tensor or expert.
@@ -44,6 +47,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Push(a) => push::run(a),
         Command::Pull(a) => pull::run(a),
+        Command::Prep(a) => prep::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
     }

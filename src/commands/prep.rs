@@ -1,0 +1,154 @@
+//! `mfx prep MODEL --ram 32G -o model.mfx`: turn a checkpoint into packs
+//! tuned for a machine's memory. All logic lives in `mfx_prep`; this module
+//! maps flags to `mfx_prep::Options` and prints the summary.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// Checkpoint directory (Hugging Face or MLX), or a hub id ORG/NAME already
+    /// in the local Hugging Face cache.
+    pub model: String,
+    /// Memory budget(s): 16G, 32GB, 48GiB, 512M (binary units), or a list
+    /// 16G,32G,64G (one pack per budget, one profiling run).
+    #[arg(long)]
+    pub ram: String,
+    /// Output pack; with several budgets a pattern containing {ram}.
+    #[arg(short, long)]
+    pub output: String,
+    /// Calibration text files (documents separated by "\n<|endoftext|>\n");
+    /// default: the built-in set (code in five languages, prose, chat).
+    #[arg(long, num_args = 1..)]
+    pub calib: Vec<PathBuf>,
+    /// Rows of --calib-seq tokens taken from each calibration source.
+    #[arg(long, default_value_t = 16)]
+    pub calib_rows: usize,
+    /// Tokens per calibration row (each row is an independent sequence).
+    #[arg(long, default_value_t = 512)]
+    pub calib_seq: usize,
+    /// Reuse a routing/pin profile (skips profiling).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Write the routing/pin profile to FILE.
+    #[arg(long)]
+    pub save_profile: Option<PathBuf>,
+    /// Pin experts per layer until they carry this share of routing mass.
+    #[arg(long, default_value_t = 0.8)]
+    pub pin_mass: f64,
+    /// Bits of frequently routed ("hot") experts.
+    #[arg(long, default_value_t = 4)]
+    pub hot_bits: u8,
+    /// Bits of rarely routed ("cold") experts.
+    #[arg(long, default_value_t = 2)]
+    pub cold_bits: u8,
+    /// Bits of dense weights (attention, embeddings, lm_head): 8 or 4. Routers stay at 8.
+    #[arg(long, default_value_t = 8)]
+    pub dense_bits: u8,
+    /// Quantization group size (32, 64 or 128).
+    #[arg(long, default_value_t = 64)]
+    pub group_size: u32,
+    /// Fraction of each layer's experts at --hot-bits (overrides the automatic choice).
+    #[arg(long)]
+    pub hot_fraction: Option<f64>,
+    /// Merge near-duplicate experts (checked against --merge-max-nll).
+    #[arg(long)]
+    pub merge: bool,
+    /// Largest relative NLL increase a merge may cause (0.02 = +2%).
+    #[arg(long, default_value_t = 0.02)]
+    pub merge_max_nll: f64,
+    /// Store an expert blob coded (zstd/Huffman) only if it saves at least this fraction.
+    #[arg(long, default_value_t = mfx_prep::entropy::DEFAULT_MIN_SAVING)]
+    pub min_codec_saving: f64,
+    /// Write the full JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Measure each pack's NLL on these texts (../shared's val protocol) and
+    /// put the numbers in the report and model card.
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    /// Rows of --calib-seq tokens scored per --eval-data file.
+    #[arg(long, default_value_t = 64)]
+    pub eval_rows: usize,
+    /// Do not write the model card (README.md) beside the pack.
+    #[arg(long)]
+    pub no_card: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(t) = a.threads {
+        // Fails only if the global pool was already built, which prep never does first.
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .ok();
+    }
+    let rams = mfx_prep::ram::parse_list(&a.ram)?;
+    let opts = mfx_prep::Options {
+        model: a.model,
+        rams,
+        output: a.output,
+        calib: a.calib,
+        calib_rows: a.calib_rows,
+        calib_seq: a.calib_seq,
+        profile: a.profile,
+        save_profile: a.save_profile,
+        pin_mass: a.pin_mass,
+        hot_bits: a.hot_bits,
+        cold_bits: a.cold_bits,
+        dense_bits: a.dense_bits,
+        group_size: a.group_size,
+        hot_fraction: a.hot_fraction,
+        merge: a.merge,
+        merge_max_nll: a.merge_max_nll,
+        min_codec_saving: a.min_codec_saving,
+        report: a.report,
+        eval_data: a.eval_data,
+        eval_rows: a.eval_rows,
+        model_card: !a.no_card,
+        progress: !a.quiet,
+    };
+    let quiet = a.quiet;
+    let log = move |m: &str| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    };
+    let out = mfx_prep::run(&opts, &log).context("mfx prep failed")?;
+    for p in &out.packs {
+        let c = p.codecs.experts;
+        println!(
+            "{}: {} bytes, {:.2} bits/weight, hot {:.0}%, pinned {}/{} ({:.0}% of routing), predicted hit rate {:.1}%, \
+             expert blobs zstd -{:.1}% huffman -{:.1}% (stored: {} none, {} zstd, {} huffman)",
+            p.path,
+            p.file_bytes,
+            p.bits_per_weight,
+            p.hot_fraction * 100.0,
+            p.pinned_experts,
+            p.total_experts,
+            p.pinned_token_share * 100.0,
+            p.predicted_hit_rate * 100.0,
+            pct(c.raw, c.zstd),
+            pct(c.raw, c.huffman),
+            p.codecs.stored_none,
+            p.codecs.stored_zstd,
+            p.codecs.stored_huffman
+        );
+    }
+    Ok(())
+}
+
+fn pct(raw: u64, coded: u64) -> f64 {
+    if raw == 0 {
+        0.0
+    } else {
+        (1.0 - coded as f64 / raw as f64) * 100.0
+    }
+}
