@@ -212,7 +212,12 @@ fn affine_schemes_all_tiers() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for bits in [2u8, 3, 4, 6, 8] {
         for gs in [32usize, 64, 128] {
-            for (rows, cols) in [(1, 128), (7, 256), (33, 384)] {
+            // 32 and 160 columns have an odd number of 32-blocks (a trailing
+            // block outside the pairs of the int8 path); only gs=32 fits them.
+            for (rows, cols) in [(1, 128), (7, 256), (33, 384), (2, 32), (3, 160)] {
+                if cols % gs != 0 {
+                    continue;
+                }
                 let w = rand_vec(&mut rng, rows * cols);
                 let q = quantize(&w, rows, cols, bits, gs).expect("valid shape");
                 check_all_tiers(&Weights::Affine(q), rows, cols, &mut rng);

@@ -140,6 +140,13 @@ impl Backend for Avx2 {
 
 // ---------------------------------------------------------------- helpers
 
+/// bf16 -> f32 by moving the bits up. `half`'s `to_f32` also quiets NaNs,
+/// a compare and a select that cost measurably in per-block scale loads.
+#[inline(always)]
+fn bf16_bits_to_f32(b: bf16) -> f32 {
+    f32::from_bits((b.to_bits() as u32) << 16)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -592,7 +599,12 @@ unsafe fn affine_dot<D: Decode, const N: usize>(
     let blocks_per_group = group_size / 32;
     let mut c = 0;
     for g in 0..cols / group_size {
-        let (s, b) = unsafe { ((*scales.add(g)).to_f32(), (*biases.add(g)).to_f32()) };
+        let (s, b) = unsafe {
+            (
+                bf16_bits_to_f32(*scales.add(g)),
+                bf16_bits_to_f32(*biases.add(g)),
+            )
+        };
         let (s, b) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
         for _ in 0..blocks_per_group {
             let q = unsafe { D::decode32(row.add(c * D::BITS / 8)) };
@@ -747,38 +759,57 @@ unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
 //
 // For 2- and 4-bit weights the f32 path is compute bound (decode + convert +
 // two FMAs per 8 weights). As llama.cpp does, x is instead quantized once per
-// call to int8 with one f32 scale per 32-block, and each block's dot is
-// `vpmaddubsw` (unsigned codes x signed x, pairwise i16) + `vpmaddwd` (to
-// i32) + one convert + one FMA with `scale_w * scale_x`. The bias term uses
-// the identity `sum((s q + b) x) = s sum(q x) + b sum(x)` with the exact f32
-// `sum(x)` per group. Codes are at most 15, so `15 * 127 * 2` cannot
-// saturate the i16 pairs. The extra error is x's rounding, at most half an
-// int8 step of the block's absmax per element: about 2e-3 of `sum |w x|`,
-// an order of magnitude under 4-bit weight rounding (see the budgets in
-// `tests/kernels.rs`). 8-bit codes would saturate `vpmaddubsw`, and 3/6-bit
-// are rarer, so those stay on the f32 path.
+// call to int8 with one f32 scale per 32-block, and the dot of a *pair* of
+// blocks is two `vpmaddubsw` (unsigned codes x signed x, pairwise i16), one
+// i16 add, one `vpmaddwd` (to i32), one convert and one FMA with
+// `scale_w * scale_x` laid out per i32 lane. The bias term uses the identity
+// `sum((s q + b) x) = s sum(q x) + b sum(x)` with the exact f32 `sum(x)` per
+// group, one vector dot per row. Codes are at most 15, so two
+// `15 * 127 * 2` sums cannot overflow i16. The extra error is x's rounding,
+// at most half an int8 step of the block's absmax per element: measured
+// ~2.6e-3 of `sum |w x|` worst case, an order of magnitude under 4-bit weight
+// rounding (budgets in `tests/kernels.rs`). 8-bit codes would saturate
+// `vpmaddubsw`, and 3/6-bit are rarer, so those stay on the f32 path.
+//
+// The decoders return two vectors per block pair in whatever lane order is
+// cheapest; `quantize_x` lays x out in that same order (`PAIR_PERM`), and
+// `LANE_BLOCK` says which block each i32 lane of the `vpmaddwd` result
+// belongs to, so scales can be applied per lane.
 
-/// A decoder for the integer path: one 32-byte vector of codes per block.
+/// A decoder for the integer path.
 trait DecodeI8 {
     const BITS: usize;
-    /// Lane `L` of a decoded block holds element `PERM[L]`.
-    const PERM: [u8; 32];
-    /// Blocks `p` and `p + 4 * BITS` bytes (reads exactly those 8 * BITS bytes).
+    /// Lane `L` of the two decoded vectors (0..32 first, 32..64 second) holds
+    /// element `PAIR_PERM[L]` of the pair (0..32 first block, 32..64 second).
+    const PAIR_PERM: [u8; 64];
+    /// The block (0 or 1) each i32 lane of `madd(maddubs(..))` sums.
+    const LANE_BLOCK: [u8; 8];
+    /// Lane order of [`DecodeI8::decode_one`] (a trailing odd block).
+    const ONE_PERM: [u8; 32];
+    /// Two blocks at `p` (reads exactly `8 * BITS` bytes).
     /// # Safety: bytes readable; AVX2 available.
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i);
-    /// One block (reads exactly 4 * BITS bytes). # Safety: as above.
+    /// One block (reads exactly `4 * BITS` bytes). # Safety: as above.
     unsafe fn decode_one(p: *const u8) -> __m256i;
 }
 
 struct Q4i8;
 impl DecodeI8 for Q4i8 {
     const BITS: usize = 4;
+    // 32 bytes: low nibbles of both blocks, then high nibbles of both.
+    const PAIR_PERM: [u8; 64] = q4i8_pair_perm();
+    const LANE_BLOCK: [u8; 8] = [0, 0, 0, 0, 1, 1, 1, 1];
     // Low nibbles (even elements) in lanes 0..16, high nibbles (odd) in 16..32.
-    const PERM: [u8; 32] = split_perm(4);
+    const ONE_PERM: [u8; 32] = split_perm(4);
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
-        unsafe { (Self::decode_one(p), Self::decode_one(p.add(16))) }
+        let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        let m = _mm256_set1_epi8(0x0F);
+        (
+            _mm256_and_si256(v, m),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+        )
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -789,16 +820,30 @@ impl DecodeI8 for Q4i8 {
     }
 }
 
+const fn q4i8_pair_perm() -> [u8; 64] {
+    let mut p = [0u8; 64];
+    let mut l = 0;
+    while l < 64 {
+        let (nibble, lane) = (l / 32, l % 32);
+        p[l] = (32 * (lane / 16) + 2 * (lane % 16) + nibble) as u8;
+        l += 1;
+    }
+    p
+}
+
 struct Q2i8;
 impl DecodeI8 for Q2i8 {
     const BITS: usize = 2;
+    // 16 bytes; first vector: field 0 of all bytes, then field 1; second:
+    // fields 2 and 3. Bytes 0..8 are the first block, 8..16 the second.
+    const PAIR_PERM: [u8; 64] = q2i8_pair_perm();
+    const LANE_BLOCK: [u8; 8] = [0, 0, 1, 1, 0, 0, 1, 1];
     // Per block: field 0 (elements 4j), field 2 (4j+2), field 1 (4j+1), field 3 (4j+3).
-    const PERM: [u8; 32] = q2i8_perm();
+    const ONE_PERM: [u8; 32] = q2i8_perm();
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
-        let (a, b) = unsafe { q2_fields(_mm_loadu_si128(p as *const __m128i)) };
-        (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+        unsafe { q2_fields(_mm_loadu_si128(p as *const __m128i)) }
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -808,10 +853,23 @@ impl DecodeI8 for Q2i8 {
     }
 }
 
-/// For 16 bytes (two 2-bit blocks) broadcast to both halves: `a` holds field
-/// 0 (low half) and field 1 (high half) of every byte, `b` fields 2 and 3.
-/// Shifting 32-bit words is fine: bits pulled in from the next byte land
-/// above bit 1 and are masked off.
+const fn q2i8_pair_perm() -> [u8; 64] {
+    let mut p = [0u8; 64];
+    let mut l = 0;
+    while l < 64 {
+        let (vec, lane) = (l / 32, l % 32);
+        let field = 2 * vec + lane / 16;
+        let byte = lane % 16;
+        p[l] = (32 * (byte / 8) + 4 * (byte % 8) + field) as u8;
+        l += 1;
+    }
+    p
+}
+
+/// For 16 bytes broadcast to both halves: `a` holds field 0 (low half) and
+/// field 1 (high half) of every byte, `b` fields 2 and 3. Shifting 32-bit
+/// words is fine: bits pulled in from the next byte land above bit 1 and
+/// are masked off.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q2_fields(v: __m128i) -> (__m256i, __m256i) {
@@ -841,40 +899,67 @@ const fn q2i8_perm() -> [u8; 32] {
 
 /// x quantized for the integer path, laid out for one decoder.
 struct XInt8 {
-    /// `n * cols` codes, each 32-block in the decoder's lane order.
+    /// `n * cols` codes: per row, block pairs in `PAIR_PERM` order, then a
+    /// trailing odd block in `ONE_PERM` order.
     q: Vec<i8>,
-    /// `n * cols / 32` block scales (`x ~= d * q`).
+    /// `n * nblk` block scales (`x ~= d * q`).
     d: Vec<f32>,
-    /// `n * cols / group_size` exact f32 sums of x per weight group.
+    /// `n * npairs * 8`: the block scale of each i32 lane (`LANE_BLOCK`).
+    dpat: Vec<f32>,
+    /// `n * groups` exact f32 sums of x per weight group.
     sum: Vec<f32>,
 }
 
-fn quantize_x(x: &[f32], cols: usize, group_size: usize, perm: &[u8; 32]) -> XInt8 {
+fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) -> XInt8 {
+    let nblk = cols / 32;
+    let npairs = nblk / 2;
+    let mut d = Vec::with_capacity(n * nblk);
+    for b in x.chunks_exact(32) {
+        d.push(b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0);
+    }
+    let code = |v: f32, d: f32| if d > 0.0 { (v / d).round() as i8 } else { 0 };
     let mut q = vec![0i8; x.len()];
-    let mut d = Vec::with_capacity(x.len() / 32);
-    for (src, dst) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
-        let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (o, &p) in dst.iter_mut().zip(perm) {
-            *o = (src[p as usize] * inv).round() as i8;
+    let mut dpat = Vec::with_capacity(n * npairs * 8);
+    for i in 0..n {
+        let (xr, qr, dr) = (
+            &x[i * cols..(i + 1) * cols],
+            &mut q[i * cols..(i + 1) * cols],
+            &d[i * nblk..(i + 1) * nblk],
+        );
+        for p in 0..npairs {
+            for (l, &e) in D::PAIR_PERM.iter().enumerate() {
+                let e = e as usize;
+                qr[64 * p + l] = code(xr[64 * p + e], dr[2 * p + e / 32]);
+            }
+            dpat.extend(D::LANE_BLOCK.iter().map(|&b| dr[2 * p + b as usize]));
         }
-        d.push(amax / 127.0);
+        if nblk % 2 == 1 {
+            let o = 64 * npairs;
+            for (l, &e) in D::ONE_PERM.iter().enumerate() {
+                qr[o + l] = code(xr[o + e as usize], dr[nblk - 1]);
+            }
+        }
     }
     let sum = x.chunks_exact(group_size).map(|g| g.iter().sum()).collect();
-    debug_assert_eq!(x.len() % cols, 0);
-    XInt8 { q, d, sum }
+    XInt8 { q, d, dpat, sum }
 }
 
 fn int8x_matmul<D: DecodeI8>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out) {
-    let xq = quantize_x(x, a.cols, a.group_size, &D::PERM);
+    let xq = quantize_x::<D>(x, n, a.cols, a.group_size);
     let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
     for_row_chunks(a.rows, row_bytes, n, |range| {
+        let mut sbuf = vec![0.0f32; a.groups_per_row()];
         let mut i0 = 0;
         while i0 < n {
             let nb = (n - i0).min(NB);
             // SAFETY: features detected; check_matmul verified every buffer
             // length; xq was built from x (n * cols); rows belong to this task.
-            unsafe { with_nb!(nb, int8x_rows::<D>(a, &xq, i0, range.clone(), out)) };
+            unsafe {
+                with_nb!(
+                    nb,
+                    int8x_rows::<D>(a, &xq, i0, range.clone(), out, &mut sbuf)
+                )
+            };
             i0 += nb;
         }
     });
@@ -887,91 +972,132 @@ unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
     i0: usize,
     rows: Range<usize>,
     out: Out,
+    sbuf: &mut [f32],
 ) {
     let rb = a.row_bytes();
     let gpr = a.groups_per_row();
     let nblk = a.cols / 32;
+    let npairs = nblk / 2;
     for r in rows {
+        // SAFETY: check_matmul verified scales/biases hold rows * gpr values.
+        let (sc, bi) = unsafe {
+            (
+                a.scales.as_ptr().add(r * gpr),
+                a.biases.as_ptr().add(r * gpr),
+            )
+        };
+        unsafe { widen(std::slice::from_raw_parts(sc, gpr), sbuf) };
+        let mut bias = [0.0f32; N];
+        for (i, b) in bias.iter_mut().enumerate() {
+            *b = unsafe { bf16_dot(bi, xq.sum.as_ptr().add((i0 + i) * gpr), gpr) };
+        }
         let res = unsafe {
             int8x_dot::<D, N>(
                 a.packed.as_ptr().add(r * rb),
-                a.scales.as_ptr().add(r * gpr),
-                a.biases.as_ptr().add(r * gpr),
+                sbuf.as_ptr(),
                 a.cols,
                 a.group_size,
                 xq.q.as_ptr().add(i0 * a.cols),
                 xq.d.as_ptr().add(i0 * nblk),
-                xq.sum.as_ptr().add(i0 * gpr),
+                xq.dpat.as_ptr().add(i0 * npairs * 8),
             )
         };
-        for (i, v) in res.into_iter().enumerate() {
-            unsafe { out.write(i0 + i, r, v) };
+        for (i, (v, b)) in res.into_iter().zip(bias).enumerate() {
+            unsafe { out.write(i0 + i, r, v + b) };
         }
     }
 }
 
+/// `sum(bf16[k] * f32[k])` for `len` elements.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
+unsafe fn bf16_dot(b: *const bf16, x: *const f32, len: usize) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut k = 0;
+    unsafe {
+        while k + 8 <= len {
+            acc = _mm256_fmadd_ps(bf16::load8(b.add(k)), _mm256_loadu_ps(x.add(k)), acc);
+            k += 8;
+        }
+        let mut s = hsum(acc);
+        while k < len {
+            s += bf16_bits_to_f32(*b.add(k)) * *x.add(k);
+            k += 1;
+        }
+        s
+    }
+}
+
+/// Dots one 2/4-bit row (scales already widened to f32) with `N` rows of
+/// quantized x; the bias term is added by the caller.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
     row: *const u8,
-    scales: *const bf16,
-    biases: *const bf16,
+    scales: *const f32,
     cols: usize,
     group_size: usize,
     xq: *const i8,
     xd: *const f32,
-    xsum: *const f32,
+    xdpat: *const f32,
 ) -> [f32; N] {
     let nblk = cols / 32;
-    let gpr = cols / group_size;
-    let bpg = group_size / 32;
-    // Two FMA chains per input while they fit the registers.
-    let k1 = if N <= 4 { 1 } else { 0 };
+    let npairs = nblk / 2;
+    // Group sizes are powers of two (checked in `check_matmul`): a shift,
+    // not a division, in the block loop.
+    let bpg_log2 = (group_size / 32).trailing_zeros();
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; N];
-    let mut bias = [0.0f32; N];
-    for g in 0..gpr {
-        let b = unsafe { (*biases.add(g)).to_f32() };
-        for (i, bi) in bias.iter_mut().enumerate() {
-            *bi += b * unsafe { *xsum.add(i * gpr + g) };
-        }
-    }
-    let block_dot = |c: __m256i, x: *const i8| {
-        // SAFETY: x points at 32 codes inside xq; features as the caller's.
-        let xv = unsafe { _mm256_loadu_si256(x as *const __m256i) };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
+    let lane_mask = {
+        let m = D::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
+        unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
     };
-    let mut blk = 0;
-    unsafe {
-        while blk + 2 <= nblk {
-            let (c0, c1) = D::decode_pair(row.add(blk * 4 * D::BITS));
-            let s0 = (*scales.add(blk / bpg)).to_f32();
-            let s1 = (*scales.add((blk + 1) / bpg)).to_f32();
+    // Two FMA chains per input (even and odd pairs) while registers allow.
+    let k1 = if N <= 4 { 1 } else { 0 };
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
+        // SAFETY: p < npairs, so the pair's bytes, codes and scales exist.
+        unsafe {
+            let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
+            let s0 = _mm256_set1_ps(*scales.add((2 * p) >> bpg_log2));
+            let s1 = _mm256_set1_ps(*scales.add((2 * p + 1) >> bpg_log2));
+            let sv = _mm256_blendv_ps(s0, s1, lane_mask);
             for (i, a) in acc.iter_mut().enumerate() {
-                let xi = xq.add(i * cols + blk * 32);
-                let d = xd.add(i * nblk + blk);
-                a[0] = _mm256_fmadd_ps(block_dot(c0, xi), _mm256_set1_ps(s0 * *d), a[0]);
-                a[k1] = _mm256_fmadd_ps(
-                    block_dot(c1, xi.add(32)),
-                    _mm256_set1_ps(s1 * *d.add(1)),
-                    a[k1],
-                );
+                let xi = xq.add(i * cols + 64 * p);
+                let xa = _mm256_loadu_si256(xi as *const __m256i);
+                let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                let s16 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(ca, xa), _mm256_maddubs_epi16(cb, xb));
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                let scale = _mm256_mul_ps(sv, _mm256_loadu_ps(xdpat.add((i * npairs + p) * 8)));
+                a[slot] = _mm256_fmadd_ps(f, scale, a[slot]);
             }
-            blk += 2;
         }
-        if blk < nblk {
+    };
+    let mut p = 0;
+    while p + 2 <= npairs {
+        pair(p, &mut acc, 0);
+        pair(p + 1, &mut acc, k1);
+        p += 2;
+    }
+    if p < npairs {
+        pair(p, &mut acc, 0);
+    }
+    if nblk % 2 == 1 {
+        let blk = nblk - 1;
+        // SAFETY: the trailing block's bytes, codes and scales exist.
+        unsafe {
             let c = D::decode_one(row.add(blk * 4 * D::BITS));
-            let s = (*scales.add(blk / bpg)).to_f32();
+            let s = *scales.add(blk >> bpg_log2);
             for (i, a) in acc.iter_mut().enumerate() {
-                let p = block_dot(c, xq.add(i * cols + blk * 32));
-                a[0] = _mm256_fmadd_ps(p, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
+                let xv = _mm256_loadu_si256(xq.add(i * cols + blk * 32) as *const __m256i);
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones));
+                a[0] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
             }
         }
     }
     let mut res = [0.0f32; N];
-    for ((r, a), b) in res.iter_mut().zip(&acc).zip(bias) {
-        *r = unsafe { hsum(_mm256_add_ps(a[0], a[1])) } + b;
+    for (r, a) in res.iter_mut().zip(&acc) {
+        *r = unsafe { hsum(_mm256_add_ps(a[0], a[1])) };
     }
     res
 }

@@ -86,7 +86,7 @@ impl MatRef<'_> {
             MatRef::F16 { rows, cols, data } => rows.checked_mul(*cols) == Some(data.len()),
             MatRef::Affine(a) => {
                 let n = a.rows.checked_mul(a.cols);
-                a.group_size > 0
+                a.group_size.is_power_of_two()
                     && a.cols % a.group_size == 0
                     && a.group_size % 32 == 0
                     && mfx_formats::quant::AFFINE_BITS.contains(&a.bits)
