@@ -219,13 +219,21 @@ fn print_human(pack: &Pack, s: &Value) {
     );
     println!("writer     {} {}", m.writer.name, m.writer.version);
     let md = &s["model"];
+    // Config keys differ across families; show what is missing as "?".
+    let opt = |v: &Value| {
+        if v.is_null() {
+            "?".to_string()
+        } else {
+            v.to_string().trim_matches('"').to_string()
+        }
+    };
     println!(
         "model      {} — {} layers, {} experts (top-{}), hidden {}",
-        md["model_type"].as_str().unwrap_or("?"),
-        md["num_hidden_layers"],
-        md["num_experts"],
-        md["num_experts_per_tok"],
-        md["hidden_size"]
+        opt(&md["model_type"]),
+        opt(&md["num_hidden_layers"]),
+        opt(&md["num_experts"]),
+        opt(&md["num_experts_per_tok"]),
+        opt(&md["hidden_size"])
     );
     let sec = &s["sections"];
     println!(
@@ -249,9 +257,9 @@ fn print_human(pack: &Pack, s: &Value) {
     if let Some(o) = t["by_scheme"].as_object() {
         for (k, v) in o {
             println!(
-                "             {k:<10} {:>6} tensors  {:>12} weights  {:>10}",
-                v["count"],
-                v["weights"],
+                "             {k:<10} {:>7} tensors {:>14} weights {:>11}",
+                g(&v["count"]),
+                g(&v["weights"]),
                 human(g(&v["bytes"]))
             );
         }
@@ -276,7 +284,7 @@ fn print_human(pack: &Pack, s: &Value) {
         for (k, v) in o {
             println!(
                 "             codec {k:<8} {:>6} blobs  stored {:>10}  raw {:>10}",
-                v["count"],
+                g(&v["count"]),
                 human(g(&v["stored_bytes"])),
                 human(g(&v["raw_bytes"]))
             );
@@ -285,8 +293,9 @@ fn print_human(pack: &Pack, s: &Value) {
     if let Some(o) = e["by_part"].as_object() {
         for (k, v) in o {
             println!(
-                "             {k:<20} {:>6} parts  {:>12} weights",
-                v["count"], v["weights"]
+                "             {k:<20} {:>7} parts {:>14} weights",
+                g(&v["count"]),
+                g(&v["weights"])
             );
         }
     }
