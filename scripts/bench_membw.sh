@@ -3,8 +3,10 @@
 # of the bound (a memory-bound decoder cannot beat bytes_touched_per_token / BW).
 #
 # Two independent measurements:
-#   * sysbench memory (Debian package): sequential read and write, 1 MiB blocks,
-#     1 and 2 threads.
+#   * sysbench memory (Debian package): sequential read and write, 1 and 2
+#     threads. Each sysbench thread loops over one buffer of --memory-block-size,
+#     so the block must be far larger than the L3 (32 MiB here) or it measures
+#     cache: 512 MiB.
 #   * numpy: a 1 GiB array copy (counts read + write bytes) and a 1 GiB sum
 #     (read only), best of 5, single thread - closest to what a streaming
 #     matvec does.
@@ -19,11 +21,11 @@ declare -A R
 if command -v sysbench >/dev/null; then
     for op in read write; do
         for t in 1 2; do
-            v="$(sysbench memory --memory-block-size=1M --memory-total-size=64G --memory-oper="$op" \
+            v="$(sysbench memory --memory-block-size=512M --memory-total-size=1T --memory-oper="$op" \
                  --memory-access-mode=seq --threads="$t" --time=10 run 2>/dev/null \
                  | awk '/MiB transferred/ { gsub(/[()]/, "", $4); print $4 }')"
             R["sysbench_${op}_t${t}_MiBps"]="$v"
-            echo "sysbench memory $op seq 1M threads=$t: $v MiB/s"
+            echo "sysbench memory $op seq 512M-block threads=$t: $v MiB/s"
         done
     done
 else
