@@ -10,6 +10,9 @@ match all or nearly all (bf16 activations can flip near-ties late in a run);
 quantized ones diverge earlier, which is the point of measuring it.
 
 Usage: check_llamacpp_reference.py MODEL.gguf [--min-match N]
+       check_llamacpp_reference.py --mfx target/release/mfx MODEL_DIR_OR_PACK
+With --mfx the same check runs `mfx run` instead (it prints no prompt ids, so
+only the greedy tokens are compared), putting mfx in the same column as the peer.
 Exit 1 if a prompt's ids differ or fewer than --min-match tokens match on average.
 """
 from __future__ import annotations
@@ -40,7 +43,8 @@ def matched_tokens(tok, ref_ids: list[int], out_text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("gguf", type=Path)
+    ap.add_argument("gguf", type=Path, help="GGUF for llama.cpp, or with --mfx a model dir / .mfx pack")
+    ap.add_argument("--mfx", type=Path, help="run this mfx binary instead of llama-completion")
     ap.add_argument("--bin", type=Path, default=PEERS / "llama.cpp" / "bin" / "llama-completion")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-match", type=float, default=0.0, help="required mean matched tokens (of 48)")
@@ -52,6 +56,15 @@ def main() -> None:
     ok = True
     results = {}
     for name, p in ref["prompts"].items():
+        if a.mfx:
+            r = subprocess.run([str(a.mfx), "run", str(a.gguf), "-p", p["text"], "-n", str(len(p["greedy_48"])),
+                                "--temp", "0", "--ignore-eos"], capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                sys.exit(f"{name}: mfx run failed ({r.returncode}):\n{r.stderr[-2000:]}")
+            n = matched_tokens(tok, p["greedy_48"], r.stdout)
+            results[name] = {"greedy_matched": n, "of": len(p["greedy_48"])}
+            print(f"{name:7s} greedy tokens matched {n}/{len(p['greedy_48'])}")
+            continue
         cmd = [str(a.bin), "-m", str(a.gguf), "-p", p["text"], "-n", str(len(p["greedy_48"])),
                "--temp", "0", "--top-k", "1", "-no-cnv", "--no-display-prompt", "--verbose-prompt",
                "-t", str(a.threads), "--seed", "0", "--simple-io", "-c", "512"]
@@ -71,7 +84,8 @@ def main() -> None:
             print(f"   llama.cpp ids {ids}\n   reference ids {p['ids']}")
     mean = sum(v["greedy_matched"] for v in results.values()) / len(results)
     print(f"mean matched {mean:.1f}/48")
-    print(json.dumps({"gguf": str(a.gguf), "results": results, "mean_matched": mean}))
+    print(json.dumps({"model": str(a.gguf), "runner": "mfx" if a.mfx else "llama.cpp",
+                      "results": results, "mean_matched": mean}))
     if not ok or mean < a.min_match:
         sys.exit(1)
 
