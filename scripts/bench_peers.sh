@@ -159,6 +159,10 @@ step_mfx() {
     done
     local tiny_pack="$MODELS/tiny-qwen3-moe-coder.mfx"
     [[ -f "$tiny_pack" ]] || "$MFX" prep "$TINY_HF" --ram 1G -o "$tiny_pack" > "$RES/mfx-prep-tiny.log" 2>&1 || true
+    # Same greedy check as the peers' (transformers reference, 5 prompts x 48 tokens).
+    "$PY" "$HERE/check_llamacpp_reference.py" --mfx "$MFX" "$TINY_HF" 2>&1 | tail -n 1 > "$RES/mfx-tiny-bf16-greedy.json" || true
+    [[ -f "$tiny_pack" ]] && { "$PY" "$HERE/check_llamacpp_reference.py" --mfx "$MFX" "$tiny_pack" 2>&1 \
+        | tail -n 1 > "$RES/mfx-tiny-pack-greedy.json" || true; }
     if [[ -f "$tiny_pack" ]]; then
         for t in 1 2; do
             RAYON_NUM_THREADS=$t timed "mfx-tiny-pack-t$t" "$MFX" run "$tiny_pack" -p "$prompt" -n 128 --temp 0 --ignore-eos \

@@ -79,7 +79,9 @@ def main() -> None:
                    f"{fmt(rows.get((2, 'pp128')))} | {fmt(rows.get((2, 'tg128')))} |" if size else f"| {q} | - | - | - | - | - | - |")
     for kind, label in (("bf16", "mfx, bf16 HF dir"), ("pack", "mfx, .mfx pack (prep --ram 1G)")):
         t1, t2 = res / f"mfx-tiny-{kind}-t1.err", res / f"mfx-tiny-{kind}-t2.err"
-        out.append(f"| {label} | | | {mfx_tps(t1, 'prompt')} | {mfx_tps(t1)} | {mfx_tps(t2, 'prompt')} | {mfx_tps(t2)} |")
+        g = load_json(res / f"mfx-tiny-{kind}-greedy.json") or {}
+        matched = sum(v["greedy_matched"] for v in g.get("results", {}).values()) if g else TBD
+        out.append(f"| {label} | | {matched} | {mfx_tps(t1, 'prompt')} | {mfx_tps(t1)} | {mfx_tps(t2, 'prompt')} | {mfx_tps(t2)} |")
     mlx = (res / "mlx-tiny.txt")
     if mlx.is_file():
         m = re.search(r"Averages: prompt_tps=([0-9.]+), generation_tps=([0-9.]+)", mlx.read_text())

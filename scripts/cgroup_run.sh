@@ -13,8 +13,10 @@
 #   (posix_fadvise DONTNEED), so the run starts cold. Needed for fairness: a page
 #   already cached by another cgroup stays charged there, so a warm file would
 #   let the limited command read it for free. Repeatable.
-# --report FILE: also write the summary as JSON (peak bytes, failcnt, majfaults,
-#   time -v fields) for bench scripts.
+# --report FILE: also write the summary as JSON (peak bytes, major faults of the
+#   command and of the whole cgroup, failcnt, time -v fields) for bench scripts.
+#   Note: v1 memory.failcnt stays 0 when the kernel reclaims page cache at the
+#   limit instead of failing a charge; major faults show the thrashing.
 #
 # Works with cgroup v1 (memory.limit_in_bytes / memory.max_usage_in_bytes) and v2
 # (memory.max / memory.peak). Needs root. Exit status is the command's; an OOM
@@ -104,10 +106,12 @@ set -e
 if [[ $MODE == v1 ]]; then
     PEAK="$(cat "$CG/memory.max_usage_in_bytes")"
     FAILCNT="$(cat "$CG/memory.failcnt")"
+    CGMAJ="$(awk '$1 == "total_pgmajfault" {print $2}' "$CG/memory.stat")"
     OOMK="$(awk '$1 == "oom_kill" {print $2}' "$CG/memory.oom_control")"
 else
     PEAK="$(cat "$CG/memory.peak" 2>/dev/null || echo -1)"
     FAILCNT="$(awk '$1 == "max" {print $2}' "$CG/memory.events")"
+    CGMAJ="$(awk '$1 == "pgmajfault" {print $2}' "$CG/memory.stat")"
     OOMK="$(awk '$1 == "oom_kill" {print $2}' "$CG/memory.events")"
 fi
 RSS_KB="$(awk -F': ' '/Maximum resident set size/ {print $2}' "$TIMEF")"
@@ -118,7 +122,8 @@ rm -f "$TIMEF"
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 {
     echo "[cgroup_run] $MODE limit $(mib "$LIMIT") MiB | cgroup peak $(mib "$PEAK") MiB (incl. page cache)" \
-         "| own peak RSS $(mib $((${RSS_KB:-0} * 1024))) MiB | major faults ${MAJ:-?} | limit hits ${FAILCNT:-?}" \
+         "| own peak RSS $(mib $((${RSS_KB:-0} * 1024))) MiB | major faults ${MAJ:-?} (cgroup ${CGMAJ:-?})" \
+         "| failcnt ${FAILCNT:-?}" \
          "| oom kills ${OOMK:-0} | wall ${WALL:-?} | exit $RC"
 } >&2
 [[ "${OOMK:-0}" == 0 ]] || echo "[cgroup_run] the command was OOM-killed at the $(mib "$LIMIT") MiB limit" >&2
@@ -126,7 +131,7 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 if [[ -n "$REPORT" ]]; then
     cat > "$REPORT" <<EOF
 {"cgroup": "$MODE", "limit_bytes": $LIMIT, "cgroup_peak_bytes": $PEAK, "peak_rss_bytes": $((${RSS_KB:-0} * 1024)),
- "major_faults": ${MAJ:-null}, "limit_hits": ${FAILCNT:-null}, "oom_kills": ${OOMK:-0}, "wall": "${WALL:-}", "exit": $RC}
+ "major_faults": ${MAJ:-null}, "cgroup_major_faults": ${CGMAJ:-null}, "failcnt": ${FAILCNT:-null}, "oom_kills": ${OOMK:-0}, "wall": "${WALL:-}", "exit": $RC}
 EOF
 fi
 exit "$RC"
