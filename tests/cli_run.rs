@@ -333,19 +333,90 @@ fn chat_refuses_a_model_without_template() {
     assert!(text(&out.stderr).contains("/nonexistent/m"));
 }
 
-/// mlx-lm's greedy tokens on the MLX 4-bit model, with f32 activations
-/// (what mfx computes; see scripts/mlx_reference.py for why not bf16).
-#[test]
-fn mlx_4bit_greedy_parity_with_mlx_lm() {
+fn mlx_reference() -> Value {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mlx_greedy_4bit.json");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&data).expect("mlx_greedy_4bit.json"))
-            .expect("json");
+    serde_json::from_str(&std::fs::read_to_string(&data).expect("mlx_greedy_4bit.json"))
+        .expect("json")
+}
+
+/// mlx-lm's greedy tokens on the MLX 4-bit model with f32 activations (see
+/// scripts/mlx_reference.py for why not its bf16 default), for every kernel
+/// tier whose arithmetic is f32 activations x dequantized weights: those must
+/// agree token for token. (The scalar tier's logits equal mlx-lm's to
+/// 0.0000 on these prompts.)
+#[test]
+fn mlx_4bit_greedy_parity_with_mlx_lm_exact_tiers() {
+    let r = mlx_reference();
+    let model = mlx_model();
+    let mut report = Vec::new();
+    for tier in ["scalar", "avx2-f32x"] {
+        for (name, case) in r["cases"].as_object().expect("cases") {
+            let prompt: Vec<String> = ids(&case["prompt_ids"])
+                .iter()
+                .map(u32::to_string)
+                .collect();
+            let expected = ids(&case["f32"]["generated_ids"]);
+            let out = Command::new(env!("CARGO_BIN_EXE_mfx"))
+                .args([
+                    "eval",
+                    "greedy",
+                    model.to_str().expect("p"),
+                    "--ids",
+                    &prompt.join(","),
+                    "-n",
+                ])
+                .arg(expected.len().to_string())
+                .env("MFX_KERNELS", tier)
+                .output()
+                .expect("run mfx eval greedy");
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let got: Vec<u32> = text(&out.stdout)
+                .split_whitespace()
+                .map(|t| t.parse().expect("id"))
+                .collect();
+            if got != expected {
+                let at = got
+                    .iter()
+                    .zip(&expected)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(expected.len());
+                report.push(format!(
+                    "{tier}/{name}: first difference at step {at}: mfx {got:?} vs mlx {expected:?}"
+                ));
+            }
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "greedy tokens differ from mlx-lm:\n{}",
+        report.join("\n")
+    );
+}
+
+/// The default tier (int8 activations on AVX2 for 2/4-bit weights, as
+/// llama.cpp does) computes slightly different logits, so it may only part
+/// from mlx-lm at a near-tie: through the generation loop, tokens must equal
+/// mlx-lm's up to the first step where mlx-lm's own top-2 logit margin is
+/// below 0.25.
+#[test]
+fn mlx_4bit_greedy_parity_with_mlx_lm_default_tier_until_near_tie() {
+    const NEAR_TIE: f64 = 0.25;
+    let r = mlx_reference();
     let mut gen = Generator::load(&mlx_model(), &LoadOptions::default()).expect("load MLX model");
     let mut report = Vec::new();
     for (name, case) in r["cases"].as_object().expect("cases") {
         let prompt = ids(&case["prompt_ids"]);
         let expected = ids(&case["f32"]["generated_ids"]);
+        let margins: Vec<f64> = case["f32"]["margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|m| m.as_f64().expect("f64"))
+            .collect();
+        let must_match = margins
+            .iter()
+            .position(|&m| m < NEAR_TIE)
+            .unwrap_or(expected.len());
         gen.reset();
         let opts = GenerateOptions {
             max_tokens: expected.len(),
@@ -358,24 +429,50 @@ fn mlx_4bit_greedy_parity_with_mlx_lm() {
             })
             .expect("generate");
         assert_eq!(c.finish_reason, FinishReason::Length);
-        if c.token_ids != expected {
-            let at = c
-                .token_ids
-                .iter()
-                .zip(&expected)
-                .position(|(a, b)| a != b)
-                .unwrap_or(expected.len());
+        let at = c
+            .token_ids
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(expected.len());
+        eprintln!(
+            "{name}: equal to mlx-lm for {at}/{} tokens (first near-tie at {must_match})",
+            expected.len()
+        );
+        if at < must_match {
             report.push(format!(
-                "{name}: first difference at step {at} (mlx margin there {}): mfx {:?} vs mlx {:?}",
-                case["f32"]["margins"][at],
-                &c.token_ids[at..(at + 4).min(c.token_ids.len())],
-                &expected[at..(at + 4).min(expected.len())]
+                "{name}: differs at step {at} (mlx margin {}), before the first near-tie at {must_match}",
+                margins[at]
             ));
         }
     }
-    assert!(
-        report.is_empty(),
-        "greedy tokens differ from mlx-lm:\n{}",
-        report.join("\n")
-    );
+    assert!(report.is_empty(), "{}", report.join("\n"));
+}
+
+/// The README's first command: the model copy shipped in the repository.
+#[test]
+fn run_on_the_bundled_model() {
+    let bundled =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-qwen3-moe-coder-mlx-4bit");
+    let shared = mlx_model();
+    let args = |m: &Path| {
+        mfx(
+            &[
+                "run",
+                m.to_str().expect("p"),
+                "--chat",
+                "--prompt",
+                "Write a C function that adds two ints.",
+                "--temp",
+                "0",
+                "-n",
+                "32",
+            ],
+            None,
+        )
+    };
+    let (a, b) = (args(&bundled), args(&shared));
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert!(!a.stdout.is_empty());
+    assert_eq!(a.stdout, b.stdout, "the bundled copy is the shared model");
 }

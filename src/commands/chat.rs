@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (Hugging Face or MLX layout) or `.mfx` pack.
+    /// Model directory (Hugging Face or MLX layout), `.mfx` pack, or hub repo `ORG/NAME[@REV]`.
     pub model: PathBuf,
     /// System message for the conversation.
     #[arg(long)]

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (Hugging Face or MLX layout) or `.mfx` pack.
+    /// Model directory (Hugging Face or MLX layout), `.mfx` pack, or hub repo `ORG/NAME[@REV]`.
     pub model: PathBuf,
     /// The prompt text.
     #[arg(short, long)]
@@ -123,9 +123,12 @@ impl GenArgs {
     }
 }
 
-/// Loads the model with a readable error.
+/// Loads the model with a readable error. `model` is a local checkpoint
+/// directory or pack, or a hub repo id `ORG/NAME[@REV]` whose pack for this
+/// machine's memory is pulled first (see `mfx pull`).
 pub fn load(model: &std::path::Path, args: &LoadArgs) -> Result<Generator> {
-    Generator::load(model, &args.options()).with_context(|| format!("loading {}", model.display()))
+    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), None)?;
+    Generator::load(&path, &args.options()).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Generates and streams to `out`; a write error (closed pipe) cancels
