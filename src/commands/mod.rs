@@ -9,6 +9,7 @@ pub mod prep;
 pub mod pull;
 pub mod push;
 pub mod run;
+pub mod serve;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Generate text from a prompt, streamed to stdout (summary on stderr).
     Run(run::Args),
+    /// Serve the model over OpenAI- and Anthropic-compatible HTTP APIs.
+    Serve(serve::Args),
     /// Interactive chat with the model's chat template (/reset, /stats, /exit).
     Chat(chat::Args),
     /// Publish packs, their model card and manifest.json to a Hugging Face hub repo.
@@ -44,6 +47,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
         Command::Run(a) => run::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Push(a) => push::run(a),
         Command::Pull(a) => pull::run(a),

@@ -204,7 +204,7 @@ pub fn to_template_messages(
 }
 
 /// Anthropic tools in the OpenAI shape chat templates expect.
-fn to_openai_tools(tools: Vec<Tool>) -> Vec<Value> {
+pub fn to_openai_tools(tools: Vec<Tool>) -> Vec<Value> {
     tools
         .into_iter()
         .map(|t| {

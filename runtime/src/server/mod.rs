@@ -8,12 +8,15 @@
 
 pub mod anthropic;
 pub mod backend;
+pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod worker;
 
+#[cfg(test)]
+mod template_tests;
 #[cfg(test)]
 mod tests;
 

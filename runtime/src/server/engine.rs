@@ -1,0 +1,188 @@
+//! [`Backend`] over the real engine, [`Generator`].
+//!
+//! The generator (model, KV state, sampler) sits behind a mutex that only
+//! the server's worker thread takes, one request at a time, so the KV state
+//! of the last request survives to the next and `Generator::generate`
+//! reuses the longest common token prefix (a multi-turn agent session
+//! re-processes only its new turn). Rendering and tokenizing use their own
+//! tokenizer and template, so requests waiting in the queue are validated
+//! (context length, template errors) without waiting for the generator.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::backend::{
+    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, SamplingDefaults,
+};
+use crate::chat::{ChatTemplate, RenderOptions};
+use crate::generate::{Event, FinishReason, GenerateError, GenerateOptions, Generator};
+use crate::models::LoadOptions;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+pub struct GeneratorBackend {
+    gen: Mutex<Generator>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    info: ModelInfo,
+    /// The model's full defaults (min_p, repetition penalty …), which
+    /// requests override field by field.
+    sampling: SamplingParams,
+}
+
+impl GeneratorBackend {
+    /// Loads a model directory or `.mfx` pack. `template` replaces the
+    /// model's own chat template (e.g. a tool-calling one for a model that
+    /// ships a plain ChatML template).
+    pub fn load(
+        path: &Path,
+        opts: &LoadOptions,
+        model_id: String,
+        template: Option<ChatTemplate>,
+    ) -> Result<Self, GenerateError> {
+        let gen = Generator::load(path, opts)?;
+        let template = match template {
+            Some(t) => Some(t),
+            None => load_template(path)?,
+        };
+        Ok(Self::new(gen, template, model_id))
+    }
+
+    /// Wraps a generator; `template` is the one requests are rendered with.
+    pub fn new(gen: Generator, template: Option<ChatTemplate>, model_id: String) -> Self {
+        let tokenizer = gen.tokenizer().clone();
+        let sampling = gen.default_sampling();
+        let info = ModelInfo {
+            id: model_id,
+            context_length: gen.model_info().max_context,
+            defaults: SamplingDefaults {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k,
+            },
+        };
+        Self {
+            gen: Mutex::new(gen),
+            tokenizer,
+            template,
+            info,
+            sampling,
+        }
+    }
+}
+
+/// A second copy of the model's chat template (the generator keeps its own
+/// behind the mutex), from the same place `Generator::load` reads it.
+fn load_template(path: &Path) -> Result<Option<ChatTemplate>, GenerateError> {
+    if path.is_dir() {
+        return Ok(ChatTemplate::from_model_dir(path)?);
+    }
+    if path.file_name().is_some_and(|n| n == "config.json") {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        return Ok(ChatTemplate::from_model_dir(dir)?);
+    }
+    let pack = mfx_formats::Pack::open(path)?;
+    let origin = format!("{} (chat_template)", path.display());
+    match &pack.manifest().chat_template {
+        Some(src) => Ok(Some(ChatTemplate::new(src.clone(), origin, None, None)?)),
+        None => Ok(None),
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Invalid(e.to_string())
+}
+
+impl Backend for GeneratorBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError> {
+        let t = self.template.as_ref().ok_or_else(|| {
+            invalid("this model has no chat template; use /v1/completions with a raw prompt, or start the server with --chat-template")
+        })?;
+        let opts = RenderOptions {
+            // An empty list rather than none: minijinja counts `none` as
+            // iterable, so Qwen3-Coder's `tools is iterable and tools |
+            // length > 0` fails on none; `[]` is falsy wherever none is.
+            tools: Some(prompt.tools.clone()),
+            add_generation_prompt: true,
+            extra: Default::default(),
+        };
+        t.render(&prompt.messages, &opts).map_err(invalid)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
+        // The template (or the raw-completion caller) wrote any special
+        // tokens already; add none.
+        self.tokenizer.encode(text, false).map_err(invalid)
+    }
+
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenParams,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Completion, BackendError> {
+        let mut gen = match self.gen.lock() {
+            Ok(g) => g,
+            // An earlier generation panicked mid-step: its KV state is
+            // suspect, so start this one from scratch.
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                g.reset();
+                self.gen.clear_poison();
+                g
+            }
+        };
+        let sampling = SamplingParams {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            seed: params.seed,
+            ..self.sampling.clone()
+        };
+        let opts = GenerateOptions {
+            max_tokens: params.max_tokens,
+            stop: params.stop.clone(),
+            ignore_eos: false,
+            // Qwen's `<tool_call>` is an added but not special token, so it
+            // survives; `<|im_start|>` and friends do not leak into replies.
+            skip_special_tokens: true,
+        };
+        let mut on_event = |e: Event| {
+            let text = match &e {
+                Event::Token { text, .. } | Event::Text { text } => text.as_str(),
+                Event::PromptProcessed { .. } => "",
+            };
+            if text.is_empty() || on_delta(text) {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        };
+        let c = gen
+            .generate(prompt, &sampling, &opts, &mut on_event)
+            .map_err(|e| match e {
+                GenerateError::PromptTooLong { .. }
+                | GenerateError::EmptyPrompt
+                | GenerateError::Sampling(_) => invalid(e),
+                other => BackendError::Internal(other.to_string()),
+            })?;
+        Ok(Completion {
+            finish: match c.finish_reason {
+                FinishReason::Eos(_) => Finish::Eos,
+                FinishReason::StopString(s) => Finish::Stop(s),
+                FinishReason::Length => Finish::Length,
+                FinishReason::Cancelled => Finish::Cancelled,
+            },
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            cached_prompt_tokens: c.reused_prompt_tokens,
+            time_to_first_token: c.timings.time_to_first_token,
+            total_time: c.timings.prompt + c.timings.decode,
+        })
+    }
+}

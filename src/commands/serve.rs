@@ -1,0 +1,108 @@
+//! `mfx serve`: the model behind an OpenAI- and Anthropic-compatible HTTP API.
+//!
+//! Binds to 127.0.0.1 unless told otherwise: the server has no TLS and, by
+//! default, no key, so exposing it is an explicit choice (`--host 0.0.0.0
+//! --api-key ...`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mfx_runtime::chat::ChatTemplate;
+use mfx_runtime::server::engine::GeneratorBackend;
+use mfx_runtime::server::{run_blocking, ServerConfig};
+
+use mfx_runtime::models::{KvBits, LoadOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (Hugging Face or MLX layout) or `.mfx` pack.
+    pub model: PathBuf,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Memory budget (e.g. 32G). Checked for form; the runtime does not yet
+    /// take a budget at load time, so it is reported, not enforced.
+    #[arg(long)]
+    pub ram: Option<String>,
+    /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`.
+    #[arg(long, env = "MFX_API_KEY")]
+    pub api_key: Option<String>,
+    /// Requests that may wait while one generates; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Render chats with this Jinja template instead of the model's own
+    /// (e.g. a tool-calling template).
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// The model name reported to clients (default: the model's file or folder name).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// KV cache precision in bits: 16 (f16) or 8 (int8 per vector).
+    #[arg(long, default_value = "16", value_parser = parse_kv_bits)]
+    pub kv_bits: KvBits,
+    /// Cap on the context length (default: the model's).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+}
+
+fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
+    s.parse()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(ram) = &args.ram {
+        let bytes = mfx_prep::ram::parse_size(ram).with_context(|| format!("--ram {ram}"))?;
+        eprintln!(
+            "mfx serve: note: --ram {} accepted but not enforced (the runtime keeps what the pack pins and maps the rest)",
+            mfx_prep::ram::human(bytes)
+        );
+    }
+    let template = match &args.chat_template {
+        None => None,
+        Some(path) => {
+            let src = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(ChatTemplate::new(
+                src,
+                path.display().to_string(),
+                None,
+                None,
+            )?)
+        }
+    };
+    let model_id = args.model_id.clone().unwrap_or_else(|| {
+        let p = args
+            .model
+            .canonicalize()
+            .unwrap_or_else(|_| args.model.clone());
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "mfx".into())
+    });
+    let backend = GeneratorBackend::load(
+        &args.model,
+        &LoadOptions {
+            kv_bits: args.kv_bits,
+            max_context: args.max_context,
+        },
+        model_id,
+        template,
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let config = ServerConfig {
+        api_key: args.api_key.clone(),
+        max_queue: args.max_queue,
+        ..ServerConfig::default()
+    };
+    let addr = if args.host.contains(':') {
+        format!("[{}]:{}", args.host, args.port)
+    } else {
+        format!("{}:{}", args.host, args.port)
+    };
+    run_blocking(Arc::new(backend), &config, &addr)?;
+    Ok(())
+}

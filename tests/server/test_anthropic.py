@@ -1,0 +1,95 @@
+"""The Anthropic surface, driven by the official `anthropic` client."""
+# This SDK release has no temperature argument on messages.create (the API
+# still accepts the field), so tests pass it through extra_body.
+import anthropic
+import pytest
+
+from conftest import API_KEY
+
+USER = "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines."
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # The SDK sends the key as x-api-key.
+    return anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_message_matches_transformers_greedy(client, reference):
+    ref = reference["chat"]
+    m = client.messages.create(model="tiny", max_tokens=48, extra_body={"temperature": 0},
+                               messages=[{"role": "user", "content": USER}])
+    assert m.type == "message" and m.role == "assistant"
+    assert [b.type for b in m.content] == ["text"]
+    assert m.content[0].text == ref["greedy_text"]
+    assert m.stop_reason == "max_tokens"
+    assert m.usage.input_tokens == len(ref["ids"]) and m.usage.output_tokens == 48
+
+
+def test_system_prompt_reaches_the_template(client):
+    base = client.messages.create(model="t", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    sys = client.messages.create(model="t", max_tokens=1, system="You are a careful Rust reviewer.",
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert sys.usage.input_tokens > base.usage.input_tokens + 5
+
+
+def test_stream_event_sequence_and_text(client, reference):
+    ref = reference["chat"]
+    events = list(client.messages.create(model="t", max_tokens=48, extra_body={"temperature": 0}, stream=True,
+                                         messages=[{"role": "user", "content": USER}]))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start"
+    assert kinds[-2:] == ["message_delta", "message_stop"]
+    body = [k for k in kinds[1:-2] if k != "ping"]
+    assert body[0] == "content_block_start" and body[-1] == "content_block_stop"
+    assert set(body[1:-1]) == {"content_block_delta"}
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    assert text == ref["greedy_text"]
+    delta = events[-2]
+    assert delta.delta.stop_reason == "max_tokens" and delta.usage.output_tokens == 48
+
+
+def test_stream_helper_accumulates(client, reference):
+    with client.messages.stream(model="t", max_tokens=48, extra_body={"temperature": 0},
+                                messages=[{"role": "user", "content": USER}]) as s:
+        streamed = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert streamed == reference["chat"]["greedy_text"] == final.content[0].text
+
+
+def test_stop_sequence(client, reference):
+    t = reference["chat"]["greedy_text"]
+    m = client.messages.create(model="t", max_tokens=48, extra_body={"temperature": 0}, stop_sequences=["lines of"],
+                               messages=[{"role": "user", "content": USER}])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "lines of"
+    assert m.content[0].text == t[: t.index("lines of")]
+
+
+def test_errors_are_anthropic_shaped(client, server):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="t", max_tokens=5, messages=[])
+    assert e.value.body["type"] == "error"
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="t", max_tokens=5, messages=[{"role": "user", "content": "word " * 5000}])
+    bad = anthropic.Anthropic(base_url=server.url, api_key="nope", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(model="t", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_tools_and_tool_results(coder_server):
+    client = anthropic.Anthropic(base_url=coder_server.url, api_key="unused", max_retries=0, timeout=120)
+    tool = {"name": "get_weather", "description": "Weather in a city.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    plain = client.messages.create(model="t", max_tokens=1, messages=msgs)
+    tooled = client.messages.create(model="t", max_tokens=1, messages=msgs, tools=[tool])
+    assert tooled.usage.input_tokens > plain.usage.input_tokens + 50
+    msgs += [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]
+    m = client.messages.create(model="t", max_tokens=8, extra_body={"temperature": 0}, messages=msgs, tools=[tool])
+    assert m.usage.input_tokens > tooled.usage.input_tokens
+    assert m.stop_reason in ("end_turn", "max_tokens", "tool_use")

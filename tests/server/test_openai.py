@@ -1,0 +1,142 @@
+"""The OpenAI surface, driven by the official `openai` client."""
+import json
+
+import openai
+import pytest
+
+from conftest import API_KEY
+
+CHAT_USER = "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines."
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-qwen3-moe-coder"]
+
+
+def test_greedy_chat_matches_transformers(client, reference):
+    """temperature 0 through the chat template reproduces transformers' greedy
+    continuation of the same rendered prompt (reference.json `chat`)."""
+    ref = reference["chat"]
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": CHAT_USER}], temperature=0, max_tokens=48
+    )
+    assert r.choices[0].message.content == ref["greedy_text"]
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ref["ids"])
+    assert r.usage.completion_tokens == 48
+    assert r.usage.total_tokens == len(ref["ids"]) + 48
+
+
+def test_streaming_chat_equals_non_streaming(client, reference):
+    ref = reference["chat"]
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": CHAT_USER}], temperature=0, max_tokens=48,
+        stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref["greedy_text"]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 48
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_legacy_completion_matches_transformers(client, reference):
+    ref = reference["python"]
+    r = client.completions.create(model="tiny", prompt=ref["text"], temperature=0, max_tokens=48)
+    assert r.choices[0].text == ref["greedy_text"]
+    assert r.usage.prompt_tokens == len(ref["ids"])
+    stream = client.completions.create(model="tiny", prompt=ref["text"], temperature=0, max_tokens=48, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == ref["greedy_text"]
+
+
+def test_stop_sequence_cuts_the_text(client, reference):
+    ref = reference["python"]
+    stop = "Parameters"
+    cut = ref["greedy_text"].index(stop)
+    r = client.completions.create(model="tiny", prompt=ref["text"], temperature=0, max_tokens=48, stop=[stop])
+    assert r.choices[0].text == ref["greedy_text"][:cut]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": CHAT_USER}], temperature=0, max_tokens=48, stop="lines of"
+    )
+    assert r.choices[0].message.content == ref_chat_prefix(reference, "lines of")
+    assert r.choices[0].finish_reason == "stop"
+
+
+def ref_chat_prefix(reference, stop):
+    t = reference["chat"]["greedy_text"]
+    return t[: t.index(stop)]
+
+
+def test_seed_reproduces_sampling(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Write a haiku about Rust."}],
+              temperature=1.0, top_p=1.0, max_tokens=24)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=8, **kw).choices[0].message.content
+    d = client.chat.completions.create(seed=9, **kw).choices[0].message.content
+    assert a == b
+    assert len({a, c, d}) > 1, "three seeds gave the same sample: seed is not reaching the sampler"
+
+
+def test_max_completion_tokens_and_prefix_reuse(client, server):
+    history = [{"role": "user", "content": "def add(a, b):"}]
+    r1 = client.chat.completions.create(model="tiny", messages=history, temperature=0, max_completion_tokens=7)
+    assert r1.usage.completion_tokens == 7 and r1.choices[0].finish_reason == "length"
+    history += [{"role": "assistant", "content": r1.choices[0].message.content},
+                {"role": "user", "content": "Now subtract."}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, temperature=0, max_tokens=4)
+    # The second turn's prompt starts with the first turn's tokens: the
+    # server must have kept them (reported as cached tokens).
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= r1.usage.prompt_tokens, (cached, r1.usage.prompt_tokens)
+
+
+def test_errors_are_openai_shaped(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[])
+    assert e.value.body["type"] == "invalid_request_error"
+    long = "word " * 5000
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.param == "temperature"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_are_rendered_through_the_template_and_tool_results_accepted(coder_server):
+    client = openai.OpenAI(base_url=coder_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    plain = client.chat.completions.create(model="t", messages=msgs, temperature=0, max_tokens=1)
+    tooled = client.chat.completions.create(model="t", messages=msgs, tools=[WEATHER], temperature=0, max_tokens=1)
+    none = client.chat.completions.create(model="t", messages=msgs, tools=[WEATHER], tool_choice="none",
+                                          temperature=0, max_tokens=1)
+    # The Qwen3-Coder template writes a <tools> block into the system turn.
+    assert tooled.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    followup = msgs + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(model="t", messages=followup, tools=[WEATHER], temperature=0, max_tokens=8)
+    assert r.usage.prompt_tokens > tooled.usage.prompt_tokens
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
