@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum PrepError {
     #[error("{0}")]
     ModelNotFound(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -34,7 +34,7 @@ pub enum PrepError {
     Profile(#[from] mfx_formats::profile::ProfileError),
     #[error(transparent)]
     Quant(#[from] mfx_formats::quant::QuantError),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,

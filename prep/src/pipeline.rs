@@ -439,7 +439,15 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         crate::write_atomic(r, full.as_bytes())?;
     }
     if o.model_card {
+        // One card per output directory: it describes the first pack written
+        // there and lists every pack of this run beside it.
+        let mut done: Vec<PathBuf> = Vec::new();
         for (rep, out) in outcome.packs.iter().zip(&outputs) {
+            let parent = out.parent().map(Path::to_path_buf).unwrap_or_default();
+            if done.contains(&parent) {
+                continue;
+            }
+            done.push(parent);
             let path = report::write_model_card(out, &dir, &c, rep, &outcome)?;
             log(&format!("  model card {}", path.display()));
         }

@@ -256,6 +256,25 @@ pub fn write_model_card(
     };
     let hit = rep.predicted_hit_rate * 100.0;
     let mut quality = String::new();
+    if out.packs.len() > 1 {
+        quality.push_str("\n## Packs from this run\n\n| file | RAM budget | size | bits/weight | hot | pinned | predicted hit rate |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+        for p in &out.packs {
+            let f = Path::new(&p.path)
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            quality.push_str(&format!(
+                "| `{f}` | {} | {} | {:.2} | {:.0}% | {}/{} | {:.1}% |\n",
+                p.ram_label,
+                human(p.file_bytes),
+                p.bits_per_weight,
+                p.hot_fraction * 100.0,
+                p.pinned_experts,
+                p.total_experts,
+                p.predicted_hit_rate * 100.0
+            ));
+        }
+    }
     if !rep.eval_nll.is_empty() {
         quality.push_str("\n## Measured quality\n\nMean next-token NLL (nats; 64 rows x 512 tokens per file), source weights vs this pack:\n\n| data | source | pack | change |\n| --- | --- | --- | --- |\n");
         for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&out.source_eval) {

@@ -84,11 +84,19 @@ impl LayerStats {
         LayerProfile {
             layer: self.layer as u32,
             counts: self.counts,
-            gate_mass: self.gate_mass,
+            gate_mass: self.gate_mass.iter().map(|&g| round_mass(g)).collect(),
             coactivation,
             pinned,
         }
     }
+}
+
+/// Rounds a gate mass to 6 decimals. serde_json's default float parser is
+/// exact only for short decimals, so a long shortest-repr value can come
+/// back one ulp off; short values make `--profile FILE` give byte-identical
+/// packs to the run that wrote FILE. (1e-6 of a token's weight is noise.)
+pub fn round_mass(g: f64) -> f64 {
+    format!("{g:.6}").parse().unwrap_or(g)
 }
 
 /// Calibration token rows plus what they are.
