@@ -398,7 +398,7 @@ impl PyJson<'_> {
     fn newline(&self, depth: usize, out: &mut String) {
         if let Some(n) = self.indent {
             out.push('\n');
-            out.extend(std::iter::repeat(' ').take(n * depth));
+            out.push_str(&" ".repeat(n * depth));
         }
     }
 

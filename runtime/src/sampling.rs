@@ -214,7 +214,11 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
         if v.is_nan() || v == f32::NEG_INFINITY {
             continue;
         }
-        if best.map_or(true, |(_, b)| v > b) {
+        let better = match best {
+            None => true,
+            Some((_, b)) => v > b,
+        };
+        if better {
             best = Some((i, v));
         }
     }
