@@ -117,6 +117,8 @@ async def level(host, port, n, max_tokens, seed_base):
         {
             "messages": [{"role": "user", "content": f"Client {seed_base + i}: write a Python function that parses a CSV line."}],
             "max_tokens": max_tokens, "temperature": 0.7, "seed": seed_base + i, "stream": True,
+            # Every client generates exactly max_tokens, so levels compare.
+            "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
         for i in range(n)

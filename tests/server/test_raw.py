@@ -73,7 +73,8 @@ def test_metrics_are_prometheus_text(server):
 def test_client_disconnect_cancels_generation(server):
     before = server.metric("mfx_cancelled_total")
     c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    body = json.dumps({"prompt": "def main():\n", "max_tokens": 4000, "stream": True, "temperature": 1.0})
+    body = json.dumps({"prompt": "def main():\n", "max_tokens": 4000, "stream": True, "temperature": 1.0,
+                       "ignore_eos": True})
     c.request("POST", "/v1/completions", body=body,
               headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     r = c.getresponse()

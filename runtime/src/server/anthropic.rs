@@ -255,6 +255,7 @@ pub async fn messages(
         seed: None,
         max_tokens: Some(req.max_tokens),
         stop: req.stop_sequences.unwrap_or_default(),
+        ignore_eos: false,
     };
     let prepared = pipeline::prepare(
         &state,

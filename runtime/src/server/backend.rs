@@ -57,6 +57,9 @@ pub struct GenParams {
     pub max_tokens: usize,
     /// Stop strings; the matched one and anything after it are not emitted.
     pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens (vLLM's `ignore_eos`, for
+    /// benchmarks that need a fixed output length).
+    pub ignore_eos: bool,
 }
 
 /// Why a generation ended.

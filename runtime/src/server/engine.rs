@@ -147,7 +147,7 @@ impl Backend for GeneratorBackend {
         let opts = GenerateOptions {
             max_tokens: params.max_tokens,
             stop: params.stop.clone(),
-            ignore_eos: false,
+            ignore_eos: params.ignore_eos,
             // Qwen's `<tool_call>` is an added but not special token, so it
             // survives; `<|im_start|>` and friends do not leak into replies.
             skip_special_tokens: true,

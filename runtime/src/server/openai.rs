@@ -114,6 +114,9 @@ pub struct ChatRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: do not stop at end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -150,6 +153,9 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: do not stop at end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub echo: Option<bool>,
 }
@@ -293,6 +299,7 @@ pub async fn chat_completions(
         seed: seed(req.seed),
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
     };
     let prepared = pipeline::prepare(
         &state,
@@ -528,6 +535,7 @@ pub async fn completions(
         // OpenAI's legacy default is 16 tokens.
         max_tokens: Some(req.max_tokens.unwrap_or(16)),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
     };
     let prepared = pipeline::prepare(&state, F, PromptSource::Text(prompt), sampling).await?;
     let prompt_tokens = prepared.prompt.len();

@@ -31,6 +31,7 @@ pub struct SamplingRequest {
     pub seed: Option<u64>,
     pub max_tokens: Option<i64>,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 /// A request ready for the queue.
@@ -155,6 +156,7 @@ fn resolve(
         seed: s.seed,
         max_tokens,
         stop,
+        ignore_eos: s.ignore_eos,
     })
 }
 

@@ -89,8 +89,11 @@ impl Backend for Fake {
         if let Ok(mut s) = self.started.lock() {
             s.push(tag.clone());
         }
+        let long_reply = "Hello, world! How are you? ".repeat(20);
         let reply = if tag.contains("TOOL") {
             TOOL_REPLY
+        } else if tag.contains("LONG") {
+            long_reply.as_str()
         } else {
             "Hello, world! How are you?"
         };
@@ -671,7 +674,7 @@ async fn client_disconnect_cancels_generation() {
     let fake = Fake::new();
     let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
     let body =
-        json!({"messages": [{"role": "user", "content": "SLOW"}], "stream": true}).to_string();
+        json!({"messages": [{"role": "user", "content": "SLOW LONG"}], "stream": true}).to_string();
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
