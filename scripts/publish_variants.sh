@@ -28,6 +28,8 @@
 #   --rows N --ctx N      eval size [8 rows x 256 tokens]
 #   --max-delta-nll X     quality gate in nats/token [0.5]
 #   --check-determinism   prep twice and compare bytes
+#   --no-eval             skip step 3 (no quality gate, no quality in the manifest);
+#                         for a checkpoint too large to evaluate on this machine
 #   --revision REV        branch to push to [main]
 #   --private             create the repo private
 #   --no-push, --dry-run  do everything but upload
@@ -38,7 +40,7 @@ set -euo pipefail
 die() { echo "publish_variants: $*" >&2; exit 1; }
 
 model="" repo="" ram="16G,32G,64G" out="dist" name="" rows=8 ctx=256 max_delta="0.5"
-revision="main" private=0 push=1 check_det=0 mfx=""
+revision="main" private=0 push=1 check_det=0 eval=1 mfx=""
 data=() prep_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,6 +54,7 @@ while [ $# -gt 0 ]; do
     --ctx) ctx="$2"; shift 2 ;;
     --max-delta-nll) max_delta="$2"; shift 2 ;;
     --check-determinism) check_det=1; shift ;;
+    --no-eval) eval=0; shift ;;
     --revision) revision="$2"; shift 2 ;;
     --private) private=1; shift ;;
     --no-push|--dry-run) push=0; shift ;;
@@ -94,6 +97,7 @@ done
 echo "== 2. verify"
 for p in "${packs[@]}"; do "$mfx" verify "$p"; done
 
+if [ "$eval" = 1 ]; then
 echo "== 3. perplexity against the bf16 checkpoint (${rows} rows x ${ctx} tokens per file)"
 # `mfx eval ppl` tokenizes --data with the tokenizer.json next to the model;
 # give the packs the checkpoint's (push uploads only packs, card and manifest).
@@ -132,6 +136,10 @@ if bad:
     sys.exit(f"publish_variants: {pack} fails the quality gate: " + "; ".join(bad))
 PY
 done
+else
+  echo "== 3. perplexity skipped (--no-eval)"
+  rm -f "$out/$name"-*.quality.json
+fi
 
 if [ "$check_det" = 1 ]; then
   echo "== 4. determinism: prep again and compare bytes"

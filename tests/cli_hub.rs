@@ -284,8 +284,12 @@ fn push_uploads_packs_card_and_manifest_in_one_commit() {
             "{file}"
         );
         assert_eq!(p["format_version"], 1);
+        // Stored blob bytes: bf16 rows x 64, q4g64 [64,128] = 4096 packed +
+        // 256 scales + 256 biases, expert = gate and up 1024+64+64 each and
+        // down 1024+128+128 (codec none: stored = raw).
+        let stored = rows * 64 * 2 + 4608 + 1152 * 2 + 1280;
         let want_bpw =
-            (bytes.len() as f64 * 8.0 / (rows * 64 + FIXED_WEIGHTS) as f64 * 1e4).round() / 1e4;
+            (stored as f64 * 8.0 / (rows * 64 + FIXED_WEIGHTS) as f64 * 1e4).round() / 1e4;
         assert_eq!(p["bits_per_weight"].as_f64().unwrap(), want_bpw, "{file}");
     }
     assert_eq!(packs[0]["quality"], Value::Null);

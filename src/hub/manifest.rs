@@ -45,8 +45,7 @@ pub struct PackRecord {
     /// The budget in bytes (binary units: `16G` = 16 * 2^30).
     pub ram_bytes: u64,
     pub size_bytes: u64,
-    /// Stored bits per logical weight over all tensors and experts, scales
-    /// and biases included (q4g64 = 4.5), weighted by element count.
+    /// Stored bits per logical weight, see [`bits_per_weight`].
     pub bits_per_weight: f64,
     /// 64 lowercase hex digits of the whole file.
     pub sha256: String,
@@ -198,7 +197,7 @@ pub fn describe_pack(
         ram_label,
         ram_bytes,
         size_bytes: digest.size,
-        bits_per_weight: bits_per_weight(m, digest.size),
+        bits_per_weight: bits_per_weight(m),
         sha256: digest.sha256.clone(),
         xxh3: digest.xxh3.clone(),
         format_version,
@@ -206,13 +205,15 @@ pub fn describe_pack(
     })
 }
 
-/// File bits per logical weight: `8 * file_size / weights`, where weights
-/// counts every tensor element and every routed expert's parts, merged
-/// experts included (each router id is a weight the model uses). This is the
-/// figure prep's model card shows and what llama.cpp calls BPW: it includes
-/// scales, biases, padding and entropy coding, so it is what the download
-/// costs per parameter. Rounded to 1e-4 so the JSON carries no float noise.
-pub fn bits_per_weight(m: &PackManifest, file_size: u64) -> f64 {
+/// Stored bits per logical weight: `8 * blob bytes / weights`. Blob bytes
+/// are every tensor's and every distinct expert blob's stored length (scales,
+/// biases and entropy coding included; header, manifest and page padding
+/// not, since padding is a property of the alignment, not of the precision,
+/// and dominates tiny packs). Weights count every tensor element and every
+/// routed expert's parts, merged experts included (each router id is a
+/// weight the model uses). The same figure prep's report and model card show.
+/// Rounded to 1e-4 so the JSON carries no float noise.
+pub fn bits_per_weight(m: &PackManifest) -> f64 {
     let numel = |shape: &[u64]| shape.iter().map(|&d| d as f64).product::<f64>();
     let weights: f64 = m.tensors.iter().map(|t| numel(&t.shape)).sum::<f64>()
         + m.experts
@@ -220,10 +221,16 @@ pub fn bits_per_weight(m: &PackManifest, file_size: u64) -> f64 {
             .flat_map(|e| &e.parts)
             .map(|p| numel(&p.shape))
             .sum::<f64>();
+    let stored: f64 = m.tensors.iter().map(|t| t.length as f64).sum::<f64>()
+        + m.experts
+            .iter()
+            .filter(|e| e.merged_into.is_none())
+            .map(|e| e.length as f64)
+            .sum::<f64>();
     if weights == 0.0 {
         return 0.0;
     }
-    (file_size as f64 * 8.0 / weights * 1e4).round() / 1e4
+    (stored * 8.0 / weights * 1e4).round() / 1e4
 }
 
 /// The RAM budget a pack was prepared for: from its provenance (`mfx prep`
