@@ -2,6 +2,7 @@
 //! sampling and the server.
 
 pub mod kernels;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod models;

@@ -57,6 +57,15 @@ pub struct Blob {
 enum BlobSrc {
     Map(Arc<Mmap>),
     Heap(Arc<Vec<u32>>),
+    Owned(Arc<dyn BlobOwner>),
+}
+
+/// Bytes owned elsewhere, e.g. one of the expert cache's recycled aligned
+/// buffers: the owner goes (and may hand its buffer back to a pool) when the
+/// last [`Blob`] over it drops, so a cache can evict while a forward pass
+/// still reads the expert.
+pub trait BlobOwner: Send + Sync {
+    fn bytes(&self) -> &[u8];
 }
 
 impl std::fmt::Debug for Blob {
@@ -64,6 +73,7 @@ impl std::fmt::Debug for Blob {
         let kind = match self.src {
             BlobSrc::Map(_) => "mapped",
             BlobSrc::Heap(_) => "heap",
+            BlobSrc::Owned(_) => "owned",
         };
         write!(f, "Blob({kind}, {} bytes)", self.len)
     }
@@ -90,8 +100,22 @@ impl Blob {
         }
     }
 
+    /// A view of `owner.bytes()[start..start+len]`; `None` if out of range.
+    pub fn owned(owner: Arc<dyn BlobOwner>, start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        if end > owner.bytes().len() {
+            return None;
+        }
+        Some(Blob {
+            src: BlobSrc::Owned(owner),
+            start,
+            len,
+        })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.src {
+            BlobSrc::Owned(o) => &o.bytes()[self.start..self.start + self.len],
             BlobSrc::Map(m) => &m[self.start..self.start + self.len],
             BlobSrc::Heap(v) => {
                 &bytemuck::cast_slice::<u32, u8>(v)[self.start..self.start + self.len]

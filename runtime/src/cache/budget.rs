@@ -1,0 +1,172 @@
+//! Turning `--ram SIZE` into per-layer expert capacities.
+//!
+//! The budget covers every weight byte the process holds: dense tensors
+//! (mapped, but touched every token, so resident in practice), pinned
+//! experts, and the cache. What is left after the first two is split evenly
+//! over MoE layers in expert slots; each layer's slot size is its own mean
+//! decoded expert size (mixed precision makes layers differ).
+
+use mfx_formats::pack::Pack;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BudgetError {
+    #[error(
+        "invalid size `{0}`: expected a number with an optional K/M/G/T suffix (e.g. 32G, 1500M)"
+    )]
+    BadSize(String),
+    #[error(
+        "a RAM budget of {budget} bytes is below what {pack} must keep resident: dense weights {dense} + pinned experts {pinned} = at least {min} bytes ({min_mib} MiB)"
+    )]
+    TooSmall {
+        pack: String,
+        budget: u64,
+        dense: u64,
+        pinned: u64,
+        min: u64,
+        min_mib: u64,
+    },
+}
+
+/// What a budget buys.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetPlan {
+    pub budget_bytes: u64,
+    pub dense_bytes: u64,
+    pub pinned_bytes: u64,
+    pub cache_bytes: u64,
+    /// Per model layer: cached experts besides pinned ones (0 for dense layers).
+    pub capacity: Vec<usize>,
+    /// Per model layer: routed experts in the pack.
+    pub experts: Vec<usize>,
+}
+
+/// Parses `32G`, `1500M`, `1.5G`, `4096` (bytes); binary units.
+pub fn parse_size(s: &str) -> Result<u64, BudgetError> {
+    let t = s.trim();
+    let bad = || BudgetError::BadSize(s.to_string());
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mut num = &t[..i];
+            let mut unit = c.to_ascii_uppercase();
+            // Accept "GB"/"GiB" forms too.
+            if unit == 'B' {
+                num = num.trim_end_matches(['i', 'I']);
+                let Some(u) = num.chars().last().filter(|c| c.is_ascii_alphabetic()) else {
+                    return t[..i].trim().parse::<u64>().map_err(|_| bad());
+                };
+                unit = u.to_ascii_uppercase();
+                num = &num[..num.len() - 1];
+            }
+            let mul: u64 = match unit {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (num.trim(), mul)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(bad());
+    }
+    Ok((v * mul as f64) as u64)
+}
+
+/// Free memory (Linux `MemAvailable`) minus a margin for KV cache,
+/// activations and the OS: the default budget when `--ram` is absent.
+pub fn detect_budget() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let avail = kb * 1024;
+    let margin = (avail / 10).max(512 << 20);
+    Some(avail.saturating_sub(margin))
+}
+
+/// Splits `budget` bytes for `pack` (a model of `n_layers` layers).
+pub fn plan_budget(
+    pack: &Pack,
+    n_layers: usize,
+    budget: u64,
+    pin: bool,
+) -> Result<BudgetPlan, BudgetError> {
+    let m = pack.manifest();
+    let dense: u64 = m.tensors.iter().map(|t| t.length).sum();
+    let pins = if pin {
+        super::pinned_from_manifest(pack)
+    } else {
+        Vec::new()
+    };
+    let pinned: u64 = pins
+        .iter()
+        .filter_map(|&(l, e)| pack.expert(l as u32, e as u32))
+        .map(|e| e.raw_length)
+        .sum();
+    let min = dense + pinned;
+    if budget < min {
+        return Err(BudgetError::TooSmall {
+            pack: pack.path().display().to_string(),
+            budget,
+            dense,
+            pinned,
+            min,
+            min_mib: min.div_ceil(1 << 20),
+        });
+    }
+    let mut experts = vec![0usize; n_layers];
+    let mut bytes = vec![0u64; n_layers];
+    for e in &m.experts {
+        if let Some(l) = experts.get_mut(e.layer as usize) {
+            *l += 1;
+            bytes[e.layer as usize] += e.raw_length;
+        }
+    }
+    let moe_layers = experts.iter().filter(|&&n| n > 0).count().max(1) as u64;
+    let cache = budget - min;
+    let per_layer = cache / moe_layers;
+    let capacity = (0..n_layers)
+        .map(|l| {
+            if experts[l] == 0 {
+                return 0;
+            }
+            let mean = (bytes[l] / experts[l] as u64).max(1);
+            let pinned_here = pins.iter().filter(|p| p.0 == l).count();
+            ((per_layer / mean) as usize).min(experts[l] - pinned_here.min(experts[l]))
+        })
+        .collect();
+    Ok(BudgetPlan {
+        budget_bytes: budget,
+        dense_bytes: dense,
+        pinned_bytes: pinned,
+        cache_bytes: cache,
+        capacity,
+        experts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("32G"), Ok(32 << 30));
+        assert_eq!(parse_size("1500M"), Ok(1500 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3X").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+}

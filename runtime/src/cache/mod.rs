@@ -1,0 +1,18 @@
+//! The streaming expert cache: run MoE models whose experts do not fit in
+//! RAM. Dense weights stay with the model; routed experts come from
+//! [`ExpertCache`], an [`crate::models::ExpertProvider`] that keeps pinned
+//! experts resident, caches up to a per-layer capacity of the others
+//! (eviction by [`policy`]), and reads misses from the `.mfx` pack with
+//! positioned reads into recycled aligned buffers ([`io`], [`buf`]).
+
+pub mod budget;
+pub mod buf;
+pub mod io;
+pub mod policy;
+pub mod stats;
+pub mod store;
+
+pub use budget::{detect_budget, parse_size, plan_budget, BudgetError, BudgetPlan};
+pub use policy::{EvictionPolicy, PolicyKind};
+pub use stats::{CacheStats, StatsSnapshot};
+pub use store::{pinned_from_manifest, CacheConfig, Capacity, ExpertCache};

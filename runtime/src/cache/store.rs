@@ -1,0 +1,597 @@
+//! The streaming expert store: an [`ExpertProvider`] that keeps pinned
+//! experts resident, holds up to `capacity` other experts per MoE layer, and
+//! reads the rest from the pack on demand.
+//!
+//! Every load goes through a per-layer `pending` entry, so an expert is read
+//! at most once however many threads (or prefetch calls) ask for it: the
+//! model's `prefetch(layer, active)` before its `get`s starts all of a
+//! chunk's loads at once on the I/O threads, and a `get` that finds its load
+//! not yet started does it itself rather than wait in a queue. Loaded
+//! experts are handed out as `Arc`s: eviction drops only the cache's
+//! reference, so a chunk with more active experts than slots still reads
+//! each one once (the batch's own handles keep them alive until the layer is
+//! done), at the cost of briefly exceeding the budget by that layer's extra
+//! experts.
+
+use super::buf::BufPool;
+use super::io::BlobReader;
+use super::policy::{EvictionPolicy, PolicyKind};
+use super::stats::{CacheStats, StatsSnapshot};
+use crate::error::RuntimeError;
+use crate::models::moe::{ExpertMats, ExpertProvider};
+use crate::weights::{Blob, BlobOwner, DType, Matrix};
+use mfx_formats::codec::Codec;
+use mfx_formats::pack::{ExpertEntry, Pack};
+use mfx_formats::quant::Scheme;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// How many experts each MoE layer may keep besides its pinned ones.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Capacity {
+    /// The same count for every layer (mlx-moe's `--capacity`).
+    PerLayer(usize),
+    /// One count per model layer (dense layers ignored).
+    Layers(Vec<usize>),
+    /// Everything: the all-resident reference behaviour, loaded lazily.
+    Unlimited,
+}
+
+/// Cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub capacity: Capacity,
+    pub policy: PolicyKind,
+    /// Bypass the page cache (O_DIRECT / F_NOCACHE) where the filesystem allows.
+    pub direct_io: bool,
+    /// Check each blob's xxh3 after reading: catches a pack rewritten in place.
+    pub verify_checksums: bool,
+    /// Background readers for `prefetch` (0: loads happen in `get` only).
+    pub io_threads: usize,
+    /// Load the pack's pinned experts at open and never evict them.
+    pub pin: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: Capacity::Unlimited,
+            policy: PolicyKind::default(),
+            direct_io: true,
+            verify_checksums: false,
+            io_threads: 2,
+            pin: true,
+        }
+    }
+}
+
+type LoadResult = Result<Arc<ExpertMats>, String>;
+
+/// One load in flight: whoever claims it reads; everyone else waits.
+struct Pending {
+    claimed: AtomicBool,
+    done: Mutex<Option<LoadResult>>,
+    cv: Condvar,
+}
+
+impl Pending {
+    fn new() -> Arc<Self> {
+        Arc::new(Pending {
+            claimed: AtomicBool::new(false),
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+    fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+    fn fulfil(&self, r: LoadResult) {
+        *lock(&self.done) = Some(r);
+        self.cv.notify_all();
+    }
+    fn wait(&self) -> LoadResult {
+        let mut g = lock(&self.done);
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct LayerSlots {
+    capacity: usize,
+    pinned: HashMap<usize, Arc<ExpertMats>>,
+    resident: HashMap<usize, Arc<ExpertMats>>,
+    pending: HashMap<usize, Arc<Pending>>,
+    policy: Box<dyn EvictionPolicy>,
+}
+
+struct Inner {
+    pack: Arc<Pack>,
+    reader: BlobReader,
+    pool: Arc<BufPool>,
+    layers: Vec<Mutex<LayerSlots>>,
+    stats: CacheStats,
+    verify: bool,
+    /// `(len, inode)` of the pack at open: a changed file is an error at the
+    /// next safe point instead of garbage or SIGBUS in the mapped dense weights.
+    identity: (u64, u64),
+    poisoned: Mutex<Option<String>>,
+    first_moe_layer: usize,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The streaming expert cache.
+pub struct ExpertCache {
+    inner: Arc<Inner>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    threads: Vec<JoinHandle<()>>,
+    policy: PolicyKind,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.len(), m.ino()))
+}
+
+impl ExpertCache {
+    /// A cache over `pack`'s experts for a model of `n_layers` layers.
+    pub fn open(pack: Arc<Pack>, n_layers: usize, cfg: &CacheConfig) -> Result<Self, RuntimeError> {
+        let path = pack.path().to_path_buf();
+        let reader =
+            BlobReader::open(&path, cfg.direct_io).map_err(|e| RuntimeError::io(&path, e))?;
+        let identity = file_identity(&path).map_err(|e| RuntimeError::io(&path, e))?;
+        let per_layer = |l: usize| {
+            pack.manifest()
+                .experts
+                .iter()
+                .filter(|e| e.layer as usize == l)
+                .count()
+        };
+        let first_moe_layer = (0..n_layers).find(|&l| per_layer(l) > 0).unwrap_or(0);
+        let layers = (0..n_layers)
+            .map(|l| {
+                let capacity = match &cfg.capacity {
+                    Capacity::PerLayer(n) => *n,
+                    Capacity::Layers(v) => v.get(l).copied().unwrap_or(0),
+                    Capacity::Unlimited => usize::MAX,
+                };
+                Mutex::new(LayerSlots {
+                    capacity,
+                    pinned: HashMap::new(),
+                    resident: HashMap::new(),
+                    pending: HashMap::new(),
+                    policy: cfg.policy.build(),
+                })
+            })
+            .collect();
+        // Enough free buffers for every slot turning over once per layer pass.
+        let pool = BufPool::new(64);
+        let inner = Arc::new(Inner {
+            pack,
+            reader,
+            pool,
+            layers,
+            stats: CacheStats::default(),
+            verify: cfg.verify_checksums,
+            identity,
+            poisoned: Mutex::new(None),
+            first_moe_layer,
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..cfg.io_threads)
+            .map(|i| {
+                let rx = Arc::clone(&rx);
+                std::thread::Builder::new()
+                    .name(format!("mfx-io-{i}"))
+                    .spawn(move || loop {
+                        let job = { lock(&rx).recv() };
+                        match job {
+                            Ok(j) => j(),
+                            Err(_) => break,
+                        }
+                    })
+                    .map_err(|e| RuntimeError::Other(format!("cannot start I/O thread: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cache = ExpertCache {
+            inner,
+            tx: Mutex::new((cfg.io_threads > 0).then_some(tx)),
+            threads,
+            policy: cfg.policy,
+        };
+        if cfg.pin {
+            cache.load_pinned()?;
+        }
+        Ok(cache)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.policy
+    }
+
+    /// Whether expert reads bypass the page cache right now.
+    pub fn direct_io(&self) -> bool {
+        self.inner.reader.is_direct()
+    }
+
+    /// Resident experts of `layer` (pinned ones excluded).
+    pub fn resident(&self, layer: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .inner
+            .layers
+            .get(layer)
+            .map(|l| lock(l).resident.keys().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Pinned experts of `layer`.
+    pub fn pinned(&self, layer: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .inner
+            .layers
+            .get(layer)
+            .map(|l| lock(l).pinned.keys().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Bytes held by pinned and cached experts.
+    pub fn resident_bytes(&self) -> usize {
+        self.inner
+            .layers
+            .iter()
+            .map(|l| {
+                let s = lock(l);
+                s.pinned
+                    .values()
+                    .chain(s.resident.values())
+                    .map(|m| m.nbytes())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// The resident expert, or `None` without loading it (`--skip-missing`).
+    pub fn try_get(&self, layer: usize, expert: usize) -> Option<Arc<ExpertMats>> {
+        let key = self.inner.key(layer, expert);
+        let slots = self.inner.layers.get(layer)?;
+        let mut s = lock(slots);
+        if let Some(m) = s.pinned.get(&key) {
+            return Some(Arc::clone(m));
+        }
+        let m = s.resident.get(&key).cloned()?;
+        s.policy.touch(key);
+        Some(m)
+    }
+
+    fn load_pinned(&self) -> Result<(), RuntimeError> {
+        let pins = pinned_from_manifest(&self.inner.pack);
+        for (l, e) in pins {
+            if l >= self.inner.layers.len() || self.inner.pack.expert(l as u32, e as u32).is_none()
+            {
+                continue;
+            }
+            let key = self.inner.key(l, e);
+            let m = self.inner.load(l, key).map_err(|msg| self.inner.err(msg))?;
+            lock(&self.inner.layers[l]).pinned.insert(key, m);
+        }
+        Ok(())
+    }
+
+    fn send(&self, job: Job) -> bool {
+        match lock(&self.tx).as_ref() {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for ExpertCache {
+    fn drop(&mut self) {
+        lock(&self.tx).take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `(layer, expert)` pairs the pack's pin profile marks: prep's
+/// [`mfx_formats::profile::Profile`], or the bare `{"pinned": [[l, e], ..]}`
+/// of hand-made packs.
+pub fn pinned_from_manifest(pack: &Pack) -> Vec<(usize, usize)> {
+    let Some(v) = pack.manifest().pin_profile.as_ref() else {
+        return Vec::new();
+    };
+    if let Ok(p) = serde_json::from_value::<mfx_formats::profile::Profile>(v.clone()) {
+        return p
+            .layers
+            .iter()
+            .flat_map(|l| {
+                l.pinned
+                    .iter()
+                    .map(move |&e| (l.layer as usize, e as usize))
+            })
+            .collect();
+    }
+    v.get("pinned")
+        .and_then(|p| p.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|pair| {
+                    let p = pair.as_array()?;
+                    Some((p.first()?.as_u64()? as usize, p.get(1)?.as_u64()? as usize))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Inner {
+    fn err(&self, msg: String) -> RuntimeError {
+        RuntimeError::Pack {
+            path: self.pack.path().to_path_buf(),
+            msg,
+        }
+    }
+
+    /// The expert whose blob `expert` uses (merged experts share one).
+    fn key(&self, layer: usize, expert: usize) -> usize {
+        self.pack
+            .expert(layer as u32, expert as u32)
+            .and_then(|e| e.merged_into)
+            .map_or(expert, |m| m as usize)
+    }
+
+    /// Reads, checks and decodes one expert blob.
+    fn load(&self, layer: usize, expert: usize) -> LoadResult {
+        let entry = self
+            .pack
+            .expert(layer as u32, expert as u32)
+            .ok_or_else(|| format!("expert L{layer} E{expert} is not in the pack"))?;
+        let label = entry.label();
+        let len = usize::try_from(entry.length).map_err(|_| format!("{label}: blob too large"))?;
+        let stored = self
+            .reader
+            .read(&self.pool, entry.offset, len)
+            .map_err(|e| format!("{label}: {e}"))?;
+        self.stats.add(&self.stats.loads, 1);
+        self.stats.add(&self.stats.bytes_read, entry.length);
+        if self.verify {
+            let got = xxhash_rust::xxh3::xxh3_64(stored.as_slice());
+            if got != entry.checksum.0 {
+                return Err(format!(
+                    "{label}: checksum mismatch (manifest {:016x}, read {got:016x}): the pack changed on disk",
+                    entry.checksum.0
+                ));
+            }
+        }
+        let raw = if entry.codec == Codec::None {
+            stored
+        } else {
+            let raw_len = usize::try_from(entry.raw_length)
+                .map_err(|_| format!("{label}: decoded blob too large"))?;
+            let mut out = self.pool.take(raw_len);
+            entry
+                .decode_into(stored.as_slice(), out.as_mut_slice())
+                .map_err(|e| format!("{label}: {e}"))?;
+            out
+        };
+        build_mats(entry, Arc::new(raw)).map(Arc::new)
+    }
+
+    fn insert(&self, s: &mut LayerSlots, key: usize, m: &Arc<ExpertMats>) {
+        s.policy.touch(key);
+        if s.capacity == 0 {
+            return;
+        }
+        while s.resident.len() >= s.capacity {
+            let cands: Vec<usize> = s.resident.keys().copied().collect();
+            let Some(v) = s.policy.victim(&cands) else {
+                break;
+            };
+            s.resident.remove(&v);
+            s.policy.remove(v);
+            self.stats.add(&self.stats.evictions, 1);
+        }
+        s.resident.insert(key, Arc::clone(m));
+    }
+
+    /// Runs (or waits for) the load behind `p`, then publishes it. The
+    /// pending entry stays (holding the result) until a `get` consumes it:
+    /// a prefetched expert evicted before its `get`, or one a zero-capacity
+    /// layer never keeps, is then still read only once.
+    fn complete(&self, layer: usize, key: usize, p: &Pending) -> LoadResult {
+        if p.claim() {
+            let r = self.load(layer, key);
+            let mut s = lock(&self.layers[layer]);
+            if let Ok(m) = &r {
+                self.insert(&mut s, key, m);
+            }
+            drop(s);
+            p.fulfil(r.clone());
+            r
+        } else {
+            p.wait()
+        }
+    }
+
+    /// Safe point between forward passes: the pack must still be the file we opened.
+    fn check_identity(&self) {
+        let now = file_identity(self.pack.path());
+        let bad = match now {
+            Ok(id) if id == self.identity => None,
+            Ok((len, ino)) => Some(format!(
+                "the pack changed while running (size {} -> {len}, inode {} -> {ino}); restart to use the new file",
+                self.identity.0, self.identity.1
+            )),
+            Err(e) => Some(format!("the pack is no longer readable: {e}")),
+        };
+        if let Some(msg) = bad {
+            let mut p = lock(&self.poisoned);
+            if p.is_none() {
+                *p = Some(msg);
+            }
+        }
+    }
+}
+
+/// `ExpertMats` over a decoded blob, from the manifest's part table.
+fn build_mats(entry: &ExpertEntry, owner: Arc<dyn BlobOwner>) -> Result<ExpertMats, String> {
+    let label = entry.label();
+    let part = |name: &str| -> Result<Matrix, String> {
+        let i = entry
+            .part_index(name)
+            .ok_or_else(|| format!("{label}: no part `{name}`"))?;
+        let (off, l) = entry
+            .part_layout(i)
+            .ok_or_else(|| format!("{label}: part `{name}` has no valid layout"))?;
+        let (rows, cols) = (l.rows as usize, l.cols as usize);
+        let blob = |start: u64, len: u64| {
+            Blob::owned(Arc::clone(&owner), (off + start) as usize, len as usize)
+                .ok_or_else(|| format!("{label}: part `{name}` lies outside the decoded blob"))
+        };
+        match l.scheme {
+            Scheme::F32 | Scheme::F16 | Scheme::Bf16 => {
+                let dt = match l.scheme {
+                    Scheme::F32 => DType::F32,
+                    Scheme::F16 => DType::F16,
+                    _ => DType::Bf16,
+                };
+                Matrix::dense(dt, rows, cols, blob(0, l.packed_len)?)
+                    .map_err(|e| format!("{label} {name}: {e}"))
+            }
+            Scheme::Affine { bits, group_size } => Matrix::affine(
+                rows,
+                cols,
+                bits,
+                group_size as usize,
+                blob(0, l.packed_len)?,
+                blob(l.scales_offset, l.groups_len)?,
+                blob(l.biases_offset, l.groups_len)?,
+            )
+            .map_err(|e| format!("{label} {name}: {e}")),
+        }
+    };
+    let m = ExpertMats {
+        gate: part("gate_proj")?,
+        up: part("up_proj")?,
+        down: part("down_proj")?,
+    };
+    if m.gate.rows() != m.up.rows()
+        || m.gate.cols() != m.up.cols()
+        || m.down.cols() != m.gate.rows()
+        || m.down.rows() != m.gate.cols()
+    {
+        return Err(format!(
+            "{label}: inconsistent shapes gate [{}, {}], up [{}, {}], down [{}, {}]",
+            m.gate.rows(),
+            m.gate.cols(),
+            m.up.rows(),
+            m.up.cols(),
+            m.down.rows(),
+            m.down.cols()
+        ));
+    }
+    Ok(m)
+}
+
+impl ExpertProvider for ExpertCache {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError> {
+        if let Some(msg) = lock(&self.inner.poisoned).clone() {
+            return Err(self.inner.err(msg));
+        }
+        let inner = &self.inner;
+        let key = inner.key(layer, expert);
+        let slots = inner
+            .layers
+            .get(layer)
+            .ok_or_else(|| inner.err(format!("expert L{layer} E{expert}: no such layer")))?;
+        let mut s = lock(slots);
+        if let Some(m) = s.pinned.get(&key) {
+            inner.stats.add(&inner.stats.hits, 1);
+            return Ok(Arc::clone(m));
+        }
+        if let Some(m) = s.resident.get(&key).cloned() {
+            s.policy.touch(key);
+            inner.stats.add(&inner.stats.hits, 1);
+            return Ok(m);
+        }
+        inner.stats.add(&inner.stats.misses, 1);
+        let p = match s.pending.get(&key) {
+            Some(p) => {
+                inner.stats.add(&inner.stats.prefetched, 1);
+                Arc::clone(p)
+            }
+            None => {
+                let p = Pending::new();
+                s.pending.insert(key, Arc::clone(&p));
+                p
+            }
+        };
+        drop(s);
+        let t0 = Instant::now();
+        let r = inner.complete(layer, key, &p);
+        inner
+            .stats
+            .add(&inner.stats.stall_ns, t0.elapsed().as_nanos() as u64);
+        {
+            let mut s = lock(slots);
+            if s.pending.get(&key).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                s.pending.remove(&key);
+            }
+        }
+        r.map_err(|msg| inner.err(msg))
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        if layer == self.inner.first_moe_layer {
+            self.inner.check_identity();
+        }
+        let Some(slots) = self.inner.layers.get(layer) else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        {
+            let mut s = lock(slots);
+            for &e in experts {
+                let key = self.inner.key(layer, e);
+                if s.pinned.contains_key(&key)
+                    || s.resident.contains_key(&key)
+                    || s.pending.contains_key(&key)
+                {
+                    continue;
+                }
+                let p = Pending::new();
+                s.pending.insert(key, Arc::clone(&p));
+                jobs.push((key, p));
+            }
+        }
+        for (key, p) in jobs {
+            let inner = Arc::clone(&self.inner);
+            let _ = self.send(Box::new(move || {
+                let _ = inner.complete(layer, key, &p);
+            }));
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The streaming expert cache against transformers' reference: any capacity
+//! must give the all-resident model's greedy tokens, and a pack damaged while
+//! running must give an error naming the expert, not SIGBUS or garbage.
+
+use mfx_formats::codec::Codec;
+use mfx_formats::pack::{Pack, PackMeta, PackWriter, PartData};
+use mfx_formats::quant::Scheme;
+use mfx_runtime::cache::{
+    plan_budget, BudgetError, CacheConfig, Capacity, ExpertCache, PolicyKind,
+};
+use mfx_runtime::config::ModelConfig;
+use mfx_runtime::models::{ExpertProvider, LoadOptions, Model, MoeModel, RouterObserver};
+use mfx_runtime::weights::WeightSource;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn tiny_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/models/tiny-qwen3-moe-coder"
+    ))
+}
+
+fn reference() -> serde_json::Value {
+    let p = tiny_dir().join("reference/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Writes the tiny model's routed experts (bf16, as stored) into a pack,
+/// plus one dense tensor so that budgets have a dense floor.
+fn write_expert_pack(
+    path: &Path,
+    codec: Codec,
+    pins: &[(u32, u32)],
+) -> (ModelConfig, Box<dyn WeightSource>) {
+    let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
+    let meta = PackMeta {
+        pin_profile: Some(
+            serde_json::json!({ "pinned": pins.iter().map(|&(l, e)| [l, e]).collect::<Vec<_>>() }),
+        ),
+        ..PackMeta::default()
+    };
+    let mut w = PackWriter::create(path, meta, 4096).unwrap();
+    let norm = src.require("model.norm.weight").unwrap();
+    w.add_tensor(
+        "model.norm.weight",
+        Scheme::Bf16,
+        &[cfg.hidden_size as u64],
+        &[norm.data.bytes()],
+    )
+    .unwrap();
+    for l in 0..cfg.num_hidden_layers {
+        if !cfg.is_moe_layer(l) {
+            continue;
+        }
+        for e in 0..cfg.num_experts {
+            let raws: Vec<_> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|p| {
+                    src.require(&format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"))
+                        .unwrap()
+                })
+                .collect();
+            let parts: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .zip(&raws)
+                .map(|(n, r)| PartData {
+                    name: n.to_string(),
+                    scheme: Scheme::Bf16,
+                    shape: r.shape.iter().map(|&d| d as u64).collect(),
+                    bytes: vec![r.data.bytes()],
+                })
+                .collect();
+            w.add_expert(l as u32, e as u32, codec, &parts).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    (cfg, src)
+}
+
+fn cache_model(
+    path: &Path,
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    cc: &CacheConfig,
+) -> (MoeModel, Arc<ExpertCache>) {
+    let pack = Arc::new(Pack::open(path).unwrap());
+    let cache = Arc::new(ExpertCache::open(pack, cfg.num_hidden_layers, cc).unwrap());
+    let provider: Arc<dyn ExpertProvider> = cache.clone();
+    let m = MoeModel::from_source(cfg, src, &LoadOptions::default(), Some(provider)).unwrap();
+    (m, cache)
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn greedy(m: &mut dyn Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    m.reset();
+    let mut logits = m.forward(prompt, false).unwrap();
+    let mut out = vec![];
+    while out.len() < n {
+        let t = argmax(&logits);
+        out.push(t);
+        if out.len() < n {
+            logits = m.forward(&[t], false).unwrap();
+        }
+    }
+    out
+}
+
+#[test]
+fn cache_capacity_far_below_expert_count_matches_reference_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, src) = write_expert_pack(&path, Codec::Zstd, &[(0, 3), (5, 7)]);
+    let r = reference();
+    for policy in [PolicyKind::Lru, PolicyKind::LfuDecay] {
+        let cc = CacheConfig {
+            capacity: Capacity::PerLayer(2),
+            policy,
+            verify_checksums: true,
+            io_threads: 2,
+            ..CacheConfig::default()
+        };
+        let (mut m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+        assert_eq!(cache.pinned(0), vec![3]);
+        assert_eq!(cache.pinned(5), vec![7]);
+        for name in ["python", "c"] {
+            let p = &r["prompts"][name];
+            let got = greedy(&mut m, &ids(&p["ids"]), 48);
+            assert_eq!(
+                got,
+                ids(&p["greedy_48"]),
+                "{name} with capacity 2 ({policy:?})"
+            );
+        }
+        for l in 0..cfg.num_hidden_layers {
+            assert!(
+                cache.resident(l).len() <= 2,
+                "layer {l} holds {:?}",
+                cache.resident(l)
+            );
+        }
+        let s = cache.stats();
+        eprintln!("capacity 2, {policy:?}: {s:?}");
+        assert!(s.misses > 0 && s.evictions > 0 && s.hits > 0);
+        assert!(s.bytes_read > 0);
+        assert!(
+            s.hit_rate < 0.9,
+            "capacity 2 of 64 cannot hit {:.2}",
+            s.hit_rate
+        );
+    }
+}
+
+/// Collects the (layer, expert) pairs a forward pass routes to.
+struct Routed(BTreeSet<(usize, usize)>);
+impl RouterObserver for Routed {
+    fn observe(
+        &mut self,
+        layer: usize,
+        _t: usize,
+        _l: &[f32],
+        _p: &[f32],
+        sel: &[usize],
+        _w: &[f32],
+    ) {
+        for &e in sel {
+            self.0.insert((layer, e));
+        }
+    }
+}
+
+#[test]
+fn cache_prompt_chunk_reads_each_expert_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, src) = write_expert_pack(&path, Codec::None, &[]);
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(0),
+        pin: false,
+        ..CacheConfig::default()
+    };
+    let (mut m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+    let prompt = ids(&reference()["prompts"]["docs"]["ids"]);
+    let mut routed = Routed(BTreeSet::new());
+    m.forward_observed(&prompt, false, Some(&mut routed))
+        .unwrap();
+    let s = cache.stats();
+    assert!(routed.0.len() > 6 * 4, "a prompt routes to many experts");
+    assert_eq!(
+        s.loads as usize,
+        routed.0.len(),
+        "one read per active expert per chunk"
+    );
+    assert_eq!(s.hits, 0);
+}
+
+#[test]
+fn cache_truncated_pack_is_an_error_naming_the_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, src) = write_expert_pack(&path, Codec::None, &[]);
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(1),
+        pin: false,
+        ..CacheConfig::default()
+    };
+    let (mut m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+    let prompt = ids(&reference()["prompts"]["rust"]["ids"]);
+    m.forward(&prompt, false).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    // A direct read past the new end: short read, named.
+    let e = cache
+        .get(5, 63)
+        .err()
+        .expect("truncated blob must fail")
+        .to_string();
+    assert!(
+        e.contains("expert L5 E63") && e.contains("short read"),
+        "{e}"
+    );
+    // The next forward pass notices at its safe point.
+    let e = m
+        .forward(&[42], false)
+        .err()
+        .expect("changed pack must fail")
+        .to_string();
+    assert!(e.contains("changed while running"), "{e}");
+}
+
+#[test]
+fn cache_rewritten_blob_fails_its_checksum() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    write_expert_pack(&path, Codec::None, &[]);
+    let pack = Arc::new(Pack::open(&path).unwrap());
+    let off = pack.expert(1, 9).unwrap().offset;
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(4),
+        verify_checksums: true,
+        pin: false,
+        io_threads: 0,
+        ..CacheConfig::default()
+    };
+    let cache = ExpertCache::open(pack, 6, &cc).unwrap();
+    cache.get(1, 8).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xAB; 64], off + 128).unwrap();
+    let e = cache
+        .get(1, 9)
+        .err()
+        .expect("rewritten blob must fail")
+        .to_string();
+    assert!(
+        e.contains("expert L1 E9") && e.contains("checksum mismatch"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cache_budget_below_dense_states_the_minimum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    write_expert_pack(&path, Codec::None, &[(0, 1)]);
+    let pack = Pack::open(&path).unwrap();
+    let err = plan_budget(&pack, 6, 100, true).unwrap_err();
+    let BudgetError::TooSmall {
+        min, dense, pinned, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*dense, 512, "model.norm.weight: 256 bf16");
+    assert_eq!(*pinned, pack.expert(0, 1).unwrap().raw_length);
+    assert_eq!(*min, dense + pinned);
+    assert!(
+        err.to_string().contains(&format!("at least {min} bytes")),
+        "{err}"
+    );
+    // A budget of dense + pinned + 10 experts' worth gives capacity 10/6 per layer.
+    let per = pack.expert(0, 0).unwrap().raw_length;
+    let plan = plan_budget(&pack, 6, min + 12 * per, true).unwrap();
+    assert_eq!(plan.capacity, vec![2; 6]);
+}
