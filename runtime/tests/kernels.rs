@@ -302,6 +302,9 @@ fn select_honours_forced_tiers() {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         assert_eq!(best, Tier::Avx2);
+        // auto keeps f32 activations; the int8-activation variant is opt-in.
+        assert_eq!(kernels::select(None).name(), "avx2-f32x");
+        assert_eq!(kernels::select(Some("avx2")).name(), "avx2");
     } else {
         assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);
     }

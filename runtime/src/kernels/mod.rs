@@ -199,12 +199,23 @@ pub fn available() -> Vec<&'static dyn Backend> {
     v
 }
 
+/// The tiers `auto` picks from, in order of preference. The default keeps
+/// activations in f32 (`avx2-f32x`), so a quantized model's greedy output is
+/// the one its reference implementation (mlx-lm, computing in f32) produces;
+/// `avx2` quantizes activations to int8 per 32-block for 2/4-bit weights
+/// (llama.cpp's approach), about 2x faster on those matrices but it flips
+/// near-tied greedy choices, so it is opt-in (`MFX_KERNELS=avx2`).
+const AUTO_PREFERENCE: [&str; 3] = ["avx2-f32x", "neon", "scalar"];
+
 /// Picks a tier; `forced` is the value of `MFX_KERNELS` if set. Unset, empty
-/// or `auto` picks the fastest available; a named tier the CPU lacks (or an
+/// or `auto` picks by [`AUTO_PREFERENCE`]; a named tier the CPU lacks (or an
 /// unknown name) falls back to scalar with a warning, never to a faster tier.
 pub fn select(forced: Option<&str>) -> &'static dyn Backend {
     let avail = available();
-    let best = avail.last().copied().unwrap_or(&scalar::Scalar);
+    let best = AUTO_PREFERENCE
+        .iter()
+        .find_map(|n| avail.iter().find(|b| b.name() == *n).copied())
+        .unwrap_or(&scalar::Scalar);
     let name = match forced.map(|s| s.trim().to_ascii_lowercase()) {
         None => return best,
         Some(s) if s.is_empty() || s == "auto" => return best,
