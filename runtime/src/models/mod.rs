@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod glm4_moe;
 pub mod kv_cache;
 pub mod mixtral;
 pub mod moe;
@@ -11,6 +12,7 @@ pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod rope;
+pub mod sigmoid_moe;
 
 pub use decoder::{FamilySpec, Ffn, LayerWeights, Transformer};
 pub use kv_cache::{KvBits, LayerKv};
@@ -102,7 +104,18 @@ pub fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>), Runtime
 
 /// Loads a model from a checkpoint directory (HF or MLX) or a `.mfx` pack.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeError> {
+    // Families with their own model type (not a FamilySpec of the shared decoder).
+    if path.is_dir() && model_type_of(path).as_deref() == Some("glm4_moe") {
+        return Ok(Box::new(glm4_moe::Glm4Moe::load(path, opts)?));
+    }
     Ok(Box::new(MoeModel::load(path, opts)?))
+}
+
+/// `model_type` of a checkpoint directory's config.json, if readable.
+fn model_type_of(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str().map(str::to_string)
 }
 
 /// The one [`Model`] implementation: the shared decoder over any family,
