@@ -132,3 +132,13 @@ fn parity_next_glm4_moe() {
             .unwrap();
     split_matches_whole(m.as_mut(), &ids(&r["input_ids"]), 1e-3);
 }
+
+#[test]
+fn parity_next_deepseek_v3() {
+    let mut m = fixture("deepseek_v3");
+    let dir = shared().join("fixtures/deepseek_v3");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    split_matches_whole(m.as_mut(), &ids(&r["input_ids"]), 1e-3);
+}

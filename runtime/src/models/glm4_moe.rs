@@ -103,6 +103,100 @@ impl Glm4Config {
     pub fn is_moe_layer(&self, l: usize) -> bool {
         l >= self.first_k_dense_replace
     }
+
+    pub fn ffn_shape(&self) -> FfnShape {
+        FfnShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            moe_intermediate: self.moe_intermediate_size,
+            n_routed: self.n_routed_experts,
+            n_shared: self.n_shared_experts,
+            first_k_dense: self.first_k_dense_replace,
+        }
+    }
+}
+
+/// The feed-forward layout DeepSeek-V3 and GLM-4-MoE share: dense SwiGLU for
+/// the first `first_k_dense` layers, then routed experts plus
+/// `n_shared * moe_intermediate`-wide always-on `shared_experts`.
+#[derive(Debug, Clone, Copy)]
+pub struct FfnShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub moe_intermediate: usize,
+    pub n_routed: usize,
+    pub n_shared: usize,
+    pub first_k_dense: usize,
+}
+
+/// Layer `l`'s feed-forward weights except routed experts.
+pub fn load_ffn(src: &dyn WeightSource, s: &FfnShape, l: usize) -> Result<Glm4Ffn, RuntimeError> {
+    let h = s.hidden;
+    if l < s.first_k_dense {
+        return Ok(Glm4Ffn::Dense(mlp(src, &ln(l, "mlp"), h, s.intermediate)?));
+    }
+    let shared = if s.n_shared > 0 {
+        Some(mlp(
+            src,
+            &ln(l, "mlp.shared_experts"),
+            h,
+            s.moe_intermediate * s.n_shared,
+        )?)
+    } else {
+        None
+    };
+    Ok(Glm4Ffn::Moe {
+        router: SigmoidRouter {
+            weight: src.matrix(&ln(l, "mlp.gate"), s.n_routed, h)?,
+            bias: src.vector(&ln(l, "mlp.gate.e_score_correction_bias"), s.n_routed)?,
+        },
+        shared,
+    })
+}
+
+/// Layer `l`'s routed experts (hub per-expert tensors; empty for dense layers).
+pub fn load_routed_experts(
+    src: &dyn WeightSource,
+    s: &FfnShape,
+    l: usize,
+) -> Result<Vec<ExpertMats>, RuntimeError> {
+    if l < s.first_k_dense {
+        return Ok(Vec::new());
+    }
+    (0..s.n_routed)
+        .map(|e| {
+            mlp(
+                src,
+                &ln(l, &format!("mlp.experts.{e}")),
+                s.hidden,
+                s.moe_intermediate,
+            )
+        })
+        .collect()
+}
+
+/// The feed-forward block over `n` rows of normalized `xn`.
+pub fn ffn_forward(
+    ffn: &Glm4Ffn,
+    layer: usize,
+    routing: &SigmoidRouting,
+    experts: &dyn ExpertProvider,
+    xn: &[f32],
+    n: usize,
+    observer: Option<&mut (dyn RouterObserver + '_)>,
+) -> Result<Vec<f32>, RuntimeError> {
+    Ok(match ffn {
+        Glm4Ffn::Dense(m) => m.forward(xn, n),
+        Glm4Ffn::Moe { router, shared } => {
+            let mut out = routed_forward(layer, routing, router, experts, xn, n, observer)?;
+            if let Some(s) = shared {
+                for (o, y) in out.iter_mut().zip(s.forward(xn, n)) {
+                    *o += y;
+                }
+            }
+            out
+        }
+    })
 }
 
 /// One layer's attention weights.
@@ -147,7 +241,7 @@ pub struct Glm4Shared {
     lm_head: Matrix,
 }
 
-fn ln(l: usize, rest: &str) -> String {
+pub(crate) fn ln(l: usize, rest: &str) -> String {
     format!("model.layers.{l}.{rest}")
 }
 
@@ -328,30 +422,7 @@ impl Glm4Shared {
             q_norm: qkn("q_norm")?,
             k_norm: qkn("k_norm")?,
         };
-        let ffn = if c.is_moe_layer(l) {
-            let shared = if c.n_shared_experts > 0 {
-                Some(mlp(
-                    src,
-                    &ln(l, "mlp.shared_experts"),
-                    h,
-                    c.moe_intermediate_size * c.n_shared_experts,
-                )?)
-            } else {
-                None
-            };
-            Glm4Ffn::Moe {
-                router: SigmoidRouter {
-                    weight: src.matrix(&ln(l, "mlp.gate"), c.n_routed_experts, h)?,
-                    bias: src.vector(
-                        &ln(l, "mlp.gate.e_score_correction_bias"),
-                        c.n_routed_experts,
-                    )?,
-                },
-                shared,
-            }
-        } else {
-            Glm4Ffn::Dense(mlp(src, &ln(l, "mlp"), h, c.intermediate_size)?)
-        };
+        let ffn = load_ffn(src, &c.ffn_shape(), l)?;
         Ok(Glm4Layer {
             index: l,
             input_norm: src.vector(&ln(l, "input_layernorm.weight"), h)?,
@@ -367,20 +438,7 @@ impl Glm4Shared {
         src: &dyn WeightSource,
         l: usize,
     ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        let c = &self.cfg;
-        if !c.is_moe_layer(l) {
-            return Ok(Vec::new());
-        }
-        (0..c.n_routed_experts)
-            .map(|e| {
-                mlp(
-                    src,
-                    &ln(l, &format!("mlp.experts.{e}")),
-                    c.hidden_size,
-                    c.moe_intermediate_size,
-                )
-            })
-            .collect()
+        load_routed_experts(src, &self.cfg.ffn_shape(), l)
     }
 
     fn attention(&self, w: &Glm4Attn, xn: &[f32], n: usize, kv: &mut LayerKv) -> Vec<f32> {
@@ -441,26 +499,15 @@ impl Glm4Shared {
             *x += y;
         }
         let xn = norm_rows(hidden, &lw.post_norm, eps);
-        let f = match &lw.ffn {
-            Glm4Ffn::Dense(m) => m.forward(&xn, n),
-            Glm4Ffn::Moe { router, shared } => {
-                let mut out = routed_forward(
-                    lw.index,
-                    &self.cfg.routing,
-                    router,
-                    experts,
-                    &xn,
-                    n,
-                    observer,
-                )?;
-                if let Some(s) = shared {
-                    for (o, y) in out.iter_mut().zip(s.forward(&xn, n)) {
-                        *o += y;
-                    }
-                }
-                out
-            }
-        };
+        let f = ffn_forward(
+            &lw.ffn,
+            lw.index,
+            &self.cfg.routing,
+            experts,
+            &xn,
+            n,
+            observer,
+        )?;
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;
         }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod deepseek_v3;
 pub mod glm4_moe;
 pub mod kv_cache;
 pub mod mixtral;
@@ -107,6 +108,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeEr
     // Families with their own model type (not a FamilySpec of the shared decoder).
     if path.is_dir() && model_type_of(path).as_deref() == Some("glm4_moe") {
         return Ok(Box::new(glm4_moe::Glm4Moe::load(path, opts)?));
+    }
+    if path.is_dir() && model_type_of(path).as_deref() == Some("deepseek_v3") {
+        return Ok(Box::new(deepseek_v3::DeepseekV3::load(path, opts)?));
     }
     Ok(Box::new(MoeModel::load(path, opts)?))
 }
