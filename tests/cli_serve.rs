@@ -1,0 +1,125 @@
+//! `mfx serve` as a process: it starts on a free port, answers over HTTP with
+//! transformers' greedy text, and fails to start with a clear message on
+//! bad input. The protocol in depth is tested in `runtime/src/server/` and
+//! with the official clients in `tests/server/`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/models/tiny-qwen3-moe-coder"
+);
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mfx"))
+        .args(["serve", MODEL, "--port", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn mfx serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server printed its address before exiting")
+            .expect("stderr line");
+        if let Some(pos) = line.find("http://") {
+            break line[pos + 7..].trim().to_owned();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, body.to_owned())
+}
+
+#[test]
+fn serve_answers_with_transformers_greedy_text() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{MODEL}/reference/reference.json"))
+            .expect("reference.json"),
+    )
+    .expect("json");
+    let chat = &reference["prompts"]["chat"];
+    let server = start(&[]);
+    let (status, body) = http(&server.addr, "GET", "/health", "");
+    assert_eq!(status, 200, "{body}");
+
+    let req = serde_json::json!({
+        "messages": [{"role": "user", "content": "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines."}],
+        "temperature": 0, "max_tokens": 48,
+    });
+    let (status, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &req.to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], chat["greedy_text"]);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        chat["ids"].as_array().map(Vec::len).unwrap_or(0)
+    );
+
+    let (status, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        "{\"messages\": 1}",
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid_request_error"), "{body}");
+}
+
+#[test]
+fn serve_refuses_bad_input_with_a_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mfx"))
+        .args(["serve", "/nonexistent/model-dir", "--port", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model-dir"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_mfx"))
+        .args(["serve", MODEL, "--port", "0", "--ram", "lots"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ram lots"));
+}
