@@ -142,3 +142,15 @@ fn parity_next_deepseek_v3() {
             .unwrap();
     split_matches_whole(m.as_mut(), &ids(&r["input_ids"]), 1e-3);
 }
+
+#[test]
+fn parity_next_qwen3_next() {
+    let mut m = fixture("qwen3_next");
+    let dir = shared().join("fixtures/qwen3_next");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    // Recurrent, conv and f32 attention state: a split prompt matches one pass.
+    split_matches_whole(m.as_mut(), &ids(&r["input_ids"]), 1e-4);
+    assert!(!m.truncate(3), "recurrent state cannot be truncated");
+}

@@ -12,6 +12,7 @@ pub mod moe;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 pub mod rope;
 pub mod sigmoid_moe;
 
@@ -111,6 +112,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeEr
     }
     if path.is_dir() && model_type_of(path).as_deref() == Some("deepseek_v3") {
         return Ok(Box::new(deepseek_v3::DeepseekV3::load(path, opts)?));
+    }
+    if path.is_dir() && model_type_of(path).as_deref() == Some("qwen3_next") {
+        return Ok(Box::new(qwen3_next::Qwen3Next::load(path, opts)?));
     }
     Ok(Box::new(MoeModel::load(path, opts)?))
 }

@@ -1,0 +1,729 @@
+//! Qwen3-Next (`Qwen3NextForCausalLM`, Qwen3-Coder-Next): a hybrid of Gated
+//! DeltaNet linear-attention layers and gated full-attention layers (kinds
+//! from `layer_types`, else every `full_attention_interval`-th layer is
+//! full), with qwen2_moe-style MoE (softmax top-k, sigmoid-gated shared
+//! expert) served through an [`ExpertProvider`].
+//!
+//! Norms are zero-centred (`x * rsqrt(ms + eps) * (1 + w)`) except the gated
+//! RMSNorm inside DeltaNet, which uses `w` as is and multiplies by
+//! `silu(z)` after normalizing. Full attention: `q_proj` yields per head a
+//! query and an output gate (`sigmoid`), q/k norm, rope on the first
+//! `partial_rotary_factor * head_dim` dims. DeltaNet: `in_proj_qkvz` /
+//! `in_proj_ba` are laid out per key-head group (`[q, k, v.., z..]`,
+//! `[b.., a..]`), then a depthwise causal conv1d + silu over `[q|k|v]`, l2
+//! normalized q/k (q scaled by `1/sqrt(d_k)`), and the gated delta rule
+//! `S = S*exp(g); S += k (x) beta*(v - S^T k); o = S^T q` per value head
+//! (key heads repeated for value heads). Prompts run the same per-token
+//! recurrence as decoding, so both give identical results.
+//!
+//! The conv and recurrent states, and the full-attention keys/values (kept
+//! f32, so a prompt split into pieces matches one pass), live per layer in
+//! [`LayerState`]. Recurrent state cannot be truncated: `truncate` returns
+//! false unless the length is unchanged.
+
+use super::glm4_moe::{causal_attend, final_logits, inv_freq, ln, mlp, rope_partial};
+use super::moe::{
+    load_layer_experts, moe_forward, ExpertMats, ExpertProvider, MoeWeights, ResidentExperts,
+    RouterObserver, Routing, SharedExpert,
+};
+use super::sigmoid_moe::JsonCfg;
+use super::{LoadOptions, Model, ModelInfo};
+use crate::error::RuntimeError;
+use crate::kernels;
+use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::{DType, Matrix, WeightSource};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct Qwen3NextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub full_attention: Vec<bool>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub rope_theta: f32,
+    pub eps: f32,
+    pub lin_k_heads: usize,
+    pub lin_v_heads: usize,
+    pub lin_k_dim: usize,
+    pub lin_v_dim: usize,
+    pub conv_kernel: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    pub moe_intermediate_size: usize,
+    pub shared_expert_intermediate_size: usize,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Qwen3NextConfig {
+    pub fn parse(c: &JsonCfg) -> Result<Self, RuntimeError> {
+        c.silu_only()?;
+        c.default_rope_only()?;
+        let n_layers = c.positive("num_hidden_layers")?;
+        let full_attention = match c.obj.get("layer_types") {
+            Some(serde_json::Value::Array(a)) => {
+                if a.len() != n_layers {
+                    return Err(c.bad(
+                        "layer_types",
+                        format!("{} entries for {n_layers} layers", a.len()),
+                    ));
+                }
+                a.iter()
+                    .map(|v| match v.as_str() {
+                        Some("full_attention") => Ok(true),
+                        Some("linear_attention") => Ok(false),
+                        _ => Err(c.bad("layer_types", format!("unknown layer type {v}"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            _ => {
+                let k = c.usize_opt("full_attention_interval")?.unwrap_or(4).max(1);
+                (0..n_layers).map(|l| (l + 1) % k == 0).collect()
+            }
+        };
+        let hidden_size = c.positive("hidden_size")?;
+        let heads = c.positive("num_attention_heads")?;
+        let kv_heads = c.usize_opt("num_key_value_heads")?.unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(c.bad(
+                "num_key_value_heads",
+                format!("{kv_heads} does not divide {heads}"),
+            ));
+        }
+        let head_dim = c.usize_opt("head_dim")?.unwrap_or(hidden_size / heads);
+        let prf = c.f64_opt("partial_rotary_factor")?.unwrap_or(0.25);
+        let rotary_dim = (head_dim as f64 * prf) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+            return Err(c.bad(
+                "partial_rotary_factor",
+                format!("{prf} x head_dim {head_dim} is not an even width"),
+            ));
+        }
+        let lin_k_heads = c.positive("linear_num_key_heads")?;
+        let lin_v_heads = c.positive("linear_num_value_heads")?;
+        if lin_v_heads % lin_k_heads != 0 {
+            return Err(c.bad(
+                "linear_num_value_heads",
+                format!("{lin_v_heads} is not a multiple of linear_num_key_heads {lin_k_heads}"),
+            ));
+        }
+        let num_experts = c.positive("num_experts")?;
+        let top_k = c.positive("num_experts_per_tok")?;
+        if top_k > num_experts {
+            return Err(c.bad(
+                "num_experts_per_tok",
+                format!("{top_k} > {num_experts} experts"),
+            ));
+        }
+        if c.usize_opt("decoder_sparse_step")?.unwrap_or(1) != 1
+            || c.obj
+                .get("mlp_only_layers")
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| !a.is_empty())
+        {
+            return Err(c.bad(
+                "mlp_only_layers",
+                "dense layers are not supported for qwen3_next",
+            ));
+        }
+        Ok(Qwen3NextConfig {
+            vocab_size: c.positive("vocab_size")?,
+            hidden_size,
+            num_hidden_layers: n_layers,
+            full_attention,
+            heads,
+            kv_heads,
+            head_dim,
+            rotary_dim,
+            rope_theta: c.f64_opt("rope_theta")?.unwrap_or(10000.0) as f32,
+            eps: c.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            lin_k_heads,
+            lin_v_heads,
+            lin_k_dim: c.positive("linear_key_head_dim")?,
+            lin_v_dim: c.positive("linear_value_head_dim")?,
+            conv_kernel: c.positive("linear_conv_kernel_dim")?,
+            num_experts,
+            top_k,
+            norm_topk_prob: c.bool_opt("norm_topk_prob")?.unwrap_or(true),
+            moe_intermediate_size: c.positive("moe_intermediate_size")?,
+            shared_expert_intermediate_size: c
+                .usize_opt("shared_expert_intermediate_size")?
+                .unwrap_or(0),
+            tie_word_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            max_position_embeddings: c.usize_opt("max_position_embeddings")?.unwrap_or(4096),
+            bos_token_id: c.ids("bos_token_id")?.first().copied(),
+            eos_token_ids: c.ids("eos_token_id")?,
+        })
+    }
+
+    fn key_dim(&self) -> usize {
+        self.lin_k_heads * self.lin_k_dim
+    }
+    fn value_dim(&self) -> usize {
+        self.lin_v_heads * self.lin_v_dim
+    }
+    fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+}
+
+/// The depthwise conv1d weight `[conv_dim, 1, kernel]` as f32 `[conv_dim * kernel]`.
+fn conv_weight(
+    src: &dyn WeightSource,
+    name: &str,
+    conv_dim: usize,
+    kernel: usize,
+) -> Result<Vec<f32>, RuntimeError> {
+    let t = src.require(name)?;
+    if t.shape != [conv_dim, 1, kernel] {
+        return Err(RuntimeError::Shape {
+            name: name.into(),
+            location: src.location_of(name),
+            expected: format!("[{conv_dim}, 1, {kernel}]"),
+            found: t.shape.clone(),
+        });
+    }
+    let b = t.data.bytes();
+    Ok(match t.dtype {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::Bf16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(RuntimeError::Dtype {
+                name: name.into(),
+                location: src.location_of(name),
+                dtype: format!("{other:?}"),
+                expected: "f32, f16 or bf16".into(),
+            })
+        }
+    })
+}
+
+/// Zero-centred RMSNorm (`(1 + w)`) of each `w.len()`-wide row, in place.
+fn norm_zc(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * inv * (1.0 + g);
+        }
+    }
+}
+
+fn matmul(w: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0; n * w.rows()];
+    kernels::matmul(&w.mat(), x, n, &mut y);
+    y
+}
+
+#[derive(Debug, Clone)]
+pub struct FullAttn {
+    pub q: Matrix,
+    pub k: Matrix,
+    pub v: Matrix,
+    pub o: Matrix,
+    pub q_norm: Vec<f32>,
+    pub k_norm: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeltaNet {
+    pub in_qkvz: Matrix,
+    pub in_ba: Matrix,
+    /// `[conv_dim, kernel]`.
+    pub conv: Vec<f32>,
+    pub a_log: Vec<f32>,
+    pub dt_bias: Vec<f32>,
+    pub norm: Vec<f32>,
+    pub out: Matrix,
+}
+
+#[derive(Debug, Clone)]
+pub enum Mixer {
+    Full(FullAttn),
+    Linear(DeltaNet),
+}
+
+#[derive(Debug, Clone)]
+pub struct QnLayer {
+    pub index: usize,
+    pub input_norm: Vec<f32>,
+    pub post_norm: Vec<f32>,
+    pub mixer: Mixer,
+    pub moe: MoeWeights,
+}
+
+/// Per-layer sequence state: f32 keys/values for full attention, conv
+/// window and recurrent matrices for DeltaNet.
+#[derive(Debug, Clone, Default)]
+pub struct LayerState {
+    pub len: usize,
+    pub keys: Vec<f32>,
+    pub vals: Vec<f32>,
+    /// Last `kernel - 1` conv inputs, `[kernel-1, conv_dim]`, oldest first.
+    pub conv: Vec<f32>,
+    /// `[v_heads, k_dim, v_dim]`.
+    pub rec: Vec<f32>,
+}
+
+pub struct QnShared {
+    pub cfg: Qwen3NextConfig,
+    inv_freq: Vec<f32>,
+    embed: Matrix,
+    final_norm: Vec<f32>,
+    lm_head: Matrix,
+    routing: Routing,
+}
+
+impl QnShared {
+    pub fn load(cfg: &Qwen3NextConfig, src: &dyn WeightSource) -> Result<Self, RuntimeError> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = src.matrix("model.embed_tokens", v, h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            src.matrix("lm_head", v, h)?
+        };
+        Ok(QnShared {
+            inv_freq: inv_freq(cfg.rope_theta, cfg.rotary_dim),
+            final_norm: src
+                .vector("model.norm.weight", h)?
+                .iter()
+                .map(|w| 1.0 + w)
+                .collect(),
+            embed,
+            lm_head,
+            routing: Routing {
+                top_k: cfg.top_k,
+                renormalize: cfg.norm_topk_prob,
+            },
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let h = self.cfg.hidden_size;
+        let m = self.embed.mat();
+        let mut out = vec![0.0; ids.len() * h];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(h)) {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(RuntimeError::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+            m.row_f32(id as usize, o);
+        }
+        Ok(out)
+    }
+
+    pub fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<QnLayer, RuntimeError> {
+        let c = &self.cfg;
+        let h = c.hidden_size;
+        let mixer = if c.full_attention[l] {
+            let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+            Mixer::Full(FullAttn {
+                q: src.matrix(&ln(l, "self_attn.q_proj"), 2 * qd, h)?,
+                k: src.matrix(&ln(l, "self_attn.k_proj"), kd, h)?,
+                v: src.matrix(&ln(l, "self_attn.v_proj"), kd, h)?,
+                o: src.matrix(&ln(l, "self_attn.o_proj"), h, qd)?,
+                q_norm: src.vector(&ln(l, "self_attn.q_norm.weight"), c.head_dim)?,
+                k_norm: src.vector(&ln(l, "self_attn.k_norm.weight"), c.head_dim)?,
+            })
+        } else {
+            let conv_name = ln(l, "linear_attn.conv1d.weight");
+            let conv = conv_weight(src, &conv_name, c.conv_dim(), c.conv_kernel)?;
+            Mixer::Linear(DeltaNet {
+                in_qkvz: src.matrix(
+                    &ln(l, "linear_attn.in_proj_qkvz"),
+                    2 * c.key_dim() + 2 * c.value_dim(),
+                    h,
+                )?,
+                in_ba: src.matrix(&ln(l, "linear_attn.in_proj_ba"), 2 * c.lin_v_heads, h)?,
+                conv,
+                a_log: src.vector(&ln(l, "linear_attn.A_log"), c.lin_v_heads)?,
+                dt_bias: src.vector(&ln(l, "linear_attn.dt_bias"), c.lin_v_heads)?,
+                norm: src.vector(&ln(l, "linear_attn.norm.weight"), c.lin_v_dim)?,
+                out: src.matrix(&ln(l, "linear_attn.out_proj"), h, c.value_dim())?,
+            })
+        };
+        let shared = if c.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert {
+                mlp: mlp(
+                    src,
+                    &ln(l, "mlp.shared_expert"),
+                    h,
+                    c.shared_expert_intermediate_size,
+                )?,
+                gate: src.matrix(&ln(l, "mlp.shared_expert_gate"), 1, h)?,
+            })
+        } else {
+            None
+        };
+        Ok(QnLayer {
+            index: l,
+            input_norm: src.vector(&ln(l, "input_layernorm.weight"), h)?,
+            post_norm: src.vector(&ln(l, "post_attention_layernorm.weight"), h)?,
+            mixer,
+            moe: MoeWeights {
+                router: src.matrix(&ln(l, "mlp.gate"), c.num_experts, h)?,
+                shared,
+            },
+        })
+    }
+
+    pub fn load_layer_experts(
+        &self,
+        src: &dyn WeightSource,
+        l: usize,
+    ) -> Result<Vec<ExpertMats>, RuntimeError> {
+        let c = &self.cfg;
+        let per = |e: usize| {
+            ["gate_proj", "up_proj", "down_proj"].map(|p| ln(l, &format!("mlp.experts.{e}.{p}")))
+        };
+        let stacked =
+            ["gate_proj", "up_proj", "down_proj"].map(|p| ln(l, &format!("mlp.switch_mlp.{p}")));
+        load_layer_experts(
+            src,
+            &per,
+            &stacked,
+            c.num_experts,
+            c.hidden_size,
+            c.moe_intermediate_size,
+        )
+    }
+
+    fn full_attention(&self, w: &FullAttn, xn: &[f32], n: usize, st: &mut LayerState) -> Vec<f32> {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
+        let qg = matmul(&w.q, xn, n);
+        let mut q = vec![0.0; n * qd];
+        let mut gate = vec![0.0; n * qd];
+        for (i, row) in qg.chunks_exact(2 * hd).enumerate() {
+            q[i * hd..(i + 1) * hd].copy_from_slice(&row[..hd]);
+            gate[i * hd..(i + 1) * hd].copy_from_slice(&row[hd..]);
+        }
+        let mut k = matmul(&w.k, xn, n);
+        let v = matmul(&w.v, xn, n);
+        norm_zc(&mut q, &w.q_norm, c.eps);
+        norm_zc(&mut k, &w.k_norm, c.eps);
+        let past = st.len;
+        for i in 0..n {
+            rope_partial(&mut q[i * qd..(i + 1) * qd], hd, &self.inv_freq, past + i);
+            rope_partial(&mut k[i * kd..(i + 1) * kd], hd, &self.inv_freq, past + i);
+        }
+        st.keys.extend_from_slice(&k);
+        st.vals.extend_from_slice(&v);
+        let mut out = causal_attend(
+            &q,
+            &st.keys,
+            &st.vals,
+            n,
+            c.heads,
+            c.kv_heads,
+            hd,
+            hd,
+            1.0 / (hd as f32).sqrt(),
+        );
+        for (o, g) in out.iter_mut().zip(&gate) {
+            *o *= 1.0 / (1.0 + (-g).exp());
+        }
+        matmul(&w.o, &out, n)
+    }
+
+    fn delta_net(&self, w: &DeltaNet, xn: &[f32], n: usize, st: &mut LayerState) -> Vec<f32> {
+        let c = &self.cfg;
+        let (nk, nv, dk, dv, kk) = (
+            c.lin_k_heads,
+            c.lin_v_heads,
+            c.lin_k_dim,
+            c.lin_v_dim,
+            c.conv_kernel,
+        );
+        let r = nv / nk;
+        let (key_dim, value_dim, conv_dim) = (c.key_dim(), c.value_dim(), c.conv_dim());
+        let qkvz = matmul(&w.in_qkvz, xn, n);
+        let ba = matmul(&w.in_ba, xn, n);
+        if st.conv.is_empty() {
+            st.conv = vec![0.0; (kk - 1) * conv_dim];
+            st.rec = vec![0.0; nv * dk * dv];
+        }
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut out = vec![0.0; n * value_dim];
+        let gw = 2 * dk + 2 * r * dv;
+        for t in 0..n {
+            // Un-group [q,k,v,z] per key head into [q all | k all | v all] and z.
+            let row =
+                &qkvz[t * (2 * key_dim + 2 * value_dim)..(t + 1) * (2 * key_dim + 2 * value_dim)];
+            let mut mixed = vec![0.0; conv_dim];
+            let mut z = vec![0.0; value_dim];
+            for g in 0..nk {
+                let grp = &row[g * gw..(g + 1) * gw];
+                mixed[g * dk..(g + 1) * dk].copy_from_slice(&grp[..dk]);
+                mixed[key_dim + g * dk..key_dim + (g + 1) * dk].copy_from_slice(&grp[dk..2 * dk]);
+                mixed[2 * key_dim + g * r * dv..2 * key_dim + (g + 1) * r * dv]
+                    .copy_from_slice(&grp[2 * dk..2 * dk + r * dv]);
+                z[g * r * dv..(g + 1) * r * dv].copy_from_slice(&grp[2 * dk + r * dv..]);
+            }
+            let barow = &ba[t * 2 * nv..(t + 1) * 2 * nv];
+            let mut beta = vec![0.0; nv];
+            let mut a = vec![0.0; nv];
+            for g in 0..nk {
+                for j in 0..r {
+                    beta[g * r + j] = barow[g * 2 * r + j];
+                    a[g * r + j] = barow[g * 2 * r + r + j];
+                }
+            }
+            // Depthwise causal conv over [state..., mixed], then silu.
+            let mut conv_out = vec![0.0; conv_dim];
+            for (ch, o) in conv_out.iter_mut().enumerate() {
+                let wrow = &w.conv[ch * kk..(ch + 1) * kk];
+                let mut s = 0.0;
+                for j in 0..kk - 1 {
+                    s += wrow[j] * st.conv[j * conv_dim + ch];
+                }
+                s += wrow[kk - 1] * mixed[ch];
+                *o = kernels::silu(s);
+            }
+            if kk > 1 {
+                st.conv.drain(..conv_dim);
+                st.conv.extend_from_slice(&mixed);
+            }
+            let (qa, rest) = conv_out.split_at_mut(key_dim);
+            let (ka, va) = rest.split_at_mut(key_dim);
+            for hq in qa.chunks_exact_mut(dk) {
+                let inv = 1.0 / (hq.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+                hq.iter_mut().for_each(|x| *x *= inv * scale);
+            }
+            for hk in ka.chunks_exact_mut(dk) {
+                let inv = 1.0 / (hk.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+                hk.iter_mut().for_each(|x| *x *= inv);
+            }
+            let o_t = &mut out[t * value_dim..(t + 1) * value_dim];
+            for h in 0..nv {
+                let kh = h / r;
+                let (qv, kv_, vv) = (
+                    &qa[kh * dk..(kh + 1) * dk],
+                    &ka[kh * dk..(kh + 1) * dk],
+                    &va[h * dv..(h + 1) * dv],
+                );
+                let sp = {
+                    let x = a[h] + w.dt_bias[h];
+                    if x > 20.0 {
+                        x
+                    } else {
+                        x.exp().ln_1p()
+                    }
+                };
+                let g = -w.a_log[h].exp() * sp;
+                let b = 1.0 / (1.0 + (-beta[h]).exp());
+                let decay = g.exp();
+                let s = &mut st.rec[h * dk * dv..(h + 1) * dk * dv];
+                s.iter_mut().for_each(|x| *x *= decay);
+                let mut mem = vec![0.0; dv];
+                for i in 0..dk {
+                    for j in 0..dv {
+                        mem[j] += s[i * dv + j] * kv_[i];
+                    }
+                }
+                let delta: Vec<f32> = vv.iter().zip(&mem).map(|(v, m)| (v - m) * b).collect();
+                for i in 0..dk {
+                    for j in 0..dv {
+                        s[i * dv + j] += kv_[i] * delta[j];
+                    }
+                }
+                let oh = &mut o_t[h * dv..(h + 1) * dv];
+                oh.fill(0.0);
+                for i in 0..dk {
+                    for j in 0..dv {
+                        oh[j] += s[i * dv + j] * qv[i];
+                    }
+                }
+                // Gated RMSNorm: normalize, weight, then times silu(z).
+                let ms = oh.iter().map(|x| x * x).sum::<f32>() / dv as f32;
+                let inv = 1.0 / (ms + c.eps).sqrt();
+                for ((x, wn), zz) in oh.iter_mut().zip(&w.norm).zip(&z[h * dv..(h + 1) * dv]) {
+                    *x = *x * inv * wn * kernels::silu(*zz);
+                }
+            }
+        }
+        matmul(&w.out, &out, n)
+    }
+
+    pub fn layer_forward(
+        &self,
+        lw: &QnLayer,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        st: &mut LayerState,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
+        let h = self.cfg.hidden_size;
+        let n = hidden.len() / h;
+        let eps = self.cfg.eps;
+        let mut xn = hidden.to_vec();
+        norm_zc(&mut xn, &lw.input_norm, eps);
+        let a = match &lw.mixer {
+            Mixer::Full(w) => self.full_attention(w, &xn, n, st),
+            Mixer::Linear(w) => self.delta_net(w, &xn, n, st),
+        };
+        st.len += n;
+        for (x, y) in hidden.iter_mut().zip(&a) {
+            *x += y;
+        }
+        let mut xn = hidden.to_vec();
+        norm_zc(&mut xn, &lw.post_norm, eps);
+        let f = moe_forward(lw.index, &self.routing, &lw.moe, experts, &xn, n, observer)?;
+        for (x, y) in hidden.iter_mut().zip(&f) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    pub fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
+        let c = &self.cfg;
+        final_logits(
+            hidden,
+            all,
+            &self.final_norm,
+            &self.lm_head,
+            c.eps,
+            c.hidden_size,
+            c.vocab_size,
+        )
+    }
+}
+
+pub struct Qwen3Next {
+    info: ModelInfo,
+    pub shared: QnShared,
+    layers: Vec<QnLayer>,
+    experts: Arc<dyn ExpertProvider>,
+    state: Vec<LayerState>,
+}
+
+impl Qwen3Next {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, RuntimeError> {
+        let c = JsonCfg::from_file(&dir.join("config.json"))?;
+        let cfg = Qwen3NextConfig::parse(&c)?;
+        let src = SafetensorsSource::open(dir)?;
+        Self::from_source(&cfg, &src, opts, None)
+    }
+
+    pub fn from_source(
+        cfg: &Qwen3NextConfig,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        experts: Option<Arc<dyn ExpertProvider>>,
+    ) -> Result<Self, RuntimeError> {
+        let shared = QnShared::load(cfg, src)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| shared.load_layer(src, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let experts = match experts {
+            Some(p) => p,
+            None => {
+                let mut r = ResidentExperts::new(cfg.num_hidden_layers);
+                for l in 0..cfg.num_hidden_layers {
+                    r.insert_layer(l, shared.load_layer_experts(src, l)?);
+                }
+                Arc::new(r)
+            }
+        };
+        let info = ModelInfo {
+            arch: "qwen3_next".into(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            n_layers: cfg.num_hidden_layers,
+            max_position_embeddings: cfg.max_position_embeddings,
+            max_context: opts.max_context.unwrap_or(cfg.max_position_embeddings),
+            bos_token_id: cfg.bos_token_id,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            num_experts: cfg.num_experts,
+            num_experts_per_tok: cfg.top_k,
+        };
+        let state = vec![LayerState::default(); cfg.num_hidden_layers];
+        Ok(Qwen3Next {
+            info,
+            shared,
+            layers,
+            experts,
+            state,
+        })
+    }
+
+    pub fn forward_observed(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        mut observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let needed = self.seq_len() + tokens.len();
+        if needed > self.info.max_context {
+            return Err(RuntimeError::ContextFull {
+                needed,
+                max: self.info.max_context,
+            });
+        }
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut hidden = self.shared.embed(tokens)?;
+        for (lw, st) in self.layers.iter().zip(self.state.iter_mut()) {
+            let obs = observer.as_deref_mut();
+            if let Err(e) =
+                self.shared
+                    .layer_forward(lw, self.experts.as_ref(), &mut hidden, st, obs)
+            {
+                // Recurrent state cannot be rolled back: drop the sequence.
+                self.reset();
+                return Err(e);
+            }
+        }
+        Ok(self.shared.final_logits(&hidden, all_logits))
+    }
+}
+
+impl Model for Qwen3Next {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
+        self.forward_observed(tokens, all_logits, None)
+    }
+
+    fn seq_len(&self) -> usize {
+        self.state.first().map_or(0, |s| s.len)
+    }
+
+    /// Recurrent state has no snapshots: only a no-op truncation succeeds.
+    fn truncate(&mut self, len: usize) -> bool {
+        len == self.seq_len()
+    }
+
+    fn reset(&mut self) {
+        for s in self.state.iter_mut() {
+            *s = LayerState::default();
+        }
+    }
+}
