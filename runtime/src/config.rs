@@ -106,6 +106,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub quantization: Option<QuantConfig>,
+    /// Weight of the load-balancing loss transformers adds to the LM loss
+    /// when router logits are requested (only used by `mfx eval ppl --router-aux-loss`).
+    pub router_aux_loss_coef: f32,
 }
 
 impl ModelConfig {
@@ -443,6 +446,7 @@ impl Cfg<'_> {
             bos_token_id: self.ids("bos_token_id")?.first().copied(),
             eos_token_ids: self.ids("eos_token_id")?,
             quantization: self.quantization()?,
+            router_aux_loss_coef: self.f64_opt(&["router_aux_loss_coef"])?.unwrap_or(0.001) as f32,
         };
         if (0..cfg.num_hidden_layers).any(|l| !cfg.is_moe_layer(l)) && cfg.intermediate_size == 0 {
             return Err(self.missing(&["intermediate_size"]));

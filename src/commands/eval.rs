@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use mfx_runtime::models::{self, KvBits, LoadOptions, Model};
+use mfx_runtime::models::{self, KvBits, LoadOptions, Model, MoeModel, RouterObserver};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,11 @@ pub enum What {
         /// Print JSON instead of `nll=... ppl=...`.
         #[arg(long)]
         json: bool,
+        /// Also report `loss` = nll + router_aux_loss_coef * load-balancing
+        /// loss (transformers' MoE training loss, all rows as one batch).
+        /// shared/README's `val_nll` was computed this way.
+        #[arg(long)]
+        router_aux_loss: bool,
     },
 }
 
@@ -122,14 +127,28 @@ pub fn run(args: Args) -> Result<()> {
             rows,
             ctx,
             json,
+            router_aux_loss,
         } => {
             if ctx < 2 || rows == 0 {
                 bail!("--ctx must be at least 2 and --rows at least 1");
             }
             let tokens = protocol_tokens(&model.model, &data, rows * ctx)?;
-            let mut m = load(&model, Some(ctx))?;
+            let opts = LoadOptions {
+                kv_bits: model.kv_bits,
+                max_context: Some(ctx),
+            };
+            let mut m = MoeModel::load(&model.model, &opts)
+                .with_context(|| format!("loading {}", model.model.display()))?;
+            let coef = m.transformer().cfg.router_aux_loss_coef as f64;
             let t0 = std::time::Instant::now();
-            let nll = mean_nll(m.as_mut(), &tokens, rows, ctx)?;
+            let mut aux = AuxLoss::default();
+            let nll = mean_nll(
+                &mut m,
+                &tokens,
+                rows,
+                ctx,
+                router_aux_loss.then_some(&mut aux),
+            )?;
             let secs = t0.elapsed().as_secs_f64();
             eprintln!(
                 "scored {} tokens in {secs:.1}s ({:.0} tok/s)",
@@ -137,17 +156,81 @@ pub fn run(args: Args) -> Result<()> {
                 (rows * ctx) as f64 / secs
             );
             let mut so = std::io::stdout().lock();
+            let aux_v = router_aux_loss.then(|| aux.value());
             if json {
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "nll": nll, "ppl": nll.exp(), "rows": rows, "ctx": ctx,
                     "predictions": rows * (ctx - 1), "data": data.display().to_string(),
                 });
+                if let Some(a) = aux_v {
+                    v["router_aux_loss"] = a.into();
+                    v["router_aux_loss_coef"] = coef.into();
+                    v["loss"] = (nll + coef * a).into();
+                }
                 writeln!(so, "{v}")?;
             } else {
-                writeln!(so, "nll={nll:.6} ppl={:.4}", nll.exp())?;
+                write!(so, "nll={nll:.6} ppl={:.4}", nll.exp())?;
+                if let Some(a) = aux_v {
+                    write!(so, " router_aux_loss={a:.6} loss={:.6}", nll + coef * a)?;
+                }
+                writeln!(so)?;
             }
             Ok(())
         }
+    }
+}
+
+/// transformers' `load_balancing_loss_func` without attention mask, over
+/// every (layer, token) routing decision seen: `E * sum_{k,e} f[k][e] * P[e]`
+/// where `f[k][e]` is the fraction of decisions whose k-th choice is `e` and
+/// `P[e]` the mean router probability of `e`.
+#[derive(Default)]
+struct AuxLoss {
+    /// `[k][e]` counts of k-th choices.
+    choice: Vec<Vec<f64>>,
+    /// `[e]` summed probabilities.
+    prob: Vec<f64>,
+    decisions: f64,
+}
+
+impl RouterObserver for AuxLoss {
+    fn observe(
+        &mut self,
+        _layer: usize,
+        _token: usize,
+        _logits: &[f32],
+        probs: &[f32],
+        selected: &[usize],
+        _w: &[f32],
+    ) {
+        if self.prob.is_empty() {
+            self.prob = vec![0.0; probs.len()];
+            self.choice = vec![vec![0.0; probs.len()]; selected.len()];
+        }
+        for (k, &e) in selected.iter().enumerate() {
+            self.choice[k][e] += 1.0;
+        }
+        for (a, &p) in self.prob.iter_mut().zip(probs) {
+            *a += p as f64;
+        }
+        self.decisions += 1.0;
+    }
+}
+
+impl AuxLoss {
+    fn value(&self) -> f64 {
+        let n = self.decisions.max(1.0);
+        let s: f64 = self
+            .choice
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .zip(&self.prob)
+                    .map(|(f, p)| (f / n) * (p / n))
+                    .sum::<f64>()
+            })
+            .sum();
+        s * self.prob.len() as f64
     }
 }
 
@@ -197,9 +280,18 @@ fn tokenizer_path(model: &Path) -> Result<PathBuf> {
 
 /// The first `count` tokens of `data` under the shared/README.md protocol.
 fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> {
-    let tp = tokenizer_path(model)?;
-    let tok = tokenizers::Tokenizer::from_file(&tp)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?;
+    let tok = if model.is_file() && models::is_pack(model) {
+        // A pack embeds its tokenizer.json.
+        let pack = mfx_formats::pack::Pack::open(model)
+            .with_context(|| format!("opening {}", model.display()))?;
+        let json = &pack.manifest().tokenizer_json;
+        json.parse::<tokenizers::Tokenizer>()
+            .map_err(|e| anyhow::anyhow!("{}: embedded tokenizer.json: {e}", model.display()))?
+    } else {
+        let tp = tokenizer_path(model)?;
+        tokenizers::Tokenizer::from_file(&tp)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?
+    };
     let text =
         std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
     let mut ids = Vec::with_capacity(count + 1024);
@@ -225,12 +317,19 @@ fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> 
 }
 
 /// Mean NLL (nats) over `rows` rows of `ctx` tokens, each from an empty cache.
-fn mean_nll(m: &mut dyn Model, tokens: &[u32], rows: usize, ctx: usize) -> Result<f64> {
+fn mean_nll(
+    m: &mut MoeModel,
+    tokens: &[u32],
+    rows: usize,
+    ctx: usize,
+    mut aux: Option<&mut AuxLoss>,
+) -> Result<f64> {
     let vocab = m.info().vocab_size;
     let mut total = 0.0f64;
     for row in tokens.chunks_exact(ctx).take(rows) {
         m.reset();
-        let logits = m.forward(row, true)?;
+        let obs = aux.as_deref_mut().map(|a| a as &mut dyn RouterObserver);
+        let logits = m.forward_observed(row, true, obs)?;
         for (i, &next) in row.iter().enumerate().skip(1) {
             let l = &logits[(i - 1) * vocab..i * vocab];
             let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -24,8 +24,10 @@ pub use moe::{
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::RuntimeError;
+use crate::weights::pack::{PackExperts, PackSource};
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::WeightSource;
+use mfx_formats::pack::MAGIC;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -78,19 +80,26 @@ pub fn family_spec(cfg: &ModelConfig) -> FamilySpec {
     }
 }
 
-/// Opens a checkpoint directory (Hugging Face or MLX layout): its config and
-/// a lazy source of its tensors. Also accepts the path of its `config.json`.
+/// Opens a checkpoint directory (Hugging Face or MLX layout) or an `.mfx`
+/// pack: its config and a lazy source of its tensors (for a pack, routed
+/// experts come from [`PackExperts`], not the source). Also accepts the path
+/// of a checkpoint's `config.json`.
 pub fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>), RuntimeError> {
     let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
         path.parent().unwrap_or(Path::new(".")).to_path_buf()
     } else {
         path.to_path_buf()
     };
+    if dir.is_file() && is_pack(&dir) {
+        let src = PackSource::open(&dir)?;
+        let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), &dir)?;
+        return Ok((cfg, Box::new(src)));
+    }
     if !dir.is_dir() {
         if !dir.exists() {
             return Err(RuntimeError::io(
                 &dir,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
             ));
         }
         return Err(RuntimeError::NotAModel { path: dir });
@@ -102,6 +111,17 @@ pub fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>), Runtime
     let cfg = ModelConfig::from_file(&cfg_path)?;
     let src = SafetensorsSource::open(&dir)?;
     Ok((cfg, Box::new(src)))
+}
+
+/// Whether `path` is an `.mfx` pack (by its magic bytes, so a renamed pack still loads).
+pub fn is_pack(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let n = MAGIC.len().min(8);
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic[..n]))
+        .is_ok()
+        && magic[..n] == MAGIC[..n]
 }
 
 /// Loads a model from a checkpoint directory (HF or MLX) or a `.mfx` pack.
@@ -138,6 +158,12 @@ pub struct MoeModel {
 
 impl MoeModel {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, RuntimeError> {
+        if path.is_file() && is_pack(path) {
+            let src = PackSource::open(path)?;
+            let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), path)?;
+            let experts = PackExperts::new(src.clone(), cfg.hidden_size, cfg.moe_intermediate_size);
+            return Self::from_source(&cfg, &src, opts, Some(Arc::new(experts)));
+        }
         let (cfg, src) = open(path)?;
         Self::from_source(&cfg, src.as_ref(), opts, None)
     }

@@ -15,6 +15,7 @@
 //! assembled, which [`WeightSource::matrix`] decides per tensor.
 
 pub mod mmap;
+pub mod pack;
 pub mod safetensors;
 
 use crate::error::RuntimeError;

@@ -1,0 +1,294 @@
+//! `.mfx` packs as a weight source, and their routed experts as an
+//! [`ExpertProvider`].
+//!
+//! Dense tensors are viewed in place in the pack's mapping (the format
+//! aligns every part to 64 bytes). Experts are stored as one blob each,
+//! possibly compressed: an uncompressed blob is viewed in place, a
+//! compressed one is decoded on first use and kept. That keep-everything
+//! policy is the simple default; the budgeted streaming cache replaces
+//! [`PackExperts`] through `MoeModel::from_source`.
+
+use super::{Blob, BlobOwner, DType, Matrix, RawTensor, WeightSource};
+use crate::error::RuntimeError;
+use crate::models::{ExpertMats, ExpertProvider};
+use mfx_formats::pack::{ExpertEntry, Pack};
+use mfx_formats::quant::Scheme;
+use mfx_formats::Codec;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Keeps a pack's mapping alive for as long as a [`Blob`] views it.
+struct PackBytes(Arc<Pack>);
+
+impl BlobOwner for PackBytes {
+    fn bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// Tensors of an opened pack (cheap to clone: the pack is shared).
+#[derive(Clone)]
+pub struct PackSource {
+    pack: Arc<Pack>,
+}
+
+fn pack_err(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Pack {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
+
+impl PackSource {
+    pub fn open(path: &Path) -> Result<Self, RuntimeError> {
+        let pack = Pack::open(path).map_err(|e| pack_err(path, e))?;
+        Ok(PackSource {
+            pack: Arc::new(pack),
+        })
+    }
+
+    pub fn pack(&self) -> &Arc<Pack> {
+        &self.pack
+    }
+
+    /// Bytes `[offset, offset+len)` of the mapped file, zero-copy.
+    fn blob(&self, offset: u64, len: u64) -> Result<Blob, RuntimeError> {
+        let owner: Arc<dyn BlobOwner> = Arc::new(PackBytes(self.pack.clone()));
+        Blob::owned(owner, offset as usize, len as usize).ok_or_else(|| {
+            pack_err(
+                self.pack.path(),
+                format!("range {offset}+{len} lies outside the file"),
+            )
+        })
+    }
+
+    fn entry(&self, name: &str) -> Option<&mfx_formats::TensorEntry> {
+        self.pack.manifest().tensors.iter().find(|t| t.name == name)
+    }
+}
+
+fn dtype_of(s: Scheme) -> DType {
+    match s {
+        Scheme::F32 => DType::F32,
+        Scheme::F16 => DType::F16,
+        Scheme::Bf16 => DType::Bf16,
+        Scheme::Affine { .. } => DType::Other,
+    }
+}
+
+/// A matrix from a stored tensor's bytes (`blob` = exactly the tensor's
+/// stored bytes), checked against the expected shape.
+fn matrix_from(
+    name: &str,
+    location: &str,
+    scheme: Scheme,
+    shape: &[u64],
+    blob: Blob,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix, RuntimeError> {
+    if shape != [rows as u64, cols as u64] {
+        return Err(RuntimeError::Shape {
+            name: name.into(),
+            location: location.into(),
+            expected: format!("[{rows}, {cols}]"),
+            found: shape.iter().map(|&d| d as usize).collect(),
+        });
+    }
+    let layout = mfx_formats::pack::TensorLayout::of(scheme, shape)
+        .map_err(|e| RuntimeError::Other(format!("{name}: {e}")))?;
+    if blob.len() as u64 != layout.length {
+        return Err(RuntimeError::Other(format!(
+            "{name} in {location}: {} stored bytes, layout needs {}",
+            blob.len(),
+            layout.length
+        )));
+    }
+    match scheme {
+        Scheme::Affine { bits, group_size } => {
+            let packed = blob.slice(0, layout.packed_len as usize);
+            let scales = blob.slice(layout.scales_offset as usize, layout.groups_len as usize);
+            let biases = blob.slice(layout.biases_offset as usize, layout.groups_len as usize);
+            Matrix::affine(
+                rows,
+                cols,
+                bits,
+                group_size as usize,
+                packed,
+                scales,
+                biases,
+            )
+            .map_err(|e| RuntimeError::Quant {
+                name: name.into(),
+                location: location.into(),
+                source: e,
+            })
+        }
+        s => Matrix::dense(dtype_of(s), rows, cols, blob)
+            .map_err(|msg| RuntimeError::Other(format!("{name} in {location}: {msg}"))),
+    }
+}
+
+impl WeightSource for PackSource {
+    fn location(&self) -> String {
+        self.pack.path().display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .pack
+            .manifest()
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.entry(name).is_some()
+    }
+
+    /// Dense (f32/f16/bf16) tensors only; affine ones come through [`Self::matrix`].
+    fn raw(&self, name: &str) -> Result<Option<RawTensor>, RuntimeError> {
+        let Some(e) = self.entry(name) else {
+            return Ok(None);
+        };
+        if let Scheme::Affine { .. } = e.scheme {
+            return Err(RuntimeError::Dtype {
+                name: name.into(),
+                location: self.location(),
+                dtype: e.scheme.to_string(),
+                expected: "f32, f16 or bf16 here (a vector cannot be quantized)".into(),
+            });
+        }
+        Ok(Some(RawTensor {
+            dtype: dtype_of(e.scheme),
+            shape: e.shape.iter().map(|&d| d as usize).collect(),
+            data: self.blob(e.offset, e.length)?,
+        }))
+    }
+
+    fn matrix(&self, prefix: &str, rows: usize, cols: usize) -> Result<Matrix, RuntimeError> {
+        let name = format!("{prefix}.weight");
+        let e = self
+            .entry(&name)
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                name: name.clone(),
+                location: self.location(),
+            })?;
+        matrix_from(
+            &name,
+            &self.location(),
+            e.scheme,
+            &e.shape,
+            self.blob(e.offset, e.length)?,
+            rows,
+            cols,
+        )
+    }
+
+    fn stacked_matrix(
+        &self,
+        prefix: &str,
+        index: usize,
+        _count: usize,
+        _rows: usize,
+        _cols: usize,
+    ) -> Result<Matrix, RuntimeError> {
+        Err(RuntimeError::MissingTensor {
+            name: format!("{prefix}.weight[{index}]"),
+            location: format!("{} (packs store experts as blobs)", self.location()),
+        })
+    }
+}
+
+/// Routed experts of a pack (see the module docs for residency).
+pub struct PackExperts {
+    src: PackSource,
+    hidden: usize,
+    inter: usize,
+    decoded: Mutex<HashMap<(usize, usize), Arc<ExpertMats>>>,
+}
+
+impl PackExperts {
+    pub fn new(src: PackSource, hidden: usize, inter: usize) -> Self {
+        PackExperts {
+            src,
+            hidden,
+            inter,
+            decoded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn build(&self, e: &ExpertEntry) -> Result<ExpertMats, RuntimeError> {
+        let loc = self.src.location();
+        let blob = if e.codec == Codec::None {
+            self.src.blob(e.offset, e.raw_length)?
+        } else {
+            let stored = self.src.pack.expert_bytes_mapped(e);
+            let mut out = vec![0u8; e.raw_length as usize];
+            e.decode_into(stored, &mut out)
+                .map_err(|err| pack_err(self.src.pack.path(), err))?;
+            Blob::copy_of(&out)
+        };
+        let part = |name: &str, rows: usize, cols: usize| -> Result<Matrix, RuntimeError> {
+            let label = format!("{} {name}", e.label());
+            let i = e
+                .part_index(name)
+                .ok_or_else(|| RuntimeError::MissingTensor {
+                    name: label.clone(),
+                    location: loc.clone(),
+                })?;
+            let (off, layout) = e
+                .part_layout(i)
+                .ok_or_else(|| pack_err(self.src.pack.path(), format!("{label}: bad layout")))?;
+            if off + layout.length > blob.len() as u64 {
+                return Err(pack_err(
+                    self.src.pack.path(),
+                    format!("{label}: outside the expert blob"),
+                ));
+            }
+            let p = &e.parts[i];
+            matrix_from(
+                &label,
+                &loc,
+                p.scheme,
+                &p.shape,
+                blob.slice(off as usize, layout.length as usize),
+                rows,
+                cols,
+            )
+        };
+        Ok(ExpertMats {
+            gate: part("gate_proj", self.inter, self.hidden)?,
+            up: part("up_proj", self.inter, self.hidden)?,
+            down: part("down_proj", self.hidden, self.inter)?,
+        })
+    }
+}
+
+impl ExpertProvider for PackExperts {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError> {
+        if let Ok(m) = self.decoded.lock() {
+            if let Some(x) = m.get(&(layer, expert)) {
+                return Ok(x.clone());
+            }
+        }
+        let e = self
+            .src
+            .pack
+            .expert(layer as u32, expert as u32)
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                name: mfx_formats::pack::manifest::expert_label(layer as u32, expert as u32),
+                location: self.src.location(),
+            })?;
+        let x = Arc::new(self.build(e)?);
+        if let Ok(mut m) = self.decoded.lock() {
+            m.insert((layer, expert), x.clone());
+        }
+        Ok(x)
+    }
+}
