@@ -2,9 +2,11 @@
 //! `run(args) -> anyhow::Result<()>`. Add a variant to [`Command`] and an arm
 //! to [`dispatch`] for a new subcommand; keep the logic in the libraries.
 
+pub mod bench;
 pub mod chat;
 pub mod eval;
 pub mod inspect;
+pub mod plan;
 pub mod prep;
 pub mod pull;
 pub mod push;
@@ -41,6 +43,10 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Check every checksum of a pack; exits 1 naming the first bad tensor or expert.
     Verify(verify::Args),
+    /// Measure prompt and decode speed through the streaming expert cache (llama-bench style).
+    Bench(bench::Args),
+    /// Predict hit rate and tok/s for several RAM budgets from the pack's routing profile.
+    Plan(plan::Args),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -54,5 +60,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Prep(a) => prep::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }
