@@ -498,8 +498,8 @@ impl QnShared {
             for (ch, o) in conv_out.iter_mut().enumerate() {
                 let wrow = &w.conv[ch * kk..(ch + 1) * kk];
                 let mut s = 0.0;
-                for j in 0..kk - 1 {
-                    s += wrow[j] * st.conv[j * conv_dim + ch];
+                for (j, wj) in wrow[..kk - 1].iter().enumerate() {
+                    s += wj * st.conv[j * conv_dim + ch];
                 }
                 s += wrow[kk - 1] * mixed[ch];
                 *o = kernels::silu(s);
