@@ -424,7 +424,10 @@ fn mlx_4bit_greedy_parity_with_mlx_lm_default_tier() {
                 .zip(&expected)
                 .position(|(a, b)| a != b)
                 .unwrap_or(expected.len());
-            report.push(format!("{name}: first difference at step {at}: mfx {:?} vs mlx {expected:?}", c.token_ids));
+            report.push(format!(
+                "{name}: first difference at step {at}: mfx {:?} vs mlx {expected:?}",
+                c.token_ids
+            ));
         }
     }
     assert!(report.is_empty(), "{}", report.join("\n"));

@@ -4,10 +4,10 @@
 pub mod codec;
 pub mod error;
 pub mod pack;
+pub mod profile;
 pub mod quant;
 #[doc(hidden)]
 pub mod testing;
-pub mod profile;
 
 pub use codec::Codec;
 pub use error::FormatError;

@@ -30,7 +30,10 @@ pub enum Scheme {
     F16,
     Bf16,
     /// Group-wise affine, see the module docs. Serialized as e.g. `q4g64`.
-    Affine { bits: u8, group_size: u32 },
+    Affine {
+        bits: u8,
+        group_size: u32,
+    },
 }
 
 impl Scheme {
@@ -126,14 +129,20 @@ pub enum QuantError {
     UnsupportedBits(u8),
     #[error("unsupported group size {0} (expected 32, 64 or 128)")]
     UnsupportedGroupSize(u32),
-    #[error("bad quantization scheme name {0:?} (expected f32, f16, bf16 or qBITSgGROUP such as q4g64)")]
+    #[error(
+        "bad quantization scheme name {0:?} (expected f32, f16, bf16 or qBITSgGROUP such as q4g64)"
+    )]
     BadSchemeName(String),
     #[error("{cols} input columns is not a multiple of the group size {group_size}")]
     ColsNotMultipleOfGroup { cols: usize, group_size: u32 },
     #[error("size arithmetic overflowed")]
     Overflow,
     #[error("buffer length mismatch for {what}: expected {expected} bytes, got {got}")]
-    Length { what: &'static str, expected: usize, got: usize },
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
 }
 
 fn check_affine_shape(cols: usize, bits: u8, group_size: u32) -> Result<(), QuantError> {
@@ -174,16 +183,36 @@ impl<'a> AffineMatrix<'a> {
         let n = rows.checked_mul(cols).ok_or(QuantError::Overflow)?;
         let pb = n / 8 * bits as usize;
         if packed.len() != pb {
-            return Err(QuantError::Length { what: "packed weights", expected: pb, got: packed.len() });
+            return Err(QuantError::Length {
+                what: "packed weights",
+                expected: pb,
+                got: packed.len(),
+            });
         }
         let g = n / group_size;
         if scales.len() != g {
-            return Err(QuantError::Length { what: "scales", expected: g * 2, got: scales.len() * 2 });
+            return Err(QuantError::Length {
+                what: "scales",
+                expected: g * 2,
+                got: scales.len() * 2,
+            });
         }
         if biases.len() != g {
-            return Err(QuantError::Length { what: "biases", expected: g * 2, got: biases.len() * 2 });
+            return Err(QuantError::Length {
+                what: "biases",
+                expected: g * 2,
+                got: biases.len() * 2,
+            });
         }
-        Ok(Self { rows, cols, bits, group_size, packed, scales, biases })
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed,
+            scales,
+            biases,
+        })
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -224,7 +253,11 @@ pub fn get_bits(stream: &[u8], i: usize, bits: u8) -> u32 {
     let shift = bit % 8;
     // An element spans at most 2 bytes for bits <= 8 (shift + bits <= 15).
     let lo = stream[byte] as u32;
-    let hi = if shift + bits as usize > 8 { stream[byte + 1] as u32 } else { 0 };
+    let hi = if shift + bits as usize > 8 {
+        stream[byte + 1] as u32
+    } else {
+        0
+    };
     ((lo | (hi << 8)) >> shift) & ((1u32 << bits) - 1)
 }
 
@@ -273,11 +306,21 @@ impl AffineOwned {
 /// the range, and the scale is snapped so that 0.0 is exactly representable
 /// (`edge / scale` an integer). Scales and biases are rounded to bf16 *before*
 /// the codes are chosen, so the codes are optimal for the stored parameters.
-pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u8, group_size: usize) -> Result<AffineOwned, QuantError> {
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group_size: usize,
+) -> Result<AffineOwned, QuantError> {
     check_affine_shape(cols, bits, group_size as u32)?;
     let n = rows.checked_mul(cols).ok_or(QuantError::Overflow)?;
     if w.len() != n {
-        return Err(QuantError::Length { what: "weights", expected: n * 4, got: w.len() * 4 });
+        return Err(QuantError::Length {
+            what: "weights",
+            expected: n * 4,
+            got: w.len() * 4,
+        });
     }
     let n_bins = ((1u32 << bits) - 1) as f32;
     let groups = n / group_size;
@@ -294,14 +337,26 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u8, group_size: usize
             let bfv = b_bf.to_f32();
             for (j, &v) in g.iter().enumerate() {
                 let q = ((v - bfv) / sf).round_ties_even();
-                let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, n_bins) };
+                let q = if q.is_nan() {
+                    0.0
+                } else {
+                    q.clamp(0.0, n_bins)
+                };
                 put_bits(prow, gi * group_size + j, bits, q as u32);
             }
             scales.push(s_bf);
             biases.push(b_bf);
         }
     }
-    Ok(AffineOwned { rows, cols, bits, group_size, packed, scales, biases })
+    Ok(AffineOwned {
+        rows,
+        cols,
+        bits,
+        group_size,
+        packed,
+        scales,
+        biases,
+    })
 }
 
 /// MLX's per-group parameters (see [`quantize`]).
@@ -337,7 +392,11 @@ mod tests {
                 put_bits(&mut s, i, bits, (i as u32 * 7 + 3) & ((1 << bits) - 1));
             }
             for i in 0..n {
-                assert_eq!(get_bits(&s, i, bits), (i as u32 * 7 + 3) & ((1 << bits) - 1), "bits={bits} i={i}");
+                assert_eq!(
+                    get_bits(&s, i, bits),
+                    (i as u32 * 7 + 3) & ((1 << bits) - 1),
+                    "bits={bits} i={i}"
+                );
             }
         }
     }
@@ -356,13 +415,18 @@ mod tests {
     fn quantize_error_is_bounded() {
         let rows = 4;
         let cols = 128;
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.1).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.1)
+            .collect();
         for &bits in &AFFINE_BITS {
             let q = quantize(&w, rows, cols, bits, 64).unwrap();
             let d = q.view().dequantize();
             let step = 0.2 / ((1u32 << bits) - 1) as f32;
             for (a, b) in w.iter().zip(&d) {
-                assert!((a - b).abs() <= step * 1.01 + 2e-3, "bits={bits} {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= step * 1.01 + 2e-3,
+                    "bits={bits} {a} vs {b}"
+                );
             }
         }
     }

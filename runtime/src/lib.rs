@@ -1,17 +1,17 @@
 //! The mfx inference engine: model families, CPU kernels, expert cache,
 //! sampling and the server.
 
-pub mod kernels;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod error;
-pub mod models;
-pub mod weights;
-pub mod chat;
 pub mod generate;
+pub mod kernels;
 pub mod memory;
+pub mod models;
 pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::RuntimeError;
 pub mod server;

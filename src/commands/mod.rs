@@ -17,7 +17,11 @@ pub mod verify;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "mfx", version, about = "Run Mixture-of-Experts models larger than RAM")]
+#[command(
+    name = "mfx",
+    version,
+    about = "Run Mixture-of-Experts models larger than RAM"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
