@@ -80,6 +80,11 @@ mod tests {
         assert_eq!(parse_size("48GiB").unwrap(), 48 << 30);
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        // The forms `mfx bench`/`mfx plan` accepted before sharing this parser.
+        assert_eq!(parse_size("1500M").unwrap(), 1500 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("lots").is_err());
         let l = parse_list("16G, 32G,64G").unwrap();
         assert_eq!(
             l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),

@@ -6,8 +6,9 @@
 
 use anyhow::{bail, Context, Result};
 use mfx_formats::pack::Pack;
+use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::{
-    detect_budget, parse_size, plan_budget, CacheConfig, Capacity, ExpertCache, PolicyKind,
+    detect_budget, plan_budget, CacheConfig, Capacity, ExpertCache, PolicyKind,
 };
 use mfx_runtime::memory;
 use mfx_runtime::models::{ExpertProvider, LoadOptions, Model, MoeModel};

@@ -11,9 +11,10 @@
 use anyhow::{bail, Context, Result};
 use mfx_formats::pack::Pack;
 use mfx_formats::profile::Profile;
+use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::buf::BufPool;
 use mfx_runtime::cache::io::BlobReader;
-use mfx_runtime::cache::{parse_size, plan_budget};
+use mfx_runtime::cache::plan_budget;
 use std::path::PathBuf;
 use std::time::Instant;
 

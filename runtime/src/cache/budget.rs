@@ -12,10 +12,6 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BudgetError {
     #[error(
-        "invalid size `{0}`: expected a number with an optional K/M/G/T suffix (e.g. 32G, 1500M)"
-    )]
-    BadSize(String),
-    #[error(
         "a RAM budget of {budget} bytes is below what {pack} must keep resident: dense weights {dense} + pinned experts {pinned} = at least {min} bytes ({min_mib} MiB)"
     )]
     TooSmall {
@@ -39,41 +35,6 @@ pub struct BudgetPlan {
     pub capacity: Vec<usize>,
     /// Per model layer: routed experts in the pack.
     pub experts: Vec<usize>,
-}
-
-/// Parses `32G`, `1500M`, `1.5G`, `4096` (bytes); binary units.
-pub fn parse_size(s: &str) -> Result<u64, BudgetError> {
-    let t = s.trim();
-    let bad = || BudgetError::BadSize(s.to_string());
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mut num = &t[..i];
-            let mut unit = c.to_ascii_uppercase();
-            // Accept "GB"/"GiB" forms too.
-            if unit == 'B' {
-                num = num.trim_end_matches(['i', 'I']);
-                let Some(u) = num.chars().last().filter(|c| c.is_ascii_alphabetic()) else {
-                    return t[..i].trim().parse::<u64>().map_err(|_| bad());
-                };
-                unit = u.to_ascii_uppercase();
-                num = &num[..num.len() - 1];
-            }
-            let mul: u64 = match unit {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(bad()),
-            };
-            (num.trim(), mul)
-        }
-        _ => (t, 1),
-    };
-    let v: f64 = num.parse().map_err(|_| bad())?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(bad());
-    }
-    Ok((v * mul as f64) as u64)
 }
 
 /// Free memory (Linux `MemAvailable`) minus a margin for KV cache,
@@ -151,22 +112,4 @@ pub fn plan_budget(
         capacity,
         experts,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("32G"), Ok(32 << 30));
-        assert_eq!(parse_size("1500M"), Ok(1500 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("2GB"), Ok(2 << 30));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("3X").is_err());
-        assert!(parse_size("-1G").is_err());
-    }
 }

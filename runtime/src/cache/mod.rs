@@ -12,7 +12,7 @@ pub mod policy;
 pub mod stats;
 pub mod store;
 
-pub use budget::{detect_budget, parse_size, plan_budget, BudgetError, BudgetPlan};
+pub use budget::{detect_budget, plan_budget, BudgetError, BudgetPlan};
 pub use policy::{EvictionPolicy, PolicyKind};
 pub use stats::{CacheStats, StatsSnapshot};
 pub use store::{pinned_from_manifest, CacheConfig, Capacity, ExpertCache};
