@@ -51,8 +51,7 @@ pub fn nll_per_text(
     for t in texts {
         let batch: CalibBatch = routing::tokenize(tok, std::slice::from_ref(t), rows, seq)?;
         let quiet = |_: usize, _: usize| {};
-        let (_, nll) =
-            routing::profile(model, weights, &batch, experts, true, &quiet, &|| {})?;
+        let (_, nll) = routing::profile(model, weights, &batch, experts, true, &quiet, &|| {})?;
         out.push((t.name.clone(), nll.unwrap_or(f64::NAN)));
     }
     Ok(out)

@@ -120,7 +120,9 @@ impl ExpertProvider for Remapped {
             .filter(|_| layer == self.layer)
             .cloned()
             .ok_or_else(|| {
-                RuntimeError::Other(format!("merge: expert {expert} of layer {layer} is not loaded"))
+                RuntimeError::Other(format!(
+                    "merge: expert {expert} of layer {layer} is not loaded"
+                ))
             })
     }
 }
@@ -257,12 +259,7 @@ pub fn run(
             for (r, members) in clusters.into_iter().filter(|(_, m)| m.len() > 1) {
                 let ws: Vec<(Arc<ExpertWeights>, f64)> = members
                     .iter()
-                    .map(|&e| {
-                        Ok((
-                            src.expert(l, e)?,
-                            lp.map_or(0.0, |p| p.counts[e] as f64),
-                        ))
-                    })
+                    .map(|&e| Ok((src.expert(l, e)?, lp.map_or(0.0, |p| p.counts[e] as f64))))
                     .collect::<Result<_>>()?;
                 merged.insert((l, r as usize), Arc::new(weighted_mean(&ws)));
             }

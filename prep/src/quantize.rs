@@ -60,8 +60,8 @@ pub fn dense_tensors(src: &Source, dense_bits: u8, group: u32) -> Result<Vec<Den
             continue;
         }
         let module = name.strip_suffix(".weight").unwrap_or(&name).to_string();
-        let quantized_src = name.ends_with(".weight")
-            && src.weights.contains(&format!("{module}.scales"));
+        let quantized_src =
+            name.ends_with(".weight") && src.weights.contains(&format!("{module}.scales"));
         if (name.ends_with(".scales") || name.ends_with(".biases"))
             && src.weights.contains(&format!(
                 "{}.weight",

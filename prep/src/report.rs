@@ -1,12 +1,12 @@
 //! Stage 6 outputs besides the pack: the JSON report (`--report`), the
 //! pack's provenance and routing summary, and the model card (README.md).
 
-use crate::source::Source;
 use crate::entropy::Measure;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{Options, Outcome};
 use crate::plan::Plan;
 use crate::ram::human;
+use crate::source::Source;
 use mfx_formats::codec::Codec;
 use mfx_formats::profile::Profile;
 use serde::Serialize;

@@ -186,16 +186,25 @@ pub fn tokenize(
 
 /// Calibration rows from files of token ids (whitespace- or
 /// comma-separated): up to `rows_per_source` rows of `seq` per file.
-pub fn id_rows(paths: &[std::path::PathBuf], rows_per_source: usize, seq: usize) -> Result<CalibBatch> {
+pub fn id_rows(
+    paths: &[std::path::PathBuf],
+    rows_per_source: usize,
+    seq: usize,
+) -> Result<CalibBatch> {
     let mut ids = Vec::new();
     let mut sources = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).map_err(crate::error::io_err(p))?;
         let mut v = Vec::new();
-        for t in text.split(|c: char| c.is_whitespace() || c == ',').filter(|t| !t.is_empty()) {
+        for t in text
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|t| !t.is_empty())
+        {
             v.push(t.parse::<u32>().map_err(|_| PrepError::BadFile {
                 path: p.clone(),
-                msg: format!("{t:?} is not a token id (expected whitespace- or comma-separated integers)"),
+                msg: format!(
+                    "{t:?} is not a token id (expected whitespace- or comma-separated integers)"
+                ),
             })?);
         }
         let rows = (v.len() / seq).min(rows_per_source);
@@ -249,9 +258,11 @@ pub fn profile(
     let n_layers = model.n_layers();
     let mut x = Vec::with_capacity(rows * seq * h);
     for r in 0..rows {
-        x.extend(model.embed(&batch.ids[r * seq..(r + 1) * seq]).map_err(|e| {
-            PrepError::Calibration(format!("calibration row {r}: {e}"))
-        })?);
+        x.extend(
+            model
+                .embed(&batch.ids[r * seq..(r + 1) * seq])
+                .map_err(|e| PrepError::Calibration(format!("calibration row {r}: {e}")))?,
+        );
     }
     let mut stats = Vec::new();
     let mut prev: Option<Routing> = None;

@@ -276,9 +276,7 @@ impl LayerExperts for SourceExperts<'_> {
         let mut r = ResidentExperts::new(s.layers());
         r.insert_layer(
             l,
-            s.model
-                .layer_experts(&s.weights, l)
-                .map_err(from_runtime)?,
+            s.model.layer_experts(&s.weights, l).map_err(from_runtime)?,
         );
         Ok(Arc::new(r))
     }
