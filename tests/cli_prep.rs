@@ -331,9 +331,17 @@ fn missing_and_unsupported_models_say_what_and_where() {
     // It got as far as sizing the model, i.e. it found the checkpoint.
     assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
 
+    // A dense model of a family mfx does not implement.
+    let llama = d.path().join("llama");
+    std::fs::create_dir(&llama).unwrap();
+    std::fs::write(
+        llama.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 64}"#,
+    )
+    .unwrap();
     let o = mfx(&[
         "prep",
-        shared().join("fixtures/mixtral").to_str().unwrap(),
+        llama.to_str().unwrap(),
         "--ram",
         "1G",
         "-o",
@@ -341,7 +349,7 @@ fn missing_and_unsupported_models_say_what_and_where() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("unsupported model") && stderr(&o).contains("mixtral"),
+        stderr(&o).contains("unsupported model") && stderr(&o).contains("llama"),
         "{}",
         stderr(&o)
     );

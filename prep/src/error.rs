@@ -43,6 +43,8 @@ pub enum PrepError {
     Merge(String),
     #[error("pack: {0}")]
     Pack(String),
+    #[error(transparent)]
+    Runtime(#[from] mfx_runtime::RuntimeError),
 }
 
 pub type Result<T, E = PrepError> = std::result::Result<T, E>;

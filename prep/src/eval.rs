@@ -1,101 +1,77 @@
-//! Measured quality: the next-token NLL a pack will have, computed by prep's
-//! forward pass with every weight quantized and dequantized exactly as the
-//! pack stores it (dense at `--dense-bits`, routers at 8, each expert at its
-//! planned hot/cold bits, merged experts remapped). This lets `mfx prep`
-//! put a measured number in the report and the model card without loading
-//! the pack; `mfx eval ppl PACK` measures the same thing with the runtime.
+//! Measured quality: the next-token NLL of a written pack, computed by the
+//! runtime's own layer-by-layer forward pass over the pack itself (dense
+//! tensors as stored, each expert at its stored bits, merged experts
+//! resolved by the pack), so the number in the report and the model card is
+//! what `mfx eval ppl PACK` measures, not a simulation of it.
 //!
 //! Protocol: ../shared's `val_nll` (64 rows of 512 tokens by default, each
 //! row scored from an empty cache, 511 predictions per row).
 
 use crate::calib::{CalibText, Tok};
-use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::forward::{self, ExpertSource, ExpertWeights};
-use crate::merge::MergeOutcome;
-use crate::plan::Plan;
-use crate::quantize::{dequant, group_for, quantize_mat};
 use crate::routing::{self, CalibBatch};
-use mfx_formats::quant::Scheme;
-use std::collections::HashMap;
+use crate::source::{from_runtime, LayerExperts};
+use mfx_runtime::models::family;
+use mfx_runtime::models::layerwise::Layerwise;
+use mfx_runtime::models::ExpertProvider;
+use mfx_runtime::weights::pack::{PackExperts, PackSource};
+use mfx_runtime::weights::WeightSource;
+use std::path::Path;
 use std::sync::Arc;
 
-/// Experts as a pack stores them.
-pub struct SimExperts<'a> {
-    pub ck: &'a Checkpoint,
-    /// `(layer, expert)` -> bits.
-    pub bits: HashMap<(usize, usize), u8>,
-    pub group: u32,
-    pub merge: Option<&'a MergeOutcome>,
+/// A pack's experts, one layer at a time: a fresh [`PackExperts`] per layer,
+/// so decoded (entropy-coded) experts of earlier layers are not kept.
+pub struct PackLayerExperts {
+    pub src: PackSource,
+    pub hidden: usize,
+    pub inter: usize,
 }
 
-impl<'a> SimExperts<'a> {
-    pub fn new(
-        ck: &'a Checkpoint,
-        pl: &Plan,
-        hot_bits: u8,
-        cold_bits: u8,
-        group: u32,
-        merge: Option<&'a MergeOutcome>,
-    ) -> Self {
-        let mut bits = HashMap::new();
-        for lp in &pl.layers {
-            for e in 0..ck.config.experts {
-                bits.insert((lp.layer as usize, e), cold_bits);
-            }
-            for &h in &lp.hot {
-                bits.insert((lp.layer as usize, h as usize), hot_bits);
-            }
-        }
-        Self {
-            ck,
-            bits,
-            group,
-            merge,
-        }
+impl LayerExperts for PackLayerExperts {
+    fn layer(&self, _l: usize) -> Result<Arc<dyn ExpertProvider>> {
+        Ok(Arc::new(PackExperts::new(
+            self.src.clone(),
+            self.hidden,
+            self.inter,
+        )))
     }
 }
 
-impl ExpertSource for SimExperts<'_> {
-    fn expert(&self, layer: usize, e: usize) -> Result<Arc<ExpertWeights>> {
-        let w = match self.merge.and_then(|m| m.weights(layer, e)) {
-            Some(w) => w,
-            None => forward::load_expert(self.ck, layer, e)?,
-        };
-        let bits = self.bits.get(&(layer, e)).copied().unwrap_or(4);
-        let q = |m: &crate::checkpoint::Mat, what: &str| -> Result<crate::checkpoint::Mat> {
-            let g = group_for(m.cols, self.group).unwrap_or(32);
-            let s = quantize_mat(m, Scheme::affine(bits, g)?, what)?;
-            Ok(dequant(&s, m.rows, m.cols))
-        };
-        Ok(Arc::new(ExpertWeights {
-            gate: q(&w.gate, "gate_proj")?,
-            up: q(&w.up, "up_proj")?,
-            down: q(&w.down, "down_proj")?,
-        }))
-    }
-    fn remap(&self, layer: usize, e: usize) -> usize {
-        self.merge
-            .and_then(|m| m.layer_map(layer))
-            .map_or(e, |m| m[e] as usize)
-    }
-}
-
-/// NLL per evaluation text with `experts` (and whatever dense simulation is set on `ck`).
+/// NLL per evaluation text of `model` over `weights` with `experts`.
 pub fn nll_per_text(
-    ck: &Checkpoint,
+    model: &dyn Layerwise,
+    weights: &dyn WeightSource,
     tok: &Tok,
     texts: &[CalibText],
     rows: usize,
     seq: usize,
-    experts: &dyn ExpertSource,
+    experts: &dyn LayerExperts,
 ) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     for t in texts {
         let batch: CalibBatch = routing::tokenize(tok, std::slice::from_ref(t), rows, seq)?;
         let quiet = |_: usize, _: usize| {};
-        let (_, nll) = routing::profile(ck, &batch, experts, true, &quiet)?;
+        let (_, nll) = routing::profile(model, weights, &batch, experts, true, &quiet, &|| {})?;
         out.push((t.name.clone(), nll.unwrap_or(f64::NAN)));
     }
     Ok(out)
+}
+
+/// NLL per evaluation text of the pack at `path`, loaded by the runtime.
+pub fn pack_nll_per_text(
+    path: &Path,
+    tok: &Tok,
+    texts: &[CalibText],
+    rows: usize,
+    seq: usize,
+) -> Result<Vec<(String, f64)>> {
+    let src = PackSource::open(path).map_err(from_runtime)?;
+    let cfg = family::pack_config(&src, path).map_err(from_runtime)?;
+    let model = cfg.layerwise(&src).map_err(from_runtime)?;
+    let experts = PackLayerExperts {
+        src: src.clone(),
+        hidden: cfg.hidden_size(),
+        inter: cfg.moe_intermediate_size(),
+    };
+    nll_per_text(model.as_ref(), &src, tok, texts, rows, seq, &experts)
 }

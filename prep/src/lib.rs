@@ -3,12 +3,9 @@
 //! one module with its own tests; `pipeline::run` strings them together.
 
 pub mod calib;
-pub mod checkpoint;
-pub mod config;
 pub mod entropy;
 pub mod error;
 pub mod eval;
-pub mod forward;
 pub mod merge;
 pub mod pin;
 pub mod pipeline;
@@ -17,6 +14,7 @@ pub mod quantize;
 pub mod ram;
 pub mod report;
 pub mod routing;
+pub mod source;
 
 pub use error::{PrepError, Result};
 pub use pipeline::{run, Options, Outcome};

@@ -10,14 +10,15 @@
 //! within `--merge-max-nll` is kept; if even the tightest exceeds it, nothing
 //! is merged and the report says so.
 
-use crate::checkpoint::{Checkpoint, Mat};
 use crate::error::{PrepError, Result};
-use crate::forward::{self, CheckpointExperts, ExpertSource, ExpertWeights};
 use crate::routing::{self, CalibBatch};
+use crate::source::{from_runtime, ExpertWeights, LayerExperts, Mat, Source};
 use linfa::traits::Transformer;
 use linfa_clustering::Dbscan;
 use linfa_nn::{distance::L2Dist, CommonNearestNeighbour};
 use mfx_formats::profile::Profile;
+use mfx_runtime::models::{ExpertMats, ExpertProvider};
+use mfx_runtime::RuntimeError;
 use ndarray::Array2;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -71,20 +72,58 @@ impl MergeOutcome {
 }
 
 struct Candidate<'a> {
-    ck: &'a Checkpoint,
+    src: &'a Source,
     maps: BTreeMap<usize, Vec<u32>>,
     merged: BTreeMap<(usize, usize), Arc<ExpertWeights>>,
 }
 
-impl ExpertSource for Candidate<'_> {
-    fn expert(&self, layer: usize, e: usize) -> Result<Arc<ExpertWeights>> {
-        match self.merged.get(&(layer, e)) {
-            Some(w) => Ok(w.clone()),
-            None => forward::load_expert(self.ck, layer, e),
+impl LayerExperts for Candidate<'_> {
+    fn layer(&self, l: usize) -> Result<Arc<dyn ExpertProvider>> {
+        let s = self.src;
+        let mut experts: Vec<Arc<ExpertMats>> = s
+            .model
+            .layer_experts(&s.weights, l)
+            .map_err(from_runtime)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        for (&(ml, r), w) in &self.merged {
+            if ml == l && r < experts.len() {
+                experts[r] = Arc::new(w.to_mats()?);
+            }
         }
+        Ok(Arc::new(Remapped {
+            layer: l,
+            experts,
+            map: self.maps.get(&l).cloned(),
+        }))
     }
-    fn remap(&self, layer: usize, e: usize) -> usize {
-        self.maps.get(&layer).map_or(e, |m| m[e] as usize)
+}
+
+/// One layer's experts with the router's ids mapped onto merged ones: the
+/// model routes as before, and a merged-away id gets its cluster's expert.
+struct Remapped {
+    layer: usize,
+    experts: Vec<Arc<ExpertMats>>,
+    map: Option<Vec<u32>>,
+}
+
+impl ExpertProvider for Remapped {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError> {
+        let r = self
+            .map
+            .as_ref()
+            .and_then(|m| m.get(expert))
+            .map_or(expert, |&r| r as usize);
+        self.experts
+            .get(r)
+            .filter(|_| layer == self.layer)
+            .cloned()
+            .ok_or_else(|| {
+                RuntimeError::Other(format!(
+                    "merge: expert {expert} of layer {layer} is not loaded"
+                ))
+            })
     }
 }
 
@@ -148,14 +187,13 @@ fn weighted_mean(members: &[(Arc<ExpertWeights>, f64)]) -> ExpertWeights {
 }
 
 pub fn run(
-    ck: &Checkpoint,
+    src: &Source,
     profile: &Profile,
     batch: &CalibBatch,
     max_nll: f64,
     _calib_nll: Option<f64>,
     log: &dyn Fn(&str),
 ) -> Result<MergeOutcome> {
-    let c = &ck.config;
     let rows = batch.rows.min(NLL_ROWS);
     let sub = CalibBatch {
         ids: batch.ids[..rows * batch.seq].to_vec(),
@@ -164,25 +202,27 @@ pub fn run(
         calibration: batch.calibration.clone(),
     };
     let quiet = |_: usize, _: usize| {};
-    let (_, base) = routing::profile(ck, &sub, &CheckpointExperts(ck), true, &quiet)?;
+    let (_, base) = routing::profile_source(src, &sub, true, &quiet)?;
     let base = base.unwrap_or(f64::NAN);
     // Unit-norm vectors per layer, computed once (one layer at a time in memory).
     let mut per_layer_maps: Vec<BTreeMap<usize, Vec<u32>>> =
         vec![BTreeMap::new(); TOLERANCES.len()];
-    for l in c.moe_layers() {
-        let vecs: Vec<Vec<f32>> = (0..c.experts)
-            .map(|e| forward::load_expert(ck, l, e).map(|w| flat(&w)))
+    let n_experts = src.experts();
+    let moe_layers = src.moe_layers();
+    for &l in &moe_layers {
+        let vecs: Vec<Vec<f32>> = (0..n_experts)
+            .map(|e| src.expert(l, e).map(|w| flat(&w)))
             .collect::<Result<_>>()?;
         for (ti, &tol) in TOLERANCES.iter().enumerate() {
             per_layer_maps[ti].insert(l, cluster_layer(&vecs, tol)?);
         }
-        ck.release_pages();
+        src.release_pages();
     }
     let mut out = MergeOutcome {
         applied: false,
         tolerance: None,
-        experts_before: c.moe_layers().len() * c.experts,
-        experts_after: c.moe_layers().len() * c.experts,
+        experts_before: moe_layers.len() * n_experts,
+        experts_after: moe_layers.len() * n_experts,
         params_saved: 0,
         nll_before: base,
         nll_after: base,
@@ -193,7 +233,7 @@ pub fn run(
         maps: BTreeMap::new(),
         merged: BTreeMap::new(),
     };
-    let per_expert_params = 3 * (c.hidden * c.moe_inter) as u64;
+    let per_expert_params = 3 * (src.hidden() * src.moe_inter()) as u64;
     for (ti, &tol) in TOLERANCES.iter().enumerate() {
         let maps = &per_layer_maps[ti];
         let removed: usize = maps
@@ -219,22 +259,25 @@ pub fn run(
             for (r, members) in clusters.into_iter().filter(|(_, m)| m.len() > 1) {
                 let ws: Vec<(Arc<ExpertWeights>, f64)> = members
                     .iter()
-                    .map(|&e| {
-                        Ok((
-                            forward::load_expert(ck, l, e)?,
-                            lp.map_or(0.0, |p| p.counts[e] as f64),
-                        ))
-                    })
+                    .map(|&e| Ok((src.expert(l, e)?, lp.map_or(0.0, |p| p.counts[e] as f64))))
                     .collect::<Result<_>>()?;
                 merged.insert((l, r as usize), Arc::new(weighted_mean(&ws)));
             }
         }
         let cand = Candidate {
-            ck,
+            src,
             maps: maps.clone(),
             merged,
         };
-        let (_, nll) = routing::profile(ck, &sub, &cand, true, &quiet)?;
+        let (_, nll) = routing::profile(
+            src.model.as_ref(),
+            &src.weights,
+            &sub,
+            &cand,
+            true,
+            &quiet,
+            &|| src.release_pages(),
+        )?;
         let nll = nll.unwrap_or(f64::NAN);
         let rel = (nll - base) / base;
         out.tried.push((tol, removed, rel));

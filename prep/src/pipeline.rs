@@ -2,17 +2,16 @@
 //! one pack per `--ram` budget, each with a report and a model card.
 
 use crate::calib::{self, Tok};
-use crate::checkpoint::{resolve_model, Checkpoint};
 use crate::entropy::{code_entropy, Measure};
 use crate::error::{PrepError, Result};
-use crate::forward;
 use crate::merge::{self, MergeOutcome};
 use crate::pin::pin_by_mass;
 use crate::plan::{self, LayerUse, Plan, PlanInput};
 use crate::quantize::{self, DenseTensor, Stored};
 use crate::ram::human;
 use crate::report::{self, CodecStats, PackReport};
-use crate::routing::{self, LayerStats};
+use crate::routing::{self, CalibBatch, LayerStats};
+use crate::source::{resolve_model, ExpertWeights, Source, SourceExperts};
 use mfx_formats::codec::Codec;
 use mfx_formats::pack::{PackMeta, PackWriter, PartData};
 use mfx_formats::profile::{PinRule, Profile, PROFILE_SCHEMA, PROFILE_VERSION};
@@ -29,6 +28,9 @@ pub struct Options {
     /// Output path; with several budgets it must contain `{ram}`.
     pub output: String,
     pub calib: Vec<PathBuf>,
+    /// Calibration as token ids (files of whitespace- or comma-separated
+    /// ids), for checkpoints without a tokenizer.json.
+    pub calib_ids: Vec<PathBuf>,
     pub calib_rows: usize,
     pub calib_seq: usize,
     pub profile: Option<PathBuf>,
@@ -57,6 +59,7 @@ impl Default for Options {
             rams: Vec::new(),
             output: String::new(),
             calib: Vec::new(),
+            calib_ids: Vec::new(),
             calib_rows: 16,
             calib_seq: 512,
             profile: None,
@@ -177,7 +180,7 @@ fn read_opt(path: &Path) -> Option<String> {
 
 /// Builds the budget-independent profile from routing stats.
 pub fn build_profile(
-    ck: &Checkpoint,
+    ck: &Source,
     stats: Vec<LayerStats>,
     calibration: mfx_formats::profile::Calibration,
     pin_mass: f64,
@@ -192,7 +195,7 @@ pub fn build_profile(
     Profile {
         schema: PROFILE_SCHEMA.into(),
         version: PROFILE_VERSION,
-        model: ck.config.identity(),
+        model: ck.identity(),
         calibration,
         pin_rule: PinRule {
             mass_threshold: pin_mass,
@@ -214,16 +217,15 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         check_writable(p)?;
     }
     let dir = resolve_model(&o.model)?;
-    let mut ck = Checkpoint::open(&dir)?;
-    let c = ck.config.clone();
-    forward::check_supported(&c)?;
+    let ck = Source::open(&dir)?;
+    let (top_k, n_experts) = (ck.top_k(), ck.experts());
     log(&format!(
         "model {} ({}, {} layers, {} experts, top-{}), {} of safetensors",
         dir.display(),
-        c.model_type,
-        c.layers,
-        c.experts,
-        c.top_k,
+        ck.model_type(),
+        ck.layers(),
+        n_experts,
+        top_k,
         human(ck.input_bytes())
     ));
 
@@ -233,18 +235,19 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         .iter()
         .map(quantize::dense_bytes)
         .sum::<Result<u64>>()?;
-    let hot_bytes = quantize::expert_bytes(c.hidden, c.moe_inter, o.hot_bits, o.group_size)?;
-    let cold_bytes = quantize::expert_bytes(c.hidden, c.moe_inter, o.cold_bits, o.group_size)?;
-    let moe_layers = c.moe_layers();
+    let hot_bytes = quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.hot_bits, o.group_size)?;
+    let cold_bytes =
+        quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.cold_bits, o.group_size)?;
+    let moe_layers = ck.moe_layers();
     for (label, ram) in &o.rams {
-        let min = plan::minimum_ram(dense_bytes, hot_bytes, c.top_k, moe_layers.len());
+        let min = plan::minimum_ram(dense_bytes, hot_bytes, top_k, moe_layers.len());
         if *ram < min {
             return Err(PrepError::Budget(format!(
                 "--ram {label} is too small for this model: dense weights alone take {} at --dense-bits {}, and the minimum budget \
                  (dense + runtime reserve + one token's {} experts per layer at {} bits) is {}",
                 human(dense_bytes),
                 o.dense_bits,
-                c.top_k,
+                top_k,
                 o.hot_bits,
                 human(min.div_ceil(1 << 20) << 20)
             )));
@@ -256,7 +259,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     let mut calib_batch = None;
     let profile = if let Some(p) = &o.profile {
         let prof = Profile::load(p)?;
-        prof.check_model(&c.identity())?;
+        prof.check_model(&ck.identity())?;
         log(&format!(
             "reusing profile {} ({} calibration tokens); skipping stage 1",
             p.display(),
@@ -264,19 +267,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         ));
         prof
     } else {
-        let tok = Tok::load(
-            &dir,
-            c.raw
-                .get("eos_token_id")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as u32),
-        )?;
-        let texts = if o.calib.is_empty() {
-            calib::builtin_texts()
-        } else {
-            calib::read_texts(&o.calib)?
-        };
-        let batch = routing::tokenize(&tok, &texts, o.calib_rows, o.calib_seq)?;
+        let batch = calibration_batch(o, &dir, &ck)?;
         log(&format!(
             "stage 1: profiling routing over {} calibration tokens ({} rows x {})",
             batch.ids.len(),
@@ -284,8 +275,8 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             batch.seq
         ));
         let t = Instant::now();
-        let bar = progress_bar(o.progress, c.layers as u64, "profile");
-        let (stats, nll) = routing::profile_checkpoint(&ck, &batch, o.merge, &|done, _| {
+        let bar = progress_bar(o.progress, ck.layers() as u64, "profile");
+        let (stats, nll) = routing::profile_source(&ck, &batch, o.merge, &|done, _| {
             bar.set_position(done as u64)
         })?;
         bar.finish_and_clear();
@@ -304,15 +295,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     let merge_outcome = if o.merge {
         let batch = match calib_batch.take() {
             Some(b) => b,
-            None => {
-                let tok = Tok::load(&dir, None)?;
-                let texts = if o.calib.is_empty() {
-                    calib::builtin_texts()
-                } else {
-                    calib::read_texts(&o.calib)?
-                };
-                routing::tokenize(&tok, &texts, o.calib_rows, o.calib_seq)?
-            }
+            None => calibration_batch(o, &dir, &ck)?,
         };
         let m = merge::run(&ck, &profile, &batch, o.merge_max_nll, calib_nll, log)?;
         Some(m)
@@ -335,12 +318,13 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     if let Some(tok) = &eval_tok {
         let t = Instant::now();
         source_eval = crate::eval::nll_per_text(
-            &ck,
+            ck.model.as_ref(),
+            &ck.weights,
             tok,
             &eval_texts,
             o.eval_rows,
             o.calib_seq,
-            &forward::CheckpointExperts(&ck),
+            &SourceExperts(&ck),
         )?;
         for (n, v) in &source_eval {
             log(&format!("  source NLL on {n}: {v:.4}"));
@@ -368,8 +352,8 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             dense_bytes,
             hot_bytes,
             cold_bytes,
-            top_k: c.top_k,
-            experts: c.experts,
+            top_k,
+            experts: n_experts,
             layers,
             hot_fraction: o.hot_fraction,
             pin_mass: o.pin_mass,
@@ -388,20 +372,9 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             label,
         )?;
         if let Some(tok) = &eval_tok {
-            ck.set_dense_sim(Some((o.dense_bits, o.group_size)));
-            let sim = crate::eval::SimExperts::new(
-                &ck,
-                &pl,
-                o.hot_bits,
-                o.cold_bits,
-                o.group_size,
-                merge_outcome.as_ref(),
-            );
-            let r =
-                crate::eval::nll_per_text(&ck, tok, &eval_texts, o.eval_rows, o.calib_seq, &sim);
-            drop(sim);
-            ck.set_dense_sim(None);
-            rep.eval_nll = r?;
+            // The pack just written, through the runtime's loader and forward.
+            rep.eval_nll =
+                crate::eval::pack_nll_per_text(out, tok, &eval_texts, o.eval_rows, o.calib_seq)?;
             for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&source_eval) {
                 log(&format!(
                     "  pack NLL on {n}: {v:.4} (source {b:.4}, {:+.2}%)",
@@ -448,11 +421,31 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
                 continue;
             }
             done.push(parent);
-            let path = report::write_model_card(out, &dir, &c, rep, &outcome)?;
+            let path = report::write_model_card(out, &dir, &ck, rep, &outcome)?;
             log(&format!("  model card {}", path.display()));
         }
     }
     Ok(outcome)
+}
+
+/// The calibration batch: `--calib-ids` token files as they are, else
+/// `--calib` texts (or the built-in set) through the model's tokenizer.
+fn calibration_batch(o: &Options, dir: &Path, ck: &Source) -> Result<CalibBatch> {
+    if !o.calib_ids.is_empty() {
+        return routing::id_rows(&o.calib_ids, o.calib_rows, o.calib_seq);
+    }
+    let eos = ck
+        .raw
+        .get("eos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
+    let tok = Tok::load(dir, eos)?;
+    let texts = if o.calib.is_empty() {
+        calib::builtin_texts()
+    } else {
+        calib::read_texts(&o.calib)?
+    };
+    routing::tokenize(&tok, &texts, o.calib_rows, o.calib_seq)
 }
 
 fn prof_json(p: &Profile) -> String {
@@ -484,7 +477,7 @@ struct ExpertOut {
 
 #[allow(clippy::too_many_arguments)]
 fn write_pack(
-    ck: &Checkpoint,
+    ck: &Source,
     dir: &Path,
     o: &Options,
     profile: &Profile,
@@ -494,7 +487,7 @@ fn write_pack(
     out: &Path,
     ram_label: &str,
 ) -> Result<PackReport> {
-    let c = &ck.config;
+    let (n_experts, hidden, inter) = (ck.experts(), ck.hidden(), ck.moe_inter());
     let pack_profile = pack_profile(profile, pl);
     let generation: serde_json::Value = read_opt(&dir.join("generation_config.json"))
         .and_then(|s| serde_json::from_str(&s).ok())
@@ -508,11 +501,16 @@ fn write_pack(
                     .map(str::to_string)
             })
     });
+    // A checkpoint without a tokenizer (the random-weight test fixtures) gives
+    // a pack that runs on token ids only (`mfx eval logits/greedy --ids`).
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer_json =
-        std::fs::read_to_string(&tok_path).map_err(crate::error::io_err(&tok_path))?;
+    let tokenizer_json = if tok_path.is_file() {
+        std::fs::read_to_string(&tok_path).map_err(crate::error::io_err(&tok_path))?
+    } else {
+        String::new()
+    };
     let meta = PackMeta {
-        config: c.raw.clone(),
+        config: ck.raw.clone(),
         tokenizer_json,
         chat_template,
         generation,
@@ -545,12 +543,12 @@ fn write_pack(
     let mut bit_weighted = 0f64;
     for lp in &pl.layers {
         let l = lp.layer as usize;
-        let mut hot = vec![false; c.experts];
+        let mut hot = vec![false; n_experts];
         for &h in &lp.hot {
             hot[h as usize] = true;
         }
         let map = merge.and_then(|m| m.layer_map(l));
-        let reps: Vec<usize> = (0..c.experts)
+        let reps: Vec<usize> = (0..n_experts)
             .filter(|&e| map.is_none_or(|m| m[e] as usize == e))
             .collect();
         let chunk = rayon::current_num_threads().max(1) * 4;
@@ -561,7 +559,7 @@ fn write_pack(
                     let bits = if hot[e] { o.hot_bits } else { o.cold_bits };
                     let ew = match merge.and_then(|m| m.weights(l, e)) {
                         Some(wts) => wts,
-                        None => forward::load_expert(ck, l, e)?,
+                        None => ck.expert(l, e)?,
                     };
                     encode_expert(&ew, bits, o.group_size, o.min_codec_saving, l, e).map(|x| (e, x))
                 })
@@ -591,7 +589,7 @@ fn write_pack(
                 let per = x.measure.stored(x.codec);
                 expert_stored += per;
                 expert_raw += x.measure.raw;
-                let nweights = 3 * (c.hidden * c.moe_inter) as u64;
+                let nweights = 3 * (hidden * inter) as u64;
                 expert_weights += nweights * (1 + n_alias as u64);
                 bit_weighted += x.bits as f64 * nweights as f64 * (1 + n_alias) as f64;
                 stats.add_expert(&x.measure, x.codec, x.entropy_bits, x.bits);
@@ -616,7 +614,7 @@ fn write_pack(
         eval_nll: Vec::new(),
         expert_code_bits: bit_weighted / expert_weights.max(1) as f64,
         pinned_experts: pinned,
-        total_experts: pl.layers.len() * c.experts,
+        total_experts: pl.layers.len() * n_experts,
         pinned_token_share: share,
         predicted_hit_rate: pl.predicted_hit_rate,
         hot_fraction: pl.hot_fraction,
@@ -654,7 +652,7 @@ fn pending_add(
 }
 
 fn encode_expert(
-    ew: &forward::ExpertWeights,
+    ew: &ExpertWeights,
     bits: u8,
     group: u32,
     min_saving: f64,

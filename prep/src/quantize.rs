@@ -3,9 +3,10 @@
 //! MLX-quantized sources are dequantized with the reference first and then
 //! requantized, so every pack is made by one rule whatever the source.
 
-use crate::checkpoint::{Checkpoint, Mat};
 use crate::error::{PrepError, Result};
+use crate::source::{from_runtime, Mat, Source};
 use mfx_formats::quant::{quantize, AffineOwned, Scheme};
+use mfx_runtime::weights::{DType, WeightSource};
 
 /// Dense-weight bit widths: 2 bits wrecks attention and embeddings.
 pub const DENSE_BITS: [u8; 2] = [4, 8];
@@ -24,8 +25,11 @@ pub struct DenseTensor {
     pub scheme: Scheme,
 }
 
-fn is_expert_tensor(name: &str) -> bool {
-    name.contains(".mlp.experts.") || name.contains(".mlp.switch_mlp.")
+/// Routers (and qwen's shared-expert gate, a router of one) stay at
+/// [`ROUTER_BITS`]: `mlp.gate`, Mixtral's `block_sparse_moe.gate`,
+/// `mlp.shared_expert_gate`.
+fn is_router(module: &str) -> bool {
+    module.ends_with(".gate") || module.ends_with(".shared_expert_gate")
 }
 
 /// The group size to use for `cols`: the requested one if it divides, else
@@ -34,40 +38,67 @@ pub fn group_for(cols: usize, want: u32) -> Option<u32> {
     [want, 64, 32].into_iter().find(|g| cols % *g as usize == 0)
 }
 
-/// The dense tensors of the checkpoint in pack order (ascending name) with
-/// the scheme each gets. Matrices are quantized; vectors (norms) stay in
-/// their float type (bf16 unless the source is f32).
-pub fn dense_tensors(ck: &Checkpoint, dense_bits: u8, group: u32) -> Result<Vec<DenseTensor>> {
+/// The float scheme that holds a float source tensor exactly.
+fn float_scheme(d: DType) -> Scheme {
+    match d {
+        DType::F32 => Scheme::F32,
+        DType::F16 => Scheme::F16,
+        _ => Scheme::Bf16,
+    }
+}
+
+/// The dense tensors of the checkpoint (everything the runtime does not
+/// name as a routed expert) in pack order (ascending name) with the scheme
+/// each gets. Matrices are quantized (routers at 8 bits, the rest at
+/// `dense_bits`; a width no group size divides stays bf16); vectors and
+/// other shapes (norms, biases, `e_score_correction_bias`, `A_log`,
+/// `dt_bias`, conv1d kernels) keep their float type.
+pub fn dense_tensors(src: &Source, dense_bits: u8, group: u32) -> Result<Vec<DenseTensor>> {
     let mut out = Vec::new();
-    for name in ck.names() {
-        if is_expert_tensor(name) || name.ends_with(".scales") || name.ends_with(".biases") {
+    for name in src.weights.names() {
+        if src.is_expert_tensor(&name) {
             continue;
         }
-        let shape = ck.shape(name).unwrap_or(&[]).to_vec();
-        let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
-        let quantized_src = ck.has(&format!("{module}.scales"));
+        let module = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+        let quantized_src =
+            name.ends_with(".weight") && src.weights.contains(&format!("{module}.scales"));
+        if (name.ends_with(".scales") || name.ends_with(".biases"))
+            && src.weights.contains(&format!(
+                "{}.weight",
+                name.rsplit_once('.').map_or("", |p| p.0)
+            ))
+        {
+            // The group scales/biases of an MLX-quantized weight.
+            continue;
+        }
+        let t = src.weights.require(&name).map_err(from_runtime)?;
+        let shape = t.shape.clone();
         let (logical, scheme) = if shape.len() == 2 {
             let rows = shape[0];
             let cols = if quantized_src {
-                logical_cols(ck, &module, shape[1])?
+                logical_cols(src, &module, shape[1])?
             } else {
                 shape[1]
             };
-            let bits = if module.ends_with(".mlp.gate") {
+            let bits = if is_router(&module) {
                 ROUTER_BITS
             } else {
                 dense_bits
             };
             let scheme = match group_for(cols, group) {
                 Some(g) => Scheme::affine(bits, g)?,
-                None => Scheme::Bf16,
+                None if quantized_src => Scheme::Bf16,
+                None => float_scheme(t.dtype),
             };
             (vec![rows as u64, cols as u64], scheme)
         } else {
-            (shape.iter().map(|&d| d as u64).collect(), Scheme::Bf16)
+            (
+                shape.iter().map(|&d| d as u64).collect(),
+                float_scheme(t.dtype),
+            )
         };
         out.push(DenseTensor {
-            name: name.to_string(),
+            name,
             module,
             shape: logical,
             scheme,
@@ -77,23 +108,21 @@ pub fn dense_tensors(ck: &Checkpoint, dense_bits: u8, group: u32) -> Result<Vec<
     Ok(out)
 }
 
-fn logical_cols(ck: &Checkpoint, module: &str, words: usize) -> Result<usize> {
-    let rows_groups = ck
-        .shape(&format!("{module}.scales"))
-        .map(|s| s.to_vec())
+fn logical_cols(src: &Source, module: &str, words: usize) -> Result<usize> {
+    let rows_groups = src
+        .weights
+        .raw(&format!("{module}.scales"))
+        .map_err(from_runtime)?
+        .map(|t| t.shape)
         .unwrap_or_default();
-    let bits = ck
-        .config
-        .raw
-        .get("quantization")
+    let q = src.raw.get("quantization");
+    let bits = q
         .and_then(|q| q.get(module))
         .and_then(|o| o.get("bits"))
-        .and_then(|b| b.as_u64());
-    let bits = bits
-        .map(|b| b as u8)
-        .or(ck.config.mlx_quant.map(|q| q.0))
+        .or_else(|| q.and_then(|q| q.get("bits")))
+        .and_then(|b| b.as_u64())
         .unwrap_or(4);
-    let cols = words * 32 / bits as usize;
+    let cols = words * 32 / bits.max(1) as usize;
     if rows_groups.len() != 2 || rows_groups[1] == 0 || cols % rows_groups[1] != 0 {
         return Err(PrepError::Tensor {
             name: format!("{module}.scales"),
@@ -176,19 +205,58 @@ pub fn quantize_mat(m: &Mat, scheme: Scheme, what: &str) -> Result<Stored> {
 }
 
 /// Reads and encodes one dense tensor.
-pub fn encode_dense(ck: &Checkpoint, t: &DenseTensor) -> Result<Stored> {
-    if t.shape.len() == 2 {
-        let m = ck.matrix_source(&t.module, None)?;
-        quantize_mat(&m, t.scheme, &t.name)
+pub fn encode_dense(src: &Source, t: &DenseTensor) -> Result<Stored> {
+    let m = if t.shape.len() == 2 {
+        let m = src
+            .weights
+            .matrix(&t.module, t.shape[0] as usize, t.shape[1] as usize)
+            .map_err(from_runtime)?;
+        Mat::of(&m)
     } else {
-        let (_, v) = ck.float_tensor(&t.name)?;
-        let m = Mat {
+        let n: u64 = t.shape.iter().product();
+        let v = src.weights.vector(&t.name, n as usize).or_else(|_| {
+            // Not 1-D (a conv kernel): read it flat.
+            let raw = src.weights.require(&t.name)?;
+            flat_f32(&t.name, &raw)
+        });
+        let data = v.map_err(from_runtime)?;
+        Mat {
             rows: 1,
-            cols: v.len(),
-            data: v,
-        };
-        quantize_mat(&m, t.scheme, &t.name)
-    }
+            cols: data.len(),
+            data,
+        }
+    };
+    quantize_mat(&m, t.scheme, &t.name)
+}
+
+/// A float tensor of any shape as f32 values.
+fn flat_f32(
+    name: &str,
+    t: &mfx_runtime::weights::RawTensor,
+) -> std::result::Result<Vec<f32>, mfx_runtime::RuntimeError> {
+    let b = t.data.bytes();
+    Ok(match t.dtype {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::Bf16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(mfx_runtime::RuntimeError::Dtype {
+                name: name.into(),
+                location: "checkpoint".into(),
+                dtype: format!("{other:?}"),
+                expected: "f32, f16 or bf16".into(),
+            })
+        }
+    })
 }
 
 /// Dequantizes stored bytes back to f32 (to evaluate what a pack will compute).

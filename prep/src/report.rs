@@ -1,13 +1,12 @@
 //! Stage 6 outputs besides the pack: the JSON report (`--report`), the
 //! pack's provenance and routing summary, and the model card (README.md).
 
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
 use crate::entropy::Measure;
 use crate::error::{PrepError, Result};
 use crate::pipeline::{Options, Outcome};
 use crate::plan::Plan;
 use crate::ram::human;
+use crate::source::Source;
 use mfx_formats::codec::Codec;
 use mfx_formats::profile::Profile;
 use serde::Serialize;
@@ -145,7 +144,7 @@ pub fn routing_summary(p: &Profile) -> Value {
 
 /// Provenance: no absolute paths and no timestamps, so identical inputs give
 /// identical packs wherever they are built.
-pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Checkpoint, pl: &Plan) -> Value {
+pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Source, pl: &Plan) -> Value {
     let cfg_hash = std::fs::read(dir.join("config.json"))
         .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
         .ok();
@@ -164,14 +163,14 @@ pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Checkpoint, pl:
     json!({
         "tool": "mfx prep",
         "mfx_prep_version": env!("CARGO_PKG_VERSION"),
-        "source": {"model": model_name, "model_type": ck.config.model_type,
+        "source": {"model": model_name, "model_type": ck.model_type(),
                    "config_json_xxh3": cfg_hash, "tokenizer_json_xxh3": tok_hash,
                    "safetensors_bytes": ck.input_bytes()},
         "options": {"ram": ram_label, "ram_bytes": pl.ram, "hot_bits": o.hot_bits, "cold_bits": o.cold_bits,
                     "dense_bits": o.dense_bits, "router_bits": crate::quantize::ROUTER_BITS, "group_size": o.group_size,
                     "hot_fraction": o.hot_fraction, "pin_mass": o.pin_mass, "merge": o.merge,
                     "merge_max_nll": o.merge_max_nll, "min_codec_saving": o.min_codec_saving,
-                    "requantized_from_mlx": ck.config.mlx_quant.is_some()},
+                    "requantized_from_mlx": ck.mlx_quantized()},
         "plan": {"reserve": pl.reserve, "dense_bytes": pl.dense_bytes, "pinned_bytes": pl.pinned_bytes,
                  "cache_bytes": pl.cache_bytes, "hot_fraction": pl.hot_fraction,
                  "predicted_hit_rate": pl.predicted_hit_rate, "reason": pl.reason},
@@ -215,7 +214,7 @@ const CARD_MARKER: &str = "<!-- mfx-model-card -->";
 pub fn write_model_card(
     pack: &Path,
     dir: &Path,
-    c: &ModelConfig,
+    c: &Source,
     rep: &PackReport,
     out: &Outcome,
 ) -> Result<PathBuf> {
@@ -301,10 +300,10 @@ Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\
         ram_bytes = rep.ram,
         bpw = rep.bits_per_weight,
         hitf = rep.predicted_hit_rate,
-        arch = c.model_type,
-        layers = c.layers,
-        experts = c.experts,
-        k = c.top_k,
+        arch = c.model_type(),
+        layers = c.layers(),
+        experts = c.experts(),
+        k = c.top_k(),
         size = human(rep.file_bytes),
         hotp = rep.hot_fraction * 100.0,
         pinned = rep.pinned_experts,

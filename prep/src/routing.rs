@@ -4,10 +4,55 @@
 //! MoE layer the same tokens went to (prefetch hints).
 
 use crate::calib::{CalibText, Tok};
-use crate::checkpoint::Checkpoint;
-use crate::error::Result;
-use crate::forward::{self, Batch, CheckpointExperts, ExpertSource, LayerWeights, Routing};
+use crate::error::{PrepError, Result};
+use crate::source::{from_runtime, LayerExperts, Source, SourceExperts};
 use mfx_formats::profile::{CalibSource, Calibration, LayerProfile};
+use mfx_runtime::models::layerwise::Layerwise;
+use mfx_runtime::models::{ResidentExperts, RouterObserver};
+use mfx_runtime::weights::WeightSource;
+
+/// The routing decisions of one MoE layer for every token of the batch.
+pub struct Routing {
+    pub top_k: usize,
+    /// `[tokens * top_k]` expert ids, in the router's top-k order.
+    pub ids: Vec<u32>,
+    /// `[tokens * top_k]` mixing weights as the model applies them.
+    pub weights: Vec<f32>,
+}
+
+/// Collects a layer's routing over the batch, one sequence at a time.
+struct Collect {
+    r: Routing,
+    /// Index of the current sequence's first token in the batch.
+    offset: usize,
+    bad: Option<String>,
+}
+
+impl RouterObserver for Collect {
+    fn observe(
+        &mut self,
+        layer: usize,
+        token: usize,
+        _logits: &[f32],
+        _probs: &[f32],
+        selected: &[usize],
+        weights: &[f32],
+    ) {
+        let k = self.r.top_k;
+        let at = (self.offset + token) * k;
+        if selected.len() != k || at + k > self.r.ids.len() {
+            self.bad = Some(format!(
+                "layer {layer}: {} experts routed for token {token}, expected {k}",
+                selected.len()
+            ));
+            return;
+        }
+        for (j, (&e, &w)) in selected.iter().zip(weights).enumerate() {
+            self.r.ids[at + j] = e as u32;
+            self.r.weights[at + j] = w;
+        }
+    }
+}
 
 /// Top pairs kept per previous-layer expert; a dense `E x E` table would be
 /// 50 MB for a 48-layer, 512-expert model.
@@ -139,48 +184,172 @@ pub fn tokenize(
     })
 }
 
+/// Calibration rows from files of token ids (whitespace- or
+/// comma-separated): up to `rows_per_source` rows of `seq` per file.
+pub fn id_rows(
+    paths: &[std::path::PathBuf],
+    rows_per_source: usize,
+    seq: usize,
+) -> Result<CalibBatch> {
+    let mut ids = Vec::new();
+    let mut sources = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(crate::error::io_err(p))?;
+        let mut v = Vec::new();
+        for t in text
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|t| !t.is_empty())
+        {
+            v.push(t.parse::<u32>().map_err(|_| PrepError::BadFile {
+                path: p.clone(),
+                msg: format!(
+                    "{t:?} is not a token id (expected whitespace- or comma-separated integers)"
+                ),
+            })?);
+        }
+        let rows = (v.len() / seq).min(rows_per_source);
+        if rows == 0 {
+            return Err(PrepError::Calibration(format!(
+                "{} has only {} token ids; a calibration source needs at least one row of {seq} (--calib-seq)",
+                p.display(),
+                v.len()
+            )));
+        }
+        v.truncate(rows * seq);
+        sources.push(CalibSource {
+            name: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            tokens: v.len() as u64,
+        });
+        ids.extend(v);
+    }
+    let rows = ids.len() / seq;
+    Ok(CalibBatch {
+        calibration: Calibration {
+            sources,
+            tokens: ids.len() as u64,
+            protocol: format!("up to {rows_per_source} rows x {seq} token ids per file, as given"),
+        },
+        ids,
+        rows,
+        seq,
+    })
+}
+
 /// Progress callback: `(layers done, layers total)`.
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
-/// Runs the model over the batch and returns per-MoE-layer stats and, if
-/// asked, the mean next-token NLL (needs the LM head: a full extra matmul).
+/// Runs the model layer by layer over the whole batch (load layer L, push
+/// every calibration sequence through it, drop it) and returns per-MoE-layer
+/// stats and, if asked, the mean next-token NLL of each sequence's
+/// predictions averaged over all of them (needs the LM head).
 pub fn profile(
-    ck: &Checkpoint,
+    model: &dyn Layerwise,
+    weights: &dyn WeightSource,
     batch: &CalibBatch,
-    experts: &dyn ExpertSource,
+    experts: &dyn LayerExperts,
     want_nll: bool,
     progress: Progress<'_>,
+    release: &dyn Fn(),
 ) -> Result<(Vec<LayerStats>, Option<f64>)> {
-    let c = &ck.config;
-    forward::check_supported(c)?;
-    let mut b: Batch = forward::embed(ck, &batch.ids, batch.rows, batch.seq)?;
+    let (h, seq, rows) = (model.hidden_size(), batch.seq, batch.rows);
+    let n_layers = model.n_layers();
+    let mut x = Vec::with_capacity(rows * seq * h);
+    for r in 0..rows {
+        x.extend(
+            model
+                .embed(&batch.ids[r * seq..(r + 1) * seq])
+                .map_err(|e| PrepError::Calibration(format!("calibration row {r}: {e}")))?,
+        );
+    }
     let mut stats = Vec::new();
     let mut prev: Option<Routing> = None;
-    for l in 0..c.layers {
-        let lw = LayerWeights::load(ck, l)?;
-        let r = forward::layer_forward(c, l, &lw, experts, &mut b)?;
-        drop(lw);
-        let mut s = LayerStats::new(l, c.experts, prev.is_some());
-        s.add(&r, prev.as_ref());
-        stats.push(s);
-        prev = Some(r);
-        ck.release_pages();
-        progress(l + 1, c.layers);
+    for l in 0..n_layers {
+        let layer = model.load_layer(weights, l).map_err(from_runtime)?;
+        let moe = model.is_moe_layer(l);
+        let ex = if moe {
+            experts.layer(l)?
+        } else {
+            std::sync::Arc::new(ResidentExperts::new(n_layers))
+        };
+        let k = model.top_k();
+        let mut obs = Collect {
+            r: Routing {
+                top_k: k,
+                ids: vec![0; if moe { rows * seq * k } else { 0 }],
+                weights: vec![0.0; if moe { rows * seq * k } else { 0 }],
+            },
+            offset: 0,
+            bad: None,
+        };
+        for (r, xs) in x.chunks_exact_mut(seq * h).enumerate() {
+            obs.offset = r * seq;
+            model
+                .layer_forward(&layer, ex.as_ref(), xs, Some(&mut obs))
+                .map_err(from_runtime)?;
+        }
+        if let Some(b) = obs.bad {
+            return Err(PrepError::Calibration(b));
+        }
+        drop((layer, ex));
+        if moe {
+            let mut s = LayerStats::new(l, model.num_experts(), prev.is_some());
+            s.add(&obs.r, prev.as_ref());
+            stats.push(s);
+            prev = Some(obs.r);
+        }
+        release();
+        progress(l + 1, n_layers);
     }
     let nll = if want_nll {
-        Some(forward::final_nll(ck, &b, &batch.ids)?)
+        Some(mean_nll(model, &x, &batch.ids, rows, seq))
     } else {
         None
     };
     Ok((stats, nll))
 }
 
-/// Convenience: profile with the checkpoint's own experts.
-pub fn profile_checkpoint(
-    ck: &Checkpoint,
+/// Mean next-token NLL (nats) of each row's `seq - 1` predictions, averaged
+/// over rows: the protocol of ../shared's reference `val_nll`.
+fn mean_nll(model: &dyn Layerwise, x: &[f32], ids: &[u32], rows: usize, seq: usize) -> f64 {
+    let (h, vocab) = (model.hidden_size(), model.vocab_size());
+    let mut total = 0f64;
+    let mut count = 0usize;
+    for r in 0..rows {
+        let base = r * seq;
+        let logits = model.final_logits(&x[base * h..(base + seq) * h], true);
+        for t in 0..seq.saturating_sub(1) {
+            let l = &logits[t * vocab..(t + 1) * vocab];
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = l.iter().map(|v| ((v - m) as f64).exp()).sum();
+            let target = ids[base + t + 1] as usize;
+            total += z.ln() + m as f64 - l[target] as f64;
+            count += 1;
+        }
+    }
+    if count == 0 {
+        f64::NAN
+    } else {
+        total / count as f64
+    }
+}
+
+/// Convenience: profile a checkpoint with its own experts.
+pub fn profile_source(
+    src: &Source,
     batch: &CalibBatch,
     want_nll: bool,
     progress: Progress<'_>,
 ) -> Result<(Vec<LayerStats>, Option<f64>)> {
-    profile(ck, batch, &CheckpointExperts(ck), want_nll, progress)
+    profile(
+        src.model.as_ref(),
+        &src.weights,
+        batch,
+        &SourceExperts(src),
+        want_nll,
+        progress,
+        &|| src.release_pages(),
+    )
 }

@@ -13,12 +13,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The model families the runtime implements, one file each in `models/`.
+/// The first four share the decoder (`models::decoder`) and are described
+/// by [`ModelConfig`]; the last three have their own model types and config
+/// structs (`models::family::FamilyConfig` dispatches on this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Qwen3Moe,
     Qwen2Moe,
     Mixtral,
     Olmoe,
+    Glm4Moe,
+    DeepseekV3,
+    Qwen3Next,
 }
 
 impl Arch {
@@ -28,7 +34,19 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
+            Arch::Glm4Moe => "glm4_moe",
+            Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Qwen3Next => "qwen3_next",
         }
+    }
+
+    /// Whether the family runs on the shared decoder (and so is described
+    /// by a [`ModelConfig`]).
+    pub fn uses_shared_decoder(&self) -> bool {
+        matches!(
+            self,
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Mixtral | Arch::Olmoe
+        )
     }
 
     fn from_model_type(s: &str) -> Option<Arch> {
@@ -37,6 +55,9 @@ impl Arch {
             "qwen2_moe" => Some(Arch::Qwen2Moe),
             "mixtral" => Some(Arch::Mixtral),
             "olmoe" => Some(Arch::Olmoe),
+            "glm4_moe" => Some(Arch::Glm4Moe),
+            "deepseek_v3" => Some(Arch::DeepseekV3),
+            "qwen3_next" => Some(Arch::Qwen3Next),
             _ => None,
         }
     }
@@ -47,8 +68,17 @@ impl Arch {
             "Qwen2MoeForCausalLM" => Some(Arch::Qwen2Moe),
             "MixtralForCausalLM" => Some(Arch::Mixtral),
             "OlmoeForCausalLM" => Some(Arch::Olmoe),
+            "Glm4MoeForCausalLM" => Some(Arch::Glm4Moe),
+            "DeepseekV3ForCausalLM" => Some(Arch::DeepseekV3),
+            "Qwen3NextForCausalLM" => Some(Arch::Qwen3Next),
             _ => None,
         }
+    }
+
+    /// The family of a parsed `config.json` (`model_type`, else the first
+    /// of `architectures`); `path` is only used in error messages.
+    pub fn of_config(obj: &Map<String, Value>, path: &Path) -> Result<Arch, RuntimeError> {
+        Cfg { path, obj }.arch()
     }
 }
 
@@ -344,6 +374,15 @@ impl Cfg<'_> {
 
     fn parse(&self) -> Result<ModelConfig, RuntimeError> {
         let arch = self.arch()?;
+        if !arch.uses_shared_decoder() {
+            return Err(self.bad(
+                "model_type",
+                format!(
+                    "`{}` has its own model type; load it through models::family::FamilyConfig",
+                    arch.name()
+                ),
+            ));
+        }
         if let Some((_, act)) = self.get_any(&["hidden_act"]) {
             if act.as_str() != Some("silu") {
                 return Err(self.bad(
@@ -387,7 +426,7 @@ impl Cfg<'_> {
                 let i = self.positive(&["intermediate_size"])?;
                 (i, i)
             }
-            Arch::Qwen3Moe | Arch::Qwen2Moe => (
+            _ => (
                 self.positive(&["moe_intermediate_size"])?,
                 self.usize_opt(&["intermediate_size"])?.unwrap_or(0),
             ),

@@ -22,6 +22,10 @@ pub struct Args {
     /// default: the built-in set (code in five languages, prose, chat).
     #[arg(long, num_args = 1..)]
     pub calib: Vec<PathBuf>,
+    /// Calibration as token-id files (whitespace- or comma-separated ids),
+    /// used as given: for checkpoints without a tokenizer.json.
+    #[arg(long, num_args = 1.., conflicts_with = "calib")]
+    pub calib_ids: Vec<PathBuf>,
     /// Rows of --calib-seq tokens taken from each calibration source.
     #[arg(long, default_value_t = 16)]
     pub calib_rows: usize,
@@ -96,6 +100,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         rams,
         output: a.output,
         calib: a.calib,
+        calib_ids: a.calib_ids,
         calib_rows: a.calib_rows,
         calib_seq: a.calib_seq,
         profile: a.profile,

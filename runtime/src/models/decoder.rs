@@ -28,8 +28,8 @@
 use super::attention::{attention, AttnShape, AttnWeights, QkNorm};
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{
-    load_layer_experts, moe_forward, norm_rows, ExpertMats, ExpertNames, ExpertProvider,
-    MoeWeights, RouterObserver, Routing, SharedExpert,
+    moe_forward, norm_rows, ExpertMats, ExpertProvider, MoeWeights, RouterObserver, Routing,
+    SharedExpert,
 };
 use super::rope::Rope;
 use crate::config::ModelConfig;
@@ -86,7 +86,12 @@ impl Transformer {
     /// Loads embeddings, final norm and lm_head (tied to the embeddings when
     /// the config says so or the checkpoint has no `lm_head`).
     pub fn load(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<Self, RuntimeError> {
-        let spec = super::family_spec(cfg);
+        let spec = super::family_spec(cfg).ok_or_else(|| {
+            RuntimeError::Other(format!(
+                "{} does not run on the shared decoder",
+                cfg.arch.name()
+            ))
+        })?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = src.matrix("model.embed_tokens", v, h)?;
         let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
@@ -140,19 +145,6 @@ impl Transformer {
     /// A fresh, empty KV cache for one layer.
     pub fn new_kv(&self, bits: KvBits) -> LayerKv {
         LayerKv::new(bits, self.cfg.num_key_value_heads, self.cfg.head_dim)
-    }
-
-    /// Names of expert `e`'s projections in layer `l` (hub layout).
-    pub fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
-        let p = self.spec.expert_proj;
-        let m = self.spec.moe_module;
-        [0, 1, 2].map(|i| layer_name(l, &format!("{m}.experts.{e}.{}", p[i])))
-    }
-
-    /// Names of layer `l`'s stacked expert projections (MLX `switch_mlp`).
-    pub fn stacked_expert_names(&self, l: usize) -> ExpertNames {
-        let m = self.spec.moe_module;
-        ["gate_proj", "up_proj", "down_proj"].map(|p| layer_name(l, &format!("{m}.switch_mlp.{p}")))
     }
 
     /// Loads layer `l`'s attention, norms and router/shared expert (or dense MLP).
@@ -232,25 +224,14 @@ impl Transformer {
         })
     }
 
-    /// Loads layer `l`'s routed experts (empty for a dense layer).
+    /// Loads layer `l`'s routed experts (empty for a dense layer); names
+    /// from [`super::layerwise::Layerwise`].
     pub fn load_layer_experts(
         &self,
         src: &dyn WeightSource,
         l: usize,
     ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        if !self.cfg.is_moe_layer(l) {
-            return Ok(Vec::new());
-        }
-        let per = |e: usize| self.expert_names(l, e);
-        let c = &self.cfg;
-        load_layer_experts(
-            src,
-            &per,
-            &self.stacked_expert_names(l),
-            c.num_experts,
-            c.hidden_size,
-            c.moe_intermediate_size,
-        )
+        super::layerwise::Layerwise::layer_experts(self, src, l)
     }
 
     /// Runs layer `lw` over `hidden` (`[n, hidden]`, one sequence, positions

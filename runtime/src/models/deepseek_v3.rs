@@ -18,8 +18,8 @@
 //! give MLA's memory saving yet.
 
 use super::glm4_moe::{
-    causal_attend, ffn_forward, final_logits, inv_freq, ln, load_ffn, load_routed_experts,
-    norm_in_place, FfnShape, Glm4Ffn,
+    causal_attend, ffn_forward, final_logits, inv_freq, ln, load_ffn, norm_in_place, FfnShape,
+    Glm4Ffn,
 };
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{norm_rows, ExpertMats, ExpertProvider, ResidentExperts, RouterObserver};
@@ -249,7 +249,7 @@ impl DsShared {
         src: &dyn WeightSource,
         l: usize,
     ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        load_routed_experts(src, &self.cfg.ffn, l)
+        super::layerwise::Layerwise::layer_experts(self, src, l)
     }
 
     fn attention(&self, w: &MlaWeights, xn: &[f32], n: usize, kv: &mut LayerKv) -> Vec<f32> {

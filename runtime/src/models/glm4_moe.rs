@@ -154,27 +154,6 @@ pub fn load_ffn(src: &dyn WeightSource, s: &FfnShape, l: usize) -> Result<Glm4Ff
     })
 }
 
-/// Layer `l`'s routed experts (hub per-expert tensors; empty for dense layers).
-pub fn load_routed_experts(
-    src: &dyn WeightSource,
-    s: &FfnShape,
-    l: usize,
-) -> Result<Vec<ExpertMats>, RuntimeError> {
-    if l < s.first_k_dense {
-        return Ok(Vec::new());
-    }
-    (0..s.n_routed)
-        .map(|e| {
-            mlp(
-                src,
-                &ln(l, &format!("mlp.experts.{e}")),
-                s.hidden,
-                s.moe_intermediate,
-            )
-        })
-        .collect()
-}
-
 /// The feed-forward block over `n` rows of normalized `xn`.
 pub fn ffn_forward(
     ffn: &Glm4Ffn,
@@ -432,13 +411,14 @@ impl Glm4Shared {
         })
     }
 
-    /// Layer `l`'s routed experts (hub per-expert tensors; empty for dense layers).
+    /// Layer `l`'s routed experts (empty for dense layers); names from
+    /// [`super::layerwise::Layerwise`].
     pub fn load_layer_experts(
         &self,
         src: &dyn WeightSource,
         l: usize,
     ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        load_routed_experts(src, &self.cfg.ffn_shape(), l)
+        super::layerwise::Layerwise::layer_experts(self, src, l)
     }
 
     fn attention(&self, w: &Glm4Attn, xn: &[f32], n: usize, kv: &mut LayerKv) -> Vec<f32> {

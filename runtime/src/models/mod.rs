@@ -5,8 +5,10 @@
 pub mod attention;
 pub mod decoder;
 pub mod deepseek_v3;
+pub mod family;
 pub mod glm4_moe;
 pub mod kv_cache;
+pub mod layerwise;
 pub mod mixtral;
 pub mod moe;
 pub mod olmoe;
@@ -70,13 +72,15 @@ pub struct LoadOptions {
     pub max_context: Option<usize>,
 }
 
-/// The family switches for a config.
-pub fn family_spec(cfg: &ModelConfig) -> FamilySpec {
+/// The family switches for a config (`None` for the families with their
+/// own model type, which `ModelConfig::from_json_str` refuses anyway).
+pub fn family_spec(cfg: &ModelConfig) -> Option<FamilySpec> {
     match cfg.arch {
-        Arch::Qwen3Moe => qwen3_moe::spec(),
-        Arch::Qwen2Moe => qwen2_moe::spec(),
-        Arch::Mixtral => mixtral::spec(),
-        Arch::Olmoe => olmoe::spec(),
+        Arch::Qwen3Moe => Some(qwen3_moe::spec()),
+        Arch::Qwen2Moe => Some(qwen2_moe::spec()),
+        Arch::Mixtral => Some(mixtral::spec()),
+        Arch::Olmoe => Some(olmoe::spec()),
+        Arch::Glm4Moe | Arch::DeepseekV3 | Arch::Qwen3Next => None,
     }
 }
 
@@ -126,24 +130,12 @@ pub fn is_pack(path: &Path) -> bool {
 
 /// Loads a model from a checkpoint directory (HF or MLX) or a `.mfx` pack.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeError> {
-    // Families with their own model type (not a FamilySpec of the shared decoder).
-    if path.is_dir() && model_type_of(path).as_deref() == Some("glm4_moe") {
-        return Ok(Box::new(glm4_moe::Glm4Moe::load(path, opts)?));
-    }
-    if path.is_dir() && model_type_of(path).as_deref() == Some("deepseek_v3") {
-        return Ok(Box::new(deepseek_v3::DeepseekV3::load(path, opts)?));
-    }
-    if path.is_dir() && model_type_of(path).as_deref() == Some("qwen3_next") {
-        return Ok(Box::new(qwen3_next::Qwen3Next::load(path, opts)?));
+    // Families with their own model type (not a FamilySpec of the shared
+    // decoder), from a checkpoint directory or a pack's embedded config.
+    if let Some(m) = family::load_own_type(path, opts)? {
+        return Ok(m);
     }
     Ok(Box::new(MoeModel::load(path, opts)?))
-}
-
-/// `model_type` of a checkpoint directory's config.json, if readable.
-fn model_type_of(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("model_type")?.as_str().map(str::to_string)
 }
 
 /// The one [`Model`] implementation: the shared decoder over any family,

@@ -9,7 +9,7 @@
 
 use crate::error::RuntimeError;
 use crate::kernels::{self, rms_norm, silu_mul, MatRef};
-use crate::weights::{Matrix, WeightSource};
+use crate::weights::Matrix;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -262,40 +262,6 @@ impl ExpertProvider for ResidentExperts {
 
 /// Tensor names of one expert's three projections (gate, up, down).
 pub type ExpertNames = [String; 3];
-
-/// Loads routed experts of one layer: per-expert tensors (hub layout) when
-/// `per_expert(e)` names exist, else slices of the stacked MLX
-/// `switch_mlp` tensors named by `stacked`.
-pub fn load_layer_experts(
-    src: &dyn WeightSource,
-    per_expert: &dyn Fn(usize) -> ExpertNames,
-    stacked: &ExpertNames,
-    n_experts: usize,
-    hidden: usize,
-    inter: usize,
-) -> Result<Vec<ExpertMats>, RuntimeError> {
-    let first = per_expert(0);
-    let use_stacked = !src.contains(&format!("{}.weight", first[0]))
-        && src.contains(&format!("{}.weight", stacked[0]));
-    (0..n_experts)
-        .map(|e| {
-            if use_stacked {
-                Ok(ExpertMats {
-                    gate: src.stacked_matrix(&stacked[0], e, n_experts, inter, hidden)?,
-                    up: src.stacked_matrix(&stacked[1], e, n_experts, inter, hidden)?,
-                    down: src.stacked_matrix(&stacked[2], e, n_experts, hidden, inter)?,
-                })
-            } else {
-                let nm = per_expert(e);
-                Ok(ExpertMats {
-                    gate: src.matrix(&nm[0], inter, hidden)?,
-                    up: src.matrix(&nm[1], inter, hidden)?,
-                    down: src.matrix(&nm[2], hidden, inter)?,
-                })
-            }
-        })
-        .collect()
-}
 
 /// RMSNorm of each row of `x` (`[n, width]`).
 pub fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {

@@ -23,8 +23,8 @@
 
 use super::glm4_moe::{causal_attend, final_logits, inv_freq, ln, mlp, rope_partial};
 use super::moe::{
-    load_layer_experts, moe_forward, ExpertMats, ExpertProvider, MoeWeights, ResidentExperts,
-    RouterObserver, Routing, SharedExpert,
+    moe_forward, ExpertMats, ExpertProvider, MoeWeights, ResidentExperts, RouterObserver, Routing,
+    SharedExpert,
 };
 use super::sigmoid_moe::JsonCfg;
 use super::{LoadOptions, Model, ModelInfo};
@@ -390,25 +390,13 @@ impl QnShared {
         })
     }
 
+    /// Layer `l`'s routed experts; names from [`super::layerwise::Layerwise`].
     pub fn load_layer_experts(
         &self,
         src: &dyn WeightSource,
         l: usize,
     ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        let c = &self.cfg;
-        let per = |e: usize| {
-            ["gate_proj", "up_proj", "down_proj"].map(|p| ln(l, &format!("mlp.experts.{e}.{p}")))
-        };
-        let stacked =
-            ["gate_proj", "up_proj", "down_proj"].map(|p| ln(l, &format!("mlp.switch_mlp.{p}")));
-        load_layer_experts(
-            src,
-            &per,
-            &stacked,
-            c.num_experts,
-            c.hidden_size,
-            c.moe_intermediate_size,
-        )
+        super::layerwise::Layerwise::layer_experts(self, src, l)
     }
 
     fn full_attention(&self, w: &FullAttn, xn: &[f32], n: usize, st: &mut LayerState) -> Vec<f32> {

@@ -40,6 +40,25 @@ fn map_dtype(d: safetensors::Dtype) -> DType {
 }
 
 impl SafetensorsSource {
+    /// Total bytes of the mapped shard files (for throughput reports).
+    pub fn input_bytes(&self) -> u64 {
+        self.shards.iter().map(|(_, m)| m.len() as u64).sum()
+    }
+
+    /// Tells the kernel the shards' pages may go, so a memory-limited prep
+    /// that walks a checkpoint layer by layer does not keep all of it in its
+    /// page-cache share.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        for (_, m) in &self.shards {
+            // SAFETY: the map is a read-only view of a file we never write;
+            // after MADV_DONTNEED the kernel re-reads the same bytes from the
+            // file on the next access, so no slice handed out can change.
+            // Advisory only: on failure the kernel keeps the pages.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Opens the checkpoint in `dir`: the index and its shards if an index
     /// exists, else `model.safetensors`, else every `*.safetensors` file.
     pub fn open(dir: &Path) -> Result<Self, RuntimeError> {

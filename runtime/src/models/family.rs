@@ -1,0 +1,177 @@
+//! One config type over all seven families, so that whatever holds a
+//! `config.json` (a checkpoint directory, or the copy embedded in a `.mfx`
+//! pack) routes to the right model: the four shared-decoder families are
+//! described by [`ModelConfig`], the other three by their own structs.
+//!
+//! This is the dispatch `models::load` and prep both go through; neither
+//! re-reads `model_type` itself.
+
+use super::deepseek_v3::{DeepseekV3, DeepseekV3Config};
+use super::glm4_moe::{Glm4Config, Glm4Moe};
+use super::layerwise::Layerwise;
+use super::qwen3_next::{Qwen3Next, Qwen3NextConfig};
+use super::sigmoid_moe::JsonCfg;
+use super::{is_pack, ExpertProvider, LoadOptions, Model, MoeModel, Transformer};
+use crate::config::{Arch, ModelConfig};
+use crate::error::RuntimeError;
+use crate::weights::pack::{PackExperts, PackSource};
+use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::WeightSource;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A parsed `config.json` of any supported family.
+#[derive(Debug, Clone)]
+pub enum FamilyConfig {
+    /// qwen3_moe, qwen2_moe, mixtral, olmoe.
+    Decoder(ModelConfig),
+    Glm4(Glm4Config),
+    Deepseek(DeepseekV3Config),
+    Next(Qwen3NextConfig),
+}
+
+impl FamilyConfig {
+    pub fn from_file(path: &Path) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self, RuntimeError> {
+        let c = JsonCfg::from_str(text, path)?;
+        Ok(match Arch::of_config(&c.obj, path)? {
+            Arch::Glm4Moe => FamilyConfig::Glm4(Glm4Config::parse(&c)?),
+            Arch::DeepseekV3 => FamilyConfig::Deepseek(DeepseekV3Config::parse(&c)?),
+            Arch::Qwen3Next => FamilyConfig::Next(Qwen3NextConfig::parse(&c)?),
+            _ => FamilyConfig::Decoder(ModelConfig::from_json_str(text, path)?),
+        })
+    }
+
+    pub fn arch(&self) -> Arch {
+        match self {
+            FamilyConfig::Decoder(c) => c.arch,
+            FamilyConfig::Glm4(_) => Arch::Glm4Moe,
+            FamilyConfig::Deepseek(_) => Arch::DeepseekV3,
+            FamilyConfig::Next(_) => Arch::Qwen3Next,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            FamilyConfig::Decoder(c) => c.hidden_size,
+            FamilyConfig::Glm4(c) => c.hidden_size,
+            FamilyConfig::Deepseek(c) => c.hidden_size,
+            FamilyConfig::Next(c) => c.hidden_size,
+        }
+    }
+
+    /// Width of one routed expert.
+    pub fn moe_intermediate_size(&self) -> usize {
+        match self {
+            FamilyConfig::Decoder(c) => c.moe_intermediate_size,
+            FamilyConfig::Glm4(c) => c.moe_intermediate_size,
+            FamilyConfig::Deepseek(c) => c.ffn.moe_intermediate,
+            FamilyConfig::Next(c) => c.moe_intermediate_size,
+        }
+    }
+
+    pub fn num_hidden_layers(&self) -> usize {
+        match self {
+            FamilyConfig::Decoder(c) => c.num_hidden_layers,
+            FamilyConfig::Glm4(c) => c.num_hidden_layers,
+            FamilyConfig::Deepseek(c) => c.num_hidden_layers,
+            FamilyConfig::Next(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// The layer-by-layer view of this model over `src` (loads only what
+    /// every layer shares: embeddings, final norm, lm_head).
+    pub fn layerwise(&self, src: &dyn WeightSource) -> Result<Box<dyn Layerwise>, RuntimeError> {
+        Ok(match self {
+            FamilyConfig::Decoder(c) => Box::new(Transformer::load(c, src)?),
+            FamilyConfig::Glm4(c) => Box::new(super::glm4_moe::Glm4Shared::load(c, src)?),
+            FamilyConfig::Deepseek(c) => Box::new(super::deepseek_v3::DsShared::load(c, src)?),
+            FamilyConfig::Next(c) => Box::new(super::qwen3_next::QnShared::load(c, src)?),
+        })
+    }
+
+    /// A whole model over `src`; `experts` replaces holding every routed
+    /// expert of `src` resident (a pack's experts, the streaming cache).
+    pub fn build(
+        &self,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        experts: Option<Arc<dyn ExpertProvider>>,
+    ) -> Result<Box<dyn Model>, RuntimeError> {
+        Ok(match self {
+            FamilyConfig::Decoder(c) => Box::new(MoeModel::from_source(c, src, opts, experts)?),
+            FamilyConfig::Glm4(c) => Box::new(Glm4Moe::from_source(c, src, opts, experts)?),
+            FamilyConfig::Deepseek(c) => Box::new(DeepseekV3::from_source(c, src, opts, experts)?),
+            FamilyConfig::Next(c) => Box::new(Qwen3Next::from_source(c, src, opts, experts)?),
+        })
+    }
+}
+
+/// Opens a checkpoint directory (or its `config.json`) or an `.mfx` pack of
+/// any family: its config and a lazy source of its tensors (for a pack,
+/// routed experts come from [`PackExperts`], not the source).
+pub fn open(path: &Path) -> Result<(FamilyConfig, Box<dyn WeightSource>), RuntimeError> {
+    let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
+    if dir.is_file() && is_pack(&dir) {
+        let src = PackSource::open(&dir)?;
+        let cfg = pack_config(&src, &dir)?;
+        return Ok((cfg, Box::new(src)));
+    }
+    if !dir.is_dir() {
+        if !dir.exists() {
+            return Err(RuntimeError::io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        return Err(RuntimeError::NotAModel { path: dir });
+    }
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(RuntimeError::NotAModel { path: dir });
+    }
+    let cfg = FamilyConfig::from_file(&cfg_path)?;
+    Ok((cfg, Box::new(SafetensorsSource::open(&dir)?)))
+}
+
+/// The family config embedded in a pack's manifest.
+pub fn pack_config(src: &PackSource, path: &Path) -> Result<FamilyConfig, RuntimeError> {
+    FamilyConfig::from_json_str(&src.pack().manifest().config.to_string(), path)
+}
+
+/// Loads a glm4_moe, deepseek_v3 or qwen3_next model from a checkpoint
+/// directory or a pack; `None` for the shared-decoder families (and for
+/// paths that are neither, so the caller reports them its own way).
+pub fn load_own_type(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<Option<Box<dyn Model>>, RuntimeError> {
+    if path.is_file() && is_pack(path) {
+        let src = PackSource::open(path)?;
+        let cfg = pack_config(&src, path)?;
+        if cfg.arch().uses_shared_decoder() {
+            return Ok(None);
+        }
+        let experts = PackExperts::new(src.clone(), cfg.hidden_size(), cfg.moe_intermediate_size());
+        return cfg.build(&src, opts, Some(Arc::new(experts))).map(Some);
+    }
+    let cfg_path = path.join("config.json");
+    if !path.is_dir() || !cfg_path.is_file() {
+        return Ok(None);
+    }
+    let cfg = FamilyConfig::from_file(&cfg_path)?;
+    if cfg.arch().uses_shared_decoder() {
+        return Ok(None);
+    }
+    let src = SafetensorsSource::open(path)?;
+    cfg.build(&src, opts, None).map(Some)
+}

@@ -1,0 +1,383 @@
+//! The layer-by-layer interface every family implements, for work that
+//! walks layers rather than tokens: `mfx prep` loads layer L, pushes its
+//! whole calibration batch through it and drops it, so its peak memory is
+//! about one layer plus activations whatever the model's size. It is the
+//! same arithmetic the [`super::Model`] implementations run (they call the
+//! same `layer_forward`), which is what keeps prep's routing profile and
+//! quality checks on the runtime's one forward pass.
+//!
+//! ```ignore
+//! let (cfg, src) = models::family::open(path)?;
+//! let lw = cfg.layerwise(src.as_ref())?;           // embeddings, final norm, lm_head
+//! let mut hidden = lw.embed(&ids)?;                // one sequence, [n, hidden]
+//! for l in 0..lw.n_layers() {
+//!     let layer = lw.load_layer(src.as_ref(), l)?; // attention/mixer, norms, router, shared experts
+//!     let mut ex = ResidentExperts::new(lw.n_layers());
+//!     ex.insert_layer(l, lw.layer_experts(src.as_ref(), l)?);
+//!     lw.layer_forward(&layer, &ex, &mut hidden, Some(&mut observer))?;
+//! }                                                // layer, ex dropped here
+//! let logits = lw.final_logits(&hidden, true);
+//! ```
+//!
+//! Which tensors are routed experts, and their names, is decided here
+//! ([`Layerwise::expert_names`], [`Layerwise::stacked_expert_names`]) and
+//! nowhere else: the models load experts through it and prep uses it to
+//! tell experts from dense tensors.
+
+use super::deepseek_v3::{DsLayer, DsShared};
+use super::glm4_moe::{Glm4Layer, Glm4Shared};
+use super::kv_cache::KvBits;
+use super::moe::{ExpertMats, ExpertNames, ExpertProvider, RouterObserver};
+use super::qwen3_next::{LayerState, QnLayer, QnShared};
+use super::{LayerWeights, Transformer};
+use crate::config::Arch;
+use crate::error::RuntimeError;
+use crate::weights::WeightSource;
+use std::any::Any;
+use std::collections::BTreeSet;
+
+/// One loaded layer of some family (everything but its routed experts).
+/// Opaque so that one object-safe trait covers every family; only the
+/// family that made it can run it.
+pub struct LayerBox(Box<dyn Any + Send + Sync>);
+
+impl LayerBox {
+    fn new<T: Any + Send + Sync>(layer: T) -> Self {
+        LayerBox(Box::new(layer))
+    }
+
+    fn get<T: Any>(&self, family: &str) -> Result<&T, RuntimeError> {
+        self.0.downcast_ref().ok_or_else(|| {
+            RuntimeError::Other(format!("a layer of another family was passed to {family}"))
+        })
+    }
+}
+
+/// Suffixes a linear layer's tensors can have (`.scales`/`.biases`: MLX).
+const LINEAR_SUFFIXES: [&str; 3] = ["weight", "scales", "biases"];
+
+/// A model as a stack of separately loadable layers (see the module docs).
+pub trait Layerwise: Send + Sync {
+    fn arch(&self) -> Arch;
+    fn n_layers(&self) -> usize;
+    fn hidden_size(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Routed experts per MoE layer.
+    fn num_experts(&self) -> usize;
+    fn top_k(&self) -> usize;
+    /// Width of one routed expert.
+    fn moe_intermediate_size(&self) -> usize;
+    /// Whether layer `l` has routed experts.
+    fn is_moe_layer(&self, l: usize) -> bool;
+    /// Routed expert `e` of layer `l` in the hub layout: the (gate, up,
+    /// down) linear layers' names without `.weight`.
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames;
+    /// Layer `l`'s stacked `[experts, rows, cols]` (gate, up, down) linear
+    /// layers in the MLX layout (`switch_mlp`).
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames;
+
+    /// Hidden states `[ids.len(), hidden]` for token ids.
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError>;
+    /// Layer `l` without its routed experts.
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError>;
+    /// Runs `layer` over one whole sequence `hidden` (`[n, hidden]`,
+    /// positions `0..n`, from an empty KV/recurrent state), in place.
+    /// Routed experts come from `experts`, every routing decision goes to
+    /// `observer`.
+    fn layer_forward(
+        &self,
+        layer: &LayerBox,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError>;
+    /// Final norm and lm_head: `[n, vocab]` if `all`, else the last row's `[vocab]`.
+    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32>;
+
+    /// Routed expert `e` of layer `l`: per-expert tensors when the source
+    /// has them, else a slice of the stacked MLX tensors.
+    fn load_expert(
+        &self,
+        src: &dyn WeightSource,
+        l: usize,
+        e: usize,
+    ) -> Result<ExpertMats, RuntimeError> {
+        let (h, i) = (self.hidden_size(), self.moe_intermediate_size());
+        let per = self.expert_names(l, e);
+        if !src.contains(&format!("{}.weight", per[0])) {
+            let st = self.stacked_expert_names(l);
+            if src.contains(&format!("{}.weight", st[0])) {
+                let n = self.num_experts();
+                return Ok(ExpertMats {
+                    gate: src.stacked_matrix(&st[0], e, n, i, h)?,
+                    up: src.stacked_matrix(&st[1], e, n, i, h)?,
+                    down: src.stacked_matrix(&st[2], e, n, h, i)?,
+                });
+            }
+        }
+        Ok(ExpertMats {
+            gate: src.matrix(&per[0], i, h)?,
+            up: src.matrix(&per[1], i, h)?,
+            down: src.matrix(&per[2], h, i)?,
+        })
+    }
+
+    /// All routed experts of layer `l` (none for a dense layer).
+    fn layer_experts(
+        &self,
+        src: &dyn WeightSource,
+        l: usize,
+    ) -> Result<Vec<ExpertMats>, RuntimeError> {
+        if !self.is_moe_layer(l) {
+            return Ok(Vec::new());
+        }
+        (0..self.num_experts())
+            .map(|e| self.load_expert(src, l, e))
+            .collect()
+    }
+
+    /// Every tensor name that belongs to a routed expert, in either layout
+    /// (`.weight`, and `.scales`/`.biases` of quantized sources). Everything
+    /// else in a checkpoint is a dense tensor.
+    fn routed_expert_tensors(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for l in (0..self.n_layers()).filter(|&l| self.is_moe_layer(l)) {
+            let mut prefixes: Vec<String> = self.stacked_expert_names(l).to_vec();
+            for e in 0..self.num_experts() {
+                prefixes.extend(self.expert_names(l, e));
+            }
+            for p in prefixes {
+                for s in LINEAR_SUFFIXES {
+                    out.insert(format!("{p}.{s}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn hub_names(l: usize, module: &str, e: usize, proj: [&str; 3]) -> ExpertNames {
+    proj.map(|p| format!("model.layers.{l}.{module}.experts.{e}.{p}"))
+}
+
+fn stacked_names(l: usize, module: &str) -> ExpertNames {
+    ["gate_proj", "up_proj", "down_proj"]
+        .map(|p| format!("model.layers.{l}.{module}.switch_mlp.{p}"))
+}
+
+const GATE_UP_DOWN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+impl Layerwise for Transformer {
+    fn arch(&self) -> Arch {
+        self.cfg.arch
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn num_experts(&self) -> usize {
+        self.cfg.num_experts
+    }
+    fn top_k(&self) -> usize {
+        self.cfg.num_experts_per_tok
+    }
+    fn moe_intermediate_size(&self) -> usize {
+        self.cfg.moe_intermediate_size
+    }
+    fn is_moe_layer(&self, l: usize) -> bool {
+        self.cfg.is_moe_layer(l)
+    }
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_names(l, self.spec.moe_module, e, self.spec.expert_proj)
+    }
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_names(l, self.spec.moe_module)
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        Transformer::embed(self, ids)
+    }
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
+        Ok(LayerBox::new(Transformer::load_layer(self, src, l)?))
+    }
+    fn layer_forward(
+        &self,
+        layer: &LayerBox,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
+        let lw: &LayerWeights = layer.get(self.cfg.arch.name())?;
+        // Positions 0..n of one sequence attend to f32 keys computed in this
+        // call; the cache's storage precision never enters.
+        let mut kv = self.new_kv(KvBits::F16);
+        Transformer::layer_forward(self, lw, experts, hidden, &mut kv, observer)
+    }
+    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
+        Transformer::final_logits(self, hidden, all)
+    }
+}
+
+impl Layerwise for Glm4Shared {
+    fn arch(&self) -> Arch {
+        Arch::Glm4Moe
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn num_experts(&self) -> usize {
+        self.cfg.n_routed_experts
+    }
+    fn top_k(&self) -> usize {
+        self.cfg.routing.top_k
+    }
+    fn moe_intermediate_size(&self) -> usize {
+        self.cfg.moe_intermediate_size
+    }
+    fn is_moe_layer(&self, l: usize) -> bool {
+        self.cfg.is_moe_layer(l)
+    }
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_names(l, "mlp", e, GATE_UP_DOWN)
+    }
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_names(l, "mlp")
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        Glm4Shared::embed(self, ids)
+    }
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
+        Ok(LayerBox::new(Glm4Shared::load_layer(self, src, l)?))
+    }
+    fn layer_forward(
+        &self,
+        layer: &LayerBox,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
+        let lw: &Glm4Layer = layer.get("glm4_moe")?;
+        let mut kv = self.new_kv(KvBits::F16);
+        Glm4Shared::layer_forward(self, lw, experts, hidden, &mut kv, observer)
+    }
+    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
+        Glm4Shared::final_logits(self, hidden, all)
+    }
+}
+
+impl Layerwise for DsShared {
+    fn arch(&self) -> Arch {
+        Arch::DeepseekV3
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn num_experts(&self) -> usize {
+        self.cfg.ffn.n_routed
+    }
+    fn top_k(&self) -> usize {
+        self.cfg.routing.top_k
+    }
+    fn moe_intermediate_size(&self) -> usize {
+        self.cfg.ffn.moe_intermediate
+    }
+    fn is_moe_layer(&self, l: usize) -> bool {
+        l >= self.cfg.ffn.first_k_dense
+    }
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_names(l, "mlp", e, GATE_UP_DOWN)
+    }
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_names(l, "mlp")
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        DsShared::embed(self, ids)
+    }
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
+        Ok(LayerBox::new(DsShared::load_layer(self, src, l)?))
+    }
+    fn layer_forward(
+        &self,
+        layer: &LayerBox,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
+        let lw: &DsLayer = layer.get("deepseek_v3")?;
+        let mut kv = self.new_kv(KvBits::F16);
+        DsShared::layer_forward(self, lw, experts, hidden, &mut kv, observer)
+    }
+    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
+        DsShared::final_logits(self, hidden, all)
+    }
+}
+
+impl Layerwise for QnShared {
+    fn arch(&self) -> Arch {
+        Arch::Qwen3Next
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn num_experts(&self) -> usize {
+        self.cfg.num_experts
+    }
+    fn top_k(&self) -> usize {
+        self.cfg.top_k
+    }
+    fn moe_intermediate_size(&self) -> usize {
+        self.cfg.moe_intermediate_size
+    }
+    fn is_moe_layer(&self, _l: usize) -> bool {
+        // Qwen3-Next has no dense layers (the config parser refuses them).
+        true
+    }
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_names(l, "mlp", e, GATE_UP_DOWN)
+    }
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_names(l, "mlp")
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        QnShared::embed(self, ids)
+    }
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
+        Ok(LayerBox::new(QnShared::load_layer(self, src, l)?))
+    }
+    fn layer_forward(
+        &self,
+        layer: &LayerBox,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
+        let lw: &QnLayer = layer.get("qwen3_next")?;
+        let mut st = LayerState::default();
+        QnShared::layer_forward(self, lw, experts, hidden, &mut st, observer)
+    }
+    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
+        QnShared::final_logits(self, hidden, all)
+    }
+}
