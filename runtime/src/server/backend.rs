@@ -73,6 +73,10 @@ pub enum Finish {
     Stop(String),
     /// The `on_delta` callback asked to stop (client went away).
     Cancelled,
+    /// The server stopped it because the reply was complete: the one tool
+    /// call allowed when parallel calls are off. The backend never returns
+    /// this itself (it reports `Cancelled`); the worker relabels it.
+    Halted,
 }
 
 /// The result of [`Backend::generate`].

@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
+pub mod toolchoice;
 pub mod worker;
 
 #[cfg(test)]
