@@ -27,6 +27,8 @@ struct Fake {
     template: Option<crate::chat::ChatTemplate>,
     /// Every prompt `generate` was given, as text.
     prompts: Mutex<Vec<String>>,
+    /// What `cache_stats` reports.
+    cache: Mutex<Option<StatsSnapshot>>,
 }
 
 impl Fake {
@@ -66,6 +68,7 @@ impl Fake {
             started: Mutex::new(Vec::new()),
             template,
             prompts: Mutex::new(Vec::new()),
+            cache: Mutex::new(None),
         })
     }
 }
@@ -129,6 +132,10 @@ impl Backend for Fake {
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
         Ok(text.chars().map(|c| c as u32).collect())
+    }
+
+    fn cache_stats(&self) -> Option<StatsSnapshot> {
+        *self.cache.lock().expect("lock")
     }
 
     fn generate(
@@ -1108,4 +1115,83 @@ async fn bad_tool_choice_is_a_400_in_each_providers_shape() {
     assert_eq!((r.status, r.json()["type"].clone()), (400, json!("error")));
     // Nothing reached the generator.
     assert!(fake.prompts.lock().expect("lock").is_empty());
+}
+
+/// A Prometheus text-format exposition, checked line by line: every sample
+/// belongs to a family announced by `# HELP` and `# TYPE` (counter or
+/// gauge) before it, and every value is a float. Returns name -> value for
+/// the unlabelled samples.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut help = std::collections::HashSet::new();
+    let mut typed = std::collections::HashMap::new();
+    let mut values = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').expect("HELP name text");
+            assert!(!doc.is_empty(), "{line}");
+            assert!(help.insert(name.to_owned()), "HELP twice: {line}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(help.contains(name), "TYPE before HELP: {line}");
+            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert!(
+                typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{line}"
+            );
+        } else {
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let name = series.split('{').next().expect("name");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            assert!(typed.contains_key(name), "sample without TYPE: {line}");
+            let v: f64 = value.parse().unwrap_or_else(|e| panic!("{line}: {e}"));
+            if typed[name] == "counter" {
+                assert!(v >= 0.0, "negative counter: {line}");
+            }
+            if !series.contains('{') {
+                values.insert(name.to_owned(), v);
+            }
+        }
+    }
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_export_the_backends_cache_statistics() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_enabled"], 0.0);
+    assert!(!m.contains_key("mfx_expert_cache_hits_total"));
+
+    let snap = |hits: u64, misses: u64, bytes: u64, stall_ms: f64| StatsSnapshot {
+        hits,
+        misses,
+        bytes_read: bytes,
+        stall_ms,
+        loads: misses,
+        evictions: misses / 2,
+        hit_rate: hits as f64 / (hits + misses) as f64,
+        ..StatsSnapshot::default()
+    };
+    *fake.cache.lock().expect("lock") = Some(snap(300, 100, 4 << 20, 1500.0));
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_enabled"], 1.0);
+    assert_eq!(m["mfx_expert_cache_hits_total"], 300.0);
+    assert_eq!(m["mfx_expert_cache_misses_total"], 100.0);
+    assert_eq!(m["mfx_expert_cache_hit_rate"], 0.75);
+    assert_eq!(m["mfx_expert_cache_read_bytes_total"], (4 << 20) as f64);
+    assert_eq!(m["mfx_expert_cache_io_stall_seconds_total"], 1.5);
+    assert_eq!(m["mfx_expert_cache_loads_total"], 100.0);
+    assert_eq!(m["mfx_expert_cache_evictions_total"], 50.0);
+
+    *fake.cache.lock().expect("lock") = Some(snap(900, 100, 5 << 20, 2250.0));
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_hits_total"], 900.0);
+    assert_eq!(m["mfx_expert_cache_hit_rate"], 0.9);
+    assert_eq!(m["mfx_expert_cache_read_bytes_total"], (5 << 20) as f64);
+    assert_eq!(m["mfx_expert_cache_io_stall_seconds_total"], 2.25);
 }
