@@ -428,6 +428,13 @@ impl Generator {
         self.config.sampling_defaults()
     }
 
+    /// The expert cache's counters since load, or `None` when the model
+    /// does not stream experts through a cache.
+    // H1 fills this in
+    pub fn cache_stats(&self) -> Option<crate::cache::StatsSnapshot> {
+        None
+    }
+
     /// Tokens the model's KV state currently holds.
     pub fn cached_tokens(&self) -> usize {
         self.fed.len()

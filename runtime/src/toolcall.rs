@@ -30,6 +30,46 @@ const FUNC_CLOSE: &str = "</function>";
 const PARAM_OPEN: &str = "<parameter=";
 const PARAM_CLOSE: &str = "</parameter>";
 
+/// Which of the two tool-call forms a chat template teaches its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolForm {
+    /// Qwen3-Coder: `<tool_call>\n<function=NAME>\n<parameter=…`.
+    Xml,
+    /// Qwen2.5/Qwen3 (Hermes): `<tool_call>\n{"name": …, "arguments": …}`.
+    Hermes,
+}
+
+impl ToolForm {
+    /// Reads the form off a prompt rendered with tools: the Qwen3-Coder
+    /// template's instructions show `<function=` and the Hermes ones do not.
+    /// A template that describes neither gets the Hermes form, the one
+    /// Qwen-family models without tool instructions still know best.
+    pub fn detect(rendered_prompt: &str) -> Self {
+        if rendered_prompt.contains(FUNC_OPEN) {
+            Self::Xml
+        } else {
+            Self::Hermes
+        }
+    }
+
+    /// The start of an assistant turn that commits the model to a tool
+    /// call (to `name`, when given). It ends where the template's own
+    /// rendering of a call has a token boundary (after `>\n`, or after `:`
+    /// rather than after the space that the model writes fused with `{`), so
+    /// the model continues in the tokens it was trained on.
+    pub fn forced_prefix(self, name: Option<&str>) -> String {
+        match (self, name) {
+            (Self::Xml, Some(n)) => format!("{CALL_OPEN}\n{FUNC_OPEN}{n}>\n"),
+            (Self::Xml, None) => format!("{CALL_OPEN}\n<function"),
+            (Self::Hermes, Some(n)) => {
+                let n = serde_json::Value::String(n.to_owned());
+                format!("{CALL_OPEN}\n{{\"name\": {n}, \"arguments\":")
+            }
+            (Self::Hermes, None) => format!("{CALL_OPEN}\n{{\"name\":"),
+        }
+    }
+}
+
 /// What the parser found in the model's output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToolEvent {
@@ -159,6 +199,17 @@ impl ToolCallParser {
             buf: String::new(),
             calls: 0,
         }
+    }
+
+    /// A parser for output that continues `prefix`, text the server wrote
+    /// at the start of the assistant turn (see [`ToolForm::forced_prefix`]).
+    /// The prefix is parsed as if the model had written it, so a call it
+    /// opens comes out whole; the events it already completes (a named XML
+    /// call's start) are returned with the parser.
+    pub fn with_prefix(schemas: ToolSchemas, prefix: &str) -> (Self, Vec<ToolEvent>) {
+        let mut p = Self::new(schemas);
+        let events = p.push(prefix);
+        (p, events)
     }
 
     /// Number of complete or begun tool calls so far.

@@ -93,3 +93,29 @@ def test_tools_and_tool_results(coder_server):
     m = client.messages.create(model="t", max_tokens=8, extra_body={"temperature": 0}, messages=msgs, tools=[tool])
     assert m.usage.input_tokens > tooled.usage.input_tokens
     assert m.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_forced_tool_choice_gives_a_tool_use_block(coder_server):
+    """tool_choice {"type": "tool"} gives one tool_use block for that tool,
+    streamed and not. The tiny model writes poor arguments: the structure
+    and the name are asserted, the input only to be an object."""
+    client = anthropic.Anthropic(base_url=coder_server.url, api_key="unused", max_retries=0, timeout=120)
+    tools = [{"name": "get_weather", "description": "Weather in a city.",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+             {"name": "now", "description": "The time.", "input_schema": {"type": "object", "properties": {}}}]
+    choice = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    m = client.messages.create(model="t", max_tokens=64, extra_body={"temperature": 0}, messages=msgs,
+                               tools=tools, tool_choice=choice)
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and uses[0].id.startswith("toolu_")
+    assert isinstance(uses[0].input, dict)
+    assert m.stop_reason in ("tool_use", "max_tokens")
+    with client.messages.stream(model="t", max_tokens=64, extra_body={"temperature": 0}, messages=msgs,
+                                tools=tools, tool_choice=choice) as s:
+        final = s.get_final_message()
+    uses = [b for b in final.content if b.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and isinstance(uses[0].input, dict)
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="t", max_tokens=4, messages=msgs, tools=tools,
+                               tool_choice={"type": "tool", "name": "nope"})

@@ -140,3 +140,42 @@ def test_tools_are_rendered_through_the_template_and_tool_results_accepted(coder
     r = client.chat.completions.create(model="t", messages=followup, tools=[WEATHER], temperature=0, max_tokens=8)
     assert r.usage.prompt_tokens > tooled.usage.prompt_tokens
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+NOW = {"type": "function", "function": {
+    "name": "now", "description": "The current time.", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_forced_tool_choice_comes_back_as_a_parsed_call(coder_server):
+    """tool_choice naming a function (and "required" with one tool) gives a
+    parsed call to that function, streamed and not. The tiny model writes
+    poor arguments, so only the structure and the name are asserted: the
+    arguments must be a JSON object, whatever it holds."""
+    client = openai.OpenAI(base_url=coder_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for tools, choice in (([WEATHER, NOW], named), ([WEATHER], "required")):
+        r = client.chat.completions.create(model="t", messages=msgs, tools=tools, tool_choice=choice,
+                                           parallel_tool_calls=False, temperature=0, max_tokens=64)
+        msg = r.choices[0].message
+        assert msg.tool_calls and len(msg.tool_calls) == 1, msg
+        call = msg.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert call.id.startswith("call_")
+        assert isinstance(json.loads(call.function.arguments), dict)
+        assert r.choices[0].finish_reason in ("tool_calls", "length")
+
+    stream = client.chat.completions.create(model="t", messages=msgs, tools=[WEATHER, NOW], tool_choice=named,
+                                            parallel_tool_calls=False, temperature=0, max_tokens=64, stream=True)
+    deltas = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "get_weather" and deltas[0].id
+    assert {d.index for d in deltas} == {0}
+    assert isinstance(json.loads("".join(d.function.arguments or "" for d in deltas)), dict)
+
+
+def test_unknown_tool_choice_name_is_a_400(coder_server):
+    client = openai.OpenAI(base_url=coder_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="t", messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "get_wether"}})
+    assert e.value.param == "tool_choice"

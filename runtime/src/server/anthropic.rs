@@ -23,7 +23,7 @@ use super::backend::{ChatPrompt, Completion, Finish};
 use super::error::{parse_body, ApiError, Flavor};
 use super::openai::sse_response;
 use super::pipeline::{self, new_id, Out, PromptSource, SamplingRequest};
-use super::AppState;
+use super::{toolchoice, AppState};
 
 const F: Flavor = Flavor::Anthropic;
 
@@ -238,15 +238,8 @@ pub async fn messages(
         )
     })?;
     let req: MessagesRequest = parse_body(F, &body)?;
-    let tools = match req
-        .tool_choice
-        .as_ref()
-        .and_then(|c| c.get("type"))
-        .and_then(Value::as_str)
-    {
-        Some("none") => Vec::new(),
-        _ => to_openai_tools(req.tools.unwrap_or_default()),
-    };
+    let tools = to_openai_tools(req.tools.unwrap_or_default());
+    let choice = toolchoice::from_anthropic(req.tool_choice.as_ref(), &tools)?;
     let messages = to_template_messages(req.system, req.messages)?;
     let sampling = SamplingRequest {
         temperature: req.temperature,
@@ -260,7 +253,7 @@ pub async fn messages(
     let prepared = pipeline::prepare(
         &state,
         F,
-        PromptSource::Chat(ChatPrompt { messages, tools }),
+        PromptSource::Chat(ChatPrompt { messages, tools }, choice),
         sampling,
     )
     .await?;

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub use crate::cache::StatsSnapshot;
+
 /// A chat rendered by the model's template. Messages are in the
 /// Hugging Face / OpenAI shape that chat templates expect (`role`,
 /// `content` as a string, assistant `tool_calls` with `function.arguments`
@@ -73,6 +75,10 @@ pub enum Finish {
     Stop(String),
     /// The `on_delta` callback asked to stop (client went away).
     Cancelled,
+    /// The server stopped it because the reply was complete: the one tool
+    /// call allowed when parallel calls are off. The backend never returns
+    /// this itself (it reports `Cancelled`); the worker relabels it.
+    Halted,
 }
 
 /// The result of [`Backend::generate`].
@@ -87,14 +93,6 @@ pub struct Completion {
     pub time_to_first_token: Duration,
     /// Total time of the call.
     pub total_time: Duration,
-}
-
-/// Counters the backend keeps that the server exports on `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct BackendMetrics {
-    /// Expert-cache lookups that hit and missed, since start.
-    pub expert_cache_hits: u64,
-    pub expert_cache_misses: u64,
 }
 
 /// A failure inside the backend. `Invalid` is the client's fault (a bad
@@ -133,7 +131,11 @@ pub trait Backend: Send + Sync + 'static {
         on_delta: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Completion, BackendError>;
 
-    fn metrics(&self) -> BackendMetrics {
-        BackendMetrics::default()
+    /// The expert cache's counters since start, for `/metrics`; `None`
+    /// when the model keeps every expert resident (no cache to report on).
+    /// Called from the HTTP threads at any time, also while generating, so
+    /// it must not wait for the generation to end.
+    fn cache_stats(&self) -> Option<StatsSnapshot> {
+        None
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use super::backend::{
     Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, SamplingDefaults,
+    StatsSnapshot,
 };
 use crate::chat::{ChatTemplate, RenderOptions};
 use crate::generate::{Event, FinishReason, GenerateError, GenerateOptions, Generator};
@@ -29,6 +30,9 @@ pub struct GeneratorBackend {
     /// The model's full defaults (min_p, repetition penalty …), which
     /// requests override field by field.
     sampling: SamplingParams,
+    /// The cache counters as of the last time the generator was free, for
+    /// `/metrics` calls that arrive while it generates.
+    last_stats: Mutex<Option<StatsSnapshot>>,
 }
 
 impl GeneratorBackend {
@@ -62,12 +66,14 @@ impl GeneratorBackend {
                 top_k: sampling.top_k,
             },
         };
+        let last_stats = Mutex::new(gen.cache_stats());
         Self {
             gen: Mutex::new(gen),
             tokenizer,
             template,
             info,
             sampling,
+            last_stats,
         }
     }
 }
@@ -94,9 +100,29 @@ fn invalid(e: impl std::fmt::Display) -> BackendError {
     BackendError::Invalid(e.to_string())
 }
 
+impl GeneratorBackend {
+    fn remember_stats(&self, stats: Option<StatsSnapshot>) {
+        if let Ok(mut last) = self.last_stats.lock() {
+            *last = stats;
+        }
+    }
+}
+
 impl Backend for GeneratorBackend {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Fresh when the generator is free; while it generates, the numbers
+    /// from the end of the previous generation (waiting for the lock would
+    /// hold `/metrics` until the generation ends).
+    fn cache_stats(&self) -> Option<StatsSnapshot> {
+        if let Ok(gen) = self.gen.try_lock() {
+            let stats = gen.cache_stats();
+            self.remember_stats(stats);
+            return stats;
+        }
+        self.last_stats.lock().ok().and_then(|s| *s)
     }
 
     fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError> {
@@ -163,14 +189,14 @@ impl Backend for GeneratorBackend {
                 ControlFlow::Break(())
             }
         };
-        let c = gen
-            .generate(prompt, &sampling, &opts, &mut on_event)
-            .map_err(|e| match e {
-                GenerateError::PromptTooLong { .. }
-                | GenerateError::EmptyPrompt
-                | GenerateError::Sampling(_) => invalid(e),
-                other => BackendError::Internal(other.to_string()),
-            })?;
+        let c = gen.generate(prompt, &sampling, &opts, &mut on_event);
+        self.remember_stats(gen.cache_stats());
+        let c = c.map_err(|e| match e {
+            GenerateError::PromptTooLong { .. }
+            | GenerateError::EmptyPrompt
+            | GenerateError::Sampling(_) => invalid(e),
+            other => BackendError::Internal(other.to_string()),
+        })?;
         Ok(Completion {
             finish: match c.finish_reason {
                 FinishReason::Eos(_) => Finish::Eos,

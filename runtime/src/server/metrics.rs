@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::backend::{BackendMetrics, Completion, Finish};
+use super::backend::{Completion, Finish, StatsSnapshot};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -65,8 +65,10 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus exposition text.
-    pub fn render(&self, backend: BackendMetrics, queue_depth: usize) -> String {
+    /// The Prometheus exposition text. The expert-cache families carry
+    /// samples only when the backend has a cache (`cache` is `Some`);
+    /// `mfx_expert_cache_enabled` says which.
+    pub fn render(&self, cache: Option<StatsSnapshot>, queue_depth: usize) -> String {
         let mut s = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, v: u64| {
@@ -100,16 +102,6 @@ impl Metrics {
             "Generations cancelled by a client disconnect.",
             load(&self.cancelled),
         );
-        counter(
-            "mfx_expert_cache_hits_total",
-            "Expert cache lookups that hit.",
-            backend.expert_cache_hits,
-        );
-        counter(
-            "mfx_expert_cache_misses_total",
-            "Expert cache lookups that missed.",
-            backend.expert_cache_misses,
-        );
         let decode_s = load(&self.decode_micros) as f64 / 1e6;
         let gen = load(&self.generated_tokens);
         let completions = load(&self.completions);
@@ -140,16 +132,6 @@ impl Metrics {
                 0.0
             },
         );
-        let (hits, misses) = (backend.expert_cache_hits, backend.expert_cache_misses);
-        gauge(
-            "mfx_expert_cache_hit_rate",
-            "Share of expert lookups served from memory since start.",
-            if hits + misses > 0 {
-                hits as f64 / (hits + misses) as f64
-            } else {
-                0.0
-            },
-        );
         gauge(
             "mfx_queue_depth",
             "Requests waiting for the generator.",
@@ -160,6 +142,14 @@ impl Metrics {
             "1 while a generation runs.",
             u8::from(self.busy.load(Ordering::Relaxed)) as f64,
         );
+        gauge(
+            "mfx_expert_cache_enabled",
+            "1 when experts stream through a budgeted cache (the mfx_expert_cache_* series), 0 when all are resident.",
+            u8::from(cache.is_some()) as f64,
+        );
+        if let Some(c) = cache {
+            render_cache(&mut s, &c);
+        }
         let _ = write!(s, "# HELP mfx_requests_total HTTP requests by endpoint and status.\n# TYPE mfx_requests_total counter\n");
         if let Ok(map) = self.requests.lock() {
             for ((endpoint, status), n) in map.iter() {
@@ -171,4 +161,56 @@ impl Metrics {
         }
         s
     }
+}
+
+/// The expert cache's counters, as `mfx run --stats` reports them.
+fn render_cache(s: &mut String, c: &StatsSnapshot) {
+    let mut family = |name: &str, kind: &str, help: &str, v: f64| {
+        let _ = write!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        );
+    };
+    family(
+        "mfx_expert_cache_hits_total",
+        "counter",
+        "Expert lookups served from memory (pinned or cached).",
+        c.hits as f64,
+    );
+    family(
+        "mfx_expert_cache_misses_total",
+        "counter",
+        "Expert lookups that had to read the pack.",
+        c.misses as f64,
+    );
+    family(
+        "mfx_expert_cache_hit_rate",
+        "gauge",
+        "hits / (hits + misses) since start (1 before the first lookup).",
+        c.hit_rate,
+    );
+    family(
+        "mfx_expert_cache_read_bytes_total",
+        "counter",
+        "Bytes read from the pack for expert loads.",
+        c.bytes_read as f64,
+    );
+    family(
+        "mfx_expert_cache_io_stall_seconds_total",
+        "counter",
+        "Time generation waited for expert loads.",
+        c.stall_ms / 1e3,
+    );
+    family(
+        "mfx_expert_cache_loads_total",
+        "counter",
+        "Expert blobs loaded (demand and prefetch).",
+        c.loads as f64,
+    );
+    family(
+        "mfx_expert_cache_evictions_total",
+        "counter",
+        "Experts evicted to make room.",
+        c.evictions as f64,
+    );
 }

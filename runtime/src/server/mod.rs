@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
+pub mod toolchoice;
 pub mod worker;
 
 #[cfg(test)]
@@ -31,8 +32,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 pub use backend::{
-    Backend, BackendError, BackendMetrics, ChatPrompt, Completion, Finish, GenParams, ModelInfo,
-    SamplingDefaults,
+    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, SamplingDefaults,
+    StatsSnapshot,
 };
 use error::{ApiError, Flavor};
 use metrics::Metrics;
@@ -230,7 +231,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     let text = state
         .metrics
-        .render(state.backend.metrics(), state.worker.queue_depth());
+        .render(state.backend.cache_stats(), state.worker.queue_depth());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

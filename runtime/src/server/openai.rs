@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::backend::{ChatPrompt, Completion, Finish};
 use super::error::{parse_body, ApiError, Flavor};
 use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
-use super::AppState;
+use super::{toolchoice, AppState};
 
 const F: Flavor = Flavor::OpenAi;
 
@@ -121,6 +121,8 @@ pub struct ChatRequest {
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -275,10 +277,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(F, &body_bytes(body)?)?;
     check_n(req.n)?;
-    let tools = match req.tool_choice.as_ref() {
-        Some(Value::String(s)) if s == "none" => Vec::new(),
-        _ => req.tools.unwrap_or_default(),
-    };
+    let tools = req.tools.unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {
         let name = t
             .get("function")
@@ -291,6 +290,8 @@ pub async fn chat_completions(
             );
         }
     }
+    let choice =
+        toolchoice::from_openai(req.tool_choice.as_ref(), req.parallel_tool_calls, &tools)?;
     let messages = to_template_messages(req.messages)?;
     let sampling = SamplingRequest {
         temperature: req.temperature,
@@ -304,7 +305,7 @@ pub async fn chat_completions(
     let prepared = pipeline::prepare(
         &state,
         F,
-        PromptSource::Chat(ChatPrompt { messages, tools }),
+        PromptSource::Chat(ChatPrompt { messages, tools }, choice),
         sampling,
     )
     .await?;

@@ -4,6 +4,7 @@
 //! translate JSON in and out of this.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -11,13 +12,15 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::backend::{BackendError, ChatPrompt, Completion, GenParams};
 use super::error::{ApiError, Flavor};
+use super::toolchoice::{Mode, ToolChoice};
 use super::worker::Event;
 use super::AppState;
-use crate::toolcall::{ToolCallParser, ToolEvent, ToolSchemas};
+use crate::toolcall::{ToolCallParser, ToolEvent, ToolForm, ToolSchemas};
 
 /// Where the prompt comes from.
 pub enum PromptSource {
-    Chat(ChatPrompt),
+    /// A chat, with the request's resolved `tool_choice`.
+    Chat(ChatPrompt, ToolChoice),
     /// Raw text for `/v1/completions`: no template.
     Text(String),
 }
@@ -40,6 +43,11 @@ pub struct Prepared {
     pub params: GenParams,
     /// Present when the request offered tools: the output is then parsed for calls.
     pub tools: Option<ToolSchemas>,
+    /// Text the server wrote at the start of the assistant turn (the end of
+    /// `prompt`) to force a tool call; the parser reads it as model output.
+    pub forced: String,
+    /// More than one tool call allowed in the reply.
+    pub parallel_calls: bool,
 }
 
 /// Renders and tokenizes the prompt (off the async threads) and resolves
@@ -50,29 +58,48 @@ pub async fn prepare(
     source: PromptSource,
     sampling: SamplingRequest,
 ) -> Result<Prepared, ApiError> {
-    let tools = match &source {
-        PromptSource::Chat(c) if !c.tools.is_empty() => {
-            Some(ToolSchemas::from_openai_tools(&c.tools))
+    let mut source = source;
+    let mut parallel_calls = true;
+    let tools = match &mut source {
+        PromptSource::Chat(c, choice) => {
+            parallel_calls = choice.parallel;
+            if choice.mode == Mode::None {
+                // The model is not told about tools it may not use, and
+                // whatever it writes is text.
+                c.tools.clear();
+            }
+            c.tools.iter_mut().for_each(complete_parameters);
+            (!c.tools.is_empty()).then(|| ToolSchemas::from_openai_tools(&c.tools))
         }
-        _ => None,
+        PromptSource::Text(_) => None,
     };
     let backend = state.backend.clone();
-    let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, BackendError> {
-        let text = match source {
-            PromptSource::Chat(chat) => backend.render_chat(&chat)?,
-            PromptSource::Text(t) => t,
-        };
-        backend.tokenize(&text)
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            flavor,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("prompt preparation failed: {e}"),
-        )
-    })?
-    .map_err(|e| backend_error(flavor, e))?;
+    let (prompt, forced) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), BackendError> {
+            let (mut text, forced) = match source {
+                PromptSource::Chat(chat, choice) => {
+                    let text = backend.render_chat(&chat)?;
+                    let forced = if choice.forces_call() {
+                        ToolForm::detect(&text).forced_prefix(choice.forced_name(&chat.tools))
+                    } else {
+                        String::new()
+                    };
+                    (text, forced)
+                }
+                PromptSource::Text(t) => (t, String::new()),
+            };
+            text.push_str(&forced);
+            Ok((backend.tokenize(&text)?, forced))
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                flavor,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("prompt preparation failed: {e}"),
+            )
+        })?
+        .map_err(|e| backend_error(flavor, e))?;
 
     let info = state.backend.info();
     let ctx = info.context_length;
@@ -98,7 +125,26 @@ pub async fn prepare(
         prompt,
         params,
         tools,
+        forced,
+        parallel_calls,
     })
+}
+
+/// Gives a tool without `parameters` or without `properties` an empty
+/// `properties` object: the same schema, but templates that iterate over
+/// `parameters.properties` (Qwen3-Coder's) fail on a missing one, and
+/// Anthropic clients often send `{"type": "object"}` for tools without input.
+fn complete_parameters(tool: &mut serde_json::Value) {
+    let Some(func) = tool.get_mut("function").and_then(|f| f.as_object_mut()) else {
+        return;
+    };
+    let params = func
+        .entry("parameters")
+        .or_insert_with(|| serde_json::json!({"type": "object"}));
+    if let Some(p) = params.as_object_mut() {
+        p.entry("properties")
+            .or_insert_with(|| serde_json::json!({}));
+    }
 }
 
 /// Checks ranges and fills defaults. `room` is what the context leaves.
@@ -169,19 +215,28 @@ pub fn backend_error(flavor: Flavor, e: BackendError) -> ApiError {
 
 /// Submits to the queue; a full queue is a 429.
 pub fn start(state: &Arc<AppState>, flavor: Flavor, p: Prepared) -> Result<Generation, ApiError> {
-    let rx = state.worker.submit(p.prompt, p.params).map_err(|_| {
+    let (rx, halt) = state.worker.submit(p.prompt, p.params).map_err(|_| {
         ApiError::new(
             flavor,
             StatusCode::TOO_MANY_REQUESTS,
             "the server is busy: the request queue is full; retry later",
         )
     })?;
-    Ok(Generation {
+    let mut gen = Generation {
         rx,
-        parser: p.tools.map(ToolCallParser::new),
+        parser: None,
         pending: VecDeque::new(),
         done: false,
-    })
+        halt,
+        parallel_calls: p.parallel_calls,
+        calls: 0,
+    };
+    if let Some(schemas) = p.tools {
+        let (parser, events) = ToolCallParser::with_prefix(schemas, &p.forced);
+        gen.parser = Some(parser);
+        gen.forward(events);
+    }
+    Ok(gen)
 }
 
 /// What a generation produces, in order.
@@ -213,9 +268,38 @@ pub struct Generation {
     parser: Option<ToolCallParser>,
     pending: VecDeque<Out>,
     done: bool,
+    /// Set to end the generation early (the worker reads it between tokens).
+    halt: Arc<AtomicBool>,
+    parallel_calls: bool,
+    /// Tool calls begun in what was forwarded.
+    calls: usize,
 }
 
 impl Generation {
+    /// True once the reply is complete and the rest of the output is ignored.
+    fn halted(&self) -> bool {
+        self.halt.load(Ordering::Relaxed)
+    }
+
+    /// Queues parser events; without parallel calls, the end of the first
+    /// call is the end of the reply: the worker is told to stop, and what
+    /// the model wrote after it is dropped.
+    fn forward(&mut self, events: Vec<ToolEvent>) {
+        for e in events {
+            if self.halted() {
+                return;
+            }
+            let end = matches!(e, ToolEvent::CallEnd { .. });
+            if matches!(e, ToolEvent::CallStart { .. }) {
+                self.calls += 1;
+            }
+            self.pending.push_back(to_out(e));
+            if end && !self.parallel_calls {
+                self.halt.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// The next event, or `None` after `Finished`/`Failed`.
     pub async fn next(&mut self) -> Option<Out> {
         loop {
@@ -227,27 +311,25 @@ impl Generation {
             }
             match self.rx.recv().await {
                 Some(Event::Started) => {}
+                // Tokens the worker made before it saw the halt are dropped.
+                Some(Event::Delta(_)) if self.halted() => {}
                 Some(Event::Delta(text)) => match &mut self.parser {
                     None => self.pending.push_back(Out::Text(text)),
                     Some(p) => {
                         let evs = p.push(&text);
-                        self.pending.extend(evs.into_iter().map(to_out));
+                        self.forward(evs);
                     }
                 },
                 Some(Event::Done(result)) => {
                     self.done = true;
-                    let tool_calls = match &mut self.parser {
-                        None => 0,
-                        Some(p) => {
-                            let evs = p.finish();
-                            self.pending.extend(evs.into_iter().map(to_out));
-                            p.calls()
-                        }
-                    };
+                    if let Some(p) = &mut self.parser {
+                        let evs = p.finish();
+                        self.forward(evs);
+                    }
                     self.pending.push_back(match result {
                         Ok(completion) => Out::Finished {
                             completion,
-                            tool_calls,
+                            tool_calls: self.calls,
                         },
                         Err(e) => Out::Failed(e),
                     });

@@ -147,3 +147,62 @@ fn templates_own_tool_call_form_parses_back() {
         );
     }
 }
+
+/// The text a forced tool call starts with is the start of what each real
+/// template writes for an assistant call, it ends on a token boundary of
+/// that rendering (the model continues in the tokens it was trained on),
+/// and the parser, told about it, turns the template's own rest of the call
+/// into exactly that call.
+#[test]
+fn forced_call_prefix_is_the_templates_own_call_start() {
+    use crate::toolcall::{ToolCallParser, ToolForm};
+    let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/models/tiny-qwen3-moe-coder"
+    )))
+    .expect("tokenizer of ../shared/models/tiny-qwen3-moe-coder");
+    let conv = conversation();
+    let messages = conv["messages"].as_array().expect("messages").clone();
+    let tools = conv["tools"].as_array().expect("tools").clone();
+    let schemas = ToolSchemas::from_openai_tools(&tools);
+    for (tmpl, expected, form) in [
+        (
+            "qwen3-coder.jinja",
+            "qwen3-coder.tools.expected.txt",
+            ToolForm::Xml,
+        ),
+        ("qwen3.jinja", "qwen3.tools.expected.txt", ToolForm::Hermes),
+    ] {
+        let full = read(expected);
+        // The conversation up to the user's question, with the generation
+        // prompt: the turn in which the model made its call.
+        let head = render(&template(tmpl), &messages[..2], tools.clone());
+        assert_eq!(ToolForm::detect(&head), form, "{tmpl}");
+        for name in [Some("get_weather"), None] {
+            let prefix = form.forced_prefix(name);
+            let prompt = format!("{head}{prefix}");
+            assert!(
+                full.starts_with(&prompt),
+                "{tmpl} {name:?}: {prefix:?} is not how the template starts the call"
+            );
+            let ids_prompt = tokenizer.encode(&prompt, false).expect("encode");
+            let ids_full = tokenizer.encode(&full, false).expect("encode");
+            assert_eq!(
+                &ids_full[..ids_prompt.len()],
+                &ids_prompt[..],
+                "{tmpl} {name:?}: {prefix:?} splits a token of the template's rendering"
+            );
+            let rest = &full[prompt.len()..];
+            let rest = &rest[..rest.find("<|im_end|>").expect("end of turn")];
+            let (mut parser, mut events) = ToolCallParser::with_prefix(schemas.clone(), &prefix);
+            events.extend(parser.push(rest));
+            events.extend(parser.finish());
+            let (text, calls) = collect(&events);
+            assert_eq!(text.trim(), "", "{tmpl} {name:?}");
+            assert_eq!(calls.len(), 1, "{tmpl} {name:?}");
+            assert_eq!(calls[0].name, "get_weather");
+            let args: Value = serde_json::from_str(&calls[0].arguments).expect("arguments JSON");
+            assert_eq!(args, json!({"city": "Zürich", "unit": "celsius"}), "{tmpl}");
+        }
+    }
+}

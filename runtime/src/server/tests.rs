@@ -23,14 +23,38 @@ struct Fake {
     max_running: AtomicUsize,
     cancelled: AtomicUsize,
     started: Mutex<Vec<String>>,
+    /// Renders with this real chat template when set.
+    template: Option<crate::chat::ChatTemplate>,
+    /// Every prompt `generate` was given, as text.
+    prompts: Mutex<Vec<String>>,
+    /// What `cache_stats` reports.
+    cache: Mutex<Option<StatsSnapshot>>,
 }
 
 impl Fake {
     fn new() -> Arc<Self> {
+        Self::build(None)
+    }
+
+    /// A fake that renders with `tests/data/templates/NAME`.
+    fn with_template(name: &str) -> Arc<Self> {
+        let path = format!(
+            "{}/../tests/data/templates/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let t = crate::chat::ChatTemplate::new(src, name.into(), None, Some("<|im_end|>".into()))
+            .expect("template compiles");
+        Self::build(Some(t))
+    }
+
+    fn build(template: Option<crate::chat::ChatTemplate>) -> Arc<Self> {
+        // Real templates write long tool instructions (one token per char here).
+        let context_length = if template.is_some() { 16384 } else { 1024 };
         Arc::new(Self {
             info: ModelInfo {
                 id: "fake-model".into(),
-                context_length: 1024,
+                context_length,
                 defaults: SamplingDefaults {
                     temperature: 0.7,
                     top_p: 0.9,
@@ -42,8 +66,33 @@ impl Fake {
             max_running: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             started: Mutex::new(Vec::new()),
+            template,
+            prompts: Mutex::new(Vec::new()),
+            cache: Mutex::new(None),
         })
     }
+}
+
+/// What a model continues a server-forced tool call with, by how the prompt
+/// ends (see `ToolForm::forced_prefix`); each named-call continuation goes on
+/// to a second call, so that "no parallel calls" has something to cut.
+fn forced_continuation(prompt: &str) -> Option<&'static str> {
+    let table: [(&str, &str); 4] = [
+        (
+            "<function=get_weather>\n",
+            "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=now>\n</function>\n</tool_call>",
+        ),
+        ("<tool_call>\n<function", "=now>\n</function>\n</tool_call>"),
+        (
+            "\"arguments\":",
+            " {\"city\": \"Paris\", \"days\": 2}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>",
+        ),
+        ("<tool_call>\n{\"name\":", " \"now\", \"arguments\": {}}\n</tool_call>"),
+    ];
+    table
+        .iter()
+        .find(|(end, _)| prompt.ends_with(end))
+        .map(|(_, cont)| *cont)
 }
 
 const TOOL_REPLY: &str = "I'll look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
@@ -54,6 +103,20 @@ impl Backend for Fake {
     }
 
     fn render_chat(&self, p: &ChatPrompt) -> Result<String, BackendError> {
+        if let Some(t) = &self.template {
+            let opts = crate::chat::RenderOptions {
+                tools: Some(p.tools.clone()),
+                add_generation_prompt: true,
+                extra: Default::default(),
+            };
+            let s = t
+                .render(&p.messages, &opts)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            if let Ok(mut r) = self.rendered.lock() {
+                r.push(s.clone());
+            }
+            return Ok(s);
+        }
         let mut s = String::new();
         if !p.tools.is_empty() {
             s.push_str(&format!("tools:{}\n", Value::Array(p.tools.clone())));
@@ -69,6 +132,10 @@ impl Backend for Fake {
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
         Ok(text.chars().map(|c| c as u32).collect())
+    }
+
+    fn cache_stats(&self) -> Option<StatsSnapshot> {
+        *self.cache.lock().expect("lock")
     }
 
     fn generate(
@@ -89,8 +156,13 @@ impl Backend for Fake {
         if let Ok(mut s) = self.started.lock() {
             s.push(tag.clone());
         }
+        if let Ok(mut p) = self.prompts.lock() {
+            p.push(prompt_text.clone());
+        }
         let long_reply = "Hello, world! How are you? ".repeat(20);
-        let reply = if tag.contains("TOOL") {
+        let reply = if let Some(cont) = forced_continuation(&prompt_text) {
+            cont
+        } else if tag.contains("TOOL") {
             TOOL_REPLY
         } else if tag.contains("LONG") {
             long_reply.as_str()
@@ -684,6 +756,13 @@ async fn client_disconnect_cancels_generation() {
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).await.expect("read");
     assert!(n > 0);
+    // The role chunk goes out before the worker takes the job; leave only
+    // once the generation runs (a client gone before that is skipped, not
+    // cancelled, and the fake would never hear of it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.started.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(5);
     while fake.cancelled.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
@@ -692,7 +771,8 @@ async fn client_disconnect_cancels_generation() {
     assert_eq!(
         fake.cancelled.load(Ordering::SeqCst),
         1,
-        "generation was not cancelled"
+        "generation was not cancelled; the reply began {:?}",
+        String::from_utf8_lossy(&buf[..n])
     );
     // The slot is free again.
     let r = post(
@@ -736,4 +816,382 @@ async fn legacy_completions() {
         })
         .collect();
     assert_eq!(text, "Hell");
+}
+
+fn now_tool() -> Value {
+    json!({"type": "function", "function": {"name": "now", "description": "The time",
+        "parameters": {"type": "object", "properties": {}}}})
+}
+
+fn openai_calls(v: &Value) -> Vec<(String, Value)> {
+    v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let args = c["function"]["arguments"].as_str().expect("string args");
+                    (
+                        c["function"]["name"].as_str().expect("name").to_owned(),
+                        serde_json::from_str(args).expect("arguments are JSON"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A named `tool_choice` makes the reply a call to that function in the
+/// template's own form (XML for Qwen3-Coder, Hermes JSON for Qwen3), even
+/// for a message the model would answer in text, and the call the server
+/// wrote the start of comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_tool_choice_forces_the_call_in_each_templates_form() {
+    for (tmpl, forced) in [
+        (
+            "qwen3-coder.jinja",
+            "<|im_start|>assistant\n<tool_call>\n<function=get_weather>\n",
+        ),
+        (
+            "qwen3.jinja",
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\":",
+        ),
+    ] {
+        let fake = Fake::with_template(tmpl);
+        let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+        let choice = json!({"type": "function", "function": {"name": "get_weather"}});
+        let req = json!({"messages": [{"role": "user", "content": "hi"}],
+            "tools": [weather_tool(), now_tool()], "tool_choice": choice});
+        let r = post(addr, "/v1/chat/completions", req.clone()).await;
+        assert_eq!(r.status, 200, "{tmpl}: {}", r.body);
+        let v = r.json();
+        let prompt = fake.prompts.lock().expect("lock")[0].clone();
+        assert!(prompt.ends_with(forced), "{tmpl}: {prompt}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{tmpl}");
+        assert_eq!(v["choices"][0]["message"]["content"], Value::Null, "{tmpl}");
+        let calls = openai_calls(&v);
+        // Parallel calls are allowed by default: the model's second call stays.
+        assert_eq!(
+            calls,
+            vec![
+                ("get_weather".into(), json!({"city": "Paris", "days": 2})),
+                ("now".into(), json!({})),
+            ],
+            "{tmpl}"
+        );
+
+        // Slowly (20 ms a token), so the stop is seen while there is more to come.
+        let mut one = req.clone();
+        one["parallel_tool_calls"] = json!(false);
+        one["messages"][0]["content"] = json!("SLOW hi");
+        let v = post(addr, "/v1/chat/completions", one).await.json();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{tmpl}");
+        assert_eq!(
+            openai_calls(&v),
+            vec![("get_weather".into(), json!({"city": "Paris", "days": 2}))],
+            "{tmpl}"
+        );
+        // The generation was stopped after the first call, not run to its end.
+        let full = forced_continuation(&prompt)
+            .expect("scripted")
+            .chars()
+            .count();
+        assert!(
+            v["usage"]["completion_tokens"].as_u64().expect("usage") < full as u64,
+            "{tmpl}: {}",
+            v["usage"]
+        );
+
+        // Streaming: the name first (the XML form knows it before the model
+        // writes anything), then arguments that concatenate to the JSON.
+        let mut sreq = req;
+        sreq["stream"] = json!(true);
+        sreq["parallel_tool_calls"] = json!(false);
+        let r = post(addr, "/v1/chat/completions", sreq).await;
+        let events = sse_data(&r.body);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).expect("chunk json"))
+            .collect();
+        let tc: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(tc[0]["function"]["name"], "get_weather", "{tmpl}");
+        assert!(tc.iter().all(|t| t["index"] == 0), "{tmpl}: {tc:?}");
+        let args: String = tc
+            .iter()
+            .filter_map(|t| t["function"]["arguments"].as_str())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).expect("args json"),
+            json!({"city": "Paris", "days": 2}),
+            "{tmpl}"
+        );
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "", "{tmpl}");
+        assert_eq!(
+            chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+                .collect::<Vec<_>>(),
+            vec!["tool_calls"]
+        );
+    }
+}
+
+/// "required" / `any` with several tools: the server writes the call's
+/// opening up to the name and the model picks the function.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_tool_choice_opens_a_call_and_the_model_names_it() {
+    for (tmpl, forced) in [
+        ("qwen3-coder.jinja", "assistant\n<tool_call>\n<function"),
+        ("qwen3.jinja", "assistant\n<tool_call>\n{\"name\":"),
+    ] {
+        let fake = Fake::with_template(tmpl);
+        let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+        let v = post(
+            addr,
+            "/v1/chat/completions",
+            json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [weather_tool(), now_tool()], "tool_choice": "required"}),
+        )
+        .await
+        .json();
+        assert!(
+            fake.prompts.lock().expect("lock")[0].ends_with(forced),
+            "{tmpl}"
+        );
+        assert_eq!(
+            v["choices"][0]["finish_reason"], "tool_calls",
+            "{tmpl}: {v}"
+        );
+        assert_eq!(openai_calls(&v), vec![("now".into(), json!({}))], "{tmpl}");
+
+        let v = post(
+            addr,
+            "/v1/messages",
+            json!({"max_tokens": 100,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}},
+                      {"name": "now", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"}}),
+        )
+        .await
+        .json();
+        assert_eq!(v["stop_reason"], "tool_use", "{tmpl}: {v}");
+        assert_eq!(
+            v["content"].as_array().map(Vec::len),
+            Some(1),
+            "{tmpl}: {v}"
+        );
+        assert_eq!(v["content"][0]["type"], "tool_use");
+        assert_eq!(v["content"][0]["name"], "now");
+        assert_eq!(v["content"][0]["input"], json!({}));
+    }
+}
+
+/// Anthropic's `tool` choice with `disable_parallel_tool_use`, streamed: one
+/// tool_use block, whole, then `stop_reason: tool_use`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_named_tool_choice_streams_one_tool_use_block() {
+    let fake = Fake::with_template("qwen3-coder.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let tools = json!([
+        {"name": "get_weather", "input_schema": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}}}},
+        {"name": "now", "input_schema": {"type": "object"}}]);
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 200, "stream": true, "tools": tools,
+        "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true},
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let datas: Vec<Value> = sse_data(&r.body)
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("json"))
+        .collect();
+    let kinds: Vec<&str> = datas.iter().filter_map(|d| d["type"].as_str()).collect();
+    assert_eq!(kinds[..3], ["message_start", "ping", "content_block_start"]);
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let starts: Vec<&Value> = datas
+        .iter()
+        .filter(|d| d["type"] == "content_block_start")
+        .collect();
+    assert_eq!(starts.len(), 1, "{datas:?}");
+    assert_eq!(starts[0]["content_block"]["type"], "tool_use");
+    assert_eq!(starts[0]["content_block"]["name"], "get_weather");
+    let partial: String = datas
+        .iter()
+        .filter_map(|d| d["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&partial).expect("json"),
+        json!({"city": "Paris", "days": 2})
+    );
+    let md = datas
+        .iter()
+        .find(|d| d["type"] == "message_delta")
+        .expect("message_delta");
+    assert_eq!(md["delta"]["stop_reason"], "tool_use");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tool_choice_is_a_400_in_each_providers_shape() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "tools": [weather_tool()],
+        "tool_choice": {"type": "function", "function": {"name": "get_wether"}}}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "invalid_request_error");
+    assert_eq!(e["param"], "tool_choice");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("get_wether") && m.contains("get_weather")),
+        "{e}"
+    );
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "tool_choice": "required"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("tool_choice"))
+    );
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "tools": [weather_tool()], "tool_choice": "always"}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+
+    let tools = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": msgs, "tools": tools,
+        "tool_choice": {"type": "tool", "name": "nope"}}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let v = r.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nope")),
+        "{v}"
+    );
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": msgs,
+        "tool_choice": {"type": "any"}}),
+    )
+    .await;
+    assert_eq!((r.status, r.json()["type"].clone()), (400, json!("error")));
+    // Nothing reached the generator.
+    assert!(fake.prompts.lock().expect("lock").is_empty());
+}
+
+/// A Prometheus text-format exposition, checked line by line: every sample
+/// belongs to a family announced by `# HELP` and `# TYPE` (counter or
+/// gauge) before it, and every value is a float. Returns name -> value for
+/// the unlabelled samples.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut help = std::collections::HashSet::new();
+    let mut typed = std::collections::HashMap::new();
+    let mut values = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').expect("HELP name text");
+            assert!(!doc.is_empty(), "{line}");
+            assert!(help.insert(name.to_owned()), "HELP twice: {line}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(help.contains(name), "TYPE before HELP: {line}");
+            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert!(
+                typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{line}"
+            );
+        } else {
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let name = series.split('{').next().expect("name");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            assert!(typed.contains_key(name), "sample without TYPE: {line}");
+            let v: f64 = value.parse().unwrap_or_else(|e| panic!("{line}: {e}"));
+            if typed[name] == "counter" {
+                assert!(v >= 0.0, "negative counter: {line}");
+            }
+            if !series.contains('{') {
+                values.insert(name.to_owned(), v);
+            }
+        }
+    }
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_export_the_backends_cache_statistics() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_enabled"], 0.0);
+    assert!(!m.contains_key("mfx_expert_cache_hits_total"));
+
+    let snap = |hits: u64, misses: u64, bytes: u64, stall_ms: f64| StatsSnapshot {
+        hits,
+        misses,
+        bytes_read: bytes,
+        stall_ms,
+        loads: misses,
+        evictions: misses / 2,
+        hit_rate: hits as f64 / (hits + misses) as f64,
+        ..StatsSnapshot::default()
+    };
+    *fake.cache.lock().expect("lock") = Some(snap(300, 100, 4 << 20, 1500.0));
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_enabled"], 1.0);
+    assert_eq!(m["mfx_expert_cache_hits_total"], 300.0);
+    assert_eq!(m["mfx_expert_cache_misses_total"], 100.0);
+    assert_eq!(m["mfx_expert_cache_hit_rate"], 0.75);
+    assert_eq!(m["mfx_expert_cache_read_bytes_total"], (4 << 20) as f64);
+    assert_eq!(m["mfx_expert_cache_io_stall_seconds_total"], 1.5);
+    assert_eq!(m["mfx_expert_cache_loads_total"], 100.0);
+    assert_eq!(m["mfx_expert_cache_evictions_total"], 50.0);
+
+    *fake.cache.lock().expect("lock") = Some(snap(900, 100, 5 << 20, 2250.0));
+    let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
+    assert_eq!(m["mfx_expert_cache_hits_total"], 900.0);
+    assert_eq!(m["mfx_expert_cache_hit_rate"], 0.9);
+    assert_eq!(m["mfx_expert_cache_read_bytes_total"], (5 << 20) as f64);
+    assert_eq!(m["mfx_expert_cache_io_stall_seconds_total"], 2.25);
 }

@@ -7,15 +7,17 @@
 //! handlers turn into 429), and never blocking the async runtime. Events flow
 //! back through a tokio channel per request; when the client goes away its
 //! receiver is dropped, the next send fails, and the generation is cancelled
-//! through the backend's callback.
+//! through the backend's callback. A request's halt flag ends its
+//! generation the same way, without dropping the stream, when the server
+//! knows the reply is complete (the one tool call allowed).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::{Backend, BackendError, Completion, GenParams};
+use super::backend::{Backend, BackendError, Completion, Finish, GenParams};
 use super::metrics::Metrics;
 
 /// What the worker sends back for one request.
@@ -33,6 +35,7 @@ struct Job {
     prompt: Vec<u32>,
     params: GenParams,
     events: UnboundedSender<Event>,
+    halt: Arc<AtomicBool>,
 }
 
 /// Handle to the worker; cheap to clone.
@@ -71,20 +74,24 @@ impl Worker {
     }
 
     /// Queues a generation; events arrive on the returned receiver.
+    /// Setting the returned flag stops the generation at the next token,
+    /// which then ends with [`Finish::Halted`].
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         params: GenParams,
-    ) -> Result<UnboundedReceiver<Event>, QueueFull> {
+    ) -> Result<(UnboundedReceiver<Event>, Arc<AtomicBool>), QueueFull> {
         let (tx, rx) = unbounded_channel();
+        let halt = Arc::new(AtomicBool::new(false));
         // Count before sending so the worker's decrement never underflows.
         self.waiting.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(Job {
             prompt,
             params,
             events: tx,
+            halt: halt.clone(),
         }) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok((rx, halt)),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 Err(QueueFull)
@@ -110,7 +117,10 @@ fn run_job(backend: &dyn Backend, job: Job, metrics: &Metrics) {
     }
     metrics.set_busy(true);
     let events = &job.events;
-    let mut on_delta = |text: &str| events.send(Event::Delta(text.to_owned())).is_ok();
+    let halt = &job.halt;
+    let mut on_delta = |text: &str| {
+        !halt.load(Ordering::Relaxed) && events.send(Event::Delta(text.to_owned())).is_ok()
+    };
     // A panic in the engine must not take the server down with it: report
     // it as an internal error and keep serving.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -127,7 +137,11 @@ fn run_job(backend: &dyn Backend, job: Job, metrics: &Metrics) {
         )))
     });
     metrics.set_busy(false);
-    if let Ok(c) = &result {
+    let mut result = result;
+    if let Ok(c) = &mut result {
+        if c.finish == Finish::Cancelled && job.halt.load(Ordering::Relaxed) {
+            c.finish = Finish::Halted;
+        }
         metrics.record_completion(c);
     }
     // The client may be gone; nothing to do about it then.
