@@ -17,6 +17,10 @@
 #   command and of the whole cgroup, failcnt, time -v fields) for bench scripts.
 #   Note: v1 memory.failcnt stays 0 when the kernel reclaims page cache at the
 #   limit instead of failing a charge; major faults show the thrashing.
+#   fs_input_bytes is the command's "File system inputs" (getrusage ru_inblock,
+#   512-byte units on Linux): bytes the kernel really fetched from storage for
+#   it, through page faults on an mmap, buffered reads and O_DIRECT alike, so
+#   it compares an mmap runtime and a direct-I/O one on the same footing.
 #
 # Works with cgroup v1 (memory.limit_in_bytes / memory.max_usage_in_bytes) and v2
 # (memory.max / memory.peak). Needs root. Exit status is the command's; an OOM
@@ -116,6 +120,7 @@ else
 fi
 RSS_KB="$(awk -F': ' '/Maximum resident set size/ {print $2}' "$TIMEF")"
 MAJ="$(awk -F': ' '/Major \(requiring I\/O\) page faults/ {print $2}' "$TIMEF")"
+FSIN="$(awk -F': ' '/File system inputs/ {print $2}' "$TIMEF")"
 WALL="$(awk -F': ' '/Elapsed \(wall clock\) time/ {print $2}' "$TIMEF")"
 rm -f "$TIMEF"
 
@@ -123,7 +128,7 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 {
     echo "[cgroup_run] $MODE limit $(mib "$LIMIT") MiB | cgroup peak $(mib "$PEAK") MiB (incl. page cache)" \
          "| own peak RSS $(mib $((${RSS_KB:-0} * 1024))) MiB | major faults ${MAJ:-?} (cgroup ${CGMAJ:-?})" \
-         "| failcnt ${FAILCNT:-?}" \
+         "| failcnt ${FAILCNT:-?} | read $(mib $((${FSIN:-0} * 512))) MiB" \
          "| oom kills ${OOMK:-0} | wall ${WALL:-?} | exit $RC"
 } >&2
 [[ "${OOMK:-0}" == 0 ]] || echo "[cgroup_run] the command was OOM-killed at the $(mib "$LIMIT") MiB limit" >&2
@@ -131,7 +136,7 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 if [[ -n "$REPORT" ]]; then
     cat > "$REPORT" <<EOF
 {"cgroup": "$MODE", "limit_bytes": $LIMIT, "cgroup_peak_bytes": $PEAK, "peak_rss_bytes": $((${RSS_KB:-0} * 1024)),
- "major_faults": ${MAJ:-null}, "cgroup_major_faults": ${CGMAJ:-null}, "failcnt": ${FAILCNT:-null}, "oom_kills": ${OOMK:-0}, "wall": "${WALL:-}", "exit": $RC}
+ "major_faults": ${MAJ:-null}, "fs_input_bytes": $((${FSIN:-0} * 512)), "cgroup_major_faults": ${CGMAJ:-null}, "failcnt": ${FAILCNT:-null}, "oom_kills": ${OOMK:-0}, "wall": "${WALL:-}", "exit": $RC}
 EOF
 fi
 exit "$RC"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a synthetic qwen3_moe checkpoint in the Hugging Face hub layout.
+"""Write a synthetic qwen3_moe or qwen3_next checkpoint in the Hugging Face hub layout.
 
 Why: the real models mfx targets (Qwen3-30B-A3B and up) are tens of GB and
 cannot be downloaded here, but speed and memory behaviour depend on shapes, not
@@ -29,9 +29,23 @@ Properties worth knowing:
     0.5 -> ~0.72, 1.0 -> ~0.92. The trained tiny model in shared/ has 0.54-0.68,
     hence the default 0.35.
 
+  * qwen3_next presets (Qwen3-Next-80B-A3B / Qwen3-Coder-Next shapes): the
+    tensor names and shapes of transformers' Qwen3NextForCausalLM as
+    save_pretrained writes them (checked against ../shared/fixtures/qwen3_next),
+    the published 3 linear-attention : 1 full-attention layer pattern
+    (`layer_types`, and `full_attention_interval` 4), and initial values as
+    transformers initialises them where that matters for numerics: the
+    zero-centred RMSNorm weights (input/post-attention/final/q/k norms) are 0
+    (the layer computes x * (1 + w)), the gated DeltaNet norm weight and
+    `dt_bias` are 1, `A_log` is log(U(1, 16)) (transformers draws U(0, 16); the
+    lower bound 1 avoids log(0)). No GGUF for these: scripts/hf_to_gguf.py
+    converts qwen3_moe only.
+
 Usage:
   gen_synthetic.py --preset ci-small -o /tmp/ci-small
   gen_synthetic.py --preset qwen3-30b-a3b --layers 8 -o /work/.peers/models/q30b-l8 --gguf --q4_0
+  gen_synthetic.py --preset qwen3-coder-next --layers 8 --dry-run     # sizes only
+  gen_synthetic.py --preset qwen3-next-small -o /tmp/next-small       # CI-sized qwen3_next
 """
 from __future__ import annotations
 
@@ -69,7 +83,32 @@ PRESETS: dict[str, dict] = {
         intermediate_size=512, max_position_embeddings=4096, max_window_layers=4,
     ),
 }
-PRESET_SHARD_BYTES = {"qwen3-30b-a3b": 2 * 10**9, "ci-small": 8 * 2**20}
+# qwen3_next (Gated DeltaNet + gated attention, 512 experts top-10 + a gated
+# shared expert). Hub keys and dims as in Qwen/Qwen3-Next-80B-A3B-Instruct's
+# config.json, which Qwen3-Coder-Next shares: 16 q / 2 kv heads of 256 with a
+# quarter of each rotated, DeltaNet 16 qk heads / 32 v heads of 128, conv
+# kernel 4, rope_theta 1e7. Vocab cut to 8192 as above.
+NEXT_PRESETS: dict[str, dict] = {
+    "qwen3-coder-next": dict(
+        num_hidden_layers=48, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10,
+        moe_intermediate_size=512, shared_expert_intermediate_size=512, intermediate_size=5120,
+        full_attention_interval=4, partial_rotary_factor=0.25, rope_theta=10000000.0,
+        max_position_embeddings=262144,
+    ),
+    # The same pattern (4 layers = 3 linear + 1 full) at a few MB: CI's qwen3_next run.
+    "qwen3-next-small": dict(
+        num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+        linear_value_head_dim=32, linear_conv_kernel_dim=4, num_experts=32, num_experts_per_tok=4,
+        moe_intermediate_size=64, shared_expert_intermediate_size=64, intermediate_size=256,
+        full_attention_interval=4, partial_rotary_factor=0.25, rope_theta=10000000.0,
+        max_position_embeddings=4096,
+    ),
+}
+PRESET_SHARD_BYTES = {"qwen3-30b-a3b": 2 * 10**9, "ci-small": 8 * 2**20,
+                      "qwen3-coder-next": 2 * 10**9, "qwen3-next-small": 2 * 2**20}
 
 
 class GenError(Exception):
@@ -77,6 +116,8 @@ class GenError(Exception):
 
 
 def hub_config(preset: str, layers: int | None) -> dict:
+    if preset in NEXT_PRESETS:
+        return next_hub_config(preset, layers)
     p = dict(PRESETS[preset])
     if layers is not None:
         if not 1 <= layers <= p["num_hidden_layers"]:
@@ -122,11 +163,67 @@ def hub_config(preset: str, layers: int | None) -> dict:
     }
 
 
+def next_hub_config(preset: str, layers: int | None) -> dict:
+    p = dict(NEXT_PRESETS[preset])
+    if layers is not None:
+        if not 1 <= layers <= p["num_hidden_layers"]:
+            raise GenError(f"--layers {layers}: preset {preset} has 1..{p['num_hidden_layers']} layers")
+        p["num_hidden_layers"] = layers
+    k = p["full_attention_interval"]
+    # Cutting layers keeps the first N of the full model's pattern.
+    layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention"
+                   for i in range(p["num_hidden_layers"])]
+    return {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": None,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 2,
+        "full_attention_interval": k,
+        "head_dim": p["head_dim"],
+        "hidden_act": "silu",
+        "hidden_size": p["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": p["intermediate_size"],
+        "layer_types": layer_types,
+        "linear_conv_kernel_dim": p["linear_conv_kernel_dim"],
+        "linear_key_head_dim": p["linear_key_head_dim"],
+        "linear_num_key_heads": p["linear_num_key_heads"],
+        "linear_num_value_heads": p["linear_num_value_heads"],
+        "linear_value_head_dim": p["linear_value_head_dim"],
+        "max_position_embeddings": p["max_position_embeddings"],
+        "mlp_only_layers": [],
+        "model_type": "qwen3_next",
+        "moe_intermediate_size": p["moe_intermediate_size"],
+        "norm_topk_prob": True,
+        "num_attention_heads": p["num_attention_heads"],
+        "num_experts": p["num_experts"],
+        "num_experts_per_tok": p["num_experts_per_tok"],
+        "num_hidden_layers": p["num_hidden_layers"],
+        "num_key_value_heads": p["num_key_value_heads"],
+        "output_router_logits": False,
+        "pad_token_id": 0,
+        "partial_rotary_factor": p["partial_rotary_factor"],
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": p["rope_theta"],
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": p["shared_expert_intermediate_size"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.57.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 8192,
+    }
+
+
 @dataclass
 class Spec:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "normal" | "ones" | "router"
+    kind: str  # "normal" | "ones" | "zeros" | "alog" | "router"
     std: float = 1.0
     layer: int = -1
 
@@ -137,6 +234,8 @@ class Spec:
 
 def tensor_specs(cfg: dict) -> list[Spec]:
     """All tensors in the order transformers' save_pretrained lists them."""
+    if cfg["model_type"] == "qwen3_next":
+        return next_tensor_specs(cfg)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     E, ff = cfg["num_experts"], cfg["moe_intermediate_size"]
@@ -167,6 +266,63 @@ def tensor_specs(cfg: dict) -> list[Spec]:
     return out
 
 
+def next_tensor_specs(cfg: dict) -> list[Spec]:
+    """Qwen3NextForCausalLM's tensors. Shapes: DeltaNet in_proj_qkvz
+    [2*nk*dk + 2*nv*dv, h], in_proj_ba [2*nv, h], depthwise conv1d
+    [2*nk*dk + nv*dv, 1, K], A_log / dt_bias [nv], gated norm [dv], out_proj
+    [h, nv*dv]; gated attention q_proj [2*nq*hd, h] (query and output gate).
+    The zero-centred norms get 0, see the module docstring."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv, K = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
+    E, ff, sff = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
+    out = [Spec("model.embed_tokens.weight", (v, h), "normal", 1.0)]
+    for L, kind in enumerate(cfg["layer_types"]):
+        p = f"model.layers.{L}"
+        if kind == "linear_attention":
+            a = f"{p}.linear_attn"
+            out += [
+                Spec(f"{a}.dt_bias", (nv,), "ones"),
+                Spec(f"{a}.A_log", (nv,), "alog"),
+                Spec(f"{a}.conv1d.weight", (2 * nk * dk + nv * dv, 1, K), "normal", K**-0.5),
+                Spec(f"{a}.in_proj_qkvz.weight", (2 * nk * dk + 2 * nv * dv, h), "normal", h**-0.5),
+                Spec(f"{a}.in_proj_ba.weight", (2 * nv, h), "normal", h**-0.5),
+                Spec(f"{a}.norm.weight", (dv,), "ones"),
+                Spec(f"{a}.out_proj.weight", (h, nv * dv), "normal", (nv * dv) ** -0.5),
+            ]
+        else:
+            a = f"{p}.self_attn"
+            out += [
+                Spec(f"{a}.q_proj.weight", (2 * nq * hd, h), "normal", h**-0.5),
+                Spec(f"{a}.k_proj.weight", (nkv * hd, h), "normal", h**-0.5),
+                Spec(f"{a}.v_proj.weight", (nkv * hd, h), "normal", h**-0.5),
+                Spec(f"{a}.o_proj.weight", (h, nq * hd), "normal", (nq * hd) ** -0.5),
+                Spec(f"{a}.q_norm.weight", (hd,), "zeros"),
+                Spec(f"{a}.k_norm.weight", (hd,), "zeros"),
+            ]
+        out.append(Spec(f"{p}.mlp.gate.weight", (E, h), "router", h**-0.5, L))
+        for e in range(E):
+            out += [
+                Spec(f"{p}.mlp.experts.{e}.gate_proj.weight", (ff, h), "normal", h**-0.5),
+                Spec(f"{p}.mlp.experts.{e}.up_proj.weight", (ff, h), "normal", h**-0.5),
+                Spec(f"{p}.mlp.experts.{e}.down_proj.weight", (h, ff), "normal", ff**-0.5),
+            ]
+        out += [
+            Spec(f"{p}.mlp.shared_expert.gate_proj.weight", (sff, h), "normal", h**-0.5),
+            Spec(f"{p}.mlp.shared_expert.up_proj.weight", (sff, h), "normal", h**-0.5),
+            Spec(f"{p}.mlp.shared_expert.down_proj.weight", (h, sff), "normal", sff**-0.5),
+            Spec(f"{p}.mlp.shared_expert_gate.weight", (1, h), "normal", h**-0.5),
+            Spec(f"{p}.input_layernorm.weight", (h,), "zeros"),
+            Spec(f"{p}.post_attention_layernorm.weight", (h,), "zeros"),
+        ]
+    out += [
+        Spec("model.norm.weight", (h,), "zeros"),
+        Spec("lm_head.weight", (v, h), "normal", h**-0.5),
+    ]
+    return out
+
+
 def rng_for(seed: int, name: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
 
@@ -186,6 +342,10 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 def materialize(spec: Spec, seed: int, skew: float) -> np.ndarray:
     if spec.kind == "ones":
         return np.full(spec.shape, 0x3F80, dtype=np.uint16)  # bf16 1.0
+    if spec.kind == "zeros":
+        return np.zeros(spec.shape, dtype=np.uint16)  # bf16 +0.0
+    if spec.kind == "alog":
+        return bf16_bits(np.log(rng_for(seed, spec.name).uniform(1.0, 16.0, spec.shape)).astype(np.float32))
     w = rng_for(seed, spec.name).standard_normal(spec.shape, dtype=np.float32)
     w *= np.float32(spec.std)
     if spec.kind == "router":
@@ -282,12 +442,13 @@ def run(cmd: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write a synthetic qwen3_moe checkpoint (HF layout, optional GGUF).")
-    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--preset", choices=sorted([*PRESETS, *NEXT_PRESETS]), required=True)
     ap.add_argument("--layers", type=int, help="cut the preset's layer count (disk space)")
     ap.add_argument("--skew", type=float, default=0.35, help="router skew exponent, 0 = uniform (default 0.35)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-bytes", type=int, help="shard size limit (default: 2e9, ci-small 8 MiB)")
-    ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    ap.add_argument("-o", "--out", type=Path, help="output directory (must not exist or be empty)")
+    ap.add_argument("--dry-run", action="store_true", help="print the config and sizes, write nothing")
     ap.add_argument("--gguf", action="store_true", help="also write OUT/../NAME-bf16.gguf via scripts/hf_to_gguf.py")
     ap.add_argument("--q4_0", action="store_true", help="also write NAME-q4_0.gguf with llama-quantize (implies --gguf)")
     ap.add_argument("--llama-bin", type=Path, default=PEERS / "llama.cpp" / "bin")
@@ -295,6 +456,19 @@ def main() -> None:
     try:
         if a.skew < 0:
             raise GenError(f"--skew {a.skew}: must be >= 0")
+        if a.dry_run:
+            cfg = hub_config(a.preset, a.layers)
+            specs = tensor_specs(cfg)
+            experts = sum(s.nbytes for s in specs if ".experts." in s.name)
+            total = sum(s.nbytes for s in specs)
+            print(json.dumps(cfg, indent=2))
+            print(f"[gen_synthetic] {a.preset}: {len(specs)} tensors, {total / 2 / 1e9:.2f} B params, "
+                  f"{total / 2**30:.2f} GiB bf16 ({experts / 2**30:.2f} GiB routed experts)", file=sys.stderr)
+            return
+        if a.out is None:
+            raise GenError("-o/--out is required (or --dry-run)")
+        if (a.gguf or a.q4_0) and a.preset in NEXT_PRESETS:
+            raise GenError(f"--gguf/--q4_0: scripts/hf_to_gguf.py converts qwen3_moe only, not {a.preset} (qwen3_next)")
         if a.out.exists() and any(a.out.iterdir()):
             raise GenError(f"{a.out}: exists and is not empty")
         cfg = hub_config(a.preset, a.layers)
