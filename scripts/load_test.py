@@ -171,11 +171,18 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rss-slack-mib", type=float, default=64.0)
     ap.add_argument("--time-limit", type=float, default=600.0, help="give up after this many seconds")
+    ap.add_argument("--log", default=os.path.join(ROOT, "target", "load-test-serve.log"),
+                    help="where the server's output goes")
+    ap.add_argument("--json", help="also write the results to this file as JSON")
     args = ap.parse_args()
+    report = {"model": args.model, "max_tokens": args.max_tokens, "levels": [],
+              "rayon_num_threads": os.environ.get("RAYON_NUM_THREADS"),
+              "cpus": len(os.sched_getaffinity(0))}
 
     port = free_port()
     host = "127.0.0.1"
-    log = open(os.path.join(ROOT, "target", "load-test-serve.log"), "w")
+    os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
+    log = open(args.log, "w")
     proc = subprocess.Popen([args.bin, "serve", args.model, "--port", str(port), "--max-queue", "128"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{host}:{port}"
@@ -200,7 +207,7 @@ def main():
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    print("server did not start; see target/load-test-serve.log", file=sys.stderr)
+                    print(f"server did not start; see {args.log}", file=sys.stderr)
                     return 1
                 time.sleep(0.1)
         th.start()
@@ -224,18 +231,28 @@ def main():
             if problems or len(ttfts) != n:
                 failed = True
                 print(f"  {n} clients: {len(problems)} problems, e.g. {problems[:3]}", file=sys.stderr)
+            if not ttfts:
+                continue
             print(f"{n:>7} {ttfts[0]:>7.3f}/{statistics.median(ttfts):>7.3f}/{ttfts[-1]:>7.3f} {tokens:>7} "
                   f"{wall:>7.2f} {tokens / wall:>9.1f} {min(rss):>7.1f}-{max(rss):>6.1f}")
+            report["levels"].append({
+                "clients": n, "ttft_min_s": ttfts[0], "ttft_median_s": statistics.median(ttfts),
+                "ttft_max_s": ttfts[-1], "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
+                "rss_min_mib": min(rss), "rss_max_mib": max(rss), "problems": len(problems)})
         cold, warm, uc, uw = prefix_reuse(url)
         print(f"prefix reuse: {uc['prompt_tokens']}-token prompt, TTFT cold {cold:.3f} s "
               f"(cached {uc['prompt_tokens_details']['cached_tokens']}), warm {warm:.3f} s "
               f"(cached {uw['prompt_tokens_details']['cached_tokens']}); saved {cold - warm:.3f} s")
+        report["prefix_reuse"] = {"prompt_tokens": uc["prompt_tokens"], "ttft_cold_s": cold, "ttft_warm_s": warm,
+                                  "cached_cold": uc["prompt_tokens_details"]["cached_tokens"],
+                                  "cached_warm": uw["prompt_tokens_details"]["cached_tokens"]}
         # Flat means: the last level (a repeat of the largest) peaks no
         # higher than the levels before it, give or take the slack.
         before = max(level_rss[:-1]) if len(level_rss) > 1 else level_rss[0]
         growth = level_rss[-1] - before
         print(f"server RSS: peak before last level {before:.1f} MiB, last level peak {level_rss[-1]:.1f} MiB "
               f"(growth {growth:+.1f} MiB, allowed {args.rss_slack_mib})")
+        report["rss_growth_mib"] = growth
         if growth > args.rss_slack_mib:
             failed = True
     finally:
@@ -246,6 +263,10 @@ def main():
         except subprocess.TimeoutExpired:
             proc.kill()
     print("load test:", "FAILED" if failed else "ok")
+    if args.json:
+        report["failed"] = failed
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 1 if failed else 0
 
 

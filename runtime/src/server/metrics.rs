@@ -147,9 +147,7 @@ impl Metrics {
             "1 when experts stream through a budgeted cache (the mfx_expert_cache_* series), 0 when all are resident.",
             u8::from(cache.is_some()) as f64,
         );
-        if let Some(c) = cache {
-            render_cache(&mut s, &c);
-        }
+        render_cache(&mut s, cache.as_ref());
         let _ = write!(s, "# HELP mfx_requests_total HTTP requests by endpoint and status.\n# TYPE mfx_requests_total counter\n");
         if let Ok(map) = self.requests.lock() {
             for ((endpoint, status), n) in map.iter() {
@@ -163,54 +161,58 @@ impl Metrics {
     }
 }
 
-/// The expert cache's counters, as `mfx run --stats` reports them.
-fn render_cache(s: &mut String, c: &StatsSnapshot) {
-    let mut family = |name: &str, kind: &str, help: &str, v: f64| {
-        let _ = write!(
-            s,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        );
-    };
-    family(
-        "mfx_expert_cache_hits_total",
-        "counter",
-        "Expert lookups served from memory (pinned or cached).",
-        c.hits as f64,
-    );
-    family(
-        "mfx_expert_cache_misses_total",
-        "counter",
-        "Expert lookups that had to read the pack.",
-        c.misses as f64,
-    );
-    family(
-        "mfx_expert_cache_hit_rate",
-        "gauge",
-        "hits / (hits + misses) since start (1 before the first lookup).",
-        c.hit_rate,
-    );
-    family(
-        "mfx_expert_cache_read_bytes_total",
-        "counter",
-        "Bytes read from the pack for expert loads.",
-        c.bytes_read as f64,
-    );
-    family(
-        "mfx_expert_cache_io_stall_seconds_total",
-        "counter",
-        "Time generation waited for expert loads.",
-        c.stall_ms / 1e3,
-    );
-    family(
-        "mfx_expert_cache_loads_total",
-        "counter",
-        "Expert blobs loaded (demand and prefetch).",
-        c.loads as f64,
-    );
-    family(
-        "mfx_expert_cache_evictions_total",
-        "counter",
-        "Experts evicted to make room.",
-        c.evictions as f64,
-    );
+/// The expert cache's counters, as `mfx run --stats` reports them. The
+/// families are always announced, so scrapers and dashboards see the same
+/// names whatever is served; without a cache they hold no sample.
+fn render_cache(s: &mut String, c: Option<&StatsSnapshot>) {
+    let families: [(&str, &str, &str, fn(&StatsSnapshot) -> f64); 7] = [
+        (
+            "mfx_expert_cache_hits_total",
+            "counter",
+            "Expert lookups served from memory (pinned or cached).",
+            |c| c.hits as f64,
+        ),
+        (
+            "mfx_expert_cache_misses_total",
+            "counter",
+            "Expert lookups that had to read the pack.",
+            |c| c.misses as f64,
+        ),
+        (
+            "mfx_expert_cache_hit_rate",
+            "gauge",
+            "hits / (hits + misses) since start (1 before the first lookup).",
+            |c| c.hit_rate,
+        ),
+        (
+            "mfx_expert_cache_read_bytes_total",
+            "counter",
+            "Bytes read from the pack for expert loads.",
+            |c| c.bytes_read as f64,
+        ),
+        (
+            "mfx_expert_cache_io_stall_seconds_total",
+            "counter",
+            "Time generation waited for expert loads.",
+            |c| c.stall_ms / 1e3,
+        ),
+        (
+            "mfx_expert_cache_loads_total",
+            "counter",
+            "Expert blobs loaded (demand and prefetch).",
+            |c| c.loads as f64,
+        ),
+        (
+            "mfx_expert_cache_evictions_total",
+            "counter",
+            "Experts evicted to make room.",
+            |c| c.evictions as f64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        if let Some(c) = c {
+            let _ = writeln!(s, "{name} {}", value(c));
+        }
+    }
 }

@@ -1165,7 +1165,13 @@ async fn metrics_export_the_backends_cache_statistics() {
     let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
     let m = parse_prometheus(&raw(addr, "GET", "/metrics", &[], b"").await.body);
     assert_eq!(m["mfx_expert_cache_enabled"], 0.0);
+    // Announced (HELP/TYPE), but no sample without a cache.
     assert!(!m.contains_key("mfx_expert_cache_hits_total"));
+    let text = raw(addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        text.contains("# TYPE mfx_expert_cache_hit_rate gauge\n"),
+        "{text}"
+    );
 
     let snap = |hits: u64, misses: u64, bytes: u64, stall_ms: f64| StatsSnapshot {
         hits,
