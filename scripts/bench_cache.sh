@@ -28,6 +28,9 @@
 # Env (all optional):
 #   MFX_BIN       mfx binary (default: target/release/mfx; the first argument wins)
 #   PACK          the .mfx pack   (default $MFX_PEERS_DIR/models/qwen3-30b-a3b-l8-q4.mfx)
+#   PACKS         "PCT=PATH ..." a pack per budget (e.g. each prepped with `mfx prep
+#                 --ram` of that budget, so its pinned set fits); budgets without
+#                 one use PACK. Budget sizes are always computed from PACK's size.
 #   GGUF          the Q4_0 GGUF of the same weights (default .../qwen3-30b-a3b-l8-q4_0.gguf)
 #   LLAMA_BIN     llama.cpp bin dir (default $MFX_PEERS_DIR/llama.cpp/bin); SKIP_LLAMA=1 skips it
 #   BUDGETS       "25 50 100"   MARGIN_MIB 160   THREADS 2   TG 128   PP 2048
@@ -154,15 +157,19 @@ for pct in $BUDGETS; do
     limit=$((PACK_BYTES * pct / 100))
     [[ "$pct" -lt 100 ]] || limit=$((limit + MARGIN_MIB * 1024 * 1024))
     limit=$(( (limit >> 20) << 20 ))   # whole MiB: cgroup_run.sh and mfx --ram both read it as bytes
+    pk="$PACK"
+    for kv in ${PACKS:-}; do [[ "${kv%%=*}" != "$pct" ]] || pk="${kv#*=}"; done
+    [[ -f "$pk" ]] || die "PACKS: $pk (for $pct%) is not a file"
     echo "budget $pct $limit" >> "$RES/meta.txt"
+    echo "budget_pack $pct $(basename "$pk")" >> "$RES/meta.txt"
     cg=$((limit + CGROUP_EXTRA_MIB * 1024 * 1024))
     if [[ "$SKIP_LLAMA" != 1 ]]; then
         n="$TG"; [[ "$pct" -ge 100 ]] || n="$LLAMA_TG_LIMITED"
         limited "llama-b$pct-tg" "$cg" "$GGUF" "$LB" -m "$GGUF" -p 0 -n "$n" -t "$THREADS" -r 1 -lm mmap --repack 0 -o json
         limited "llama-b$pct-pp" "$cg" "$GGUF" "$LB" -m "$GGUF" -p "$PP" -n 0 -t "$THREADS" -r 1 --no-warmup -lm mmap --repack 0 -o json
     fi
-    limited "mfx-b$pct-tg" "$cg" "$PACK" "$MFX_BIN" bench "$PACK" --ram "$limit" --prompt-tokens 128 --gen-tokens "$TG" --threads "$THREADS" --json
-    limited "mfx-b$pct-pp" "$cg" "$PACK" "$MFX_BIN" bench "$PACK" --ram "$limit" --prompt-tokens "$PP" --gen-tokens 0 --threads "$THREADS" --json
+    limited "mfx-b$pct-tg" "$cg" "$pk" "$MFX_BIN" bench "$pk" --ram "$limit" --prompt-tokens 128 --gen-tokens "$TG" --threads "$THREADS" --json
+    limited "mfx-b$pct-pp" "$cg" "$pk" "$MFX_BIN" bench "$pk" --ram "$limit" --prompt-tokens "$PP" --gen-tokens 0 --threads "$THREADS" --json
 done
 
 log "results in $RES"
