@@ -54,6 +54,12 @@ def meta(res: Path) -> dict:
         if k == "budget":
             pct, lim = v.split()
             out["budgets"][int(pct)] = int(lim)
+        elif k == "budget_mfx_ram":
+            pct, b = v.split()
+            out.setdefault("budget_mfx_ram", {})[int(pct)] = int(b)
+        elif k == "budget_pack":
+            pct, name = v.split(None, 1)
+            out.setdefault("budget_packs", {})[int(pct)] = name
         else:
             out[k] = v
     return out
@@ -163,7 +169,10 @@ def main() -> None:
     for pct, lim in sorted(m["budgets"].items()):
         if (res / f"llama-b{pct}-tg.json").exists():
             lines.append(row(res, "llama.cpp", f"cgroup {pct}%, mmap", f"llama-b{pct}-tg", f"llama-b{pct}-pp", lim, ld))
-        lines.append(row(res, "mfx", f"cgroup {pct}%, `--ram {lim >> 20}M`", f"mfx-b{pct}-tg", f"mfx-b{pct}-pp", lim, ld))
+        pk = m.get("budget_packs", {}).get(pct)
+        mram = m.get("budget_mfx_ram", {}).get(pct, lim)
+        lines.append(row(res, "mfx", f"cgroup {pct}%, `--ram {mram >> 20}M`" + (f", {pk}" if pk else ""),
+                         f"mfx-b{pct}-tg", f"mfx-b{pct}-pp", lim, ld))
     print("\n".join(lines))
 
 
