@@ -258,22 +258,3 @@ fn flat_f32(
         }
     })
 }
-
-/// Dequantizes stored bytes back to f32 (to evaluate what a pack will compute).
-pub fn dequant(s: &Stored, rows: usize, cols: usize) -> Mat {
-    match s {
-        Stored::Affine(a) => Mat {
-            rows,
-            cols,
-            data: a.view().dequantize(),
-        },
-        Stored::Float(b) => Mat {
-            rows,
-            cols,
-            data: b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        },
-    }
-}

@@ -149,3 +149,21 @@ fn parity_pack_qwen3_moe() {
 fn parity_pack_mixtral() {
     check("mixtral", ["w1", "w3", "w2"]);
 }
+
+// The families with their own model type route from the pack's embedded
+// config (models::family) and take routed experts from PackExperts.
+
+#[test]
+fn parity_pack_glm4_moe() {
+    check("glm4_moe", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_deepseek_v3() {
+    check("deepseek_v3", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_qwen3_next() {
+    check("qwen3_next", ["gate_proj", "up_proj", "down_proj"]);
+}

@@ -175,3 +175,41 @@ pub fn load_own_type(
     let src = SafetensorsSource::open(path)?;
     cfg.build(&src, opts, None).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fixture_config_routes_to_its_family() {
+        let root = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures"
+        ));
+        for (dir, arch, decoder) in [
+            ("qwen3_moe", Arch::Qwen3Moe, true),
+            ("qwen2_moe", Arch::Qwen2Moe, true),
+            ("mixtral", Arch::Mixtral, true),
+            ("olmoe", Arch::Olmoe, true),
+            ("glm4_moe", Arch::Glm4Moe, false),
+            ("deepseek_v3", Arch::DeepseekV3, false),
+            ("qwen3_next", Arch::Qwen3Next, false),
+        ] {
+            let c = FamilyConfig::from_file(&root.join(dir).join("config.json")).unwrap();
+            assert_eq!(c.arch(), arch, "{dir}");
+            assert_eq!(matches!(c, FamilyConfig::Decoder(_)), decoder, "{dir}");
+            assert!(
+                c.hidden_size() > 0 && c.moe_intermediate_size() > 0,
+                "{dir}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_decoder_config_refuses_own_type_families() {
+        let e = ModelConfig::from_json_str(r#"{"model_type":"glm4_moe"}"#, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("glm4_moe") && e.contains("FamilyConfig"), "{e}");
+    }
+}
