@@ -402,6 +402,17 @@ impl Generator {
         Ok(Self::new(model, tokenizer, chat_template, config))
     }
 
+    /// The expert cache's counters, when the model streams its experts
+    /// from a pack (`None` for checkpoint directories).
+    pub fn cache_stats(&self) -> Option<crate::cache::StatsSnapshot> {
+        self.model.expert_cache().map(|c| c.stats())
+    }
+
+    /// The expert cache itself (capacities, policy, resident bytes).
+    pub fn expert_cache(&self) -> Option<std::sync::Arc<crate::cache::ExpertCache>> {
+        self.model.expert_cache()
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
