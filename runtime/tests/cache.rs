@@ -6,7 +6,7 @@ use mfx_formats::codec::Codec;
 use mfx_formats::pack::{Pack, PackMeta, PackWriter, PartData};
 use mfx_formats::quant::Scheme;
 use mfx_runtime::cache::{
-    plan_budget, BudgetError, CacheConfig, Capacity, ExpertCache, PolicyKind,
+    plan_budget, BudgetError, CacheConfig, CacheOptions, Capacity, ExpertCache, PolicyKind,
 };
 use mfx_runtime::config::ModelConfig;
 use mfx_runtime::models::{ExpertProvider, LoadOptions, Model, MoeModel, RouterObserver};
@@ -369,4 +369,95 @@ fn cache_skip_missing_with_a_partial_cache_skips_and_stays_close() {
     assert_eq!(top1_exact, 48);
     assert!(nll_skip.is_finite() && nll_skip < nll_exact + 1.0, "{nll_skip} vs {nll_exact}");
     assert!(top1_skip * 10 >= top1_exact * 7, "{top1_skip} of {top1_exact} greedy tokens kept");
+}
+
+/// The whole tiny model as a bf16 pack (dense tensors and experts), loadable
+/// with `models::load`.
+fn write_full_pack(path: &Path) {
+    let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny_dir().join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let meta = PackMeta {
+        config,
+        ..PackMeta::default()
+    };
+    let mut w = PackWriter::create(path, meta, 4096).unwrap();
+    let mut names = src.names();
+    names.sort();
+    for n in names.iter().filter(|n| !n.contains(".experts.")) {
+        let t = src.require(n).unwrap();
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        w.add_tensor(n, Scheme::Bf16, &shape, &[t.data.bytes()])
+            .unwrap();
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for e in 0..cfg.num_experts {
+            let raws: Vec<_> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|p| {
+                    src.require(&format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"))
+                        .unwrap()
+                })
+                .collect();
+            let parts: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .zip(&raws)
+                .map(|(n, r)| PartData {
+                    name: n.to_string(),
+                    scheme: Scheme::Bf16,
+                    shape: r.shape.iter().map(|&d| d as u64).collect(),
+                    bytes: vec![r.data.bytes()],
+                })
+                .collect();
+            w.add_expert(l as u32, e as u32, Codec::None, &parts)
+                .unwrap();
+        }
+    }
+    w.finish().unwrap();
+}
+
+/// Truncating the pack under a model loaded through `models::load` must be
+/// an error: its dense weights were read into owned memory (cache::dense), so
+/// nothing touches the shrunken mapping. Were they still mapped, the next
+/// forward pass would die of SIGBUS in the embedding lookup (the whole dense
+/// region is cut off here) and this test process with it.
+#[test]
+fn cache_pack_truncated_under_a_loaded_model_errors_instead_of_sigbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-full.mfx");
+    write_full_pack(&path);
+    let opts = LoadOptions {
+        cache: CacheOptions {
+            capacity: Some(1),
+            pin: false,
+            ..CacheOptions::default()
+        },
+        ..LoadOptions::default()
+    };
+    let mut m = mfx_runtime::models::load(&path, &opts).unwrap();
+    let r = reference();
+    let p = &r["prompts"]["rust"];
+    // Exact through the pack path too.
+    let got = greedy(m.as_mut(), &ids(&p["ids"]), 8);
+    assert_eq!(got, ids(&p["greedy_48"])[..8].to_vec());
+    let cache = m.expert_cache().expect("a pack streams its experts");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(4096).unwrap();
+    let e = m
+        .forward(&[42], false)
+        .err()
+        .expect("a truncated pack must fail")
+        .to_string();
+    assert!(e.contains("changed while running"), "{e}");
+    let missing = (0..64)
+        .find(|x| !cache.resident(3).contains(x))
+        .expect("capacity 1 leaves experts out");
+    let e = cache
+        .get(3, missing)
+        .err()
+        .expect("poisoned cache")
+        .to_string();
+    assert!(e.contains("changed while running"), "{e}");
 }

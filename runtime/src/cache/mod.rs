@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod buf;
+pub mod dense;
 pub mod io;
 pub mod options;
 pub mod policy;
@@ -14,6 +15,7 @@ pub mod prefetch;
 pub mod stats;
 pub mod store;
 
+pub use dense::ReadDense;
 pub use budget::{detect_budget, plan_budget, BudgetError, BudgetPlan};
 pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack, CacheOptions};
 pub use policy::{EvictionPolicy, PolicyKind};

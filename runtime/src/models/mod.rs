@@ -182,7 +182,10 @@ impl MoeModel {
                 cfg.num_hidden_layers,
             )?;
             let provider: Arc<dyn ExpertProvider> = cache.clone();
-            let mut m = Self::from_source(&cfg, &src, opts, Some(provider))?;
+            // Dense tensors read into owned memory, not viewed in the map:
+            // a pack truncated while running must not SIGBUS (cache::dense).
+            let dense = crate::cache::ReadDense::new(Arc::clone(src.pack()));
+            let mut m = Self::from_source(&cfg, &dense, opts, Some(provider))?;
             m.cache = Some(cache);
             return Ok(m);
         }
