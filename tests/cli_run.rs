@@ -601,7 +601,15 @@ fn run_pack_through_a_tiny_cache_equals_transformers_greedy() {
     // A checkpoint directory has no cache to report.
     let model = bf16_model();
     let out = mfx(
-        &["run", model.to_str().unwrap(), "--prompt", "x", "-n", "2", "--stats"],
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "-n",
+            "2",
+            "--stats",
+        ],
         None,
     );
     assert!(out.status.success());

@@ -367,18 +367,23 @@ fn cache_skip_missing_with_a_partial_cache_skips_and_stays_close() {
     assert!(s1.bytes_read < s0.bytes_read, "skipping reads less");
     // The greedy continuation is the exact model's argmax at every step.
     assert_eq!(top1_exact, 48);
-    assert!(nll_skip.is_finite() && nll_skip < nll_exact + 1.0, "{nll_skip} vs {nll_exact}");
-    assert!(top1_skip * 10 >= top1_exact * 7, "{top1_skip} of {top1_exact} greedy tokens kept");
+    assert!(
+        nll_skip.is_finite() && nll_skip < nll_exact + 1.0,
+        "{nll_skip} vs {nll_exact}"
+    );
+    assert!(
+        top1_skip * 10 >= top1_exact * 7,
+        "{top1_skip} of {top1_exact} greedy tokens kept"
+    );
 }
 
 /// The whole tiny model as a bf16 pack (dense tensors and experts), loadable
 /// with `models::load`.
 fn write_full_pack(path: &Path) {
     let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tiny_dir().join("config.json")).unwrap(),
-    )
-    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
+            .unwrap();
     let meta = PackMeta {
         config,
         ..PackMeta::default()

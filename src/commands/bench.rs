@@ -85,10 +85,14 @@ pub fn load_cached(
         },
         ..LoadOptions::default()
     };
-    let model = MoeModel::load(pack, &opts).with_context(|| format!("loading {}", pack.display()))?;
-    let cache = model
-        .expert_cache()
-        .with_context(|| format!("{}: not a .mfx pack (mfx bench measures the expert cache)", pack.display()))?;
+    let model =
+        MoeModel::load(pack, &opts).with_context(|| format!("loading {}", pack.display()))?;
+    let cache = model.expert_cache().with_context(|| {
+        format!(
+            "{}: not a .mfx pack (mfx bench measures the expert cache)",
+            pack.display()
+        )
+    })?;
     Ok((model, cache, budget))
 }
 
@@ -228,6 +232,15 @@ pub fn run(a: Args) -> Result<()> {
             out["stall_ms_per_token"].as_f64().unwrap_or(0.0),
             memory::format_mib(memory::peak_rss_bytes()),
         );
+        if s.predicted > 0 {
+            println!(
+                "prefetch precision {:.1}% recall {:.1}% (decode {:.1}% / {:.1}%)",
+                s.prefetch_precision * 100.0,
+                s.prefetch_recall * 100.0,
+                dec.prefetch_precision * 100.0,
+                dec.prefetch_recall * 100.0
+            );
+        }
     }
     Ok(())
 }

@@ -644,15 +644,16 @@ impl ExpertProvider for ExpertCache {
             s.pending.retain(|k, p| !p.is_done() || keys.contains(k));
             s.active = keys.clone();
         }
-        self.inner.start_loads(layer, &keys, false, |inner, layer, key, p| {
-            Box::new(move || {
-                let _ = inner.complete(layer, key, &p, false);
+        self.inner
+            .start_loads(layer, &keys, false, |inner, layer, key, p| {
+                Box::new(move || {
+                    let _ = inner.complete(layer, key, &p, false);
+                })
             })
-        })
-        .into_iter()
-        .for_each(|job| {
-            let _ = self.send(job);
-        });
+            .into_iter()
+            .for_each(|job| {
+                let _ = self.send(job);
+            });
     }
 
     fn is_resident(&self, layer: usize, expert: usize) -> bool {
@@ -692,11 +693,13 @@ impl ExpertProvider for ExpertCache {
         let set = pred.predict(layer, hint);
         let keys: Vec<usize> = set.iter().map(|&e| self.inner.key(layer, e)).collect();
         lock(slots).prediction = Some(set);
-        let jobs = self.inner.start_loads(layer, &keys, true, |inner, layer, key, p| {
-            Box::new(move || {
-                let _ = inner.complete(layer, key, &p, true);
-            })
-        });
+        let jobs = self
+            .inner
+            .start_loads(layer, &keys, true, |inner, layer, key, p| {
+                Box::new(move || {
+                    let _ = inner.complete(layer, key, &p, true);
+                })
+            });
         let st = &self.inner.stats;
         st.add(&st.hint_loads, jobs.len() as u64);
         for job in jobs {

@@ -288,9 +288,11 @@ impl Transformer {
         }
         let xn = norm_rows(hidden, &lw.post_norm, eps);
         let proxy = match next {
-            Some(nl @ LayerWeights {
-                ffn: Ffn::Moe(nm), ..
-            }) if experts.wants_next_hint(nl.index) => {
+            Some(
+                nl @ LayerWeights {
+                    ffn: Ffn::Moe(nm), ..
+                },
+            ) if experts.wants_next_hint(nl.index) => {
                 Some((nl.index, &nm.router, norm_rows(hidden, &nl.post_norm, eps)))
             }
             _ => None,
@@ -302,16 +304,9 @@ impl Transformer {
         });
         let f = match &lw.ffn {
             Ffn::Dense(m) => m.forward(&xn, n),
-            Ffn::Moe(mw) => moe_forward_ext(
-                lw.index,
-                &self.routing,
-                mw,
-                experts,
-                &xn,
-                n,
-                observer,
-                next,
-            )?,
+            Ffn::Moe(mw) => {
+                moe_forward_ext(lw.index, &self.routing, mw, experts, &xn, n, observer, next)?
+            }
         };
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;
