@@ -460,3 +460,158 @@ fn run_on_the_bundled_model() {
     assert!(!a.stdout.is_empty());
     assert_eq!(a.stdout, b.stdout, "the bundled copy is the shared model");
 }
+
+/// The tiny model as a bf16 `.mfx` pack (no quantization, no pins), so that
+/// the streaming cache's output can be held to transformers' greedy tokens.
+fn bf16_pack(out: &Path) {
+    use mfx_formats::pack::{PackMeta, PackWriter, PartData};
+    use mfx_formats::quant::Scheme;
+    use mfx_runtime::weights::safetensors::SafetensorsSource;
+    use mfx_runtime::weights::WeightSource;
+    let dir = bf16_model();
+    let src = SafetensorsSource::open(&dir).expect("open tiny model");
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect(n);
+    let meta = PackMeta {
+        config: serde_json::from_str(&read("config.json")).expect("config"),
+        tokenizer_json: read("tokenizer.json"),
+        chat_template: None,
+        generation: serde_json::from_str(&read("generation_config.json")).expect("generation"),
+        pin_profile: None,
+        routing_summary: None,
+        provenance: serde_json::json!({"source": "tests/cli_run.rs"}),
+    };
+    let mut w = PackWriter::create_default(out, meta).expect("pack writer");
+    let mut names = src.names();
+    names.sort();
+    let mut experts = std::collections::BTreeSet::new();
+    for n in &names {
+        if let Some((pre, rest)) = n.split_once(".mlp.experts.") {
+            let l: u32 = pre.rsplit('.').next().unwrap().parse().unwrap();
+            let e: u32 = rest.split('.').next().unwrap().parse().unwrap();
+            experts.insert((l, e));
+            continue;
+        }
+        let t = src.raw(n).unwrap().unwrap();
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        w.add_tensor(n, Scheme::Bf16, &shape, &[t.data.bytes()])
+            .unwrap();
+    }
+    for (l, e) in experts {
+        let raws: Vec<_> = ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .map(|p| {
+                let n = format!("model.layers.{l}.mlp.experts.{e}.{p}.weight");
+                (*p, src.raw(&n).unwrap().unwrap())
+            })
+            .collect();
+        let parts: Vec<PartData> = raws
+            .iter()
+            .map(|(p, t)| PartData {
+                name: p.to_string(),
+                scheme: Scheme::Bf16,
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+                bytes: vec![t.data.bytes()],
+            })
+            .collect();
+        w.add_expert(l, e, mfx_formats::Codec::None, &parts)
+            .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn run_pack_through_a_tiny_cache_equals_transformers_greedy() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let pack = d.path().join("tiny-bf16.mfx");
+    bf16_pack(&pack);
+    let pack = pack.to_str().expect("path");
+    let r = reference();
+    let p = &r["prompts"]["python"];
+    let expected = with_nl(p["greedy_text"].as_str().expect("greedy_text"));
+    // Capacity 2 of 64 experts per layer, with each policy; prefetch on and off.
+    for extra in [
+        &["--policy", "lru"][..],
+        &["--policy", "lfu-decay", "--no-prefetch"],
+        &["--policy", "depth"],
+    ] {
+        let mut args = vec![
+            "run",
+            pack,
+            "--prompt",
+            p["text"].as_str().expect("text"),
+            "--temp",
+            "0",
+            "-n",
+            "48",
+            "--capacity",
+            "2",
+            "--stats",
+        ];
+        args.extend_from_slice(extra);
+        let out = mfx(&args, None);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        assert_eq!(stdout, expected, "{extra:?}; stderr: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("cache: hit rate "))
+            .unwrap_or_else(|| panic!("no cache stats line: {stderr}"));
+        assert!(
+            line.contains(" misses) | read ") && line.contains("ms/token"),
+            "{line}"
+        );
+        assert_eq!(
+            line.contains("prefetch precision"),
+            !extra.contains(&"--no-prefetch"),
+            "{line}"
+        );
+    }
+    // With --skip-missing the cache skips secondary experts it lacks.
+    let out = mfx(
+        &[
+            "run",
+            pack,
+            "--prompt",
+            p["text"].as_str().expect("text"),
+            "--temp",
+            "0",
+            "-n",
+            "48",
+            "--capacity",
+            "2",
+            "--skip-missing",
+            "--stats",
+        ],
+        None,
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("| skipped "), "{stderr}");
+    assert!(!text(&out.stdout).trim().is_empty());
+    // A budget below the dense weights states the minimum.
+    let out = mfx(&["run", pack, "--prompt", "x", "--ram", "1M"], None);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("RAM budget of 1048576 bytes is below")
+            && stderr.contains("at least")
+            && stderr.contains("MiB"),
+        "{stderr}"
+    );
+    // A checkpoint directory has no cache to report.
+    let model = bf16_model();
+    let out = mfx(
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "-n",
+            "2",
+            "--stats",
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("cache: none"));
+}

@@ -402,6 +402,17 @@ impl Generator {
         Ok(Self::new(model, tokenizer, chat_template, config))
     }
 
+    /// The expert cache's counters, when the model streams its experts
+    /// from a pack (`None` for checkpoint directories).
+    pub fn cache_stats(&self) -> Option<crate::cache::StatsSnapshot> {
+        self.model.expert_cache().map(|c| c.stats())
+    }
+
+    /// The expert cache itself (capacities, policy, resident bytes).
+    pub fn expert_cache(&self) -> Option<std::sync::Arc<crate::cache::ExpertCache>> {
+        self.model.expert_cache()
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
@@ -426,13 +437,6 @@ impl Generator {
     /// The model's recommended sampling (see [`GenerationConfig::sampling_defaults`]).
     pub fn default_sampling(&self) -> SamplingParams {
         self.config.sampling_defaults()
-    }
-
-    /// The expert cache's counters since load, or `None` when the model
-    /// does not stream experts through a cache.
-    // H1 fills this in
-    pub fn cache_stats(&self) -> Option<crate::cache::StatsSnapshot> {
-        None
     }
 
     /// Tokens the model's KV state currently holds.

@@ -6,7 +6,7 @@ use mfx_formats::codec::Codec;
 use mfx_formats::pack::{Pack, PackMeta, PackWriter, PartData};
 use mfx_formats::quant::Scheme;
 use mfx_runtime::cache::{
-    plan_budget, BudgetError, CacheConfig, Capacity, ExpertCache, PolicyKind,
+    plan_budget, BudgetError, CacheConfig, CacheOptions, Capacity, ExpertCache, PolicyKind,
 };
 use mfx_runtime::config::ModelConfig;
 use mfx_runtime::models::{ExpertProvider, LoadOptions, Model, MoeModel, RouterObserver};
@@ -130,7 +130,7 @@ fn cache_capacity_far_below_expert_count_matches_reference_greedy() {
     let path = dir.path().join("tiny.mfx");
     let (cfg, src) = write_expert_pack(&path, Codec::Zstd, &[(0, 3), (5, 7)]);
     let r = reference();
-    for policy in [PolicyKind::Lru, PolicyKind::LfuDecay] {
+    for policy in [PolicyKind::Lru, PolicyKind::LfuDecay, PolicyKind::Depth] {
         let cc = CacheConfig {
             capacity: Capacity::PerLayer(2),
             policy,
@@ -150,9 +150,16 @@ fn cache_capacity_far_below_expert_count_matches_reference_greedy() {
                 "{name} with capacity 2 ({policy:?})"
             );
         }
+        let caps = cache.capacities();
+        assert_eq!(caps.iter().sum::<usize>(), 12, "{policy:?}: {caps:?}");
+        if policy == PolicyKind::Depth {
+            assert!(caps[0] > caps[5], "depth favours early layers: {caps:?}");
+        } else {
+            assert_eq!(caps, vec![2; 6]);
+        }
         for l in 0..cfg.num_hidden_layers {
             assert!(
-                cache.resident(l).len() <= 2,
+                cache.resident(l).len() <= caps[l],
                 "layer {l} holds {:?}",
                 cache.resident(l)
             );
@@ -160,6 +167,15 @@ fn cache_capacity_far_below_expert_count_matches_reference_greedy() {
         let s = cache.stats();
         eprintln!("capacity 2, {policy:?}: {s:?}");
         assert!(s.misses > 0 && s.evictions > 0 && s.hits > 0);
+        // Prefetch ran (router-only: this pack has no co-activation rows)
+        // and was scored against the routing that followed.
+        assert!(s.predicted > 0 && s.routed_predicted > 0, "{s:?}");
+        assert!(
+            s.prefetch_precision > 0.0 && s.prefetch_precision <= 1.0,
+            "{s:?}"
+        );
+        assert!(s.prefetch_recall > 0.0 && s.prefetch_recall <= 1.0, "{s:?}");
+        assert_eq!(s.skipped, 0, "skip-missing is off by default");
         assert!(s.bytes_read > 0);
         assert!(
             s.hit_rate < 0.9,
@@ -298,4 +314,155 @@ fn cache_budget_below_dense_states_the_minimum() {
     let per = pack.expert(0, 0).unwrap().raw_length;
     let plan = plan_budget(&pack, 6, min + 12 * per, true).unwrap();
     assert_eq!(plan.capacity, vec![2; 6]);
+}
+
+/// Mean NLL of `ids[from..]` with `ids` fed one token at a time (as
+/// decoding does), and how many of those tokens were the argmax.
+fn stepwise_nll(m: &mut dyn Model, ids: &[u32], from: usize) -> (f64, usize) {
+    m.reset();
+    let mut nll = 0.0;
+    let mut top1 = 0;
+    for (i, w) in ids.windows(2).enumerate() {
+        let l = m.forward(&w[..1], false).unwrap();
+        if i + 1 < from {
+            continue;
+        }
+        let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln() + mx;
+        nll += lse - l[w[1] as usize] as f64;
+        top1 += usize::from(argmax(&l) == w[1]);
+    }
+    (nll / (ids.len() - from) as f64, top1)
+}
+
+#[test]
+fn cache_skip_missing_with_a_partial_cache_skips_and_stays_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, src) = write_expert_pack(&path, Codec::None, &[]);
+    let r = reference();
+    let p = &r["prompts"]["python"];
+    let mut seq = ids(&p["ids"]);
+    let from = seq.len();
+    seq.extend(ids(&p["greedy_48"]));
+    let run = |skip: bool| {
+        let cc = CacheConfig {
+            capacity: Capacity::PerLayer(4),
+            pin: false,
+            skip_missing: skip,
+            // Reads only on demand: which experts are resident when a layer
+            // starts then does not depend on I/O timing.
+            io_threads: 0,
+            ..CacheConfig::default()
+        };
+        let (mut m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+        let (nll, top1) = stepwise_nll(&mut m, &seq, from);
+        (nll, top1, cache.stats())
+    };
+    let (nll_exact, top1_exact, s0) = run(false);
+    let (nll_skip, top1_skip, s1) = run(true);
+    eprintln!("exact nll {nll_exact:.4} top1 {top1_exact}; skip nll {nll_skip:.4} top1 {top1_skip}; {s1:?}");
+    assert_eq!(s0.skipped, 0);
+    assert!(s1.skipped > 0, "a 4-of-64 cache must skip some: {s1:?}");
+    assert!(s1.bytes_read < s0.bytes_read, "skipping reads less");
+    // The greedy continuation is the exact model's argmax at every step.
+    assert_eq!(top1_exact, 48);
+    assert!(
+        nll_skip.is_finite() && nll_skip < nll_exact + 1.0,
+        "{nll_skip} vs {nll_exact}"
+    );
+    assert!(
+        top1_skip * 10 >= top1_exact * 7,
+        "{top1_skip} of {top1_exact} greedy tokens kept"
+    );
+}
+
+/// The whole tiny model as a bf16 pack (dense tensors and experts), loadable
+/// with `models::load`.
+fn write_full_pack(path: &Path) {
+    let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
+            .unwrap();
+    let meta = PackMeta {
+        config,
+        ..PackMeta::default()
+    };
+    let mut w = PackWriter::create(path, meta, 4096).unwrap();
+    let mut names = src.names();
+    names.sort();
+    for n in names.iter().filter(|n| !n.contains(".experts.")) {
+        let t = src.require(n).unwrap();
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        w.add_tensor(n, Scheme::Bf16, &shape, &[t.data.bytes()])
+            .unwrap();
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for e in 0..cfg.num_experts {
+            let raws: Vec<_> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|p| {
+                    src.require(&format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"))
+                        .unwrap()
+                })
+                .collect();
+            let parts: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .zip(&raws)
+                .map(|(n, r)| PartData {
+                    name: n.to_string(),
+                    scheme: Scheme::Bf16,
+                    shape: r.shape.iter().map(|&d| d as u64).collect(),
+                    bytes: vec![r.data.bytes()],
+                })
+                .collect();
+            w.add_expert(l as u32, e as u32, Codec::None, &parts)
+                .unwrap();
+        }
+    }
+    w.finish().unwrap();
+}
+
+/// Truncating the pack under a model loaded through `models::load` must be
+/// an error: its dense weights were read into owned memory (cache::dense), so
+/// nothing touches the shrunken mapping. Were they still mapped, the next
+/// forward pass would die of SIGBUS in the embedding lookup (the whole dense
+/// region is cut off here) and this test process with it.
+#[test]
+fn cache_pack_truncated_under_a_loaded_model_errors_instead_of_sigbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-full.mfx");
+    write_full_pack(&path);
+    let opts = LoadOptions {
+        cache: CacheOptions {
+            capacity: Some(1),
+            pin: false,
+            ..CacheOptions::default()
+        },
+        ..LoadOptions::default()
+    };
+    let mut m = mfx_runtime::models::load(&path, &opts).unwrap();
+    let r = reference();
+    let p = &r["prompts"]["rust"];
+    // Exact through the pack path too.
+    let got = greedy(m.as_mut(), &ids(&p["ids"]), 8);
+    assert_eq!(got, ids(&p["greedy_48"])[..8].to_vec());
+    let cache = m.expert_cache().expect("a pack streams its experts");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(4096).unwrap();
+    let e = m
+        .forward(&[42], false)
+        .err()
+        .expect("a truncated pack must fail")
+        .to_string();
+    assert!(e.contains("changed while running"), "{e}");
+    let missing = (0..64)
+        .find(|x| !cache.resident(3).contains(x))
+        .expect("capacity 1 leaves experts out");
+    let e = cache
+        .get(3, missing)
+        .err()
+        .expect("poisoned cache")
+        .to_string();
+    assert!(e.contains("changed while running"), "{e}");
 }

@@ -2,16 +2,15 @@
 //! streaming expert cache, measured like llama-bench (pp / tg): a fixed
 //! synthetic prompt of `--prompt-tokens` ids processed as one chunk, then
 //! `--gen-tokens` greedy decode steps, with the cache's hit rate, bytes read
-//! and I/O stall per token.
+//! and I/O stall per token. With `--text FILE` the prompt and the decode
+//! steps are that text's tokens instead (teacher-forced: each step feeds the
+//! text's next token), so hit rates reflect real routing.
 
 use anyhow::{bail, Context, Result};
-use mfx_formats::pack::Pack;
 use mfx_prep::ram::parse_size;
-use mfx_runtime::cache::{
-    detect_budget, plan_budget, CacheConfig, Capacity, ExpertCache, PolicyKind,
-};
+use mfx_runtime::cache::{detect_budget, CacheOptions, ExpertCache, PolicyKind};
 use mfx_runtime::memory;
-use mfx_runtime::models::{ExpertProvider, LoadOptions, Model, MoeModel};
+use mfx_runtime::models::{LoadOptions, Model, MoeModel};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,9 +33,19 @@ pub struct Args {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Eviction policy: lru or lfu-decay.
+    /// Eviction policy: lru, lfu-decay or depth.
     #[arg(long, default_value = "lru")]
     pub policy: String,
+    /// Skip non-resident secondary experts instead of waiting (changes outputs).
+    #[arg(long)]
+    pub skip_missing: bool,
+    /// Do not predict and read ahead the next layer's experts.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Take the prompt and the decode tokens from this text (teacher-forced)
+    /// instead of synthetic ids.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
     /// Read experts through the page cache (default: O_DIRECT / F_NOCACHE).
     #[arg(long)]
     pub buffered_io: bool,
@@ -51,36 +60,64 @@ pub struct Args {
     pub json: bool,
 }
 
-/// The model over `pack` with its experts behind a budgeted cache.
+/// The model over `pack` with its experts behind a budgeted cache (the
+/// same loading `mfx run` does), the cache, and the budget in bytes when
+/// `--capacity` did not override it.
 pub fn load_cached(
     pack: &Path,
     ram: Option<&str>,
     capacity: Option<usize>,
-    cc: CacheConfig,
+    cache: CacheOptions,
 ) -> Result<(MoeModel, Arc<ExpertCache>, Option<u64>)> {
-    // Dense weights through the model's own pack loading; experts through
-    // our handle on the same file (read with pread, never through its map).
-    let (cfg, src) = mfx_runtime::models::open(pack)?;
-    let p = Arc::new(
-        Pack::open(pack).with_context(|| format!("{}: not a valid .mfx pack", pack.display()))?,
-    );
-    let n_layers = cfg.num_hidden_layers;
-    let (capacity, budget) = match capacity {
-        Some(n) => (Capacity::PerLayer(n), None),
-        None => {
-            let budget = match ram {
-                Some(s) => parse_size(s)?,
-                None => detect_budget().context("cannot detect free memory; pass --ram")?,
-            };
-            let plan = plan_budget(&p, n_layers, budget, cc.pin)?;
-            (Capacity::Layers(plan.capacity), Some(budget))
-        }
+    let ram = ram.map(parse_size).transpose()?;
+    let budget = match capacity {
+        Some(_) => None,
+        None => Some(match ram {
+            Some(b) => b,
+            None => detect_budget().context("cannot detect free memory; pass --ram")?,
+        }),
     };
-    let cc = CacheConfig { capacity, ..cc };
-    let cache = Arc::new(ExpertCache::open(p, n_layers, &cc)?);
-    let provider: Arc<dyn ExpertProvider> = cache.clone();
-    let model = MoeModel::from_source(&cfg, src.as_ref(), &LoadOptions::default(), Some(provider))?;
+    let opts = LoadOptions {
+        cache: CacheOptions {
+            ram: budget,
+            capacity,
+            ..cache
+        },
+        ..LoadOptions::default()
+    };
+    let model =
+        MoeModel::load(pack, &opts).with_context(|| format!("loading {}", pack.display()))?;
+    let cache = model.expert_cache().with_context(|| {
+        format!(
+            "{}: not a .mfx pack (mfx bench measures the expert cache)",
+            pack.display()
+        )
+    })?;
     Ok((model, cache, budget))
+}
+
+/// Token ids of `text` with the pack's own tokenizer.
+fn text_tokens(pack: &Path, text: &Path, count: usize) -> Result<Vec<u32>> {
+    let p = mfx_formats::pack::Pack::open(pack)
+        .with_context(|| format!("{}: not a valid .mfx pack", pack.display()))?;
+    let tok = p
+        .manifest()
+        .tokenizer_json
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| anyhow::anyhow!("{}: embedded tokenizer.json: {e}", pack.display()))?;
+    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let enc = tok
+        .encode(s.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
+    let ids = enc.get_ids();
+    if ids.len() < count {
+        bail!(
+            "{}: {} tokens, --prompt-tokens + --gen-tokens need {count}",
+            text.display(),
+            ids.len()
+        );
+    }
+    Ok(ids[..count].to_vec())
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -101,37 +138,50 @@ pub fn run(a: Args) -> Result<()> {
             .context("setting the thread count")?;
     }
     let Some(policy) = PolicyKind::parse(&a.policy) else {
-        bail!("--policy {}: expected lru or lfu-decay", a.policy);
+        bail!("--policy {}: expected lru, lfu-decay or depth", a.policy);
     };
     if a.prompt_tokens == 0 {
         bail!("--prompt-tokens must be at least 1");
     }
-    let cc = CacheConfig {
+    let cc = CacheOptions {
         policy,
         direct_io: !a.buffered_io,
-        verify_checksums: a.verify,
+        verify: a.verify,
         pin: !a.no_pin,
-        ..CacheConfig::default()
+        skip_missing: a.skip_missing,
+        prefetch: !a.no_prefetch,
+        ..CacheOptions::default()
     };
     let (mut model, cache, budget) = load_cached(&a.pack, a.ram.as_deref(), a.capacity, cc)?;
     let vocab = model.info().vocab_size as u64;
+    let text = match &a.text {
+        Some(t) => Some(text_tokens(&a.pack, t, a.prompt_tokens + a.gen_tokens)?),
+        None => None,
+    };
     // Deterministic ids away from the low special-token range (as llama-bench
     // uses random tokens: the content does not matter for speed, routing does a little).
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
-        .map(|i| (16 + (i * 7919 + 13) % vocab.saturating_sub(16).max(1)) as u32)
-        .collect();
+    let prompt: Vec<u32> = match &text {
+        Some(t) => t[..a.prompt_tokens].to_vec(),
+        None => (0..a.prompt_tokens as u64)
+            .map(|i| (16 + (i * 7919 + 13) % vocab.saturating_sub(16).max(1)) as u32)
+            .collect(),
+    };
     let t0 = Instant::now();
     let logits = model.forward(&prompt, false)?;
     let pp_s = t0.elapsed().as_secs_f64();
     let after_pp = cache.stats();
     let mut tok = argmax(&logits);
     let t1 = Instant::now();
-    for _ in 0..a.gen_tokens {
+    for i in 0..a.gen_tokens {
+        if let Some(t) = &text {
+            tok = t[a.prompt_tokens + i];
+        }
         let l = model.forward(&[tok], false)?;
         tok = argmax(&l);
     }
     let tg_s = t1.elapsed().as_secs_f64();
     let s = cache.stats();
+    let dec = s.since(&after_pp);
     let gen = a.gen_tokens.max(1) as f64;
     let decode_hits = (s.hits - after_pp.hits) as f64;
     let decode_total = decode_hits + (s.misses - after_pp.misses) as f64;
@@ -153,6 +203,13 @@ pub fn run(a: Args) -> Result<()> {
         "bytes_read": s.bytes_read,
         "decode_bytes_read_per_token": (s.bytes_read - after_pp.bytes_read) as f64 / gen,
         "stall_ms_per_token": (s.stall_ms - after_pp.stall_ms) / gen,
+        "prefetch_precision": s.prefetch_precision,
+        "prefetch_recall": s.prefetch_recall,
+        "decode_prefetch_precision": dec.prefetch_precision,
+        "decode_prefetch_recall": dec.prefetch_recall,
+        "skipped": s.skipped,
+        "text": a.text.as_ref().map(|t| t.display().to_string()),
+        "capacities": cache.capacities(),
         "resident_expert_bytes": cache.resident_bytes(),
         "cache": s,
     });
@@ -175,6 +232,15 @@ pub fn run(a: Args) -> Result<()> {
             out["stall_ms_per_token"].as_f64().unwrap_or(0.0),
             memory::format_mib(memory::peak_rss_bytes()),
         );
+        if s.predicted > 0 {
+            println!(
+                "prefetch precision {:.1}% recall {:.1}% (decode {:.1}% / {:.1}%)",
+                s.prefetch_precision * 100.0,
+                s.prefetch_recall * 100.0,
+                dec.prefetch_precision * 100.0,
+                dec.prefetch_recall * 100.0
+            );
+        }
     }
     Ok(())
 }

@@ -97,9 +97,17 @@ pub fn run(args: Args) -> Result<()> {
         history.push(message("user", &line));
         let ids = gen.encode_chat(&history, &render)?;
         let mut out = stdout.lock();
+        let before = gen.cache_stats();
         let c = run::stream(&mut gen, &ids, &params, &opts, &mut out)?;
         writeln!(out)?;
         out.flush()?;
+        if args.load.stats {
+            if let (Some(after), Some(before)) = (gen.cache_stats(), before) {
+                let tokens = c.prompt_tokens - c.reused_prompt_tokens.min(c.prompt_tokens)
+                    + c.completion_tokens;
+                eprintln!("{}", run::cache_summary(&after.since(&before), tokens));
+            }
+        }
         history.push(message("assistant", &c.text));
         turns += 1;
         last = Some(c);
@@ -125,5 +133,11 @@ fn stats(
         memory::format_mib(memory::current_rss_bytes()),
         memory::format_mib(memory::peak_rss_bytes()),
     ));
+    if let Some(cs) = gen.cache_stats() {
+        s.push_str(&format!(
+            "\n{} (since load)",
+            run::cache_summary(&cs, gen.cached_tokens())
+        ));
+    }
     s
 }

@@ -66,6 +66,14 @@ pub enum What {
         /// shared/README's `val_nll` was computed this way.
         #[arg(long)]
         router_aux_loss: bool,
+        /// Feed each row in pieces of this many tokens through the KV cache
+        /// (1: as decoding does, which is how --skip-missing and the expert
+        /// cache behave during generation). Default: the whole row at once.
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Print the expert cache's statistics on stderr (packs only).
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -76,6 +84,8 @@ pub struct ModelArgs {
     /// KV cache precision: 16 (f16) or 8 (int8).
     #[arg(long, default_value = "16")]
     pub kv_bits: KvBits,
+    #[command(flatten)]
+    pub cache: super::run::CacheArgs,
 }
 
 /// Token ids from the command line (a newtype so clap treats the list as one value).
@@ -101,6 +111,7 @@ fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
     let opts = LoadOptions {
         kv_bits: m.kv_bits,
         max_context,
+        cache: m.cache.options()?,
     };
     models::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
 }
@@ -128,7 +139,12 @@ pub fn run(args: Args) -> Result<()> {
             ctx,
             json,
             router_aux_loss,
+            chunk,
+            stats,
         } => {
+            if chunk == Some(0) {
+                bail!("--chunk must be at least 1");
+            }
             if ctx < 2 || rows == 0 {
                 bail!("--ctx must be at least 2 and --rows at least 1");
             }
@@ -136,25 +152,38 @@ pub fn run(args: Args) -> Result<()> {
             let opts = LoadOptions {
                 kv_bits: model.kv_bits,
                 max_context: Some(ctx),
+                cache: model.cache.options()?,
             };
             let mut m = MoeModel::load(&model.model, &opts)
                 .with_context(|| format!("loading {}", model.model.display()))?;
             let coef = m.transformer().cfg.router_aux_loss_coef as f64;
             let t0 = std::time::Instant::now();
             let mut aux = AuxLoss::default();
+            let before = m.expert_cache().map(|c| c.stats());
             let nll = mean_nll(
                 &mut m,
                 &tokens,
                 rows,
                 ctx,
+                chunk.unwrap_or(ctx),
                 router_aux_loss.then_some(&mut aux),
             )?;
+            let cache_stats = m
+                .expert_cache()
+                .zip(before)
+                .map(|(c, b)| c.stats().since(&b));
             let secs = t0.elapsed().as_secs_f64();
             eprintln!(
                 "scored {} tokens in {secs:.1}s ({:.0} tok/s)",
                 rows * ctx,
                 (rows * ctx) as f64 / secs
             );
+            if stats {
+                match &cache_stats {
+                    Some(s) => eprintln!("{}", super::run::cache_summary(s, rows * ctx)),
+                    None => eprintln!("cache: none (--stats reports on .mfx packs)"),
+                }
+            }
             let mut so = std::io::stdout().lock();
             let aux_v = router_aux_loss.then(|| aux.value());
             if json {
@@ -162,6 +191,9 @@ pub fn run(args: Args) -> Result<()> {
                     "nll": nll, "ppl": nll.exp(), "rows": rows, "ctx": ctx,
                     "predictions": rows * (ctx - 1), "data": data.display().to_string(),
                 });
+                if let Some(s) = &cache_stats {
+                    v["cache"] = serde_json::to_value(s)?;
+                }
                 if let Some(a) = aux_v {
                     v["router_aux_loss"] = a.into();
                     v["router_aux_loss_coef"] = coef.into();
@@ -316,20 +348,25 @@ fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> 
     Ok(ids)
 }
 
-/// Mean NLL (nats) over `rows` rows of `ctx` tokens, each from an empty cache.
+/// Mean NLL (nats) over `rows` rows of `ctx` tokens, each from an empty
+/// cache and fed `chunk` tokens per forward pass.
 fn mean_nll(
     m: &mut MoeModel,
     tokens: &[u32],
     rows: usize,
     ctx: usize,
+    chunk: usize,
     mut aux: Option<&mut AuxLoss>,
 ) -> Result<f64> {
     let vocab = m.info().vocab_size;
     let mut total = 0.0f64;
     for row in tokens.chunks_exact(ctx).take(rows) {
         m.reset();
-        let obs = aux.as_deref_mut().map(|a| a as &mut dyn RouterObserver);
-        let logits = m.forward_observed(row, true, obs)?;
+        let mut logits = Vec::with_capacity(row.len() * vocab);
+        for piece in row.chunks(chunk.max(1)) {
+            let obs = aux.as_deref_mut().map(|a| a as &mut dyn RouterObserver);
+            logits.extend(m.forward_observed(piece, true, obs)?);
+        }
         for (i, &next) in row.iter().enumerate().skip(1) {
             let l = &logits[(i - 1) * vocab..i * vocab];
             let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -5,6 +5,8 @@
 //! `mfx run ... > out.txt` captures only the model's words.
 
 use anyhow::{Context, Result};
+use mfx_prep::ram::parse_size;
+use mfx_runtime::cache::{CacheOptions, PolicyKind, StatsSnapshot};
 use mfx_runtime::chat::{message, RenderOptions};
 use mfx_runtime::generate::{Completion, Event, GenerateOptions, Generator};
 use mfx_runtime::memory;
@@ -42,6 +44,91 @@ pub struct LoadArgs {
     /// Cap on the context length (default: the model's).
     #[arg(long)]
     pub max_context: Option<usize>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Print the expert cache's statistics (hit rate, bytes read, I/O stall
+    /// per token, prefetch precision/recall) on stderr after generating.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// The streaming expert cache's flags (`.mfx` packs only; shared by run,
+/// chat, serve and eval).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CacheArgs {
+    /// Memory budget for all weights (dense + pinned experts + cache), e.g.
+    /// 32G, 512M. Default: available memory minus a margin.
+    #[arg(long)]
+    pub ram: Option<String>,
+    /// Experts cached per MoE layer besides pinned ones (overrides --ram's split).
+    #[arg(long)]
+    pub capacity: Option<usize>,
+    /// Eviction policy: lru (default, chosen by measurement: docs/PERF.md), lfu-decay or depth.
+    #[arg(long, default_value = "lru", value_parser = parse_policy)]
+    pub policy: PolicyKind,
+    /// Skip a non-resident secondary expert instead of waiting for its read
+    /// (never the top-1; weights renormalized as the model's routing does).
+    /// Changes outputs.
+    #[arg(long)]
+    pub skip_missing: bool,
+    /// Do not predict and read ahead the next layer's experts.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Do not keep the pack's pinned experts resident (measure the cache alone).
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    PolicyKind::parse(s).ok_or_else(|| format!("{s:?}: expected lru, lfu-decay or depth"))
+}
+
+impl CacheArgs {
+    pub fn options(&self) -> Result<CacheOptions> {
+        let ram = match &self.ram {
+            Some(s) => Some(parse_size(s).with_context(|| format!("--ram {s}"))?),
+            None => None,
+        };
+        Ok(CacheOptions {
+            ram,
+            capacity: self.capacity,
+            policy: self.policy,
+            skip_missing: self.skip_missing,
+            prefetch: !self.no_prefetch,
+            pin: !self.no_pin,
+            ..CacheOptions::default()
+        })
+    }
+}
+
+/// `cache: hit rate 91.2% (1200 hits, 116 misses), read 12.5 MiB in 116 loads, ...`
+pub fn cache_summary(s: &StatsSnapshot, tokens: usize) -> String {
+    let per = |x: f64| x / tokens.max(1) as f64;
+    let mut out = format!(
+        "cache: hit rate {:.1}% ({} hits, {} misses) | read {:.1} MiB in {} loads ({:.1} KiB/token) | I/O stall {:.1} ms ({:.3} ms/token) | evictions {}",
+        s.hit_rate * 100.0,
+        s.hits,
+        s.misses,
+        s.bytes_read as f64 / (1u64 << 20) as f64,
+        s.loads,
+        per(s.bytes_read as f64) / 1024.0,
+        s.stall_ms,
+        per(s.stall_ms),
+        s.evictions,
+    );
+    if s.predicted > 0 {
+        out.push_str(&format!(
+            " | prefetch precision {:.1}% recall {:.1}% ({} predicted, {} reads started)",
+            s.prefetch_precision * 100.0,
+            s.prefetch_recall * 100.0,
+            s.predicted,
+            s.hint_loads
+        ));
+    }
+    if s.skipped > 0 {
+        out.push_str(&format!(" | skipped {} expert uses", s.skipped));
+    }
+    out
 }
 
 /// Sampling and stopping (shared with `mfx chat`). Unset sampling flags take
@@ -82,11 +169,12 @@ fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
 }
 
 impl LoadArgs {
-    pub fn options(&self) -> LoadOptions {
-        LoadOptions {
+    pub fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             kv_bits: self.kv_bits,
             max_context: self.max_context,
-        }
+            cache: self.cache.options()?,
+        })
     }
 }
 
@@ -128,7 +216,7 @@ impl GenArgs {
 /// machine's memory is pulled first (see `mfx pull`).
 pub fn load(model: &std::path::Path, args: &LoadArgs) -> Result<Generator> {
     let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), None)?;
-    Generator::load(&path, &args.options()).with_context(|| format!("loading {}", path.display()))
+    Generator::load(&path, &args.options()?).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Generates and streams to `out`; a write error (closed pipe) cancels
@@ -182,6 +270,7 @@ pub fn summary(c: &Completion) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let mut gen = load(&args.model, &args.load)?;
+    let before = gen.cache_stats();
     let ids = if args.chat || args.system.is_some() {
         let mut msgs = Vec::new();
         if let Some(s) = &args.system {
@@ -207,5 +296,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     out.flush()?;
     eprintln!("{}", summary(&c));
+    if args.load.stats {
+        match (gen.cache_stats(), before) {
+            (Some(after), Some(before)) => eprintln!(
+                "{}",
+                cache_summary(&after.since(&before), c.prompt_tokens + c.completion_tokens)
+            ),
+            _ => eprintln!("cache: none (a checkpoint directory keeps its experts mapped; --stats reports on .mfx packs)"),
+        }
+    }
     Ok(())
 }

@@ -24,10 +24,8 @@ pub struct Args {
     /// Port to listen on (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Memory budget (e.g. 32G). Checked for form; the runtime does not yet
-    /// take a budget at load time, so it is reported, not enforced.
-    #[arg(long)]
-    pub ram: Option<String>,
+    #[command(flatten)]
+    pub cache: super::run::CacheArgs,
     /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`.
     #[arg(long, env = "MFX_API_KEY")]
     pub api_key: Option<String>,
@@ -54,13 +52,7 @@ fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(ram) = &args.ram {
-        let bytes = mfx_prep::ram::parse_size(ram).with_context(|| format!("--ram {ram}"))?;
-        eprintln!(
-            "mfx serve: note: --ram {} accepted but not enforced (the runtime keeps what the pack pins and maps the rest)",
-            mfx_prep::ram::human(bytes)
-        );
-    }
+    let cache = args.cache.options()?;
     let template = match &args.chat_template {
         None => None,
         Some(path) => {
@@ -88,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         &LoadOptions {
             kv_bits: args.kv_bits,
             max_context: args.max_context,
+            cache,
         },
         model_id,
         template,

@@ -7,12 +7,18 @@
 
 pub mod budget;
 pub mod buf;
+pub mod dense;
 pub mod io;
+pub mod options;
 pub mod policy;
+pub mod prefetch;
 pub mod stats;
 pub mod store;
 
 pub use budget::{detect_budget, plan_budget, BudgetError, BudgetPlan};
+pub use dense::ReadDense;
+pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack, CacheOptions};
 pub use policy::{EvictionPolicy, PolicyKind};
+pub use prefetch::NextHint;
 pub use stats::{CacheStats, StatsSnapshot};
 pub use store::{pinned_from_manifest, CacheConfig, Capacity, ExpertCache};

@@ -9,6 +9,11 @@ use std::collections::HashMap;
 /// fresh load), `victim` picks among `candidates` (resident, not pinned).
 pub trait EvictionPolicy: Send {
     fn touch(&mut self, expert: usize);
+    /// An expert entering the cache without being used (a prefetch): by
+    /// default it counts as a use.
+    fn admit(&mut self, expert: usize) {
+        self.touch(expert);
+    }
     fn remove(&mut self, expert: usize);
     fn victim(&mut self, candidates: &[usize]) -> Option<usize>;
 }
@@ -16,12 +21,17 @@ pub trait EvictionPolicy: Send {
 /// Which policy to build (CLI `--policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PolicyKind {
-    /// Least recently used.
+    /// Least recently used. The default by measurement: on the tiny model
+    /// over python and docs text at 4 and 16 slots per layer it had the
+    /// best decode hit rate of the three (docs/PERF.md, policy table).
     #[default]
     Lru,
     /// Least frequently used, counts halved every `half_life` uses, so a
     /// topic change (code -> prose) can displace formerly hot experts.
     LfuDecay,
+    /// The seeds' layer-depth bias: the same total slots, shifted towards
+    /// early MoE layers (see [`depth_capacities`]); LRU within a layer.
+    Depth,
 }
 
 impl PolicyKind {
@@ -29,6 +39,7 @@ impl PolicyKind {
         match s {
             "lru" => Some(PolicyKind::Lru),
             "lfu" | "lfu-decay" => Some(PolicyKind::LfuDecay),
+            "depth" => Some(PolicyKind::Depth),
             _ => None,
         }
     }
@@ -37,12 +48,13 @@ impl PolicyKind {
         match self {
             PolicyKind::Lru => "lru",
             PolicyKind::LfuDecay => "lfu-decay",
+            PolicyKind::Depth => "depth",
         }
     }
 
     pub fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
-            PolicyKind::Lru => Box::<Lru>::default(),
+            PolicyKind::Lru | PolicyKind::Depth => Box::<Lru>::default(),
             PolicyKind::LfuDecay => Box::new(LfuDecay::new(256)),
         }
     }
@@ -98,6 +110,9 @@ impl EvictionPolicy for LfuDecay {
         }
         *self.count.entry(expert).or_insert(0.0) += 1.0;
     }
+    fn admit(&mut self, expert: usize) {
+        self.count.entry(expert).or_insert(0.0);
+    }
     fn remove(&mut self, _expert: usize) {
         // Frequency survives eviction: a re-loaded expert keeps its history.
     }
@@ -110,9 +125,73 @@ impl EvictionPolicy for LfuDecay {
     }
 }
 
+/// How much more an early layer gets than the last under [`PolicyKind::Depth`]:
+/// MoE layer `i` of `m` gets slots in proportion to `1 + DEPTH_BIAS * (m-1-i)/(m-1)`,
+/// so the first MoE layer has `1 + DEPTH_BIAS` times the last one's share.
+pub const DEPTH_BIAS: f64 = 1.0;
+
+/// Redistributes the slots of `caps` (per model layer; `usize::MAX` and
+/// zero-expert layers untouched) towards early layers, keeping their sum and
+/// never giving a layer more than `max[l]` (its evictable experts). Slots a
+/// layer cannot take go to the next-earliest layer that can.
+pub fn depth_capacities(caps: &[usize], max: &[usize]) -> Vec<usize> {
+    let moe: Vec<usize> = (0..caps.len())
+        .filter(|&l| max.get(l).copied().unwrap_or(0) > 0 && caps[l] != usize::MAX)
+        .collect();
+    let mut out = caps.to_vec();
+    let m = moe.len();
+    if m < 2 {
+        return out;
+    }
+    let total: usize = moe.iter().map(|&l| caps[l].min(max[l])).sum();
+    let w: Vec<f64> = (0..m)
+        .map(|i| 1.0 + DEPTH_BIAS * (m - 1 - i) as f64 / (m - 1) as f64)
+        .collect();
+    let wsum: f64 = w.iter().sum();
+    let mut given = 0;
+    for (i, &l) in moe.iter().enumerate() {
+        let c = ((total as f64 * w[i] / wsum).floor() as usize).min(max[l]);
+        out[l] = c;
+        given += c;
+    }
+    // Rounding and caps leave slots over: earliest layers first.
+    let mut left = total - given;
+    while left > 0 {
+        let before = left;
+        for &l in &moe {
+            if left > 0 && out[l] < max[l] {
+                out[l] += 1;
+                left -= 1;
+            }
+        }
+        if left == before {
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_keeps_the_total_and_favours_early_layers() {
+        // Dense layer 0, four MoE layers with 4 slots each.
+        let caps = [0, 4, 4, 4, 4];
+        let max = [0, 60, 60, 60, 60];
+        let d = depth_capacities(&caps, &max);
+        assert_eq!(d[0], 0);
+        assert_eq!(d[1..].iter().sum::<usize>(), 16);
+        assert!(d[1] > d[4], "{d:?}");
+        assert!(d.windows(2).skip(1).all(|w| w[0] >= w[1]), "{d:?}");
+        // A layer at its cap passes its share on (layer 1 can hold only 3,
+        // so 3 + 4 + 4 + 4 = 15 slots are shared out).
+        let d = depth_capacities(&[0, 4, 4, 4, 4], &[0, 3, 60, 60, 60]);
+        assert_eq!(d[1], 3);
+        assert_eq!(d[1..].iter().sum::<usize>(), 15, "{d:?}");
+        assert!(d[2] > d[4], "{d:?}");
+    }
 
     #[test]
     fn lru_evicts_least_recent() {

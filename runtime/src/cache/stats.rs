@@ -14,7 +14,16 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
     /// Nanoseconds `get` spent waiting for loads (summed over threads).
     pub stall_ns: AtomicU64,
+    /// Secondary experts skipped because they were not resident (`--skip-missing`).
     pub skipped: AtomicU64,
+    /// Experts predicted for a next layer (summed over predictions).
+    pub predicted: AtomicU64,
+    /// Of those, routed to by the pass that followed.
+    pub predicted_used: AtomicU64,
+    /// Experts routed to in passes that had a prediction.
+    pub routed_predicted: AtomicU64,
+    /// Reads started by predictions (not yet resident when predicted).
+    pub hint_loads: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -29,6 +38,22 @@ pub struct StatsSnapshot {
     pub stall_ms: f64,
     pub skipped: u64,
     pub hit_rate: f64,
+    pub predicted: u64,
+    pub predicted_used: u64,
+    pub routed_predicted: u64,
+    pub hint_loads: u64,
+    /// `predicted_used / predicted` (0 when nothing was predicted).
+    pub prefetch_precision: f64,
+    /// `predicted_used / routed_predicted` (0 when nothing was predicted).
+    pub prefetch_recall: f64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
 }
 
 impl CacheStats {
@@ -36,6 +61,9 @@ impl CacheStats {
         let hits = self.hits.load(Relaxed);
         let misses = self.misses.load(Relaxed);
         let total = hits + misses;
+        let predicted = self.predicted.load(Relaxed);
+        let used = self.predicted_used.load(Relaxed);
+        let routed = self.routed_predicted.load(Relaxed);
         StatsSnapshot {
             hits,
             misses,
@@ -50,10 +78,49 @@ impl CacheStats {
             } else {
                 hits as f64 / total as f64
             },
+            predicted,
+            predicted_used: used,
+            routed_predicted: routed,
+            hint_loads: self.hint_loads.load(Relaxed),
+            prefetch_precision: ratio(used, predicted),
+            prefetch_recall: ratio(used, routed),
         }
     }
 
     pub fn add(&self, c: &AtomicU64, v: u64) {
         c.fetch_add(v, Relaxed);
+    }
+}
+
+impl StatsSnapshot {
+    /// The counters accumulated since `earlier` (ratios recomputed).
+    pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let hits = d(self.hits, earlier.hits);
+        let misses = d(self.misses, earlier.misses);
+        let predicted = d(self.predicted, earlier.predicted);
+        let used = d(self.predicted_used, earlier.predicted_used);
+        let routed = d(self.routed_predicted, earlier.routed_predicted);
+        StatsSnapshot {
+            hits,
+            misses,
+            prefetched: d(self.prefetched, earlier.prefetched),
+            loads: d(self.loads, earlier.loads),
+            bytes_read: d(self.bytes_read, earlier.bytes_read),
+            evictions: d(self.evictions, earlier.evictions),
+            stall_ms: (self.stall_ms - earlier.stall_ms).max(0.0),
+            skipped: d(self.skipped, earlier.skipped),
+            hit_rate: if hits + misses == 0 {
+                1.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            predicted,
+            predicted_used: used,
+            routed_predicted: routed,
+            hint_loads: d(self.hint_loads, earlier.hint_loads),
+            prefetch_precision: ratio(used, predicted),
+            prefetch_recall: ratio(used, routed),
+        }
     }
 }

@@ -16,6 +16,7 @@
 use super::buf::BufPool;
 use super::io::BlobReader;
 use super::policy::{EvictionPolicy, PolicyKind};
+use super::prefetch::{NextHint, Predictor};
 use super::stats::{CacheStats, StatsSnapshot};
 use crate::error::RuntimeError;
 use crate::models::moe::{ExpertMats, ExpertProvider};
@@ -54,6 +55,10 @@ pub struct CacheConfig {
     pub io_threads: usize,
     /// Load the pack's pinned experts at open and never evict them.
     pub pin: bool,
+    /// Let the model skip non-resident secondary experts (`--skip-missing`).
+    pub skip_missing: bool,
+    /// Accept the model's next-layer predictions and read them ahead.
+    pub prefetch_next: bool,
 }
 
 impl Default for CacheConfig {
@@ -65,6 +70,8 @@ impl Default for CacheConfig {
             verify_checksums: false,
             io_threads: 2,
             pin: true,
+            skip_missing: false,
+            prefetch_next: true,
         }
     }
 }
@@ -85,6 +92,9 @@ impl Pending {
             done: Mutex::new(None),
             cv: Condvar::new(),
         })
+    }
+    fn is_done(&self) -> bool {
+        lock(&self.done).is_some()
     }
     fn claim(&self) -> bool {
         !self.claimed.swap(true, Ordering::AcqRel)
@@ -110,6 +120,11 @@ struct LayerSlots {
     resident: HashMap<usize, Arc<ExpertMats>>,
     pending: HashMap<usize, Arc<Pending>>,
     policy: Box<dyn EvictionPolicy>,
+    /// Blob keys the latest forward pass routed to: a speculative (predicted)
+    /// load never evicts one of these.
+    active: Vec<usize>,
+    /// The experts predicted for this layer's next pass, not yet scored.
+    prediction: Option<Vec<usize>>,
 }
 
 struct Inner {
@@ -124,6 +139,8 @@ struct Inner {
     identity: (u64, u64),
     poisoned: Mutex<Option<String>>,
     first_moe_layer: usize,
+    predictor: Option<Predictor>,
+    skip_missing: bool,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -161,25 +178,45 @@ impl ExpertCache {
                 .count()
         };
         let first_moe_layer = (0..n_layers).find(|&l| per_layer(l) > 0).unwrap_or(0);
-        let layers = (0..n_layers)
-            .map(|l| {
-                let capacity = match &cfg.capacity {
-                    Capacity::PerLayer(n) => *n,
-                    Capacity::Layers(v) => v.get(l).copied().unwrap_or(0),
-                    Capacity::Unlimited => usize::MAX,
-                };
+        let mut caps: Vec<usize> = (0..n_layers)
+            .map(|l| match &cfg.capacity {
+                Capacity::PerLayer(n) => *n,
+                Capacity::Layers(v) => v.get(l).copied().unwrap_or(0),
+                Capacity::Unlimited => usize::MAX,
+            })
+            .collect();
+        if cfg.policy == PolicyKind::Depth {
+            let pins = if cfg.pin {
+                pinned_from_manifest(&pack)
+            } else {
+                Vec::new()
+            };
+            let max: Vec<usize> = (0..n_layers)
+                .map(|l| per_layer(l).saturating_sub(pins.iter().filter(|p| p.0 == l).count()))
+                .collect();
+            caps = super::policy::depth_capacities(&caps, &max);
+        }
+        let layers = caps
+            .into_iter()
+            .map(|capacity| {
                 Mutex::new(LayerSlots {
                     capacity,
                     pinned: HashMap::new(),
                     resident: HashMap::new(),
                     pending: HashMap::new(),
                     policy: cfg.policy.build(),
+                    active: Vec::new(),
+                    prediction: None,
                 })
             })
             .collect();
         // Enough free buffers for every slot turning over once per layer pass.
         let pool = BufPool::new(64);
+        let predictor = (cfg.prefetch_next && cfg.io_threads > 0)
+            .then(|| Predictor::from_pack(&pack, n_layers));
         let inner = Arc::new(Inner {
+            predictor,
+            skip_missing: cfg.skip_missing,
             pack,
             reader,
             pool,
@@ -225,6 +262,11 @@ impl ExpertCache {
 
     pub fn policy(&self) -> PolicyKind {
         self.policy
+    }
+
+    /// Per model layer: experts cached besides pinned ones (`usize::MAX`: unlimited).
+    pub fn capacities(&self) -> Vec<usize> {
+        self.inner.layers.iter().map(|l| lock(l).capacity).collect()
     }
 
     /// Whether expert reads bypass the page cache right now.
@@ -400,19 +442,35 @@ impl Inner {
         build_mats(entry, Arc::new(raw)).map(Arc::new)
     }
 
-    fn insert(&self, s: &mut LayerSlots, key: usize, m: &Arc<ExpertMats>) {
-        s.policy.touch(key);
-        if s.capacity == 0 {
+    /// Makes `m` resident, evicting by policy. A `speculative` (predicted,
+    /// not yet routed) load neither counts as a use nor evicts an expert the
+    /// layer's latest pass used; with no other victim it is not kept.
+    fn insert(&self, s: &mut LayerSlots, key: usize, m: &Arc<ExpertMats>, speculative: bool) {
+        if !speculative {
+            s.policy.touch(key);
+        }
+        if s.capacity == 0 || s.resident.contains_key(&key) {
             return;
         }
         while s.resident.len() >= s.capacity {
-            let cands: Vec<usize> = s.resident.keys().copied().collect();
+            let cands: Vec<usize> = s
+                .resident
+                .keys()
+                .copied()
+                .filter(|k| !speculative || !s.active.contains(k))
+                .collect();
+            if cands.is_empty() {
+                return;
+            }
             let Some(v) = s.policy.victim(&cands) else {
                 break;
             };
             s.resident.remove(&v);
             s.policy.remove(v);
             self.stats.add(&self.stats.evictions, 1);
+        }
+        if speculative {
+            s.policy.admit(key);
         }
         s.resident.insert(key, Arc::clone(m));
     }
@@ -421,12 +479,12 @@ impl Inner {
     /// pending entry stays (holding the result) until a `get` consumes it:
     /// a prefetched expert evicted before its `get`, or one a zero-capacity
     /// layer never keeps, is then still read only once.
-    fn complete(&self, layer: usize, key: usize, p: &Pending) -> LoadResult {
+    fn complete(&self, layer: usize, key: usize, p: &Pending, speculative: bool) -> LoadResult {
         if p.claim() {
             let r = self.load(layer, key);
             let mut s = lock(&self.layers[layer]);
             if let Ok(m) = &r {
-                self.insert(&mut s, key, m);
+                self.insert(&mut s, key, m, speculative);
             }
             drop(s);
             p.fulfil(r.clone());
@@ -551,7 +609,7 @@ impl ExpertProvider for ExpertCache {
         };
         drop(s);
         let t0 = Instant::now();
-        let r = inner.complete(layer, key, &p);
+        let r = inner.complete(layer, key, &p, false);
         inner
             .stats
             .add(&inner.stats.stall_ns, t0.elapsed().as_nanos() as u64);
@@ -571,27 +629,123 @@ impl ExpertProvider for ExpertCache {
         let Some(slots) = self.inner.layers.get(layer) else {
             return;
         };
-        let mut jobs = Vec::new();
+        let keys: Vec<usize> = experts.iter().map(|&e| self.inner.key(layer, e)).collect();
         {
             let mut s = lock(slots);
-            for &e in experts {
-                let key = self.inner.key(layer, e);
-                if s.pinned.contains_key(&key)
-                    || s.resident.contains_key(&key)
-                    || s.pending.contains_key(&key)
-                {
-                    continue;
-                }
-                let p = Pending::new();
-                s.pending.insert(key, Arc::clone(&p));
-                jobs.push((key, p));
+            if let Some(pred) = s.prediction.take() {
+                let st = &self.inner.stats;
+                let used = pred.iter().filter(|e| experts.contains(e)).count();
+                st.add(&st.predicted, pred.len() as u64);
+                st.add(&st.predicted_used, used as u64);
+                st.add(&st.routed_predicted, experts.len() as u64);
             }
+            // Finished loads from earlier passes (or from predictions) that
+            // this pass does not use: the cache holds them if it kept them.
+            s.pending.retain(|k, p| !p.is_done() || keys.contains(k));
+            s.active = keys.clone();
         }
-        for (key, p) in jobs {
-            let inner = Arc::clone(&self.inner);
-            let _ = self.send(Box::new(move || {
-                let _ = inner.complete(layer, key, &p);
-            }));
+        self.inner
+            .start_loads(layer, &keys, false, |inner, layer, key, p| {
+                Box::new(move || {
+                    let _ = inner.complete(layer, key, &p, false);
+                })
+            })
+            .into_iter()
+            .for_each(|job| {
+                let _ = self.send(job);
+            });
+    }
+
+    fn is_resident(&self, layer: usize, expert: usize) -> bool {
+        let key = self.inner.key(layer, expert);
+        self.inner.layers.get(layer).is_some_and(|l| {
+            let s = lock(l);
+            s.pinned.contains_key(&key)
+                || s.resident.contains_key(&key)
+                || s.pending.get(&key).is_some_and(|p| p.is_done())
+        })
+    }
+
+    fn skip_missing(&self) -> bool {
+        self.inner.skip_missing
+    }
+
+    fn record_skipped(&self, _layer: usize, n: usize) {
+        self.inner.stats.add(&self.inner.stats.skipped, n as u64);
+    }
+
+    fn wants_next_hint(&self, layer: usize) -> bool {
+        self.inner.predictor.is_some()
+            && self
+                .inner
+                .layers
+                .get(layer)
+                .is_some_and(|l| lock(l).capacity != usize::MAX)
+    }
+
+    fn hint_next(&self, layer: usize, hint: &NextHint<'_>) {
+        let Some(pred) = &self.inner.predictor else {
+            return;
+        };
+        let Some(slots) = self.inner.layers.get(layer) else {
+            return;
+        };
+        let set = pred.predict(layer, hint);
+        let keys: Vec<usize> = set.iter().map(|&e| self.inner.key(layer, e)).collect();
+        lock(slots).prediction = Some(set);
+        let jobs = self
+            .inner
+            .start_loads(layer, &keys, true, |inner, layer, key, p| {
+                Box::new(move || {
+                    let _ = inner.complete(layer, key, &p, true);
+                })
+            });
+        let st = &self.inner.stats;
+        st.add(&st.hint_loads, jobs.len() as u64);
+        for job in jobs {
+            let _ = self.send(job);
         }
+    }
+}
+
+impl Inner {
+    /// Registers a pending load for each of `keys` not yet resident or
+    /// loading and returns the jobs that run them. A `speculative` batch
+    /// stops at the layer's free-or-evictable slots, so a prediction never
+    /// queues more reads than it could keep.
+    fn start_loads(
+        self: &Arc<Self>,
+        layer: usize,
+        keys: &[usize],
+        speculative: bool,
+        job: impl Fn(Arc<Inner>, usize, usize, Arc<Pending>) -> Job,
+    ) -> Vec<Job> {
+        let Some(slots) = self.layers.get(layer) else {
+            return Vec::new();
+        };
+        let mut s = lock(slots);
+        let mut room = if speculative {
+            let busy = s.resident.keys().filter(|k| s.active.contains(k)).count();
+            s.capacity.saturating_sub(busy)
+        } else {
+            usize::MAX
+        };
+        let mut jobs = Vec::new();
+        for &key in keys {
+            if s.pinned.contains_key(&key)
+                || s.resident.contains_key(&key)
+                || s.pending.contains_key(&key)
+            {
+                continue;
+            }
+            if room == 0 {
+                break;
+            }
+            room -= 1;
+            let p = Pending::new();
+            s.pending.insert(key, Arc::clone(&p));
+            jobs.push(job(Arc::clone(self), layer, key, p));
+        }
+        jobs
     }
 }

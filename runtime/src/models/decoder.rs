@@ -28,8 +28,8 @@
 use super::attention::{attention, AttnShape, AttnWeights, QkNorm};
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{
-    moe_forward, norm_rows, ExpertMats, ExpertProvider, MoeWeights, RouterObserver, Routing,
-    SharedExpert,
+    moe_forward_ext, norm_rows, ExpertMats, ExpertProvider, MoeWeights, NextLayer, RouterObserver,
+    Routing, SharedExpert,
 };
 use super::rope::Rope;
 use crate::config::ModelConfig;
@@ -244,6 +244,21 @@ impl Transformer {
         kv: &mut LayerKv,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
+        self.layer_forward_next(lw, None, experts, hidden, kv, observer)
+    }
+
+    /// [`Self::layer_forward`] that also lets the provider prefetch for the
+    /// next layer `next` (its router applied to this layer's post-attention
+    /// residual stream, see [`crate::cache::prefetch`]).
+    pub fn layer_forward_next(
+        &self,
+        lw: &LayerWeights,
+        next: Option<&LayerWeights>,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        kv: &mut LayerKv,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
         let h = self.cfg.hidden_size;
         let n = hidden.len() / h;
         let eps = self.cfg.rms_norm_eps;
@@ -253,9 +268,26 @@ impl Transformer {
             *x += y;
         }
         let xn = norm_rows(hidden, &lw.post_norm, eps);
+        let proxy = match next {
+            Some(
+                nl @ LayerWeights {
+                    ffn: Ffn::Moe(nm), ..
+                },
+            ) if experts.wants_next_hint(nl.index) => {
+                Some((nl.index, &nm.router, norm_rows(hidden, &nl.post_norm, eps)))
+            }
+            _ => None,
+        };
+        let next = proxy.as_ref().map(|(layer, router, input)| NextLayer {
+            layer: *layer,
+            router,
+            input,
+        });
         let f = match &lw.ffn {
             Ffn::Dense(m) => m.forward(&xn, n),
-            Ffn::Moe(mw) => moe_forward(lw.index, &self.routing, mw, experts, &xn, n, observer)?,
+            Ffn::Moe(mw) => {
+                moe_forward_ext(lw.index, &self.routing, mw, experts, &xn, n, observer, next)?
+            }
         };
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;

@@ -12,9 +12,10 @@ use super::layerwise::Layerwise;
 use super::qwen3_next::{Qwen3Next, Qwen3NextConfig};
 use super::sigmoid_moe::JsonCfg;
 use super::{is_pack, ExpertProvider, LoadOptions, Model, MoeModel, Transformer};
+use crate::cache::ExpertCache;
 use crate::config::{Arch, ModelConfig};
 use crate::error::RuntimeError;
-use crate::weights::pack::{PackExperts, PackSource};
+use crate::weights::pack::PackSource;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::WeightSource;
 use std::path::Path;
@@ -161,8 +162,23 @@ pub fn load_own_type(
         if cfg.arch().uses_shared_decoder() {
             return Ok(None);
         }
-        let experts = PackExperts::new(src.clone(), cfg.hidden_size(), cfg.moe_intermediate_size());
-        return cfg.build(&src, opts, Some(Arc::new(experts))).map(Some);
+        // Same streaming path as the shared-decoder families: routed experts
+        // behind the budgeted cache, dense tensors read into owned memory so
+        // a pack truncated while running is an error, not a SIGBUS.
+        crate::cache::check_expert_shapes(
+            src.pack(),
+            cfg.hidden_size(),
+            cfg.moe_intermediate_size(),
+        )?;
+        let cache = crate::cache::provider_for_open_pack(
+            Arc::clone(src.pack()),
+            &opts.cache,
+            cfg.num_hidden_layers(),
+        )?;
+        let provider: Arc<dyn ExpertProvider> = cache.clone();
+        let dense = crate::cache::ReadDense::new(Arc::clone(src.pack()));
+        let inner = cfg.build(&dense, opts, Some(provider))?;
+        return Ok(Some(Box::new(Cached { inner, cache })));
     }
     let cfg_path = path.join("config.json");
     if !path.is_dir() || !cfg_path.is_file() {
@@ -211,5 +227,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("glm4_moe") && e.contains("FamilyConfig"), "{e}");
+    }
+}
+
+/// A family model whose routed experts stream through an [`ExpertCache`]:
+/// the model itself only sees an `ExpertProvider`, so this wrapper is what
+/// hands the cache to `--stats`, `/metrics` and `mfx bench`.
+struct Cached {
+    inner: Box<dyn Model>,
+    cache: Arc<ExpertCache>,
+}
+
+impl Model for Cached {
+    fn info(&self) -> &super::ModelInfo {
+        self.inner.info()
+    }
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
+        self.inner.forward(tokens, all_logits)
+    }
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+    fn truncate(&mut self, len: usize) -> bool {
+        self.inner.truncate(len)
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+    fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
+        Some(Arc::clone(&self.cache))
     }
 }

@@ -24,9 +24,10 @@ pub use moe::{
     ExpertMats, ExpertProvider, ExpertWeights, ResidentExperts, RouterObserver, Routing,
 };
 
+use crate::cache::{CacheOptions, ExpertCache};
 use crate::config::{Arch, ModelConfig};
 use crate::error::RuntimeError;
-use crate::weights::pack::{PackExperts, PackSource};
+use crate::weights::pack::PackSource;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::WeightSource;
 use mfx_formats::pack::MAGIC;
@@ -61,6 +62,11 @@ pub trait Model: Send {
     /// Returns false if this model cannot (then callers reset).
     fn truncate(&mut self, len: usize) -> bool;
     fn reset(&mut self);
+    /// The streaming expert cache behind this model's routed experts, when
+    /// it was loaded from a pack (for `--stats`, `/metrics`, `mfx bench`).
+    fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
+        None
+    }
 }
 
 /// How to load a model.
@@ -70,6 +76,9 @@ pub struct LoadOptions {
     pub kv_bits: KvBits,
     /// Cap on positions (default: the config's `max_position_embeddings`).
     pub max_context: Option<usize>,
+    /// How a pack's routed experts are cached (ignored for checkpoint
+    /// directories, whose experts stay mapped).
+    pub cache: CacheOptions,
 }
 
 /// The family switches for a config (`None` for the families with their
@@ -145,6 +154,7 @@ pub struct MoeModel {
     tf: Transformer,
     layers: Vec<LayerWeights>,
     experts: Arc<dyn ExpertProvider>,
+    cache: Option<Arc<ExpertCache>>,
     kv: Vec<LayerKv>,
 }
 
@@ -153,8 +163,23 @@ impl MoeModel {
         if path.is_file() && is_pack(path) {
             let src = PackSource::open(path)?;
             let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), path)?;
-            let experts = PackExperts::new(src.clone(), cfg.hidden_size, cfg.moe_intermediate_size);
-            return Self::from_source(&cfg, &src, opts, Some(Arc::new(experts)));
+            crate::cache::check_expert_shapes(
+                src.pack(),
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+            )?;
+            let cache = crate::cache::provider_for_open_pack(
+                Arc::clone(src.pack()),
+                &opts.cache,
+                cfg.num_hidden_layers,
+            )?;
+            let provider: Arc<dyn ExpertProvider> = cache.clone();
+            // Dense tensors read into owned memory, not viewed in the map:
+            // a pack truncated while running must not SIGBUS (cache::dense).
+            let dense = crate::cache::ReadDense::new(Arc::clone(src.pack()));
+            let mut m = Self::from_source(&cfg, &dense, opts, Some(provider))?;
+            m.cache = Some(cache);
+            return Ok(m);
         }
         let (cfg, src) = open(path)?;
         Self::from_source(&cfg, src.as_ref(), opts, None)
@@ -203,6 +228,7 @@ impl MoeModel {
             tf,
             layers,
             experts,
+            cache: None,
             kv,
         })
     }
@@ -229,11 +255,12 @@ impl MoeModel {
             return Ok(Vec::new());
         }
         let mut hidden = self.tf.embed(tokens)?;
-        for (lw, kv) in self.layers.iter().zip(self.kv.iter_mut()) {
+        for (l, kv) in self.kv.iter_mut().enumerate() {
             let obs = observer.as_deref_mut();
-            if let Err(e) = self
-                .tf
-                .layer_forward(lw, self.experts.as_ref(), &mut hidden, kv, obs)
+            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
+            if let Err(e) =
+                self.tf
+                    .layer_forward_next(lw, next, self.experts.as_ref(), &mut hidden, kv, obs)
             {
                 // Keep the layers' caches consistent: drop this call's positions.
                 let keep = needed - tokens.len();
@@ -279,5 +306,9 @@ impl Model for MoeModel {
         for kv in self.kv.iter_mut() {
             kv.clear();
         }
+    }
+
+    fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
+        self.cache.clone()
     }
 }

@@ -7,6 +7,7 @@
 //! runtime's default provider, [`ResidentExperts`], hands out handles into
 //! the mapped checkpoint; the streaming cache substitutes its own.
 
+use crate::cache::NextHint;
 use crate::error::RuntimeError;
 use crate::kernels::{self, rms_norm, silu_mul, MatRef};
 use crate::weights::Matrix;
@@ -75,6 +76,38 @@ pub trait ExpertProvider: Send + Sync {
     fn prefetch(&self, layer: usize, experts: &[usize]) {
         let _ = (layer, experts);
     }
+    /// Whether `get` would return without reading (for `--skip-missing`).
+    fn is_resident(&self, layer: usize, expert: usize) -> bool {
+        let _ = (layer, expert);
+        true
+    }
+    /// Whether the model may skip non-resident secondary experts.
+    fn skip_missing(&self) -> bool {
+        false
+    }
+    /// `n` (token, expert) uses of `layer` were skipped.
+    fn record_skipped(&self, layer: usize, n: usize) {
+        let _ = (layer, n);
+    }
+    /// Whether predictions for MoE layer `layer` are worth computing.
+    fn wants_next_hint(&self, layer: usize) -> bool {
+        let _ = layer;
+        false
+    }
+    /// A prediction input for MoE layer `layer`, made while the layer before
+    /// it computes: the provider may start reading (never blocking).
+    fn hint_next(&self, layer: usize, hint: &NextHint<'_>) {
+        let _ = (layer, hint);
+    }
+}
+
+/// The next MoE layer, for prefetch: its router and a proxy of its input
+/// (the residual stream after this layer's attention, normalized with the
+/// next layer's post-attention norm), `[n, hidden]`.
+pub struct NextLayer<'a> {
+    pub layer: usize,
+    pub router: &'a Matrix,
+    pub input: &'a [f32],
 }
 
 /// Sees every routing decision. Prep uses this to count expert activations
@@ -153,7 +186,48 @@ pub fn moe_forward(
     experts: &dyn ExpertProvider,
     xn: &[f32],
     n: usize,
+    observer: Option<&mut (dyn RouterObserver + '_)>,
+) -> Result<Vec<f32>, RuntimeError> {
+    moe_forward_ext(layer, routing, w, experts, xn, n, observer, None)
+}
+
+/// Drops the non-resident experts of `missing` from one token's selection
+/// and re-weights the rest as the family's routing rule would have had it
+/// chosen only those: renormalized over the kept experts when the family
+/// renormalizes its top-k (`norm_topk_prob`, Mixtral), else the softmax
+/// weights unchanged (the skipped experts' share is simply lost, as with
+/// any expert outside the top-k). The top-1 expert is never in `missing`.
+/// Returns how many were dropped.
+fn skip_missing(routing: &Routing, sel: &mut Vec<(usize, f32)>, missing: &[bool]) -> usize {
+    let before = sel.len();
+    sel.retain(|&(e, _)| !missing[e]);
+    let dropped = before - sel.len();
+    if dropped > 0 && routing.renormalize {
+        let s: f32 = sel.iter().map(|x| x.1).sum();
+        if s > 0.0 {
+            for x in sel.iter_mut() {
+                x.1 /= s;
+            }
+        }
+    }
+    dropped
+}
+
+/// [`moe_forward`] with a view of the next MoE layer, for prefetch. With
+/// [`ExpertProvider::skip_missing`], a secondary expert that is not resident
+/// when the layer starts is skipped for every token of the call (its read
+/// still starts, so later tokens find it); an expert that is any token's
+/// top-1 is always waited for.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_forward_ext(
+    layer: usize,
+    routing: &Routing,
+    w: &MoeWeights,
+    experts: &dyn ExpertProvider,
+    xn: &[f32],
+    n: usize,
     mut observer: Option<&mut (dyn RouterObserver + '_)>,
+    next: Option<NextLayer<'_>>,
 ) -> Result<Vec<f32>, RuntimeError> {
     let hidden = w.router.cols();
     let ne = w.router.rows();
@@ -162,7 +236,7 @@ pub fn moe_forward(
 
     // Route each token, then group tokens by expert so each expert's weights
     // are read once per call (one matmul with m rows).
-    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    let mut per_token: Vec<Vec<(usize, f32)>> = Vec::with_capacity(n);
     let mut probs = Vec::with_capacity(ne);
     for t in 0..n {
         let lg = &logits[t * ne..(t + 1) * ne];
@@ -170,12 +244,66 @@ pub fn moe_forward(
         if let Some(obs) = observer.as_deref_mut() {
             obs.observe(layer, t, lg, &probs, &sel, &wts);
         }
-        for (&e, &wt) in sel.iter().zip(&wts) {
+        per_token.push(sel.into_iter().zip(wts).collect());
+    }
+    let mut used = vec![false; ne];
+    for sel in &per_token {
+        for &(e, _) in sel {
+            used[e] = true;
+        }
+    }
+    let active: Vec<usize> = (0..ne).filter(|&e| used[e]).collect();
+    experts.prefetch(layer, &active);
+
+    if experts.skip_missing() {
+        let mut top1 = vec![false; ne];
+        for sel in &per_token {
+            if let Some(&(e, _)) = sel.first() {
+                top1[e] = true;
+            }
+        }
+        let mut missing = vec![false; ne];
+        let mut any = false;
+        for &e in &active {
+            if !top1[e] && !experts.is_resident(layer, e) {
+                missing[e] = true;
+                any = true;
+            }
+        }
+        if any {
+            let skipped: usize = per_token
+                .iter_mut()
+                .map(|sel| skip_missing(routing, sel, &missing))
+                .sum();
+            experts.record_skipped(layer, skipped);
+        }
+    }
+
+    if let Some(nx) = next.filter(|nx| experts.wants_next_hint(nx.layer)) {
+        let ne2 = nx.router.rows();
+        let mut p2 = vec![0.0; n * ne2];
+        kernels::matmul(&nx.router.mat(), nx.input, n, &mut p2);
+        for row in p2.chunks_exact_mut(ne2) {
+            kernels::softmax(row);
+        }
+        experts.hint_next(
+            nx.layer,
+            &NextHint {
+                probs: &p2,
+                n,
+                top_k: routing.top_k,
+                prev: &per_token,
+            },
+        );
+    }
+
+    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    for (t, sel) in per_token.iter().enumerate() {
+        for &(e, wt) in sel {
             by_expert[e].push((t, wt));
         }
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
-    experts.prefetch(layer, &active);
 
     let results: Vec<Result<(usize, Vec<f32>), RuntimeError>> = active
         .par_iter()
@@ -271,4 +399,30 @@ pub fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         rms_norm(r, w, eps, o);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipping_renormalizes_only_where_the_family_does() {
+        let missing = [false, true, false, false];
+        let sel = vec![(0, 0.5), (1, 0.3), (2, 0.2)];
+        let renorm = Routing {
+            top_k: 3,
+            renormalize: true,
+        };
+        let mut a = sel.clone();
+        assert_eq!(skip_missing(&renorm, &mut a, &missing), 1);
+        assert_eq!(a.len(), 2);
+        assert!((a[0].1 - 0.5 / 0.7).abs() < 1e-6 && (a[1].1 - 0.2 / 0.7).abs() < 1e-6);
+        let plain = Routing {
+            top_k: 3,
+            renormalize: false,
+        };
+        let mut b = sel.clone();
+        assert_eq!(skip_missing(&plain, &mut b, &missing), 1);
+        assert_eq!(b, vec![(0, 0.5), (2, 0.2)]);
+    }
 }

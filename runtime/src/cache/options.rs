@@ -1,0 +1,145 @@
+//! What a user asks of the cache (`--ram`, `--capacity`, `--policy`, ...)
+//! and the one place that turns it into an [`ExpertCache`] over a pack.
+//!
+//! Every family that loads from a pack calls [`provider_for_pack`], so that
+//! `--ram` means the same thing (dense + pinned + cache bytes) whatever the
+//! architecture, and the budget errors read the same everywhere.
+
+use super::budget::{detect_budget, plan_budget};
+use super::policy::PolicyKind;
+use super::store::{CacheConfig, Capacity, ExpertCache};
+use crate::error::RuntimeError;
+use mfx_formats::pack::Pack;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Cache settings carried in [`crate::models::LoadOptions`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheOptions {
+    /// Budget in bytes for all weights (dense + pinned + cache). `None`:
+    /// available memory minus a margin ([`detect_budget`]).
+    pub ram: Option<u64>,
+    /// Experts cached per MoE layer besides the pinned ones; overrides the
+    /// split of `ram` (mlx-moe's `--capacity`).
+    pub capacity: Option<usize>,
+    pub policy: PolicyKind,
+    /// Skip a low-weight secondary expert that is not resident instead of
+    /// waiting for its read (see `moe_forward`). Changes outputs; off by default.
+    pub skip_missing: bool,
+    /// Predict the next MoE layer's experts and read them ahead.
+    pub prefetch: bool,
+    /// Bypass the page cache (O_DIRECT / F_NOCACHE) where the filesystem allows.
+    pub direct_io: bool,
+    /// Check each expert blob's checksum as it is read.
+    pub verify: bool,
+    /// Keep the pack's pinned experts resident.
+    pub pin: bool,
+    /// Background reader threads.
+    pub io_threads: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            ram: None,
+            capacity: None,
+            policy: PolicyKind::default(),
+            skip_missing: false,
+            prefetch: true,
+            direct_io: true,
+            verify: false,
+            pin: true,
+            io_threads: 2,
+        }
+    }
+}
+
+/// Opens `path` and builds its expert cache (see [`provider_for_open_pack`]).
+pub fn provider_for_pack(
+    path: &Path,
+    opts: &CacheOptions,
+    n_layers: usize,
+) -> Result<Arc<ExpertCache>, RuntimeError> {
+    let pack = Pack::open(path).map_err(|e| RuntimeError::Pack {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    provider_for_open_pack(Arc::new(pack), opts, n_layers)
+}
+
+/// The routed experts of `pack` (a model of `n_layers` layers) behind a
+/// budgeted [`ExpertCache`]. `--capacity` wins over `--ram`; with neither,
+/// the budget is detected free memory minus a margin. A budget below the
+/// dense weights plus pinned experts is an error stating the minimum.
+pub fn provider_for_open_pack(
+    pack: Arc<Pack>,
+    opts: &CacheOptions,
+    n_layers: usize,
+) -> Result<Arc<ExpertCache>, RuntimeError> {
+    let capacity = match opts.capacity {
+        Some(n) => Capacity::PerLayer(n),
+        None => {
+            let budget = match opts.ram {
+                Some(b) => b,
+                None => detect_budget().ok_or_else(|| {
+                    RuntimeError::Other(
+                        "cannot detect free memory (no /proc/meminfo MemAvailable); pass --ram SIZE or --capacity N".into(),
+                    )
+                })?,
+            };
+            let plan = plan_budget(&pack, n_layers, budget, opts.pin).map_err(|e| {
+                let hint = if opts.ram.is_none() {
+                    " (budget detected from free memory; free some, or pass --ram / --capacity)"
+                } else {
+                    ""
+                };
+                RuntimeError::Other(format!("{e}{hint}"))
+            })?;
+            Capacity::Layers(plan.capacity)
+        }
+    };
+    let cfg = CacheConfig {
+        capacity,
+        policy: opts.policy,
+        direct_io: opts.direct_io,
+        verify_checksums: opts.verify,
+        io_threads: opts.io_threads,
+        pin: opts.pin,
+        skip_missing: opts.skip_missing,
+        prefetch_next: opts.prefetch,
+    };
+    Ok(Arc::new(ExpertCache::open(pack, n_layers, &cfg)?))
+}
+
+/// Checks every routed expert's part shapes against the model's dimensions
+/// (gate/up `[inter, hidden]`, down `[hidden, inter]`) at load, so that a
+/// mismatched pack fails naming the expert before any token is run rather
+/// than when the cache first reads it.
+pub fn check_expert_shapes(pack: &Pack, hidden: usize, inter: usize) -> Result<(), RuntimeError> {
+    let (h, i) = (hidden as u64, inter as u64);
+    for e in &pack.manifest().experts {
+        for (name, want) in [
+            ("gate_proj", [i, h]),
+            ("up_proj", [i, h]),
+            ("down_proj", [h, i]),
+        ] {
+            let got = e
+                .part_index(name)
+                .map(|k| e.parts[k].shape.clone())
+                .ok_or_else(|| RuntimeError::Pack {
+                    path: pack.path().to_path_buf(),
+                    msg: format!("{}: no part `{name}`", e.label()),
+                })?;
+            if got != want {
+                return Err(RuntimeError::Pack {
+                    path: pack.path().to_path_buf(),
+                    msg: format!(
+                        "{} {name}: shape {got:?}, the model's config needs {want:?}",
+                        e.label()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
