@@ -162,7 +162,11 @@ fn merge_finds_planted_duplicates_and_the_pack_routes_onto_them() {
     ok(&mfx(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     let mut args = vec!["prep".to_string()];
     args.extend(common(&merged));
-    args.extend(["--merge".into(), "--report".into(), report.display().to_string()]);
+    args.extend([
+        "--merge".into(),
+        "--report".into(),
+        report.display().to_string(),
+    ]);
     ok(&mfx(&args.iter().map(String::as_str).collect::<Vec<_>>()));
 
     // The report: exactly the planted pairs merged, their parameters saved.
