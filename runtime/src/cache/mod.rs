@@ -16,7 +16,6 @@ pub mod stats;
 pub mod store;
 
 pub use budget::{detect_budget, plan_budget, BudgetError, BudgetPlan};
-pub use dense::ReadDense;
 pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack, CacheOptions};
 pub use policy::{EvictionPolicy, PolicyKind};
 pub use prefetch::NextHint;

@@ -31,6 +31,9 @@ impl BlobOwner for PackBytes {
 #[derive(Clone)]
 pub struct PackSource {
     pack: Arc<Pack>,
+    /// Read tensors into owned memory instead of viewing the mapping
+    /// (see `cache::dense` for why the streaming runtime wants that).
+    read: bool,
 }
 
 fn pack_err(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
@@ -45,15 +48,26 @@ impl PackSource {
         let pack = Pack::open(path).map_err(|e| pack_err(path, e))?;
         Ok(PackSource {
             pack: Arc::new(pack),
+            read: false,
         })
+    }
+
+    /// The same tensors, each read with `pread` into owned memory when the
+    /// model asks for it, so nothing loaded from here touches the mapping.
+    pub fn reading(pack: Arc<Pack>) -> Self {
+        PackSource { pack, read: true }
     }
 
     pub fn pack(&self) -> &Arc<Pack> {
         &self.pack
     }
 
-    /// Bytes `[offset, offset+len)` of the mapped file, zero-copy.
-    fn blob(&self, offset: u64, len: u64) -> Result<Blob, RuntimeError> {
+    /// Bytes `[offset, offset+len)` of the file: a zero-copy view of the
+    /// mapping, or (for [`Self::reading`]) a fresh owned copy.
+    fn blob(&self, what: &str, offset: u64, len: u64) -> Result<Blob, RuntimeError> {
+        if self.read {
+            return crate::cache::dense::read_blob(&self.pack, what, offset, len);
+        }
         let owner: Arc<dyn BlobOwner> = Arc::new(PackBytes(self.pack.clone()));
         Blob::owned(owner, offset as usize, len as usize).ok_or_else(|| {
             pack_err(
@@ -167,7 +181,7 @@ impl WeightSource for PackSource {
         Ok(Some(RawTensor {
             dtype: dtype_of(e.scheme),
             shape: e.shape.iter().map(|&d| d as usize).collect(),
-            data: self.blob(e.offset, e.length)?,
+            data: self.blob(name, e.offset, e.length)?,
         }))
     }
 
@@ -184,7 +198,7 @@ impl WeightSource for PackSource {
             &self.location(),
             e.scheme,
             &e.shape,
-            self.blob(e.offset, e.length)?,
+            self.blob(&name, e.offset, e.length)?,
             rows,
             cols,
         )
@@ -226,7 +240,7 @@ impl PackExperts {
     fn build(&self, e: &ExpertEntry) -> Result<ExpertMats, RuntimeError> {
         let loc = self.src.location();
         let blob = if e.codec == Codec::None {
-            self.src.blob(e.offset, e.raw_length)?
+            self.src.blob(&e.label(), e.offset, e.raw_length)?
         } else {
             let stored = self.src.pack.expert_bytes_mapped(e);
             let mut out = vec![0u8; e.raw_length as usize];
