@@ -45,7 +45,8 @@
 #   RUN_TIMEOUT   seconds per command before it is killed (default 1800)
 #   BENCH_NICE    -10           RES  results dir (default $MFX_PEERS_DIR/results/cache-<UTC stamp>)
 #   MFX_RAM_RESERVE_MIB  mfx gets --ram LIMIT minus this (default 0: --ram = the
-#                 cgroup limit). "auto" = prep's runtime reserve, max(64 MiB, LIMIT/16).
+#                 cgroup limit). "auto" = max(64 MiB, LIMIT/11), so that --ram x 1.1 (the
+#                 issue's peak-RSS bound, budget + 10%) is the cgroup limit.
 #                 Why: mfx's --ram budgets weights only (dense + pinned + cache);
 #                 its activations, KV cache, I/O buffers and binary come on top,
 #                 so with --ram = LIMIT it was OOM-killed at 50% (2026-12-01).
@@ -173,7 +174,7 @@ for pct in $BUDGETS; do
     echo "budget_pack $pct $(basename "$pk")" >> "$RES/meta.txt"
     cg=$((limit + CGROUP_EXTRA_MIB * 1024 * 1024))
     case "${MFX_RAM_RESERVE_MIB:-0}" in
-        auto) reserve=$((limit / 16)); [[ $reserve -ge $((64 << 20)) ]] || reserve=$((64 << 20)) ;;
+        auto) reserve=$((limit / 11)); [[ $reserve -ge $((64 << 20)) ]] || reserve=$((64 << 20)) ;;
         *) reserve=$(( ${MFX_RAM_RESERVE_MIB:-0} * 1024 * 1024 )) ;;
     esac
     mram=$(( ((limit - reserve) >> 20) << 20 ))

@@ -1,6 +1,7 @@
 //! `mfx bench PACK`: prompt-processing and decode speed through the
 //! streaming expert cache, measured like llama-bench (pp / tg): a fixed
-//! synthetic prompt of `--prompt-tokens` ids processed as one chunk, then
+//! synthetic prompt of `--prompt-tokens` ids processed in chunks of
+//! `--prefill-chunk` (as `mfx run` and `mfx serve` do), then
 //! `--gen-tokens` greedy decode steps, with the cache's hit rate, bytes read
 //! and I/O stall per token. With `--text FILE` the prompt and the decode
 //! steps are that text's tokens instead (teacher-forced: each step feeds the
@@ -9,8 +10,9 @@
 use anyhow::{bail, Context, Result};
 use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::{detect_budget, CacheOptions, ExpertCache, PolicyKind};
+use mfx_runtime::generate::DEFAULT_PREFILL_CHUNK;
 use mfx_runtime::memory;
-use mfx_runtime::models::{LoadOptions, Model, MoeModel};
+use mfx_runtime::models::{LoadOptions, Model};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +32,10 @@ pub struct Args {
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Prompt positions per forward pass (llama-bench's ubatch): each
+    /// streamed expert is read at most once per chunk and layer.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -68,7 +74,7 @@ pub fn load_cached(
     ram: Option<&str>,
     capacity: Option<usize>,
     cache: CacheOptions,
-) -> Result<(MoeModel, Arc<ExpertCache>, Option<u64>)> {
+) -> Result<(Box<dyn Model>, Arc<ExpertCache>, Option<u64>)> {
     let ram = ram.map(parse_size).transpose()?;
     let budget = match capacity {
         Some(_) => None,
@@ -85,8 +91,8 @@ pub fn load_cached(
         },
         ..LoadOptions::default()
     };
-    let model =
-        MoeModel::load(pack, &opts).with_context(|| format!("loading {}", pack.display()))?;
+    let model = mfx_runtime::models::load(pack, &opts)
+        .with_context(|| format!("loading {}", pack.display()))?;
     let cache = model.expert_cache().with_context(|| {
         format!(
             "{}: not a .mfx pack (mfx bench measures the expert cache)",
@@ -167,7 +173,10 @@ pub fn run(a: Args) -> Result<()> {
             .collect(),
     };
     let t0 = Instant::now();
-    let logits = model.forward(&prompt, false)?;
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(a.prefill_chunk.max(1)) {
+        logits = model.forward(chunk, false)?;
+    }
     let pp_s = t0.elapsed().as_secs_f64();
     let after_pp = cache.stats();
     let mut tok = argmax(&logits);

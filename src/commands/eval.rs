@@ -154,24 +154,43 @@ pub fn run(args: Args) -> Result<()> {
                 max_context: Some(ctx),
                 cache: model.cache.options()?,
             };
-            let mut m = MoeModel::load(&model.model, &opts)
-                .with_context(|| format!("loading {}", model.model.display()))?;
-            let coef = m.transformer().cfg.router_aux_loss_coef as f64;
+            // The router observer (for --router-aux-loss) is the shared
+            // decoder's; every family scores plain NLL through `Model`.
+            let mut dec: Option<MoeModel> = None;
+            let mut other: Option<Box<dyn Model>> = None;
+            if router_aux_loss {
+                dec = Some(MoeModel::load(&model.model, &opts).with_context(|| {
+                    format!(
+                        "loading {} (--router-aux-loss needs a shared-decoder family: qwen3_moe, qwen2_moe, mixtral or olmoe)",
+                        model.model.display()
+                    )
+                })?);
+            } else {
+                other = Some(
+                    models::load(&model.model, &opts)
+                        .with_context(|| format!("loading {}", model.model.display()))?,
+                );
+            }
+            let coef = dec
+                .as_ref()
+                .map_or(0.0, |d| d.transformer().cfg.router_aux_loss_coef as f64);
             let t0 = std::time::Instant::now();
             let mut aux = AuxLoss::default();
-            let before = m.expert_cache().map(|c| c.stats());
-            let nll = mean_nll(
-                &mut m,
-                &tokens,
-                rows,
-                ctx,
-                chunk.unwrap_or(ctx),
-                router_aux_loss.then_some(&mut aux),
-            )?;
-            let cache_stats = m
-                .expert_cache()
-                .zip(before)
-                .map(|(c, b)| c.stats().since(&b));
+            let (nll, cache_stats) = {
+                let mut scorer = match (dec.as_mut(), other.as_mut()) {
+                    (Some(d), _) => Scorer::Observed(d, &mut aux),
+                    (None, Some(o)) => Scorer::Plain(o.as_mut()),
+                    (None, None) => unreachable!("one of the two was loaded above"),
+                };
+                let before = scorer.model().expert_cache().map(|c| c.stats());
+                let nll = mean_nll(&mut scorer, &tokens, rows, ctx, chunk.unwrap_or(ctx))?;
+                let cache_stats = scorer
+                    .model()
+                    .expert_cache()
+                    .zip(before)
+                    .map(|(c, b)| c.stats().since(&b));
+                (nll, cache_stats)
+            };
             let secs = t0.elapsed().as_secs_f64();
             eprintln!(
                 "scored {} tokens in {secs:.1}s ({:.0} tok/s)",
@@ -348,24 +367,47 @@ fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> 
     Ok(ids)
 }
 
+/// What `mean_nll` runs: any model, or the shared decoder with a router
+/// observer accumulating the auxiliary loss.
+enum Scorer<'a> {
+    Plain(&'a mut dyn Model),
+    Observed(&'a mut MoeModel, &'a mut AuxLoss),
+}
+
+impl Scorer<'_> {
+    fn model(&mut self) -> &mut dyn Model {
+        match self {
+            Scorer::Plain(m) => &mut **m,
+            Scorer::Observed(m, _) => &mut **m,
+        }
+    }
+
+    fn forward_all(&mut self, piece: &[u32]) -> Result<Vec<f32>> {
+        Ok(match self {
+            Scorer::Plain(m) => m.forward(piece, true)?,
+            Scorer::Observed(m, aux) => {
+                m.forward_observed(piece, true, Some(&mut **aux as &mut dyn RouterObserver))?
+            }
+        })
+    }
+}
+
 /// Mean NLL (nats) over `rows` rows of `ctx` tokens, each from an empty
 /// cache and fed `chunk` tokens per forward pass.
 fn mean_nll(
-    m: &mut MoeModel,
+    m: &mut Scorer<'_>,
     tokens: &[u32],
     rows: usize,
     ctx: usize,
     chunk: usize,
-    mut aux: Option<&mut AuxLoss>,
 ) -> Result<f64> {
-    let vocab = m.info().vocab_size;
+    let vocab = m.model().info().vocab_size;
     let mut total = 0.0f64;
     for row in tokens.chunks_exact(ctx).take(rows) {
-        m.reset();
+        m.model().reset();
         let mut logits = Vec::with_capacity(row.len() * vocab);
         for piece in row.chunks(chunk.max(1)) {
-            let obs = aux.as_deref_mut().map(|a| a as &mut dyn RouterObserver);
-            logits.extend(m.forward_observed(piece, true, obs)?);
+            logits.extend(m.forward_all(piece)?);
         }
         for (i, &next) in row.iter().enumerate().skip(1) {
             let l = &logits[(i - 1) * vocab..i * vocab];

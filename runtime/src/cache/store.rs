@@ -24,7 +24,7 @@ use crate::weights::{Blob, BlobOwner, DType, Matrix};
 use mfx_formats::codec::Codec;
 use mfx_formats::pack::{ExpertEntry, Pack};
 use mfx_formats::quant::Scheme;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -123,6 +123,9 @@ struct LayerSlots {
     /// Blob keys the latest forward pass routed to: a speculative (predicted)
     /// load never evicts one of these.
     active: Vec<usize>,
+    /// Keys of the current pass not yet read ahead: the read-ahead of a pass
+    /// is bounded by the layer's slots and topped up as `get` consumes loads.
+    queue: VecDeque<usize>,
     /// The experts predicted for this layer's next pass, not yet scored.
     prediction: Option<Vec<usize>>,
 }
@@ -206,12 +209,16 @@ impl ExpertCache {
                     pending: HashMap::new(),
                     policy: cfg.policy.build(),
                     active: Vec::new(),
+                    queue: VecDeque::new(),
                     prediction: None,
                 })
             })
             .collect();
-        // Enough free buffers for every slot turning over once per layer pass.
-        let pool = BufPool::new(64);
+        // A few free buffers: an eviction hands its buffer to the next load,
+        // so the free list only bridges loads running ahead of evictions.
+        // Free buffers sit outside the budget, so this stays small (64 kept
+        // up to 108 MiB of 1.7 MiB expert buffers idle).
+        let pool = BufPool::new(2 * cfg.io_threads + 2);
         let predictor = (cfg.prefetch_next && cfg.io_threads > 0)
             .then(|| Predictor::from_pack(&pack, n_layers));
         let inner = Arc::new(Inner {
@@ -252,6 +259,7 @@ impl ExpertCache {
         };
         if cfg.pin {
             cache.load_pinned()?;
+            cache.load_all_if_it_fits()?;
         }
         Ok(cache)
     }
@@ -339,6 +347,77 @@ impl ExpertCache {
             lock(&self.inner.layers[l]).pinned.insert(key, m);
         }
         Ok(())
+    }
+
+    /// When every layer's cache can hold all of its unpinned experts (the
+    /// budget covers the whole pack), loads them now, as pinned: there is
+    /// nothing to evict, and loading on first use would only turn the first
+    /// few hundred tokens into a stream of synchronous misses (measured: 2.5%
+    /// of decode uses missing and 5-11 ms of stall per token over the first
+    /// 100 tokens of a resident 8-layer Qwen3-30B-A3B-shaped pack).
+    fn load_all_if_it_fits(&self) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let mut todo = Vec::new();
+        for (l, slots) in inner.layers.iter().enumerate() {
+            let s = lock(slots);
+            let mut missing: Vec<usize> = inner
+                .pack
+                .manifest()
+                .experts
+                .iter()
+                .filter(|e| e.layer as usize == l)
+                .map(|e| inner.key(l, e.expert as usize))
+                .filter(|k| !s.pinned.contains_key(k))
+                .collect();
+            // Merged experts share their target's blob.
+            missing.sort_unstable();
+            missing.dedup();
+            if missing.len() > s.capacity {
+                return Ok(());
+            }
+            todo.extend(missing.into_iter().map(|k| (l, k)));
+        }
+        for (l, key) in todo {
+            let m = inner.load(l, key).map_err(|msg| inner.err(msg))?;
+            lock(&inner.layers[l]).pinned.insert(key, m);
+        }
+        Ok(())
+    }
+
+    /// Marks `consumed` (a key `get` just served; `usize::MAX` for none) as
+    /// no longer queued and starts reads for the head of the layer's queue
+    /// while there is room (see [`Inner::start_loads`]).
+    fn read_ahead(&self, layer: usize, consumed: usize) {
+        let Some(slots) = self.inner.layers.get(layer) else {
+            return;
+        };
+        if lock(&self.tx).is_none() {
+            return;
+        }
+        let keys: Vec<usize> = {
+            let mut s = lock(slots);
+            if consumed != usize::MAX {
+                s.queue.retain(|&k| k != consumed);
+            }
+            s.queue.iter().copied().collect()
+        };
+        let jobs = self
+            .inner
+            .start_loads(layer, &keys, false, |inner, layer, key, p| {
+                Box::new(move || {
+                    let _ = inner.complete(layer, key, &p, false);
+                })
+            });
+        if !jobs.is_empty() {
+            let mut g = lock(slots);
+            let s = &mut *g;
+            let (pending, resident) = (&s.pending, &s.resident);
+            s.queue
+                .retain(|k| !pending.contains_key(k) && !resident.contains_key(k));
+        }
+        for job in jobs {
+            let _ = self.send(job);
+        }
     }
 
     fn send(&self, job: Job) -> bool {
@@ -593,6 +672,14 @@ impl ExpertProvider for ExpertCache {
         if let Some(m) = s.resident.get(&key).cloned() {
             s.policy.touch(key);
             inner.stats.add(&inner.stats.hits, 1);
+            let consumed = s.pending.get(&key).is_some_and(|p| p.is_done());
+            if consumed {
+                s.pending.remove(&key);
+            }
+            drop(s);
+            if consumed {
+                self.read_ahead(layer, key);
+            }
             return Ok(m);
         }
         inner.stats.add(&inner.stats.misses, 1);
@@ -619,6 +706,7 @@ impl ExpertProvider for ExpertCache {
                 s.pending.remove(&key);
             }
         }
+        self.read_ahead(layer, key);
         r.map_err(|msg| inner.err(msg))
     }
 
@@ -643,17 +731,9 @@ impl ExpertProvider for ExpertCache {
             // this pass does not use: the cache holds them if it kept them.
             s.pending.retain(|k, p| !p.is_done() || keys.contains(k));
             s.active = keys.clone();
+            s.queue = keys.iter().copied().collect();
         }
-        self.inner
-            .start_loads(layer, &keys, false, |inner, layer, key, p| {
-                Box::new(move || {
-                    let _ = inner.complete(layer, key, &p, false);
-                })
-            })
-            .into_iter()
-            .for_each(|job| {
-                let _ = self.send(job);
-            });
+        self.read_ahead(layer, usize::MAX);
     }
 
     fn is_resident(&self, layer: usize, expert: usize) -> bool {
@@ -728,7 +808,14 @@ impl Inner {
             let busy = s.resident.keys().filter(|k| s.active.contains(k)).count();
             s.capacity.saturating_sub(busy)
         } else {
-            usize::MAX
+            // Bounded too: a finished load stays in `pending` until its
+            // `get`. With more of those than the layer has slots, inserting
+            // later ones evicts earlier ones, which `pending` then holds
+            // outside the budget (a 128-token prompt routing to all 512
+            // experts of a layer held 1.5 GiB under an 845 MiB budget).
+            // `read_ahead` tops the window up as loads are consumed.
+            let in_flight = s.pending.len();
+            s.capacity.max(1).saturating_sub(in_flight)
         };
         let mut jobs = Vec::new();
         for &key in keys {

@@ -116,6 +116,18 @@ impl Backend for Avx2 {
         unsafe { axpy_f32(alpha, x, y) }
     }
 
+    fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
+        // SAFETY: features detected (module docs); lengths checked.
+        unsafe { dot_f32_f16(a, b) }
+    }
+
+    fn axpy_f16(&self, alpha: f32, x: &[f16], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len(), "axpy_f16: length mismatch");
+        // SAFETY: as above.
+        unsafe { axpy_f32_f16(alpha, x, y) }
+    }
+
     fn convert_f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "convert_f16_to_f32: length mismatch");
         // SAFETY: as above.
@@ -671,6 +683,57 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         s += a[j] * b[j];
     }
     s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr() as *const __m128i);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    unsafe {
+        while i + 32 <= n {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i / 8 + k)));
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * k)), w, *s);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let w = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i / 8)));
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), w, acc[0]);
+            i += 8;
+        }
+    }
+    let mut s = unsafe {
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    };
+    for j in i..n {
+        s += a[j] * b[j].to_f32();
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f32_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
+    let n = x.len();
+    let av = _mm256_set1_ps(alpha);
+    let px = x.as_ptr() as *const __m128i;
+    let mut i = 0;
+    unsafe {
+        while i + 8 <= n {
+            let yp = y.as_mut_ptr().add(i);
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i / 8)));
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(yp)));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        y[j] += alpha * x[j].to_f32();
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -154,6 +154,15 @@ pub trait Backend: Send + Sync {
     fn dot(&self, a: &[f32], b: &[f32]) -> f32;
     /// `y[i] += alpha * x[i]`.
     fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]);
+    /// `sum(a[i] * b[i])` with `b` widened from f16: attention scores against
+    /// the f16 KV cache without materializing it in f32.
+    fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32 {
+        scalar::dot_f16(a, b)
+    }
+    /// `y[i] += alpha * x[i]` with `x` widened from f16 (values of the f16 KV cache).
+    fn axpy_f16(&self, alpha: f32, x: &[f16], y: &mut [f32]) {
+        scalar::axpy_f16(alpha, x, y)
+    }
     /// `dst[i] = src[i]` widened; the f16 KV cache is read through this.
     fn convert_f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
         scalar::convert_f16_to_f32(src, dst)

@@ -83,6 +83,20 @@ pub fn row_dot(w: &MatRef<'_>, r: usize, x: &[f32]) -> f32 {
     }
 }
 
+/// Reference for [`Backend::dot_f16`]: each element widened exactly, summed in order.
+pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// Reference for [`Backend::axpy_f16`].
+pub fn axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy_f16: length mismatch");
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi.to_f32();
+    }
+}
+
 pub fn convert_f16_to_f32(src: &[f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "convert_f16_to_f32: length mismatch");
     for (d, s) in dst.iter_mut().zip(src) {

@@ -118,41 +118,62 @@ pub fn attention(
         Rope::apply(&mut q[i * qd..(i + 1) * qd], hd, &cos, &sin);
         Rope::apply(&mut k[i * kd..(i + 1) * kd], hd, &cos, &sin);
     }
-    // All keys/values this call attends to: cached ones, then the new ones at f32.
-    let total = past + n;
-    let mut keys = vec![0.0; total * kd];
-    let mut vals = vec![0.0; total * kd];
-    kv.read(&mut keys, &mut vals);
-    keys[past * kd..].copy_from_slice(&k);
-    vals[past * kd..].copy_from_slice(&v);
+    let out = attend(&q, &k, &v, kv, n, nh, nkv, hd, 1.0 / (hd as f32).sqrt());
     kv.append(&k, &v);
-
-    let scale = 1.0 / (hd as f32).sqrt();
-    let group = nh / nkv;
-    let mut out = vec![0.0; n * qd];
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let (i, h) = (idx / nh, idx % nh);
-            let kh = h / group;
-            let qv = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
-            let ctx = past + i + 1;
-            scores.clear();
-            scores.extend((0..ctx).map(|j| {
-                let kr = &keys[j * kd + kh * hd..j * kd + (kh + 1) * hd];
-                qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-            }));
-            kernels::softmax(scores);
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vr = &vals[j * kd + kh * hd..j * kd + (kh + 1) * hd];
-                for (a, b) in o.iter_mut().zip(vr) {
-                    *a += p * b;
-                }
-            }
-        },
-    );
     let mut y = vec![0.0; n * w.o.rows()];
     kernels::matmul(&w.o.mat(), &out, n, &mut y);
     y
+}
+
+/// Causal grouped-query attention of `n` new queries (`q`: `[n, heads *
+/// head_dim]`) over the `kv.len()` cached positions followed by this call's
+/// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32,
+/// not yet appended). Returns `[n, heads * head_dim]`.
+///
+/// Cached positions are read straight from the cache's storage (f16 or
+/// int8) by the backend's widening dot/axpy, so a decode step costs one pass
+/// over the cache and no allocation proportional to the context; the new
+/// positions stay f32 so a one-shot forward is exactly the f32 computation.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    k_new: &[f32],
+    v_new: &[f32],
+    kv: &LayerKv,
+    n: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
+    debug_assert_eq!(q.len(), n * qd);
+    debug_assert_eq!(k_new.len(), n * kd);
+    debug_assert_eq!(v_new.len(), n * kd);
+    let past = kv.len();
+    let group = heads / kv_heads;
+    let be = kernels::backend();
+    let mut out = vec![0.0; n * qd];
+    out.par_chunks_mut(head_dim).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (idx, o)| {
+            let (i, h) = (idx / heads, idx % heads);
+            let kh = h / group;
+            let qv = &q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
+            let row = |j: usize| j * kd + kh * head_dim..j * kd + (kh + 1) * head_dim;
+            scores.clear();
+            scores.extend((0..past).map(|j| kv.key_dot(j, kh, qv) * scale));
+            scores.extend((0..=i).map(|j| be.dot(qv, &k_new[row(j)]) * scale));
+            kernels::softmax(scores);
+            o.fill(0.0);
+            let (cached, fresh) = scores.split_at(past);
+            for (j, &p) in cached.iter().enumerate() {
+                kv.value_axpy(j, kh, p, o);
+            }
+            for (j, &p) in fresh.iter().enumerate() {
+                be.axpy(p, &v_new[row(j)], o);
+            }
+        },
+    );
+    out
 }

@@ -18,8 +18,7 @@
 //! give MLA's memory saving yet.
 
 use super::glm4_moe::{
-    causal_attend, ffn_forward, final_logits, inv_freq, ln, load_ffn, norm_in_place, FfnShape,
-    Glm4Ffn,
+    ffn_forward, final_logits, inv_freq, ln, load_ffn, norm_in_place, FfnShape, Glm4Ffn,
 };
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{norm_rows, ExpertMats, ExpertProvider, ResidentExperts, RouterObserver};
@@ -297,26 +296,10 @@ impl DsShared {
                 v[(i * nh + hh) * qk..(i * nh + hh) * qk + vd].copy_from_slice(&src[nope..]);
             }
         }
-        let total = past + n;
-        let kd = nh * qk;
-        let mut keys = vec![0.0; total * kd];
-        let mut vals = vec![0.0; total * kd];
-        kv.read(&mut keys, &mut vals);
-        keys[past * kd..].copy_from_slice(&k);
-        vals[past * kd..].copy_from_slice(&v);
-        kv.append(&k, &v);
         // Values are padded to qk: attend over the padded width, keep the first vd.
-        let padded = causal_attend(
-            &q,
-            &keys,
-            &vals,
-            n,
-            nh,
-            nh,
-            qk,
-            qk,
-            1.0 / (qk as f32).sqrt(),
-        );
+        let padded =
+            super::attention::attend(&q, &k, &v, kv, n, nh, nh, qk, 1.0 / (qk as f32).sqrt());
+        kv.append(&k, &v);
         let mut out = vec![0.0; n * nh * vd];
         for (o, p) in out.chunks_exact_mut(vd).zip(padded.chunks_exact(qk)) {
             o.copy_from_slice(&p[..vd]);

@@ -311,18 +311,15 @@ pub(crate) fn causal_attend(
             let (i, h) = (idx / heads, idx % heads);
             let kh = h / group;
             let qv = &q[i * qd + h * qk_dim..i * qd + (h + 1) * qk_dim];
+            let be = kernels::backend();
             scores.clear();
             scores.extend((0..past + i + 1).map(|j| {
-                let kr = &keys[j * kd + kh * qk_dim..j * kd + (kh + 1) * qk_dim];
-                qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                be.dot(qv, &keys[j * kd + kh * qk_dim..j * kd + (kh + 1) * qk_dim]) * scale
             }));
             kernels::softmax(scores);
             o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vr = &vals[j * vd + kh * v_dim..j * vd + (kh + 1) * v_dim];
-                for (a, b) in o.iter_mut().zip(vr) {
-                    *a += p * b;
-                }
+            for (j, &p) in scores.iter().enumerate() {
+                be.axpy(p, &vals[j * vd + kh * v_dim..j * vd + (kh + 1) * v_dim], o);
             }
         },
     );
@@ -437,24 +434,18 @@ impl Glm4Shared {
             rope_partial(&mut q[i * qd..(i + 1) * qd], hd, &self.inv_freq, past + i);
             rope_partial(&mut k[i * kd..(i + 1) * kd], hd, &self.inv_freq, past + i);
         }
-        let total = past + n;
-        let mut keys = vec![0.0; total * kd];
-        let mut vals = vec![0.0; total * kd];
-        kv.read(&mut keys, &mut vals);
-        keys[past * kd..].copy_from_slice(&k);
-        vals[past * kd..].copy_from_slice(&v);
-        kv.append(&k, &v);
-        let out = causal_attend(
+        let out = super::attention::attend(
             &q,
-            &keys,
-            &vals,
+            &k,
+            &v,
+            kv,
             n,
             c.heads,
             c.kv_heads,
             hd,
-            hd,
             1.0 / (hd as f32).sqrt(),
         );
+        kv.append(&k, &v);
         let mut y = vec![0.0; n * w.o.rows()];
         kernels::matmul(&w.o.mat(), &out, n, &mut y);
         y

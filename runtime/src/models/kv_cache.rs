@@ -4,6 +4,7 @@
 //! and KV head) because at long contexts the cache, not the weights, is what
 //! grows; attention itself always runs in f32 (see `attention.rs`).
 
+use crate::kernels;
 use half::f16;
 
 /// Storage precision of the KV cache.
@@ -85,6 +86,29 @@ impl Store {
         }
     }
 
+    /// `q . row`, where `row` is the `q.len()` elements from `off` (one
+    /// position of one KV head, so one Q8 scale).
+    #[inline]
+    fn dot(&self, off: usize, q: &[f32]) -> f32 {
+        match self {
+            Store::F16(v) => kernels::backend().dot_f16(q, &v[off..off + q.len()]),
+            Store::Q8 { q: codes, scales } => {
+                kernels::dot_i8(&codes[off..off + q.len()], scales[off / q.len()], q)
+            }
+        }
+    }
+
+    /// `y += alpha * row`, the row as in [`Store::dot`].
+    #[inline]
+    fn axpy(&self, off: usize, alpha: f32, y: &mut [f32]) {
+        match self {
+            Store::F16(v) => kernels::backend().axpy_f16(alpha, &v[off..off + y.len()], y),
+            Store::Q8 { q: codes, scales } => {
+                kernels::axpy_i8(alpha, &codes[off..off + y.len()], scales[off / y.len()], y)
+            }
+        }
+    }
+
     fn truncate(&mut self, n: usize, head_dim: usize) {
         match self {
             Store::F16(v) => v.truncate(n),
@@ -148,6 +172,25 @@ impl LayerKv {
         let n = self.len * self.kv_dim;
         self.k.read(n, self.head_dim, k_out);
         self.v.read(n, self.head_dim, v_out);
+    }
+
+    /// `q . key[pos, kv_head]` read straight from storage. Why not
+    /// [`LayerKv::read`]: dequantizing the whole cache into fresh buffers on
+    /// every token costs an allocation, page faults and a pass over
+    /// `len * kv_dim` elements per layer, which dominated decode at long
+    /// contexts.
+    #[inline]
+    pub fn key_dot(&self, pos: usize, kv_head: usize, q: &[f32]) -> f32 {
+        debug_assert!(pos < self.len && q.len() == self.head_dim);
+        self.k.dot(pos * self.kv_dim + kv_head * self.head_dim, q)
+    }
+
+    /// `out += p * value[pos, kv_head]`, read straight from storage.
+    #[inline]
+    pub fn value_axpy(&self, pos: usize, kv_head: usize, p: f32, out: &mut [f32]) {
+        debug_assert!(pos < self.len && out.len() == self.head_dim);
+        self.v
+            .axpy(pos * self.kv_dim + kv_head * self.head_dim, p, out)
     }
 
     pub fn truncate(&mut self, len: usize) {
