@@ -9,6 +9,7 @@ mod hub;
 use clap::Parser;
 
 fn main() {
+    mfx_runtime::memory::tune_allocator();
     let cli = commands::Cli::parse();
     if let Err(e) = commands::dispatch(cli) {
         // A closed stdout (e.g. `mfx run ... | head`) is not an error.

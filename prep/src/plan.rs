@@ -9,11 +9,8 @@ use crate::pin::{hit_rate, mass_order};
 use crate::ram::human;
 use serde::Serialize;
 
-/// Memory the runtime needs besides weights (KV cache, activations, I/O
-/// buffers, allocator slack): 1/16 of the budget, at least 64 MiB.
-pub fn runtime_reserve(ram: u64) -> u64 {
-    (ram / 16).max(64 << 20)
-}
+/// The runtime's working reserve inside `--ram` (one definition, the runtime's).
+pub use mfx_runtime::cache::runtime_reserve;
 
 /// Working cache wanted beyond the pinned experts, in multiples of top_k per
 /// layer: 4x holds the current token's experts plus recent ones, so a token

@@ -228,6 +228,68 @@ fn cache_prompt_chunk_reads_each_expert_once() {
     assert_eq!(s.hits, 0);
 }
 
+/// A layer's read-ahead never holds more loaded-but-unconsumed experts than
+/// the layer has slots (unbounded, a prompt routing to every expert kept them
+/// all in memory, far beyond the budget), and topping it up as `get`
+/// consumes them still reads each expert exactly once.
+#[test]
+fn cache_read_ahead_is_bounded_by_the_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, _src) = write_expert_pack(&path, Codec::None, &[]);
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(3),
+        pin: false,
+        io_threads: 2,
+        ..CacheConfig::default()
+    };
+    let pack = Arc::new(Pack::open(&path).unwrap());
+    let cache = ExpertCache::open(pack, cfg.num_hidden_layers, &cc).unwrap();
+    let all: Vec<usize> = (0..cfg.num_experts).collect();
+    cache.prefetch(0, &all);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ahead = cache.stats().loads;
+    assert!(ahead >= 1, "read-ahead started nothing");
+    assert!(ahead <= 3, "read ahead {ahead} experts with 3 slots");
+    for &e in &all {
+        cache.get(0, e).unwrap();
+    }
+    let s = cache.stats();
+    assert_eq!(s.loads as usize, all.len(), "each expert read once");
+}
+
+/// With slots for every expert, the cache loads the whole pack at open:
+/// decode then never waits on a first-touch miss.
+#[test]
+fn cache_loads_everything_at_open_when_it_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.mfx");
+    let (cfg, src) = write_expert_pack(&path, Codec::None, &[(0, 1)]);
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(cfg.num_experts),
+        ..CacheConfig::default()
+    };
+    let (mut m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+    let moe_layers = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.is_moe_layer(l))
+        .count();
+    assert_eq!(
+        cache.stats().loads as usize,
+        moe_layers * cfg.num_experts,
+        "every expert loaded at open"
+    );
+    let prompt = ids(&reference()["prompts"]["docs"]["ids"]);
+    m.forward(&prompt, false).unwrap();
+    assert_eq!(cache.stats().misses, 0);
+    // One slot short of the whole layer: nothing beyond the pins at open.
+    let cc = CacheConfig {
+        capacity: Capacity::PerLayer(cfg.num_experts - 2),
+        ..CacheConfig::default()
+    };
+    let (_m, cache) = cache_model(&path, &cfg, src.as_ref(), &cc);
+    assert_eq!(cache.stats().loads, 1, "only the pinned expert");
+}
+
 #[test]
 fn cache_truncated_pack_is_an_error_naming_the_expert() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,10 +372,17 @@ fn cache_budget_below_dense_states_the_minimum() {
         err.to_string().contains(&format!("at least {min} bytes")),
         "{err}"
     );
-    // A budget of dense + pinned + 10 experts' worth gives capacity 10/6 per layer.
+    // dense + pinned + the runtime reserve (64 MiB at this size) + 12
+    // experts' worth gives capacity 12/6 per layer; without room for the
+    // reserve the cache gets nothing.
     let per = pack.expert(0, 0).unwrap().raw_length;
-    let plan = plan_budget(&pack, 6, min + 12 * per, true).unwrap();
+    let reserve = mfx_runtime::cache::runtime_reserve(min + (64 << 20) + 12 * per);
+    assert_eq!(reserve, 64 << 20);
+    let plan = plan_budget(&pack, 6, min + reserve + 12 * per, true).unwrap();
     assert_eq!(plan.capacity, vec![2; 6]);
+    assert_eq!(plan.reserve_bytes, reserve);
+    let plan = plan_budget(&pack, 6, min + 12 * per, true).unwrap();
+    assert_eq!(plan.capacity, vec![0; 6]);
 }
 
 /// Mean NLL of `ids[from..]` with `ids` fed one token at a time (as

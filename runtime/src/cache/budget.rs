@@ -1,8 +1,8 @@
 //! Turning `--ram SIZE` into per-layer expert capacities.
 //!
-//! The budget covers every weight byte the process holds: dense tensors
-//! (mapped, but touched every token, so resident in practice), pinned
-//! experts, and the cache. What is left after the first two is split evenly
+//! The budget covers the process: dense tensors (read into owned memory),
+//! pinned experts, a working reserve ([`runtime_reserve`]) and the cache.
+//! What is left after the first three is split evenly
 //! over MoE layers in expert slots; each layer's slot size is its own mean
 //! decoded expert size (mixed precision makes layers differ).
 
@@ -24,12 +24,25 @@ pub enum BudgetError {
     },
 }
 
+/// Memory the runtime needs besides weights (KV cache, activations, I/O
+/// buffers in flight, allocator slack): 1/16 of the budget, at least 64 MiB.
+/// It is part of `--ram`, in `mfx prep`'s planning and in the runtime's cache
+/// sizing alike, so `--ram` is all the memory given to mfx. (Measured: with
+/// the budget counting weights only, a 2048-token prompt peaked at budget +
+/// 125 MiB on the 8-layer Qwen3-30B-A3B-shaped pack and was OOM-killed in a
+/// cgroup of the budget's size.)
+pub fn runtime_reserve(ram: u64) -> u64 {
+    (ram / 16).max(64 << 20)
+}
+
 /// What a budget buys.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BudgetPlan {
     pub budget_bytes: u64,
     pub dense_bytes: u64,
     pub pinned_bytes: u64,
+    /// [`runtime_reserve`] of the budget, left out of the cache.
+    pub reserve_bytes: u64,
     pub cache_bytes: u64,
     /// Per model layer: cached experts besides pinned ones (0 for dense layers).
     pub capacity: Vec<usize>,
@@ -92,7 +105,8 @@ pub fn plan_budget(
         }
     }
     let moe_layers = experts.iter().filter(|&&n| n > 0).count().max(1) as u64;
-    let cache = budget - min;
+    let reserve = runtime_reserve(budget);
+    let cache = budget.saturating_sub(min + reserve);
     let per_layer = cache / moe_layers;
     let capacity = (0..n_layers)
         .map(|l| {
@@ -108,6 +122,7 @@ pub fn plan_budget(
         budget_bytes: budget,
         dense_bytes: dense,
         pinned_bytes: pinned,
+        reserve_bytes: reserve,
         cache_bytes: cache,
         capacity,
         experts,
