@@ -545,22 +545,18 @@ impl QnShared {
                 let g: Vec<f32> = (0..n).map(|t| gs[t * nv + h]).collect();
                 let b: Vec<f32> = (0..n).map(|t| bs[t * nv + h]).collect();
                 let mut o = vec![0.0; n * dv];
-                let heads = DeltaHead { dk, dv };
+                let head = DeltaHead { dk, dv };
+                let x = HeadSeq {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    g: &g,
+                    b: &b,
+                };
                 if n == 1 {
-                    heads.recurrent(state, &q, &k, &v, &g, &b, &mut o);
+                    head.recurrent(state, x, &mut o);
                 } else {
-                    for c0 in (0..n).step_by(DELTA_CHUNK) {
-                        let c1 = (c0 + DELTA_CHUNK).min(n);
-                        heads.chunk(
-                            state,
-                            &q[c0 * dk..c1 * dk],
-                            &k[c0 * dk..c1 * dk],
-                            &v[c0 * dv..c1 * dv],
-                            &g[c0..c1],
-                            &b[c0..c1],
-                            &mut o[c0 * dv..c1 * dv],
-                        );
-                    }
+                    head.prompt(state, x, &mut o);
                 }
                 // Gated RMSNorm: normalize, weight, then times silu(z).
                 for (t, oh) in o.chunks_exact_mut(dv).enumerate() {
@@ -754,20 +750,35 @@ struct DeltaHead {
     dv: usize,
 }
 
+/// One value head's inputs over `g.len()` tokens: `q`, `k` (`[t, dk]`,
+/// normalized), `v` (`[t, dv]`), log-decays `g` and betas `b`.
+#[derive(Clone, Copy)]
+struct HeadSeq<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+    b: &'a [f32],
+}
+
+impl<'a> HeadSeq<'a> {
+    /// Tokens `t0..t1`.
+    fn slice(&self, t0: usize, t1: usize, dk: usize, dv: usize) -> HeadSeq<'a> {
+        HeadSeq {
+            q: &self.q[t0 * dk..t1 * dk],
+            k: &self.k[t0 * dk..t1 * dk],
+            v: &self.v[t0 * dv..t1 * dv],
+            g: &self.g[t0..t1],
+            b: &self.b[t0..t1],
+        }
+    }
+}
+
 impl DeltaHead {
     /// Token by token: the definition, and the decode path.
-    #[allow(clippy::too_many_arguments)]
-    fn recurrent(
-        &self,
-        s: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        g: &[f32],
-        b: &[f32],
-        out: &mut [f32],
-    ) {
+    fn recurrent(&self, s: &mut [f32], x: HeadSeq<'_>, out: &mut [f32]) {
         let (dk, dv) = (self.dk, self.dv);
+        let HeadSeq { q, k, v, g, b } = x;
         let be = kernels::backend();
         let mut mem = vec![0.0; dv];
         for t in 0..g.len() {
@@ -794,6 +805,16 @@ impl DeltaHead {
         }
     }
 
+    /// A prompt: [`DeltaHead::chunk`] over consecutive `DELTA_CHUNK` tokens.
+    fn prompt(&self, s: &mut [f32], x: HeadSeq<'_>, out: &mut [f32]) {
+        let n = x.g.len();
+        for c0 in (0..n).step_by(DELTA_CHUNK) {
+            let c1 = (c0 + DELTA_CHUNK).min(n);
+            let o = &mut out[c0 * self.dv..c1 * self.dv];
+            self.chunk(s, x.slice(c0, c1, self.dk, self.dv), o);
+        }
+    }
+
     /// One chunk of `L` prompt tokens at once (the WY/UT form, as in the
     /// chunked kernels of flash-linear-attention and transformers'
     /// `torch_chunk_gated_delta_rule`, written directly): with `G_i` the
@@ -805,17 +826,8 @@ impl DeltaHead {
     /// state (64 KiB per head at 128x128, beyond L1/L2 across 32 heads) is
     /// streamed twice per chunk instead of four times per token. Every
     /// `e^(...)` has a non-positive exponent, so nothing overflows.
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &self,
-        s: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        g: &[f32],
-        b: &[f32],
-        out: &mut [f32],
-    ) {
+    fn chunk(&self, s: &mut [f32], x: HeadSeq<'_>, out: &mut [f32]) {
+        let HeadSeq { q, k, v, g, b } = x;
         let (dk, dv, l) = (self.dk, self.dv, g.len());
         let be = kernels::backend();
         let mut gc = vec![0.0f32; l];
@@ -919,19 +931,15 @@ mod tests {
             let s0 = noise(dk * dv, 6);
             let (mut sr, mut sc) = (s0.clone(), s0.clone());
             let (mut or, mut oc) = (vec![0.0; n * dv], vec![0.0; n * dv]);
-            head.recurrent(&mut sr, &q, &k, &v, &g, &b, &mut or);
-            for c0 in (0..n).step_by(DELTA_CHUNK) {
-                let c1 = (c0 + DELTA_CHUNK).min(n);
-                head.chunk(
-                    &mut sc,
-                    &q[c0 * dk..c1 * dk],
-                    &k[c0 * dk..c1 * dk],
-                    &v[c0 * dv..c1 * dv],
-                    &g[c0..c1],
-                    &b[c0..c1],
-                    &mut oc[c0 * dv..c1 * dv],
-                );
-            }
+            let x = HeadSeq {
+                q: &q,
+                k: &k,
+                v: &v,
+                g: &g,
+                b: &b,
+            };
+            head.recurrent(&mut sr, x, &mut or);
+            head.prompt(&mut sc, x, &mut oc);
             let err = |a: &[f32], b: &[f32]| {
                 a.iter()
                     .zip(b)
