@@ -584,17 +584,7 @@ unsafe fn affine_rows<D: Decode, const N: usize>(
     let gpr = a.groups_per_row();
     let xp = unsafe { x.as_ptr().add(i0 * a.cols) };
     for r in rows {
-        let start = r * rb;
-        // Decoders may read OVERREAD bytes past the row; only the last rows
-        // of the buffer need a padded copy.
-        let p = if start + rb + OVERREAD <= a.packed.len() {
-            unsafe { a.packed.as_ptr().add(start) }
-        } else {
-            pad.clear();
-            pad.extend_from_slice(&a.packed[start..start + rb]);
-            pad.resize(rb + OVERREAD, 0);
-            pad.as_ptr()
-        };
+        let p = row_ptr(a, r, rb, pad);
         let res = unsafe {
             affine_dot::<D, N>(
                 p,
@@ -611,6 +601,22 @@ unsafe fn affine_rows<D: Decode, const N: usize>(
     }
 }
 
+/// Codes of row `r` (`rb` bytes), readable for `OVERREAD` bytes more:
+/// decoders may read past the row, so only the last rows of the buffer need
+/// a padded copy (in `pad`).
+#[inline]
+fn row_ptr(a: &AffineMatrix<'_>, r: usize, rb: usize, pad: &mut Vec<u8>) -> *const u8 {
+    let start = r * rb;
+    if start + rb + OVERREAD <= a.packed.len() {
+        a.packed[start..].as_ptr()
+    } else {
+        pad.clear();
+        pad.extend_from_slice(&a.packed[start..start + rb]);
+        pad.resize(rb + OVERREAD, 0);
+        pad.as_ptr()
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn affine_rows1<D: Decode>(
     a: &AffineMatrix<'_>,
@@ -623,15 +629,7 @@ unsafe fn affine_rows1<D: Decode>(
     let rb = a.row_bytes();
     let gpr = a.groups_per_row();
     for r in rows {
-        let start = r * rb;
-        let p = if start + rb + OVERREAD <= a.packed.len() {
-            unsafe { a.packed.as_ptr().add(start) }
-        } else {
-            pad.clear();
-            pad.extend_from_slice(&a.packed[start..start + rb]);
-            pad.resize(rb + OVERREAD, 0);
-            pad.as_ptr()
-        };
+        let p = row_ptr(a, r, rb, pad);
         let v = unsafe {
             affine_dot1::<D>(
                 p,
