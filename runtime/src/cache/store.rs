@@ -395,10 +395,16 @@ impl ExpertCache {
             return;
         }
         let keys: Vec<usize> = {
-            let mut s = lock(slots);
-            if consumed != usize::MAX {
-                s.queue.retain(|&k| k != consumed);
-            }
+            let mut g = lock(slots);
+            let s = &mut *g;
+            // Drop what needs no read: consumed, pinned, resident or loading.
+            let (pinned, pending, resident) = (&s.pinned, &s.pending, &s.resident);
+            s.queue.retain(|k| {
+                *k != consumed
+                    && !pinned.contains_key(k)
+                    && !pending.contains_key(k)
+                    && !resident.contains_key(k)
+            });
             s.queue.iter().copied().collect()
         };
         let jobs = self
@@ -408,13 +414,6 @@ impl ExpertCache {
                     let _ = inner.complete(layer, key, &p, false);
                 })
             });
-        if !jobs.is_empty() {
-            let mut g = lock(slots);
-            let s = &mut *g;
-            let (pending, resident) = (&s.pending, &s.resident);
-            s.queue
-                .retain(|k| !pending.contains_key(k) && !resident.contains_key(k));
-        }
         for job in jobs {
             let _ = self.send(job);
         }
