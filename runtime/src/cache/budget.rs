@@ -27,10 +27,13 @@ pub enum BudgetError {
 /// Memory the runtime needs besides weights (KV cache, activations, I/O
 /// buffers in flight, allocator slack): 1/16 of the budget, at least 64 MiB.
 /// It is part of `--ram`, in `mfx prep`'s planning and in the runtime's cache
-/// sizing alike, so `--ram` is all the memory given to mfx. (Measured: with
-/// the budget counting weights only, a 2048-token prompt peaked at budget +
-/// 125 MiB on the 8-layer Qwen3-30B-A3B-shaped pack and was OOM-killed in a
-/// cgroup of the budget's size.)
+/// sizing alike. (Measured: with the budget counting weights only, a
+/// 2048-token prompt peaked at budget + 125 MiB on the 8-layer
+/// Qwen3-30B-A3B-shaped pack and was OOM-killed in a cgroup of the budget's
+/// size.) Known short: proportional to the budget, while the working set is
+/// the KV cache plus one prefill chunk's activations (~137 MiB for that
+/// prompt), so `--ram` equal to a 1391 MiB cgroup still OOMs on it; sizing
+/// the reserve from the model's shapes and context is the fix.
 pub fn runtime_reserve(ram: u64) -> u64 {
     (ram / 16).max(64 << 20)
 }
