@@ -36,9 +36,6 @@ pub struct Args {
     /// streamed expert is read at most once per chunk and layer.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Eviction policy: lru, lfu-decay or depth.
     #[arg(long, default_value = "lru")]
     pub policy: String,
@@ -137,12 +134,6 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()
-            .context("setting the thread count")?;
-    }
     let Some(policy) = PolicyKind::parse(&a.policy) else {
         bail!("--policy {}: expected lru, lfu-decay or depth", a.policy);
     };

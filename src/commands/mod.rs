@@ -25,6 +25,10 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Compute threads (default: all cores). Like llama.cpp's `-t`, the
+    /// thread that drives generation is one of them.
+    #[arg(long, short = 't', global = true)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,7 +58,25 @@ pub enum Command {
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(t) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .context("setting the thread count")?;
+    }
     match cli.command {
+        // The server's generation thread moves onto the pool per request;
+        // its HTTP side must not hold a compute worker for its whole life.
+        Command::Serve(a) => serve::run(a),
+        other => mfx_runtime::kernels::on_workers(|| run_command(other)),
+    }
+}
+
+/// Every command but `serve`, run on a compute worker (see
+/// [`mfx_runtime::kernels::on_workers`]).
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Eval(a) => eval::run(a),
         Command::Run(a) => run::run(a),
         Command::Serve(a) => serve::run(a),

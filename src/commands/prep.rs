@@ -78,22 +78,12 @@ pub struct Args {
     /// Do not write the model card (README.md) beside the pack.
     #[arg(long)]
     pub no_card: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Hide progress bars.
     #[arg(long, short)]
     pub quiet: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if let Some(t) = a.threads {
-        // Fails only if the global pool was already built, which prep never does first.
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()
-            .ok();
-    }
     let rams = mfx_prep::ram::parse_list(&a.ram)?;
     let opts = mfx_prep::Options {
         model: a.model,

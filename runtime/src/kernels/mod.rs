@@ -25,6 +25,7 @@ pub mod avx2;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
+pub use parallel::on_workers;
 
 use half::{bf16, f16};
 use mfx_formats::quant::AffineMatrix;

@@ -77,3 +77,20 @@ pub(crate) fn for_row_chunks(
         (0..n_chunks).into_par_iter().for_each(|c| f(range(c)));
     }
 }
+
+/// Runs `f` on one of the current rayon pool's worker threads and blocks the
+/// caller until it returns.
+///
+/// A generation driven from a thread outside the pool makes one thread more
+/// than there are workers: every product wakes the workers, and while the
+/// driver does serial work (norms, attention, sampling) the idle workers
+/// spin and `sched_yield` on the same cores. With `--threads` equal to the
+/// cores that cost 10-20% of decode speed, and made it jump between runs.
+/// Driven from a worker, the caller sleeps on a latch and the pool is the
+/// only thing running, as llama.cpp's main thread is one of its `-t` threads.
+/// Called from a worker already, `f` simply runs in place.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `scope` executes its body inside the pool (injected when called from
+    // outside it); the scope itself spawns nothing.
+    rayon::scope(|_| f())
+}

@@ -67,7 +67,9 @@ impl Worker {
                 // Ends when every `Worker` handle (and so the sender) is dropped.
                 for job in jobs {
                     waiting_w.fetch_sub(1, Ordering::SeqCst);
-                    run_job(&*backend, job, &metrics);
+                    // On a compute worker, so the pool's threads are the only
+                    // ones running (see `kernels::on_workers`).
+                    crate::kernels::on_workers(|| run_job(&*backend, job, &metrics));
                 }
             })?;
         Ok(Self { queue, waiting })
