@@ -104,6 +104,42 @@ impl Backend for Avx2 {
         }
     }
 
+    fn matmul_many(&self, ws: &[MatRef<'_>], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+        assert_eq!(ws.len(), ys.len(), "matmul_many: one output per matrix");
+        // One quantized x and one pass only where every matrix takes the
+        // same int8 path with the same layout.
+        let affs: Vec<&AffineMatrix<'_>> = ws
+            .iter()
+            .filter_map(|w| match w {
+                MatRef::Affine(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        let same = affs.len() == ws.len()
+            && affs.windows(2).all(|p| {
+                (p[0].bits, p[0].cols, p[0].group_size) == (p[1].bits, p[1].cols, p[1].group_size)
+            });
+        let bits = affs.first().map(|a| a.bits);
+        if !(self.int8_x && same && ws.len() > 1 && matches!(bits, Some(2 | 4))) {
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                self.matmul(w, x, n, y);
+            }
+            return;
+        }
+        let outs: Vec<Out> = ws
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(w, y)| {
+                check_matmul(w, x, n, y);
+                Out::new(y, n, w.rows())
+            })
+            .collect();
+        match bits {
+            Some(2) => int8x_many::<Q2i8>(&affs, x, n, &outs),
+            _ => int8x_many::<Q4i8>(&affs, x, n, &outs),
+        }
+    }
+
     fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot: length mismatch");
         // SAFETY: features detected (module docs); lengths checked.
@@ -1157,22 +1193,43 @@ unsafe fn quantize_block32(x: *const f32, q: *mut i8) -> (f32, f32) {
 }
 
 fn int8x_matmul<D: DecodeI8>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out) {
-    let xq = quantize_x::<D>(x, n, a.cols, a.group_size);
-    let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
-    for_row_chunks(a.rows, row_bytes, n, |range| {
-        let mut sbuf = vec![0.0f32; a.groups_per_row()];
-        let mut i0 = 0;
-        while i0 < n {
-            let nb = (n - i0).min(NB);
-            // SAFETY: features detected; check_matmul verified every buffer
-            // length; xq was built from x (n * cols); rows belong to this task.
-            unsafe {
-                with_nb!(
-                    nb,
-                    int8x_rows::<D>(a, &xq, i0, range.clone(), out, &mut sbuf)
-                )
-            };
-            i0 += nb;
+    int8x_many::<D>(&[a], x, n, &[out])
+}
+
+/// Matrices of one layout (bits, cols, group size) sharing x: x is quantized
+/// once and their rows, concatenated, are cut into one set of parallel chunks.
+fn int8x_many<D: DecodeI8>(ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: &[Out]) {
+    let a0 = ms[0];
+    let xq = quantize_x::<D>(x, n, a0.cols, a0.group_size);
+    let row_bytes = a0.row_bytes() + a0.groups_per_row() * 4;
+    let mut starts = Vec::with_capacity(ms.len() + 1);
+    starts.push(0);
+    for m in ms {
+        starts.push(starts.last().copied().unwrap_or(0) + m.rows);
+    }
+    let total = starts[ms.len()];
+    for_row_chunks(total, row_bytes, n, |range| {
+        let mut sbuf = vec![0.0f32; a0.groups_per_row()];
+        for (j, (m, out)) in ms.iter().zip(outs).enumerate() {
+            let (lo, hi) = (range.start.max(starts[j]), range.end.min(starts[j + 1]));
+            if lo >= hi {
+                continue;
+            }
+            let local = lo - starts[j]..hi - starts[j];
+            let mut i0 = 0;
+            while i0 < n {
+                let nb = (n - i0).min(NB);
+                // SAFETY: features detected; check_matmul verified every
+                // buffer length; xq was built from x (n * cols); the rows
+                // belong to this task.
+                unsafe {
+                    with_nb!(
+                        nb,
+                        int8x_rows::<D>(m, &xq, i0, local.clone(), *out, &mut sbuf)
+                    )
+                };
+                i0 += nb;
+            }
         }
     });
 }

@@ -47,28 +47,37 @@ pub struct AttnWeights {
     pub k_norm: Option<Vec<f32>>,
 }
 
-fn project(
-    w: &Matrix,
-    bias: &Option<Vec<f32>>,
-    x: &[f32],
-    n: usize,
-    clip: Option<f32>,
-) -> Vec<f32> {
-    let mut y = vec![0.0; n * w.rows()];
-    kernels::matmul(&w.mat(), x, n, &mut y);
-    if let Some(b) = bias {
-        for row in y.chunks_exact_mut(b.len()) {
-            for (a, c) in row.iter_mut().zip(b) {
-                *a += c;
+/// q, k and v in one shared-input product (x quantized once where the
+/// kernels do that), then each one's bias and clip.
+fn project_qkv(w: &AttnWeights, x: &[f32], n: usize, clip: Option<f32>) -> [Vec<f32>; 3] {
+    let mut q = vec![0.0; n * w.q.rows()];
+    let mut k = vec![0.0; n * w.k.rows()];
+    let mut v = vec![0.0; n * w.v.rows()];
+    kernels::matmul_many(
+        &[w.q.mat(), w.k.mat(), w.v.mat()],
+        x,
+        n,
+        &mut [&mut q, &mut k, &mut v],
+    );
+    for (y, bias) in [
+        (&mut q, &w.q_bias),
+        (&mut k, &w.k_bias),
+        (&mut v, &w.v_bias),
+    ] {
+        if let Some(b) = bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                for (a, c) in row.iter_mut().zip(b) {
+                    *a += c;
+                }
+            }
+        }
+        if let Some(c) = clip {
+            for a in y.iter_mut() {
+                *a = a.clamp(-c, c);
             }
         }
     }
-    if let Some(c) = clip {
-        for a in y.iter_mut() {
-            *a = a.clamp(-c, c);
-        }
-    }
-    y
+    [q, k, v]
 }
 
 fn norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
@@ -93,9 +102,7 @@ pub fn attention(
 ) -> Vec<f32> {
     let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
     let (qd, kd) = (nh * hd, nkv * hd);
-    let mut q = project(&w.q, &w.q_bias, xn, n, s.clip_qkv);
-    let mut k = project(&w.k, &w.k_bias, xn, n, s.clip_qkv);
-    let v = project(&w.v, &w.v_bias, xn, n, s.clip_qkv);
+    let [mut q, mut k, v] = project_qkv(w, xn, n, s.clip_qkv);
     match s.qk_norm {
         QkNorm::None => {}
         QkNorm::PerHead => {

@@ -56,8 +56,7 @@ pub fn swiglu(w: &ExpertWeights<'_>, x: &[f32], n: usize) -> Vec<f32> {
     let inter = w.gate.rows();
     let mut g = vec![0.0; n * inter];
     let mut u = vec![0.0; n * inter];
-    kernels::matmul(&w.gate, x, n, &mut g);
-    kernels::matmul(&w.up, x, n, &mut u);
+    kernels::matmul_many(&[w.gate, w.up], x, n, &mut [&mut g, &mut u]);
     silu_mul(&mut g, &u);
     let mut y = vec![0.0; n * w.down.rows()];
     kernels::matmul(&w.down, &g, n, &mut y);
