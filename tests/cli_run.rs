@@ -393,12 +393,38 @@ fn mlx_4bit_greedy_parity_with_mlx_lm_exact_tiers() {
     );
 }
 
-/// Through the generation loop with the default kernel tier (f32
-/// activations: see `kernels::select`), greedy tokens equal mlx-lm's f32 run
-/// token for token. (`MFX_KERNELS=avx2`, int8 activations for 2/4-bit
-/// weights, is opt-in and may part from mlx-lm at near-ties.)
+/// Through the generation loop with f32 activations, greedy tokens equal
+/// mlx-lm's f32 run token for token. The kernel tier is chosen once per
+/// process, so the check runs in a child copy of this test binary with
+/// `MFX_KERNELS=avx2-f32x` (or the tier the suite forces, e.g. scalar). The
+/// default tier's int8 activations are checked by perplexity instead
+/// (`default_tier_int8_activations_cost_little_nll`).
 #[test]
-fn mlx_4bit_greedy_parity_with_mlx_lm_default_tier() {
+fn mlx_4bit_greedy_parity_with_mlx_lm_generation_loop() {
+    if std::env::var_os("MFX_TEST_GREEDY_CHILD").is_none() {
+        let tier = std::env::var("MFX_KERNELS")
+            .ok()
+            .filter(|t| !t.is_empty() && t != "auto" && t != "avx2")
+            .unwrap_or_else(|| "avx2-f32x".into());
+        let out = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "mlx_4bit_greedy_parity_with_mlx_lm_generation_loop",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MFX_KERNELS", &tier)
+            .env("MFX_TEST_GREEDY_CHILD", "1")
+            .output()
+            .expect("spawn test binary");
+        assert!(
+            out.status.success() && text(&out.stdout).contains("1 passed"),
+            "child ({tier}) failed:\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        return;
+    }
     let r = mlx_reference();
     let mut gen = Generator::load(&mlx_model(), &LoadOptions::default()).expect("load MLX model");
     let mut report = Vec::new();
@@ -431,6 +457,48 @@ fn mlx_4bit_greedy_parity_with_mlx_lm_default_tier() {
         }
     }
     assert!(report.is_empty(), "{}", report.join("\n"));
+}
+
+/// The default tier quantizes activations to int8 for 2/4-bit weights
+/// (llama.cpp's approach). Its cost is measured, not assumed: on the MLX
+/// 4-bit model its validation NLL stays within 0.01 nats of the f32
+/// activation tier's (measured +0.0001 to +0.0021 over the five full
+/// validation texts), while 4-bit weights themselves cost ~0.04 there.
+#[test]
+fn default_tier_int8_activations_cost_little_nll() {
+    let model = mlx_model();
+    let data = shared().join("data/python.val.txt");
+    let nll = |tier: Option<&str>| -> f64 {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mfx"));
+        c.args(["eval", "ppl", model.to_str().expect("p"), "--data"])
+            .arg(&data)
+            .args(["--rows", "16", "--ctx", "256", "--json"]);
+        match tier {
+            Some(t) => c.env("MFX_KERNELS", t),
+            None => c.env_remove("MFX_KERNELS"),
+        };
+        let out = c.output().expect("run mfx eval ppl");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["nll"].as_f64().expect("nll")
+    };
+    let exact = nll(Some(if cfg!(target_arch = "x86_64") {
+        "avx2-f32x"
+    } else {
+        "scalar"
+    }));
+    let default = nll(None);
+    let bf16 = reference()["val_nll"]["python"].as_f64().expect("val_nll");
+    assert!(
+        (default - exact).abs() < 0.01,
+        "default tier NLL {default:.5} vs f32 activations {exact:.5}"
+    );
+    // Sanity of the scale: both are 4-bit runs, worse than the bf16 model's
+    // full-protocol NLL but not wildly.
+    assert!(
+        (exact - bf16).abs() < 0.3,
+        "4-bit {exact:.5} vs bf16 {bf16:.5}"
+    );
 }
 
 /// The README's first command: the model copy shipped in the repository.

@@ -302,9 +302,9 @@ fn select_honours_forced_tiers() {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         assert_eq!(best, Tier::Avx2);
-        // auto keeps f32 activations; the int8-activation variant is opt-in.
-        assert_eq!(kernels::select(None).name(), "avx2-f32x");
-        assert_eq!(kernels::select(Some("avx2")).name(), "avx2");
+        // auto quantizes activations for 2/4-bit weights; f32 ones are opt-in.
+        assert_eq!(kernels::select(None).name(), "avx2");
+        assert_eq!(kernels::select(Some("avx2-f32x")).name(), "avx2-f32x");
     } else {
         assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);
     }
