@@ -361,7 +361,7 @@ fn cache_budget_below_dense_states_the_minimum() {
     let path = dir.path().join("tiny.mfx");
     write_expert_pack(&path, Codec::None, &[(0, 1)]);
     let pack = Pack::open(&path).unwrap();
-    let err = plan_budget(&pack, 6, 100, true).unwrap_err();
+    let err = plan_budget(&pack, 6, 100, true, None, 0).unwrap_err();
     let BudgetError::TooSmall {
         min, dense, pinned, ..
     } = &err;
@@ -378,11 +378,73 @@ fn cache_budget_below_dense_states_the_minimum() {
     let per = pack.expert(0, 0).unwrap().raw_length;
     let reserve = mfx_runtime::cache::runtime_reserve(min + (64 << 20) + 12 * per);
     assert_eq!(reserve, 64 << 20);
-    let plan = plan_budget(&pack, 6, min + reserve + 12 * per, true).unwrap();
+    let plan = plan_budget(&pack, 6, min + reserve + 12 * per, true, None, 0).unwrap();
     assert_eq!(plan.capacity, vec![2; 6]);
     assert_eq!(plan.reserve_bytes, reserve);
-    let plan = plan_budget(&pack, 6, min + 12 * per, true).unwrap();
+    let plan = plan_budget(&pack, 6, min + 12 * per, true, None, 0).unwrap();
     assert_eq!(plan.capacity, vec![0; 6]);
+    // A model whose working set (KV cache, prompt activations) and read
+    // buffers need more than the proportional floor gets that much instead,
+    // out of the cache: 100 MiB + 4 expert buffers leaves room for 16 - 4 = 12.
+    let budget = min + (100 << 20) + 16 * per;
+    let plan = plan_budget(&pack, 6, budget, true, Some(100 << 20), 4).unwrap();
+    let largest = pack
+        .manifest()
+        .experts
+        .iter()
+        .map(|e| e.raw_length)
+        .max()
+        .unwrap();
+    assert_eq!(largest, per);
+    assert_eq!(plan.reserve_bytes, (100 << 20) + 4 * per);
+    assert_eq!(plan.capacity, vec![2; 6]);
+    // A small working set does not lower the floor.
+    let plan = plan_budget(&pack, 6, budget, true, Some(1 << 20), 0).unwrap();
+    assert_eq!(
+        plan.reserve_bytes,
+        mfx_runtime::cache::runtime_reserve(budget)
+    );
+}
+
+/// The working set grows with the context and the prompt chunk, and on the
+/// shapes of Qwen3-30B-A3B (48 layers, 4 KV heads of 128, f16 KV) the KV
+/// part is the published 96 KiB per position.
+#[test]
+fn working_shape_scales_with_context_and_chunk() {
+    let text = std::fs::read_to_string(tiny_dir().join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (k, x) in [
+        ("hidden_size", 2048),
+        ("num_hidden_layers", 48),
+        ("num_attention_heads", 32),
+        ("num_key_value_heads", 4),
+        ("head_dim", 128),
+        ("num_experts", 128),
+        ("num_experts_per_tok", 8),
+        ("moe_intermediate_size", 768),
+    ] {
+        v[k] = serde_json::json!(x);
+    }
+    let cfg =
+        mfx_runtime::config::ModelConfig::from_json_str(&v.to_string(), Path::new("config.json"))
+            .unwrap();
+    let f16 = mfx_runtime::models::working::decoder(&cfg, mfx_runtime::models::KvBits::F16);
+    assert_eq!(f16.kv_bytes_per_token, 48 * 2 * 4 * 128 * 2);
+    let q8 = mfx_runtime::models::working::decoder(&cfg, mfx_runtime::models::KvBits::Q8);
+    assert!(q8.kv_bytes_per_token * 2 < f16.kv_bytes_per_token + 48 * 2 * 4 * 8 * 2);
+    let base = f16.bytes(4096, 512, 2);
+    assert_eq!(
+        f16.bytes(8192, 512, 2) - base,
+        4096 * f16.kv_bytes_per_token,
+        "context adds KV"
+    );
+    assert_eq!(
+        f16.bytes(4096, 1024, 2) - base,
+        512 * f16.activation_bytes_per_token(2),
+        "chunk adds activations"
+    );
+    // A chunk longer than the context is the context.
+    assert_eq!(f16.bytes(100, 512, 2), f16.bytes(100, 100, 2));
 }
 
 /// Mean NLL of `ids[from..]` with `ids` fed one token at a time (as

@@ -65,12 +65,14 @@ pub struct Args {
 
 /// The model over `pack` with its experts behind a budgeted cache (the
 /// same loading `mfx run` does), the cache, and the budget in bytes when
-/// `--capacity` did not override it.
+/// `--capacity` did not override it. `context` and `chunk`: the positions
+/// and prompt chunk the run will use, which the working reserve covers.
 pub fn load_cached(
     pack: &Path,
     ram: Option<&str>,
     capacity: Option<usize>,
     cache: CacheOptions,
+    (context, chunk): (usize, usize),
 ) -> Result<(Box<dyn Model>, Arc<ExpertCache>, Option<u64>)> {
     let ram = ram.map(parse_size).transpose()?;
     let budget = match capacity {
@@ -86,6 +88,9 @@ pub fn load_cached(
             capacity,
             ..cache
         },
+        // The working reserve inside --ram covers exactly this run.
+        max_context: Some(context),
+        prefill_chunk: Some(chunk),
         ..LoadOptions::default()
     };
     let model = mfx_runtime::models::load(pack, &opts)
@@ -149,7 +154,13 @@ pub fn run(a: Args) -> Result<()> {
         prefetch: !a.no_prefetch,
         ..CacheOptions::default()
     };
-    let (mut model, cache, budget) = load_cached(&a.pack, a.ram.as_deref(), a.capacity, cc)?;
+    let (mut model, cache, budget) = load_cached(
+        &a.pack,
+        a.ram.as_deref(),
+        a.capacity,
+        cc,
+        (a.prompt_tokens + a.gen_tokens, a.prefill_chunk.max(1)),
+    )?;
     let vocab = model.info().vocab_size as u64;
     let text = match &a.text {
         Some(t) => Some(text_tokens(&a.pack, t, a.prompt_tokens + a.gen_tokens)?),

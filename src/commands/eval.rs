@@ -111,6 +111,8 @@ fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
     let opts = LoadOptions {
         kv_bits: m.kv_bits,
         max_context,
+        // logits/greedy run their ids in one forward pass.
+        prefill_chunk: max_context,
         cache: m.cache.options()?,
     };
     models::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
@@ -152,6 +154,8 @@ pub fn run(args: Args) -> Result<()> {
             let opts = LoadOptions {
                 kv_bits: model.kv_bits,
                 max_context: Some(ctx),
+                // Rows are scored in --chunk positions (whole rows by default).
+                prefill_chunk: Some(chunk.unwrap_or(ctx)),
                 cache: model.cache.options()?,
             };
             // The router observer (for --router-aux-loss) is the shared

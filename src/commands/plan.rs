@@ -113,7 +113,7 @@ pub fn run(a: Args) -> Result<()> {
     budgets.dedup();
     let mut rows = Vec::new();
     for &b in &budgets {
-        let Ok(plan) = plan_budget(&pack, n_layers, b, false) else {
+        let Ok(plan) = plan_budget(&pack, n_layers, b, false, None, 0) else {
             continue;
         };
         let (mut miss_bytes, mut hit_sum, mut moe) = (0f64, 0f64, 0usize);

@@ -173,6 +173,7 @@ impl LoadArgs {
         Ok(LoadOptions {
             kv_bits: self.kv_bits,
             max_context: self.max_context,
+            prefill_chunk: None,
             cache: self.cache.options()?,
         })
     }

@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         &LoadOptions {
             kv_bits: args.kv_bits,
             max_context: args.max_context,
+            prefill_chunk: None,
             cache,
         },
         model_id,

@@ -15,7 +15,10 @@ pub mod prefetch;
 pub mod stats;
 pub mod store;
 
-pub use budget::{detect_budget, plan_budget, runtime_reserve, BudgetError, BudgetPlan};
+pub use budget::{
+    detect_budget, plan_budget, pooled_buffers, runtime_reserve, BudgetError, BudgetPlan,
+    WorkingShape, RESERVED_CONTEXT_DEFAULT,
+};
 pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack, CacheOptions};
 pub use policy::{EvictionPolicy, PolicyKind};
 pub use prefetch::NextHint;

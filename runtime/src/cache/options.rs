@@ -5,7 +5,7 @@
 //! `--ram` means the same thing (dense + pinned + cache bytes) whatever the
 //! architecture, and the budget errors read the same everywhere.
 
-use super::budget::{detect_budget, plan_budget};
+use super::budget::{detect_budget, plan_budget, pooled_buffers};
 use super::policy::PolicyKind;
 use super::store::{CacheConfig, Capacity, ExpertCache};
 use crate::error::RuntimeError;
@@ -36,6 +36,10 @@ pub struct CacheOptions {
     pub pin: bool,
     /// Background reader threads.
     pub io_threads: usize,
+    /// The model's working set for the context it will run
+    /// ([`super::WorkingShape::bytes`]); the model loaders fill this in, so
+    /// `--ram` leaves room for KV cache and activations as well as weights.
+    pub working_bytes: Option<u64>,
 }
 
 impl Default for CacheOptions {
@@ -50,6 +54,7 @@ impl Default for CacheOptions {
             verify: false,
             pin: true,
             io_threads: 2,
+            working_bytes: None,
         }
     }
 }
@@ -87,7 +92,15 @@ pub fn provider_for_open_pack(
                     )
                 })?,
             };
-            let plan = plan_budget(&pack, n_layers, budget, opts.pin).map_err(|e| {
+            let plan = plan_budget(
+                &pack,
+                n_layers,
+                budget,
+                opts.pin,
+                opts.working_bytes,
+                pooled_buffers(opts.io_threads) + opts.io_threads,
+            )
+            .map_err(|e| {
                 let hint = if opts.ram.is_none() {
                     " (budget detected from free memory; free some, or pass --ram / --capacity)"
                 } else {

@@ -218,7 +218,7 @@ impl ExpertCache {
         // so the free list only bridges loads running ahead of evictions.
         // Free buffers sit outside the budget, so this stays small (64 kept
         // up to 108 MiB of 1.7 MiB expert buffers idle).
-        let pool = BufPool::new(2 * cfg.io_threads + 2);
+        let pool = BufPool::new(super::budget::pooled_buffers(cfg.io_threads));
         let predictor = (cfg.prefetch_next && cfg.io_threads > 0)
             .then(|| Predictor::from_pack(&pack, n_layers));
         let inner = Arc::new(Inner {

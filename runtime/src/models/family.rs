@@ -76,6 +76,15 @@ impl FamilyConfig {
         }
     }
 
+    pub fn max_position_embeddings(&self) -> usize {
+        match self {
+            FamilyConfig::Decoder(c) => c.max_position_embeddings,
+            FamilyConfig::Glm4(c) => c.max_position_embeddings,
+            FamilyConfig::Deepseek(c) => c.max_position_embeddings,
+            FamilyConfig::Next(c) => c.max_position_embeddings,
+        }
+    }
+
     pub fn num_hidden_layers(&self) -> usize {
         match self {
             FamilyConfig::Decoder(c) => c.num_hidden_layers,
@@ -170,9 +179,18 @@ pub fn load_own_type(
             cfg.hidden_size(),
             cfg.moe_intermediate_size(),
         )?;
+        let shape = super::working::family(&cfg, opts.kv_bits);
+        let copts = crate::cache::CacheOptions {
+            working_bytes: Some(super::working::bytes(
+                &shape,
+                cfg.max_position_embeddings(),
+                opts,
+            )),
+            ..opts.cache.clone()
+        };
         let cache = crate::cache::provider_for_open_pack(
             Arc::clone(src.pack()),
-            &opts.cache,
+            &copts,
             cfg.num_hidden_layers(),
         )?;
         let provider: Arc<dyn ExpertProvider> = cache.clone();

@@ -17,6 +17,7 @@ pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod rope;
 pub mod sigmoid_moe;
+pub mod working;
 
 pub use decoder::{FamilySpec, Ffn, LayerWeights, Transformer};
 pub use kv_cache::{KvBits, LayerKv};
@@ -75,7 +76,13 @@ pub struct LoadOptions {
     /// KV cache storage precision (f16 unless asked otherwise).
     pub kv_bits: KvBits,
     /// Cap on positions (default: the config's `max_position_embeddings`).
+    /// Also the context `--ram`'s working reserve covers (default
+    /// [`crate::cache::RESERVED_CONTEXT_DEFAULT`]).
     pub max_context: Option<usize>,
+    /// The largest prompt chunk the caller will run in one forward pass
+    /// (default [`crate::generate::DEFAULT_PREFILL_CHUNK`]); sizes the
+    /// activation part of the working reserve.
+    pub prefill_chunk: Option<usize>,
     /// How a pack's routed experts are cached (ignored for checkpoint
     /// directories, whose experts stay mapped).
     pub cache: CacheOptions,
@@ -168,9 +175,14 @@ impl MoeModel {
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
             )?;
+            let shape = working::decoder(&cfg, opts.kv_bits);
+            let copts = crate::cache::CacheOptions {
+                working_bytes: Some(working::bytes(&shape, cfg.max_position_embeddings, opts)),
+                ..opts.cache.clone()
+            };
             let cache = crate::cache::provider_for_open_pack(
                 Arc::clone(src.pack()),
-                &opts.cache,
+                &copts,
                 cfg.num_hidden_layers,
             )?;
             let provider: Arc<dyn ExpertProvider> = cache.clone();
