@@ -19,13 +19,13 @@
 //! 3- and 6-bit codes straddle bytes; they are gathered with one `pshufb`
 //! (two bytes per 32-bit lane) and a per-lane variable shift (`vpsrlvd`).
 //!
-//! Activations: for 2- and 4-bit weights the default backend (`avx2`)
+//! Activations: for 2-, 4- and 8-bit weights the default backend (`avx2`)
 //! quantizes x to int8 per 32-block and uses integer dot products (see the
 //! "int8 activations" section): measured on a Xeon VM, q4g64 4096x2048 matvec
 //! went from 3.5 to 6-7.7 GB/s on one thread (DRAM-cold). It costs at most
 //! ~2.6e-3 of `sum |w x|` per output. `avx2-f32x` (`MFX_KERNELS=avx2-f32x`)
 //! keeps x in f32 everywhere, within reassociation error of the reference.
-//! 3/6/8-bit weights always use f32 activations.
+//! 3- and 6-bit weights always use f32 activations.
 
 use super::parallel::{for_row_chunks, Out};
 use super::{check_matmul, Backend, MatRef, Tier};
@@ -93,6 +93,7 @@ impl Backend for Avx2 {
             MatRef::Affine(a) => match a.bits {
                 2 if self.int8_x => int8x_matmul::<Q2i8>(a, x, n, out),
                 4 if self.int8_x => int8x_matmul::<Q4i8>(a, x, n, out),
+                8 if self.int8_x => int8x_matmul::<Q8i8>(a, x, n, out),
                 2 => affine_matmul::<Q2>(a, x, n, out),
                 3 => affine_matmul::<Q3>(a, x, n, out),
                 4 => affine_matmul::<Q4>(a, x, n, out),
@@ -120,7 +121,7 @@ impl Backend for Avx2 {
                 (p[0].bits, p[0].cols, p[0].group_size) == (p[1].bits, p[1].cols, p[1].group_size)
             });
         let bits = affs.first().map(|a| a.bits);
-        if !(self.int8_x && same && ws.len() > 1 && matches!(bits, Some(2 | 4))) {
+        if !(self.int8_x && same && ws.len() > 1 && matches!(bits, Some(2 | 4 | 8))) {
             for (w, y) in ws.iter().zip(ys.iter_mut()) {
                 self.matmul(w, x, n, y);
             }
@@ -136,6 +137,7 @@ impl Backend for Avx2 {
             .collect();
         match bits {
             Some(2) => int8x_many::<Q2i8>(&affs, x, n, &outs),
+            Some(8) => int8x_many::<Q8i8>(&affs, x, n, &outs),
             _ => int8x_many::<Q4i8>(&affs, x, n, &outs),
         }
     }
@@ -969,7 +971,8 @@ unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
 // at most half an int8 step of the block's absmax per element: measured
 // ~2.6e-3 of `sum |w x|` worst case, an order of magnitude under 4-bit weight
 // rounding (budgets in `tests/kernels.rs`). 8-bit codes would saturate
-// `vpmaddubsw`, and 3/6-bit are rarer, so those stay on the f32 path.
+// `vpmaddubsw`; they are stored offset by 128 and use the sign trick
+// (`Q8i8`). 3/6-bit are rarer and stay on the f32 path.
 //
 // The decoders return two vectors per block pair in whatever lane order is
 // cheapest; `quantize_x` lays x out in that same order (`PAIR_PERM`), and
@@ -1029,6 +1032,65 @@ const fn q4i8_pair_perm() -> [u8; 64] {
         l += 1;
     }
     p
+}
+
+/// 8-bit codes, stored offset by 128 (`q - 128` in `[-128, 127]`): codes
+/// up to 255 would overflow `vpmaddubsw`'s i16 pair sums, the offset ones
+/// with the sign trick (`|q'|` unsigned times `x` carrying `q'`'s sign) stay
+/// under `128 * 127 * 2`. `w = s q + b = s q' + (b + 128 s)`, so the bias
+/// term gains `128 * sum_g s_g sum(x)_g` (added in [`int8x_rows`]). Lanes are
+/// in natural order; each block of a pair keeps its own vector.
+struct Q8i8;
+impl DecodeI8 for Q8i8 {
+    const BITS: usize = 8;
+    const PAIR_PERM: [u8; 64] = identity_perm();
+    const LANE_BLOCK: [u8; 8] = [0; 8];
+    const ONE_PERM: [u8; 32] = {
+        let mut p = [0u8; 32];
+        let mut l = 0;
+        while l < 32 {
+            p[l] = l as u8;
+            l += 1;
+        }
+        p
+    };
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
+        let off = _mm256_set1_epi8(-128);
+        unsafe {
+            (
+                _mm256_xor_si256(_mm256_loadu_si256(p as *const __m256i), off),
+                _mm256_xor_si256(_mm256_loadu_si256(p.add(32) as *const __m256i), off),
+            )
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_one(p: *const u8) -> __m256i {
+        let off = _mm256_set1_epi8(-128);
+        unsafe { _mm256_xor_si256(_mm256_loadu_si256(p as *const __m256i), off) }
+    }
+}
+
+const fn identity_perm() -> [u8; 64] {
+    let mut p = [0u8; 64];
+    let mut l = 0;
+    while l < 64 {
+        p[l] = l as u8;
+        l += 1;
+    }
+    p
+}
+
+/// `sum(q' x)` per i32 lane for signed codes `q'` (see [`Q8i8`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn signed_dot(q: __m256i, x: __m256i) -> __m256i {
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)),
+        _mm256_set1_epi16(1),
+    )
 }
 
 struct Q2i8;
@@ -1258,7 +1320,13 @@ unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
         unsafe { widen(std::slice::from_raw_parts(sc, gpr), sbuf) };
         let mut bias = [0.0f32; N];
         for (i, b) in bias.iter_mut().enumerate() {
-            *b = unsafe { bf16_dot(bi, xq.sum.as_ptr().add((i0 + i) * gpr), gpr) };
+            let xs = unsafe { xq.sum.as_ptr().add((i0 + i) * gpr) };
+            *b = unsafe { bf16_dot(bi, xs, gpr) };
+            if D::BITS == 8 {
+                // The codes' offset of 128 (see `Q8i8`).
+                let xs = unsafe { std::slice::from_raw_parts(xs, gpr) };
+                *b += 128.0 * unsafe { dot_f32(&sbuf[..gpr], xs) };
+            }
         }
         let res = unsafe {
             int8x_dot::<D, N>(
@@ -1329,6 +1397,20 @@ unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
             let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
             let s0 = _mm256_set1_ps(*scales.add((2 * p) >> bpg_log2));
             let s1 = _mm256_set1_ps(*scales.add((2 * p + 1) >> bpg_log2));
+            if D::BITS == 8 {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xi = xq.add(i * cols + 64 * p);
+                    let xa = _mm256_loadu_si256(xi as *const __m256i);
+                    let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                    let d = xd.add(i * nblk + 2 * p);
+                    let fa = _mm256_cvtepi32_ps(signed_dot(ca, xa));
+                    let fb = _mm256_cvtepi32_ps(signed_dot(cb, xb));
+                    a[slot] = _mm256_fmadd_ps(fa, _mm256_mul_ps(s0, _mm256_set1_ps(*d)), a[slot]);
+                    a[slot] =
+                        _mm256_fmadd_ps(fb, _mm256_mul_ps(s1, _mm256_set1_ps(*d.add(1))), a[slot]);
+                }
+                return;
+            }
             let sv = _mm256_blendv_ps(s0, s1, lane_mask);
             for (i, a) in acc.iter_mut().enumerate() {
                 let xi = xq.add(i * cols + 64 * p);
@@ -1359,7 +1441,11 @@ unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
             let s = *scales.add(blk >> bpg_log2);
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_si256(xq.add(i * cols + blk * 32) as *const __m256i);
-                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones));
+                let f = if D::BITS == 8 {
+                    _mm256_cvtepi32_ps(signed_dot(c, xv))
+                } else {
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
+                };
                 a[0] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
             }
         }
