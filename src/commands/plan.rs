@@ -14,7 +14,9 @@ use mfx_formats::profile::Profile;
 use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::buf::BufPool;
 use mfx_runtime::cache::io::BlobReader;
-use mfx_runtime::cache::plan_budget;
+use mfx_runtime::cache::{plan_budget, pooled_buffers};
+use mfx_runtime::models::family::FamilyConfig;
+use mfx_runtime::models::{working, KvBits, LoadOptions};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -53,6 +55,19 @@ pub fn run(a: Args) -> Result<()> {
     let n_layers = num(&m.config, "num_hidden_layers").context("config: num_hidden_layers")?;
     let top_k = num(&m.config, "num_experts_per_tok").context("config: num_experts_per_tok")?;
     let limit = a.ram.as_deref().map(parse_size).transpose()?;
+    // The working reserve `mfx run` would keep at its default context (4096
+    // positions, 512-token prompt chunks, f16 KV), out of each budget.
+    let working = FamilyConfig::from_json_str(&m.config.to_string(), &a.pack)
+        .map(|cfg| {
+            let shape = working::family(&cfg, KvBits::F16);
+            working::bytes(
+                &shape,
+                cfg.max_position_embeddings(),
+                &LoadOptions::default(),
+            )
+        })
+        .with_context(|| format!("{}: the manifest's config", a.pack.display()))?;
+    let io_threads = mfx_runtime::cache::CacheOptions::default().io_threads;
 
     // Disk: direct positioned reads of the pack's expert blobs, strided over
     // the file as cache misses would be.
@@ -113,7 +128,14 @@ pub fn run(a: Args) -> Result<()> {
     budgets.dedup();
     let mut rows = Vec::new();
     for &b in &budgets {
-        let Ok(plan) = plan_budget(&pack, n_layers, b, false, None, 0) else {
+        let Ok(plan) = plan_budget(
+            &pack,
+            n_layers,
+            b,
+            false,
+            Some(working),
+            pooled_buffers(io_threads) + io_threads,
+        ) else {
             continue;
         };
         let (mut miss_bytes, mut hit_sum, mut moe) = (0f64, 0f64, 0usize);

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Resident decode and prefill, mfx against llama.cpp, interleaved round by
+# round so that both see the same machine state. On the shared 2-vCPU dev VM
+# one engine's tok/s moved 30% between minutes (both engines alike), so
+# back-to-back blocks of runs compare machine states, not engines; the
+# per-round ratio is the number to read.
+#
+#   scripts/bench_resident_ab.sh [MFX_BIN]
+#
+# Env: PACK (the .mfx pack), GGUF (the same weights for llama.cpp), ROUNDS (4),
+#      THREADS (2), PP (128), TG (128), LLAMA_BIN (dir with llama-bench),
+#      MFX_KERNELS (passed through), MFX_PEERS_DIR (default /work/.peers).
+# llama.cpp runs in its best CPU configuration (weights loaded and repacked:
+# llama-bench's defaults); mfx with --ram 16G (everything resident).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=${MFX_PEERS_DIR:-/work/.peers}
+MFX_BIN=${1:-${MFX_BIN:-target/release/mfx}}
+PACK=${PACK:-$P/models/qwen3-30b-a3b-l8-q4d4-2945M.mfx}
+GGUF=${GGUF:-$P/models/qwen3-30b-a3b-l8-q4_0.gguf}
+LLAMA_BIN=${LLAMA_BIN:-$P/llama.cpp/bin}
+ROUNDS=${ROUNDS:-4} THREADS=${THREADS:-2} PP=${PP:-128} TG=${TG:-128}
+echo "round | llama pp$PP | llama tg$TG | mfx pp$PP | mfx tg$TG | pp ratio | tg ratio | load"
+for i in $(seq "$ROUNDS"); do
+    l=$("$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o csv 2>/dev/null \
+        | python3 -c 'import csv,sys; print(" ".join("%.2f" % float(r["avg_ts"]) for r in csv.DictReader(sys.stdin)))')
+    m=$("$MFX_BIN" bench "$PACK" --ram 16G --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$THREADS" --json 2>/dev/null \
+        | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f %.2f" % (d["prompt_tok_s"], d["decode_tok_s"]))')
+    read -r lp lt <<<"$l"; read -r mp mt <<<"$m"
+    python3 -c "print('$i | $lp | $lt | $mp | $mt | %.2f | %.2f | $(cut -d' ' -f1 /proc/loadavg)' % ($mp/$lp, $mt/$lt))"
+done
