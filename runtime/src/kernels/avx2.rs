@@ -1045,15 +1045,7 @@ impl DecodeI8 for Q8i8 {
     const BITS: usize = 8;
     const PAIR_PERM: [u8; 64] = identity_perm();
     const LANE_BLOCK: [u8; 8] = [0; 8];
-    const ONE_PERM: [u8; 32] = {
-        let mut p = [0u8; 32];
-        let mut l = 0;
-        while l < 32 {
-            p[l] = l as u8;
-            l += 1;
-        }
-        p
-    };
+    const ONE_PERM: [u8; 32] = identity_perm();
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
@@ -1073,10 +1065,10 @@ impl DecodeI8 for Q8i8 {
     }
 }
 
-const fn identity_perm() -> [u8; 64] {
-    let mut p = [0u8; 64];
+const fn identity_perm<const N: usize>() -> [u8; N] {
+    let mut p = [0u8; N];
     let mut l = 0;
-    while l < 64 {
+    while l < N {
         p[l] = l as u8;
         l += 1;
     }
