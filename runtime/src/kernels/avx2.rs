@@ -994,6 +994,9 @@ trait DecodeI8 {
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i);
     /// One block (reads exactly `4 * BITS` bytes). # Safety: as above.
     unsafe fn decode_one(p: *const u8) -> __m256i;
+    /// Lanes in natural order with one block per vector: x needs neither the
+    /// permuted copy nor the per-lane scale pattern.
+    const NATURAL: bool = false;
 }
 
 struct Q4i8;
@@ -1046,6 +1049,7 @@ impl DecodeI8 for Q8i8 {
     const PAIR_PERM: [u8; 64] = identity_perm();
     const LANE_BLOCK: [u8; 8] = [0; 8];
     const ONE_PERM: [u8; 32] = identity_perm();
+    const NATURAL: bool = true;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_pair(p: *const u8) -> (__m256i, __m256i) {
@@ -1158,7 +1162,8 @@ struct XInt8 {
     q: Vec<i8>,
     /// `n * nblk` block scales (`x ~= d * q`).
     d: Vec<f32>,
-    /// `n * npairs * 8`: the block scale of each i32 lane (`LANE_BLOCK`).
+    /// `n * npairs * 8`: the block scale of each i32 lane (`LANE_BLOCK`);
+    /// empty for `NATURAL` decoders, which read `d`.
     dpat: Vec<f32>,
     /// `n * groups` exact f32 sums of x per weight group.
     sum: Vec<f32>,
@@ -1182,6 +1187,15 @@ fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) 
         // SAFETY: features detected (only `Avx2` reaches this); 32 elements each.
         (*db, *sb) = unsafe { quantize_block32(xb.as_ptr(), qb.as_mut_ptr()) };
     }
+    let sum = bsum.chunks_exact(bpg).map(|g| g.iter().sum()).collect();
+    if D::NATURAL {
+        return XInt8 {
+            q: nat,
+            d,
+            dpat: Vec::new(),
+            sum,
+        };
+    }
     let mut q = vec![0i8; x.len()];
     let mut dpat = Vec::with_capacity(n * npairs * 8);
     for i in 0..n {
@@ -1204,7 +1218,6 @@ fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) 
             }
         }
     }
-    let sum = bsum.chunks_exact(bpg).map(|g| g.iter().sum()).collect();
     XInt8 { q, d, dpat, sum }
 }
 
@@ -1328,7 +1341,8 @@ unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
                 a.group_size,
                 xq.q.as_ptr().add(i0 * a.cols),
                 xq.d.as_ptr().add(i0 * nblk),
-                xq.dpat.as_ptr().add(i0 * npairs * 8),
+                // Empty (never read) for natural-order decoders.
+                xq.dpat.as_ptr().wrapping_add(i0 * npairs * 8),
             )
         };
         for (i, (v, b)) in res.into_iter().zip(bias).enumerate() {
