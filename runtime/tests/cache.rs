@@ -385,9 +385,11 @@ fn cache_budget_below_dense_states_the_minimum() {
     assert_eq!(plan.capacity, vec![0; 6]);
     // A model whose working set (KV cache, prompt activations) and read
     // buffers need more than the proportional floor gets that much instead,
-    // out of the cache: 100 MiB + 4 expert buffers leaves room for 16 - 4 = 12.
-    let budget = min + (100 << 20) + 16 * per;
-    let plan = plan_budget(&pack, 6, budget, true, Some(100 << 20), 4).unwrap();
+    // out of the cache: 100 MiB + the buffers of one reader (one in flight,
+    // 4 pooled) leaves room for 17 - 5 = 12.
+    let budget = min + (100 << 20) + 17 * per;
+    assert_eq!(mfx_runtime::cache::pooled_buffers(1), 4);
+    let plan = plan_budget(&pack, 6, budget, true, Some(100 << 20), 1).unwrap();
     let largest = pack
         .manifest()
         .experts
@@ -396,7 +398,7 @@ fn cache_budget_below_dense_states_the_minimum() {
         .max()
         .unwrap();
     assert_eq!(largest, per);
-    assert_eq!(plan.reserve_bytes, (100 << 20) + 4 * per);
+    assert_eq!(plan.reserve_bytes, (100 << 20) + 5 * per);
     assert_eq!(plan.capacity, vec![2; 6]);
     // A small working set does not lower the floor.
     let plan = plan_budget(&pack, 6, budget, true, Some(1 << 20), 0).unwrap();

@@ -14,7 +14,7 @@ use mfx_formats::profile::Profile;
 use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::buf::BufPool;
 use mfx_runtime::cache::io::BlobReader;
-use mfx_runtime::cache::{plan_budget, pooled_buffers};
+use mfx_runtime::cache::plan_budget;
 use mfx_runtime::models::family::FamilyConfig;
 use mfx_runtime::models::{working, KvBits, LoadOptions};
 use std::path::PathBuf;
@@ -128,14 +128,7 @@ pub fn run(a: Args) -> Result<()> {
     budgets.dedup();
     let mut rows = Vec::new();
     for &b in &budgets {
-        let Ok(plan) = plan_budget(
-            &pack,
-            n_layers,
-            b,
-            false,
-            Some(working),
-            pooled_buffers(io_threads) + io_threads,
-        ) else {
+        let Ok(plan) = plan_budget(&pack, n_layers, b, false, Some(working), io_threads) else {
             continue;
         };
         let (mut miss_bytes, mut hit_sum, mut moe) = (0f64, 0f64, 0usize);

@@ -133,15 +133,15 @@ pub fn detect_budget() -> Option<u64> {
 
 /// Splits `budget` bytes for `pack` (a model of `n_layers` layers).
 /// `working`: the model's working set ([`WorkingShape::bytes`]) when known;
-/// `io_buffers`: how many expert-sized read buffers may exist besides the
-/// cached experts (in flight or pooled).
+/// `io_threads`: the cache's readers, whose buffers (one in flight each,
+/// plus the [`pooled_buffers`] kept for reuse) sit outside the cached experts.
 pub fn plan_budget(
     pack: &Pack,
     n_layers: usize,
     budget: u64,
     pin: bool,
     working: Option<u64>,
-    io_buffers: usize,
+    io_threads: usize,
 ) -> Result<BudgetPlan, BudgetError> {
     let m = pack.manifest();
     let dense: u64 = m.tensors.iter().map(|t| t.length).sum();
@@ -176,7 +176,8 @@ pub fn plan_budget(
     }
     let moe_layers = experts.iter().filter(|&&n| n > 0).count().max(1) as u64;
     let largest = m.experts.iter().map(|e| e.raw_length).max().unwrap_or(0);
-    let reserve = runtime_reserve(budget).max(working.unwrap_or(0) + io_buffers as u64 * largest);
+    let io_buffers = (pooled_buffers(io_threads) + io_threads) as u64;
+    let reserve = runtime_reserve(budget).max(working.unwrap_or(0) + io_buffers * largest);
     let cache = budget.saturating_sub(min + reserve);
     let per_layer = cache / moe_layers;
     let capacity = (0..n_layers)

@@ -5,7 +5,7 @@
 //! `--ram` means the same thing (dense + pinned + cache bytes) whatever the
 //! architecture, and the budget errors read the same everywhere.
 
-use super::budget::{detect_budget, plan_budget, pooled_buffers};
+use super::budget::{detect_budget, plan_budget};
 use super::policy::PolicyKind;
 use super::store::{CacheConfig, Capacity, ExpertCache};
 use crate::error::RuntimeError;
@@ -98,7 +98,7 @@ pub fn provider_for_open_pack(
                 budget,
                 opts.pin,
                 opts.working_bytes,
-                pooled_buffers(opts.io_threads) + opts.io_threads,
+                opts.io_threads,
             )
             .map_err(|e| {
                 let hint = if opts.ram.is_none() {

@@ -180,14 +180,7 @@ pub fn load_own_type(
             cfg.moe_intermediate_size(),
         )?;
         let shape = super::working::family(&cfg, opts.kv_bits);
-        let copts = crate::cache::CacheOptions {
-            working_bytes: Some(super::working::bytes(
-                &shape,
-                cfg.max_position_embeddings(),
-                opts,
-            )),
-            ..opts.cache.clone()
-        };
+        let copts = super::working::cache_options(&shape, cfg.max_position_embeddings(), opts);
         let cache = crate::cache::provider_for_open_pack(
             Arc::clone(src.pack()),
             &copts,

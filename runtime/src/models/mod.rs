@@ -176,10 +176,7 @@ impl MoeModel {
                 cfg.moe_intermediate_size,
             )?;
             let shape = working::decoder(&cfg, opts.kv_bits);
-            let copts = crate::cache::CacheOptions {
-                working_bytes: Some(working::bytes(&shape, cfg.max_position_embeddings, opts)),
-                ..opts.cache.clone()
-            };
+            let copts = working::cache_options(&shape, cfg.max_position_embeddings, opts);
             let cache = crate::cache::provider_for_open_pack(
                 Arc::clone(src.pack()),
                 &copts,

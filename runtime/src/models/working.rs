@@ -97,6 +97,20 @@ pub fn family(c: &FamilyConfig, kv: KvBits) -> WorkingShape {
     }
 }
 
+/// `opts.cache` with the working set of a model of this shape filled in:
+/// what both pack loaders (shared decoder and own-type families) hand the
+/// expert cache.
+pub fn cache_options(
+    shape: &WorkingShape,
+    max_position: usize,
+    opts: &LoadOptions,
+) -> crate::cache::CacheOptions {
+    crate::cache::CacheOptions {
+        working_bytes: Some(bytes(shape, max_position, opts)),
+        ..opts.cache.clone()
+    }
+}
+
 /// The working bytes `opts` will need for a model of this shape whose
 /// trained context is `max_position`: the context is `--max-context`, else
 /// [`RESERVED_CONTEXT_DEFAULT`] (capped by the model's own); the thread
