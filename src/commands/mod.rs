@@ -65,16 +65,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             .build_global()
             .context("setting the thread count")?;
     }
-    match cli.command {
-        // The server's generation thread moves onto the pool per request;
-        // its HTTP side must not hold a compute worker for its whole life.
-        Command::Serve(a) => serve::run(a),
-        other => mfx_runtime::kernels::on_workers(|| run_command(other)),
+    // Commands run on a compute worker (see `kernels::on_workers`), except
+    // the server: its generation thread moves onto the pool per request, and
+    // its HTTP side must not hold a compute worker for its whole life.
+    if matches!(cli.command, Command::Serve(_)) {
+        run_command(cli.command)
+    } else {
+        mfx_runtime::kernels::on_workers(|| run_command(cli.command))
     }
 }
 
-/// Every command but `serve`, run on a compute worker (see
-/// [`mfx_runtime::kernels::on_workers`]).
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Eval(a) => eval::run(a),
