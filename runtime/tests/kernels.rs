@@ -380,6 +380,78 @@ fn dot_and_axpy_all_tiers() {
     }
 }
 
+/// Grouped attention kernels (query heads sharing a KV head) against a
+/// float64 product over the same f16 rows, for group sizes that exercise
+/// every block width, widths with and without a tail, and strided rows.
+#[test]
+fn grouped_f16_rows_all_tiers() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (g, width, len, stride_extra) in [
+        (1, 64, 5, 0),
+        (2, 128, 33, 64),
+        (3, 72, 17, 8),
+        (4, 128, 100, 384),
+        (5, 20, 9, 3),
+        (8, 128, 257, 384),
+        (12, 64, 40, 0),
+        (6, 128, 0, 0),
+    ] {
+        let stride = width + stride_extra;
+        let data: Vec<f16> = (0..len * stride)
+            .map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0)))
+            .collect();
+        let rows = kernels::F16Rows {
+            data: &data,
+            stride,
+            len,
+            width,
+        };
+        let q = rand_vec(&mut rng, g * width);
+        let ld = len + 3;
+        let p = rand_vec(&mut rng, g * ld);
+        let base = rand_vec(&mut rng, g * width);
+        for tier in kernels::available() {
+            let mut scores = vec![f32::NAN; g * ld];
+            tier.dot_f16_rows(rows, &q, &mut scores, ld);
+            let mut out = base.clone();
+            tier.axpy_f16_rows(rows, &p, ld, &mut out);
+            for h in 0..g {
+                for j in 0..len {
+                    let terms =
+                        (0..width).map(|c| q[h * width + c] as f64 * data[j * stride + c].to_f64());
+                    let (exact, mag) = terms.fold((0.0, 1e-30), |(s, m), t| (s + t, m + t.abs()));
+                    let got = scores[h * ld + j] as f64;
+                    assert!(
+                        (got - exact).abs() / mag <= F32_BUDGET,
+                        "{} dot g={g} width={width} h={h} j={j}: {got} vs {exact}",
+                        tier.name()
+                    );
+                }
+                for j in len..ld {
+                    assert!(
+                        scores[h * ld + j].is_nan(),
+                        "{} wrote past len",
+                        tier.name()
+                    );
+                }
+                for c in 0..width {
+                    let terms =
+                        (0..len).map(|j| p[h * ld + j] as f64 * data[j * stride + c].to_f64());
+                    let (sum, mag) = terms.fold((0.0, 1e-30), |(s, m), t| (s + t, m + t.abs()));
+                    let exact = base[h * width + c] as f64 + sum;
+                    let got = out[h * width + c] as f64;
+                    assert!(
+                        (got - exact).abs() / (mag + base[h * width + c].abs() as f64)
+                            <= F32_BUDGET,
+                        "{} axpy g={g} width={width} h={h} c={c}: {got} vs {exact}",
+                        tier.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Bulk conversions must agree bit for bit with `half` (the reference), on
 /// ordinary values and on the edges: signed zeros, subnormals, overflow to
 /// infinity, NaN, and ties for round-to-nearest-even.
@@ -511,6 +583,50 @@ fn softmax_scaled_matches_f64_and_handles_masks() {
     kernels::softmax_scaled(&mut y, scale);
     for (a, b) in y.iter().zip(&e) {
         assert!((*a as f64 - b / s).abs() <= 1e-6, "{a} vs {}", b / s);
+    }
+    // Every tier's own softmax (attention's), relative to each probability,
+    // over lengths with and without a SIMD tail, logits up to 30 below the
+    // max, and -inf masks. Relative 5e-6: the f32 argument itself is off by
+    // up to 30 * 2^-24 before any exp runs.
+    for len in [0usize, 1, 7, 8, 9, 31, 300, 2049] {
+        let x: Vec<f32> = rand_vec(&mut rng, len).iter().map(|v| v * 120.0).collect();
+        let m = x
+            .iter()
+            .map(|v| (*v * scale) as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = x.iter().map(|v| ((*v * scale) as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for tier in kernels::available() {
+            let mut y = x.clone();
+            tier.softmax_scaled(&mut y, scale);
+            for (k, (a, b)) in y.iter().zip(&e).enumerate() {
+                let want = b / s;
+                assert!(
+                    (*a as f64 - want).abs() <= 5e-6 * want + 1e-30,
+                    "{} len={len} [{k}]: {a} vs {want}",
+                    tier.name()
+                );
+            }
+        }
+        for tier in kernels::available() {
+            let mut y = vec![
+                1.0,
+                f32::NEG_INFINITY,
+                1.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                f32::NEG_INFINITY,
+            ];
+            tier.softmax_scaled(&mut y, 0.5);
+            assert_eq!(y[1], 0.0, "{}", tier.name());
+            assert_eq!(y[8], 0.0, "{}", tier.name());
+            let mut y = vec![f32::NEG_INFINITY; 11];
+            tier.softmax_scaled(&mut y, 0.5);
+            assert_eq!(y, vec![0.0; 11], "{}", tier.name());
+        }
     }
     // Masked positions (-inf) get zero weight; a fully masked row gives zeros, not NaN.
     let mut y = vec![1.0, f32::NEG_INFINITY, 1.0];

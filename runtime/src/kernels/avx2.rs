@@ -28,7 +28,7 @@
 //! 3- and 6-bit weights always use f32 activations.
 
 use super::parallel::{for_row_chunks, Out};
-use super::{check_matmul, Backend, MatRef, Tier};
+use super::{check_matmul, Backend, F16Rows, MatRef, Tier};
 use half::{bf16, f16};
 use mfx_formats::quant::AffineMatrix;
 use std::arch::x86_64::*;
@@ -166,6 +166,24 @@ impl Backend for Avx2 {
         unsafe { axpy_f32_f16(alpha, x, y) }
     }
 
+    fn dot_f16_rows(&self, rows: F16Rows<'_>, q: &[f32], scores: &mut [f32], ld: usize) {
+        rows.check_group(q.len(), scores.len(), ld, "dot_f16_rows");
+        // SAFETY: features detected; check_group verified every row and
+        // coefficient index the blocks touch.
+        unsafe { f16_dots(rows, q, scores, ld) }
+    }
+
+    fn axpy_f16_rows(&self, rows: F16Rows<'_>, p: &[f32], ld: usize, out: &mut [f32]) {
+        rows.check_group(out.len(), p.len(), ld, "axpy_f16_rows");
+        // SAFETY: as above.
+        unsafe { f16_axpys(rows, p, ld, out) }
+    }
+
+    fn softmax_scaled(&self, x: &mut [f32], scale: f32) {
+        // SAFETY: features detected (module docs).
+        unsafe { softmax_scaled_avx2(x, scale) }
+    }
+
     fn convert_f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "convert_f16_to_f32: length mismatch");
         // SAFETY: as above.
@@ -211,6 +229,9 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// Runs `$f::<..., NB>` for a runtime block size `nb` in `1..=8`.
 macro_rules! with_nb {
+    ($nb:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        with_nb!($nb, $f::<>($($arg),*))
+    };
     ($nb:expr, $f:ident::<$($t:ty),*>($($arg:expr),* $(,)?)) => {
         match $nb {
             1 => $f::<$($t,)* 1>($($arg),*),
@@ -819,6 +840,317 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         s += a[j] * b[j];
     }
     s
+}
+
+/// [`Backend::dot_f16_rows`] in blocks of up to 8 query heads.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dots(rows: F16Rows<'_>, q: &[f32], scores: &mut [f32], ld: usize) {
+    let g = q.len() / rows.width;
+    let mut h0 = 0;
+    while h0 < g {
+        let nb = (g - h0).min(8);
+        unsafe { with_nb!(nb, f16_dots_block(rows, q, h0, scores, ld)) };
+        h0 += nb;
+    }
+}
+
+/// Rows per tile of [`f16_axpys`]: 64 rows of a 128-wide head are 16 KiB,
+/// so a tile stays in L1 while every column block passes over it.
+const AXPY_TILE_BYTES: usize = 16 << 10;
+
+/// [`Backend::axpy_f16_rows`] in blocks of up to 8 heads, over tiles of
+/// rows: the column-block loop of [`f16_axpys_block`] passes over its rows
+/// once per 8 columns, which without tiling re-read a 2k-position head from
+/// L3 sixteen times.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_axpys(rows: F16Rows<'_>, p: &[f32], ld: usize, out: &mut [f32]) {
+    let g = out.len() / rows.width;
+    let tile = (AXPY_TILE_BYTES / (rows.stride.max(1) * 2)).max(8);
+    let mut j0 = 0;
+    while j0 < rows.len {
+        let t = F16Rows {
+            data: &rows.data[j0 * rows.stride..],
+            len: tile.min(rows.len - j0),
+            ..rows
+        };
+        // The column blocks walk the tile's rows 256 bytes apart, which the
+        // hardware prefetcher followed poorly (the widening loads stalled on
+        // L3); fetch the next tile's lines while this one computes.
+        let next = j0 + tile;
+        if next < rows.len {
+            let line_bytes = rows.width * 2;
+            for r in next..(next + tile).min(rows.len) {
+                let rp = unsafe { rows.data.as_ptr().add(r * rows.stride) as *const i8 };
+                for off in (0..line_bytes).step_by(64) {
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(rp.add(off)) };
+                }
+            }
+        }
+        let pt = &p[j0..];
+        let mut h0 = 0;
+        while h0 < g {
+            let nb = (g - h0).min(8);
+            unsafe { with_nb!(nb, f16_axpys_block(t, pt, ld, h0, out)) };
+            h0 += nb;
+        }
+        j0 += tile;
+    }
+}
+
+/// Scores of query heads `h0..h0 + N` against every row: each key is
+/// widened once and dotted with all `N` heads while it is in registers.
+/// Few heads take several rows at a time, so that there are always enough
+/// independent FMA chains.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dots_block<const N: usize>(
+    rows: F16Rows<'_>,
+    q: &[f32],
+    h0: usize,
+    scores: &mut [f32],
+    ld: usize,
+) {
+    let mut j = 0;
+    unsafe {
+        match N {
+            1 | 2 => {
+                while j + 4 <= rows.len {
+                    f16_dots_rows::<N, 4>(rows, q, h0, scores, ld, j);
+                    j += 4;
+                }
+            }
+            3 | 4 => {
+                while j + 2 <= rows.len {
+                    f16_dots_rows::<N, 2>(rows, q, h0, scores, ld, j);
+                    j += 2;
+                }
+            }
+            _ => {}
+        }
+        while j < rows.len {
+            f16_dots_rows::<N, 1>(rows, q, h0, scores, ld, j);
+            j += 1;
+        }
+    }
+}
+
+/// Rows `j..j + R` of [`f16_dots_block`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dots_rows<const N: usize, const R: usize>(
+    rows: F16Rows<'_>,
+    q: &[f32],
+    h0: usize,
+    scores: &mut [f32],
+    ld: usize,
+    j: usize,
+) {
+    let w = rows.width;
+    let wide = w / 8 * 8;
+    let qp = unsafe { q.as_ptr().add(h0 * w) };
+    let rp = unsafe { rows.data.as_ptr().add(j * rows.stride) };
+    let mut acc = [[_mm256_setzero_ps(); R]; N];
+    let mut c = 0;
+    unsafe {
+        while c < wide {
+            let mut ks = [_mm256_setzero_ps(); R];
+            for (r, k) in ks.iter_mut().enumerate() {
+                *k = _mm256_cvtph_ps(_mm_loadu_si128(
+                    rp.add(r * rows.stride + c) as *const __m128i
+                ));
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let qv = _mm256_loadu_ps(qp.add(i * w + c));
+                for (r, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_fmadd_ps(qv, ks[r], *v);
+                }
+            }
+            c += 8;
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for (r, v) in a.iter().enumerate() {
+            let mut s = unsafe { hsum(*v) };
+            for cc in wide..w {
+                s += q[(h0 + i) * w + cc] * rows.data[(j + r) * rows.stride + cc].to_f32();
+            }
+            scores[(h0 + i) * ld + j + r] = s;
+        }
+    }
+}
+
+/// `out_h += sum_j p_h[j] * rows[j]` for heads `h0..h0 + N`, 8 columns at a
+/// time with the accumulators in registers across all rows. Few heads get
+/// several column blocks each, so there are always enough independent FMA
+/// chains to hide the latency.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_axpys_block<const N: usize>(
+    rows: F16Rows<'_>,
+    p: &[f32],
+    ld: usize,
+    h0: usize,
+    out: &mut [f32],
+) {
+    let w = rows.width;
+    let wide = match N {
+        1 | 2 => 4,
+        3 | 4 => 2,
+        _ => 1,
+    };
+    let mut c = 0;
+    unsafe {
+        while c + 8 * wide <= w {
+            match wide {
+                4 => f16_axpys_cols::<N, 4>(rows, p, ld, h0, out, c),
+                2 => f16_axpys_cols::<N, 2>(rows, p, ld, h0, out, c),
+                _ => f16_axpys_cols::<N, 1>(rows, p, ld, h0, out, c),
+            }
+            c += 8 * wide;
+        }
+        while c + 8 <= w {
+            f16_axpys_cols::<N, 1>(rows, p, ld, h0, out, c);
+            c += 8;
+        }
+    }
+    for cc in c..w {
+        for i in 0..N {
+            let mut s = out[(h0 + i) * w + cc];
+            for j in 0..rows.len {
+                s += p[(h0 + i) * ld + j] * rows.data[j * rows.stride + cc].to_f32();
+            }
+            out[(h0 + i) * w + cc] = s;
+        }
+    }
+}
+
+/// Columns `c..c + 8 * C` of [`f16_axpys_block`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_axpys_cols<const N: usize, const C: usize>(
+    rows: F16Rows<'_>,
+    p: &[f32],
+    ld: usize,
+    h0: usize,
+    out: &mut [f32],
+    c: usize,
+) {
+    let w = rows.width;
+    let (base, pp, op) = (rows.data.as_ptr(), p.as_ptr(), out.as_mut_ptr());
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); C]; N];
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (k, v) in a.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(op.add((h0 + i) * w + c + 8 * k));
+            }
+        }
+        for j in 0..rows.len {
+            let rp = base.add(j * rows.stride + c);
+            let mut vs = [_mm256_setzero_ps(); C];
+            for (k, v) in vs.iter_mut().enumerate() {
+                *v = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(8 * k) as *const __m128i));
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let pj = _mm256_set1_ps(*pp.add((h0 + i) * ld + j));
+                for (k, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_fmadd_ps(pj, vs[k], *v);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (k, v) in a.iter().enumerate() {
+                _mm256_storeu_ps(op.add((h0 + i) * w + c + 8 * k), *v);
+            }
+        }
+    }
+}
+
+/// `exp(x)` per lane: Cephes' `expf` (range reduction by `ln 2` in two
+/// parts, degree-6 polynomial), within 2 ulp of libm on `[-87, 88]`; lanes
+/// below -87 (including `-inf`, masked attention) give exactly 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+        _mm256_set1_ps(88.0),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        _mm256_mul_ps(p, r),
+        r,
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_scaled_avx2(x: &mut [f32], scale: f32) {
+    let n = x.len();
+    let wide = n / 8 * 8;
+    let p = x.as_mut_ptr();
+    let vs = _mm256_set1_ps(scale);
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    unsafe {
+        for i in (0..wide).step_by(8) {
+            mv = _mm256_max_ps(mv, _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vs));
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), mv) };
+    let ms = lanes
+        .iter()
+        .copied()
+        .chain(x[wide..].iter().map(|v| v * scale))
+        .fold(f32::NEG_INFINITY, f32::max);
+    if ms == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return;
+    }
+    let vm = _mm256_set1_ps(ms);
+    let mut sv = _mm256_setzero_ps();
+    unsafe {
+        for i in (0..wide).step_by(8) {
+            let e = exp8(_mm256_sub_ps(
+                _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vs),
+                vm,
+            ));
+            _mm256_storeu_ps(p.add(i), e);
+            sv = _mm256_add_ps(sv, e);
+        }
+    }
+    let mut s = unsafe { hsum(sv) };
+    for v in x[wide..].iter_mut() {
+        *v = (*v * scale - ms).exp();
+        s += *v;
+    }
+    let inv = _mm256_set1_ps(1.0 / s);
+    unsafe {
+        for i in (0..wide).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+        }
+    }
+    for v in x[wide..].iter_mut() {
+        *v *= 1.0 / s;
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -132,6 +132,17 @@ pub fn attention(
     y
 }
 
+/// Query heads per attention task: the largest divisor of the GQA `group`
+/// that still leaves at least one task per thread (`tasks` = tokens x
+/// heads at one head per task). Whole groups read the KV cache least;
+/// smaller runs keep every core busy when there are few KV heads.
+fn heads_per_task(group: usize, tasks: usize, threads: usize) -> usize {
+    (1..=group.max(1))
+        .rev()
+        .find(|&s| group % s == 0 && tasks / s >= threads)
+        .unwrap_or(1)
+}
+
 /// Causal grouped-query attention of `n` new queries (`q`: `[n, heads *
 /// head_dim]`) over the `kv.len()` cached positions followed by this call's
 /// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32,
@@ -159,28 +170,37 @@ pub fn attend(
     debug_assert_eq!(v_new.len(), n * kd);
     let past = kv.len();
     let group = heads / kv_heads;
+    let sub = heads_per_task(group, n * heads, rayon::current_num_threads());
+    let tasks_per_token = heads / sub;
     let be = kernels::backend();
     let mut out = vec![0.0; n * qd];
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let (i, h) = (idx / heads, idx % heads);
-            let kh = h / group;
-            let qv = &q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
+    // One task per (token, run of `sub` query heads sharing a KV head): the
+    // cached keys and values are read once for the whole run.
+    out.par_chunks_mut(sub * head_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+            let (i, h0) = (idx / tasks_per_token, (idx % tasks_per_token) * sub);
+            let kh = h0 / group;
+            let ctx = past + i + 1;
+            let qg = &q[i * qd + h0 * head_dim..i * qd + (h0 + sub) * head_dim];
             let row = |j: usize| j * kd + kh * head_dim..j * kd + (kh + 1) * head_dim;
             scores.clear();
-            scores.extend((0..past).map(|j| kv.key_dot(j, kh, qv) * scale));
-            scores.extend((0..=i).map(|j| be.dot(qv, &k_new[row(j)]) * scale));
-            kernels::softmax(scores);
+            scores.resize(sub * ctx, 0.0);
+            kv.key_dots(kh, qg, scores, ctx);
+            for (h, qv) in qg.chunks_exact(head_dim).enumerate() {
+                let sc = &mut scores[h * ctx..(h + 1) * ctx];
+                for (j, s) in sc[past..].iter_mut().enumerate() {
+                    *s = be.dot(qv, &k_new[row(j)]);
+                }
+                be.softmax_scaled(sc, scale);
+            }
             o.fill(0.0);
-            let (cached, fresh) = scores.split_at(past);
-            for (j, &p) in cached.iter().enumerate() {
-                kv.value_axpy(j, kh, p, o);
+            kv.value_axpys(kh, scores, ctx, o);
+            for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
+                for (j, &p) in scores[h * ctx + past..(h + 1) * ctx].iter().enumerate() {
+                    be.axpy(p, &v_new[row(j)], oh);
+                }
             }
-            for (j, &p) in fresh.iter().enumerate() {
-                be.axpy(p, &v_new[row(j)], o);
-            }
-        },
-    );
+        });
     out
 }

@@ -127,25 +127,30 @@ impl Store {
     }
 }
 
-/// Keys and values of one attention layer, `[positions, kv_heads * head_dim]`
-/// each (keys already rotated).
+/// Keys and values of one attention layer (keys already rotated), stored
+/// head-major: one `[positions, head_dim]` store per KV head. Why not the
+/// `[positions, kv_heads * head_dim]` order the projections produce: a
+/// decode step reads one head's keys for every position, and with the heads
+/// interleaved that is a 256-byte read every kilobyte, which the hardware
+/// prefetcher did not keep up with (attention at 2k positions ran at 2.6
+/// GB/s, latency-bound); contiguous rows stream.
 #[derive(Debug, Clone)]
 pub struct LayerKv {
-    kv_dim: usize,
+    kv_heads: usize,
     head_dim: usize,
     len: usize,
-    k: Store,
-    v: Store,
+    k: Vec<Store>,
+    v: Vec<Store>,
 }
 
 impl LayerKv {
     pub fn new(bits: KvBits, kv_heads: usize, head_dim: usize) -> Self {
         LayerKv {
-            kv_dim: kv_heads * head_dim,
+            kv_heads,
             head_dim,
             len: 0,
-            k: Store::new(bits),
-            v: Store::new(bits),
+            k: (0..kv_heads).map(|_| Store::new(bits)).collect(),
+            v: (0..kv_heads).map(|_| Store::new(bits)).collect(),
         }
     }
 
@@ -158,20 +163,34 @@ impl LayerKv {
         self.len == 0
     }
 
-    /// Appends `k`, `v` (`n` positions each).
+    /// Appends `k`, `v` (`n` positions each, `[n, kv_heads * head_dim]`).
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
-        debug_assert_eq!(k.len() % self.kv_dim, 0);
-        self.k.push(k, self.head_dim);
-        self.v.push(v, self.head_dim);
-        self.len += k.len() / self.kv_dim;
+        let (hd, kv_dim) = (self.head_dim, self.kv_heads * self.head_dim);
+        debug_assert_eq!(k.len() % kv_dim, 0);
+        debug_assert_eq!(k.len(), v.len());
+        for (kp, vp) in k.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)) {
+            for h in 0..self.kv_heads {
+                self.k[h].push(&kp[h * hd..(h + 1) * hd], hd);
+                self.v[h].push(&vp[h * hd..(h + 1) * hd], hd);
+            }
+        }
+        self.len += k.len() / kv_dim;
     }
 
-    /// Dequantizes all cached keys and values into `k_out`, `v_out`
-    /// (each at least `len * kv_dim` long).
+    /// Dequantizes all cached keys and values into `k_out`, `v_out` in the
+    /// projections' `[positions, kv_heads * head_dim]` order (each at least
+    /// `len * kv_heads * head_dim` long).
     pub fn read(&self, k_out: &mut [f32], v_out: &mut [f32]) {
-        let n = self.len * self.kv_dim;
-        self.k.read(n, self.head_dim, k_out);
-        self.v.read(n, self.head_dim, v_out);
+        let (hd, kv_dim) = (self.head_dim, self.kv_heads * self.head_dim);
+        let mut tmp = vec![0.0; self.len * hd];
+        for (stores, out) in [(&self.k, k_out), (&self.v, v_out)] {
+            for (h, st) in stores.iter().enumerate() {
+                st.read(self.len * hd, hd, &mut tmp);
+                for (pos, row) in tmp.chunks_exact(hd).enumerate() {
+                    out[pos * kv_dim + h * hd..pos * kv_dim + (h + 1) * hd].copy_from_slice(row);
+                }
+            }
+        }
     }
 
     /// `q . key[pos, kv_head]` read straight from storage. Why not
@@ -182,21 +201,69 @@ impl LayerKv {
     #[inline]
     pub fn key_dot(&self, pos: usize, kv_head: usize, q: &[f32]) -> f32 {
         debug_assert!(pos < self.len && q.len() == self.head_dim);
-        self.k.dot(pos * self.kv_dim + kv_head * self.head_dim, q)
+        self.k[kv_head].dot(pos * self.head_dim, q)
     }
 
     /// `out += p * value[pos, kv_head]`, read straight from storage.
     #[inline]
     pub fn value_axpy(&self, pos: usize, kv_head: usize, p: f32, out: &mut [f32]) {
         debug_assert!(pos < self.len && out.len() == self.head_dim);
-        self.v
-            .axpy(pos * self.kv_dim + kv_head * self.head_dim, p, out)
+        self.v[kv_head].axpy(pos * self.head_dim, p, out)
+    }
+
+    /// `scores[h * ld + pos] = q_h . key[pos, kv_head]` for the query heads
+    /// of `q` (`[g, head_dim]`) that share `kv_head`, over every cached
+    /// position. The f16 cache goes through the backend's grouped kernel,
+    /// which reads each key once for all `g` heads.
+    pub fn key_dots(&self, kv_head: usize, q: &[f32], scores: &mut [f32], ld: usize) {
+        if self.len == 0 {
+            return;
+        }
+        match &self.k[kv_head] {
+            Store::F16(v) => kernels::backend().dot_f16_rows(self.rows(v), q, scores, ld),
+            Store::Q8 { .. } => {
+                for (h, qh) in q.chunks_exact(self.head_dim).enumerate() {
+                    for pos in 0..self.len {
+                        scores[h * ld + pos] = self.key_dot(pos, kv_head, qh);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out_h += sum_pos p[h * ld + pos] * value[pos, kv_head]` for the heads
+    /// of `out` (`[g, head_dim]`): the value side of [`LayerKv::key_dots`].
+    pub fn value_axpys(&self, kv_head: usize, p: &[f32], ld: usize, out: &mut [f32]) {
+        if self.len == 0 {
+            return;
+        }
+        match &self.v[kv_head] {
+            Store::F16(v) => kernels::backend().axpy_f16_rows(self.rows(v), p, ld, out),
+            Store::Q8 { .. } => {
+                for (h, oh) in out.chunks_exact_mut(self.head_dim).enumerate() {
+                    for pos in 0..self.len {
+                        self.value_axpy(pos, kv_head, p[h * ld + pos], oh);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One KV head's f16 store as kernel rows.
+    fn rows<'a>(&self, v: &'a [f16]) -> kernels::F16Rows<'a> {
+        kernels::F16Rows {
+            data: &v[..self.len * self.head_dim],
+            stride: self.head_dim,
+            len: self.len,
+            width: self.head_dim,
+        }
     }
 
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {
-            self.k.truncate(len * self.kv_dim, self.head_dim);
-            self.v.truncate(len * self.kv_dim, self.head_dim);
+            for st in self.k.iter_mut().chain(self.v.iter_mut()) {
+                st.truncate(len * self.head_dim, self.head_dim);
+            }
             self.len = len;
         }
     }
@@ -207,7 +274,7 @@ impl LayerKv {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
+        self.k.iter().chain(&self.v).map(Store::bytes).sum()
     }
 }
 
