@@ -58,6 +58,9 @@ pub struct Args {
     /// Do not keep the pack's pinned experts resident (measure the cache alone).
     #[arg(long)]
     pub no_pin: bool,
+    /// Background expert readers (reads in flight at once).
+    #[arg(long, default_value_t = CacheOptions::default().io_threads)]
+    pub io_threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -152,6 +155,7 @@ pub fn run(a: Args) -> Result<()> {
         pin: !a.no_pin,
         skip_missing: a.skip_missing,
         prefetch: !a.no_prefetch,
+        io_threads: a.io_threads,
         ..CacheOptions::default()
     };
     let (mut model, cache, budget) = load_cached(
@@ -203,6 +207,7 @@ pub fn run(a: Args) -> Result<()> {
         "policy": policy.name(),
         "direct_io": cache.direct_io(),
         "threads": rayon::current_num_threads(),
+        "io_threads": a.io_threads,
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
         "prompt_tok_s": a.prompt_tokens as f64 / pp_s,

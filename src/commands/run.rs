@@ -77,6 +77,11 @@ pub struct CacheArgs {
     /// Do not keep the pack's pinned experts resident (measure the cache alone).
     #[arg(long)]
     pub no_pin: bool,
+    /// Background expert readers: the reads in flight at once. SSDs and
+    /// network disks read faster with more requests queued; each reader
+    /// costs one expert-sized buffer of the budget.
+    #[arg(long, default_value_t = CacheOptions::default().io_threads)]
+    pub io_threads: usize,
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
@@ -96,6 +101,7 @@ impl CacheArgs {
             skip_missing: self.skip_missing,
             prefetch: !self.no_prefetch,
             pin: !self.no_pin,
+            io_threads: self.io_threads,
             ..CacheOptions::default()
         })
     }
