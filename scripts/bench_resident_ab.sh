@@ -12,6 +12,12 @@
 #      MFX_KERNELS (passed through), MFX_PEERS_DIR (default /work/.peers).
 # llama.cpp runs in its best CPU configuration (weights loaded and repacked:
 # llama-bench's defaults); mfx with --ram 16G (everything resident).
+#
+# Decode depth: `mfx bench` decodes after its PP-token prompt, so its tg runs
+# over PP..PP+TG cached positions, while llama-bench's plain tg starts from
+# an empty context. llama.cpp's tg is therefore measured twice, at depth 0
+# and at depth PP (`-d PP`, the same positions as mfx's); the tg ratio uses
+# the like-for-like depth-PP figure, and the depth-0 one is printed beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${MFX_PEERS_DIR:-/work/.peers}
@@ -20,12 +26,17 @@ PACK=${PACK:-$P/models/qwen3-30b-a3b-l8-q4d4-2945M.mfx}
 GGUF=${GGUF:-$P/models/qwen3-30b-a3b-l8-q4_0.gguf}
 LLAMA_BIN=${LLAMA_BIN:-$P/llama.cpp/bin}
 ROUNDS=${ROUNDS:-4} THREADS=${THREADS:-2} PP=${PP:-128} TG=${TG:-128}
-echo "round | llama pp$PP | llama tg$TG | mfx pp$PP | mfx tg$TG | pp ratio | tg ratio | load"
+echo "round | llama pp$PP | llama tg$TG d0 | llama tg$TG d$PP | mfx pp$PP | mfx tg$TG (d$PP) | pp ratio | tg ratio (d$PP) | tg ratio vs d0 | load"
 for i in $(seq "$ROUNDS"); do
-    l=$("$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o csv 2>/dev/null \
-        | python3 -c 'import csv,sys; print(" ".join("%.2f" % float(r["avg_ts"]) for r in csv.DictReader(sys.stdin)))')
+    l=$({ "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o csv
+          "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$TG" -d "$PP" -r 1 -o csv | tail -n +2; } 2>/dev/null \
+        | PP="$PP" TG="$TG" python3 -c '
+import csv, os, sys
+pp, tg = os.environ["PP"], os.environ["TG"]
+rows = {(r["n_prompt"], r["n_gen"], r["n_depth"]): float(r["avg_ts"]) for r in csv.DictReader(sys.stdin)}
+print("%.2f %.2f %.2f" % (rows[(pp, "0", "0")], rows[("0", tg, "0")], rows[("0", tg, pp)]))')
     m=$("$MFX_BIN" bench "$PACK" --ram 16G --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$THREADS" --json 2>/dev/null \
         | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f %.2f" % (d["prompt_tok_s"], d["decode_tok_s"]))')
-    read -r lp lt <<<"$l"; read -r mp mt <<<"$m"
-    python3 -c "print('$i | $lp | $lt | $mp | $mt | %.2f | %.2f | $(cut -d' ' -f1 /proc/loadavg)' % ($mp/$lp, $mt/$lt))"
+    read -r lp lt0 ltd <<<"$l"; read -r mp mt <<<"$m"
+    python3 -c "print('$i | $lp | $lt0 | $ltd | $mp | $mt | %.2f | %.2f | %.2f | $(cut -d' ' -f1 /proc/loadavg)' % ($mp/$lp, $mt/$ltd, $mt/$lt0))"
 done

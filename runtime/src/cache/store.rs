@@ -674,6 +674,7 @@ impl ExpertProvider for ExpertCache {
             let consumed = s.pending.get(&key).is_some_and(|p| p.is_done());
             if consumed {
                 s.pending.remove(&key);
+                s.queue.retain(|k| *k != key);
             }
             drop(s);
             if consumed {
@@ -704,6 +705,10 @@ impl ExpertProvider for ExpertCache {
             if s.pending.get(&key).is_some_and(|q| Arc::ptr_eq(q, &p)) {
                 s.pending.remove(&key);
             }
+            // Served: off the read-ahead queue in the same critical section,
+            // or another thread's `read_ahead` could see it neither pending
+            // nor resident (capacity 0 keeps nothing) and read it again.
+            s.queue.retain(|k| *k != key);
         }
         self.read_ahead(layer, key);
         r.map_err(|msg| inner.err(msg))

@@ -304,23 +304,38 @@ pub fn moe_forward_ext(
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
 
-    let results: Vec<Result<(usize, Vec<f32>), RuntimeError>> = active
-        .par_iter()
-        .map(|&e| {
-            let toks = &by_expert[e];
-            let m = toks.len();
-            let mut xs = Vec::with_capacity(m * hidden);
-            for &(t, _) in toks {
-                xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
-            }
-            let ex = experts.get(layer, e)?;
-            Ok((e, ex.forward(&xs, m)))
-        })
-        .collect();
+    let run = |e: usize| -> Result<Vec<f32>, RuntimeError> {
+        let toks = &by_expert[e];
+        let m = toks.len();
+        let mut xs = Vec::with_capacity(m * hidden);
+        for &(t, _) in toks {
+            xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
+        }
+        let ex = experts.get(layer, e)?;
+        Ok(ex.forward(&xs, m))
+    };
+    // Resident experts first, then the ones still being read: the compute
+    // threads work through the hits while the readers fetch the misses,
+    // instead of a worker blocking on a read with hits still queued. The
+    // outputs are summed in expert order either way, so the result does not
+    // depend on what was resident.
+    let (hits, misses): (Vec<usize>, Vec<usize>) =
+        (0..active.len()).partition(|&i| experts.is_resident(layer, active[i]));
+    let mut results: Vec<Option<Vec<f32>>> = vec![None; active.len()];
+    for phase in [hits, misses] {
+        let done: Vec<Result<(usize, Vec<f32>), RuntimeError>> = phase
+            .par_iter()
+            .map(|&i| run(active[i]).map(|y| (i, y)))
+            .collect();
+        for r in done {
+            let (i, y) = r?;
+            results[i] = Some(y);
+        }
+    }
 
     let mut out = vec![0.0; n * hidden];
-    for r in results {
-        let (e, ys) = r?;
+    for (&e, ys) in active.iter().zip(results) {
+        let ys = ys.expect("every active expert ran");
         for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
             kernels::backend().axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
         }
