@@ -18,6 +18,9 @@
 # an empty context. llama.cpp's tg is therefore measured twice, at depth 0
 # and at depth PP (`-d PP`, the same positions as mfx's); the tg ratio uses
 # the like-for-like depth-PP figure, and the depth-0 one is printed beside it.
+# Every llama.cpp figure is the faster of flash attention off and on (`-fa
+# 0,1`): auto picked it on here, which at depth 2048 decoded 17.5 tok/s
+# against 27.7 with it off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${MFX_PEERS_DIR:-/work/.peers}
@@ -28,12 +31,15 @@ LLAMA_BIN=${LLAMA_BIN:-$P/llama.cpp/bin}
 ROUNDS=${ROUNDS:-4} THREADS=${THREADS:-2} PP=${PP:-128} TG=${TG:-128}
 echo "round | llama pp$PP | llama tg$TG d0 | llama tg$TG d$PP | mfx pp$PP | mfx tg$TG (d$PP) | pp ratio | tg ratio (d$PP) | tg ratio vs d0 | load"
 for i in $(seq "$ROUNDS"); do
-    l=$({ "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 1 -o csv
-          "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$TG" -d "$PP" -r 1 -o csv | tail -n +2; } 2>/dev/null \
+    l=$({ "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -fa 0,1 -r 1 -o csv
+          "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$TG" -d "$PP" -fa 0,1 -r 1 -o csv | tail -n +2; } 2>/dev/null \
         | PP="$PP" TG="$TG" python3 -c '
 import csv, os, sys
 pp, tg = os.environ["PP"], os.environ["TG"]
-rows = {(r["n_prompt"], r["n_gen"], r["n_depth"]): float(r["avg_ts"]) for r in csv.DictReader(sys.stdin)}
+rows = {}
+for r in csv.DictReader(sys.stdin):  # the faster of flash attention off/on
+    k = (r["n_prompt"], r["n_gen"], r["n_depth"])
+    rows[k] = max(rows.get(k, 0.0), float(r["avg_ts"]))
 print("%.2f %.2f %.2f" % (rows[(pp, "0", "0")], rows[("0", tg, "0")], rows[("0", tg, pp)]))')
     m=$("$MFX_BIN" bench "$PACK" --ram 16G --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$THREADS" --json 2>/dev/null \
         | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f %.2f" % (d["prompt_tok_s"], d["decode_tok_s"]))')
