@@ -568,21 +568,27 @@ fn int8_kv_roundtrip_and_dots() {
     assert!(kernels::quantize_row_i8(&[1.0, f32::INFINITY, 0.0, 2.0], &mut c).is_nan());
 }
 
-#[test]
-fn softmax_scaled_matches_f64_and_handles_masks() {
-    let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let x: Vec<f32> = rand_vec(&mut rng, 300).iter().map(|v| v * 50.0).collect();
-    let scale = 0.125f32;
+/// `softmax(scale * x)` in float64 over the f32 products (what every tier
+/// computes before rounding its exps).
+fn softmax_ref(x: &[f32], scale: f32) -> Vec<f64> {
     let m = x
         .iter()
         .map(|v| (*v * scale) as f64)
         .fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = x.iter().map(|v| ((*v * scale) as f64 - m).exp()).collect();
     let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+#[test]
+fn softmax_scaled_matches_f64_and_handles_masks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let x: Vec<f32> = rand_vec(&mut rng, 300).iter().map(|v| v * 50.0).collect();
+    let scale = 0.125f32;
     let mut y = x.clone();
     kernels::softmax_scaled(&mut y, scale);
-    for (a, b) in y.iter().zip(&e) {
-        assert!((*a as f64 - b / s).abs() <= 1e-6, "{a} vs {}", b / s);
+    for (a, b) in y.iter().zip(softmax_ref(&x, scale)) {
+        assert!((*a as f64 - b).abs() <= 1e-6, "{a} vs {b}");
     }
     // Every tier's own softmax (attention's), relative to each probability,
     // over lengths with and without a SIMD tail, logits up to 30 below the
@@ -590,17 +596,11 @@ fn softmax_scaled_matches_f64_and_handles_masks() {
     // up to 30 * 2^-24 before any exp runs.
     for len in [0usize, 1, 7, 8, 9, 31, 300, 2049] {
         let x: Vec<f32> = rand_vec(&mut rng, len).iter().map(|v| v * 120.0).collect();
-        let m = x
-            .iter()
-            .map(|v| (*v * scale) as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = x.iter().map(|v| ((*v * scale) as f64 - m).exp()).collect();
-        let s: f64 = e.iter().sum();
+        let want_all = softmax_ref(&x, scale);
         for tier in kernels::available() {
             let mut y = x.clone();
             tier.softmax_scaled(&mut y, scale);
-            for (k, (a, b)) in y.iter().zip(&e).enumerate() {
-                let want = b / s;
+            for (k, (a, &want)) in y.iter().zip(&want_all).enumerate() {
                 assert!(
                     (*a as f64 - want).abs() <= 5e-6 * want + 1e-30,
                     "{} len={len} [{k}]: {a} vs {want}",
