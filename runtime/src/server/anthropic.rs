@@ -387,74 +387,66 @@ fn stream(
                 ));
             }
         };
-        loop {
-            match st.gen.next().await {
-                None => {
-                    st.finished = true;
-                    break;
-                }
-                Some(Out::Text(t)) => {
-                    if st.open != Some(true) {
-                        close(&mut st, &mut s);
-                        let start = json!({"type": "content_block_start", "index": st.blocks,
-                            "content_block": {"type": "text", "text": ""}});
-                        s.push_str(&event("content_block_start", &start));
-                        st.blocks += 1;
-                        st.open = Some(true);
-                    }
-                    let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
-                        "delta": {"type": "text_delta", "text": t}});
-                    s.push_str(&event("content_block_delta", &delta));
-                    break;
-                }
-                Some(Out::ToolStart { name, .. }) => {
+        // One generator event per stream item.
+        match st.gen.next().await {
+            None => {
+                st.finished = true;
+            }
+            Some(Out::Text(t)) => {
+                if st.open != Some(true) {
                     close(&mut st, &mut s);
                     let start = json!({"type": "content_block_start", "index": st.blocks,
-                        "content_block": {"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}});
+                        "content_block": {"type": "text", "text": ""}});
                     s.push_str(&event("content_block_start", &start));
                     st.blocks += 1;
-                    st.open = Some(false);
-                    break;
+                    st.open = Some(true);
                 }
-                Some(Out::ToolArgs { json, .. }) => {
-                    let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
-                        "delta": {"type": "input_json_delta", "partial_json": json}});
-                    s.push_str(&event("content_block_delta", &delta));
-                    break;
+                let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
+                    "delta": {"type": "text_delta", "text": t}});
+                s.push_str(&event("content_block_delta", &delta));
+            }
+            Some(Out::ToolStart { name, .. }) => {
+                close(&mut st, &mut s);
+                let start = json!({"type": "content_block_start", "index": st.blocks,
+                    "content_block": {"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}});
+                s.push_str(&event("content_block_start", &start));
+                st.blocks += 1;
+                st.open = Some(false);
+            }
+            Some(Out::ToolArgs { json, .. }) => {
+                let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
+                    "delta": {"type": "input_json_delta", "partial_json": json}});
+                s.push_str(&event("content_block_delta", &delta));
+            }
+            Some(Out::ToolEnd { .. }) => {
+                close(&mut st, &mut s);
+            }
+            Some(Out::Failed(e)) => {
+                st.finished = true;
+                s.push_str(&event("error", &pipeline::backend_error(F, e).body()));
+            }
+            Some(Out::Finished {
+                completion,
+                tool_calls,
+            }) => {
+                st.finished = true;
+                close(&mut st, &mut s);
+                if st.blocks == 0 {
+                    // Anthropic always answers with at least one block.
+                    let start = json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}});
+                    s.push_str(&event("content_block_start", &start));
+                    s.push_str(&event(
+                        "content_block_stop",
+                        &json!({"type": "content_block_stop", "index": 0}),
+                    ));
                 }
-                Some(Out::ToolEnd { .. }) => {
-                    close(&mut st, &mut s);
-                    break;
-                }
-                Some(Out::Failed(e)) => {
-                    st.finished = true;
-                    s.push_str(&event("error", &pipeline::backend_error(F, e).body()));
-                    break;
-                }
-                Some(Out::Finished {
-                    completion,
-                    tool_calls,
-                }) => {
-                    st.finished = true;
-                    close(&mut st, &mut s);
-                    if st.blocks == 0 {
-                        // Anthropic always answers with at least one block.
-                        let start = json!({"type": "content_block_start", "index": 0,
-                            "content_block": {"type": "text", "text": ""}});
-                        s.push_str(&event("content_block_start", &start));
-                        s.push_str(&event(
-                            "content_block_stop",
-                            &json!({"type": "content_block_stop", "index": 0}),
-                        ));
-                    }
-                    let (reason, seq) = stop_reason(&completion, tool_calls);
-                    let delta = json!({"type": "message_delta",
-                        "delta": {"stop_reason": reason, "stop_sequence": seq},
-                        "usage": {"output_tokens": completion.completion_tokens}});
-                    s.push_str(&event("message_delta", &delta));
-                    s.push_str(&event("message_stop", &json!({"type": "message_stop"})));
-                    break;
-                }
+                let (reason, seq) = stop_reason(&completion, tool_calls);
+                let delta = json!({"type": "message_delta",
+                    "delta": {"stop_reason": reason, "stop_sequence": seq},
+                    "usage": {"output_tokens": completion.completion_tokens}});
+                s.push_str(&event("message_delta", &delta));
+                s.push_str(&event("message_stop", &json!({"type": "message_stop"})));
             }
         }
         Some((Ok(Bytes::from(s)), st))
