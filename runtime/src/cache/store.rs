@@ -384,10 +384,10 @@ impl ExpertCache {
         Ok(())
     }
 
-    /// Marks `consumed` (a key `get` just served; `usize::MAX` for none) as
-    /// no longer queued and starts reads for the head of the layer's queue
-    /// while there is room (see [`Inner::start_loads`]).
-    fn read_ahead(&self, layer: usize, consumed: usize) {
+    /// Starts reads for the head of the layer's queue while there is room
+    /// (see [`Inner::start_loads`]). `get` takes what it serves off the
+    /// queue itself, under the same lock that retires its pending load.
+    fn read_ahead(&self, layer: usize) {
         let Some(slots) = self.inner.layers.get(layer) else {
             return;
         };
@@ -397,13 +397,10 @@ impl ExpertCache {
         let keys: Vec<usize> = {
             let mut g = lock(slots);
             let s = &mut *g;
-            // Drop what needs no read: consumed, pinned, resident or loading.
+            // Drop what needs no read: pinned, resident or loading.
             let (pinned, pending, resident) = (&s.pinned, &s.pending, &s.resident);
             s.queue.retain(|k| {
-                *k != consumed
-                    && !pinned.contains_key(k)
-                    && !pending.contains_key(k)
-                    && !resident.contains_key(k)
+                !pinned.contains_key(k) && !pending.contains_key(k) && !resident.contains_key(k)
             });
             s.queue.iter().copied().collect()
         };
@@ -678,7 +675,7 @@ impl ExpertProvider for ExpertCache {
             }
             drop(s);
             if consumed {
-                self.read_ahead(layer, key);
+                self.read_ahead(layer);
             }
             return Ok(m);
         }
@@ -710,7 +707,7 @@ impl ExpertProvider for ExpertCache {
             // nor resident (capacity 0 keeps nothing) and read it again.
             s.queue.retain(|k| *k != key);
         }
-        self.read_ahead(layer, key);
+        self.read_ahead(layer);
         r.map_err(|msg| inner.err(msg))
     }
 
@@ -737,7 +734,7 @@ impl ExpertProvider for ExpertCache {
             s.active = keys.clone();
             s.queue = keys.iter().copied().collect();
         }
-        self.read_ahead(layer, usize::MAX);
+        self.read_ahead(layer);
     }
 
     fn is_resident(&self, layer: usize, expert: usize) -> bool {

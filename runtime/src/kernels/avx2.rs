@@ -1142,14 +1142,15 @@ unsafe fn softmax_scaled_avx2(x: &mut [f32], scale: f32) {
         *v = (*v * scale - ms).exp();
         s += *v;
     }
-    let inv = _mm256_set1_ps(1.0 / s);
+    let inv = 1.0 / s;
+    let vinv = _mm256_set1_ps(inv);
     unsafe {
         for i in (0..wide).step_by(8) {
-            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
         }
     }
     for v in x[wide..].iter_mut() {
-        *v *= 1.0 / s;
+        *v *= inv;
     }
 }
 

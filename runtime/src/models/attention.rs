@@ -184,7 +184,8 @@ pub fn attend(
             let ctx = past + i + 1;
             let qg = &q[i * qd + h0 * head_dim..i * qd + (h0 + sub) * head_dim];
             let row = |j: usize| j * kd + kh * head_dim..j * kd + (kh + 1) * head_dim;
-            scores.clear();
+            // Every element is written below (cached, then fresh positions),
+            // so only growth is zero-filled.
             scores.resize(sub * ctx, 0.0);
             kv.key_dots(kh, qg, scores, ctx);
             for (h, qv) in qg.chunks_exact(head_dim).enumerate() {

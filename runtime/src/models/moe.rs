@@ -320,22 +320,17 @@ pub fn moe_forward_ext(
     // outputs are summed in expert order either way, so the result does not
     // depend on what was resident.
     let (hits, misses): (Vec<usize>, Vec<usize>) =
-        (0..active.len()).partition(|&i| experts.is_resident(layer, active[i]));
-    let mut results: Vec<Option<Vec<f32>>> = vec![None; active.len()];
+        active.iter().partition(|&&e| experts.is_resident(layer, e));
+    let mut results: Vec<(usize, Vec<f32>)> = Vec::with_capacity(active.len());
     for phase in [hits, misses] {
-        let done: Vec<Result<(usize, Vec<f32>), RuntimeError>> = phase
-            .par_iter()
-            .map(|&i| run(active[i]).map(|y| (i, y)))
-            .collect();
-        for r in done {
-            let (i, y) = r?;
-            results[i] = Some(y);
-        }
+        let done: Result<Vec<_>, RuntimeError> =
+            phase.par_iter().map(|&e| run(e).map(|y| (e, y))).collect();
+        results.extend(done?);
     }
+    results.sort_unstable_by_key(|r| r.0);
 
     let mut out = vec![0.0; n * hidden];
-    for (&e, ys) in active.iter().zip(results) {
-        let ys = ys.expect("every active expert ran");
+    for (e, ys) in results {
         for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
             kernels::backend().axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
         }
