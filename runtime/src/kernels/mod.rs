@@ -221,7 +221,9 @@ pub trait Backend: Send + Sync {
 }
 
 /// `len` rows of `width` f16 elements, `stride` elements apart: one KV
-/// head's keys or values inside a `[positions, kv_heads * head_dim]` cache.
+/// head's keys or values. The head-major KV cache has `stride == width`;
+/// the stride lets the same kernels read heads interleaved in one
+/// `[positions, kv_heads * head_dim]` buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct F16Rows<'a> {
     pub data: &'a [f16],
