@@ -47,9 +47,16 @@
 #   MFX_RAM_RESERVE_MIB  mfx gets --ram LIMIT minus this (default 0: --ram = the
 #                 cgroup limit). "auto" = max(64 MiB, LIMIT/11), so that --ram x 1.1 (the
 #                 issue's peak-RSS bound, budget + 10%) is the cgroup limit.
-#                 Why: mfx's --ram budgets weights only (dense + pinned + cache);
-#                 its activations, KV cache, I/O buffers and binary come on top,
-#                 so with --ram = LIMIT it was OOM-killed at 50% (2026-12-01).
+#                 History: when mfx's --ram budgeted weights only, --ram = LIMIT
+#                 was OOM-killed at 50% (2026-12-01), hence "auto" in the runs up
+#                 to 2026-12-02. The runtime now keeps its working reserve (KV
+#                 cache, activations, read buffers) inside --ram, and the default
+#                 0 is what a user does: since 2026-12-05 runs use it (peak RSS
+#                 1303-1321 MiB under --ram 1391M, no OOM kill; docs/PERF.md).
+#   DISK_MIBPS    cap every limited row's reads at this many MiB/s (cgroup_run.sh
+#                 --read-mibps, a blkio throttle; default: none). Why: those rows are
+#                 bound by the disk, and a VM's disk gave 540-1700 MiB/s on different
+#                 days; a cap makes runs comparable and shows the dependence.
 #   CGROUP_EXTRA_MIB  added to the cgroup limit but not to mfx's --ram (default 0,
 #                 as in every reported run; the self-test's models are a few MB,
 #                 smaller than a process, so it gives the processes room)
@@ -145,9 +152,14 @@ json.dump(out, open(sys.argv[2], "w"))
 EOF
 }
 
+DISK_MIBPS="${DISK_MIBPS:-}"
+THROTTLE=()
+[[ -z "$DISK_MIBPS" ]] || THROTTLE=(--read-mibps "$DISK_MIBPS")
+echo "disk_mibps ${DISK_MIBPS:-none}" >> "$RES/meta.txt"
+
 limited() {
     local tag="$1" limit="$2" file="$3"; shift 3
-    row "$tag" bash "$HERE/cgroup_run.sh" --evict "$file" --report "$RES/$tag.mem.json" "$limit" -- "$@"
+    row "$tag" bash "$HERE/cgroup_run.sh" --evict "$file" --report "$RES/$tag.mem.json" "${THROTTLE[@]}" "$limit" -- "$@"
 }
 
 LB="$LLAMA_BIN/llama-bench"

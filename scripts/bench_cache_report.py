@@ -154,6 +154,9 @@ def main() -> None:
     print(f"Results: `{res}`; {m.get('mfx_version', 'mfx ?')}, commit {m.get('mfx_commit', '?')} "
           f"(binary built {m.get('mfx_binary_mtime', '?')}); started {m.get('date', '?')}; pack {pack_mib}; "
           f"{m.get('llama_cpp', '')}")
+    if m.get("disk_mibps", "none") != "none":
+        print()
+        print(f"Limited rows read from a disk capped at {m['disk_mibps']} MiB/s (blkio throttle).")
     print()
     print(f"| runtime | setting | limit MiB | decode tok/s (tg{tg}) | prompt tok/s (pp{pp}) | mfx decode hit rate "
           "| read MiB/token | peak RSS MiB | cgroup peak MiB | major faults | load (tg / pp) |")

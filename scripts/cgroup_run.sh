@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command under a hard memory limit and report what it used.
 #
-#   cgroup_run.sh [--evict FILE]... [--report FILE] LIMIT -- CMD [ARGS...]
+#   cgroup_run.sh [--evict FILE]... [--report FILE] [--read-mibps N] LIMIT -- CMD [ARGS...]
 #
 # LIMIT: bytes, or with a suffix K/M/G (binary: 1400M = 1400 MiB).
 # Why a cgroup and not ulimit: the point of mfx is running models larger than
@@ -21,6 +21,13 @@
 #   512-byte units on Linux): bytes the kernel really fetched from storage for
 #   it, through page faults on an mmap, buffered reads and O_DIRECT alike, so
 #   it compares an mmap runtime and a direct-I/O one on the same footing.
+# --read-mibps N: also cap the command's reads from the block device that holds
+#   the first --evict FILE (else the current directory) at N MiB/s (cgroup v1
+#   blkio.throttle.read_bps_device; counts O_DIRECT reads and page-cache misses
+#   alike). Why: an expert cache under a memory limit is bound by the disk, and
+#   a VM's disk speed moves with its host's cache (540-1700 MiB/s on the same
+#   machine on different days), so a fixed cap is the only way to compare runs
+#   and to show how the speed depends on the disk.
 #
 # Works with cgroup v1 (memory.limit_in_bytes / memory.max_usage_in_bytes) and v2
 # (memory.max / memory.peak). Needs root. Exit status is the command's; an OOM
@@ -31,11 +38,13 @@ die() { echo "cgroup_run.sh: $*" >&2; exit 2; }
 
 EVICT=()
 REPORT=""
+READ_MIBPS=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --evict) EVICT+=("$2"); shift 2 ;;
         --report) REPORT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --read-mibps) READ_MIBPS="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) break ;;
     esac
 done
@@ -99,11 +108,33 @@ finally:
 EOF
 done
 
+# The read cap: a blkio cgroup (v1) beside the memory one.
+BLKCG=""
+if [[ -n "$READ_MIBPS" ]]; then
+    [[ "$READ_MIBPS" =~ ^[0-9]+$ && "$READ_MIBPS" -gt 0 ]] || die "--read-mibps $READ_MIBPS: expected a positive whole number of MiB/s"
+    BLKROOT="$(awk '$3 == "cgroup" && $4 ~ /(^|,)blkio(,|$)/ {print $2; exit}' /proc/mounts)"
+    [[ -n "$BLKROOT" ]] || die "--read-mibps: no cgroup v1 blkio hierarchy mounted"
+    ON="${EVICT[0]:-.}"
+    DEVNO="$(stat -c '%Hd:%Ld' "$ON" 2>/dev/null)" || die "--read-mibps: cannot stat $ON"
+    # Throttle rules apply to whole disks: a partition's rule goes to its disk.
+    if [[ -e "/sys/dev/block/$DEVNO/partition" ]]; then
+        DEVNO="$(cat "$(readlink -f "/sys/dev/block/$DEVNO/..")/dev")"
+    fi
+    [[ -e "/sys/dev/block/$DEVNO" ]] || die "--read-mibps: $ON is not on a block device ($DEVNO): nothing to throttle"
+    BLKCG="$BLKROOT/mfx-run-$$"
+    mkdir "$BLKCG" || die "cannot create $BLKCG"
+    echo "$DEVNO $((READ_MIBPS * 1048576))" > "$BLKCG/blkio.throttle.read_bps_device" \
+        || die "--read-mibps: the kernel refused a read cap on device $DEVNO"
+    trap 'rmdir "$CG" 2>/dev/null || true; rmdir "$BLKCG" 2>/dev/null || true' EXIT
+    echo "[cgroup_run] reads from device $DEVNO capped at $READ_MIBPS MiB/s" >&2
+fi
+
 TIMEF="$(mktemp)"
 set +e
-# The child joins the cgroup before exec, so every page it touches is charged.
-/bin/sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec /usr/bin/time -v -o "$0" "$@"' \
-    "$TIMEF" "$CG" "$@"
+# The child joins the cgroup(s) before exec, so every page it touches is charged
+# and every read it issues is throttled.
+/bin/sh -c 'echo $$ > "$1/cgroup.procs" && { [ -z "$2" ] || echo $$ > "$2/cgroup.procs"; } && shift 2 && exec /usr/bin/time -v -o "$0" "$@"' \
+    "$TIMEF" "$CG" "$BLKCG" "$@"
 RC=$?
 set -e
 
