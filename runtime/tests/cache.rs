@@ -246,7 +246,7 @@ fn cache_read_ahead_is_bounded_by_the_slots() {
     let pack = Arc::new(Pack::open(&path).unwrap());
     let cache = ExpertCache::open(pack, cfg.num_hidden_layers, &cc).unwrap();
     let all: Vec<usize> = (0..cfg.num_experts).collect();
-    cache.prefetch(0, &all);
+    cache.prefetch(0, &all, &vec![1; all.len()]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let ahead = cache.stats().loads;
     assert!(ahead >= 1, "read-ahead started nothing");

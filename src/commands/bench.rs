@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use mfx_prep::ram::parse_size;
-use mfx_runtime::cache::{detect_budget, CacheOptions, ExpertCache, PolicyKind};
+use mfx_runtime::cache::{detect_budget, CacheOptions, ExpertCache, PolicyKind, RoutedPass};
 use mfx_runtime::generate::DEFAULT_PREFILL_CHUNK;
 use mfx_runtime::memory;
 use mfx_runtime::models::{LoadOptions, Model};
@@ -36,8 +36,8 @@ pub struct Args {
     /// streamed expert is read at most once per chunk and layer.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
-    /// Eviction policy: lru, lfu-decay or depth.
-    #[arg(long, default_value = "lru")]
+    /// Eviction policy: lfu-decay (default), lru or depth.
+    #[arg(long, default_value = PolicyKind::default().name())]
     pub policy: String,
     /// Skip non-resident secondary experts instead of waiting (changes outputs).
     #[arg(long)]
@@ -64,6 +64,12 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Write the experts routed in every forward pass to FILE (JSON lines
+    /// `{"phase": "prompt"|"decode", "layer": L, "experts": [..], "tokens": [..]}`,
+    /// tokens = how many of the pass's tokens each expert served), for
+    /// replaying eviction policies offline (scripts/sim_cache.py).
+    #[arg(long, value_name = "FILE")]
+    pub trace_routing: Option<PathBuf>,
 }
 
 /// The model over `pack` with its experts behind a budgeted cache (the
@@ -131,6 +137,24 @@ fn text_tokens(pack: &Path, text: &Path, count: usize) -> Result<Vec<u32>> {
     Ok(ids[..count].to_vec())
 }
 
+/// One JSON line per forward pass and MoE layer.
+fn write_routing(path: &Path, prompt: &[RoutedPass], decode: &[RoutedPass]) -> Result<()> {
+    use std::io::Write;
+    let mut out = String::new();
+    for (phase, passes) in [("prompt", prompt), ("decode", decode)] {
+        for (layer, experts, tokens) in passes {
+            let line = serde_json::json!({"phase": phase, "layer": layer, "experts": experts, "tokens": tokens});
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+    }
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("--trace-routing {}: cannot create", path.display()))?;
+    f.write_all(out.as_bytes())
+        .with_context(|| format!("--trace-routing {}: write failed", path.display()))?;
+    Ok(())
+}
+
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in x.iter().enumerate() {
@@ -178,6 +202,9 @@ pub fn run(a: Args) -> Result<()> {
             .map(|i| (16 + (i * 7919 + 13) % vocab.saturating_sub(16).max(1)) as u32)
             .collect(),
     };
+    if a.trace_routing.is_some() {
+        cache.record_routing();
+    }
     let t0 = Instant::now();
     let mut logits = Vec::new();
     for chunk in prompt.chunks(a.prefill_chunk.max(1)) {
@@ -185,6 +212,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let pp_s = t0.elapsed().as_secs_f64();
     let after_pp = cache.stats();
+    let prompt_routing = cache.take_routing();
     let mut tok = argmax(&logits);
     let t1 = Instant::now();
     for i in 0..a.gen_tokens {
@@ -196,6 +224,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let tg_s = t1.elapsed().as_secs_f64();
     let s = cache.stats();
+    if let Some(path) = &a.trace_routing {
+        write_routing(path, &prompt_routing, &cache.take_routing())?;
+    }
     let dec = s.since(&after_pp);
     let gen = a.gen_tokens.max(1) as f64;
     let decode_hits = (s.hits - after_pp.hits) as f64;

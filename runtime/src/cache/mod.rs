@@ -23,4 +23,4 @@ pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack
 pub use policy::{EvictionPolicy, PolicyKind};
 pub use prefetch::NextHint;
 pub use stats::{CacheStats, StatsSnapshot};
-pub use store::{pinned_from_manifest, CacheConfig, Capacity, ExpertCache};
+pub use store::{pinned_from_manifest, CacheConfig, Capacity, ExpertCache, RoutedPass};

@@ -78,6 +78,9 @@ impl Default for CacheConfig {
 
 type LoadResult = Result<Arc<ExpertMats>, String>;
 
+/// One forward pass through one MoE layer: `(layer, experts, tokens per expert)`.
+pub type RoutedPass = (usize, Vec<usize>, Vec<u32>);
+
 /// One load in flight: whoever claims it reads; everyone else waits.
 struct Pending {
     claimed: AtomicBool,
@@ -144,6 +147,10 @@ struct Inner {
     first_moe_layer: usize,
     predictor: Option<Predictor>,
     skip_missing: bool,
+    /// `(layer, routed experts)` of every forward pass while recording
+    /// (`mfx bench --trace-routing`): the input of offline policy studies,
+    /// since routing does not depend on what the cache holds.
+    routing_log: Mutex<Option<Vec<RoutedPass>>>,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -233,6 +240,7 @@ impl ExpertCache {
             identity,
             poisoned: Mutex::new(None),
             first_moe_layer,
+            routing_log: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -266,6 +274,20 @@ impl ExpertCache {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// Starts (or restarts) recording each forward pass's routed experts per layer.
+    pub fn record_routing(&self) {
+        *lock(&self.inner.routing_log) = Some(Vec::new());
+    }
+
+    /// The passes recorded since [`Self::record_routing`], in order;
+    /// recording continues from empty.
+    pub fn take_routing(&self) -> Vec<RoutedPass> {
+        lock(&self.inner.routing_log)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn policy(&self) -> PolicyKind {
@@ -711,9 +733,12 @@ impl ExpertProvider for ExpertCache {
         r.map_err(|msg| inner.err(msg))
     }
 
-    fn prefetch(&self, layer: usize, experts: &[usize]) {
+    fn prefetch(&self, layer: usize, experts: &[usize], tokens: &[u32]) {
         if layer == self.inner.first_moe_layer {
             self.inner.check_identity();
+        }
+        if let Some(log) = lock(&self.inner.routing_log).as_mut() {
+            log.push((layer, experts.to_vec(), tokens.to_vec()));
         }
         let Some(slots) = self.inner.layers.get(layer) else {
             return;

@@ -70,10 +70,12 @@ pub trait ExpertProvider: Send + Sync {
     /// Expert `expert` of MoE layer `layer`.
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError>;
     /// Called once per MoE layer and forward pass, before any `get`, with the
-    /// experts the batch routes to (ascending): a cache can start reading
-    /// them all at once. The default does nothing.
-    fn prefetch(&self, layer: usize, experts: &[usize]) {
-        let _ = (layer, experts);
+    /// experts the batch routes to (ascending) and, for each, how many of the
+    /// batch's tokens it serves: a cache can start reading them all at once,
+    /// and weigh a prompt's heavy users above its one-token ones. The default
+    /// does nothing.
+    fn prefetch(&self, layer: usize, experts: &[usize], tokens: &[u32]) {
+        let _ = (layer, experts, tokens);
     }
     /// Whether `get` would return without reading (for `--skip-missing`).
     fn is_resident(&self, layer: usize, expert: usize) -> bool {
@@ -245,14 +247,15 @@ pub fn moe_forward_ext(
         }
         per_token.push(sel.into_iter().zip(wts).collect());
     }
-    let mut used = vec![false; ne];
+    let mut uses = vec![0u32; ne];
     for sel in &per_token {
         for &(e, _) in sel {
-            used[e] = true;
+            uses[e] += 1;
         }
     }
-    let active: Vec<usize> = (0..ne).filter(|&e| used[e]).collect();
-    experts.prefetch(layer, &active);
+    let active: Vec<usize> = (0..ne).filter(|&e| uses[e] > 0).collect();
+    let tokens: Vec<u32> = active.iter().map(|&e| uses[e]).collect();
+    experts.prefetch(layer, &active, &tokens);
 
     if experts.skip_missing() {
         let mut top1 = vec![false; ne];

@@ -305,7 +305,8 @@ pub fn routed_forward(
         }
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
-    experts.prefetch(layer, &active);
+    let tokens: Vec<u32> = active.iter().map(|&e| by_expert[e].len() as u32).collect();
+    experts.prefetch(layer, &active, &tokens);
     let results: Vec<Result<(usize, Vec<f32>), RuntimeError>> = active
         .par_iter()
         .map(|&e| {
