@@ -63,8 +63,9 @@ pub struct CacheArgs {
     /// Experts cached per MoE layer besides pinned ones (overrides --ram's split).
     #[arg(long)]
     pub capacity: Option<usize>,
-    /// Eviction policy: lru (default, chosen by measurement: docs/PERF.md), lfu-decay or depth.
-    #[arg(long, default_value = "lru", value_parser = parse_policy)]
+    /// Eviction policy: lfu-decay (default, chosen by measurement of bytes
+    /// read: docs/PERF.md), lru or depth.
+    #[arg(long, default_value = PolicyKind::default().name(), value_parser = parse_policy)]
     pub policy: PolicyKind,
     /// Skip a non-resident secondary expert instead of waiting for its read
     /// (never the top-1; weights renormalized as the model's routing does).
