@@ -257,3 +257,87 @@ fn every_family_preps_and_runs_at_default_bits() {
         assert!(m.rel < TOL_DEFAULT, "{f}: rel err {:.3e}", m.rel);
     }
 }
+
+/// Decode logits of `ids` fed one token at a time from `pack` through an
+/// expert cache of `capacity` unpinned slots per layer (reads on demand only,
+/// so what is resident when a layer starts does not depend on I/O timing),
+/// with the cache's skipped-use and bytes-read counters. `None`: a budget
+/// that holds every expert, all loaded at open.
+fn stepwise_through_cache(
+    pack: &Path,
+    ids: &[u32],
+    capacity: Option<usize>,
+    skip_missing: bool,
+) -> (Vec<f32>, u64, u64) {
+    use mfx_runtime::cache::CacheOptions;
+    use mfx_runtime::models::LoadOptions;
+    let opts = LoadOptions {
+        cache: CacheOptions {
+            ram: Some(1 << 30),
+            capacity,
+            skip_missing,
+            pin: capacity.is_none(),
+            io_threads: 0,
+            ..CacheOptions::default()
+        },
+        ..LoadOptions::default()
+    };
+    let mut m = mfx_runtime::models::load(pack, &opts).expect("load pack");
+    let mut logits = Vec::new();
+    for &t in ids {
+        logits.extend(m.forward(&[t], false).expect("forward"));
+    }
+    let s = m
+        .expert_cache()
+        .expect("a pack has an expert cache")
+        .stats();
+    (logits, s.skipped, s.bytes_read)
+}
+
+/// `--skip-missing` in the sigmoid-router families (DeepSeek-V3's
+/// group-limited, bias-corrected routing with `routed_scaling_factor` 2.5,
+/// and GLM-4-MoE), which route outside the shared decoder: with 1 slot of
+/// 16 per layer it skips secondary experts and reads less; with it off the
+/// same tiny cache gives exactly the all-resident logits, and with every
+/// expert resident skipping changes nothing.
+#[test]
+fn sigmoid_families_skip_missing_through_a_partial_cache() {
+    let d = tempfile::tempdir().unwrap();
+    for family in ["deepseek_v3", "glm4_moe"] {
+        prep_and_score(
+            family,
+            d.path(),
+            &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
+        );
+        let pack = d.path().join(format!("{family}.mfx"));
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let ids = ids_of(&r["input_ids"]);
+        let (all, skipped_all, _) = stepwise_through_cache(&pack, &ids, None, true);
+        let (exact, skipped_exact, read_exact) =
+            stepwise_through_cache(&pack, &ids, Some(1), false);
+        let (skip, skipped, read_skip) = stepwise_through_cache(&pack, &ids, Some(1), true);
+        eprintln!(
+            "{family}: skipped {skipped} uses, read {read_skip} vs {read_exact} bytes, rel err vs exact {:.3e}",
+            rel_err(&skip, &exact)
+        );
+        assert_eq!(skipped_all, 0, "{family}: nothing is missing when all fits");
+        assert_eq!(skipped_exact, 0, "{family}: skip-missing is off");
+        assert_eq!(
+            exact, all,
+            "{family}: a 1-slot cache must not change the logits"
+        );
+        assert!(skipped > 0, "{family}: a 1-of-16 cache must skip some uses");
+        assert!(read_skip < read_exact, "{family}: skipping reads less");
+        assert!(
+            skip.iter().all(|v| v.is_finite()),
+            "{family}: non-finite logits"
+        );
+        assert_ne!(
+            skip, exact,
+            "{family}: skipping experts must change the output"
+        );
+    }
+}

@@ -270,6 +270,32 @@ impl SigmoidRouting {
     }
 }
 
+impl SigmoidRouting {
+    /// Drops the experts of `missing` from one token's selection (`(expert,
+    /// weight)`, weights as [`Self::route`] gave them) and re-weights the rest
+    /// as this rule would had it selected only those: with `norm_topk_prob`
+    /// the kept sigmoid scores are renormalized to sum to 1 and scaled by
+    /// `routed_scaling_factor` again (so the kept weights still sum to the
+    /// factor); without it each weight is its own scaled score, unchanged.
+    /// Returns how many were dropped.
+    pub fn skip_missing(&self, sel: &mut Vec<(usize, f32)>, missing: &[bool]) -> usize {
+        let before = sel.len();
+        sel.retain(|&(e, _)| !missing[e]);
+        let dropped = before - sel.len();
+        if dropped > 0 && self.norm_topk_prob {
+            // Each weight is score / sum(scores) * factor: the kept ones'
+            // own sum, over the factor, undoes the old denominator.
+            let s: f32 = sel.iter().map(|x| x.1).sum();
+            if s > 0.0 {
+                for x in sel.iter_mut() {
+                    x.1 *= self.routed_scaling_factor / s;
+                }
+            }
+        }
+        dropped
+    }
+}
+
 /// A sigmoid-routed MoE block's resident weights (router and its bias).
 #[derive(Debug, Clone)]
 pub struct SigmoidRouter {
@@ -292,7 +318,7 @@ pub fn routed_forward(
     let ne = router.weight.rows();
     let mut logits = vec![0.0; n * ne];
     kernels::matmul(&router.weight.mat(), xn, n, &mut logits);
-    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    let mut per_token: Vec<Vec<(usize, f32)>> = Vec::with_capacity(n);
     let mut scores = Vec::with_capacity(ne);
     for t in 0..n {
         let lg = &logits[t * ne..(t + 1) * ne];
@@ -300,28 +326,65 @@ pub fn routed_forward(
         if let Some(obs) = observer.as_deref_mut() {
             obs.observe(layer, t, lg, &scores, &sel, &wts);
         }
-        for (&e, &wt) in sel.iter().zip(&wts) {
+        per_token.push(sel.into_iter().zip(wts).collect());
+    }
+    let mut uses = vec![0u32; ne];
+    for sel in &per_token {
+        for &(e, _) in sel {
+            uses[e] += 1;
+        }
+    }
+    let active: Vec<usize> = (0..ne).filter(|&e| uses[e] > 0).collect();
+    let tokens: Vec<u32> = active.iter().map(|&e| uses[e]).collect();
+    experts.prefetch(layer, &active, &tokens);
+
+    if experts.skip_missing() {
+        let mut top1 = vec![false; ne];
+        for sel in &per_token {
+            if let Some(&(e, _)) = sel.first() {
+                top1[e] = true;
+            }
+        }
+        let missing: Vec<bool> = (0..ne)
+            .map(|e| uses[e] > 0 && !top1[e] && !experts.is_resident(layer, e))
+            .collect();
+        if missing.iter().any(|&m| m) {
+            let skipped: usize = per_token
+                .iter_mut()
+                .map(|sel| routing.skip_missing(sel, &missing))
+                .sum();
+            experts.record_skipped(layer, skipped);
+        }
+    }
+
+    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    for (t, sel) in per_token.iter().enumerate() {
+        for &(e, wt) in sel {
             by_expert[e].push((t, wt));
         }
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
-    let tokens: Vec<u32> = active.iter().map(|&e| by_expert[e].len() as u32).collect();
-    experts.prefetch(layer, &active, &tokens);
-    let results: Vec<Result<(usize, Vec<f32>), RuntimeError>> = active
-        .par_iter()
-        .map(|&e| {
-            let toks = &by_expert[e];
-            let mut xs = Vec::with_capacity(toks.len() * hidden);
-            for &(t, _) in toks {
-                xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
-            }
-            let ex = experts.get(layer, e)?;
-            Ok((e, ex.forward(&xs, toks.len())))
-        })
-        .collect();
+    let run = |e: usize| -> Result<(usize, Vec<f32>), RuntimeError> {
+        let toks = &by_expert[e];
+        let mut xs = Vec::with_capacity(toks.len() * hidden);
+        for &(t, _) in toks {
+            xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
+        }
+        let ex = experts.get(layer, e)?;
+        Ok((e, ex.forward(&xs, toks.len())))
+    };
+    // Resident experts first, then the ones still being read (as the
+    // softmax families do); summed in expert order either way.
+    let (hits, misses): (Vec<usize>, Vec<usize>) =
+        active.iter().partition(|&&e| experts.is_resident(layer, e));
+    let mut results: Vec<(usize, Vec<f32>)> = Vec::with_capacity(active.len());
+    for phase in [hits, misses] {
+        let done: Result<Vec<_>, RuntimeError> = phase.par_iter().map(|&e| run(e)).collect();
+        results.extend(done?);
+    }
+    results.sort_unstable_by_key(|r| r.0);
     let mut out = vec![0.0; n * hidden];
-    for r in results {
-        let (e, ys) = r?;
+    for (e, ys) in results {
         for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
             kernels::axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
         }
@@ -332,6 +395,36 @@ pub fn routed_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipping_renormalizes_and_keeps_the_scaling_factor() {
+        let missing = [false, true, false, false];
+        let mut r = SigmoidRouting {
+            top_k: 3,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.5,
+        };
+        let logits = [2.0, 1.0, 0.5, -3.0];
+        let mut s = Vec::new();
+        let (sel, w) = r.route(&logits, &[0.0; 4], &mut s);
+        assert_eq!(sel, vec![0, 1, 2]);
+        let mut kept: Vec<(usize, f32)> = sel.iter().copied().zip(w.iter().copied()).collect();
+        assert_eq!(r.skip_missing(&mut kept, &missing), 1);
+        // As if the router had selected only experts 0 and 2.
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let (a, b) = (sig(2.0), sig(0.5));
+        assert_eq!(kept.len(), 2);
+        assert!((kept[0].1 - 2.5 * a / (a + b)).abs() < 1e-5, "{kept:?}");
+        assert!((kept[1].1 - 2.5 * b / (a + b)).abs() < 1e-5, "{kept:?}");
+        // Without renormalization the kept weights are unchanged.
+        r.norm_topk_prob = false;
+        let (sel, w) = r.route(&logits, &[0.0; 4], &mut s);
+        let mut kept: Vec<(usize, f32)> = sel.iter().copied().zip(w.iter().copied()).collect();
+        assert_eq!(r.skip_missing(&mut kept, &missing), 1);
+        assert_eq!(kept, vec![(0, w[0]), (2, w[2])]);
+    }
 
     #[test]
     fn bias_selects_but_does_not_weigh() {
