@@ -259,28 +259,15 @@ fn every_family_preps_and_runs_at_default_bits() {
 }
 
 /// Decode logits of `ids` fed one token at a time from `pack` through an
-/// expert cache of `capacity` unpinned slots per layer (reads on demand only,
-/// so what is resident when a layer starts does not depend on I/O timing),
-/// with the cache's skipped-use and bytes-read counters. `None`: a budget
-/// that holds every expert, all loaded at open.
-fn stepwise_through_cache(
+/// expert cache set up by `cache`, and the cache's counters afterwards.
+fn stepwise(
     pack: &Path,
     ids: &[u32],
-    capacity: Option<usize>,
-    skip_missing: bool,
-) -> (Vec<f32>, u64, u64) {
-    use mfx_runtime::cache::CacheOptions;
-    use mfx_runtime::models::LoadOptions;
-    let opts = LoadOptions {
-        cache: CacheOptions {
-            ram: Some(1 << 30),
-            capacity,
-            skip_missing,
-            pin: capacity.is_none(),
-            io_threads: 0,
-            ..CacheOptions::default()
-        },
-        ..LoadOptions::default()
+    cache: mfx_runtime::cache::CacheOptions,
+) -> (Vec<f32>, mfx_runtime::cache::StatsSnapshot) {
+    let opts = mfx_runtime::models::LoadOptions {
+        cache,
+        ..Default::default()
     };
     let mut m = mfx_runtime::models::load(pack, &opts).expect("load pack");
     let mut logits = Vec::new();
@@ -291,6 +278,31 @@ fn stepwise_through_cache(
         .expert_cache()
         .expect("a pack has an expert cache")
         .stats();
+    (logits, s)
+}
+
+/// [`stepwise`] through a cache of `capacity` unpinned slots per layer
+/// (reads on demand only, so what is resident when a layer starts does not
+/// depend on I/O timing), with its skipped-use and bytes-read counters.
+/// `None`: a budget that holds every expert, all loaded at open.
+fn stepwise_through_cache(
+    pack: &Path,
+    ids: &[u32],
+    capacity: Option<usize>,
+    skip_missing: bool,
+) -> (Vec<f32>, u64, u64) {
+    let (logits, s) = stepwise(
+        pack,
+        ids,
+        mfx_runtime::cache::CacheOptions {
+            ram: Some(1 << 30),
+            capacity,
+            skip_missing,
+            pin: capacity.is_none(),
+            io_threads: 0,
+            ..Default::default()
+        },
+    );
     (logits, s.skipped, s.bytes_read)
 }
 
@@ -339,5 +351,64 @@ fn sigmoid_families_skip_missing_through_a_partial_cache() {
             skip, exact,
             "{family}: skipping experts must change the output"
         );
+    }
+}
+
+/// The families outside the shared decoder (Qwen3-Next / Qwen3-Coder-Next,
+/// and the sigmoid routers of DeepSeek-V3 and GLM-4-MoE) predict and read
+/// ahead the next layer's experts like it: with 2 of a fixture's experts
+/// cached per layer, predictions are made and scored, and the logits are
+/// exactly those of the same cache without prefetch and of the
+/// all-resident model.
+#[test]
+fn every_own_forward_family_prefetches_the_next_layer_without_changing_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    for family in ["qwen3_next", "deepseek_v3", "glm4_moe"] {
+        prep_and_score(
+            family,
+            d.path(),
+            &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
+        );
+        let pack = d.path().join(format!("{family}.mfx"));
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let ids = ids_of(&r["input_ids"]);
+        let run = |prefetch: bool| {
+            stepwise(
+                &pack,
+                &ids,
+                mfx_runtime::cache::CacheOptions {
+                    ram: Some(1 << 30),
+                    capacity: Some(2),
+                    prefetch,
+                    pin: false,
+                    io_threads: 2,
+                    ..Default::default()
+                },
+            )
+        };
+        let (with, s) = run(true);
+        let (without, s0) = run(false);
+        let (all, _, _) = stepwise_through_cache(&pack, &ids, None, false);
+        eprintln!(
+            "{family}, 2 slots: predicted {} (used {}), precision {:.2}, recall {:.2}, hint loads {}",
+            s.predicted, s.predicted_used, s.prefetch_precision, s.prefetch_recall, s.hint_loads
+        );
+        assert!(
+            s.predicted > 0,
+            "{family}: no next-layer predictions: {s:?}"
+        );
+        assert!(
+            s.routed_predicted > 0,
+            "{family}: predictions never scored: {s:?}"
+        );
+        assert_eq!(
+            s0.predicted, 0,
+            "{family}: --no-prefetch still predicted: {s0:?}"
+        );
+        assert_eq!(with, without, "{family}: prefetch changed the logits");
+        assert_eq!(with, all, "{family}: a 2-slot cache changed the logits");
     }
 }

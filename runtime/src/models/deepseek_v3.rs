@@ -18,11 +18,11 @@
 //! give MLA's memory saving yet.
 
 use super::glm4_moe::{
-    ffn_forward, final_logits, inv_freq, ln, load_ffn, norm_in_place, FfnShape, Glm4Ffn,
+    ffn_forward, final_logits, inv_freq, ln, load_ffn, next_proxy, norm_in_place, FfnShape, Glm4Ffn,
 };
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{norm_rows, ExpertMats, ExpertProvider, ResidentExperts, RouterObserver};
-use super::sigmoid_moe::{JsonCfg, SigmoidRouting};
+use super::sigmoid_moe::{JsonCfg, SigmoidNext, SigmoidRouting};
 use super::{LoadOptions, Model, ModelInfo};
 use crate::error::RuntimeError;
 use crate::kernels;
@@ -315,6 +315,20 @@ impl DsShared {
         kv: &mut LayerKv,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
+        self.layer_forward_next(lw, None, experts, hidden, kv, observer)
+    }
+
+    /// [`Self::layer_forward`] that also lets the provider read ahead for
+    /// the next layer `next` (see [`crate::cache::prefetch`]).
+    pub fn layer_forward_next(
+        &self,
+        lw: &DsLayer,
+        next: Option<&DsLayer>,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        kv: &mut LayerKv,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
         let h = self.cfg.hidden_size;
         let n = hidden.len() / h;
         let eps = self.cfg.eps;
@@ -324,6 +338,17 @@ impl DsShared {
             *x += y;
         }
         let xn = norm_rows(hidden, &lw.post_norm, eps);
+        let proxy = next_proxy(
+            next.map(|nl| (nl.index, &nl.post_norm[..], &nl.ffn)),
+            hidden,
+            eps,
+            experts,
+        );
+        let next = proxy.as_ref().map(|(layer, router, input)| SigmoidNext {
+            layer: *layer,
+            router,
+            input,
+        });
         let f = ffn_forward(
             &lw.ffn,
             lw.index,
@@ -332,6 +357,7 @@ impl DsShared {
             &xn,
             n,
             observer,
+            next,
         )?;
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;
@@ -432,12 +458,17 @@ impl DeepseekV3 {
             return Ok(Vec::new());
         }
         let mut hidden = self.shared.embed(tokens)?;
-        for (lw, kv) in self.layers.iter().zip(self.kv.iter_mut()) {
+        for (l, kv) in self.kv.iter_mut().enumerate() {
             let obs = observer.as_deref_mut();
-            if let Err(e) =
-                self.shared
-                    .layer_forward(lw, self.experts.as_ref(), &mut hidden, kv, obs)
-            {
+            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
+            if let Err(e) = self.shared.layer_forward_next(
+                lw,
+                next,
+                self.experts.as_ref(),
+                &mut hidden,
+                kv,
+                obs,
+            ) {
                 for kv in self.kv.iter_mut() {
                     kv.truncate(past);
                 }

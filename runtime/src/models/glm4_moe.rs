@@ -13,7 +13,7 @@
 
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{norm_rows, ExpertMats, ExpertProvider, ResidentExperts, RouterObserver};
-use super::sigmoid_moe::{routed_forward, JsonCfg, SigmoidRouter, SigmoidRouting};
+use super::sigmoid_moe::{routed_forward, JsonCfg, SigmoidNext, SigmoidRouter, SigmoidRouting};
 use super::{LoadOptions, Model, ModelInfo};
 use crate::error::RuntimeError;
 use crate::kernels::{self, rms_norm};
@@ -154,7 +154,27 @@ pub fn load_ffn(src: &dyn WeightSource, s: &FfnShape, l: usize) -> Result<Glm4Ff
     })
 }
 
+/// The next layer's router and the proxy of its input (`hidden` under its
+/// post-attention norm) when it is an MoE layer the provider wants a
+/// prefetch hint for (glm4_moe and deepseek_v3 alike).
+pub fn next_proxy<'a>(
+    next: Option<(usize, &[f32], &'a Glm4Ffn)>,
+    hidden: &[f32],
+    eps: f32,
+    experts: &dyn ExpertProvider,
+) -> Option<(usize, &'a SigmoidRouter, Vec<f32>)> {
+    let (index, post_norm, ffn) = next?;
+    let Glm4Ffn::Moe { router, .. } = ffn else {
+        return None;
+    };
+    if !experts.wants_next_hint(index) {
+        return None;
+    }
+    Some((index, router, norm_rows(hidden, post_norm, eps)))
+}
+
 /// The feed-forward block over `n` rows of normalized `xn`.
+#[allow(clippy::too_many_arguments)]
 pub fn ffn_forward(
     ffn: &Glm4Ffn,
     layer: usize,
@@ -163,11 +183,12 @@ pub fn ffn_forward(
     xn: &[f32],
     n: usize,
     observer: Option<&mut (dyn RouterObserver + '_)>,
+    next: Option<SigmoidNext<'_>>,
 ) -> Result<Vec<f32>, RuntimeError> {
     Ok(match ffn {
         Glm4Ffn::Dense(m) => m.forward(xn, n),
         Glm4Ffn::Moe { router, shared } => {
-            let mut out = routed_forward(layer, routing, router, experts, xn, n, observer)?;
+            let mut out = routed_forward(layer, routing, router, experts, xn, n, observer, next)?;
             if let Some(s) = shared {
                 for (o, y) in out.iter_mut().zip(s.forward(xn, n)) {
                     *o += y;
@@ -461,6 +482,20 @@ impl Glm4Shared {
         kv: &mut LayerKv,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
+        self.layer_forward_next(lw, None, experts, hidden, kv, observer)
+    }
+
+    /// [`Self::layer_forward`] that also lets the provider read ahead for
+    /// the next layer `next` (see [`crate::cache::prefetch`]).
+    pub fn layer_forward_next(
+        &self,
+        lw: &Glm4Layer,
+        next: Option<&Glm4Layer>,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        kv: &mut LayerKv,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
         let h = self.cfg.hidden_size;
         let n = hidden.len() / h;
         let eps = self.cfg.eps;
@@ -470,6 +505,17 @@ impl Glm4Shared {
             *x += y;
         }
         let xn = norm_rows(hidden, &lw.post_norm, eps);
+        let proxy = next_proxy(
+            next.map(|nl| (nl.index, &nl.post_norm[..], &nl.ffn)),
+            hidden,
+            eps,
+            experts,
+        );
+        let next = proxy.as_ref().map(|(layer, router, input)| SigmoidNext {
+            layer: *layer,
+            router,
+            input,
+        });
         let f = ffn_forward(
             &lw.ffn,
             lw.index,
@@ -478,6 +524,7 @@ impl Glm4Shared {
             &xn,
             n,
             observer,
+            next,
         )?;
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;
@@ -600,12 +647,17 @@ impl Glm4Moe {
             return Ok(Vec::new());
         }
         let mut hidden = self.shared.embed(tokens)?;
-        for (lw, kv) in self.layers.iter().zip(self.kv.iter_mut()) {
+        for (l, kv) in self.kv.iter_mut().enumerate() {
             let obs = observer.as_deref_mut();
-            if let Err(e) =
-                self.shared
-                    .layer_forward(lw, self.experts.as_ref(), &mut hidden, kv, obs)
-            {
+            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
+            if let Err(e) = self.shared.layer_forward_next(
+                lw,
+                next,
+                self.experts.as_ref(),
+                &mut hidden,
+                kv,
+                obs,
+            ) {
                 for kv in self.kv.iter_mut() {
                     kv.truncate(past);
                 }

@@ -23,8 +23,8 @@
 
 use super::glm4_moe::{causal_attend, final_logits, inv_freq, ln, mlp, rope_partial};
 use super::moe::{
-    moe_forward, ExpertMats, ExpertProvider, MoeWeights, ResidentExperts, RouterObserver, Routing,
-    SharedExpert,
+    moe_forward_ext, ExpertMats, ExpertProvider, MoeWeights, NextLayer, ResidentExperts,
+    RouterObserver, Routing, SharedExpert,
 };
 use super::sigmoid_moe::JsonCfg;
 use super::{LoadOptions, Model, ModelInfo};
@@ -588,6 +588,22 @@ impl QnShared {
         st: &mut LayerState,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
+        self.layer_forward_next(lw, None, experts, hidden, st, observer)
+    }
+
+    /// [`Self::layer_forward`] that also lets the provider read ahead for
+    /// the next layer `next`: its router on this layer's post-attention
+    /// residual stream under its own post-attention norm, as the shared
+    /// decoder does (see [`crate::cache::prefetch`]).
+    pub fn layer_forward_next(
+        &self,
+        lw: &QnLayer,
+        next: Option<&QnLayer>,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        st: &mut LayerState,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError> {
         let h = self.cfg.hidden_size;
         let n = hidden.len() / h;
         let eps = self.cfg.eps;
@@ -603,7 +619,28 @@ impl QnShared {
         }
         let mut xn = hidden.to_vec();
         norm_zc(&mut xn, &lw.post_norm, eps);
-        let f = moe_forward(lw.index, &self.routing, &lw.moe, experts, &xn, n, observer)?;
+        let proxy = next
+            .filter(|nl| experts.wants_next_hint(nl.index))
+            .map(|nl| {
+                let mut p = hidden.to_vec();
+                norm_zc(&mut p, &nl.post_norm, eps);
+                (nl, p)
+            });
+        let next = proxy.as_ref().map(|(nl, input)| NextLayer {
+            layer: nl.index,
+            router: &nl.moe.router,
+            input,
+        });
+        let f = moe_forward_ext(
+            lw.index,
+            &self.routing,
+            &lw.moe,
+            experts,
+            &xn,
+            n,
+            observer,
+            next,
+        )?;
         for (x, y) in hidden.iter_mut().zip(&f) {
             *x += y;
         }
@@ -699,12 +736,17 @@ impl Qwen3Next {
             return Ok(Vec::new());
         }
         let mut hidden = self.shared.embed(tokens)?;
-        for (lw, st) in self.layers.iter().zip(self.state.iter_mut()) {
+        for (l, st) in self.state.iter_mut().enumerate() {
             let obs = observer.as_deref_mut();
-            if let Err(e) =
-                self.shared
-                    .layer_forward(lw, self.experts.as_ref(), &mut hidden, st, obs)
-            {
+            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
+            if let Err(e) = self.shared.layer_forward_next(
+                lw,
+                next,
+                self.experts.as_ref(),
+                &mut hidden,
+                st,
+                obs,
+            ) {
                 // Recurrent state cannot be rolled back: drop the sequence.
                 self.reset();
                 return Err(e);

@@ -11,6 +11,7 @@
 //! exactly as it serves the softmax families.
 
 use super::moe::{ExpertProvider, RouterObserver};
+use crate::cache::NextHint;
 use crate::error::RuntimeError;
 use crate::kernels;
 use crate::weights::Matrix;
@@ -303,8 +304,42 @@ pub struct SigmoidRouter {
     pub bias: Vec<f32>,
 }
 
+/// The next MoE layer, for prefetch: its router and a proxy of its input
+/// (this layer's post-attention residual stream under the next layer's
+/// post-attention norm), as [`super::moe::NextLayer`] is for the softmax
+/// families.
+pub struct SigmoidNext<'a> {
+    pub layer: usize,
+    pub router: &'a SigmoidRouter,
+    pub input: &'a [f32],
+}
+
+/// The predictor's input for a sigmoid router: per token, the biased
+/// selection scores shifted to be non-negative and normalized, so that they
+/// rank the experts as selection does (groups aside) and mix with the
+/// profile's co-activation shares as a distribution.
+fn selection_distribution(logits: &mut [f32], bias: &[f32]) {
+    for row in logits.chunks_exact_mut(bias.len()) {
+        for (x, b) in row.iter_mut().zip(bias) {
+            *x = 1.0 / (1.0 + (-*x).exp()) + b;
+        }
+        let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+        let sum: f32 = row.iter().map(|x| x - lo).sum();
+        for x in row.iter_mut() {
+            *x = if sum > 0.0 {
+                (*x - lo) / sum
+            } else {
+                1.0 / bias.len() as f32
+            };
+        }
+    }
+}
+
 /// Routes `n` tokens of `xn` and returns the weighted sum of their routed
-/// experts' outputs (`[n, hidden]`), fetching experts from `experts`.
+/// experts' outputs (`[n, hidden]`), fetching experts from `experts`. With
+/// `next`, the provider also gets a prediction of the next MoE layer's
+/// experts before this layer's experts compute.
+#[allow(clippy::too_many_arguments)]
 pub fn routed_forward(
     layer: usize,
     routing: &SigmoidRouting,
@@ -313,6 +348,7 @@ pub fn routed_forward(
     xn: &[f32],
     n: usize,
     mut observer: Option<&mut (dyn RouterObserver + '_)>,
+    next: Option<SigmoidNext<'_>>,
 ) -> Result<Vec<f32>, RuntimeError> {
     let hidden = router.weight.cols();
     let ne = router.weight.rows();
@@ -355,6 +391,22 @@ pub fn routed_forward(
                 .sum();
             experts.record_skipped(layer, skipped);
         }
+    }
+
+    if let Some(nx) = next.filter(|nx| experts.wants_next_hint(nx.layer)) {
+        let ne2 = nx.router.weight.rows();
+        let mut p2 = vec![0.0; n * ne2];
+        kernels::matmul(&nx.router.weight.mat(), nx.input, n, &mut p2);
+        selection_distribution(&mut p2, &nx.router.bias);
+        experts.hint_next(
+            nx.layer,
+            &NextHint {
+                probs: &p2,
+                n,
+                top_k: routing.top_k,
+                prev: &per_token,
+            },
+        );
     }
 
     let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
@@ -424,6 +476,22 @@ mod tests {
         let mut kept: Vec<(usize, f32)> = sel.iter().copied().zip(w.iter().copied()).collect();
         assert_eq!(r.skip_missing(&mut kept, &missing), 1);
         assert_eq!(kept, vec![(0, w[0]), (2, w[2])]);
+    }
+
+    #[test]
+    fn selection_distribution_ranks_like_selection() {
+        let mut x = [0.0, 2.0, -1.0, 0.5];
+        let bias = [0.0, -0.5, 1.0, 0.0];
+        selection_distribution(&mut x, &bias);
+        let sum: f32 = x.iter().sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-6 && x.iter().all(|&p| p >= 0.0),
+            "{x:?}"
+        );
+        // Biased scores: 0.5, 0.38, 1.27, 0.62 -> order 2, 3, 0, 1.
+        let mut order: Vec<usize> = (0..4).collect();
+        order.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+        assert_eq!(order, vec![2, 3, 0, 1]);
     }
 
     #[test]
