@@ -147,7 +147,7 @@ pub enum QuantError {
 
 fn check_affine_shape(cols: usize, bits: u8, group_size: u32) -> Result<(), QuantError> {
     Scheme::Affine { bits, group_size }.validate()?;
-    if cols % group_size as usize != 0 {
+    if !cols.is_multiple_of(group_size as usize) {
         return Err(QuantError::ColsNotMultipleOfGroup { cols, group_size });
     }
     Ok(())

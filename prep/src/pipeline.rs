@@ -162,7 +162,7 @@ fn check_writable(path: &Path) -> Result<()> {
     if path.is_dir() {
         return Err(PrepError::Write {
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::Other, "is a directory"),
+            source: std::io::Error::other("is a directory"),
         });
     }
     let probe = dir.join(format!(".mfx-probe-{}", std::process::id()));

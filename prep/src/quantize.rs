@@ -35,7 +35,9 @@ fn is_router(module: &str) -> bool {
 /// The group size to use for `cols`: the requested one if it divides, else
 /// the largest of 64/32 that does (MLX needs `cols % group == 0`).
 pub fn group_for(cols: usize, want: u32) -> Option<u32> {
-    [want, 64, 32].into_iter().find(|g| cols % *g as usize == 0)
+    [want, 64, 32]
+        .into_iter()
+        .find(|g| cols.is_multiple_of(*g as usize))
 }
 
 /// The float scheme that holds a float source tensor exactly.
@@ -123,7 +125,7 @@ fn logical_cols(src: &Source, module: &str, words: usize) -> Result<usize> {
         .and_then(|b| b.as_u64())
         .unwrap_or(4);
     let cols = words * 32 / bits.max(1) as usize;
-    if rows_groups.len() != 2 || rows_groups[1] == 0 || cols % rows_groups[1] != 0 {
+    if rows_groups.len() != 2 || rows_groups[1] == 0 || !cols.is_multiple_of(rows_groups[1]) {
         return Err(PrepError::Tensor {
             name: format!("{module}.scales"),
             msg: format!("shape {rows_groups:?} does not match {cols} columns"),

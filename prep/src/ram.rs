@@ -32,7 +32,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
     };
     let v = n * mult as f64;
-    if !v.is_finite() || v < 1.0 || v > 1e18 {
+    if !v.is_finite() || !(1.0..=1e18).contains(&v) {
         return Err(bad("size out of range"));
     }
     Ok(v as u64)

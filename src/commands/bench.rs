@@ -72,6 +72,9 @@ pub struct Args {
     pub trace_routing: Option<PathBuf>,
 }
 
+/// A loaded pack's model, its expert cache and the budget it was given.
+pub type Loaded = (Box<dyn Model>, Arc<ExpertCache>, Option<u64>);
+
 /// The model over `pack` with its experts behind a budgeted cache (the
 /// same loading `mfx run` does), the cache, and the budget in bytes when
 /// `--capacity` did not override it. `context` and `chunk`: the positions
@@ -82,7 +85,7 @@ pub fn load_cached(
     capacity: Option<usize>,
     cache: CacheOptions,
     (context, chunk): (usize, usize),
-) -> Result<(Box<dyn Model>, Arc<ExpertCache>, Option<u64>)> {
+) -> Result<Loaded> {
     let ram = ram.map(parse_size).transpose()?;
     let budget = match capacity {
         Some(_) => None,

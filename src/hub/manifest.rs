@@ -284,7 +284,7 @@ fn budget_of(
 /// `17179869184` -> `16G` when exact, else the byte count.
 fn human_label(b: u64) -> String {
     for (unit, sh) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-        if b % (1u64 << sh) == 0 {
+        if b.is_multiple_of(1u64 << sh) {
             return format!("{}{unit}", b >> sh);
         }
     }

@@ -54,7 +54,7 @@ impl BlobReader {
     /// Reads `len` bytes at `offset` into a buffer from `pool`. A file shorter
     /// than `offset + len` is an `UnexpectedEof` error stating both sizes.
     pub fn read(&self, pool: &Arc<BufPool>, offset: u64, len: usize) -> io::Result<PooledBuf> {
-        if self.is_direct() && offset % IO_ALIGN as u64 == 0 {
+        if self.is_direct() && offset.is_multiple_of(IO_ALIGN as u64) {
             if let Some(f) = &self.direct {
                 // Round the length up: O_DIRECT reads whole blocks.
                 let padded = len.div_ceil(IO_ALIGN) * IO_ALIGN;

@@ -76,7 +76,7 @@ impl Predictor {
 
     /// The predicted expert set of `layer` (ascending).
     pub fn predict(&self, layer: usize, h: &NextHint<'_>) -> Vec<usize> {
-        let ne = if h.n == 0 { 0 } else { h.probs.len() / h.n };
+        let ne = h.probs.len().checked_div(h.n).unwrap_or(0);
         let rows = self.coact.get(layer).filter(|r| !r.is_empty());
         let alpha = if rows.is_some() { ROUTER_WEIGHT } else { 1.0 };
         let mut chosen = vec![false; ne];

@@ -241,7 +241,7 @@ impl<'a> F16Rows<'a> {
     /// Panics on shapes that disagree (caller bugs: the KV cache builds these).
     pub(crate) fn check_group(&self, group_len: usize, coef_len: usize, ld: usize, what: &str) {
         assert!(
-            self.width > 0 && group_len % self.width == 0,
+            self.width > 0 && group_len.is_multiple_of(self.width),
             "{what}: ragged group"
         );
         let g = group_len / self.width;

@@ -139,7 +139,7 @@ pub fn attention(
 fn heads_per_task(group: usize, tasks: usize, threads: usize) -> usize {
     (1..=group.max(1))
         .rev()
-        .find(|&s| group % s == 0 && tasks / s >= threads)
+        .find(|&s| group.is_multiple_of(s) && tasks / s >= threads)
         .unwrap_or(1)
 }
 

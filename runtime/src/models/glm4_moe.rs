@@ -66,7 +66,7 @@ impl Glm4Config {
         let head_dim = c.usize_opt("head_dim")?.unwrap_or(hidden_size / heads);
         let prf = c.f64_opt("partial_rotary_factor")?.unwrap_or(0.5);
         let rotary_dim = (head_dim as f64 * prf) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(c.bad(
                 "partial_rotary_factor",
                 format!(

@@ -184,7 +184,7 @@ impl SigmoidRouting {
         let top_k = c.positive("num_experts_per_tok")?;
         let n_group = c.usize_opt("n_group")?.unwrap_or(1).max(1);
         let topk_group = c.usize_opt("topk_group")?.unwrap_or(n_group);
-        if n_experts % n_group != 0 {
+        if !n_experts.is_multiple_of(n_group) {
             return Err(c.bad(
                 "n_group",
                 format!("{n_group} does not divide {n_experts} experts"),

@@ -161,11 +161,19 @@ impl Metrics {
     }
 }
 
+/// A Prometheus family: name, type, help text and how to read its sample.
+type MetricFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&StatsSnapshot) -> f64,
+);
+
 /// The expert cache's counters, as `mfx run --stats` reports them. The
 /// families are always announced, so scrapers and dashboards see the same
 /// names whatever is served; without a cache they hold no sample.
 fn render_cache(s: &mut String, c: Option<&StatsSnapshot>) {
-    let families: [(&str, &str, &str, fn(&StatsSnapshot) -> f64); 7] = [
+    let families: [MetricFamily; 7] = [
         (
             "mfx_expert_cache_hits_total",
             "counter",

@@ -144,7 +144,7 @@ impl Blob {
 
     /// This blob if its bytes are aligned for elements of `align` bytes, else an aligned copy.
     pub fn aligned(self, align: usize) -> Blob {
-        if (self.bytes().as_ptr() as usize) % align == 0 {
+        if (self.bytes().as_ptr() as usize).is_multiple_of(align) {
             self
         } else {
             Blob::copy_of(self.bytes())
@@ -484,7 +484,7 @@ fn stacked_matrix<S: WeightSource + ?Sized>(
                 &w.shape,
             ));
         }
-        if !ok_rank(&s) || sc == 0 || cols % sc != 0 {
+        if !ok_rank(&s) || sc == 0 || !cols.is_multiple_of(sc) {
             return Err(shape_err(
                 src,
                 &sname,
