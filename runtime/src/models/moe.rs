@@ -247,6 +247,82 @@ pub fn moe_forward_ext(
         }
         per_token.push(sel.into_iter().zip(wts).collect());
     }
+    let hint = next
+        .filter(|nx| experts.wants_next_hint(nx.layer))
+        .map(|nx| {
+            let probs = move || {
+                let ne2 = nx.router.rows();
+                let mut p2 = vec![0.0; n * ne2];
+                kernels::matmul(&nx.router.mat(), nx.input, n, &mut p2);
+                for row in p2.chunks_exact_mut(ne2) {
+                    kernels::softmax(row);
+                }
+                p2
+            };
+            (nx.layer, probs)
+        });
+    let mut out = routed_experts_forward(
+        RoutedBatch {
+            layer,
+            per_token,
+            num_experts: ne,
+            top_k: routing.top_k,
+            reweight: &|sel, missing| skip_missing(routing, sel, missing),
+            next: hint.as_ref().map(|(l, f)| (*l, f as &dyn Fn() -> Vec<f32>)),
+        },
+        experts,
+        xn,
+        n,
+        hidden,
+    )?;
+
+    if let Some(sh) = &w.shared {
+        let ys = sh.mlp.forward(xn, n);
+        let mut g = vec![0.0; n];
+        kernels::matmul(&sh.gate.mat(), xn, n, &mut g);
+        for t in 0..n {
+            let s = 1.0 / (1.0 + (-g[t]).exp());
+            kernels::backend().axpy(
+                s,
+                &ys[t * hidden..(t + 1) * hidden],
+                &mut out[t * hidden..(t + 1) * hidden],
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A batch routed by a family's router, and what the shared routed-expert
+/// path needs from that family (see [`routed_experts_forward`]).
+pub struct RoutedBatch<'a> {
+    pub layer: usize,
+    /// Per token: `(expert, weight)` in the router's order, top-1 first.
+    pub per_token: Vec<Vec<(usize, f32)>>,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Drops the experts marked in `missing` from one token's selection and
+    /// re-weights the rest as the family's routing rule would; returns how
+    /// many were dropped (`--skip-missing`).
+    pub reweight: &'a dyn Fn(&mut Vec<(usize, f32)>, &[bool]) -> usize,
+    /// The next MoE layer and how to compute its predicted routing
+    /// distribution `[n, experts]`, when the provider wants a hint.
+    pub next: Option<(usize, &'a dyn Fn() -> Vec<f32>)>,
+}
+
+/// Everything after routing, the same for every family: announce the
+/// batch's experts to the provider (it starts their reads), skip the
+/// non-resident secondary ones under `--skip-missing`, hand the provider a
+/// prediction for the next layer, then run each expert once over its tokens,
+/// resident ones first, and sum the weighted outputs in expert order.
+/// One path, so that no family can silently lack a cache feature.
+pub fn routed_experts_forward(
+    b: RoutedBatch<'_>,
+    experts: &dyn ExpertProvider,
+    xn: &[f32],
+    n: usize,
+    hidden: usize,
+) -> Result<Vec<f32>, RuntimeError> {
+    let (layer, ne, mut per_token) = (b.layer, b.num_experts, b.per_token);
     let mut uses = vec![0u32; ne];
     for sel in &per_token {
         for &(e, _) in sel {
@@ -258,42 +334,33 @@ pub fn moe_forward_ext(
     experts.prefetch(layer, &active, &tokens);
 
     if experts.skip_missing() {
+        // An expert that is any token's top-1 is always waited for.
         let mut top1 = vec![false; ne];
         for sel in &per_token {
             if let Some(&(e, _)) = sel.first() {
                 top1[e] = true;
             }
         }
-        let mut missing = vec![false; ne];
-        let mut any = false;
-        for &e in &active {
-            if !top1[e] && !experts.is_resident(layer, e) {
-                missing[e] = true;
-                any = true;
-            }
-        }
-        if any {
+        let missing: Vec<bool> = (0..ne)
+            .map(|e| uses[e] > 0 && !top1[e] && !experts.is_resident(layer, e))
+            .collect();
+        if missing.iter().any(|&m| m) {
             let skipped: usize = per_token
                 .iter_mut()
-                .map(|sel| skip_missing(routing, sel, &missing))
+                .map(|sel| (b.reweight)(sel, &missing))
                 .sum();
             experts.record_skipped(layer, skipped);
         }
     }
 
-    if let Some(nx) = next.filter(|nx| experts.wants_next_hint(nx.layer)) {
-        let ne2 = nx.router.rows();
-        let mut p2 = vec![0.0; n * ne2];
-        kernels::matmul(&nx.router.mat(), nx.input, n, &mut p2);
-        for row in p2.chunks_exact_mut(ne2) {
-            kernels::softmax(row);
-        }
+    if let Some((next_layer, probs)) = b.next {
+        let p2 = probs();
         experts.hint_next(
-            nx.layer,
+            next_layer,
             &NextHint {
                 probs: &p2,
                 n,
-                top_k: routing.top_k,
+                top_k: b.top_k,
                 prev: &per_token,
             },
         );
@@ -306,7 +373,6 @@ pub fn moe_forward_ext(
         }
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
-
     let run = |e: usize| -> Result<Vec<f32>, RuntimeError> {
         let toks = &by_expert[e];
         let m = toks.len();
@@ -336,20 +402,6 @@ pub fn moe_forward_ext(
     for (e, ys) in results {
         for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
             kernels::backend().axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
-        }
-    }
-
-    if let Some(sh) = &w.shared {
-        let ys = sh.mlp.forward(xn, n);
-        let mut g = vec![0.0; n];
-        kernels::matmul(&sh.gate.mat(), xn, n, &mut g);
-        for t in 0..n {
-            let s = 1.0 / (1.0 + (-g[t]).exp());
-            kernels::backend().axpy(
-                s,
-                &ys[t * hidden..(t + 1) * hidden],
-                &mut out[t * hidden..(t + 1) * hidden],
-            );
         }
     }
     Ok(out)

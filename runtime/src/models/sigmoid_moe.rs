@@ -10,12 +10,10 @@
 //! combine over an [`ExpertProvider`], so the streaming cache serves them
 //! exactly as it serves the softmax families.
 
-use super::moe::{ExpertProvider, RouterObserver};
-use crate::cache::NextHint;
+use super::moe::{routed_experts_forward, ExpertProvider, RoutedBatch, RouterObserver};
 use crate::error::RuntimeError;
 use crate::kernels;
 use crate::weights::Matrix;
-use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -364,83 +362,32 @@ pub fn routed_forward(
         }
         per_token.push(sel.into_iter().zip(wts).collect());
     }
-    let mut uses = vec![0u32; ne];
-    for sel in &per_token {
-        for &(e, _) in sel {
-            uses[e] += 1;
-        }
-    }
-    let active: Vec<usize> = (0..ne).filter(|&e| uses[e] > 0).collect();
-    let tokens: Vec<u32> = active.iter().map(|&e| uses[e]).collect();
-    experts.prefetch(layer, &active, &tokens);
-
-    if experts.skip_missing() {
-        let mut top1 = vec![false; ne];
-        for sel in &per_token {
-            if let Some(&(e, _)) = sel.first() {
-                top1[e] = true;
-            }
-        }
-        let missing: Vec<bool> = (0..ne)
-            .map(|e| uses[e] > 0 && !top1[e] && !experts.is_resident(layer, e))
-            .collect();
-        if missing.iter().any(|&m| m) {
-            let skipped: usize = per_token
-                .iter_mut()
-                .map(|sel| routing.skip_missing(sel, &missing))
-                .sum();
-            experts.record_skipped(layer, skipped);
-        }
-    }
-
-    if let Some(nx) = next.filter(|nx| experts.wants_next_hint(nx.layer)) {
-        let ne2 = nx.router.weight.rows();
-        let mut p2 = vec![0.0; n * ne2];
-        kernels::matmul(&nx.router.weight.mat(), nx.input, n, &mut p2);
-        selection_distribution(&mut p2, &nx.router.bias);
-        experts.hint_next(
-            nx.layer,
-            &NextHint {
-                probs: &p2,
-                n,
-                top_k: routing.top_k,
-                prev: &per_token,
-            },
-        );
-    }
-
-    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-    for (t, sel) in per_token.iter().enumerate() {
-        for &(e, wt) in sel {
-            by_expert[e].push((t, wt));
-        }
-    }
-    let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
-    let run = |e: usize| -> Result<(usize, Vec<f32>), RuntimeError> {
-        let toks = &by_expert[e];
-        let mut xs = Vec::with_capacity(toks.len() * hidden);
-        for &(t, _) in toks {
-            xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
-        }
-        let ex = experts.get(layer, e)?;
-        Ok((e, ex.forward(&xs, toks.len())))
-    };
-    // Resident experts first, then the ones still being read (as the
-    // softmax families do); summed in expert order either way.
-    let (hits, misses): (Vec<usize>, Vec<usize>) =
-        active.iter().partition(|&&e| experts.is_resident(layer, e));
-    let mut results: Vec<(usize, Vec<f32>)> = Vec::with_capacity(active.len());
-    for phase in [hits, misses] {
-        let done: Result<Vec<_>, RuntimeError> = phase.par_iter().map(|&e| run(e)).collect();
-        results.extend(done?);
-    }
-    results.sort_unstable_by_key(|r| r.0);
-    let mut out = vec![0.0; n * hidden];
-    for (e, ys) in results {
-        for (&(t, wt), y) in by_expert[e].iter().zip(ys.chunks_exact(hidden)) {
-            kernels::axpy(wt, y, &mut out[t * hidden..(t + 1) * hidden]);
-        }
-    }
+    let hint = next
+        .filter(|nx| experts.wants_next_hint(nx.layer))
+        .map(|nx| {
+            let probs = move || {
+                let ne2 = nx.router.weight.rows();
+                let mut p2 = vec![0.0; n * ne2];
+                kernels::matmul(&nx.router.weight.mat(), nx.input, n, &mut p2);
+                selection_distribution(&mut p2, &nx.router.bias);
+                p2
+            };
+            (nx.layer, probs)
+        });
+    let out = routed_experts_forward(
+        RoutedBatch {
+            layer,
+            per_token,
+            num_experts: ne,
+            top_k: routing.top_k,
+            reweight: &|sel, missing| routing.skip_missing(sel, missing),
+            next: hint.as_ref().map(|(l, f)| (*l, f as &dyn Fn() -> Vec<f32>)),
+        },
+        experts,
+        xn,
+        n,
+        hidden,
+    )?;
     Ok(out)
 }
 
