@@ -292,6 +292,13 @@ pub fn moe_forward_ext(
     Ok(out)
 }
 
+/// One token's `(expert, weight)` choices.
+pub type Choices = Vec<(usize, f32)>;
+
+/// A family's `--skip-missing` rule: drop the marked experts from one
+/// token's choices, re-weight the rest, return how many were dropped.
+pub type Reweight<'a> = dyn Fn(&mut Choices, &[bool]) -> usize + 'a;
+
 /// A batch routed by a family's router, and what the shared routed-expert
 /// path needs from that family (see [`routed_experts_forward`]).
 pub struct RoutedBatch<'a> {
@@ -303,7 +310,7 @@ pub struct RoutedBatch<'a> {
     /// Drops the experts marked in `missing` from one token's selection and
     /// re-weights the rest as the family's routing rule would; returns how
     /// many were dropped (`--skip-missing`).
-    pub reweight: &'a dyn Fn(&mut Vec<(usize, f32)>, &[bool]) -> usize,
+    pub reweight: &'a Reweight<'a>,
     /// The next MoE layer and how to compute its predicted routing
     /// distribution `[n, experts]`, when the provider wants a hint.
     pub next: Option<(usize, &'a dyn Fn() -> Vec<f32>)>,
