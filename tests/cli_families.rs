@@ -281,6 +281,21 @@ fn stepwise(
     (logits, s)
 }
 
+/// `family`'s fixture prepped to an all-8-bit pack in `dir` (and scored
+/// against transformers on the way), and the fixture's prompt ids.
+fn pack_8bit_and_prompt(family: &str, dir: &Path) -> (PathBuf, Vec<u32>) {
+    prep_and_score(
+        family,
+        dir,
+        &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
+    );
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    (dir.join(format!("{family}.mfx")), ids_of(&r["input_ids"]))
+}
+
 /// [`stepwise`] through a cache of `capacity` unpinned slots per layer
 /// (reads on demand only, so what is resident when a layer starts does not
 /// depend on I/O timing), with its skipped-use and bytes-read counters.
@@ -316,17 +331,7 @@ fn stepwise_through_cache(
 fn sigmoid_families_skip_missing_through_a_partial_cache() {
     let d = tempfile::tempdir().unwrap();
     for family in ["deepseek_v3", "glm4_moe"] {
-        prep_and_score(
-            family,
-            d.path(),
-            &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
-        );
-        let pack = d.path().join(format!("{family}.mfx"));
-        let r: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
-        )
-        .unwrap();
-        let ids = ids_of(&r["input_ids"]);
+        let (pack, ids) = pack_8bit_and_prompt(family, d.path());
         let (all, skipped_all, _) = stepwise_through_cache(&pack, &ids, None, true);
         let (exact, skipped_exact, read_exact) =
             stepwise_through_cache(&pack, &ids, Some(1), false);
@@ -364,17 +369,7 @@ fn sigmoid_families_skip_missing_through_a_partial_cache() {
 fn every_own_forward_family_prefetches_the_next_layer_without_changing_outputs() {
     let d = tempfile::tempdir().unwrap();
     for family in ["qwen3_next", "deepseek_v3", "glm4_moe"] {
-        prep_and_score(
-            family,
-            d.path(),
-            &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
-        );
-        let pack = d.path().join(format!("{family}.mfx"));
-        let r: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
-        )
-        .unwrap();
-        let ids = ids_of(&r["input_ids"]);
+        let (pack, ids) = pack_8bit_and_prompt(family, d.path());
         let run = |prefetch: bool| {
             stepwise(
                 &pack,

@@ -18,11 +18,11 @@
 //! give MLA's memory saving yet.
 
 use super::glm4_moe::{
-    ffn_forward, final_logits, inv_freq, ln, load_ffn, next_proxy, norm_in_place, FfnShape, Glm4Ffn,
+    ffn_residual, final_logits, inv_freq, ln, load_ffn, norm_in_place, FfnLayer, FfnShape, Glm4Ffn,
 };
 use super::kv_cache::{KvBits, LayerKv};
 use super::moe::{norm_rows, ExpertMats, ExpertProvider, ResidentExperts, RouterObserver};
-use super::sigmoid_moe::{JsonCfg, SigmoidNext, SigmoidRouting};
+use super::sigmoid_moe::{JsonCfg, SigmoidRouting};
 use super::{LoadOptions, Model, ModelInfo};
 use crate::error::RuntimeError;
 use crate::kernels;
@@ -130,6 +130,16 @@ pub struct DsLayer {
     pub post_norm: Vec<f32>,
     pub attn: MlaWeights,
     pub ffn: Glm4Ffn,
+}
+
+impl DsLayer {
+    pub fn ffn_layer(&self) -> FfnLayer<'_> {
+        FfnLayer {
+            index: self.index,
+            post_norm: &self.post_norm,
+            ffn: &self.ffn,
+        }
+    }
 }
 
 /// Shared parts and the layer-by-layer interface.
@@ -337,32 +347,15 @@ impl DsShared {
         for (x, y) in hidden.iter_mut().zip(&a) {
             *x += y;
         }
-        let xn = norm_rows(hidden, &lw.post_norm, eps);
-        let proxy = next_proxy(
-            next.map(|nl| (nl.index, &nl.post_norm[..], &nl.ffn)),
-            hidden,
-            eps,
-            experts,
-        );
-        let next = proxy.as_ref().map(|(layer, router, input)| SigmoidNext {
-            layer: *layer,
-            router,
-            input,
-        });
-        let f = ffn_forward(
-            &lw.ffn,
-            lw.index,
+        ffn_residual(
+            lw.ffn_layer(),
+            next.map(DsLayer::ffn_layer),
             &self.cfg.routing,
             experts,
-            &xn,
-            n,
+            hidden,
+            eps,
             observer,
-            next,
-        )?;
-        for (x, y) in hidden.iter_mut().zip(&f) {
-            *x += y;
-        }
-        Ok(())
+        )
     }
 
     pub fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {

@@ -154,23 +154,49 @@ pub fn load_ffn(src: &dyn WeightSource, s: &FfnShape, l: usize) -> Result<Glm4Ff
     })
 }
 
-/// The next layer's router and the proxy of its input (`hidden` under its
-/// post-attention norm) when it is an MoE layer the provider wants a
-/// prefetch hint for (glm4_moe and deepseek_v3 alike).
-pub fn next_proxy<'a>(
-    next: Option<(usize, &[f32], &'a Glm4Ffn)>,
-    hidden: &[f32],
-    eps: f32,
+/// What the feed-forward half of a glm4_moe or deepseek_v3 layer needs of
+/// that layer (both families share it; only their attention differs).
+#[derive(Clone, Copy)]
+pub struct FfnLayer<'a> {
+    pub index: usize,
+    pub post_norm: &'a [f32],
+    pub ffn: &'a Glm4Ffn,
+}
+
+/// The second half of a glm4_moe / deepseek_v3 layer, after attention has
+/// been added to `hidden`: normalize, run the feed-forward block (handing
+/// the provider a prediction for `next` when it wants one), add its output.
+pub fn ffn_residual(
+    lw: FfnLayer<'_>,
+    next: Option<FfnLayer<'_>>,
+    routing: &SigmoidRouting,
     experts: &dyn ExpertProvider,
-) -> Option<(usize, &'a SigmoidRouter, Vec<f32>)> {
-    let (index, post_norm, ffn) = next?;
-    let Glm4Ffn::Moe { router, .. } = ffn else {
-        return None;
-    };
-    if !experts.wants_next_hint(index) {
-        return None;
+    hidden: &mut [f32],
+    eps: f32,
+    observer: Option<&mut (dyn RouterObserver + '_)>,
+) -> Result<(), RuntimeError> {
+    let n = hidden.len() / lw.post_norm.len();
+    let xn = norm_rows(hidden, lw.post_norm, eps);
+    // The next layer's router on this layer's post-attention residual under
+    // the next layer's own post-attention norm.
+    let proxy = next
+        .filter(|nl| experts.wants_next_hint(nl.index))
+        .and_then(|nl| match nl.ffn {
+            Glm4Ffn::Moe { router, .. } => {
+                Some((nl.index, router, norm_rows(hidden, nl.post_norm, eps)))
+            }
+            Glm4Ffn::Dense(_) => None,
+        });
+    let next = proxy.as_ref().map(|(layer, router, input)| SigmoidNext {
+        layer: *layer,
+        router,
+        input,
+    });
+    let f = ffn_forward(lw.ffn, lw.index, routing, experts, &xn, n, observer, next)?;
+    for (x, y) in hidden.iter_mut().zip(&f) {
+        *x += y;
     }
-    Some((index, router, norm_rows(hidden, post_norm, eps)))
+    Ok(())
 }
 
 /// The feed-forward block over `n` rows of normalized `xn`.
@@ -230,6 +256,16 @@ pub struct Glm4Layer {
     pub post_norm: Vec<f32>,
     pub attn: Glm4Attn,
     pub ffn: Glm4Ffn,
+}
+
+impl Glm4Layer {
+    pub fn ffn_layer(&self) -> FfnLayer<'_> {
+        FfnLayer {
+            index: self.index,
+            post_norm: &self.post_norm,
+            ffn: &self.ffn,
+        }
+    }
 }
 
 /// The parts shared by all layers.
@@ -504,32 +540,15 @@ impl Glm4Shared {
         for (x, y) in hidden.iter_mut().zip(&a) {
             *x += y;
         }
-        let xn = norm_rows(hidden, &lw.post_norm, eps);
-        let proxy = next_proxy(
-            next.map(|nl| (nl.index, &nl.post_norm[..], &nl.ffn)),
-            hidden,
-            eps,
-            experts,
-        );
-        let next = proxy.as_ref().map(|(layer, router, input)| SigmoidNext {
-            layer: *layer,
-            router,
-            input,
-        });
-        let f = ffn_forward(
-            &lw.ffn,
-            lw.index,
+        ffn_residual(
+            lw.ffn_layer(),
+            next.map(Glm4Layer::ffn_layer),
             &self.cfg.routing,
             experts,
-            &xn,
-            n,
+            hidden,
+            eps,
             observer,
-            next,
-        )?;
-        for (x, y) in hidden.iter_mut().zip(&f) {
-            *x += y;
-        }
-        Ok(())
+        )
     }
 
     pub fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
