@@ -2,29 +2,10 @@
 //! tiny model: the JSON fields users script against, a capacity far below
 //! the expert count, and the budget-below-dense error.
 
+mod common;
+use common::{mfx, ok, shared};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn shared() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")).to_path_buf()
-}
-
-fn mfx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(args)
-        .output()
-        .expect("run mfx")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "mfx failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn prep(dir: &Path) -> PathBuf {
     let out = dir.join("tiny.mfx");

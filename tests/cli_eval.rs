@@ -2,23 +2,10 @@
 //! `../shared`, and its errors on broken checkpoints (each must name the
 //! file, key or tensor at fault, exit 1, and never panic).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{mfx, read_npy as read_npy_f32, rel_err, shared, stderr};
 
-fn shared() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")).to_path_buf()
-}
-
-fn mfx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(args)
-        .output()
-        .expect("run mfx")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::path::Path;
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -40,37 +27,6 @@ fn ids_line(v: &serde_json::Value) -> String {
         .map(|x| x.to_string())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let b = std::fs::read(path).unwrap();
-    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    assert_eq!((10 + hlen) % 64, 0, "header padded to 64 bytes");
-    let h = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(h.contains("'descr': '<f4'"), "{h}");
-    let shape: Vec<usize> = h
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap()
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let data: Vec<f32> = b[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (shape, data)
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

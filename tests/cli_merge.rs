@@ -13,37 +13,18 @@
 //! vectors. A wrong router-id mapping would route tokens to an unrelated
 //! expert and move the NLL far more than that.
 
+mod common;
+use common::{mfx, ok, shared};
+
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 const PLANTED_PER_LAYER: usize = 4;
 const LAYERS: usize = 6;
 const HIDDEN: usize = 256;
 const EXPERT_WIDTH: usize = 64;
-
-fn shared() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")).to_path_buf()
-}
-
-fn mfx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(args)
-        .output()
-        .expect("run mfx")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "mfx failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Whether `name` is a projection of a planted duplicate (expert 2k+1, k < 4),
 /// and if so the name of the tensor it copies.

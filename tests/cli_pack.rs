@@ -2,17 +2,12 @@
 //! the damaged and foreign files users actually hit.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+use common::mfx;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use mfx_formats::pack::Pack;
-
-fn mfx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(args)
-        .output()
-        .expect("run mfx")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

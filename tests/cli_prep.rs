@@ -3,46 +3,16 @@
 //! with a reused profile, one pack per budget from one profiling run, and
 //! the errors users see (each exits 1, names what is wrong, leaves no pack).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{mfx, mfx_env, ok, shared, stderr};
 
-fn shared() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")).to_path_buf()
-}
+use std::path::Path;
 
 fn tiny() -> String {
     shared()
         .join("models/tiny-qwen3-moe-coder")
         .display()
         .to_string()
-}
-
-fn mfx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(args)
-        .output()
-        .expect("run mfx")
-}
-
-fn mfx_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mfx"));
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.args(args).output().expect("run mfx")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "mfx failed: {}\n{}",
-        stderr(o),
-        String::from_utf8_lossy(&o.stdout)
-    );
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
