@@ -9,7 +9,10 @@
 #
 # Env: PACK (the .mfx pack), GGUF (the same weights for llama.cpp), ROUNDS (4),
 #      THREADS (2), PP (128), TG (128), LLAMA_BIN (dir with llama-bench),
-#      MFX_KERNELS (passed through), MFX_PEERS_DIR (default /work/.peers).
+#      MFX_KERNELS (passed through), MFX_PEERS_DIR (default /work/.peers),
+#      LLAMA_ARGS (extra llama-bench arguments, e.g. "--repack 0" where
+#      repacking crashes: llama.cpp 0c1e570 did so for every multi-token batch
+#      on an AVX-512/AMX Xeon, 2026-12-05).
 # llama.cpp runs in its best CPU configuration (weights loaded and repacked:
 # llama-bench's defaults); mfx with --ram 16G (everything resident).
 #
@@ -31,8 +34,9 @@ LLAMA_BIN=${LLAMA_BIN:-$P/llama.cpp/bin}
 ROUNDS=${ROUNDS:-4} THREADS=${THREADS:-2} PP=${PP:-128} TG=${TG:-128}
 echo "round | llama pp$PP | llama tg$TG d0 | llama tg$TG d$PP | mfx pp$PP | mfx tg$TG (d$PP) | pp ratio | tg ratio (d$PP) | tg ratio vs d0 | load"
 for i in $(seq "$ROUNDS"); do
-    l=$({ "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -fa 0,1 -r 1 -o csv
-          "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$TG" -d "$PP" -fa 0,1 -r 1 -o csv | tail -n +2; } 2>/dev/null \
+    # shellcheck disable=SC2086 # LLAMA_ARGS is a list of words
+    l=$({ "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -fa 0,1 -r 1 -o csv ${LLAMA_ARGS:-} || true
+          "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$TG" -d "$PP" -fa 0,1 -r 1 -o csv ${LLAMA_ARGS:-} | tail -n +2 || true; } 2>/dev/null \
         | PP="$PP" TG="$TG" python3 -c '
 import csv, os, sys
 pp, tg = os.environ["PP"], os.environ["TG"]
@@ -40,9 +44,12 @@ rows = {}
 for r in csv.DictReader(sys.stdin):  # the faster of flash attention off/on
     k = (r["n_prompt"], r["n_gen"], r["n_depth"])
     rows[k] = max(rows.get(k, 0.0), float(r["avg_ts"]))
-print("%.2f %.2f %.2f" % (rows[(pp, "0", "0")], rows[("0", tg, "0")], rows[("0", tg, pp)]))')
+# A configuration that crashed leaves no row: nan, not a dead script
+# (llama.cpp 0c1e570 repacking crashed in prompt processing on an AVX-512/AMX Xeon).
+get = lambda k: rows.get(k, float("nan"))
+print("%.2f %.2f %.2f" % (get((pp, "0", "0")), get(("0", tg, "0")), get(("0", tg, pp))))')
     m=$("$MFX_BIN" bench "$PACK" --ram 16G --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$THREADS" --json 2>/dev/null \
         | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f %.2f" % (d["prompt_tok_s"], d["decode_tok_s"]))')
     read -r lp lt0 ltd <<<"$l"; read -r mp mt <<<"$m"
-    python3 -c "print('$i | $lp | $lt0 | $ltd | $mp | $mt | %.2f | %.2f | %.2f | $(cut -d' ' -f1 /proc/loadavg)' % ($mp/$lp, $mt/$ltd, $mt/$lt0))"
+    python3 -c "f = float; print('$i | $lp | $lt0 | $ltd | $mp | $mt | %.2f | %.2f | %.2f | $(cut -d' ' -f1 /proc/loadavg)' % (f('$mp')/f('$lp'), f('$mt')/f('$ltd'), f('$mt')/f('$lt0')))"
 done
