@@ -10,16 +10,27 @@ noise. The runtime's policies are mirrored here (LRU, LFU with decay); OPT
 policy can beat.
 
 Usage:
-  sim_cache.py TRACE --profile PROFILE.json --slots N [--slots M ...]
-               [--policy lru lfu-decay opt ...] [--pinned-from profile|counts:K]
+  sim_cache.py TRACE --profile PROFILE.json --slots N [N ...]
+               [--pin K [K ...] | --pin-scale F [F ...]] [--decode-tokens T]
+               [--policy lru lfu-decay wlfu:H[:admit] opt ...] [--half-life U]
 
   --slots N       expert slots per MoE layer for pinned + cached together
                   (what a budget buys: (budget - dense - reserve) / expert size
-                  / layers). The pack's pinned experts take theirs first;
-                  the rest are cache slots.
-  --pin-scale F   pin round(F x) the profile's pinned count per layer (by the
-                  profile's routing counts), the rest of --slots cached: is the
+                  / layers). Pinned experts take theirs first; the rest are
+                  cache slots.
+  --pin K         pin the first K of each layer's profile list, as a pack
+                  whose budget fits K per layer does (`mfx inspect --json`
+                  shows a pack's count).
+  --pin-scale F   pin round(F x) the profile's pinned count per layer, by its
+                  routing counts (1.0: the profile's own list): is the
                   planner's split of the budget the right one?
+  --decode-tokens T  replay only the first T decode tokens (a run of `mfx
+                  bench --gen-tokens T` on a longer trace).
+  --policy        lru and lfu-decay mirror the runtime (half-life --half-life
+                  uses); wlfu:H counts tokens per pass, decayed with a
+                  half-life of H passes, and :admit adds a TinyLFU-style
+                  admission test (explored, not adopted: docs/PERF.md); opt
+                  is Belady's bound.
 
 Prints the decode hit rate (and expert loads per decoded token) per setting.
 The runtime's hit rate can differ slightly: a read-ahead that finished

@@ -25,10 +25,10 @@ pub enum PolicyKind {
     Lru,
     /// Least frequently used, counts halved every `half_life` uses, so a
     /// topic change (code -> prose) can displace formerly hot experts. The
-    /// default by measurement of bytes read per decoded token: 12-26% fewer
-    /// than LRU on the trained tiny model (python, 4/8/16 slots per layer)
-    /// and 6-21% fewer on the Qwen3-30B-A3B-shaped synthetic model at its
-    /// 50% budget (docs/PERF.md, "Eviction policy"). An MoE layer's experts
+    /// default by measurement of bytes read per decoded token: 1-27% fewer
+    /// than LRU on the trained tiny model (python/docs/c text, 4/8/16 of 64
+    /// slots per layer) and 4-7% fewer on the Qwen3-30B-A3B-shaped
+    /// synthetic model at its 50% budget (docs/PERF.md, "Eviction policy"). An MoE layer's experts
     /// differ in popularity for a whole document, and LRU lets each one-off
     /// cold expert push out a frequently used one.
     #[default]

@@ -151,6 +151,9 @@ struct Inner {
     /// (`mfx bench --trace-routing`): the input of offline policy studies,
     /// since routing does not depend on what the cache holds.
     routing_log: Mutex<Option<Vec<RoutedPass>>>,
+    /// Set while `routing_log` records, so that passes outside a recording
+    /// do not take its lock.
+    recording: AtomicBool,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -241,6 +244,7 @@ impl ExpertCache {
             poisoned: Mutex::new(None),
             first_moe_layer,
             routing_log: Mutex::new(None),
+            recording: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -279,6 +283,7 @@ impl ExpertCache {
     /// Starts (or restarts) recording each forward pass's routed experts per layer.
     pub fn record_routing(&self) {
         *lock(&self.inner.routing_log) = Some(Vec::new());
+        self.inner.recording.store(true, Ordering::Release);
     }
 
     /// The passes recorded since [`Self::record_routing`], in order;
@@ -737,8 +742,10 @@ impl ExpertProvider for ExpertCache {
         if layer == self.inner.first_moe_layer {
             self.inner.check_identity();
         }
-        if let Some(log) = lock(&self.inner.routing_log).as_mut() {
-            log.push((layer, experts.to_vec(), tokens.to_vec()));
+        if self.inner.recording.load(Ordering::Acquire) {
+            if let Some(log) = lock(&self.inner.routing_log).as_mut() {
+                log.push((layer, experts.to_vec(), tokens.to_vec()));
+            }
         }
         let Some(slots) = self.inner.layers.get(layer) else {
             return;

@@ -71,9 +71,10 @@ pub trait ExpertProvider: Send + Sync {
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError>;
     /// Called once per MoE layer and forward pass, before any `get`, with the
     /// experts the batch routes to (ascending) and, for each, how many of the
-    /// batch's tokens it serves: a cache can start reading them all at once,
-    /// and weigh a prompt's heavy users above its one-token ones. The default
-    /// does nothing.
+    /// batch's tokens it serves: a cache can start reading them all at once.
+    /// The counts go into `mfx bench --trace-routing` (no policy weighs by
+    /// them: replayed, that moved loads by -8% to +7%, docs/PERF.md). The
+    /// default does nothing.
     fn prefetch(&self, layer: usize, experts: &[usize], tokens: &[u32]) {
         let _ = (layer, experts, tokens);
     }
@@ -304,7 +305,7 @@ pub type Reweight<'a> = dyn Fn(&mut Choices, &[bool]) -> usize + 'a;
 pub struct RoutedBatch<'a> {
     pub layer: usize,
     /// Per token: `(expert, weight)` in the router's order, top-1 first.
-    pub per_token: Vec<Vec<(usize, f32)>>,
+    pub per_token: Vec<Choices>,
     pub num_experts: usize,
     pub top_k: usize,
     /// Drops the experts marked in `missing` from one token's selection and

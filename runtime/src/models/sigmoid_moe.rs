@@ -267,9 +267,7 @@ impl SigmoidRouting {
         }
         (idx, w)
     }
-}
 
-impl SigmoidRouting {
     /// Drops the experts of `missing` from one token's selection (`(expert,
     /// weight)`, weights as [`Self::route`] gave them) and re-weights the rest
     /// as this rule would had it selected only those: with `norm_topk_prob`
@@ -374,7 +372,7 @@ pub fn routed_forward(
             };
             (nx.layer, probs)
         });
-    let out = routed_experts_forward(
+    routed_experts_forward(
         RoutedBatch {
             layer,
             per_token,
@@ -387,8 +385,7 @@ pub fn routed_forward(
         xn,
         n,
         hidden,
-    )?;
-    Ok(out)
+    )
 }
 
 #[cfg(test)]
