@@ -206,11 +206,51 @@ fn flipped_blob_byte_is_named_by_verify() {
     assert!(err
         .to_string()
         .starts_with("checksum mismatch in expert L1 E2"));
-    // Padding between blobs is not covered by any checksum (documented: only
-    // blobs are), so flipping it is harmless.
-    let mut x = b.clone();
-    x[(t.offset + t.length) as usize] ^= 0x01;
-    open(&dir, &x).unwrap().verify().unwrap();
+}
+
+/// Issue 16: padding was covered by no checksum, so a flipped padding byte
+/// passed `verify`. Padding must be zero, so every byte of a pack is checked.
+#[test]
+fn corrupt_padding_byte_fails_verify() {
+    let (dir, b) = tiny();
+    let pack = open(&dir, &b).unwrap();
+    let report = pack.verify().unwrap();
+    assert!(report.padding_bytes > 0, "{report:?}");
+    let t = pack
+        .manifest()
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.norm.weight")
+        .unwrap()
+        .clone();
+    drop(pack);
+    // Between the header and the first blob, and right after a blob.
+    for at in [200usize, (t.offset + t.length) as usize] {
+        let mut x = b.clone();
+        assert_eq!(x[at], 0, "byte {at} should be padding");
+        x[at] = 0x5a;
+        let err = open(&dir, &x).unwrap().verify().unwrap_err();
+        assert!(
+            matches!(&err, FormatError::Invalid { what, .. } if what.starts_with("padding [")),
+            "byte {at}: {err:?}"
+        );
+        assert!(err.to_string().contains(&format!("offset {at}")), "{err}");
+    }
+}
+
+/// Issue 16: `mfx verify` on a FIFO blocked forever in open(2). A pack must
+/// be a regular file; anything else is refused before it is opened.
+#[test]
+fn verify_refuses_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.mfx");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a plain syscall on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = Pack::open(&fifo).unwrap_err();
+    assert!(err.to_string().contains("not a regular file (a FIFO)"), "{err}");
+    let err = Pack::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("a directory"), "{err}");
 }
 
 #[test]

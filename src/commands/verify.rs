@@ -1,5 +1,7 @@
-//! `mfx verify PACK`: recompute every checksum; exit 1 naming the first bad
-//! tensor or expert. A truncated or foreign file already fails at open.
+//! `mfx verify PACK`: recompute every checksum and check that all padding is
+//! zero; exit 1 naming the first bad tensor, expert or padding range. A
+//! truncated or foreign file, or one that is not a regular file (a FIFO
+//! would block forever), already fails at open.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,11 +24,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("{} failed verification", args.pack.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "ok: {} — header, manifest, {} tensors, {} expert blobs ({} merged entries) verified; {:.1} MiB in {:.2} s ({:.2} GB/s)",
+        "ok: {} — header, manifest, {} tensors, {} expert blobs ({} merged entries), {} padding bytes (all zero) verified; {:.1} MiB in {:.2} s ({:.2} GB/s)",
         args.pack.display(),
         r.tensors,
         r.expert_blobs,
         r.merged_experts,
+        r.padding_bytes,
         r.bytes_checked as f64 / (1 << 20) as f64,
         secs,
         r.bytes_checked as f64 / secs.max(1e-9) / 1e9

@@ -33,6 +33,8 @@ pub struct VerifyReport {
     pub expert_blobs: usize,
     pub merged_experts: usize,
     pub bytes_checked: u64,
+    /// Padding bytes (outside every blob, header and manifest) checked to be zero.
+    pub padding_bytes: u64,
 }
 
 impl Parsed {
@@ -111,7 +113,56 @@ impl Parsed {
             r.expert_blobs += 1;
             r.bytes_checked += e.length;
         }
+        r.padding_bytes = self.check_padding(bytes)?;
         Ok(r)
+    }
+
+    /// Checks that every byte no checksum covers is zero: after the header,
+    /// between blobs and before the manifest (FORMAT.md section 3). With the
+    /// header, manifest and blob checksums this accounts for every byte of
+    /// the file, so a flipped bit anywhere fails `verify`. Returns how many
+    /// padding bytes were checked.
+    fn check_padding(&self, bytes: &[u8]) -> Result<u64, FormatError> {
+        let h = &self.header;
+        let mut blobs: Vec<(u64, u64)> = self
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| (t.offset, t.offset + t.length))
+            .chain(
+                self.manifest
+                    .experts
+                    .iter()
+                    .filter(|e| e.merged_into.is_none())
+                    .map(|e| (e.offset, e.offset + e.length)),
+            )
+            .filter(|(s, e)| e > s)
+            .collect();
+        blobs.sort_unstable();
+        let mut checked = 0u64;
+        // `pos`: end of the last covered byte; each gap [pos, start) must be zero.
+        let mut pos = HEADER_LEN as u64;
+        for (start, end) in blobs
+            .into_iter()
+            .chain(std::iter::once((h.manifest_offset, h.manifest_offset)))
+        {
+            if start > pos {
+                let gap = &bytes[pos as usize..start as usize];
+                if let Some(i) = gap.iter().position(|&b| b != 0) {
+                    return Err(FormatError::Invalid {
+                        what: format!("padding [{pos}, {start})"),
+                        reason: format!(
+                            "byte at offset {} is 0x{:02x}; padding must be zero (the file is corrupt)",
+                            pos + i as u64,
+                            gap[i]
+                        ),
+                    });
+                }
+                checked += start - pos;
+            }
+            pos = pos.max(end);
+        }
+        Ok(checked)
     }
 }
 
@@ -158,6 +209,18 @@ impl Pack {
     pub fn open(path: impl AsRef<Path>) -> Result<Pack, FormatError> {
         let path = path.as_ref().to_path_buf();
         let ctx = |what: &str| format!("{what} {}", path.display());
+        // A FIFO or device would block or never end in the reads below:
+        // refuse anything but a regular file before opening it.
+        let meta = std::fs::metadata(&path).map_err(|e| FormatError::io(ctx("opening"), e))?;
+        if !meta.is_file() {
+            return Err(FormatError::Invalid {
+                what: path.display().to_string(),
+                reason: format!(
+                    "not a regular file ({}); a pack must be a regular file",
+                    file_kind(&meta.file_type())
+                ),
+            });
+        }
         let file = File::open(&path).map_err(|e| FormatError::io(ctx("opening"), e))?;
         let len = file
             .metadata()
@@ -256,6 +319,22 @@ impl Pack {
     /// Checks every blob checksum; the error names the first bad tensor or expert.
     pub fn verify(&self) -> Result<VerifyReport, FormatError> {
         self.parsed.verify(&self.map)
+    }
+}
+
+/// What kind of non-regular file `t` is, for error messages.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
 }
 
