@@ -83,6 +83,12 @@ pub struct CacheArgs {
     /// costs one expert-sized buffer of the budget.
     #[arg(long, default_value_t = CacheOptions::default().io_threads)]
     pub io_threads: usize,
+    /// Do not check each blob's checksum when it is first read (dense
+    /// tensors at load, experts on their first read). Checking is the
+    /// default: a corrupt pack is then an error naming the tensor or expert
+    /// instead of silently wrong output; its cost is in docs/PERF.md.
+    #[arg(long)]
+    pub no_verify_checksums: bool,
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
@@ -103,6 +109,7 @@ impl CacheArgs {
             prefetch: !self.no_prefetch,
             pin: !self.no_pin,
             io_threads: self.io_threads,
+            verify: !self.no_verify_checksums,
             ..CacheOptions::default()
         })
     }

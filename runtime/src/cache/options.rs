@@ -30,7 +30,11 @@ pub struct CacheOptions {
     pub prefetch: bool,
     /// Bypass the page cache (O_DIRECT / F_NOCACHE) where the filesystem allows.
     pub direct_io: bool,
-    /// Check each expert blob's checksum as it is read.
+    /// Check each blob's xxh3 when it is first read: dense tensors at load,
+    /// each expert on its first read into the cache. On by default: a
+    /// flipped byte in an uncompressed blob otherwise computes silently wrong
+    /// output (issue 16); the hash costs far less than the read
+    /// (docs/PERF.md). `--no-verify-checksums` turns it off.
     pub verify: bool,
     /// Keep the pack's pinned experts resident.
     pub pin: bool,
@@ -51,7 +55,7 @@ impl Default for CacheOptions {
             skip_missing: false,
             prefetch: true,
             direct_io: true,
-            verify: false,
+            verify: true,
             pin: true,
             io_threads: 2,
             working_bytes: None,

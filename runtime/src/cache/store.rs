@@ -49,7 +49,8 @@ pub struct CacheConfig {
     pub policy: PolicyKind,
     /// Bypass the page cache (O_DIRECT / F_NOCACHE) where the filesystem allows.
     pub direct_io: bool,
-    /// Check each blob's xxh3 after reading: catches a pack rewritten in place.
+    /// Check each blob's xxh3 after reading: catches a corrupt pack (bit rot,
+    /// a bad download) and one rewritten in place, naming the expert.
     pub verify_checksums: bool,
     /// Background readers for `prefetch` (0: loads happen in `get` only).
     pub io_threads: usize,
@@ -67,7 +68,7 @@ impl Default for CacheConfig {
             capacity: Capacity::Unlimited,
             policy: PolicyKind::default(),
             direct_io: true,
-            verify_checksums: false,
+            verify_checksums: true,
             io_threads: 2,
             pin: true,
             skip_missing: false,
@@ -525,7 +526,7 @@ impl Inner {
             let got = xxhash_rust::xxh3::xxh3_64(stored.as_slice());
             if got != entry.checksum.0 {
                 return Err(format!(
-                    "{label}: checksum mismatch (manifest {:016x}, read {got:016x}): the pack changed on disk",
+                    "{label}: checksum mismatch (manifest {:016x}, read {got:016x}): the pack is corrupt or changed on disk (`mfx verify` checks it whole)",
                     entry.checksum.0
                 ));
             }

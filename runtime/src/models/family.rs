@@ -187,7 +187,7 @@ pub fn load_own_type(
             cfg.num_hidden_layers(),
         )?;
         let provider: Arc<dyn ExpertProvider> = cache.clone();
-        let dense = PackSource::reading(Arc::clone(src.pack()));
+        let dense = PackSource::reading(Arc::clone(src.pack()), opts.cache.verify);
         let inner = cfg.build(&dense, opts, Some(provider))?;
         return Ok(Some(Box::new(Cached { inner, cache })));
     }

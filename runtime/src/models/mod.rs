@@ -185,7 +185,7 @@ impl MoeModel {
             let provider: Arc<dyn ExpertProvider> = cache.clone();
             // Dense tensors read into owned memory, not viewed in the map:
             // a pack truncated while running must not SIGBUS (cache::dense).
-            let dense = PackSource::reading(Arc::clone(src.pack()));
+            let dense = PackSource::reading(Arc::clone(src.pack()), opts.cache.verify);
             let mut m = Self::from_source(&cfg, &dense, opts, Some(provider))?;
             m.cache = Some(cache);
             return Ok(m);

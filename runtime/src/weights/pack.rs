@@ -34,6 +34,10 @@ pub struct PackSource {
     /// Read tensors into owned memory instead of viewing the mapping
     /// (see `cache::dense` for why the streaming runtime wants that).
     read: bool,
+    /// Check each tensor's (and, for [`PackExperts`], each expert's) xxh3
+    /// against the manifest when it is first read, so a corrupt blob is an
+    /// error naming it rather than silently wrong output.
+    verify: bool,
 }
 
 fn pack_err(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
@@ -49,13 +53,50 @@ impl PackSource {
         Ok(PackSource {
             pack: Arc::new(pack),
             read: false,
+            verify: true,
         })
     }
 
     /// The same tensors, each read with `pread` into owned memory when the
     /// model asks for it, so nothing loaded from here touches the mapping.
-    pub fn reading(pack: Arc<Pack>) -> Self {
-        PackSource { pack, read: true }
+    /// `verify`: check each tensor's checksum as it is read.
+    pub fn reading(pack: Arc<Pack>, verify: bool) -> Self {
+        PackSource {
+            pack,
+            read: true,
+            verify,
+        }
+    }
+
+    /// Whether blobs are checked against their checksums when read (the
+    /// default; off only for `--no-verify-checksums`).
+    pub fn with_verify(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
+    }
+
+    /// Fails naming `what` and the pack if `bytes` do not hash to `expected`.
+    fn check(&self, what: &str, bytes: &[u8], expected: u64) -> Result<(), RuntimeError> {
+        if !self.verify {
+            return Ok(());
+        }
+        let found = xxhash_rust::xxh3::xxh3_64(bytes);
+        if found != expected {
+            return Err(pack_err(
+                self.pack.path(),
+                format!(
+                    "{what}: checksum mismatch (manifest {expected:016x}, read {found:016x}): the pack is corrupt or changed on disk (`mfx verify` checks it whole)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A dense tensor's stored bytes, checked against its checksum.
+    fn tensor_blob(&self, e: &mfx_formats::TensorEntry) -> Result<Blob, RuntimeError> {
+        let blob = self.blob(&e.name, e.offset, e.length)?;
+        self.check(&format!("tensor {}", e.name), blob.bytes(), e.checksum.0)?;
+        Ok(blob)
     }
 
     pub fn pack(&self) -> &Arc<Pack> {
@@ -181,7 +222,7 @@ impl WeightSource for PackSource {
         Ok(Some(RawTensor {
             dtype: dtype_of(e.scheme),
             shape: e.shape.iter().map(|&d| d as usize).collect(),
-            data: self.blob(name, e.offset, e.length)?,
+            data: self.tensor_blob(e)?,
         }))
     }
 
@@ -198,7 +239,7 @@ impl WeightSource for PackSource {
             &self.location(),
             e.scheme,
             &e.shape,
-            self.blob(&name, e.offset, e.length)?,
+            self.tensor_blob(e)?,
             rows,
             cols,
         )
@@ -240,9 +281,12 @@ impl PackExperts {
     fn build(&self, e: &ExpertEntry) -> Result<ExpertMats, RuntimeError> {
         let loc = self.src.location();
         let blob = if e.codec == Codec::None {
-            self.src.blob(&e.label(), e.offset, e.raw_length)?
+            let b = self.src.blob(&e.label(), e.offset, e.raw_length)?;
+            self.src.check(&e.label(), b.bytes(), e.checksum.0)?;
+            b
         } else {
             let stored = self.src.pack.expert_bytes_mapped(e);
+            self.src.check(&e.label(), stored, e.checksum.0)?;
             let mut out = vec![0u8; e.raw_length as usize];
             e.decode_into(stored, &mut out)
                 .map_err(|err| pack_err(self.src.pack.path(), err))?;
