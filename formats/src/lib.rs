@@ -6,6 +6,7 @@ pub mod error;
 pub mod pack;
 pub mod profile;
 pub mod quant;
+pub mod tempfiles;
 #[doc(hidden)]
 pub mod testing;
 

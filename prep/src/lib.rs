@@ -36,6 +36,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         source: e,
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
+    // Removed by the CLI's signal handler if prep is interrupted here.
+    let tmp_path = tmp.path().to_path_buf();
+    mfx_formats::tempfiles::register(&tmp_path);
+    let r = write_temp(&mut tmp, bytes, path);
+    let r = r.and_then(|()| tmp.persist(path).map(drop).map_err(|e| werr(e.error)));
+    mfx_formats::tempfiles::forget(&tmp_path);
+    r
+}
+
+fn write_temp(tmp: &mut tempfile::NamedTempFile, bytes: &[u8], path: &Path) -> Result<()> {
+    let werr = |e: std::io::Error| PrepError::Write {
+        path: path.to_path_buf(),
+        source: e,
+    };
     tmp.write_all(bytes).map_err(werr)?;
     #[cfg(unix)]
     {
@@ -45,7 +59,5 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .map_err(werr)?;
     }
-    tmp.as_file().sync_all().map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
-    Ok(())
+    tmp.as_file().sync_all().map_err(werr)
 }

@@ -84,6 +84,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    remove_temp_files_on_signal()?;
     let rams = mfx_prep::ram::parse_list(&a.ram)?;
     let opts = mfx_prep::Options {
         model: a.model,
@@ -137,6 +138,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             p.codecs.stored_huffman
         );
     }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM during prep: remove the half-written pack (and any
+/// other temp file being written), then exit as the signal would have, with
+/// status 128 + its number. Without this the process died without
+/// unwinding and left `OUT.mfx.tmp-PID` behind (issue 16).
+fn remove_temp_files_on_signal() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT/SIGTERM handler")?;
+    std::thread::Builder::new()
+        .name("mfx-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let removed = mfx_formats::tempfiles::remove_all();
+                let names: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "\ninterrupted: removed {} unfinished file(s){}{}",
+                    names.len(),
+                    if names.is_empty() { "" } else { ": " },
+                    names.join(", ")
+                );
+                std::process::exit(128 + sig);
+            }
+        })
+        .context("starting the signal thread")?;
     Ok(())
 }
 

@@ -128,6 +128,7 @@ impl PackWriter {
             path: tmp_path.clone(),
             source: e,
         })?;
+        crate::tempfiles::register(&tmp_path);
         let mut w = PackWriter {
             path,
             tmp_path,
@@ -465,6 +466,7 @@ impl PackWriter {
             expert_raw_bytes: n_blob_experts.map(|e| e.raw_length).sum(),
             manifest_length: header.manifest_length,
         };
+        crate::tempfiles::forget(&self.tmp_path);
         self.tmp_path = PathBuf::new(); // renamed: nothing left to clean up
         Ok(summary)
     }
@@ -475,6 +477,7 @@ impl Drop for PackWriter {
         if !self.tmp_path.as_os_str().is_empty() {
             self.out.take();
             let _ = std::fs::remove_file(&self.tmp_path);
+            crate::tempfiles::forget(&self.tmp_path);
         }
     }
 }
