@@ -174,6 +174,51 @@ fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads the checkpoint's tokenizer.json and renders its chat template
+/// once, before any profiling, so that a garbage file fails prep naming it
+/// instead of being embedded and failing only at `mfx run` (issue 16). A
+/// checkpoint without a tokenizer (token-id-only test fixtures) or without
+/// a template (a base model) is fine.
+pub fn check_tokenizer_and_template(dir: &Path) -> Result<()> {
+    use mfx_runtime::chat::{message, ChatTemplate, RenderOptions};
+    let tok_path = dir.join("tokenizer.json");
+    if tok_path.exists() {
+        let bad = |msg: String| PrepError::Tokenizer {
+            path: tok_path.clone(),
+            msg,
+        };
+        let tok = mfx_runtime::tokenizer::Tokenizer::from_file(&tok_path)
+            .map_err(|e| bad(format!("cannot load: {e}")))?;
+        let ids = tok
+            .encode("Hello, world! def f(x): return x", false)
+            .map_err(|e| bad(format!("cannot encode a sample text: {e}")))?;
+        if ids.is_empty() || tok.vocab_size() == 0 {
+            return Err(bad(
+                "encodes a sample text to no tokens (empty vocabulary?)".into(),
+            ));
+        }
+        tok.decode(&ids, false)
+            .map_err(|e| bad(format!("cannot decode its own tokens: {e}")))?;
+    }
+    // Errors from the template name its file (chat_template.jinja or
+    // tokenizer_config.json) through the template's origin.
+    let bad = |e: &dyn std::fmt::Display| PrepError::BadFile {
+        path: dir.to_path_buf(),
+        msg: e.to_string(),
+    };
+    if let Some(t) = ChatTemplate::from_model_dir(dir).map_err(|e| bad(&e))? {
+        // One user message: the conversation every template must accept
+        // (some refuse a system role or non-alternating turns on purpose).
+        let msgs = [message("user", "Hello")];
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            ..RenderOptions::default()
+        };
+        t.render(&msgs, &opts).map_err(|e| bad(&e))?;
+    }
+    Ok(())
+}
+
 fn read_opt(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -217,6 +262,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         check_writable(p)?;
     }
     let dir = resolve_model(&o.model)?;
+    check_tokenizer_and_template(&dir)?;
     let ck = Source::open(&dir)?;
     let (top_k, n_experts) = (ck.top_k(), ck.experts());
     log(&format!(

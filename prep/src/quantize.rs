@@ -179,6 +179,7 @@ fn bytemuck_bf16(v: &[half::bf16]) -> &[u8] {
 }
 
 pub fn quantize_mat(m: &Mat, scheme: Scheme, what: &str) -> Result<Stored> {
+    check_finite(&m.data, m.cols, what)?;
     match scheme {
         Scheme::Affine { bits, group_size } => {
             quantize(&m.data, m.rows, m.cols, bits, group_size as usize)
@@ -203,6 +204,30 @@ pub fn quantize_mat(m: &Mat, scheme: Scheme, what: &str) -> Result<Stored> {
         Scheme::F32 => Ok(Stored::Float(
             m.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         )),
+    }
+}
+
+/// Refuses a tensor holding NaN or an infinity (issue 16: such weights
+/// passed prep and `verify`, then every forward pass produced NaN logits).
+/// Every weight prep writes, dense or expert, passes through
+/// [`quantize_mat`], so this one check covers the whole pack without a
+/// second pass over the checkpoint.
+pub fn check_finite(data: &[f32], cols: usize, what: &str) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let bad = data.iter().filter(|v| !v.is_finite()).count();
+            let cols = cols.max(1);
+            Err(PrepError::Tensor {
+                name: what.into(),
+                msg: format!(
+                    "{bad} non-finite weight(s), the first {} at [{}, {}]; the checkpoint is corrupt (prep refuses NaN/Inf weights)",
+                    data[i],
+                    i / cols,
+                    i % cols
+                ),
+            })
+        }
     }
 }
 
