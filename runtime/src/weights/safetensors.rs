@@ -125,7 +125,10 @@ impl SafetensorsSource {
             let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
                 RuntimeError::Safetensors {
                     path: path.clone(),
-                    msg: e.to_string(),
+                    msg: match bad_tensor(&map) {
+                        Some(t) => format!("{t} ({e})"),
+                        None => e.to_string(),
+                    },
                 }
             })?;
             let base = 8 + n;
@@ -161,6 +164,67 @@ impl SafetensorsSource {
             tensors,
         })
     }
+}
+
+/// Which tensor of a safetensors header is at fault, for errors of the
+/// `safetensors` crate that do not say ("invalid shape, data type, or offset
+/// for tensor", an unknown dtype reported as a JSON position, an overflow):
+/// `tensor `NAME`: what is wrong`. Only called once the crate has refused
+/// the file, so it re-reads the header leniently and checks each entry.
+fn bad_tensor(file: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(n).ok()?.checked_add(8)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(file.get(8..end)?).ok()?;
+    let data_len = (file.len() - end) as u64;
+    for (name, v) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let bad = |what: String| Some(format!("tensor `{name}`: {what}"));
+        let dtype: safetensors::Dtype = match v.get("dtype").cloned().map(serde_json::from_value) {
+            Some(Ok(d)) => d,
+            _ => {
+                return bad(format!(
+                    "unknown or missing dtype {}",
+                    v.get("dtype").unwrap_or(&serde_json::Value::Null)
+                ))
+            }
+        };
+        let Some(shape) = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
+        else {
+            return bad("`shape` is not a list of non-negative integers".into());
+        };
+        let Some([s, e]) = v
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
+            .and_then(|a| <[u64; 2]>::try_from(a).ok())
+        else {
+            return bad("`data_offsets` is not a pair of non-negative integers".into());
+        };
+        if e < s || e > data_len {
+            return bad(format!(
+                "data_offsets [{s}, {e}] outside the {data_len} data bytes"
+            ));
+        }
+        let bits = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.bitsize() as u64));
+        match bits {
+            None => return bad(format!("shape {shape:?} overflows")),
+            Some(b) if b % 8 != 0 || b / 8 != e - s => {
+                return bad(format!(
+                    "shape {shape:?} of {dtype} needs {} bytes, data_offsets give {}",
+                    b.div_ceil(8),
+                    e - s
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 impl WeightSource for SafetensorsSource {
