@@ -248,7 +248,10 @@ fn verify_refuses_fifo() {
     // SAFETY: a plain syscall on a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let err = Pack::open(&fifo).unwrap_err();
-    assert!(err.to_string().contains("not a regular file (a FIFO)"), "{err}");
+    assert!(
+        err.to_string().contains("not a regular file (a FIFO)"),
+        "{err}"
+    );
     let err = Pack::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("a directory"), "{err}");
 }
