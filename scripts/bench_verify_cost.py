@@ -2,7 +2,7 @@
 """Cost of checking blob checksums at load (issue 16), for docs/PERF.md.
 
 Runs `mfx bench` on a streamed pack (`--ram 70M`: experts read on demand,
-each hashed on its first read) and a resident one (`--ram 96M`: every expert
+each hashed on its first read) and a fully pinned one (`--ram 80M`: every expert
 loaded and hashed at open) of the bundled tiny model, with checking on (the
 default) and off (`--no-verify-checksums`), interleaved so that machine load
 hits both alike. Prints the median of each setting.
@@ -35,7 +35,7 @@ def main() -> int:
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="mfx-verify-cost-"))
     work.mkdir(parents=True, exist_ok=True)
-    rams = ["70M", "96M"]
+    rams = ["70M", "80M"]
     if not all((work / f"tiny-{r}.mfx").exists() for r in rams):
         subprocess.run([a.mfx, "prep", a.model, "--ram", ",".join(rams), "-o", str(work / "tiny-{ram}.mfx"),
                         "--no-card", "--quiet"], check=True)
@@ -57,7 +57,7 @@ def main() -> int:
             med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
             spread = lambda k: (min(r[k] for r in rs), max(r[k] for r in rs))  # noqa: E731
             lo, hi = spread("decode_tok_s")
-            kind = "streamed" if ram == "70M" else "resident"
+            kind = "streamed" if ram == "70M" else "pinned"
             print(f"| {kind} `--ram {ram}` | {'checked (default)' if verify else '--no-verify-checksums'} | "
                   f"{med('prompt_tok_s'):.0f} | {med('decode_tok_s'):.0f} ({lo:.0f}-{hi:.0f}) | {med('load_s'):.3f} | "
                   f"{med('decode_bytes_read_per_token') / 2**20:.2f} | {len(rs)} |")
