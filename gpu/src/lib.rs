@@ -73,6 +73,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Whether GPU timestamps can bracket a compute pass.
     pub timestamps: bool,
+    /// What the adapter could offer beyond core WGSL (subgroups, f16,
+    /// cooperative matrices), for the record; the kernels use none of it.
+    pub capabilities: String,
     matvec: wgpu::ComputePipeline,
     matvec_r1: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
@@ -121,6 +124,21 @@ impl Gpu {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let f = adapter.features();
+        let capabilities = format!(
+            "subgroup {} shader-f16 {} cooperative-matrix {} shapes {:?}",
+            f.contains(wgpu::Features::SUBGROUP),
+            f.contains(wgpu::Features::SHADER_F16),
+            f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            adapter
+                .cooperative_matrix_properties()
+                .iter()
+                .map(|p| format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                ))
+                .collect::<Vec<_>>()
+        );
         let required_features = if timestamps {
             wgpu::Features::TIMESTAMP_QUERY
         } else {
@@ -167,6 +185,7 @@ impl Gpu {
             info,
             limits,
             timestamps,
+            capabilities,
             matvec,
             matvec_r1,
             gemm,

@@ -36,6 +36,7 @@ fn main() {
         "adapter: {} | {:?} | driver {} {} | checks {:?} | timestamps {}",
         g.info.name, g.info.backend, g.info.driver, g.info.driver_info, checks, g.timestamps
     );
+    println!("capabilities: {}", g.capabilities);
     let mut table = Vec::new();
     let mv_shapes: &[(&str, usize, usize)] = if quick {
         &[("4096x4096", 4096, 4096), ("768x2048 expert up", 768, 2048)]
