@@ -1,0 +1,526 @@
+//! GPU kernel spike for issue 24: mfx's q4 layout (formats/src/quant.rs,
+//! group-wise affine 4-bit, group 64, bf16 scale + bias) as WGSL compute
+//! shaders run through wgpu.
+//!
+//! This crate is measurement scaffolding the GPU backend can grow from, not
+//! the backend: it uploads one affine matrix, runs a matrix-vector product
+//! (decode) or a matrix-matrix product (prefill), and reads the result back.
+//! The shaders live in `shaders/` so that the Metal check (naga's MSL
+//! backend) and the runtime read the same text.
+
+use half::bf16;
+use mfx_formats::quant::AffineMatrix;
+use std::sync::mpsc;
+use wgpu::util::DeviceExt;
+
+pub const MATVEC_WGSL: &str = include_str!("../shaders/q4_matvec.wgsl");
+pub const MATVEC_R1_WGSL: &str = include_str!("../shaders/q4_matvec_r1.wgsl");
+pub const GEMM_WGSL: &str = include_str!("../shaders/q4_gemm.wgsl");
+/// Every shader of the crate, by name, for the translation checks.
+pub const SHADERS: [(&str, &str); 3] = [
+    ("q4_matvec", MATVEC_WGSL),
+    ("q4_matvec_r1", MATVEC_R1_WGSL),
+    ("q4_gemm", GEMM_WGSL),
+];
+
+/// The two mat-vec shaders: one row per 32 lanes, or four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matvec {
+    /// `q4_matvec_r1.wgsl`: 8 rows per workgroup.
+    R1,
+    /// `q4_matvec.wgsl`: 32 rows per workgroup, x reused over 4 rows.
+    R4,
+}
+
+impl Matvec {
+    fn rows_per_workgroup(self) -> u32 {
+        match self {
+            Matvec::R1 => 8,
+            Matvec::R4 => 32,
+        }
+    }
+}
+/// Tile edge of the GEMM shader (`BM` = `BN`).
+const GEMM_TILE: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter found (Vulkan or Metal); on Debian install mesa-vulkan-drivers and libvulkan1 for lavapipe: {0}")]
+    NoAdapter(String),
+    #[error("the adapter refused a device: {0}")]
+    Device(String),
+    #[error("this kernel takes q4 with group 64, got {bits}-bit group {group_size}")]
+    Layout { bits: u8, group_size: usize },
+    #[error("{what}: {got} exceeds the device limit {limit}")]
+    Limit {
+        what: &'static str,
+        got: u64,
+        limit: u64,
+    },
+    #[error("input length {got} does not match the expected {expected}")]
+    Input { expected: usize, got: usize },
+    #[error("waiting for the GPU failed: {0}")]
+    Poll(String),
+    #[error("reading a buffer back failed: {0}")]
+    Map(String),
+}
+
+/// A device with the q4 pipelines built.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// Whether GPU timestamps can bracket a compute pass.
+    pub timestamps: bool,
+    /// What the adapter could offer beyond core WGSL (subgroups, f16,
+    /// cooperative matrices), for the record; the kernels use none of it.
+    pub capabilities: String,
+    matvec: wgpu::ComputePipeline,
+    matvec_r1: wgpu::ComputePipeline,
+    gemm: wgpu::ComputePipeline,
+}
+
+/// One q4 g64 matrix resident on the device.
+pub struct Q4Matrix {
+    pub rows: u32,
+    pub cols: u32,
+    w: wgpu::Buffer,
+    scales: wgpu::Buffer,
+    biases: wgpu::Buffer,
+}
+
+impl Q4Matrix {
+    /// Bytes a full pass over the weights reads (codes + scales + biases),
+    /// the numerator of the benchmark's GB/s (as in the CPU benchmark).
+    pub fn weight_bytes(&self) -> u64 {
+        let n = self.rows as u64 * self.cols as u64;
+        n / 2 + n / 64 * 4
+    }
+}
+
+/// Bounds-checked shaders (wgpu's default) or not. Unchecked is what a
+/// backend that validates its shapes on the host would ship; both are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    Checked,
+    Unchecked,
+}
+
+impl Gpu {
+    /// The first high-performance adapter (Vulkan or Metal), with the
+    /// adapter's own limits so that lm_head-sized buffers fit.
+    pub fn new(checks: Checks) -> Result<Self, GpuError> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }))
+        .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let f = adapter.features();
+        let capabilities = format!(
+            "subgroup {} shader-f16 {} cooperative-matrix {} shapes {:?}",
+            f.contains(wgpu::Features::SUBGROUP),
+            f.contains(wgpu::Features::SHADER_F16),
+            f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            adapter
+                .cooperative_matrix_properties()
+                .iter()
+                .map(|p| format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                ))
+                .collect::<Vec<_>>()
+        );
+        let required_features = if timestamps {
+            wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::empty()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("mfx-gpu"),
+            required_features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| GpuError::Device(e.to_string()))?;
+        let pipeline = |name: &str, src: &str| {
+            let desc = wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            };
+            let module = match checks {
+                Checks::Checked => device.create_shader_module(desc),
+                // SAFETY: every dispatch below is sized from the buffers'
+                // own shapes, validated on the host (AffineMatrix::new and
+                // the length checks in `matvec`/`gemm`), so the shader's
+                // indices stay in bounds without naga's clamps.
+                Checks::Unchecked => unsafe {
+                    device
+                        .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+                },
+            };
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let matvec = pipeline("q4_matvec", MATVEC_WGSL);
+        let matvec_r1 = pipeline("q4_matvec_r1", MATVEC_R1_WGSL);
+        let gemm = pipeline("q4_gemm", GEMM_WGSL);
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            timestamps,
+            capabilities,
+            matvec,
+            matvec_r1,
+            gemm,
+        })
+    }
+
+    fn check_size(&self, what: &'static str, bytes: u64) -> Result<(), GpuError> {
+        let limit = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        if bytes > limit {
+            return Err(GpuError::Limit {
+                what,
+                got: bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Uploads a q4 g64 matrix: the packed codes as they are, scales and
+    /// biases as their bf16 bit patterns (padded to whole u32 words).
+    pub fn upload(&self, m: &AffineMatrix<'_>) -> Result<Q4Matrix, GpuError> {
+        if m.bits != 4 || m.group_size != 64 {
+            return Err(GpuError::Layout {
+                bits: m.bits,
+                group_size: m.group_size,
+            });
+        }
+        self.check_size("packed weights", m.packed.len() as u64)?;
+        let buf = |label: &str, bytes: &[u8]| {
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytes,
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let halves = |v: &[bf16]| {
+            let mut b: Vec<u8> = bytemuck::cast_slice(v).to_vec();
+            b.resize(b.len().div_ceil(4) * 4, 0);
+            b
+        };
+        Ok(Q4Matrix {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            w: buf("q4 codes", m.packed),
+            scales: buf("q4 scales", &halves(m.scales)),
+            biases: buf("q4 biases", &halves(m.biases)),
+        })
+    }
+
+    /// A read-write f32 storage buffer holding `data`.
+    pub fn f32_buffer(&self, data: &[f32]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("f32"),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            })
+    }
+
+    fn uniform(&self, words: [u32; 4]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    fn bind(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        m: &Q4Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        params: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = [&m.w, &m.scales, &m.biases, x, y, params]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    }
+
+    /// A ready-to-dispatch y = W x: the caller owns the x and y buffers
+    /// (x holds `cols` f32, y `rows` f32).
+    pub fn matvec_job(
+        &self,
+        kind: Matvec,
+        m: &Q4Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Job {
+        let pipeline = match kind {
+            Matvec::R1 => &self.matvec_r1,
+            Matvec::R4 => &self.matvec,
+        };
+        let params = self.uniform([m.rows, m.cols, 0, 0]);
+        let bind = self.bind(pipeline, m, x, y, &params);
+        let groups = m.rows.div_ceil(kind.rows_per_workgroup());
+        Job {
+            pipeline: pipeline.clone(),
+            bind,
+            groups: self.grid(groups),
+            _params: params,
+        }
+    }
+
+    /// A ready-to-dispatch Y = X W^T for `n` tokens (X is `[n, cols]`, Y `[n, rows]`).
+    pub fn gemm_job(&self, m: &Q4Matrix, n: u32, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Job {
+        let params = self.uniform([n, m.rows, m.cols, 0]);
+        let bind = self.bind(&self.gemm, m, x, y, &params);
+        Job {
+            pipeline: self.gemm.clone(),
+            bind,
+            groups: (m.rows.div_ceil(GEMM_TILE), n.div_ceil(GEMM_TILE), 1),
+            _params: params,
+        }
+    }
+
+    /// Spreads `groups` workgroups over x and y so that no dimension passes the limit.
+    fn grid(&self, groups: u32) -> (u32, u32, u32) {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        let gx = groups.min(max);
+        (gx, groups.div_ceil(gx), 1)
+    }
+
+    /// y = W x, blocking; `x.len()` must be `cols`.
+    pub fn matvec(&self, kind: Matvec, m: &Q4Matrix, x: &[f32]) -> Result<Vec<f32>, GpuError> {
+        if x.len() != m.cols as usize {
+            return Err(GpuError::Input {
+                expected: m.cols as usize,
+                got: x.len(),
+            });
+        }
+        let xb = self.f32_buffer(x);
+        let yb = self.f32_buffer(&vec![f32::NAN; m.rows as usize]);
+        let job = self.matvec_job(kind, m, &xb, &yb);
+        self.run(&[&job])?;
+        self.read_f32(&yb, m.rows as usize)
+    }
+
+    /// Y = X W^T for `n` tokens, blocking; `x.len()` must be `n * cols`.
+    pub fn gemm(&self, m: &Q4Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
+        if x.len() != n * m.cols as usize {
+            return Err(GpuError::Input {
+                expected: n * m.cols as usize,
+                got: x.len(),
+            });
+        }
+        let xb = self.f32_buffer(x);
+        let yb = self.f32_buffer(&vec![f32::NAN; n * m.rows as usize]);
+        let job = self.gemm_job(m, n as u32, &xb, &yb);
+        self.run(&[&job])?;
+        self.read_f32(&yb, n * m.rows as usize)
+    }
+
+    /// Runs the jobs in order in one compute pass and waits.
+    pub fn run(&self, jobs: &[&Job]) -> Result<(), GpuError> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for j in jobs {
+                j.encode(&mut pass);
+            }
+        }
+        self.queue.submit([enc.finish()]);
+        self.wait()
+    }
+
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Poll(e.to_string()))
+    }
+
+    /// GPU time of each job, in seconds: one compute pass per job, bracketed
+    /// by timestamps (needs `self.timestamps`). Jobs run in order, one submit.
+    pub fn time_jobs(&self, jobs: &[&Job]) -> Result<Vec<f64>, GpuError> {
+        self.time_batches(jobs, 1)
+    }
+
+    /// GPU time per job when `per_pass` jobs share one timestamped compute
+    /// pass (as a layer's independent expert products would), in seconds.
+    /// Jobs whose outputs differ need no barrier between them, so the driver
+    /// may overlap them.
+    pub fn time_batches(&self, jobs: &[&Job], per_pass: usize) -> Result<Vec<f64>, GpuError> {
+        let per_pass = per_pass.max(1);
+        let passes: Vec<&[&Job]> = jobs.chunks(per_pass).collect();
+        let n = passes.len() as u32;
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n,
+        });
+        let bytes = 16 * n as u64;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        for (i, batch) in passes.iter().enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &qs,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            for j in batch.iter() {
+                j.encode(&mut pass);
+            }
+        }
+        enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
+        self.queue.submit([enc.finish()]);
+        let ticks: Vec<u64> = bytemuck::cast_slice(&self.read_bytes(&resolve, bytes)?).to_vec();
+        let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+        Ok(ticks
+            .chunks_exact(2)
+            .zip(&passes)
+            .map(|(t, b)| t[1].wrapping_sub(t[0]) as f64 * period / b.len() as f64)
+            .collect())
+    }
+
+    pub fn read_f32(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_bytes(buf, len as u64 * 4)?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    fn read_bytes(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("staging"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| GpuError::Map(e.to_string()))?
+            .map_err(|e| GpuError::Map(e.to_string()))?;
+        let out = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Map(e.to_string()))?
+            .to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// One bound dispatch.
+pub struct Job {
+    pipeline: wgpu::ComputePipeline,
+    bind: wgpu::BindGroup,
+    groups: (u32, u32, u32),
+    _params: wgpu::Buffer,
+}
+
+impl Job {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
+    }
+}
+
+/// Translates a WGSL shader to Metal Shading Language with naga (what wgpu
+/// does on macOS), so CI without a Mac still proves the Metal path compiles
+/// as far as naga's validator and MSL writer go.
+pub fn wgsl_to_msl(src: &str) -> Result<String, String> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| e.emit_to_string(src))?;
+    let options = naga::back::msl::Options {
+        lang_version: (2, 4),
+        ..Default::default()
+    };
+    let pipeline_options = naga::back::msl::PipelineOptions::default();
+    let (msl, _) = naga::back::msl::write_string(&module, &info, &options, &pipeline_options)
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(msl)
+}
+
+/// Random but valid q4 g64 data: any nibble is a valid code; scales and
+/// biases are drawn so that weights land in about [-0.1, 0.1] as in real
+/// checkpoints. Deterministic in `seed`.
+pub fn random_q4(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<bf16>, Vec<bf16>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut packed = vec![0u8; rows * cols / 2];
+    rng.fill(&mut packed[..]);
+    let groups = rows * cols / 64;
+    let scales = (0..groups)
+        .map(|_| {
+            bf16::from_f32(rng.gen_range(0.002f32..0.015) * if rng.gen() { 1.0 } else { -1.0 })
+        })
+        .collect();
+    let biases = (0..groups)
+        .map(|_| bf16::from_f32(rng.gen_range(-0.1f32..0.1)))
+        .collect();
+    (packed, scales, biases)
+}
+
+/// Reference row dot products in f64 over the formats dequantizer.
+pub fn reference_rows(m: &AffineMatrix<'_>, x: &[f32], rows: &[usize]) -> Vec<f64> {
+    let mut buf = vec![0f32; m.cols];
+    rows.iter()
+        .map(|&r| {
+            m.dequantize_row(r, &mut buf);
+            buf.iter().zip(x).map(|(&w, &v)| w as f64 * v as f64).sum()
+        })
+        .collect()
+}
