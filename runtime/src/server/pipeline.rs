@@ -185,15 +185,7 @@ fn resolve(
         }
         Some(n) => (n as usize).min(room),
     };
-    if s.stop.len() > 16 {
-        return Err(bad(
-            "stop",
-            format!(
-                "at most 16 stop sequences are allowed, got {}",
-                s.stop.len()
-            ),
-        ));
-    }
+    check_stops(flavor, &s.stop)?;
     let stop = s.stop.iter().filter(|x| !x.is_empty()).cloned().collect();
     Ok(GenParams {
         temperature,
@@ -204,6 +196,48 @@ fn resolve(
         stop,
         ignore_eos: s.ignore_eos,
     })
+}
+
+/// Most stop strings a request may give (OpenAI allows 4, Anthropic does
+/// not say; 16 covers every client seen).
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes. Matching is incremental whatever the
+/// length (see `generate::StopMatcher`), but each one is held in memory and
+/// its matcher costs 4 bytes a byte; real stop strings are a few words.
+pub const MAX_STOP_BYTES: usize = 4096;
+
+/// Refuses more than [`MAX_STOPS`] stop strings or one longer than
+/// [`MAX_STOP_BYTES`], naming the provider's field.
+fn check_stops(flavor: Flavor, stops: &[String]) -> Result<(), ApiError> {
+    let field = match flavor {
+        Flavor::OpenAi => "stop",
+        Flavor::Anthropic => "stop_sequences",
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad_request(
+            flavor,
+            format!(
+                "{field}: at most {MAX_STOPS} stop sequences are allowed, got {}",
+                stops.len()
+            ),
+        )
+        .param(field));
+    }
+    if let Some((i, s)) = stops
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::bad_request(
+            flavor,
+            format!(
+                "{field}[{i}] is {} bytes long; a stop sequence may be at most {MAX_STOP_BYTES} bytes",
+                s.len()
+            ),
+        )
+        .param(format!("{field}[{i}]")));
+    }
+    Ok(())
 }
 
 pub fn backend_error(flavor: Flavor, e: BackendError) -> ApiError {

@@ -645,6 +645,56 @@ async fn errors_have_provider_shapes() {
     assert!(r.json()["error"]["message"].is_string());
 }
 
+/// Issue 16 item 9: 16 stop strings of 1 MB each were accepted and stalled
+/// the single worker; count and length are capped with a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_count_and_length_are_capped() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let huge = "x".repeat(pipeline::MAX_STOP_BYTES + 1);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "stop": ["ok", huge]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "stop[1]");
+    let many: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "hi", "stop": many}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("stop"))
+    );
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": msgs, "stop_sequences": [huge]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let m = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(m.starts_with("stop_sequences[0]"), "{m}");
+    // At the caps, accepted.
+    let ok = "x".repeat(pipeline::MAX_STOP_BYTES - 2);
+    let sixteen: Vec<String> = (0..16).map(|i| format!("{i:02}{ok}")).collect();
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "stop": sixteen, "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_is_checked_on_both_headers() {
     let config = ServerConfig {
