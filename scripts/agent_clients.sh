@@ -57,15 +57,16 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 
-# Starts a logging proxy for one client; prints its port.
+# Starts a logging proxy for one client; sets proxy_port. (Not in a `$(...)`:
+# the proxy would hold the substitution's pipe open.)
 proxy() {
-  local name=$1 p
-  p=$(free_port)
+  local name=$1
+  proxy_port=$(free_port)
   rm -f "$logs/$name.jsonl"
-  python3 "$root/scripts/agent_proxy.py" "$p" "http://127.0.0.1:$port" "$logs/$name.jsonl" &
+  python3 "$root/scripts/agent_proxy.py" "$proxy_port" "http://127.0.0.1:$port" "$logs/$name.jsonl" \
+    >"$logs/$name.proxy.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 50); do curl -s "http://127.0.0.1:$p/health" >/dev/null && break; sleep 0.1; done
-  echo "$p"
+  for _ in $(seq 50); do curl -s "http://127.0.0.1:$proxy_port/health" >/dev/null && break; sleep 0.1; done
 }
 
 # Every exchange answered 2xx, and each streamed reply ended properly.
@@ -87,7 +88,8 @@ EOF
 status=0
 run_claude() {
   local p home
-  p=$(proxy claude)
+  proxy claude
+  p=$proxy_port
   home=$(mktemp -d)
   echo "agent_clients: claude -p against mfx serve (via :$p)"
   set +e
@@ -103,7 +105,8 @@ run_claude() {
 
 run_codex() {
   local p home
-  p=$(proxy codex)
+  proxy codex
+  p=$proxy_port
   home=$(mktemp -d)
   mkdir -p "$home/.codex" "$home/work"
   cat >"$home/.codex/config.toml" <<EOF
