@@ -9,6 +9,11 @@ from conftest import API_KEY
 USER = "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines."
 
 
+def prompt_tokens(m):
+    """All prompt tokens: `input_tokens` leaves out those read from the cache."""
+    return m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+
+
 @pytest.fixture(scope="module")
 def client(server):
     # The SDK sends the key as x-api-key.
@@ -32,7 +37,7 @@ def test_system_prompt_reaches_the_template(client):
     base = client.messages.create(model="t", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
     sys = client.messages.create(model="t", max_tokens=1, system="You are a careful Rust reviewer.",
                                  messages=[{"role": "user", "content": "hi"}])
-    assert sys.usage.input_tokens > base.usage.input_tokens + 5
+    assert prompt_tokens(sys) > prompt_tokens(base) + 5
 
 
 def test_stream_event_sequence_and_text(client, reference):
@@ -86,14 +91,14 @@ def test_tools_and_tool_results(coder_server):
     msgs = [{"role": "user", "content": "Weather in Oslo?"}]
     plain = client.messages.create(model="t", max_tokens=1, messages=msgs)
     tooled = client.messages.create(model="t", max_tokens=1, messages=msgs, tools=[tool])
-    assert tooled.usage.input_tokens > plain.usage.input_tokens + 50
+    assert prompt_tokens(tooled) > prompt_tokens(plain) + 50
     msgs += [
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                            "input": {"city": "Oslo"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
     ]
     m = client.messages.create(model="t", max_tokens=8, extra_body={"temperature": 0}, messages=msgs, tools=[tool])
-    assert m.usage.input_tokens > tooled.usage.input_tokens
+    assert prompt_tokens(m) > prompt_tokens(tooled)
     assert m.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
@@ -161,4 +166,4 @@ def test_trailing_assistant_message_is_continued(client, reference):
     assert full.content[0].text == ref
     text = cont.content[0].text if cont.content else ""
     assert text and ref[len(head):].startswith(text), (head, text)
-    assert cont.usage.input_tokens + (cont.usage.cache_read_input_tokens or 0) > full.usage.input_tokens
+    assert prompt_tokens(cont) > prompt_tokens(full)

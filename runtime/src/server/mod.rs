@@ -113,6 +113,8 @@ pub fn router(
     let app = Router::new()
         .merge(protected)
         .route("/health", get(health))
+        // Claude Code probes `HEAD /` before its first request.
+        .route("/", get(health))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
