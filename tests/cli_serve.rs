@@ -16,6 +16,8 @@ const MODEL: &str = concat!(
 struct Server {
     child: Child,
     addr: String,
+    /// What the server printed up to its address line.
+    banner: Vec<String>,
 }
 
 impl Drop for Server {
@@ -35,18 +37,24 @@ fn start(extra: &[&str]) -> Server {
         .expect("spawn mfx serve");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let mut banner = Vec::new();
     let addr = loop {
         let line = lines
             .next()
             .expect("server printed its address before exiting")
             .expect("stderr line");
+        banner.push(line.clone());
         if let Some(pos) = line.find("http://") {
             break line[pos + 7..].trim().to_owned();
         }
     };
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
+    Server {
+        child,
+        addr,
+        banner,
+    }
 }
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -122,4 +130,34 @@ fn serve_refuses_bad_input_with_a_message() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ram lots"));
+}
+
+/// Issue 16 item 9: `mfx serve --help` printed `[env: MFX_API_KEY=<the key>]`.
+#[test]
+fn serve_help_does_not_print_the_api_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mfx"))
+        .args(["serve", "--help"])
+        .env("MFX_API_KEY", "sekrit-key-4711")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("MFX_API_KEY"), "{help}");
+    assert!(!help.contains("sekrit-key-4711"), "{help}");
+}
+
+/// Issue 16 item 9: `--host 0.0.0.0` without a key started silently.
+#[test]
+fn serve_on_all_interfaces_without_key_warns() {
+    let server = start(&["--host", "0.0.0.0"]);
+    let banner = server.banner.join("\n");
+    assert!(
+        banner.contains("WARNING") && banner.contains("without an API key"),
+        "{banner}"
+    );
+    let keyed = start(&["--host", "0.0.0.0", "--api-key", "k"]);
+    let banner = keyed.banner.join("\n");
+    assert!(!banner.contains("WARNING"), "{banner}");
+    let local = start(&[]);
+    assert!(!local.banner.join("\n").contains("WARNING"));
 }

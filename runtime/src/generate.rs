@@ -657,64 +657,139 @@ impl Generator {
 }
 
 /// Holds back text that could be the start of a stop string.
+///
+/// Matching is incremental (Knuth-Morris-Pratt, one automaton per stop
+/// string): each new byte costs amortized O(1) per stop string, whatever the
+/// length of the text so far or of the held-back tail, so hostile stop
+/// strings cannot make a step slower than the bytes it adds. Only the tail
+/// that may still begin a stop string is kept.
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    stops: Vec<Kmp>,
+    /// Text not yet released: exactly the longest suffix of the stream that
+    /// is a proper prefix of some stop string.
     pending: String,
+}
+
+/// One stop string's matcher: `state` is the length of the longest prefix
+/// of `pat` that is a suffix of the bytes seen so far.
+#[derive(Debug, Clone)]
+struct Kmp {
+    pat: Vec<u8>,
+    /// `fail[i]`: length of the longest proper prefix of `pat[..=i]` that is
+    /// also its suffix.
+    fail: Vec<u32>,
+    state: usize,
+}
+
+impl Kmp {
+    fn new(pat: &str) -> Self {
+        let pat = pat.as_bytes().to_vec();
+        let mut fail = vec![0u32; pat.len()];
+        let mut k = 0usize;
+        for i in 1..pat.len() {
+            while k > 0 && pat[i] != pat[k] {
+                k = fail[k - 1] as usize;
+            }
+            if pat[i] == pat[k] {
+                k += 1;
+            }
+            fail[i] = k as u32;
+        }
+        Self {
+            pat,
+            fail,
+            state: 0,
+        }
+    }
+
+    /// Feeds one byte; true when the whole pattern now ends here.
+    fn step(&mut self, b: u8) -> bool {
+        let mut k = self.state;
+        if k == self.pat.len() {
+            k = self.fail[k - 1] as usize;
+        }
+        while k > 0 && self.pat[k] != b {
+            k = self.fail[k - 1] as usize;
+        }
+        if self.pat[k] == b {
+            k += 1;
+        }
+        self.state = k;
+        k == self.pat.len()
+    }
 }
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
         Self {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Kmp::new(s))
+                .collect(),
             pending: String::new(),
         }
     }
 
     /// Adds text; returns what is safe to release and, if a stop string is
     /// now complete, which one (the text before it is released, the rest is
-    /// dropped).
+    /// dropped). The first stop string to complete wins; of several that
+    /// complete at the same byte, the longest.
     pub fn push(&mut self, text: &str) -> (String, Option<String>) {
-        self.pending.push_str(text);
-        if self.stops.is_empty() {
-            return (std::mem::take(&mut self.pending), None);
-        }
-        // Earliest match wins; on a tie, the longer stop string.
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| {
-                self.pending
-                    .find(s.as_str())
-                    .map(|at| (at, std::cmp::Reverse(s.len()), s))
-            })
-            .min();
-        if let Some((at, _, s)) = hit {
-            let out = self.pending[..at].to_owned();
-            let s = s.clone();
-            self.pending.clear();
-            return (out, Some(s));
-        }
-        // Longest suffix of pending that is a proper prefix of a stop string.
-        let mut hold = 0;
-        for s in &self.stops {
-            let max = s.len().saturating_sub(1).min(self.pending.len());
-            for n in (hold + 1..=max).rev() {
-                let cut = self.pending.len() - n;
-                if self.pending.is_char_boundary(cut) && s.starts_with(&self.pending[cut..]) {
-                    hold = n;
-                    break;
+        let bytes = text.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            // (index, length) of the stop string completed by this byte.
+            let mut hit: Option<(usize, usize)> = None;
+            for (j, k) in self.stops.iter_mut().enumerate() {
+                if k.step(b) && hit.is_none_or(|(_, len)| len < k.pat.len()) {
+                    hit = Some((j, k.pat.len()));
                 }
             }
+            if let Some((j, len)) = hit {
+                // The stream (pending, then this piece up to here) ends with
+                // the stop string; what precedes it is released. A stop
+                // string begins with a character's first byte, so the cut is
+                // on a character boundary.
+                let end = self.pending.len() + i + 1 - len;
+                let out = if end <= self.pending.len() {
+                    self.pending[..end].to_owned()
+                } else {
+                    let mut out = std::mem::take(&mut self.pending);
+                    out.push_str(&text[..end - out.len()]);
+                    out
+                };
+                let matched = String::from_utf8_lossy(&self.stops[j].pat).into_owned();
+                self.pending.clear();
+                for k in &mut self.stops {
+                    k.state = 0;
+                }
+                return (out, Some(matched));
+            }
         }
-        let cut = self.pending.len() - hold;
-        let out = self.pending[..cut].to_owned();
-        self.pending.drain(..cut);
-        (out, None)
+        // Hold the longest tail that may still begin a stop string (it starts
+        // with a stop string's first byte: a character boundary).
+        let hold = self.stops.iter().map(|k| k.state).max().unwrap_or(0);
+        let total = self.pending.len() + bytes.len();
+        let cut = total - hold;
+        if cut <= self.pending.len() {
+            let out: String = self.pending.drain(..cut).collect();
+            self.pending.push_str(text);
+            (out, None)
+        } else {
+            let mut out = std::mem::take(&mut self.pending);
+            let from_text = cut - out.len();
+            out.push_str(&text[..from_text]);
+            self.pending.push_str(&text[from_text..]);
+            (out, None)
+        }
     }
 
     /// Releases held-back text at the end of the stream.
     pub fn flush(&mut self) -> String {
+        for k in &mut self.stops {
+            k.state = 0;
+        }
         std::mem::take(&mut self.pending)
     }
 }
@@ -914,6 +989,101 @@ mod tests {
         assert_eq!(m.flush(), "é");
         let mut m = StopMatcher::new(&[]);
         assert_eq!(m.push("anything"), ("anything".into(), None));
+    }
+
+    /// The matcher before it was made incremental (issue 16 item 9), fed one
+    /// character at a time: the reference for the incremental one.
+    fn naive_stop(stops: &[String], text: &str) -> (String, Option<String>) {
+        let mut pending = String::new();
+        let mut out = String::new();
+        for ch in text.chars() {
+            pending.push(ch);
+            let hit = stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| {
+                    pending
+                        .find(s.as_str())
+                        .map(|at| (at, std::cmp::Reverse(s.len()), s))
+                })
+                .min();
+            if let Some((at, _, s)) = hit {
+                out.push_str(&pending[..at]);
+                return (out, Some(s.clone()));
+            }
+            let mut hold = 0;
+            for s in stops.iter().filter(|s| !s.is_empty()) {
+                for n in (1..s.len().min(pending.len() + 1)).rev() {
+                    let cut = pending.len() - n;
+                    if n > hold && pending.is_char_boundary(cut) && s.starts_with(&pending[cut..]) {
+                        hold = n;
+                        break;
+                    }
+                }
+            }
+            let cut = pending.len() - hold;
+            out.push_str(&pending[..cut]);
+            pending.drain(..cut);
+        }
+        out.push_str(&pending);
+        (out, None)
+    }
+
+    #[test]
+    fn stop_matching_is_incremental_and_agrees_with_the_naive_matcher() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let alphabet = ['a', 'b', 'é', 'c'];
+        let word = |rng: &mut rand::rngs::StdRng, max: usize| -> String {
+            let n = rng.gen_range(0..=max);
+            (0..n)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect()
+        };
+        for _ in 0..3000 {
+            let stops: Vec<String> = (0..rng.gen_range(0..4))
+                .map(|_| word(&mut rng, 5))
+                .collect();
+            let text = word(&mut rng, 40);
+            let want = naive_stop(&stops, &text);
+            // Pushed in random pieces (on character boundaries).
+            let mut m = StopMatcher::new(&stops);
+            let chars: Vec<char> = text.chars().collect();
+            let (mut got, mut matched, mut i) = (String::new(), None, 0);
+            while i < chars.len() && matched.is_none() {
+                let j = (i + rng.gen_range(1..=6)).min(chars.len());
+                let piece: String = chars[i..j].iter().collect();
+                let (out, hit) = m.push(&piece);
+                got.push_str(&out);
+                matched = hit;
+                i = j;
+            }
+            if matched.is_none() {
+                got.push_str(&m.flush());
+            }
+            assert_eq!((got, matched), want, "stops {stops:?}, text {text:?}");
+        }
+    }
+
+    /// Issue 16 item 9: 16 stop strings of 1 MB stalled the server for 25 s,
+    /// because every step searched the whole held-back text for each of
+    /// them. Long self-overlapping stop strings and a long near-miss text
+    /// must still match exactly, holding back only a possible prefix.
+    #[test]
+    fn hostile_stop_strings_are_matched_incrementally() {
+        let long = "a".repeat(100_000) + "b";
+        let stops = vec![long.clone(), "a".repeat(50_000) + "c"];
+        let mut m = StopMatcher::new(&stops);
+        let mut released = 0;
+        for _ in 0..300 {
+            let (out, hit) = m.push(&"a".repeat(1000));
+            assert!(hit.is_none());
+            released += out.len();
+        }
+        // Everything but the last 100,000 a's (a possible start) is out.
+        assert_eq!(released, 300_000 - 100_000);
+        let (out, hit) = m.push("b!");
+        assert_eq!((out.len(), hit), (0, Some(long)));
     }
 
     #[test]

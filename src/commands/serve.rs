@@ -27,7 +27,8 @@ pub struct Args {
     #[command(flatten)]
     pub cache: super::run::CacheArgs,
     /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`.
-    #[arg(long, env = "MFX_API_KEY")]
+    /// (The environment's value is never shown in `--help`.)
+    #[arg(long, env = "MFX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Requests that may wait while one generates; more are answered 429.
     #[arg(long, default_value_t = 64)]
@@ -92,6 +93,9 @@ pub fn run(args: Args) -> Result<()> {
         max_queue: args.max_queue,
         ..ServerConfig::default()
     };
+    if let Some(warning) = exposure_warning(&args.host, args.api_key.is_some()) {
+        eprintln!("{warning}");
+    }
     let addr = if args.host.contains(':') {
         format!("[{}]:{}", args.host, args.port)
     } else {
@@ -99,4 +103,38 @@ pub fn run(args: Args) -> Result<()> {
     };
     run_blocking(Arc::new(backend), &config, &addr)?;
     Ok(())
+}
+
+/// A warning when the server listens beyond this machine without a key:
+/// anyone who can reach the port can then use (and load) the model.
+fn exposure_warning(host: &str, has_key: bool) -> Option<String> {
+    if has_key {
+        return None;
+    }
+    let loopback = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    };
+    (!loopback).then(|| {
+        format!(
+            "mfx serve: WARNING: listening on {host} without an API key: anyone who can reach this \
+             port can use the model. Set --api-key (or MFX_API_KEY), or bind 127.0.0.1."
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exposure_warning;
+
+    #[test]
+    fn non_loopback_host_without_key_warns() {
+        for host in ["0.0.0.0", "::", "192.168.1.5", "example.org"] {
+            assert!(exposure_warning(host, false).is_some(), "{host}");
+            assert!(exposure_warning(host, true).is_none(), "{host}");
+        }
+        for host in ["127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"] {
+            assert!(exposure_warning(host, false).is_none(), "{host}");
+        }
+    }
 }

@@ -19,6 +19,13 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in models.data] == ["tiny-qwen3-moe-coder"]
 
 
+def test_models_retrieve_by_id(client):
+    m = client.models.retrieve("tiny-qwen3-moe-coder")
+    assert m.id == "tiny-qwen3-moe-coder" and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-none")
+
+
 def test_greedy_chat_matches_transformers(client, reference):
     """temperature 0 through the chat template reproduces transformers' greedy
     continuation of the same rendered prompt (reference.json `chat`)."""
@@ -179,3 +186,45 @@ def test_unknown_tool_choice_name_is_a_400(coder_server):
         client.chat.completions.create(model="t", messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_wether"}})
     assert e.value.param == "tool_choice"
+
+
+def test_responses_api_matches_chat_completions(client, reference):
+    """`/v1/responses` (Codex CLI's API) gives the same greedy text as chat
+    completions, with Responses usage and status."""
+    ref = reference["chat"]
+    r = client.responses.create(model="t", input=[{"role": "user", "content": CHAT_USER}],
+                                max_output_tokens=48, temperature=0, store=False)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text == ref["greedy_text"]
+    assert r.usage.input_tokens == len(ref["ids"]) and r.usage.output_tokens == 48
+
+
+def test_responses_api_stream_event_sequence(client, reference):
+    ref = reference["chat"]
+    events = list(client.responses.create(model="t", instructions=None, input=[{"role": "user", "content": CHAT_USER}],
+                                          max_output_tokens=48, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == ref["greedy_text"]
+    assert events[-1].response.output_text == text
+
+
+def test_responses_api_function_call_round_trip(coder_server):
+    client = openai.OpenAI(base_url=coder_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather in a city.",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    r = client.responses.create(model="t", input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+                                temperature=0, tool_choice={"type": "function", "name": "get_weather"})
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id
+    assert isinstance(json.loads(calls[0].arguments), dict)
+    follow = client.responses.create(model="t", tools=tools, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 21 C"},
+    ])
+    assert follow.usage.input_tokens > r.usage.input_tokens

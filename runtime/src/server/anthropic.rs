@@ -77,8 +77,10 @@ pub struct MessagesRequest {
     pub messages: Vec<Message>,
     #[serde(default)]
     pub system: Option<Content>,
-    /// Required by Anthropic's API; the SDKs always send it.
-    pub max_tokens: i64,
+    /// Required by `/v1/messages` (the SDKs always send it); absent in
+    /// `count_tokens`. Larger than the context is clamped to what is left.
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
     #[serde(default)]
     pub temperature: Option<f32>,
     #[serde(default)]
@@ -95,6 +97,73 @@ pub struct MessagesRequest {
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// `{"type": "enabled", "budget_tokens": N}`, `adaptive` or `disabled`.
+    #[serde(default)]
+    pub thinking: Option<Value>,
+    /// Claude Code's `clear_thinking_*` edits.
+    #[serde(default)]
+    pub context_management: Option<Value>,
+    /// `{"effort": "low" | "medium" | "high" | "max"}`.
+    #[serde(default)]
+    pub output_config: Option<Value>,
+}
+
+/// Checks the fields agent clients send that change nothing here, so that
+/// they are accepted for what they are and anything else is refused by name:
+/// * `thinking`: the reply carries no thinking blocks (the served model
+///   writes its reasoning, if any, as text); the shape is validated.
+/// * `context_management`: only `clear_thinking_*` edits, which hold
+///   trivially: earlier thinking blocks never reach the prompt.
+/// * `output_config.effort`: one generation path, whatever the effort.
+///   `output_config.format` (structured output) is refused: without
+///   constrained decoding it cannot be guaranteed.
+fn check_agent_fields(req: &MessagesRequest) -> Result<(), ApiError> {
+    let bad = |msg: String| Err(ApiError::bad_request(F, msg));
+    if let Some(t) = &req.thinking {
+        match t.get("type").and_then(Value::as_str) {
+            Some("adaptive" | "disabled") => {}
+            Some("enabled") => {
+                let budget = t.get("budget_tokens").and_then(Value::as_u64);
+                if budget.is_none_or(|b| b < 1) {
+                    return bad(format!("thinking.budget_tokens: a positive integer is required with `enabled`, got {}", t.get("budget_tokens").unwrap_or(&Value::Null)));
+                }
+            }
+            _ => {
+                return bad(format!(
+                    "thinking.type: expected one of enabled, adaptive, disabled, got {}",
+                    t.get("type").unwrap_or(&Value::Null)
+                ))
+            }
+        }
+    }
+    if let Some(cm) = &req.context_management {
+        let edits = cm.get("edits").and_then(Value::as_array);
+        for (i, e) in edits.into_iter().flatten().enumerate() {
+            let kind = e.get("type").and_then(Value::as_str).unwrap_or("");
+            if !kind.starts_with("clear_thinking_") {
+                return bad(format!("context_management.edits.{i}.type: `{kind}` is not supported; only clear_thinking_* edits are (this server keeps no thinking blocks)"));
+            }
+        }
+    }
+    if let Some(oc) = &req.output_config {
+        let Some(obj) = oc.as_object() else {
+            return bad("output_config: expected an object".into());
+        };
+        for (k, v) in obj {
+            match k.as_str() {
+                "effort" if v.is_string() => {}
+                "effort" => {
+                    return bad(format!("output_config.effort: expected a string, got {v}"))
+                }
+                other => {
+                    return bad(format!(
+                        "output_config.{other}: not supported by this server"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Text of a string or of a list of blocks (non-text blocks refused).
@@ -138,11 +207,18 @@ pub fn to_template_messages(
         }
     }
     for (i, m) in messages.into_iter().enumerate() {
+        if m.role == "system" {
+            // Mid-conversation system messages (Claude Code's); folded by
+            // `pipeline::fold_system_messages`.
+            let text = plain_text(m.content, &format!("messages.{i}.content"))?;
+            out.push(json!({"role": "system", "content": text}));
+            continue;
+        }
         if m.role != "user" && m.role != "assistant" {
             return Err(ApiError::bad_request(
                 F,
                 format!(
-                    "messages.{i}.role: `{}` is not one of user, assistant",
+                    "messages.{i}.role: `{}` is not one of user, assistant, system",
                     m.role
                 ),
             ));
@@ -200,7 +276,22 @@ pub fn to_template_messages(
             out.push(json!({"role": "user", "content": text}));
         }
     }
-    Ok(out)
+    Ok(pipeline::fold_system_messages(out))
+}
+
+/// Splits off a trailing assistant message without tool calls: Anthropic's
+/// prefill, the start of the reply that the model is to continue.
+pub fn take_prefill(messages: &mut Vec<Value>) -> String {
+    let is_prefill = messages.last().is_some_and(|m| {
+        m["role"] == "assistant" && m.get("tool_calls").is_none() && messages.len() > 1
+    });
+    if !is_prefill {
+        return String::new();
+    }
+    messages
+        .pop()
+        .and_then(|m| m["content"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Anthropic tools in the OpenAI shape chat templates expect.
@@ -226,42 +317,60 @@ fn stop_reason(c: &Completion, tool_calls: usize) -> (&'static str, Value) {
     }
 }
 
-pub async fn messages(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
+/// The parts of a request both `/v1/messages` and `count_tokens` build.
+fn chat_source(req: &mut MessagesRequest) -> Result<PromptSource, ApiError> {
+    check_agent_fields(req)?;
+    let tools = to_openai_tools(req.tools.take().unwrap_or_default());
+    let choice = toolchoice::from_anthropic(req.tool_choice.as_ref(), &tools)?;
+    let mut messages = to_template_messages(req.system.take(), std::mem::take(&mut req.messages))?;
+    let prefill = take_prefill(&mut messages);
+    Ok(PromptSource::Chat(
+        ChatPrompt {
+            messages,
+            tools,
+            prefill,
+        },
+        choice,
+    ))
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         ApiError::new(
             F,
             e.status(),
             format!("could not read the request body: {e}"),
         )
-    })?;
-    let req: MessagesRequest = parse_body(F, &body)?;
-    let tools = to_openai_tools(req.tools.unwrap_or_default());
-    let choice = toolchoice::from_anthropic(req.tool_choice.as_ref(), &tools)?;
-    let messages = to_template_messages(req.system, req.messages)?;
+    })
+}
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: MessagesRequest = parse_body(F, &read_body(body)?)?;
+    let Some(max_tokens) = req.max_tokens else {
+        return Err(ApiError::bad_request(F, "max_tokens: field required").param("max_tokens"));
+    };
+    let source = chat_source(&mut req)?;
     let sampling = SamplingRequest {
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,
         seed: None,
-        max_tokens: Some(req.max_tokens),
-        stop: req.stop_sequences.unwrap_or_default(),
+        max_tokens: Some(max_tokens),
+        stop: req.stop_sequences.take().unwrap_or_default(),
         ignore_eos: false,
     };
-    let prepared = pipeline::prepare(
-        &state,
-        F,
-        PromptSource::Chat(ChatPrompt { messages, tools }, choice),
-        sampling,
-    )
-    .await?;
+    let prepared = pipeline::prepare(&state, F, source, sampling).await?;
     let input_tokens = prepared.prompt.len();
     let gen = pipeline::start(&state, F, prepared)?;
     let ctx = Ctx {
         id: new_id("msg_"),
-        model: req.model.unwrap_or_else(|| state.backend.info().id.clone()),
+        model: req
+            .model
+            .take()
+            .unwrap_or_else(|| state.backend.info().id.clone()),
         input_tokens,
     };
     if req.stream.unwrap_or(false) {
@@ -269,6 +378,35 @@ pub async fn messages(
     } else {
         collect(gen, ctx).await
     }
+}
+
+/// `/v1/messages/count_tokens`: the prompt tokens the same request to
+/// `/v1/messages` would have (template, tools and prefill included).
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: MessagesRequest = parse_body(F, &read_body(body)?)?;
+    let source = chat_source(&mut req)?;
+    let rendered = pipeline::render(&state, F, source).await?;
+    Ok(Json(json!({"input_tokens": rendered.prompt.len()})).into_response())
+}
+
+/// Anthropic's usage: `input_tokens` are the prompt tokens that were not
+/// read from the cache (those are `cache_read_input_tokens`), so the two add
+/// up to the prompt, never count a token twice.
+#[cfg(test)]
+pub(crate) fn usage_for_tests(c: &Completion) -> Value {
+    usage(c)
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "input_tokens": c.prompt_tokens - c.cached_prompt_tokens.min(c.prompt_tokens),
+        "output_tokens": c.completion_tokens,
+        "cache_read_input_tokens": c.cached_prompt_tokens,
+        "cache_creation_input_tokens": 0,
+    })
 }
 
 struct Ctx {
@@ -319,11 +457,7 @@ async fn collect(mut gen: pipeline::Generation, ctx: Ctx) -> Result<Response, Ap
                 let body = json!({
                     "id": ctx.id, "type": "message", "role": "assistant", "model": ctx.model,
                     "content": content, "stop_reason": reason, "stop_sequence": seq,
-                    "usage": {
-                        "input_tokens": completion.prompt_tokens,
-                        "output_tokens": completion.completion_tokens,
-                        "cache_read_input_tokens": completion.cached_prompt_tokens,
-                    },
+                    "usage": usage(&completion),
                 });
                 return Ok(Json(body).into_response());
             }
@@ -371,7 +505,10 @@ fn stream(
             let start = json!({"type": "message_start", "message": {
                 "id": st.ctx.id, "type": "message", "role": "assistant", "model": st.ctx.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": st.ctx.input_tokens, "output_tokens": 0},
+                // What is read from the cache is known at the end: the
+                // final split comes with `message_delta`.
+                "usage": {"input_tokens": st.ctx.input_tokens, "output_tokens": 0,
+                    "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
             }});
             let s = event("message_start", &start) + &event("ping", &json!({"type": "ping"}));
             return Some((Ok(Bytes::from(s)), st));
@@ -444,7 +581,7 @@ fn stream(
                 let (reason, seq) = stop_reason(&completion, tool_calls);
                 let delta = json!({"type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": seq},
-                    "usage": {"output_tokens": completion.completion_tokens}});
+                    "usage": usage(&completion)});
                 s.push_str(&event("message_delta", &delta));
                 s.push_str(&event("message_stop", &json!({"type": "message_stop"})));
             }

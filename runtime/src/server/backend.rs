@@ -18,6 +18,10 @@ pub struct ChatPrompt {
     /// OpenAI-style tool definitions (`{"type":"function","function":{...}}`);
     /// empty when the request has none or chose `tool_choice: "none"`.
     pub tools: Vec<serde_json::Value>,
+    /// The start of the assistant's reply, given by the client (Anthropic's
+    /// trailing assistant message): written after the rendered prompt, so
+    /// the model continues it; the reply holds only the continuation.
+    pub prefill: String,
 }
 
 /// Sampling defaults, normally from the model's `generation_config.json`.

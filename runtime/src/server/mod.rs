@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
+pub mod responses;
 pub mod toolchoice;
 pub mod worker;
 
@@ -103,12 +104,17 @@ pub fn router(
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::create))
         .route("/metrics", get(metrics_handler))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let app = Router::new()
         .merge(protected)
         .route("/health", get(health))
+        // Claude Code probes `HEAD /` before its first request.
+        .route("/", get(health))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

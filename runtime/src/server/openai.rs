@@ -192,6 +192,10 @@ fn arguments_object(args: Option<Value>) -> Value {
         None | Some(Value::Null) => json!({}),
         Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
             Ok(v @ Value::Object(_)) => v,
+            // `""` and `"null"` (clients' "no arguments") break templates
+            // that iterate over the arguments (Qwen3-Coder's).
+            Ok(Value::Null) => json!({}),
+            _ if s.trim().is_empty() => json!({}),
             _ => Value::String(s),
         },
         Some(v) => v,
@@ -305,7 +309,14 @@ pub async fn chat_completions(
     let prepared = pipeline::prepare(
         &state,
         F,
-        PromptSource::Chat(ChatPrompt { messages, tools }, choice),
+        PromptSource::Chat(
+            ChatPrompt {
+                messages,
+                tools,
+                prefill: String::new(),
+            },
+            choice,
+        ),
         sampling,
     )
     .await?;
@@ -609,14 +620,87 @@ pub async fn completions(
     ))
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+/// The model list entry in OpenAI's shape, or Anthropic's when the request
+/// carries `anthropic-version` (the Anthropic SDK's `models.list/retrieve`).
+fn model_entry(state: &AppState, anthropic: bool) -> Value {
     let info = state.backend.info();
-    Json(json!({
-        "object": "list",
-        "data": [{
+    if anthropic {
+        let created = rfc3339(state.started_at);
+        json!({"type": "model", "id": info.id, "display_name": info.id, "created_at": created})
+    } else {
+        json!({
             "id": info.id, "object": "model", "created": state.started_at, "owned_by": "mfx",
             "context_length": info.context_length,
-        }],
-    }))
-    .into_response()
+        })
+    }
+}
+
+fn is_anthropic(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+pub async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let entry = model_entry(&state, is_anthropic(&headers));
+    if is_anthropic(&headers) {
+        let id = entry["id"].clone();
+        return Json(json!({"data": [entry], "has_more": false, "first_id": id, "last_id": id}))
+            .into_response();
+    }
+    Json(json!({"object": "list", "data": [entry]})).into_response()
+}
+
+/// `GET /v1/models/{id}`: the served model, or 404 for any other name.
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let anthropic = is_anthropic(&headers);
+    if id != state.backend.info().id {
+        let flavor = if anthropic { Flavor::Anthropic } else { F };
+        return Err(ApiError::new(
+            flavor,
+            StatusCode::NOT_FOUND,
+            format!(
+                "model `{id}` not found; this server serves `{}`",
+                state.backend.info().id
+            ),
+        )
+        .param("model")
+        .code("model_not_found"));
+    }
+    Ok(Json(model_entry(&state, anthropic)).into_response())
+}
+
+/// Unix seconds as an RFC 3339 UTC time (Howard Hinnant's civil-from-days).
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod date_tests {
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_589_491), "2026-12-06T20:38:11Z");
+    }
 }

@@ -50,14 +50,21 @@ pub struct Prepared {
     pub parallel_calls: bool,
 }
 
-/// Renders and tokenizes the prompt (off the async threads) and resolves
-/// the sampling parameters against the model's defaults and context.
-pub async fn prepare(
+/// A prompt rendered and tokenized, before any check against the context.
+pub struct Rendered {
+    pub prompt: Vec<u32>,
+    pub tools: Option<ToolSchemas>,
+    pub forced: String,
+    pub parallel_calls: bool,
+}
+
+/// Renders and tokenizes the prompt off the async threads (also what
+/// Anthropic's `count_tokens` counts).
+pub async fn render(
     state: &Arc<AppState>,
     flavor: Flavor,
     source: PromptSource,
-    sampling: SamplingRequest,
-) -> Result<Prepared, ApiError> {
+) -> Result<Rendered, ApiError> {
     let mut source = source;
     let mut parallel_calls = true;
     let tools = match &mut source {
@@ -78,7 +85,8 @@ pub async fn prepare(
         tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), BackendError> {
             let (mut text, forced) = match source {
                 PromptSource::Chat(chat, choice) => {
-                    let text = backend.render_chat(&chat)?;
+                    let mut text = backend.render_chat(&chat)?;
+                    text.push_str(&chat.prefill);
                     let forced = if choice.forces_call() {
                         ToolForm::detect(&text).forced_prefix(choice.forced_name(&chat.tools))
                     } else {
@@ -100,7 +108,28 @@ pub async fn prepare(
             )
         })?
         .map_err(|e| backend_error(flavor, e))?;
+    Ok(Rendered {
+        prompt,
+        tools,
+        forced,
+        parallel_calls,
+    })
+}
 
+/// Renders and tokenizes the prompt and resolves the sampling parameters
+/// against the model's defaults and context.
+pub async fn prepare(
+    state: &Arc<AppState>,
+    flavor: Flavor,
+    source: PromptSource,
+    sampling: SamplingRequest,
+) -> Result<Prepared, ApiError> {
+    let Rendered {
+        prompt,
+        tools,
+        forced,
+        parallel_calls,
+    } = render(state, flavor, source).await?;
     let info = state.backend.info();
     let ctx = info.context_length;
     if prompt.is_empty() {
@@ -110,15 +139,22 @@ pub async fn prepare(
         ));
     }
     if prompt.len() >= ctx {
-        return Err(ApiError::bad_request(
-            flavor,
-            format!(
+        // Anthropic's wording: Claude Code recognizes "prompt is too long"
+        // and tells the user (or compacts) instead of retrying.
+        let msg = match flavor {
+            Flavor::Anthropic => format!(
+                "prompt is too long: {} tokens > {} maximum (this model's context is {ctx} tokens, which leaves no room to generate; start `mfx serve` with a larger --max-context)",
+                prompt.len(),
+                ctx - 1
+            ),
+            Flavor::OpenAi => format!(
                 "the prompt is {} tokens long; this model's context is {ctx} tokens, which leaves no room to generate",
                 prompt.len()
             ),
-        )
-        .param("messages")
-        .code("context_length_exceeded"));
+        };
+        return Err(ApiError::bad_request(flavor, msg)
+            .param("messages")
+            .code("context_length_exceeded"));
     }
     let params = resolve(flavor, &sampling, info.defaults, ctx - prompt.len())?;
     Ok(Prepared {
@@ -128,6 +164,38 @@ pub async fn prepare(
         forced,
         parallel_calls,
     })
+}
+
+/// Folds system messages that are not at the start of a conversation (Claude
+/// Code sends them mid-conversation; Codex sends several developer messages)
+/// into shapes every chat template renders: the leading run of system
+/// messages becomes one system message; a later one is appended to the user
+/// message before it, or becomes a user message of its own. Order is kept,
+/// so the rendered prefix of earlier turns (and its cached KV state) does
+/// not change when a new system message arrives.
+pub fn fold_system_messages(messages: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = Vec::with_capacity(messages.len());
+    let text = |m: &serde_json::Value| m["content"].as_str().unwrap_or("").to_owned();
+    for m in messages {
+        if m["role"] != "system" {
+            out.push(m);
+            continue;
+        }
+        let t = text(&m);
+        if t.is_empty() {
+            continue;
+        }
+        let leading = out.iter().all(|o| o["role"] == "system");
+        match out.last_mut() {
+            Some(last) if leading || last["role"] == "user" => {
+                let joined = format!("{}\n\n{t}", text(last));
+                last["content"] = serde_json::Value::String(joined);
+            }
+            None => out.push(m),
+            Some(_) => out.push(serde_json::json!({"role": "user", "content": t})),
+        }
+    }
+    out
 }
 
 /// Gives a tool without `parameters` or without `properties` an empty
@@ -185,15 +253,7 @@ fn resolve(
         }
         Some(n) => (n as usize).min(room),
     };
-    if s.stop.len() > 16 {
-        return Err(bad(
-            "stop",
-            format!(
-                "at most 16 stop sequences are allowed, got {}",
-                s.stop.len()
-            ),
-        ));
-    }
+    check_stops(flavor, &s.stop)?;
     let stop = s.stop.iter().filter(|x| !x.is_empty()).cloned().collect();
     Ok(GenParams {
         temperature,
@@ -204,6 +264,48 @@ fn resolve(
         stop,
         ignore_eos: s.ignore_eos,
     })
+}
+
+/// Most stop strings a request may give (OpenAI allows 4, Anthropic does
+/// not say; 16 covers every client seen).
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes. Matching is incremental whatever the
+/// length (see `generate::StopMatcher`), but each one is held in memory and
+/// its matcher costs 4 bytes a byte; real stop strings are a few words.
+pub const MAX_STOP_BYTES: usize = 4096;
+
+/// Refuses more than [`MAX_STOPS`] stop strings or one longer than
+/// [`MAX_STOP_BYTES`], naming the provider's field.
+fn check_stops(flavor: Flavor, stops: &[String]) -> Result<(), ApiError> {
+    let field = match flavor {
+        Flavor::OpenAi => "stop",
+        Flavor::Anthropic => "stop_sequences",
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad_request(
+            flavor,
+            format!(
+                "{field}: at most {MAX_STOPS} stop sequences are allowed, got {}",
+                stops.len()
+            ),
+        )
+        .param(field));
+    }
+    if let Some((i, s)) = stops
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::bad_request(
+            flavor,
+            format!(
+                "{field}[{i}] is {} bytes long; a stop sequence may be at most {MAX_STOP_BYTES} bytes",
+                s.len()
+            ),
+        )
+        .param(format!("{field}[{i}]")));
+    }
+    Ok(())
 }
 
 pub fn backend_error(flavor: Flavor, e: BackendError) -> ApiError {

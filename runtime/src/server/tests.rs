@@ -645,6 +645,56 @@ async fn errors_have_provider_shapes() {
     assert!(r.json()["error"]["message"].is_string());
 }
 
+/// Issue 16 item 9: 16 stop strings of 1 MB each were accepted and stalled
+/// the single worker; count and length are capped with a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_count_and_length_are_capped() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let huge = "x".repeat(pipeline::MAX_STOP_BYTES + 1);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "stop": ["ok", huge]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "stop[1]");
+    let many: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "hi", "stop": many}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("stop"))
+    );
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 5, "messages": msgs, "stop_sequences": [huge]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let m = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(m.starts_with("stop_sequences[0]"), "{m}");
+    // At the caps, accepted.
+    let ok = "x".repeat(pipeline::MAX_STOP_BYTES - 2);
+    let sixteen: Vec<String> = (0..16).map(|i| format!("{i:02}{ok}")).collect();
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "stop": sixteen, "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_is_checked_on_both_headers() {
     let config = ServerConfig {
@@ -1200,4 +1250,353 @@ async fn metrics_export_the_backends_cache_statistics() {
     assert_eq!(m["mfx_expert_cache_hit_rate"], 0.9);
     assert_eq!(m["mfx_expert_cache_read_bytes_total"], (5 << 20) as f64);
     assert_eq!(m["mfx_expert_cache_io_stall_seconds_total"], 2.25);
+}
+
+/// Issue 23: Claude Code's first request carries a mid-conversation system
+/// message, `thinking`, `context_management`, `output_config` and a
+/// `max_tokens` larger than the context; mfx answered 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_first_request_is_accepted() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let r = post(addr, "/v1/messages?beta=true", json!({
+        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": false,
+        "system": [{"type": "text", "text": "You are an agent.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Say hi"}]},
+            {"role": "system", "content": "Available agent types: none."},
+        ],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "x"},
+    }))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["stop_reason"], "end_turn");
+    // The mid-conversation system message was folded into the user turn.
+    let rendered = fake
+        .rendered
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rendered.contains("Say hi\\n\\nAvailable agent types: none."),
+        "{rendered}"
+    );
+    // One system message (the leading one), as every template accepts.
+    let systems = rendered
+        .lines()
+        .filter(|l| l.contains("\"role\":\"system\""))
+        .count();
+    assert_eq!(systems, 1, "{rendered}");
+    // Fields that would need what this server lacks are refused by name.
+    for (field, value, name) in [
+        (
+            "output_config",
+            json!({"format": {"type": "json_schema"}}),
+            "output_config.format",
+        ),
+        ("thinking", json!({"type": "sometimes"}), "thinking.type"),
+        (
+            "context_management",
+            json!({"edits": [{"type": "clear_tool_uses_20250919"}]}),
+            "context_management.edits.0.type",
+        ),
+    ] {
+        let mut body = json!({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+        body[field] = value;
+        let r = post(addr, "/v1/messages", body).await;
+        assert_eq!(r.status, 400, "{field}: {}", r.body);
+        let m = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(m.starts_with(name), "{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_equals_the_prompt_tokens_of_the_same_request() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let body = json!({"model": "m", "system": "Be brief.", "tools": [{"name": "now", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]});
+    let r = post(addr, "/v1/messages/count_tokens", body.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let counted = r.json()["input_tokens"].as_u64().expect("input_tokens");
+    let mut req = body;
+    req["max_tokens"] = json!(3);
+    let v = post(addr, "/v1/messages", req).await.json();
+    let u = &v["usage"];
+    let prompt = u["input_tokens"].as_u64().unwrap_or(0)
+        + u["cache_read_input_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(counted, prompt, "{v}");
+}
+
+/// A trailing assistant message is the start of the reply: the prompt ends
+/// with it (after the generation prompt) and the reply is its continuation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_trailing_assistant_message_is_continued() {
+    let fake = Fake::with_template("qwen3-coder.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let r = post(addr, "/v1/messages", json!({"max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: {"}]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let prompts = fake.prompts.lock().expect("lock");
+    let p = prompts.last().expect("a prompt");
+    assert!(p.ends_with("<|im_start|>assistant\nSure: {"), "{p:?}");
+    assert_eq!(r.json()["content"][0]["text"], "Hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_usage_does_not_count_cache_reads_twice() {
+    let c = Completion {
+        finish: Finish::Eos,
+        prompt_tokens: 100,
+        completion_tokens: 7,
+        cached_prompt_tokens: 60,
+        time_to_first_token: Duration::ZERO,
+        total_time: Duration::ZERO,
+    };
+    let u = anthropic::usage_for_tests(&c);
+    assert_eq!(
+        (
+            u["input_tokens"].clone(),
+            u["cache_read_input_tokens"].clone()
+        ),
+        (json!(40), json!(60))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests_carries_retry_after() {
+    let e = error::ApiError::new(
+        error::Flavor::Anthropic,
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "busy",
+    );
+    let resp = e.into_response();
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_retrieve_by_id() {
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let r = raw(addr, "GET", "/v1/models/fake-model", &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["id"], "fake-model");
+    assert_eq!(r.json()["object"], "model");
+    let r = raw(
+        addr,
+        "GET",
+        "/v1/models/fake-model",
+        &[("anthropic-version", "2023-06-01")],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (r.json()["type"].clone(), r.json()["id"].clone()),
+        (json!("model"), json!("fake-model"))
+    );
+    let r = raw(addr, "GET", "/v1/models/other", &[], b"").await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (404, json!("model_not_found"))
+    );
+}
+
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            let name = ev.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = ev.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((
+                name.to_owned(),
+                serde_json::from_str(data).expect("event JSON"),
+            ))
+        })
+        .collect()
+}
+
+/// The Responses API as Codex sends it: developer messages, function tools
+/// in a namespace and a hosted tool, streamed events in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_api_text_and_stream() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"model": "m", "input": "hi", "max_output_tokens": 5}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (v["object"].clone(), v["status"].clone()),
+        (json!("response"), json!("incomplete"))
+    );
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(v["output"][0]["content"][0]["text"], "Hello");
+    assert_eq!(v["usage"]["output_tokens"], 5);
+
+    let r = post(addr, "/v1/responses", json!({"model": "m", "stream": true, "store": false,
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be an agent."}]},
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Skills: none."}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        ],
+        "tools": [{"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}},
+                  {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "close_agent"}]},
+                  {"type": "web_search"}],
+        "tool_choice": "auto", "parallel_tool_calls": true, "reasoning": {"summary": "auto"},
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let evs = sse_events(&r.body);
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        &names[names.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    for (i, (name, v)) in evs.iter().enumerate() {
+        assert_eq!(
+            (v["type"].as_str(), v["sequence_number"].as_u64()),
+            (Some(name.as_str()), Some(i as u64))
+        );
+    }
+    let text: String = evs
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .filter_map(|(_, v)| v["delta"].as_str())
+        .collect();
+    assert_eq!(text, "Hello, world! How are you?");
+    let done = &evs.last().expect("events").1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], text.as_str());
+    assert!(done["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0);
+    let rendered = fake
+        .rendered
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rendered.contains("Be an agent.\\n\\nSkills: none."),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("exec_command") && rendered.contains("close_agent"),
+        "{rendered}"
+    );
+    assert!(!rendered.contains("web_search"), "{rendered}");
+
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"input": "hi", "previous_response_id": "resp_1"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("previous_response_id"))
+    );
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"input": [{"type": "computer_call"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("input[0].type"))
+    );
+}
+
+/// Function calls come out as `function_call` items (streamed arguments),
+/// and a round trip (call, output) goes back through the template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_api_function_calls_both_ways() {
+    let fake = Fake::with_template("qwen3-coder.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let tools = json!([{"type": "function", "name": "get_weather", "parameters": weather_tool()["function"]["parameters"]}]);
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"input": "TOOL", "tools": tools}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let call = v["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|i| i["type"] == "function_call"))
+        .cloned()
+        .expect("a call");
+    assert_eq!(call["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["arguments"].as_str().unwrap_or("")).expect("JSON arguments");
+    assert_eq!(args, json!({"city": "Paris", "days": 2}));
+
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"input": "TOOL", "tools": tools, "stream": true}),
+    )
+    .await;
+    let evs = sse_events(&r.body);
+    let added = evs
+        .iter()
+        .find(|(n, v)| n == "response.output_item.added" && v["item"]["type"] == "function_call")
+        .expect("call added");
+    assert_eq!(added.1["item"]["name"], "get_weather");
+    let args: String = evs
+        .iter()
+        .filter(|(n, _)| n == "response.function_call_arguments.delta")
+        .filter_map(|(_, v)| v["delta"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).expect("args"),
+        json!({"city": "Paris", "days": 2})
+    );
+
+    let r = post(addr, "/v1/responses", json!({"tools": tools, "max_output_tokens": 3, "input": [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"},
+    ]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rendered = fake
+        .rendered
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rendered.contains("<function=get_weather>") && rendered.contains("Oslo"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("sunny, 21 C"), "{rendered}");
 }
