@@ -124,11 +124,21 @@ pub fn run(a: Args) -> Result<()> {
             .sum::<f64>();
     let t_compute = touched / mem_bw;
 
-    let mut budgets: Vec<u64> = [25u64, 50, 75, 100]
+    // From the least budget `mfx run` accepts up to one that also holds
+    // every expert; the machine's --ram last (refused if below the least).
+    if let Some(l) = limit {
+        if l < minimum {
+            bail!(
+                "--ram {l} bytes is below the least budget `mfx run` accepts for {}: {minimum} bytes ({} MiB)",
+                a.pack.display(),
+                minimum.div_ceil(1 << 20)
+            );
+        }
+    }
+    let mut budgets: Vec<u64> = [0u64, 25, 50, 75, 100]
         .iter()
-        .map(|p| (dense + all_experts * p / 100).max(dense))
+        .map(|p| minimum + all_experts * p / 100)
         .collect();
-    budgets.push(minimum);
     budgets.extend(limit);
     budgets.sort_unstable();
     budgets.dedup();
