@@ -77,10 +77,13 @@ fn bench_json_plan_and_budget_errors() {
     ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("at least") && e.contains("dense weights"), "{e}");
+    assert!(
+        e.contains("the minimum is") && e.contains("dense weights"),
+        "{e}"
+    );
 
     let out = ok(&mfx(&[
-        "plan", p, "--ram", "64M", "--probe", "8M", "--json",
+        "plan", p, "--ram", "200M", "--probe", "8M", "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     let rows = v["budgets"].as_array().unwrap();

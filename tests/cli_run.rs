@@ -665,8 +665,8 @@ fn run_pack_through_a_tiny_cache_equals_transformers_greedy() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("RAM budget of 1048576 bytes is below")
-            && stderr.contains("at least")
+        stderr.contains("RAM budget of 1048576 bytes (1 MiB) cannot hold")
+            && stderr.contains("the minimum is")
             && stderr.contains("MiB"),
         "{stderr}"
     );

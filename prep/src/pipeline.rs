@@ -285,8 +285,9 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     let cold_bytes =
         quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.cold_bits, o.group_size)?;
     let moe_layers = ck.moe_layers();
+    let working = plan::working_bytes(&ck.family, hot_bytes.max(cold_bytes));
     for (label, ram) in &o.rams {
-        let min = plan::minimum_ram(dense_bytes, hot_bytes, top_k, moe_layers.len());
+        let min = plan::minimum_ram(dense_bytes, hot_bytes, top_k, moe_layers.len(), working);
         if *ram < min {
             return Err(PrepError::Budget(format!(
                 "--ram {label} is too small for this model: dense weights alone take {} at --dense-bits {}, and the minimum budget \
@@ -398,6 +399,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             dense_bytes,
             hot_bytes,
             cold_bytes,
+            working,
             top_k,
             experts: n_experts,
             layers,

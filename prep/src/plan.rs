@@ -11,6 +11,7 @@ use serde::Serialize;
 
 /// The runtime's working reserve inside `--ram` (one definition, the runtime's).
 pub use mfx_runtime::cache::runtime_reserve;
+use mfx_runtime::cache::{minimum_budget, reserve_for, Needs};
 
 /// Working cache wanted beyond the pinned experts, in multiples of top_k per
 /// layer: 4x holds the current token's experts plus recent ones, so a token
@@ -34,6 +35,11 @@ pub struct PlanInput<'a> {
     /// Bytes of one expert at hot / cold bits (all projections).
     pub hot_bytes: u64,
     pub cold_bytes: u64,
+    /// The runtime's working set at its default context plus its transient
+    /// expert buffers ([`working_bytes`]): the budget's reserve is the
+    /// runtime's [`reserve_for`] of it, so prep plans the split `mfx run`
+    /// will make.
+    pub working: u64,
     pub top_k: usize,
     pub experts: usize,
     pub layers: Vec<LayerUse<'a>>,
@@ -72,33 +78,60 @@ pub struct Plan {
     pub reason: String,
 }
 
-/// The least `--ram` that can run the model: dense weights, the runtime
-/// reserve, and a cache holding one token's experts (top_k) per layer.
-pub fn minimum_ram(dense_bytes: u64, hot_bytes: u64, top_k: usize, moe_layers: usize) -> u64 {
-    let base = dense_bytes + moe_layers as u64 * top_k as u64 * hot_bytes;
-    // Solve ram >= base + reserve(ram): reserve is max(64 MiB, ram/16).
-    let a = base + (64 << 20);
-    let b = (base * 16).div_ceil(15);
-    a.max(b)
+/// The least `--ram` that can run the model: the runtime's
+/// [`minimum_budget`] (dense weights, a cache holding one token's experts
+/// (top_k) per layer at hot bits, and the working reserve), so a budget prep
+/// accepts is one `mfx run` accepts.
+pub fn minimum_ram(
+    dense_bytes: u64,
+    hot_bytes: u64,
+    top_k: usize,
+    moe_layers: usize,
+    working: u64,
+) -> u64 {
+    minimum_budget(&Needs {
+        dense: dense_bytes,
+        pinned: 0,
+        min_cache: moe_layers as u64 * top_k as u64 * hot_bytes,
+        working,
+    })
+}
+
+/// The working bytes `mfx run` reserves for `family` at its defaults
+/// (f16 KV, 4096 positions, 512-token prompt chunks) on this machine's
+/// threads, plus its transient expert buffers of up to `largest_expert`.
+pub fn working_bytes(
+    family: &mfx_runtime::models::family::FamilyConfig,
+    largest_expert: u64,
+) -> u64 {
+    use mfx_runtime::models::{working, KvBits, LoadOptions};
+    let shape = working::family(family, KvBits::F16);
+    let opts = LoadOptions::default();
+    working::bytes(&shape, family.max_position_embeddings(), &opts)
+        + mfx_runtime::cache::transient_expert_bytes(
+            largest_expert,
+            opts.cache.io_threads,
+            rayon::current_num_threads(),
+        )
 }
 
 pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     let nl = inp.layers.len();
     let e = inp.experts;
-    let min = minimum_ram(inp.dense_bytes, inp.hot_bytes, inp.top_k, nl);
+    let min = minimum_ram(inp.dense_bytes, inp.hot_bytes, inp.top_k, nl, inp.working);
     if inp.ram < min {
         return Err(PrepError::Budget(format!(
             "--ram {} is too small: dense weights take {}, the runtime reserve {}, and a cache for one token's \
              {} experts in each of {nl} MoE layers {}; the minimum is {} (try --dense-bits 4 or smaller --hot-bits)",
             human(inp.ram),
             human(inp.dense_bytes),
-            human(runtime_reserve(inp.ram)),
+            human(reserve_for(min, inp.working)),
             inp.top_k,
             human(nl as u64 * inp.top_k as u64 * inp.hot_bytes),
             human(min.div_ceil(1 << 20) << 20)
         )));
     }
-    let reserve = runtime_reserve(inp.ram);
+    let reserve = reserve_for(inp.ram, inp.working);
     let avail = inp.ram - reserve - inp.dense_bytes;
     let everything_hot = nl as u64 * e as u64 * inp.hot_bytes;
     let all_resident = inp.hot_fraction.is_none() && everything_hot <= avail;
@@ -261,6 +294,7 @@ mod tests {
             dense_bytes: 90 << 20,
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
+            working: 0,
             top_k: 2,
             experts: 8,
             layers: vec![layer(&c, &m)],
@@ -280,6 +314,7 @@ mod tests {
             dense_bytes: 1 << 20,
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
+            working: 0,
             top_k: 2,
             experts: 4,
             layers: vec![layer(&c, &m)],
@@ -303,6 +338,7 @@ mod tests {
             dense_bytes: 1 << 20,
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
+            working: 0,
             top_k: 2,
             experts: 16,
             layers: vec![layer(&counts, &mass)],

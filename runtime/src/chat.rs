@@ -49,6 +49,12 @@ pub enum ChatTemplateError {
     },
     #[error("chat template from {origin} does not compile: {detail}")]
     Syntax { origin: String, detail: String },
+    #[error("chat template from {origin}: {bytes} bytes, more than the {max} a template may have (real ones are under 100 KB)")]
+    TooLarge {
+        origin: String,
+        bytes: u64,
+        max: u64,
+    },
     #[error("chat template from {origin} failed to render: {detail}")]
     Render { origin: String, detail: String },
 }
@@ -84,6 +90,12 @@ impl std::fmt::Debug for ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// The largest chat template accepted: the biggest on the hub are tens of
+/// KB, and compiling one costs many times its size (a 100 MB template
+/// OOM-killed `run --chat`, issue 16), so a larger one is refused before it
+/// is read or compiled.
+pub const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
 impl ChatTemplate {
     /// Loads the template of a Hugging Face model directory: the
     /// `chat_template.jinja` file if present (newer checkpoints), else
@@ -92,6 +104,17 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, ChatTemplateError> {
         let read_opt = |name: &str| -> Result<Option<(String, PathBuf)>, ChatTemplateError> {
             let path = dir.join(name);
+            if name.ends_with(".jinja") {
+                if let Ok(m) = std::fs::metadata(&path) {
+                    if m.len() > MAX_TEMPLATE_BYTES {
+                        return Err(ChatTemplateError::TooLarge {
+                            origin: path.display().to_string(),
+                            bytes: m.len(),
+                            max: MAX_TEMPLATE_BYTES,
+                        });
+                    }
+                }
+            }
             match std::fs::read_to_string(&path) {
                 Ok(s) => Ok(Some((s, path))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -153,6 +176,13 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self, ChatTemplateError> {
+        if source.len() as u64 > MAX_TEMPLATE_BYTES {
+            return Err(ChatTemplateError::TooLarge {
+                origin,
+                bytes: source.len() as u64,
+                max: MAX_TEMPLATE_BYTES,
+            });
+        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);

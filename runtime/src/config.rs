@@ -82,6 +82,43 @@ impl Arch {
     }
 }
 
+/// The most layers a config may declare. Far above any released model
+/// (DeepSeek-V3: 61, Kimi K2: 61, Qwen3-235B: 94); checked before anything
+/// per layer is allocated (`num_hidden_layers: 1000000000` took 5 GB, issue 16).
+pub const MAX_LAYERS: u64 = 1024;
+/// The most routed experts per layer (released models: at most 512).
+pub const MAX_EXPERTS: u64 = 1 << 16;
+/// The largest vocabulary (released models: at most ~260k).
+pub const MAX_VOCAB: u64 = 1 << 22;
+/// The longest trained context a config may declare.
+pub const MAX_POSITIONS: u64 = 1 << 24;
+/// Any other width (hidden, heads, head dims, intermediate sizes).
+pub const MAX_WIDTH: u64 = 1 << 20;
+
+/// The cap on config key `key`'s value ([`MAX_LAYERS`] and the rest): a
+/// hostile config is refused naming the field before the loader allocates
+/// anything proportional to it. Shared by every family's config reader.
+pub fn size_cap(key: &str) -> u64 {
+    match key {
+        "num_hidden_layers" => MAX_LAYERS,
+        k if k.contains("experts") => MAX_EXPERTS,
+        "vocab_size" => MAX_VOCAB,
+        k if k.contains("position") || k.contains("context") => MAX_POSITIONS,
+        _ => MAX_WIDTH,
+    }
+}
+
+/// `n` for config key `key` if within [`size_cap`], else the error message.
+pub fn check_cap(key: &str, n: u64) -> Result<usize, String> {
+    let cap = size_cap(key);
+    if n > cap {
+        return Err(format!(
+            "{n} is larger than any model mfx can run (at most {cap}); the config is corrupt or hostile"
+        ));
+    }
+    usize::try_from(n).map_err(|_| "value too large".to_string())
+}
+
 /// Per-module MLX quantization (`quantization` in an mlx-community config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantConfig {
@@ -214,9 +251,7 @@ impl Cfg<'_> {
         match self.get_any(keys) {
             None => Ok(None),
             Some((k, v)) => match v.as_u64() {
-                Some(n) => usize::try_from(n)
-                    .map(Some)
-                    .map_err(|_| self.bad(k, "value too large")),
+                Some(n) => check_cap(k, n).map(Some).map_err(|m| self.bad(k, m)),
                 None => Err(self.bad(k, format!("expected a non-negative integer, found {v}"))),
             },
         }

@@ -61,6 +61,13 @@ pub enum RuntimeError {
     ContextFull { needed: usize, max: usize },
     #[error("{path}: {msg}")]
     Pack { path: PathBuf, msg: String },
+    /// A `--ram` budget that cannot hold the model (typed, as issue 17
+    /// asks, so callers can read the minimum).
+    #[error("{source}{hint}")]
+    Budget {
+        source: crate::cache::BudgetError,
+        hint: String,
+    },
     #[error("{0}")]
     Other(String),
 }

@@ -14,7 +14,7 @@ use mfx_formats::profile::Profile;
 use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::buf::BufPool;
 use mfx_runtime::cache::io::BlobReader;
-use mfx_runtime::cache::plan_budget;
+use mfx_runtime::cache::{minimum_budget, pack_needs, plan_budget};
 use mfx_runtime::models::family::FamilyConfig;
 use mfx_runtime::models::{working, KvBits, LoadOptions};
 use std::path::PathBuf;
@@ -53,21 +53,26 @@ pub fn run(a: Args) -> Result<()> {
         );
     };
     let n_layers = num(&m.config, "num_hidden_layers").context("config: num_hidden_layers")?;
-    let top_k = num(&m.config, "num_experts_per_tok").context("config: num_experts_per_tok")?;
     let limit = a.ram.as_deref().map(parse_size).transpose()?;
     // The working reserve `mfx run` would keep at its default context (4096
     // positions, 512-token prompt chunks, f16 KV), out of each budget.
-    let working = FamilyConfig::from_json_str(&m.config.to_string(), &a.pack)
+    let (working, top_k) = FamilyConfig::from_json_str(&m.config.to_string(), &a.pack)
         .map(|cfg| {
             let shape = working::family(&cfg, KvBits::F16);
-            working::bytes(
+            let w = working::bytes(
                 &shape,
                 cfg.max_position_embeddings(),
                 &LoadOptions::default(),
-            )
+            );
+            (w, shape.top_k as usize)
         })
         .with_context(|| format!("{}: the manifest's config", a.pack.display()))?;
     let io_threads = mfx_runtime::cache::CacheOptions::default().io_threads;
+    let threads = rayon::current_num_threads();
+    // The least budget `mfx run` accepts for this pack (same arithmetic).
+    let minimum = minimum_budget(&pack_needs(
+        &pack, n_layers, top_k, true, working, io_threads, threads,
+    ));
 
     // Disk: direct positioned reads of the pack's expert blobs, strided over
     // the file as cache misses would be.
@@ -119,16 +124,40 @@ pub fn run(a: Args) -> Result<()> {
             .sum::<f64>();
     let t_compute = touched / mem_bw;
 
-    let mut budgets: Vec<u64> = [25u64, 50, 75, 100]
+    // From the least budget `mfx run` accepts up to one that also holds
+    // every expert; the machine's --ram last (refused if below the least).
+    if let Some(l) = limit {
+        if l < minimum {
+            bail!(
+                "--ram {l} bytes is below the least budget `mfx run` accepts for {}: {minimum} bytes ({} MiB)",
+                a.pack.display(),
+                minimum.div_ceil(1 << 20)
+            );
+        }
+    }
+    let mut budgets: Vec<u64> = [0u64, 25, 50, 75, 100]
         .iter()
-        .map(|p| (dense + all_experts * p / 100).max(dense))
+        .map(|p| minimum + all_experts * p / 100)
         .collect();
     budgets.extend(limit);
     budgets.sort_unstable();
     budgets.dedup();
     let mut rows = Vec::new();
     for &b in &budgets {
-        let Ok(plan) = plan_budget(&pack, n_layers, b, false, Some(working), io_threads) else {
+        // Only budgets `mfx run` accepts (with the pack's pins, its default).
+        if b < minimum {
+            continue;
+        }
+        let Ok(plan) = plan_budget(
+            &pack,
+            n_layers,
+            top_k,
+            b,
+            false,
+            Some(working),
+            io_threads,
+            threads,
+        ) else {
             continue;
         };
         let (mut miss_bytes, mut hit_sum, mut moe) = (0f64, 0f64, 0usize);
@@ -164,7 +193,10 @@ pub fn run(a: Args) -> Result<()> {
         }));
     }
     if rows.is_empty() {
-        bail!("no budget fits: the dense weights alone are {dense} bytes");
+        bail!(
+            "no budget fits: the least `mfx run` accepts is {minimum} bytes ({} MiB)",
+            minimum.div_ceil(1 << 20)
+        );
     }
     let best = rows
         .iter()
@@ -184,6 +216,7 @@ pub fn run(a: Args) -> Result<()> {
         "dense_bytes": dense,
         "expert_bytes": all_experts,
         "full_bytes": full,
+        "minimum_budget_bytes": minimum,
         "budgets": rows,
         "recommended": rec,
     });

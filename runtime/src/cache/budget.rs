@@ -12,16 +12,73 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BudgetError {
     #[error(
-        "a RAM budget of {budget} bytes is below what {pack} must keep resident: dense weights {dense} + pinned experts {pinned} = at least {min} bytes ({min_mib} MiB)"
+        "a RAM budget of {budget} bytes ({budget_mib} MiB) cannot hold {what}: dense weights {dense} + pinned experts {pinned} + a cache of one token's experts per MoE layer {min_cache} + the working reserve {reserve} (KV cache, prompt activations, I/O buffers, the process itself); the minimum is {min} bytes ({min_mib} MiB)"
     )]
     TooSmall {
-        pack: String,
+        what: String,
         budget: u64,
+        budget_mib: u64,
         dense: u64,
         pinned: u64,
+        min_cache: u64,
+        /// The working reserve at the minimum budget.
+        reserve: u64,
         min: u64,
         min_mib: u64,
     },
+}
+
+/// What a model must hold in memory whatever the budget: the inputs of the
+/// one budget arithmetic ([`minimum_budget`], [`reserve_for`]) that `mfx
+/// run`/`serve`/`eval`/`bench` (through [`plan_budget`]), `mfx plan` and
+/// `mfx prep` (its `minimum_ram`) all use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Needs {
+    /// Resident weights: a pack's dense tensors (or, for a checkpoint
+    /// directory, every tensor: its experts are not streamed).
+    pub dense: u64,
+    /// Pinned experts.
+    pub pinned: u64,
+    /// The least expert cache: one token's routed experts (top_k) per MoE
+    /// layer. Below it a single token re-reads experts it just evicted.
+    pub min_cache: u64,
+    /// The model's working set ([`WorkingShape::bytes`]) plus the expert
+    /// buffers that live outside the cache's slots ([`transient_expert_bytes`]).
+    pub working: u64,
+}
+
+impl Needs {
+    /// Dense + pinned + the minimum cache: what the budget holds besides its reserve.
+    pub fn resident(&self) -> u64 {
+        self.dense + self.pinned + self.min_cache
+    }
+}
+
+/// The working reserve of a budget of `budget` bytes: [`runtime_reserve`]'s
+/// proportional floor, or the model's measured-shape working set when larger.
+pub fn reserve_for(budget: u64, working: u64) -> u64 {
+    runtime_reserve(budget).max(working)
+}
+
+/// The least budget that holds `n`: the smallest `ram` with
+/// `ram >= n.resident() + reserve_for(ram, n.working)`. Every budget below
+/// it is refused ([`BudgetError::TooSmall`]) rather than taken out of the
+/// cache, which is what let `--ram` be exceeded (issue 16).
+pub fn minimum_budget(n: &Needs) -> u64 {
+    let base = n.resident();
+    // reserve_for is max(64 MiB, ram/16, working): solve each branch.
+    let fixed = base + (64u64 << 20).max(n.working);
+    let proportional = (base * 16).div_ceil(15);
+    fixed.max(proportional)
+}
+
+/// Expert-sized buffers alive outside the cache's slots, each at most
+/// `largest` bytes: the [`pooled_buffers`] kept for reuse, one read in
+/// flight per I/O thread, one expert held by each compute thread while it
+/// runs (a miss may be evicted while still in use), and the pending load of
+/// the current and the next layer that a zero-slot layer keeps until use.
+pub fn transient_expert_bytes(largest: u64, io_threads: usize, threads: usize) -> u64 {
+    (pooled_buffers(io_threads) + io_threads + threads.max(1) + 2) as u64 * largest
 }
 
 /// The proportional floor of the working reserve: 1/16 of the budget, at
@@ -131,18 +188,19 @@ pub fn detect_budget() -> Option<u64> {
     Some(avail.saturating_sub(margin))
 }
 
-/// Splits `budget` bytes for `pack` (a model of `n_layers` layers).
-/// `working`: the model's working set ([`WorkingShape::bytes`]) when known;
-/// `io_threads`: the cache's readers, whose buffers (one in flight each,
-/// plus the [`pooled_buffers`] kept for reuse) sit outside the cached experts.
-pub fn plan_budget(
+/// The [`Needs`] of `pack` (a model of `n_layers` layers routing `top_k`
+/// experts per token) whose working set is `working` bytes
+/// ([`WorkingShape::bytes`], 0 when unknown), with `io_threads` readers
+/// and `threads` compute threads.
+pub fn pack_needs(
     pack: &Pack,
     n_layers: usize,
-    budget: u64,
+    top_k: usize,
     pin: bool,
-    working: Option<u64>,
+    working: u64,
     io_threads: usize,
-) -> Result<BudgetPlan, BudgetError> {
+    threads: usize,
+) -> Needs {
     let m = pack.manifest();
     let dense: u64 = m.tensors.iter().map(|t| t.length).sum();
     let pins = if pin {
@@ -155,30 +213,83 @@ pub fn plan_budget(
         .filter_map(|&(l, e)| pack.expert(l as u32, e as u32))
         .map(|e| e.raw_length)
         .sum();
-    let min = dense + pinned;
-    if budget < min {
-        return Err(BudgetError::TooSmall {
-            pack: pack.path().display().to_string(),
-            budget,
-            dense,
-            pinned,
-            min,
-            min_mib: min.div_ceil(1 << 20),
-        });
+    let (experts, bytes) = per_layer(pack, n_layers);
+    let moe_layers = experts.iter().filter(|&&n| n > 0).count() as u64;
+    // The cache is split evenly over MoE layers, so the minimum gives every
+    // layer room for top_k of its own (mean-sized) experts, not pinned ones.
+    let per_layer_min = (0..n_layers)
+        .filter(|&l| experts[l] > 0)
+        .map(|l| {
+            let pinned_here = pins.iter().filter(|p| p.0 == l).count();
+            let streamed = experts[l] - pinned_here.min(experts[l]);
+            top_k.min(streamed) as u64 * (bytes[l] / experts[l] as u64).max(1)
+        })
+        .max()
+        .unwrap_or(0);
+    let largest = m.experts.iter().map(|e| e.raw_length).max().unwrap_or(0);
+    Needs {
+        dense,
+        pinned,
+        min_cache: moe_layers * per_layer_min,
+        working: working + transient_expert_bytes(largest, io_threads, threads),
     }
+}
+
+/// Per model layer: routed experts in the pack and their decoded bytes.
+fn per_layer(pack: &Pack, n_layers: usize) -> (Vec<usize>, Vec<u64>) {
     let mut experts = vec![0usize; n_layers];
     let mut bytes = vec![0u64; n_layers];
-    for e in &m.experts {
+    for e in &pack.manifest().experts {
         if let Some(l) = experts.get_mut(e.layer as usize) {
             *l += 1;
             bytes[e.layer as usize] += e.raw_length;
         }
     }
+    (experts, bytes)
+}
+
+/// Splits `budget` bytes for `pack` (a model of `n_layers` layers, routing
+/// `top_k` experts per token). `working`: the model's working set
+/// ([`WorkingShape::bytes`]) when known; `io_threads`: the cache's readers;
+/// `threads`: compute threads. A budget below [`minimum_budget`] is refused
+/// with that minimum: the reserve is never taken out of the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_budget(
+    pack: &Pack,
+    n_layers: usize,
+    top_k: usize,
+    budget: u64,
+    pin: bool,
+    working: Option<u64>,
+    io_threads: usize,
+    threads: usize,
+) -> Result<BudgetPlan, BudgetError> {
+    let needs = pack_needs(
+        pack,
+        n_layers,
+        top_k,
+        pin,
+        working.unwrap_or(0),
+        io_threads,
+        threads,
+    );
+    let min = minimum_budget(&needs);
+    if budget < min {
+        return Err(too_small(
+            format!("{}", pack.path().display()),
+            budget,
+            &needs,
+        ));
+    }
+    let pins = if pin {
+        super::pinned_from_manifest(pack)
+    } else {
+        Vec::new()
+    };
+    let (experts, bytes) = per_layer(pack, n_layers);
     let moe_layers = experts.iter().filter(|&&n| n > 0).count().max(1) as u64;
-    let largest = m.experts.iter().map(|e| e.raw_length).max().unwrap_or(0);
-    let io_buffers = (pooled_buffers(io_threads) + io_threads) as u64;
-    let reserve = runtime_reserve(budget).max(working.unwrap_or(0) + io_buffers * largest);
-    let cache = budget.saturating_sub(min + reserve);
+    let reserve = reserve_for(budget, needs.working);
+    let cache = budget - (needs.dense + needs.pinned + reserve);
     let per_layer = cache / moe_layers;
     let capacity = (0..n_layers)
         .map(|l| {
@@ -192,11 +303,82 @@ pub fn plan_budget(
         .collect();
     Ok(BudgetPlan {
         budget_bytes: budget,
-        dense_bytes: dense,
-        pinned_bytes: pinned,
+        dense_bytes: needs.dense,
+        pinned_bytes: needs.pinned,
         reserve_bytes: reserve,
         cache_bytes: cache,
         capacity,
         experts,
     })
+}
+
+/// The refusal of `budget` for `what` (a pack or checkpoint path), stating
+/// the minimum of `needs`.
+pub fn too_small(what: String, budget: u64, needs: &Needs) -> BudgetError {
+    let min = minimum_budget(needs);
+    BudgetError::TooSmall {
+        what,
+        budget,
+        budget_mib: budget >> 20,
+        dense: needs.dense,
+        pinned: needs.pinned,
+        min_cache: needs.min_cache,
+        reserve: reserve_for(min, needs.working),
+        min,
+        min_mib: min.div_ceil(1 << 20),
+    }
+}
+
+/// `--ram` for a model whose weights are all resident (a checkpoint
+/// directory: experts are mapped, not streamed, and a mapped file's pages
+/// count against a memory cgroup like owned memory): refused unless it
+/// holds every tensor plus the working reserve.
+pub fn check_resident_budget(
+    what: &std::path::Path,
+    budget: Option<u64>,
+    weights: u64,
+    working: u64,
+) -> Result<(), BudgetError> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let needs = Needs {
+        dense: weights,
+        pinned: 0,
+        min_cache: 0,
+        working,
+    };
+    if budget < minimum_budget(&needs) {
+        return Err(too_small(what.display().to_string(), budget, &needs));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimum_budget_holds_its_own_reserve() {
+        for (base, working) in [
+            (0u64, 0u64),
+            (10 << 20, 0),
+            (900 << 20, 100 << 20),
+            (4 << 30, 300 << 20),
+        ] {
+            let n = Needs {
+                dense: base,
+                pinned: 0,
+                min_cache: 0,
+                working,
+            };
+            let m = minimum_budget(&n);
+            assert!(m >= base + reserve_for(m, working), "{base} {working}: {m}");
+            // ... and it is the least such budget (to the byte).
+            assert!(
+                m - 1 < base + reserve_for(m - 1, working),
+                "{base} {working}: {m}"
+            );
+        }
+    }
 }

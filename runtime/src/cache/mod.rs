@@ -16,8 +16,9 @@ pub mod stats;
 pub mod store;
 
 pub use budget::{
-    detect_budget, plan_budget, pooled_buffers, runtime_reserve, BudgetError, BudgetPlan,
-    WorkingShape, RESERVED_CONTEXT_DEFAULT,
+    check_resident_budget, detect_budget, minimum_budget, pack_needs, plan_budget, pooled_buffers,
+    reserve_for, runtime_reserve, too_small, transient_expert_bytes, BudgetError, BudgetPlan,
+    Needs, WorkingShape, RESERVED_CONTEXT_DEFAULT,
 };
 pub use options::{check_expert_shapes, provider_for_open_pack, provider_for_pack, CacheOptions};
 pub use policy::{EvictionPolicy, PolicyKind};

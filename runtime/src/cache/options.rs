@@ -44,6 +44,9 @@ pub struct CacheOptions {
     /// ([`super::WorkingShape::bytes`]); the model loaders fill this in, so
     /// `--ram` leaves room for KV cache and activations as well as weights.
     pub working_bytes: Option<u64>,
+    /// Experts each token routes to; the minimum cache holds this many per
+    /// MoE layer. Filled in by the model loaders with `working_bytes`.
+    pub top_k: usize,
 }
 
 impl Default for CacheOptions {
@@ -59,6 +62,7 @@ impl Default for CacheOptions {
             pin: true,
             io_threads: 2,
             working_bytes: None,
+            top_k: 1,
         }
     }
 }
@@ -99,10 +103,12 @@ pub fn provider_for_open_pack(
             let plan = plan_budget(
                 &pack,
                 n_layers,
+                opts.top_k,
                 budget,
                 opts.pin,
                 opts.working_bytes,
                 opts.io_threads,
+                rayon::current_num_threads(),
             )
             .map_err(|e| {
                 let hint = if opts.ram.is_none() {
@@ -110,7 +116,10 @@ pub fn provider_for_open_pack(
                 } else {
                     ""
                 };
-                RuntimeError::Other(format!("{e}{hint}"))
+                RuntimeError::Budget {
+                    source: e,
+                    hint: hint.to_string(),
+                }
             })?;
             Capacity::Layers(plan.capacity)
         }

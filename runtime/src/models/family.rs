@@ -97,6 +97,7 @@ impl FamilyConfig {
     /// The layer-by-layer view of this model over `src` (loads only what
     /// every layer shares: embeddings, final norm, lm_head).
     pub fn layerwise(&self, src: &dyn WeightSource) -> Result<Box<dyn Layerwise>, RuntimeError> {
+        check_layers_present(self.num_hidden_layers(), src, Path::new(&src.location()))?;
         Ok(match self {
             FamilyConfig::Decoder(c) => Box::new(Transformer::load(c, src)?),
             FamilyConfig::Glm4(c) => Box::new(super::glm4_moe::Glm4Shared::load(c, src)?),
@@ -113,6 +114,7 @@ impl FamilyConfig {
         opts: &LoadOptions,
         experts: Option<Arc<dyn ExpertProvider>>,
     ) -> Result<Box<dyn Model>, RuntimeError> {
+        check_layers_present(self.num_hidden_layers(), src, Path::new(&src.location()))?;
         Ok(match self {
             FamilyConfig::Decoder(c) => Box::new(MoeModel::from_source(c, src, opts, experts)?),
             FamilyConfig::Glm4(c) => Box::new(Glm4Moe::from_source(c, src, opts, experts)?),
@@ -153,6 +155,44 @@ pub fn open(path: &Path) -> Result<(FamilyConfig, Box<dyn WeightSource>), Runtim
     Ok((cfg, Box::new(SafetensorsSource::open(&dir)?)))
 }
 
+/// Refuses a config declaring more layers than `src` holds tensors for,
+/// before anything is allocated per layer (the expert cache's slots, KV
+/// caches, layer vectors): `num_hidden_layers` is checked against the
+/// weights actually present, not trusted. `config` names the file in the
+/// error (a pack's embedded config: the pack).
+pub fn check_layers_present(
+    n_layers: usize,
+    src: &dyn WeightSource,
+    config: &Path,
+) -> Result<(), RuntimeError> {
+    let present = src
+        .names()
+        .iter()
+        .filter_map(|n| layer_of(n))
+        .max()
+        .map_or(0, |l| l + 1);
+    if n_layers > present {
+        return Err(RuntimeError::BadKey {
+            path: config.to_path_buf(),
+            key: "num_hidden_layers".into(),
+            msg: format!(
+                "{n_layers} layers declared, but {} holds tensors for {present} (layers.0 .. layers.{})",
+                src.location(),
+                present.saturating_sub(1)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The layer index of a tensor name (`model.layers.12.mlp...` -> 12).
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name
+        .strip_prefix("layers.")
+        .or_else(|| name.split_once(".layers.").map(|(_, r)| r))?;
+    rest.split('.').next()?.parse().ok()
+}
+
 /// The family config embedded in a pack's manifest.
 pub fn pack_config(src: &PackSource, path: &Path) -> Result<FamilyConfig, RuntimeError> {
     FamilyConfig::from_json_str(&src.pack().manifest().config.to_string(), path)
@@ -171,6 +211,7 @@ pub fn load_own_type(
         if cfg.arch().uses_shared_decoder() {
             return Ok(None);
         }
+        check_layers_present(cfg.num_hidden_layers(), &src, path)?;
         // Same streaming path as the shared-decoder families: routed experts
         // behind the budgeted cache, dense tensors read into owned memory so
         // a pack truncated while running is an error, not a SIGBUS.
@@ -180,6 +221,7 @@ pub fn load_own_type(
             cfg.moe_intermediate_size(),
         )?;
         let shape = super::working::family(&cfg, opts.kv_bits);
+        let opts = &super::working::budgeted(opts, cfg.max_position_embeddings());
         let copts = super::working::cache_options(&shape, cfg.max_position_embeddings(), opts);
         let cache = crate::cache::provider_for_open_pack(
             Arc::clone(src.pack()),
@@ -200,6 +242,8 @@ pub fn load_own_type(
         return Ok(None);
     }
     let src = SafetensorsSource::open(path)?;
+    let shape = super::working::family(&cfg, opts.kv_bits);
+    let opts = &super::working::check_resident(path, &shape, cfg.max_position_embeddings(), opts)?;
     cfg.build(&src, opts, None).map(Some)
 }
 

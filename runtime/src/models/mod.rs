@@ -170,12 +170,14 @@ impl MoeModel {
         if path.is_file() && is_pack(path) {
             let src = PackSource::open(path)?;
             let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), path)?;
+            family::check_layers_present(cfg.num_hidden_layers, &src, path)?;
             crate::cache::check_expert_shapes(
                 src.pack(),
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
             )?;
             let shape = working::decoder(&cfg, opts.kv_bits);
+            let opts = &working::budgeted(opts, cfg.max_position_embeddings);
             let copts = working::cache_options(&shape, cfg.max_position_embeddings, opts);
             let cache = crate::cache::provider_for_open_pack(
                 Arc::clone(src.pack()),
@@ -191,6 +193,8 @@ impl MoeModel {
             return Ok(m);
         }
         let (cfg, src) = open(path)?;
+        let shape = working::decoder(&cfg, opts.kv_bits);
+        let opts = &working::check_resident(path, &shape, cfg.max_position_embeddings, opts)?;
         Self::from_source(&cfg, src.as_ref(), opts, None)
     }
 
@@ -202,6 +206,7 @@ impl MoeModel {
         opts: &LoadOptions,
         experts: Option<Arc<dyn ExpertProvider>>,
     ) -> Result<Self, RuntimeError> {
+        family::check_layers_present(cfg.num_hidden_layers, src, &cfg.path)?;
         let tf = Transformer::load(cfg, src)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| tf.load_layer(src, l))

@@ -84,9 +84,12 @@ impl JsonCfg {
     pub fn usize_opt(&self, key: &str) -> Result<Option<usize>, RuntimeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                self.bad(key, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => match v.as_u64() {
+                Some(n) => crate::config::check_cap(key, n)
+                    .map(Some)
+                    .map_err(|m| self.bad(key, m)),
+                None => Err(self.bad(key, format!("expected a non-negative integer, found {v}"))),
+            },
         }
     }
 

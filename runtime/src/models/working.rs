@@ -107,6 +107,7 @@ pub fn cache_options(
 ) -> crate::cache::CacheOptions {
     crate::cache::CacheOptions {
         working_bytes: Some(bytes(shape, max_position, opts)),
+        top_k: shape.top_k as usize,
         ..opts.cache.clone()
     }
 }
@@ -116,9 +117,61 @@ pub fn cache_options(
 /// [`RESERVED_CONTEXT_DEFAULT`] (capped by the model's own); the thread
 /// count is the current rayon pool's.
 pub fn bytes(shape: &WorkingShape, max_position: usize, opts: &LoadOptions) -> u64 {
-    let context = opts
-        .max_context
-        .unwrap_or(RESERVED_CONTEXT_DEFAULT.min(max_position.max(1)));
+    let context = context(opts, max_position);
     let chunk = opts.prefill_chunk.unwrap_or(DEFAULT_PREFILL_CHUNK);
     shape.bytes(context, chunk, rayon::current_num_threads())
+}
+
+/// `opts` with the context the budget covers made the context the model
+/// accepts: without `--max-context`, a budgeted model reserves KV cache for
+/// [`RESERVED_CONTEXT_DEFAULT`] positions, so it must not grow past them
+/// (a session that did would outgrow `--ram`). The error at that point
+/// names the limit; `--max-context N` raises it and the reserve with it.
+pub fn budgeted(opts: &LoadOptions, max_position: usize) -> LoadOptions {
+    LoadOptions {
+        max_context: Some(context(opts, max_position)),
+        ..opts.clone()
+    }
+}
+
+fn context(opts: &LoadOptions, max_position: usize) -> usize {
+    opts.max_context
+        .unwrap_or(RESERVED_CONTEXT_DEFAULT.min(max_position.max(1)))
+}
+
+/// A checkpoint directory's `--ram`: its tensors are all resident (mapped;
+/// a memory cgroup charges mapped file pages as it does owned memory), so
+/// the budget must hold the files' bytes plus the working reserve, or it is
+/// refused with the minimum. With `--ram` the context is capped as in
+/// [`budgeted`]; without it nothing changes.
+pub fn check_resident(
+    dir: &std::path::Path,
+    shape: &WorkingShape,
+    max_position: usize,
+    opts: &LoadOptions,
+) -> Result<LoadOptions, crate::error::RuntimeError> {
+    if opts.cache.ram.is_none() {
+        return Ok(opts.clone());
+    }
+    let dir = if dir.is_file() {
+        dir.parent().unwrap_or(std::path::Path::new("."))
+    } else {
+        dir
+    };
+    let weights: u64 = std::fs::read_dir(dir)
+        .map_err(|e| crate::error::RuntimeError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let opts = budgeted(opts, max_position);
+    let working = bytes(shape, max_position, &opts);
+    crate::cache::check_resident_budget(dir, opts.cache.ram, weights, working).map_err(|e| {
+        crate::error::RuntimeError::Budget {
+            source: e,
+            hint: " (a checkpoint directory keeps every expert resident; `mfx prep` makes a pack that streams them)".into(),
+        }
+    })?;
+    Ok(opts)
 }
