@@ -1,10 +1,11 @@
-//! The only place mfx runs the Hugging Face `hf` command (huggingface_hub
-//! >= 0.34). Argument lists are built by pure functions so tests can pin the
-//! exact invocations; the flags are the real CLI's (`hf upload REPO_ID
-//! LOCAL_PATH PATH_IN_REPO --repo-type --revision --private
-//! --commit-message`, `hf download REPO_ID FILE --repo-type --revision`,
-//! `hf auth whoami`). Options always come first, then `--`, then the
-//! positionals, so no repo id, file name or revision can become an option.
+//! The only place mfx runs the Hugging Face `hf` command (from
+//! huggingface_hub 0.34 or later). Argument lists are built by pure
+//! functions so tests can pin the exact invocations; the flags are the real
+//! CLI's (`hf upload REPO_ID LOCAL_PATH PATH_IN_REPO --repo-type --revision
+//! --private --commit-message`, `hf download REPO_ID FILE --repo-type
+//! --revision`, `hf auth whoami`). Options always come first, then `--`,
+//! then the positionals, so no repo id, file name or revision can become an
+//! option.
 //!
 //! Tokens: mfx never reads, passes or prints one. `hf` finds the login
 //! itself (`hf auth login` or `HF_TOKEN`). Everything `hf` writes to stderr
