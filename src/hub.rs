@@ -18,7 +18,7 @@ pub mod push;
 pub mod repo;
 pub mod select;
 
-#[allow(unused_imports)] // resolve_model_arg is for `mfx run/serve/chat ORG/NAME`
+#[allow(unused_imports)] // `Pulled` is part of `pull`'s signature
 pub use pull::{pull, resolve_model_arg, PullOptions, Pulled};
 pub use push::{push, PushOptions};
 pub use repo::RepoId;

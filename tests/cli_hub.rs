@@ -208,20 +208,19 @@ fn push_uploads_packs_card_and_manifest_in_one_commit() {
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0], argv(&["auth", "whoami"]));
     let up = &calls[1];
-    assert_eq!(up[..2], argv(&["upload", "org/name"]));
-    assert!(up[2].contains("mfx-push-"), "staging folder: {}", up[2]);
     assert_eq!(
-        up[3..],
+        up[..5],
         argv(&[
-            ".",
-            "--repo-type",
-            "model",
-            "--revision",
-            "main",
-            "--commit-message",
-            "mfx push: 3 pack(s) for 16G, 32G, 64G RAM"
+            "upload",
+            "--repo-type=model",
+            "--revision=main",
+            "--commit-message=mfx push: 3 pack(s) for 16G, 32G, 64G RAM",
+            "--",
         ])
     );
+    assert_eq!(up[5], "org/name");
+    assert!(up[6].contains("mfx-push-"), "staging folder: {}", up[6]);
+    assert_eq!(up[7..], argv(&["."]));
 
     // What landed on the "hub": the packs byte for byte, the card, the manifest.
     let r = h.remote("org/name");
@@ -328,7 +327,8 @@ fn push_dry_run_needs_no_hf_and_prints_the_manifest() {
     let m: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(m["packs"][0]["file"], "m-16G.mfx");
     assert!(
-        stderr(&o).contains("--revision main --private --commit-message"),
+        stderr(&o)
+            .contains("hf upload --repo-type=model --revision=main --private '--commit-message="),
         "{}",
         stderr(&o)
     );
@@ -365,27 +365,17 @@ fn pull_picks_the_largest_budget_that_fits_and_verifies_it() {
             calls[0],
             argv(&[
                 "download",
+                "--repo-type=model",
+                "--revision=main",
+                "--",
                 "org/name",
                 "manifest.json",
-                "--repo-type",
-                "model",
-                "--revision",
-                "main"
             ])
         );
         // The pack comes from the commit the manifest came from.
-        assert_eq!(
-            calls[1][..6],
-            argv(&[
-                "download",
-                "org/name",
-                want,
-                "--repo-type",
-                "model",
-                "--revision"
-            ])
-        );
-        let commit = &calls[1][6];
+        assert_eq!(calls[1][..2], argv(&["download", "--repo-type=model"]));
+        assert_eq!(calls[1][3..], argv(&["--", "org/name", want]));
+        let commit = calls[1][2].strip_prefix("--revision=").unwrap();
         assert!(is_commit(commit), "{commit}");
         let path = PathBuf::from(stdout(&o).trim());
         assert_eq!(
@@ -585,4 +575,199 @@ fn push_rejects_packs_it_cannot_describe() {
         &[],
     );
     assert!(stderr(&o).contains("same RAM budget"), "{}", stderr(&o));
+}
+
+/// Issue 16 item 7: a manifest is whoever-owns-the-repo's input. A file
+/// name like `--local-dir=injected` reached `hf download` as an option, and
+/// newline/NUL were accepted. Now the manifest is refused before any pack
+/// download, and every `hf` call ends its options with `--`.
+#[test]
+fn option_injection_into_hf_is_refused() {
+    let h = pushed_hub();
+    let good: Value =
+        serde_json::from_slice(&std::fs::read(h.remote("org/name").join("manifest.json")).unwrap())
+            .unwrap();
+    for (i, (name, why)) in [
+        ("--local-dir=injected", "starts with `-`"),
+        ("-x.mfx", "starts with `-`"),
+        ("a\nb.mfx", "control character"),
+        ("a\u{0}b.mfx", "control character"),
+        ("a\u{1b}[2Jb.mfx", "control character"),
+        ("../up.mfx", "starts with `.`"),
+        ("x/../../up.mfx", "path separator"),
+        ("a\\b.mfx", "path separator"),
+        ("C:x.mfx", "path separator"),
+        ("a..b.mfx", "`..`"),
+        ("manifest.json", "does not end in `.mfx`"),
+        (".mfx", "starts with `.`"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let repo = format!("org/evil{i}");
+        let mut m = good.clone();
+        // The budget that `--ram 64G` picks, so the bad name would be the download.
+        m["packs"][2]["file"] = Value::String(name.to_owned());
+        std::fs::create_dir_all(h.remote(&repo)).unwrap();
+        std::fs::write(
+            h.remote(&repo).join("manifest.json"),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        let o = h.mfx(&["pull", &repo, "--ram", "64G"], true, &[]);
+        assert_eq!(o.status.code(), Some(1), "{name:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("`file` must be a plain `.mfx` file name") && e.contains(why),
+            "{name:?}: {e}"
+        );
+        // Only the manifest was fetched, with the options before `--`.
+        let calls = h.calls();
+        assert_eq!(
+            calls,
+            vec![argv(&[
+                "download",
+                "--repo-type=model",
+                "--revision=main",
+                "--",
+                &repo,
+                "manifest.json"
+            ])],
+            "{name:?}"
+        );
+        assert!(!h.p("injected").exists() && !h.p("home/injected").exists());
+    }
+
+    // A revision is a value too: refused before `hf` runs.
+    for rev in ["--local-dir=injected", "../../x", "a\nb"] {
+        let flag = format!("--revision={rev}");
+        let o = h.mfx(&["pull", "org/name", "--ram", "64G", &flag], true, &[]);
+        assert_eq!(o.status.code(), Some(1), "{rev:?}");
+        assert!(
+            stderr(&o).contains("is not a branch, tag or commit name"),
+            "{rev:?}: {}",
+            stderr(&o)
+        );
+        assert!(h.calls().is_empty(), "{rev:?}");
+    }
+    // ... also as `ORG/NAME@REV` of `mfx run`.
+    let o = h.mfx(
+        &["run", "org/name@--local-dir=injected", "-p", "hi"],
+        true,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is not a branch, tag or commit name"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(h.calls().is_empty());
+
+    // And the legitimate pull still works through `--`.
+    let o = h.mfx(&["pull", "org/name", "--ram", "64G"], true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let calls = h.calls();
+    assert_eq!(calls[1][..2], argv(&["download", "--repo-type=model"]));
+    assert!(calls[1][2].starts_with("--revision="), "{calls:?}");
+    assert_eq!(calls[1][3..], argv(&["--", "org/name", "m-64G.mfx"]));
+}
+
+/// Issue 16 item 8: `mfx push` uploaded a pack that fails `mfx verify`, and
+/// `pull` then reported "sha256 ok". Push now runs verify's checks on every
+/// pack first, names the damaged blob and uploads nothing.
+#[test]
+fn push_refuses_a_pack_that_fails_verify() {
+    let h = Hub::new();
+    let d = prep_dir(&h);
+    let bad = d.join("m-32G.mfx");
+    let entry = mfx_formats::Pack::open(&bad)
+        .unwrap()
+        .manifest()
+        .tensors
+        .iter()
+        .find(|t| t.name == "a.weight")
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&bad).unwrap();
+    bytes[(entry.offset + entry.length / 2) as usize] ^= 0x40;
+    std::fs::write(&bad, &bytes).unwrap();
+
+    for extra in [&["--dry-run"][..], &[]] {
+        let mut args = vec!["push"];
+        let packs: Vec<String> = ["m-16G.mfx", "m-32G.mfx"]
+            .iter()
+            .map(|f| d.join(f).display().to_string())
+            .collect();
+        args.extend(packs.iter().map(String::as_str));
+        args.extend(["--repo", "org/name"]);
+        args.extend(extra);
+        let o = h.mfx(&args, true, &[("FAKE_HF_LOGGED_IN", "1")]);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("m-32G.mfx fails `mfx verify`; refusing to publish it")
+                && e.contains("a.weight"),
+            "{extra:?}: {e}"
+        );
+        assert_eq!(stdout(&o), "", "{extra:?}: no manifest printed");
+        let calls = h.calls();
+        assert!(
+            calls.iter().all(|c| c[0] != "upload"),
+            "{extra:?}: {calls:?}"
+        );
+        assert!(!h.remote("org/name").exists(), "{extra:?}");
+    }
+}
+
+/// Issue 16 item 8: `mfx run ORG/NAME --ram X` chose by this machine's
+/// memory and ignored `--ram`, so it ran another pack than `mfx pull
+/// ORG/NAME --ram X` downloads. Both now choose with the same budget.
+#[test]
+fn run_and_pull_with_ram_pick_the_same_pack() {
+    let h = pushed_hub();
+    // 16G/32G/64G are published; whatever this machine has, only the
+    // budget can make the choice 32G.
+    let o = h.mfx(&["pull", "org/name", "--ram", "40G"], true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pulled = stdout(&o).trim().to_owned();
+    assert!(pulled.ends_with("/m-32G.mfx"), "{pulled}");
+    let pull_calls = h.calls();
+
+    // The test packs are valid packs but not runnable models, so run stops
+    // at loading; what matters is which pack it pulled and tried to load.
+    let o = h.mfx(
+        &[
+            "run",
+            "org/name",
+            "--ram",
+            "40G",
+            "-p",
+            "hi",
+            "--max-tokens",
+            "1",
+        ],
+        true,
+        &[],
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("org/name: using m-32G.mfx (prepared for 32G RAM)"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("loading {pulled}")), "{e}");
+    assert_eq!(
+        h.calls(),
+        pull_calls,
+        "run made the same `hf` calls as pull"
+    );
+
+    // A budget under every pack: run refuses as pull does.
+    let o = h.mfx(&["run", "org/name", "--ram", "8G", "-p", "hi"], true, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no pack fits --ram 8.0 GiB"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -229,8 +229,15 @@ impl GenArgs {
 /// Loads the model with a readable error. `model` is a local checkpoint
 /// directory or pack, or a hub repo id `ORG/NAME[@REV]` whose pack for this
 /// machine's memory is pulled first (see `mfx pull`).
+/// The pack is chosen for `--ram` when given, exactly as `mfx pull --ram`
+/// chooses, so `mfx run ORG/NAME --ram X` runs what `mfx pull ORG/NAME --ram X`
+/// downloads.
 pub fn load(model: &std::path::Path, args: &LoadArgs) -> Result<Generator> {
-    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), None)?;
+    let ram = match args.cache.ram.as_deref() {
+        Some(s) => Some(parse_size(s).with_context(|| format!("--ram {s}"))?),
+        None => None,
+    };
+    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), ram)?;
     Generator::load(&path, &args.options()?).with_context(|| format!("loading {}", path.display()))
 }
 

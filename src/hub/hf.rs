@@ -1,9 +1,11 @@
-//! The only place mfx runs the Hugging Face `hf` command (huggingface_hub
-//! >= 0.34). Argument lists are built by pure functions so tests can pin the
-//! > exact invocations; the flags are the real CLI's (`hf upload REPO_ID
-//! LOCAL_PATH PATH_IN_REPO --repo-type --revision --private
-//! --commit-message`, `hf download REPO_ID FILE --repo-type --revision`,
-//! > `hf auth whoami`).
+//! The only place mfx runs the Hugging Face `hf` command (from
+//! huggingface_hub 0.34 or later). Argument lists are built by pure
+//! functions so tests can pin the exact invocations; the flags are the real
+//! CLI's (`hf upload REPO_ID LOCAL_PATH PATH_IN_REPO --repo-type --revision
+//! --private --commit-message`, `hf download REPO_ID FILE --repo-type
+//! --revision`, `hf auth whoami`). Options always come first, then `--`,
+//! then the positionals, so no repo id, file name or revision can become an
+//! option.
 //!
 //! Tokens: mfx never reads, passes or prints one. `hf` finds the login
 //! itself (`hf auth login` or `HF_TOKEN`). Everything `hf` writes to stderr
@@ -79,6 +81,12 @@ impl std::fmt::Display for HfFailure {
 impl std::error::Error for HfFailure {}
 
 /// Argument list of `hf upload` for a whole staged folder, one commit.
+///
+/// Options come first, each with its value joined by `=` (so a value that
+/// starts with `-`, such as a commit message, cannot be read as a flag),
+/// then `--`, then the positional arguments: nothing taken from a user or a
+/// manifest can ever be parsed as an option by `hf` (argparse and click
+/// both end option parsing at `--`).
 pub fn upload_args(
     repo: &RepoId,
     dir: &Path,
@@ -88,28 +96,28 @@ pub fn upload_args(
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec![
         "upload".into(),
-        repo.to_string().into(),
-        dir.into(),
-        ".".into(),
+        "--repo-type=model".into(),
+        format!("--revision={revision}").into(),
     ];
-    a.extend(["--repo-type", "model", "--revision", revision].map(OsString::from));
     if private {
         a.push("--private".into());
     }
-    a.extend(["--commit-message", message].map(OsString::from));
+    a.push(format!("--commit-message={message}").into());
+    a.push("--".into());
+    a.extend([repo.to_string().into(), dir.into(), ".".into()]);
     a
 }
 
-/// Argument list of `hf download` for one file into the hub cache.
+/// Argument list of `hf download` for one file into the hub cache; options,
+/// then `--`, then the positionals, as in [`upload_args`].
 pub fn download_args(repo: &RepoId, file: &str, revision: &str) -> Vec<OsString> {
     [
         "download",
+        "--repo-type=model",
+        &format!("--revision={revision}"),
+        "--",
         &repo.to_string(),
         file,
-        "--repo-type",
-        "model",
-        "--revision",
-        revision,
     ]
     .map(OsString::from)
     .to_vec()
@@ -512,13 +520,29 @@ mod tests {
         );
         assert_eq!(
             command_line(&up),
-            "hf upload org/name /tmp/stage . --repo-type model --revision main --private --commit-message 'mfx push: 2 packs'"
+            "hf upload --repo-type=model --revision=main --private '--commit-message=mfx push: 2 packs' -- org/name /tmp/stage ."
         );
         let down = download_args(&r, "manifest.json", "main");
         assert_eq!(
             command_line(&down),
-            "hf download org/name manifest.json --repo-type model --revision main"
+            "hf download --repo-type=model --revision=main -- org/name manifest.json"
         );
+        // Hostile values stay values: after `--`, or joined to their option.
+        let evil = download_args(&r, "--local-dir=injected", "--help");
+        assert_eq!(
+            evil.iter().map(|a| a.to_str().unwrap()).collect::<Vec<_>>(),
+            [
+                "download",
+                "--repo-type=model",
+                "--revision=--help",
+                "--",
+                "org/name",
+                "--local-dir=injected"
+            ]
+        );
+        let up = upload_args(&r, Path::new("/tmp/s"), "main", false, "-m --delete=*");
+        assert_eq!(up[3], "--commit-message=-m --delete=*");
+        assert_eq!(up[4], "--");
     }
 
     #[test]

@@ -113,8 +113,17 @@ impl HubManifest {
         }
         for (i, p) in self.packs.iter().enumerate() {
             let at = format!("{origin}: packs[{i}] ({})", p.file);
-            if p.file.is_empty() || p.file.contains(['/', '\\']) || p.file.starts_with('.') {
-                bail!("{at}: `file` must be a plain file name in the repo root");
+            if let Err(why) = check_pack_file_name(&p.file) {
+                bail!(
+                    "{origin}: packs[{i}] ({:?}): `file` must be a plain `.mfx` file name in the repo root: {why}",
+                    p.file
+                );
+            }
+            if p.ram_label.is_empty()
+                || p.ram_label.len() > 32
+                || p.ram_label.chars().any(char::is_control)
+            {
+                bail!("{at}: `ram_label` must be 1 to 32 printable characters");
             }
             if p.sha256.len() != 64 || !is_lower_hex(&p.sha256) {
                 bail!("{at}: `sha256` must be 64 lowercase hex digits");
@@ -154,6 +163,44 @@ impl HubManifest {
         }
         Ok(())
     }
+}
+
+/// Longest pack file name accepted (most file systems' limit).
+const MAX_FILE_NAME: usize = 255;
+
+/// Why `name` is not safe to hand to `hf download` and to join under the
+/// hub cache, or `Ok` when it is. A manifest comes from whoever controls
+/// the repo, so its names are hostile input: one starting with `-` would be
+/// read by `hf` as an option (`--local-dir=...`), a control character can
+/// forge lines in our output or break the cache path, and a separator or
+/// `..` could leave the repo root. The rules are stricter than the hub's on
+/// purpose: `mfx push` only ever writes `NAME.mfx` names.
+pub fn check_pack_file_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > MAX_FILE_NAME {
+        return Err("it is longer than 255 bytes");
+    }
+    if name.starts_with('-') {
+        return Err("it starts with `-` (it would be read as an option)");
+    }
+    if name.starts_with('.') {
+        return Err("it starts with `.`");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("it contains a control character (newline, NUL, ...)");
+    }
+    if name.contains(['/', '\\', ':']) {
+        return Err("it contains a path separator (`/`, `\\` or `:`)");
+    }
+    if name.contains("..") {
+        return Err("it contains `..`");
+    }
+    if !name.ends_with(".mfx") || name.len() == ".mfx".len() {
+        return Err("it does not end in `.mfx`");
+    }
+    Ok(())
 }
 
 fn is_lower_hex(s: &str) -> bool {

@@ -15,7 +15,9 @@ pub fn total_ram_bytes() -> Result<u64> {
     #[cfg(target_os = "macos")]
     {
         let out = std::process::Command::new("sysctl")
-            .args(["-n", "hw.memsize"])
+            // `--` as on every subprocess mfx runs (the name is constant
+            // here, but no positional may ever be read as an option).
+            .args(["-n", "--", "hw.memsize"])
             .output()
             .context("running `sysctl -n hw.memsize`")?;
         let s = String::from_utf8_lossy(&out.stdout);

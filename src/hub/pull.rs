@@ -10,7 +10,7 @@ use super::digest::digest_file;
 use super::hf::{FailureKind, Hf, HfFailure};
 use super::manifest::{HubManifest, PackRecord, MANIFEST_FILE};
 use super::memory::total_ram_bytes;
-use super::repo::RepoId;
+use super::repo::{check_revision, RepoId};
 use super::select::{choose, listing, Budget};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -33,6 +33,7 @@ pub struct Pulled {
 }
 
 pub fn pull(o: &PullOptions) -> Result<Pulled> {
+    check_revision(&o.revision)?;
     let hf = Hf::default();
     let repo = o.repo.to_string();
     let man = hf.download(&o.repo, MANIFEST_FILE, &o.revision).map_err(|f| match f.kind {
@@ -100,9 +101,9 @@ pub fn verify_download(path: &Path, r: &PackRecord) -> Result<()> {
 /// What `mfx run/serve/chat MODEL` should open: `arg` itself when it exists
 /// on disk (a pack or a checkpoint folder), else, when it is a hub repo id
 /// `ORG/NAME` (optionally `ORG/NAME@REVISION`), the pack pulled from there
-/// for `ram` bytes (`None` = this machine's memory). Anything else is an
-/// error that says both readings failed.
-#[allow(dead_code)] // called by the run/serve/chat commands as they adopt it
+/// for `ram` bytes (`None` = this machine's memory), chosen exactly as
+/// `mfx pull --ram` chooses. Anything else is an error that says both
+/// readings failed.
 pub fn resolve_model_arg(arg: &str, ram: Option<u64>) -> Result<PathBuf> {
     let local = Path::new(arg);
     if local.exists() {

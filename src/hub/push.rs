@@ -9,8 +9,9 @@
 use super::digest::digest_file;
 use super::hf::{command_line, upload_args, Hf};
 use super::manifest::{describe_pack, HubManifest, PackRecord, MANIFEST_FILE};
-use super::repo::RepoId;
+use super::repo::{check_revision, RepoId};
 use anyhow::{bail, Context, Result};
+use mfx_formats::pack::Pack;
 use std::path::{Path, PathBuf};
 
 pub struct PushOptions {
@@ -44,6 +45,7 @@ pub fn push(o: &PushOptions, parse_ram: &dyn Fn(&str) -> Result<u64>) -> Result<
             bail!("{}: no such pack file", p.display());
         }
     }
+    check_revision(&o.revision)?;
     let card = card_path(o)?;
     let hf = Hf::default();
     if !o.dry_run {
@@ -54,6 +56,7 @@ pub fn push(o: &PushOptions, parse_ram: &dyn Fn(&str) -> Result<u64>) -> Result<
 
     let mut records: Vec<PackRecord> = Vec::new();
     for p in &o.packs {
+        verify_pack(p)?;
         eprintln!("hashing {} ...", p.display());
         let d = digest_file(p)?;
         let r = describe_pack(p, &d, parse_ram)?;
@@ -119,6 +122,22 @@ pub fn push(o: &PushOptions, parse_ram: &dyn Fn(&str) -> Result<u64>) -> Result<
         o.revision
     );
     Ok(Pushed { manifest, command })
+}
+
+/// What `mfx verify` checks (header, manifest and every blob's checksum),
+/// before anything is hashed or uploaded: the hub's sha256 only proves a
+/// download equals what was pushed, so a pack that is damaged before the
+/// push must never get that far.
+fn verify_pack(p: &Path) -> Result<()> {
+    eprintln!("verifying {} ...", p.display());
+    let pack = Pack::open(p).with_context(|| format!("{}: not a valid .mfx pack", p.display()))?;
+    pack.verify().with_context(|| {
+        format!(
+            "{} fails `mfx verify`; refusing to publish it (re-run `mfx prep` to rebuild it)",
+            p.display()
+        )
+    })?;
+    Ok(())
 }
 
 /// `--card`, else README.md beside the first pack. Prep writes one card per

@@ -49,6 +49,29 @@ impl RepoId {
     }
 }
 
+/// Checks a branch, tag or commit name before it is passed to `hf` and
+/// joined under the hub cache (`refs/<revision>`): git ref rules, enough to
+/// keep it a single value that stays inside the cache (`refs/pr/1` is fine).
+pub fn check_revision(rev: &str) -> Result<()> {
+    let why = if rev.is_empty() {
+        Some("it is empty")
+    } else if rev.len() > 255 {
+        Some("it is longer than 255 bytes")
+    } else if rev.starts_with(['-', '/', '.']) || rev.ends_with(['/', '.']) {
+        Some("it starts with `-`, `/` or `.`, or ends with `/` or `.`")
+    } else if rev.chars().any(|c| c.is_control() || c == '\\' || c == ' ') {
+        Some("it contains a control character, a space or `\\`")
+    } else if rev.contains("..") || rev.contains("//") {
+        Some("it contains `..` or `//`")
+    } else {
+        None
+    };
+    match why {
+        Some(w) => bail!("revision {rev:?} is not a branch, tag or commit name: {w}"),
+        None => Ok(()),
+    }
+}
+
 impl fmt::Display for RepoId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.org, self.name)
@@ -78,6 +101,27 @@ mod tests {
             "a/b c",
         ] {
             assert!(RepoId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn revisions_cannot_be_options_or_leave_the_cache() {
+        for ok in ["main", "v1.0", "refs/pr/1", &"a".repeat(40)] {
+            check_revision(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "--local-dir=x",
+            "-x",
+            "../../etc",
+            "a/../b",
+            "/abs",
+            "a\nb",
+            "a\0b",
+            "a b",
+            "a\\b",
+        ] {
+            assert!(check_revision(bad).is_err(), "{bad:?}");
         }
     }
 }
