@@ -169,6 +169,10 @@ impl ChatTemplate {
         }
     }
 
+    /// Instructions one render may run. Real templates render a long agent
+    /// history with dozens of tools in well under a million.
+    pub const RENDER_FUEL: u64 = 50_000_000;
+
     /// Compiles a template source. `origin` names it in error messages.
     pub fn new(
         source: String,
@@ -186,6 +190,10 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template is code from the checkpoint: bound the instructions one
+        // render may run, so nested loops cannot stall the server's worker
+        // or `mfx run --chat` for hours (found by the chat_template fuzzer).
+        env.set_fuel(Some(Self::RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
@@ -627,6 +635,35 @@ mod tests {
 
     fn expected(name: &str) -> String {
         std::fs::read_to_string(data(name)).expect("expected output")
+    }
+
+    /// A template with nested loops of 10^10 iterations must fail within its
+    /// fuel, not render for hours (the chat_template fuzzer's finding).
+    #[test]
+    fn runaway_template_runs_out_of_fuel() {
+        let src =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let t =
+            ChatTemplate::new(src.into(), "hostile.jinja".into(), None, None).expect("compiles");
+        let msgs = vec![serde_json::json!({"role": "user", "content": "hi"})];
+        let err = t
+            .render(&msgs, &RenderOptions::default())
+            .expect_err("must run out of fuel");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("hostile.jinja"),
+            "error names the template: {msg}"
+        );
+        // And the real templates render well within the fuel.
+        let (messages, tools) = conversation();
+        let opts = RenderOptions {
+            tools: Some(tools),
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        template_file("qwen3-coder.jinja")
+            .render(&messages, &opts)
+            .expect("real template renders");
     }
 
     /// The expected files were rendered by transformers itself
