@@ -8,7 +8,9 @@
 #    openai and anthropic Python clients (installed into target/ by run.sh).
 # 4. aarch64: the kernel-sensitive suites cross-built and run under
 #    qemu-aarch64 on the NEON tier, and `mfx run` of the tiny pack.
-# Leg 4 installs its own tools; if it cannot, it prints a SKIPPED banner.
+# 5. macOS: the workspace compiled (and mfx linked) for aarch64-apple-darwin.
+# 6. The pip wheel built, installed into a fresh venv and run.
+# Legs 4-6 install their own tools; one that cannot prints a SKIPPED banner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +22,5 @@ if [ -x tests/server/run.sh ]; then
   bash tests/server/run.sh
 fi
 bash scripts/test_aarch64.sh
+bash scripts/check_darwin.sh
+bash scripts/test_wheel.sh
