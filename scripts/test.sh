@@ -6,6 +6,11 @@
 #    reference path is held to the same transformers parity as the SIMD one.
 # 3. The server tests: the real `mfx serve` process driven by the official
 #    openai and anthropic Python clients (installed into target/ by run.sh).
+# 4. aarch64: the kernel-sensitive suites cross-built and run under
+#    qemu-aarch64 on the NEON tier, and `mfx run` of the tiny pack.
+# 5. macOS: the workspace compiled (and mfx linked) for aarch64-apple-darwin.
+# 6. The pip wheel built, installed into a fresh venv and run.
+# Legs 4-6 install their own tools; one that cannot prints a SKIPPED banner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +21,6 @@ MFX_KERNELS=scalar cargo test --release --locked --workspace -- parity kernels
 if [ -x tests/server/run.sh ]; then
   bash tests/server/run.sh
 fi
+bash scripts/test_aarch64.sh
+bash scripts/check_darwin.sh
+bash scripts/test_wheel.sh

@@ -308,9 +308,33 @@ fn select_honours_forced_tiers() {
     } else {
         assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);
     }
+    // NEON is part of the aarch64 baseline: an aarch64 run that fell back
+    // to scalar would silently leave the NEON kernels untested.
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(best, Tier::Neon);
     // A tier of another architecture is never "available".
     #[cfg(target_arch = "x86_64")]
     assert_eq!(kernels::select(Some("neon")).tier(), Tier::Scalar);
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);
+}
+
+/// A command that re-executes this test binary. Under qemu-user (the
+/// aarch64 leg of scripts/test.sh) the emulated process cannot exec an
+/// aarch64 file itself (no binfmt_misc), so the script names the emulator
+/// in `MFX_TEST_REEXEC_RUNNER` and the child runs under it too.
+fn reexec_self() -> std::process::Command {
+    let exe = std::env::current_exe().expect("test binary path");
+    let runner = std::env::var("MFX_TEST_REEXEC_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    }
 }
 
 /// Runs in a child process (the backend is cached once per process): prints
@@ -324,9 +348,8 @@ fn child_reports_tier() {
 
 #[test]
 fn env_var_forces_scalar_for_the_process() {
-    let exe = std::env::current_exe().expect("test binary path");
     for (forced, expect) in [("scalar", "scalar"), ("bogus", "scalar")] {
-        let out = std::process::Command::new(&exe)
+        let out = reexec_self()
             .args([
                 "--exact",
                 "child_reports_tier",

@@ -319,6 +319,9 @@ pub fn run(args: Args) -> Result<()> {
     out.flush()?;
     eprintln!("{}", summary(&c));
     if args.load.stats {
+        // Which kernel tier ran: MFX_KERNELS naming a tier this CPU lacks
+        // falls back to scalar, so CI checks this line, not the variable.
+        eprintln!("kernels: {}", mfx_runtime::kernels::backend().name());
         match (gen.cache_stats(), before) {
             (Some(after), Some(before)) => eprintln!(
                 "{}",
