@@ -37,8 +37,18 @@ export CARGO_TERM_COLOR=never
 #    target. Build scripts run, so zstd-sys and onig_sys compile their C for
 #    darwin with zig cc.
 t0=$(date +%s)
-cargo-zigbuild check --locked --target "$TRIPLE" --workspace --all-targets
-echo "darwin: cargo check --workspace --all-targets for $TRIPLE OK ($(($(date +%s) - t0)) s)"
+# The library and binary code is what ships to a Mac; test targets and the
+# link (MFX_DARWIN=full) cost CI minutes that are not spent by default yet.
+if [ "$mode" = full ]; then
+  cargo-zigbuild check --locked --target "$TRIPLE" --workspace --all-targets
+else
+  cargo-zigbuild check --locked --target "$TRIPLE" --workspace --lib --bins
+fi
+echo "darwin: cargo check of the workspace for $TRIPLE OK ($(($(date +%s) - t0)) s)"
+if [ "$mode" != full ]; then
+  echo "## darwin: mfx not linked on this run (MFX_DARWIN=full links it)" >&2
+  exit 0
+fi
 
 # 2. The mfx binary compiled and linked for macOS (zig links against its
 #    bundled libSystem stubs): catches missing symbols that checking cannot.

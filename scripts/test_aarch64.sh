@@ -65,7 +65,9 @@ export MFX_KERNELS=neon
 suites=(--test kernels --test parity --test parity_pack --test cache --test mlx_compat)
 t0=$(date +%s)
 cargo test --locked --target "$TRIPLE" -p mfx-runtime -p mfx-formats "${suites[@]}" --no-run
-cargo build --locked --target "$TRIPLE" --profile test --bin mfx
+if [ "${MFX_AARCH64_RUN:-0}" = 1 ]; then
+  cargo build --locked --target "$TRIPLE" --profile test --bin mfx
+fi
 echo "aarch64: cross-build took $(($(date +%s) - t0)) s"
 
 # Every test binary prints "test result: ok. N passed; ..."; sum them so the
@@ -79,6 +81,15 @@ echo "aarch64: $passed tests passed under qemu-aarch64 with MFX_KERNELS=neon ($(
 [ "$passed" -gt 0 ] || { echo "aarch64: no tests ran" >&2; exit 1; }
 
 # `mfx run` on NEON must print what the host prints on the scalar tier.
+# Opt-in for now: the aarch64 binary needs a second cross-build of the
+# dependencies (no dev-dependency features), which doubles this leg's cold
+# time, and the step has not yet been run end to end (issue 20 stays open).
+if [ "${MFX_AARCH64_RUN:-0}" != 1 ]; then
+  echo "################################################################" >&2
+  echo "## aarch64: 'mfx run' of the tiny pack under qemu NOT RUN (set MFX_AARCH64_RUN=1)." >&2
+  echo "################################################################" >&2
+  exit 0
+fi
 exe=${CARGO_TARGET_DIR:-target}/$TRIPLE/debug/mfx
 pack=target/aarch64-tiny.mfx
 run_args=(--prompt "def fibonacci(n):" --max-tokens 32)

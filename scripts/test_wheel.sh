@@ -10,7 +10,7 @@
 # banner and exits 0 (MFX_WHEEL=require fails instead, =off skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${MFX_WHEEL:-auto}
+mode=${MFX_WHEEL:-off}  # off by default until its CI cost is measured (issue 20)
 skip() {
   echo "################################################################" >&2
   echo "## wheel (pip install) test SKIPPED: $*" >&2
@@ -19,7 +19,7 @@ skip() {
   [ "$mode" = require ] && exit 1
   exit 0
 }
-[ "$mode" = off ] && skip "MFX_WHEEL=off"
+[ "$mode" = off ] && skip "off by default until its CI cost is measured (issue 20); MFX_WHEEL=auto builds and tests it"
 # shellcheck source=scripts/pytools.sh
 . scripts/pytools.sh
 pytools_env || skip "pip install -r scripts/requirements-tools.txt (maturin) failed"
