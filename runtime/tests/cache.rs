@@ -355,57 +355,74 @@ fn cache_rewritten_blob_fails_its_checksum() {
     );
 }
 
+/// Since issue 16 a budget below the minimum (dense + pinned + one token's
+/// experts per MoE layer + the working reserve) is refused stating that
+/// minimum, and the reserve is never taken out of the cache: every accepted
+/// plan adds up to at most the budget and holds one token's experts.
 #[test]
-fn cache_budget_below_dense_states_the_minimum() {
+fn cache_budget_below_minimum_states_the_minimum() {
+    use mfx_runtime::cache::{minimum_budget, pack_needs};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.mfx");
     write_expert_pack(&path, Codec::None, &[(0, 1)]);
     let pack = Pack::open(&path).unwrap();
-    let err = plan_budget(&pack, 6, 100, true, None, 0).unwrap_err();
-    let BudgetError::TooSmall {
-        min, dense, pinned, ..
-    } = &err;
-    assert_eq!(*dense, 512, "model.norm.weight: 256 bf16");
-    assert_eq!(*pinned, pack.expert(0, 1).unwrap().raw_length);
-    assert_eq!(*min, dense + pinned);
+    let (layers, top_k, io, threads) = (6, 4, 1, 2);
+    let needs = pack_needs(&pack, layers, top_k, true, 0, io, threads);
+    assert_eq!(needs.dense, 512, "model.norm.weight: 256 bf16");
+    assert_eq!(needs.pinned, pack.expert(0, 1).unwrap().raw_length);
+    let per = pack.expert(0, 0).unwrap().raw_length;
+    assert_eq!(
+        needs.min_cache,
+        6 * top_k as u64 * per,
+        "top_k experts in each MoE layer"
+    );
+    let min = minimum_budget(&needs);
     assert!(
-        err.to_string().contains(&format!("at least {min} bytes")),
+        min >= needs.resident() + (64 << 20),
+        "the reserve's 64 MiB floor"
+    );
+
+    let err = plan_budget(&pack, layers, top_k, min - 1, true, None, io, threads).unwrap_err();
+    let BudgetError::TooSmall {
+        min: stated,
+        dense,
+        pinned,
+        ..
+    } = &err;
+    assert_eq!((*stated, *dense, *pinned), (min, needs.dense, needs.pinned));
+    assert!(
+        err.to_string()
+            .contains(&format!("the minimum is {min} bytes")),
         "{err}"
     );
-    // dense + pinned + the runtime reserve (64 MiB at this size) + 12
-    // experts' worth gives capacity 12/6 per layer; without room for the
-    // reserve the cache gets nothing.
-    let per = pack.expert(0, 0).unwrap().raw_length;
-    let reserve = mfx_runtime::cache::runtime_reserve(min + (64 << 20) + 12 * per);
-    assert_eq!(reserve, 64 << 20);
-    let plan = plan_budget(&pack, 6, min + reserve + 12 * per, true, None, 0).unwrap();
-    assert_eq!(plan.capacity, vec![2; 6]);
-    assert_eq!(plan.reserve_bytes, reserve);
-    let plan = plan_budget(&pack, 6, min + 12 * per, true, None, 0).unwrap();
-    assert_eq!(plan.capacity, vec![0; 6]);
-    // A model whose working set (KV cache, prompt activations) and read
-    // buffers need more than the proportional floor gets that much instead,
-    // out of the cache: 100 MiB + the buffers of one reader (one in flight,
-    // 4 pooled) leaves room for 17 - 5 = 12.
-    let budget = min + (100 << 20) + 17 * per;
-    assert_eq!(mfx_runtime::cache::pooled_buffers(1), 4);
-    let plan = plan_budget(&pack, 6, budget, true, Some(100 << 20), 1).unwrap();
-    let largest = pack
-        .manifest()
-        .experts
+
+    let check = |budget: u64, working: Option<u64>| {
+        let plan = plan_budget(&pack, layers, top_k, budget, true, working, io, threads).unwrap();
+        let total = plan.dense_bytes + plan.pinned_bytes + plan.reserve_bytes + plan.cache_bytes;
+        assert!(total <= budget, "{plan:?} adds up to {total} > {budget}");
+        assert!(plan.reserve_bytes >= needs.working + working.unwrap_or(0));
+        for (l, &c) in plan.capacity.iter().enumerate() {
+            let streamed = plan.experts[l] - usize::from(l == 0);
+            assert!(c >= top_k.min(streamed), "layer {l}: {c} slots < top_k");
+        }
+        plan
+    };
+    let at_min = check(min, None);
+    // More budget never means fewer slots; a big working set comes on top of
+    // the floor, not out of the cache's minimum.
+    let more = check(min + 12 * per, None);
+    assert!(more
+        .capacity
         .iter()
-        .map(|e| e.raw_length)
-        .max()
-        .unwrap();
-    assert_eq!(largest, per);
-    assert_eq!(plan.reserve_bytes, (100 << 20) + 5 * per);
-    assert_eq!(plan.capacity, vec![2; 6]);
-    // A small working set does not lower the floor.
-    let plan = plan_budget(&pack, 6, budget, true, Some(1 << 20), 0).unwrap();
-    assert_eq!(
-        plan.reserve_bytes,
-        mfx_runtime::cache::runtime_reserve(budget)
-    );
+        .zip(&at_min.capacity)
+        .all(|(a, b)| a >= b));
+    let working = 100u64 << 20;
+    let err = plan_budget(&pack, layers, top_k, min, true, Some(working), io, threads).unwrap_err();
+    let BudgetError::TooSmall {
+        min: with_working, ..
+    } = err;
+    assert!(with_working > min);
+    check(with_working, Some(working));
 }
 
 /// The working set grows with the context and the prompt chunk, and on the
