@@ -290,7 +290,7 @@ fn tiny_config() -> serde_json::Value {
 }
 
 /// Peak RSS in bytes of `mfx ARGS` (GNU time), with its exit status and stderr.
-fn peak_rss(args: &[&str]) -> (bool, u64, String) {
+fn peak_rss<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, u64, String) {
     let o = Command::new("/usr/bin/time")
         .args(["-f", "MAXRSS_KB=%M"])
         .arg(env!("CARGO_BIN_EXE_mfx"))
@@ -306,6 +306,25 @@ fn peak_rss(args: &[&str]) -> (bool, u64, String) {
     (o.status.success(), kb * 1024, err)
 }
 
+/// The three places a hostile config must be refused: `run` of the
+/// checkpoint directory, `run` of the resealed pack, and `prep`.
+fn hostile_commands(tmp: &Path, dir: &Path, pack: &Path) -> [Vec<String>; 3] {
+    let s = |p: &Path| p.display().to_string();
+    let run = |m: String| {
+        ["run", &m, "--prompt", "x", "-n", "1"]
+            .map(String::from)
+            .to_vec()
+    };
+    let out = s(&tmp.join("out.mfx"));
+    [
+        run(s(dir)),
+        run(s(pack)),
+        ["prep", &s(dir), "--ram", "1G", "-o", &out]
+            .map(String::from)
+            .to_vec(),
+    ]
+}
+
 #[test]
 fn hostile_expert_count_refused_before_alloc() {
     let d = tempfile::tempdir().unwrap();
@@ -314,19 +333,7 @@ fn hostile_expert_count_refused_before_alloc() {
     let mut cfg = tiny_config();
     cfg["num_experts"] = huge;
     let pack = hostile_pack(d.path(), "experts.mfx", cfg);
-    let out = d.path().join("out.mfx");
-    for args in [
-        vec!["run", dir.to_str().unwrap(), "--prompt", "x", "-n", "1"],
-        vec!["run", pack.to_str().unwrap(), "--prompt", "x", "-n", "1"],
-        vec![
-            "prep",
-            dir.to_str().unwrap(),
-            "--ram",
-            "1G",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    ] {
+    for args in hostile_commands(d.path(), &dir, &pack) {
         let (ok, rss, err) = peak_rss(&args);
         assert!(!ok, "{args:?} accepted");
         assert!(
@@ -364,19 +371,7 @@ fn hostile_layer_count_refused() {
     let mut cfg = tiny_config();
     cfg["num_hidden_layers"] = serde_json::json!(1000);
     let pack = hostile_pack(d.path(), "layers.mfx", cfg);
-    let out = d.path().join("out.mfx");
-    for args in [
-        vec!["run", dir.to_str().unwrap(), "--prompt", "x", "-n", "1"],
-        vec!["run", pack.to_str().unwrap(), "--prompt", "x", "-n", "1"],
-        vec![
-            "prep",
-            dir.to_str().unwrap(),
-            "--ram",
-            "1G",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    ] {
+    for args in hostile_commands(d.path(), &dir, &pack) {
         let (ok, rss, err) = peak_rss(&args);
         assert!(!ok, "{args:?} accepted");
         assert!(
