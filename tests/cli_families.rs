@@ -228,7 +228,7 @@ fn stepwise(
         cache,
         ..Default::default()
     };
-    let mut m = mfx_runtime::models::load(pack, &opts).expect("load pack");
+    let mut m = mfx_runtime::load::load(pack, &opts).expect("load pack");
     let mut logits = Vec::new();
     for &t in ids {
         logits.extend(m.forward(&[t], false).expect("forward"));

@@ -11,10 +11,10 @@ use crate::calib::{CalibText, Tok};
 use crate::error::Result;
 use crate::routing::{self, CalibBatch};
 use crate::source::{from_runtime, LayerExperts};
-use mfx_runtime::models::family;
+use mfx_runtime::experts::PackExperts;
 use mfx_runtime::models::layerwise::Layerwise;
 use mfx_runtime::models::ExpertProvider;
-use mfx_runtime::weights::pack::{PackExperts, PackSource};
+use mfx_runtime::weights::pack::PackSource;
 use mfx_runtime::weights::WeightSource;
 use std::path::Path;
 use std::sync::Arc;
@@ -65,13 +65,19 @@ pub fn pack_nll_per_text(
     rows: usize,
     seq: usize,
 ) -> Result<Vec<(String, f64)>> {
-    let src = PackSource::open(path).map_err(from_runtime)?;
-    let cfg = family::pack_config(&src, path).map_err(from_runtime)?;
-    let model = cfg.layerwise(&src).map_err(from_runtime)?;
+    let resolved = mfx_runtime::load::resolve(path).map_err(from_runtime)?;
+    let mfx_runtime::load::Origin::Pack(src) = &resolved.origin else {
+        return Err(from_runtime(mfx_runtime::RuntimeError::Other(format!(
+            "{} is not an .mfx pack",
+            path.display()
+        ))));
+    };
+    let cfg = &resolved.config;
+    let model = cfg.layerwise(src).map_err(from_runtime)?;
     let experts = PackLayerExperts {
         src: src.clone(),
         hidden: cfg.hidden_size(),
         inter: cfg.moe_intermediate_size(),
     };
-    nll_per_text(model.as_ref(), &src, tok, texts, rows, seq, &experts)
+    nll_per_text(model.as_ref(), src, tok, texts, rows, seq, &experts)
 }

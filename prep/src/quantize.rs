@@ -244,7 +244,7 @@ pub fn encode_dense(src: &Source, t: &DenseTensor) -> Result<Stored> {
         let v = src.weights.vector(&t.name, n as usize).or_else(|_| {
             // Not 1-D (a conv kernel): read it flat.
             let raw = src.weights.require(&t.name)?;
-            flat_f32(&t.name, &raw)
+            raw.to_f32(&t.name, "checkpoint")
         });
         let data = v.map_err(from_runtime)?;
         Mat {
@@ -254,34 +254,4 @@ pub fn encode_dense(src: &Source, t: &DenseTensor) -> Result<Stored> {
         }
     };
     quantize_mat(&m, t.scheme, &t.name)
-}
-
-/// A float tensor of any shape as f32 values.
-fn flat_f32(
-    name: &str,
-    t: &mfx_runtime::weights::RawTensor,
-) -> std::result::Result<Vec<f32>, mfx_runtime::RuntimeError> {
-    let b = t.data.bytes();
-    Ok(match t.dtype {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::Bf16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(mfx_runtime::RuntimeError::Dtype {
-                name: name.into(),
-                location: "checkpoint".into(),
-                dtype: format!("{other:?}"),
-                expected: "f32, f16 or bf16".into(),
-            })
-        }
-    })
 }

@@ -9,7 +9,6 @@
 //! the checkpoint: that is what lets prep work on models larger than RAM.
 
 use crate::error::{PrepError, Result};
-use mfx_runtime::config::Arch;
 use mfx_runtime::models::family::FamilyConfig;
 use mfx_runtime::models::layerwise::Layerwise;
 use mfx_runtime::models::{ExpertMats, ExpertProvider, ResidentExperts};
@@ -146,9 +145,9 @@ impl ExpertWeights {
 /// names the file, tensor or key).
 pub fn from_runtime(e: RuntimeError) -> PrepError {
     match e {
-        RuntimeError::UnsupportedArch { .. } => PrepError::Unsupported(format!(
-            "{e}; mfx prep supports qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, deepseek_v3 and qwen3_next checkpoints"
-        )),
+        RuntimeError::UnsupportedArch { .. } => {
+            PrepError::Unsupported(format!("{e}; mfx prep supports the same families"))
+        }
         e => PrepError::Runtime(e),
     }
 }
@@ -189,12 +188,12 @@ impl Source {
         })
     }
 
-    pub fn arch(&self) -> Arch {
+    pub fn arch(&self) -> &'static str {
         self.model.arch()
     }
 
     pub fn model_type(&self) -> &'static str {
-        self.arch().name()
+        self.arch()
     }
 
     pub fn layers(&self) -> usize {

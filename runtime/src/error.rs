@@ -26,8 +26,13 @@ pub enum RuntimeError {
         key: String,
         msg: String,
     },
-    #[error("{path}: unsupported architecture `{arch}` (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)")]
-    UnsupportedArch { path: PathBuf, arch: String },
+    #[error("{path}: unsupported architecture `{arch}` (supported: {supported})")]
+    UnsupportedArch {
+        path: PathBuf,
+        arch: String,
+        /// The registered families (`models::registry::names`).
+        supported: String,
+    },
     #[error("{path}: not a model: expected a directory with config.json and *.safetensors, or a .mfx pack")]
     NotAModel { path: PathBuf },
     #[error("{path}: invalid safetensors file: {msg}")]

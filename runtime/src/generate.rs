@@ -26,12 +26,12 @@ use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 use serde_json::Value as Json;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Prompt positions per `forward` call during prefill: large enough to keep
 /// the matmuls efficient, small enough to bound activation memory.
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+pub use crate::load::DEFAULT_PREFILL_CHUNK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -352,54 +352,56 @@ impl Generator {
 
     /// Loads everything from a Hugging Face / MLX model directory.
     pub fn from_model_dir(dir: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
-        let tokenizer = Tokenizer::from_model_dir(dir)?;
-        let chat_template = ChatTemplate::from_model_dir(dir)?;
-        let config = GenerationConfig::from_model_dir(dir)?;
-        let model = crate::models::load(dir, opts)?;
-        Ok(Self::new(model, tokenizer, chat_template, config))
+        Self::load(dir, opts)
     }
 
     /// Loads a model directory (or its `config.json`) or a `.mfx` pack,
     /// whose manifest embeds the tokenizer, chat template and generation
-    /// defaults.
+    /// defaults. MODEL is resolved (and a pack opened) once, by
+    /// [`crate::load::resolve`].
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
-        if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
-            let dir = path
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-            return Self::from_model_dir(&dir, opts);
+        let resolved = crate::load::resolve(path)?;
+        let (tokenizer, chat_template, config) = match resolved.pack() {
+            Some(pack) => {
+                let origin = resolved.path.display().to_string();
+                let m = pack.manifest();
+                let tokenizer = Tokenizer::from_bytes(m.tokenizer_json.as_bytes())?;
+                let chat_template = match &m.chat_template {
+                    Some(src) => Some(ChatTemplate::new(
+                        src.clone(),
+                        format!("{origin} (chat_template)"),
+                        None,
+                        None,
+                    )?),
+                    None => None,
+                };
+                let config = if m.generation.is_null() {
+                    GenerationConfig::default()
+                } else {
+                    GenerationConfig::from_json(&m.generation, &format!("{origin} (generation)"))?
+                };
+                (tokenizer, chat_template, config)
+            }
+            None => {
+                let dir = &resolved.path;
+                (
+                    Tokenizer::from_model_dir(dir)?,
+                    ChatTemplate::from_model_dir(dir)?,
+                    GenerationConfig::from_model_dir(dir)?,
+                )
+            }
+        };
+        let model = resolved.load(opts)?;
+        let mut g = Self::new(model, tokenizer, chat_template, config);
+        if let Some(n) = opts.prefill_chunk {
+            g.set_prefill_chunk(n);
         }
-        if path.is_file() {
-            return Self::from_pack(path, opts);
-        }
-        Self::from_model_dir(path, opts)
+        Ok(g)
     }
 
     /// Loads a `.mfx` pack.
     pub fn from_pack(path: &Path, opts: &LoadOptions) -> Result<Self, GenerateError> {
-        let origin = path.display().to_string();
-        let (tokenizer, chat_template, config) = {
-            let pack = mfx_formats::Pack::open(path)?;
-            let m = pack.manifest();
-            let tokenizer = Tokenizer::from_bytes(m.tokenizer_json.as_bytes())?;
-            let chat_template = match &m.chat_template {
-                Some(src) => Some(ChatTemplate::new(
-                    src.clone(),
-                    format!("{origin} (chat_template)"),
-                    None,
-                    None,
-                )?),
-                None => None,
-            };
-            let config = if m.generation.is_null() {
-                GenerationConfig::default()
-            } else {
-                GenerationConfig::from_json(&m.generation, &format!("{origin} (generation)"))?
-            };
-            (tokenizer, chat_template, config)
-        };
-        let model = crate::models::load(path, opts)?;
-        Ok(Self::new(model, tokenizer, chat_template, config))
+        Self::load(path, opts)
     }
 
     /// The expert cache's counters, when the model streams its experts
@@ -798,6 +800,7 @@ impl StopMatcher {
 mod tests {
     use super::*;
     use crate::chat::message;
+    use std::path::PathBuf;
 
     fn shared_model(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -42,7 +42,7 @@ fn write_expert_pack(
     codec: Codec,
     pins: &[(u32, u32)],
 ) -> (ModelConfig, Box<dyn WeightSource>) {
-    let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
+    let (cfg, src) = mfx_runtime::load::open(&tiny_dir()).unwrap();
     let meta = PackMeta {
         pin_profile: Some(
             serde_json::json!({ "pinned": pins.iter().map(|&(l, e)| [l, e]).collect::<Vec<_>>() }),
@@ -528,9 +528,9 @@ fn cache_skip_missing_with_a_partial_cache_skips_and_stays_close() {
 }
 
 /// The whole tiny model as a bf16 pack (dense tensors and experts), loadable
-/// with `models::load`.
+/// with `load::load`.
 fn write_full_pack(path: &Path) {
-    let (cfg, src) = mfx_runtime::models::open(&tiny_dir()).unwrap();
+    let (cfg, src) = mfx_runtime::load::open(&tiny_dir()).unwrap();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
             .unwrap();
@@ -573,7 +573,7 @@ fn write_full_pack(path: &Path) {
     w.finish().unwrap();
 }
 
-/// Truncating the pack under a model loaded through `models::load` must be
+/// Truncating the pack under a model loaded through `load::load` must be
 /// an error: its dense weights were read into owned memory (cache::dense), so
 /// nothing touches the shrunken mapping. Were they still mapped, the next
 /// forward pass would die of SIGBUS in the embedding lookup (the whole dense
@@ -591,7 +591,7 @@ fn cache_pack_truncated_under_a_loaded_model_errors_instead_of_sigbus() {
         },
         ..LoadOptions::default()
     };
-    let mut m = mfx_runtime::models::load(&path, &opts).unwrap();
+    let mut m = mfx_runtime::load::load(&path, &opts).unwrap();
     let r = reference();
     let p = &r["prompts"]["rust"];
     // Exact through the pack path too.

@@ -8,7 +8,7 @@
 //! matches every test here), so both paths are held to the same numbers.
 
 use mfx_runtime::kernels;
-use mfx_runtime::models::{self, KvBits, LoadOptions, Model, MoeModel, RouterObserver};
+use mfx_runtime::models::{KvBits, LoadOptions, Model, MoeModel, RouterObserver};
 use std::path::{Path, PathBuf};
 
 fn shared() -> PathBuf {
@@ -94,7 +94,7 @@ fn fixture(name: &str) {
             .unwrap();
     let prompt = ids(&r["input_ids"]);
     let (shape, want) = read_npy(&dir.join("reference_logits.npy"));
-    let mut m = models::load(&dir, &LoadOptions::default()).unwrap();
+    let mut m = mfx_runtime::load::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(m.info().arch, name);
     let got = m.forward(&prompt, true).unwrap();
     assert_eq!(got.len(), shape[0] * shape[1]);
@@ -205,12 +205,12 @@ fn parity_kv_q8_close_to_f32() {
     .unwrap();
     let p = &r["prompts"]["c"];
     let (prompt, cont) = (ids(&p["ids"]), ids(&p["greedy_48"]));
-    let mut full = models::load(&dir, &LoadOptions::default()).unwrap();
+    let mut full = mfx_runtime::load::load(&dir, &LoadOptions::default()).unwrap();
     let all: Vec<u32> = prompt.iter().chain(&cont[..16]).copied().collect();
     let want = full.forward(&all, true).unwrap();
     let want_tail = &want[(all.len() - 16) * 8192..];
     for (bits, tol) in [(KvBits::F16, 2e-3), (KvBits::Q8, 3e-2)] {
-        let mut m = models::load(
+        let mut m = mfx_runtime::load::load(
             &dir,
             &LoadOptions {
                 kv_bits: bits,

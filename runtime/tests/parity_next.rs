@@ -4,7 +4,7 @@
 //! greedy tokens. References were made by transformers 5.17, not by mfx.
 
 use mfx_runtime::kernels;
-use mfx_runtime::models::{self, LoadOptions, Model};
+use mfx_runtime::models::{LoadOptions, Model};
 use std::path::{Path, PathBuf};
 
 fn shared() -> PathBuf {
@@ -106,7 +106,7 @@ fn fixture(name: &str) -> Box<dyn Model> {
             .unwrap();
     let prompt = ids(&r["input_ids"]);
     let (shape, want) = read_npy(&dir.join("reference_logits.npy"));
-    let mut m = models::load(&dir, &LoadOptions::default()).unwrap();
+    let mut m = mfx_runtime::load::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(m.info().arch, name);
     let got = m.forward(&prompt, true).unwrap();
     assert_eq!(got.len(), shape[0] * shape[1]);

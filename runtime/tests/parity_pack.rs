@@ -5,7 +5,7 @@
 use mfx_formats::pack::{PackMeta, PackWriter, PartData};
 use mfx_formats::quant::Scheme;
 use mfx_formats::Codec;
-use mfx_runtime::models::{self, LoadOptions};
+use mfx_runtime::models::LoadOptions;
 use mfx_runtime::weights::safetensors::SafetensorsSource;
 use mfx_runtime::weights::{DType, WeightSource};
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ fn check(fam: &str, proj: [&str; 3]) {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     let want = read_npy(&dir.join("reference_logits.npy"));
-    let mut m = models::load(&pack, &LoadOptions::default()).unwrap();
+    let mut m = mfx_runtime::load::load(&pack, &LoadOptions::default()).unwrap();
     let got = m.forward(&ids, true).unwrap();
     let num: f64 = got
         .iter()
@@ -151,7 +151,7 @@ fn parity_pack_mixtral() {
 }
 
 // The families with their own model type route from the pack's embedded
-// config (models::family) and take routed experts from PackExperts.
+// config (models::registry) and take routed experts from the expert cache.
 
 #[test]
 fn parity_pack_glm4_moe() {

@@ -106,7 +106,7 @@ pub fn load_cached(
         prefill_chunk: Some(chunk),
         ..LoadOptions::default()
     };
-    let model = mfx_runtime::models::load(pack, &opts)
+    let model = mfx_runtime::load::load(pack, &opts)
         .with_context(|| format!("loading {}", pack.display()))?;
     let cache = model.expert_cache().with_context(|| {
         format!(

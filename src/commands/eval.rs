@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use mfx_runtime::models::{self, KvBits, LoadOptions, Model, MoeModel, RouterObserver};
+use mfx_runtime::models::{KvBits, LoadOptions, Model, MoeModel, RouterObserver};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -115,7 +115,8 @@ fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
         prefill_chunk: max_context,
         cache: m.cache.options()?,
     };
-    models::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
+    mfx_runtime::load::load(&m.model, &opts)
+        .with_context(|| format!("loading {}", m.model.display()))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -171,7 +172,7 @@ pub fn run(args: Args) -> Result<()> {
                 })?);
             } else {
                 other = Some(
-                    models::load(&model.model, &opts)
+                    mfx_runtime::load::load(&model.model, &opts)
                         .with_context(|| format!("loading {}", model.model.display()))?,
                 );
             }
@@ -335,7 +336,7 @@ fn tokenizer_path(model: &Path) -> Result<PathBuf> {
 
 /// The first `count` tokens of `data` under the shared/README.md protocol.
 fn protocol_tokens(model: &Path, data: &Path, count: usize) -> Result<Vec<u32>> {
-    let tok = if model.is_file() && models::is_pack(model) {
+    let tok = if model.is_file() && mfx_runtime::load::is_pack(model) {
         // A pack embeds its tokenizer.json.
         let pack = mfx_formats::pack::Pack::open(model)
             .with_context(|| format!("opening {}", model.display()))?;

@@ -1,6 +1,6 @@
 //! The streaming expert cache: run MoE models whose experts do not fit in
 //! RAM. Dense weights stay with the model; routed experts come from
-//! [`ExpertCache`], an [`crate::models::ExpertProvider`] that keeps pinned
+//! [`ExpertCache`], an [`crate::experts::ExpertProvider`] that keeps pinned
 //! experts resident, caches up to a per-layer capacity of the others
 //! (eviction by [`policy`]), and reads misses from the `.mfx` pack with
 //! positioned reads into recycled aligned buffers ([`io`], [`buf`]).

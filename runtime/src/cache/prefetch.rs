@@ -25,15 +25,7 @@ use mfx_formats::profile::Profile;
 /// other weights have not been measured yet.
 pub const ROUTER_WEIGHT: f32 = 0.5;
 
-/// What the model knows about the next MoE layer when it asks for a prefetch.
-pub struct NextHint<'a> {
-    /// `[n, num_experts]`: softmax of the next layer's router on the proxy input.
-    pub probs: &'a [f32],
-    pub n: usize,
-    pub top_k: usize,
-    /// Per token: the current layer's selected experts and their weights.
-    pub prev: &'a [Vec<(usize, f32)>],
-}
+pub use crate::experts::NextHint;
 
 /// Co-activation rows per layer: `coact[layer][p]` = normalized `(e, share)`.
 pub struct Predictor {

@@ -16,14 +16,13 @@
 use super::buf::BufPool;
 use super::io::BlobReader;
 use super::policy::{EvictionPolicy, PolicyKind};
-use super::prefetch::{NextHint, Predictor};
+use super::prefetch::Predictor;
 use super::stats::{CacheStats, StatsSnapshot};
 use crate::error::RuntimeError;
-use crate::models::moe::{ExpertMats, ExpertProvider};
-use crate::weights::{Blob, BlobOwner, DType, Matrix};
+use crate::experts::{decode_blob, ExpertMats, ExpertProvider, NextHint};
+use crate::weights::{Blob, BlobOwner};
 use mfx_formats::codec::Codec;
-use mfx_formats::pack::{ExpertEntry, Pack};
-use mfx_formats::quant::Scheme;
+use mfx_formats::pack::Pack;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -542,7 +541,10 @@ impl Inner {
                 .map_err(|e| format!("{label}: {e}"))?;
             out
         };
-        build_mats(entry, Arc::new(raw)).map(Arc::new)
+        let owner: Arc<dyn BlobOwner> = Arc::new(raw);
+        let len = owner.bytes().len();
+        let blob = Blob::owned(owner, 0, len).ok_or_else(|| format!("{label}: empty blob"))?;
+        decode_blob(entry, &blob, None).map(Arc::new)
     }
 
     /// Makes `m` resident, evicting by policy. A `speculative` (predicted,
@@ -615,66 +617,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// `ExpertMats` over a decoded blob, from the manifest's part table.
-fn build_mats(entry: &ExpertEntry, owner: Arc<dyn BlobOwner>) -> Result<ExpertMats, String> {
-    let label = entry.label();
-    let part = |name: &str| -> Result<Matrix, String> {
-        let i = entry
-            .part_index(name)
-            .ok_or_else(|| format!("{label}: no part `{name}`"))?;
-        let (off, l) = entry
-            .part_layout(i)
-            .ok_or_else(|| format!("{label}: part `{name}` has no valid layout"))?;
-        let (rows, cols) = (l.rows as usize, l.cols as usize);
-        let blob = |start: u64, len: u64| {
-            Blob::owned(Arc::clone(&owner), (off + start) as usize, len as usize)
-                .ok_or_else(|| format!("{label}: part `{name}` lies outside the decoded blob"))
-        };
-        match l.scheme {
-            Scheme::F32 | Scheme::F16 | Scheme::Bf16 => {
-                let dt = match l.scheme {
-                    Scheme::F32 => DType::F32,
-                    Scheme::F16 => DType::F16,
-                    _ => DType::Bf16,
-                };
-                Matrix::dense(dt, rows, cols, blob(0, l.packed_len)?)
-                    .map_err(|e| format!("{label} {name}: {e}"))
-            }
-            Scheme::Affine { bits, group_size } => Matrix::affine(
-                rows,
-                cols,
-                bits,
-                group_size as usize,
-                blob(0, l.packed_len)?,
-                blob(l.scales_offset, l.groups_len)?,
-                blob(l.biases_offset, l.groups_len)?,
-            )
-            .map_err(|e| format!("{label} {name}: {e}")),
-        }
-    };
-    let m = ExpertMats {
-        gate: part("gate_proj")?,
-        up: part("up_proj")?,
-        down: part("down_proj")?,
-    };
-    if m.gate.rows() != m.up.rows()
-        || m.gate.cols() != m.up.cols()
-        || m.down.cols() != m.gate.rows()
-        || m.down.rows() != m.gate.cols()
-    {
-        return Err(format!(
-            "{label}: inconsistent shapes gate [{}, {}], up [{}, {}], down [{}, {}]",
-            m.gate.rows(),
-            m.gate.cols(),
-            m.up.rows(),
-            m.up.cols(),
-            m.down.rows(),
-            m.down.cols()
-        ));
-    }
-    Ok(m)
 }
 
 impl ExpertProvider for ExpertCache {

@@ -1,113 +1,237 @@
-//! The decoder stack shared by the four MoE families, and its layer-by-layer
-//! interface.
-//!
-//! Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE are one architecture with
-//! different switches (q/k norm and its width, q/k/v bias, a gated shared
-//! expert, top-k renormalization, tensor names); each family file turns a
-//! config into a [`FamilySpec`] and this file does the arithmetic once.
-//!
-//! # Layer by layer (for prep)
-//! A [`Transformer`] holds only what every layer shares (embeddings, final
-//! norm, lm_head, rope). Layers are loaded, run and dropped on their own:
-//! ```ignore
-//! let (cfg, src) = models::open(path)?;
-//! let tf = Transformer::load(&cfg, src.as_ref())?;
-//! let mut hidden = tf.embed(&ids)?;                       // [n, hidden]
-//! for l in 0..cfg.num_hidden_layers {
-//!     let lw = tf.load_layer(src.as_ref(), l)?;           // attention, norms, router
-//!     let mut ex = ResidentExperts::new(cfg.num_hidden_layers);
-//!     ex.insert_layer(l, tf.load_layer_experts(src.as_ref(), l)?);
-//!     let mut kv = tf.new_kv(KvBits::F16);                // fresh per sequence
-//!     tf.layer_forward(&lw, &ex, &mut hidden, &mut kv, Some(&mut counts))?;
-//! }                                                       // lw, ex dropped here
-//! let logits = tf.final_logits(&hidden, false);
-//! ```
-//! `hidden` holds one sequence: to push a calibration batch through a layer,
-//! call `layer_forward` once per sequence, each with a fresh [`LayerKv`].
+//! The shared decoder: Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE are one
+//! architecture with different switches (q/k norm and its width, q/k/v
+//! bias, a gated shared expert, top-k renormalization, tensor and config
+//! key names). Each of those families is a [`FamilySpec`] in its own short
+//! file, registered with [`super::registry`]; this file is the one
+//! [`Family`] they all run as: [`ModelConfig`] (their config), a GQA
+//! attention block, softmax top-k routing over an optional shared expert.
 
-use super::attention::{attention, AttnShape, AttnWeights, QkNorm};
-use super::kv_cache::{KvBits, LayerKv};
-use super::moe::{
-    moe_forward_ext, norm_rows, ExpertMats, ExpertProvider, MoeWeights, NextLayer, RouterObserver,
-    Routing, SharedExpert,
-};
-use super::rope::Rope;
-use crate::config::ModelConfig;
+use super::family::{hub_expert_names, stacked_expert_names, Dims, Family, FamilyConfig};
+use super::nn::attention::{gqa, AttnShape, AttnWeights, QkNorm};
+use super::nn::config::{JsonCfg, QuantConfig};
+use super::nn::kv_cache::{KvBits, LayerKv};
+use super::nn::linear::{add_into, layer_name, load_mlp, norm_rows};
+use super::nn::moe::{ffn_residual, Ffn, FfnLayer, MoeFfn, RouterObserver, SharedExpert};
+use super::nn::rope::Rope;
+use super::nn::router::{Routing, SoftmaxRouter};
+use crate::cache::WorkingShape;
 use crate::error::RuntimeError;
-use crate::kernels;
-use crate::weights::{Matrix, WeightSource};
+use crate::experts::{ExpertNames, ExpertProvider};
+use crate::weights::WeightSource;
+use std::path::{Path, PathBuf};
 
-/// What distinguishes one family from another (see the family files).
+/// What distinguishes one shared-decoder family from another (see the
+/// family files).
 #[derive(Debug, Clone)]
 pub struct FamilySpec {
+    /// The registry's `model_type`.
+    pub name: &'static str,
     pub qk_norm: QkNorm,
     /// The module holding router and experts: `mlp` or `block_sparse_moe`.
     pub moe_module: &'static str,
     /// Per-expert projection names in (gate, up, down) order.
     pub expert_proj: [&'static str; 3],
-    /// A sigmoid-gated shared expert next to the routed ones (qwen2_moe).
+    /// A sigmoid-gated shared expert next to the routed ones (qwen2_moe),
+    /// `shared_expert_intermediate_size` wide.
     pub shared_expert: bool,
+    /// Experts are `intermediate_size` wide (Mixtral, OLMoE), not
+    /// `moe_intermediate_size`.
+    pub experts_in_intermediate_size: bool,
+    /// Top-k weights always renormalized (Mixtral), not per `norm_topk_prob`.
+    pub always_renormalize: bool,
+    /// The config key switching q/k/v bias on, and its default.
+    pub bias_key: (&'static str, bool),
 }
 
-/// The feed-forward half of a layer. One per layer, so the size gap between
-/// the variants costs a few kilobytes at most; boxing would only add an
-/// indirection on the hot path.
+/// Everything the shared-decoder families need from `config.json`.
 #[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)]
-pub enum Ffn {
-    Dense(ExpertMats),
-    Moe(MoeWeights),
+pub struct ModelConfig {
+    /// The file this was read from, for error messages.
+    pub path: PathBuf,
+    /// The family's `model_type`.
+    pub arch: &'static str,
+    /// The family's switches.
+    pub spec: FamilySpec,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (qwen2_moe always; others via `attention_bias`).
+    pub attention_bias: bool,
+    /// OLMoE's optional clamp of q/k/v activations.
+    pub clip_qkv: Option<f32>,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    /// Width of one routed expert.
+    pub moe_intermediate_size: usize,
+    /// Width of the dense MLP of non-MoE layers (qwen `mlp_only_layers`).
+    pub intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    pub mlp_only_layers: Vec<usize>,
+    pub decoder_sparse_step: usize,
+    /// qwen2_moe's always-on shared expert width (0 = none).
+    pub shared_expert_intermediate_size: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub quantization: Option<QuantConfig>,
+    /// Weight of the load-balancing loss transformers adds to the LM loss
+    /// when router logits are requested (only used by `mfx eval ppl --router-aux-loss`).
+    pub router_aux_loss_coef: f32,
 }
 
-/// Everything of one layer except routed experts.
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the config of a shared-decoder family; `path` is only used in
+    /// error messages. Families with their own layer are refused (they
+    /// load through [`FamilyConfig`]).
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self, RuntimeError> {
+        let c = JsonCfg::from_str(text, path)?;
+        match super::registry::lookup(&c)?.kind {
+            super::registry::Kind::Decoder(spec) => Self::parse(&c, &spec()),
+            super::registry::Kind::Own(_) => Err(c.bad(
+                "model_type",
+                format!(
+                    "`{}` has its own layer type; load it through models::FamilyConfig",
+                    c.model_type()?
+                ),
+            )),
+        }
+    }
+
+    /// Whether layer `l` has routed experts (the qwen rule; all layers for
+    /// Mixtral and OLMoE, which have no such keys so the defaults apply).
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        !self.mlp_only_layers.contains(&l)
+            && self.num_experts > 0
+            && self.decoder_sparse_step > 0
+            && (l + 1).is_multiple_of(self.decoder_sparse_step)
+    }
+
+    fn parse(c: &JsonCfg, spec: &FamilySpec) -> Result<Self, RuntimeError> {
+        c.silu_only()?;
+        c.default_rope_only()?;
+        let hidden_size = c.positive("hidden_size")?;
+        let num_attention_heads = c.positive("num_attention_heads")?;
+        let num_key_value_heads = c.kv_heads(num_attention_heads)?;
+        let head_dim = c
+            .usize_opt("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(c.bad(
+                "head_dim",
+                format!("{head_dim} must be even and positive for rotary embeddings"),
+            ));
+        }
+        let num_experts = c.positive_any(&["num_experts", "num_local_experts"])?;
+        let num_experts_per_tok = c.positive("num_experts_per_tok")?;
+        if num_experts_per_tok > num_experts {
+            return Err(c.bad(
+                "num_experts_per_tok",
+                format!("{num_experts_per_tok} > {num_experts} experts"),
+            ));
+        }
+        let (moe_intermediate_size, intermediate_size) = if spec.experts_in_intermediate_size {
+            let i = c.positive("intermediate_size")?;
+            (i, i)
+        } else {
+            (
+                c.positive("moe_intermediate_size")?,
+                c.usize_opt("intermediate_size")?.unwrap_or(0),
+            )
+        };
+        let (bias_key, bias_default) = spec.bias_key;
+        let cfg = ModelConfig {
+            path: c.path.clone(),
+            arch: spec.name,
+            spec: spec.clone(),
+            vocab_size: c.positive("vocab_size")?,
+            hidden_size,
+            num_hidden_layers: c.positive("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: c.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta: c
+                .f64_opt("rope_theta")?
+                .ok_or_else(|| c.missing(&["rope_theta", "rope_parameters.rope_theta"]))?
+                as f32,
+            max_position_embeddings: c.usize_opt("max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: c.bool_opt(bias_key)?.unwrap_or(bias_default),
+            clip_qkv: c.f64_opt("clip_qkv")?.map(|v| v as f32),
+            num_experts,
+            num_experts_per_tok,
+            moe_intermediate_size,
+            intermediate_size,
+            norm_topk_prob: spec.always_renormalize
+                || c.bool_opt("norm_topk_prob")?.unwrap_or(false),
+            mlp_only_layers: c.indices("mlp_only_layers")?,
+            decoder_sparse_step: c.usize_opt("decoder_sparse_step")?.unwrap_or(1),
+            shared_expert_intermediate_size: if spec.shared_expert {
+                c.usize_opt("shared_expert_intermediate_size")?.unwrap_or(0)
+            } else {
+                0
+            },
+            bos_token_id: c.ids("bos_token_id")?.first().copied(),
+            eos_token_ids: c.ids("eos_token_id")?,
+            quantization: QuantConfig::from_cfg(c)?,
+            router_aux_loss_coef: c.f64_opt("router_aux_loss_coef")?.unwrap_or(0.001) as f32,
+        };
+        if (0..cfg.num_hidden_layers).any(|l| !cfg.is_moe_layer(l)) && cfg.intermediate_size == 0 {
+            return Err(c.missing(&["intermediate_size"]));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A shared-decoder family's config parsed with its spec (the registry's
+/// entry point for the four spec files).
+pub fn parse(c: &JsonCfg, spec: FamilySpec) -> Result<FamilyConfig, RuntimeError> {
+    Ok(FamilyConfig::new(Decoder::new(ModelConfig::parse(
+        c, &spec,
+    )?)))
+}
+
+/// The shared decoder as a [`Family`].
 #[derive(Debug, Clone)]
-pub struct LayerWeights {
-    pub index: usize,
-    pub input_norm: Vec<f32>,
-    pub post_norm: Vec<f32>,
-    pub attn: AttnWeights,
-    pub ffn: Ffn,
-}
-
-/// The parts of a model shared by all layers, plus the per-family switches.
-pub struct Transformer {
+pub struct Decoder {
     pub cfg: ModelConfig,
     pub spec: FamilySpec,
-    pub attn_shape: AttnShape,
-    pub routing: Routing,
+    dims: Dims,
+    attn: AttnShape,
     rope: Rope,
-    embed: Matrix,
-    final_norm: Vec<f32>,
-    lm_head: Matrix,
 }
 
-fn layer_name(l: usize, rest: &str) -> String {
-    format!("model.layers.{l}.{rest}")
-}
-
-impl Transformer {
-    /// Loads embeddings, final norm and lm_head (tied to the embeddings when
-    /// the config says so or the checkpoint has no `lm_head`).
-    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<Self, RuntimeError> {
-        let spec = super::family_spec(cfg).ok_or_else(|| {
-            RuntimeError::Other(format!(
-                "{} does not run on the shared decoder",
-                cfg.arch.name()
-            ))
-        })?;
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = src.matrix("model.embed_tokens", v, h)?;
-        let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
-            if !cfg.tie_word_embeddings {
-                // Not tied and absent: report the missing tensor rather than guess.
-                src.require("lm_head.weight")?;
-            }
-            embed.clone()
-        } else {
-            src.matrix("lm_head", v, h)?
-        };
-        Ok(Transformer {
-            attn_shape: AttnShape {
+impl Decoder {
+    pub fn new(cfg: ModelConfig) -> Self {
+        let spec = cfg.spec.clone();
+        Decoder {
+            dims: Dims {
+                arch: cfg.arch,
+                vocab_size: cfg.vocab_size,
+                hidden_size: cfg.hidden_size,
+                num_hidden_layers: cfg.num_hidden_layers,
+                num_experts: cfg.num_experts,
+                top_k: cfg.num_experts_per_tok,
+                moe_intermediate_size: cfg.moe_intermediate_size,
+                max_position_embeddings: cfg.max_position_embeddings,
+                eps: cfg.rms_norm_eps,
+                tie_word_embeddings: cfg.tie_word_embeddings,
+                zero_centred_norm: false,
+                bos_token_id: cfg.bos_token_id,
+                eos_token_ids: cfg.eos_token_ids.clone(),
+            },
+            attn: AttnShape {
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
@@ -115,110 +239,126 @@ impl Transformer {
                 qk_norm: spec.qk_norm,
                 clip_qkv: cfg.clip_qkv,
             },
-            routing: Routing {
-                top_k: cfg.num_experts_per_tok,
-                renormalize: cfg.norm_topk_prob,
-            },
             rope: Rope::new(cfg.rope_theta, cfg.head_dim),
-            final_norm: src.vector("model.norm.weight", h)?,
-            embed,
-            lm_head,
+            cfg,
             spec,
-            cfg: cfg.clone(),
-        })
-    }
-
-    /// Hidden states `[ids.len(), hidden]` for token ids.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        let h = self.cfg.hidden_size;
-        let m = self.embed.mat();
-        let mut out = vec![0.0; ids.len() * h];
-        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(h)) {
-            if id as usize >= self.cfg.vocab_size {
-                return Err(RuntimeError::TokenOutOfRange {
-                    id,
-                    vocab: self.cfg.vocab_size,
-                });
-            }
-            m.row_f32(id as usize, o);
         }
-        Ok(out)
+    }
+}
+
+/// Everything of one layer except routed experts.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub index: usize,
+    pub input_norm: Vec<f32>,
+    pub post_norm: Vec<f32>,
+    pub attn: AttnWeights,
+    pub ffn: Ffn<SoftmaxRouter>,
+}
+
+impl DecoderLayer {
+    fn ffn_layer(&self) -> FfnLayer<'_, SoftmaxRouter> {
+        FfnLayer {
+            index: self.index,
+            post_norm: &self.post_norm,
+            ffn: &self.ffn,
+        }
+    }
+}
+
+/// Bytes of one cached key or value vector of `dim` elements.
+pub(crate) fn kv_vector(bits: KvBits, dim: usize) -> u64 {
+    match bits {
+        KvBits::F32 => 4 * dim as u64,
+        KvBits::F16 => 2 * dim as u64,
+        // int8 codes plus one f32 scale per vector.
+        KvBits::Q8 => dim as u64 + 4,
+    }
+}
+
+/// The working shape of a shared-decoder config.
+pub fn working_shape(c: &ModelConfig, kv: KvBits) -> WorkingShape {
+    let dense_mlp = if !c.mlp_only_layers.is_empty() || c.decoder_sparse_step > 1 {
+        c.intermediate_size
+    } else {
+        0
+    };
+    WorkingShape {
+        hidden: c.hidden_size as u64,
+        vocab: c.vocab_size as u64,
+        kv_bytes_per_token: c.num_hidden_layers as u64
+            * 2
+            * c.num_key_value_heads as u64
+            * kv_vector(kv, c.head_dim),
+        state_bytes: 0,
+        qkv: ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) as u64,
+        top_k: c.num_experts_per_tok as u64,
+        expert_inter: c.moe_intermediate_size as u64,
+        shared_inter: c.shared_expert_intermediate_size.max(dense_mlp) as u64,
+        experts: c.num_experts as u64,
+    }
+}
+
+impl Family for Decoder {
+    type Layer = DecoderLayer;
+    type State = LayerKv;
+
+    fn dims(&self) -> &Dims {
+        &self.dims
     }
 
-    /// A fresh, empty KV cache for one layer.
-    pub fn new_kv(&self, bits: KvBits) -> LayerKv {
-        LayerKv::new(bits, self.cfg.num_key_value_heads, self.cfg.head_dim)
+    fn is_moe_layer(&self, l: usize) -> bool {
+        self.cfg.is_moe_layer(l)
     }
 
-    /// Loads layer `l`'s attention, norms and router/shared expert (or dense MLP).
-    pub fn load_layer(
-        &self,
-        src: &dyn WeightSource,
-        l: usize,
-    ) -> Result<LayerWeights, RuntimeError> {
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_expert_names(l, self.spec.moe_module, e, self.spec.expert_proj)
+    }
+
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_expert_names(l, self.spec.moe_module)
+    }
+
+    fn working_shape(&self, kv: KvBits) -> WorkingShape {
+        working_shape(&self.cfg, kv)
+    }
+
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<DecoderLayer, RuntimeError> {
         let c = &self.cfg;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let a = |n: &str| layer_name(l, &format!("self_attn.{n}"));
-        let bias = |n: &str, len: usize| -> Result<Option<Vec<f32>>, RuntimeError> {
-            if c.attention_bias {
-                src.vector(&a(&format!("{n}.bias")), len).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let (qn_len, kn_len) = match self.spec.qk_norm {
-            QkNorm::None => (0, 0),
-            QkNorm::PerHead => (hd, hd),
-            QkNorm::Full => (qd, kd),
-        };
-        let (q_norm, k_norm) = if qn_len > 0 {
-            (
-                Some(src.vector(&a("q_norm.weight"), qn_len)?),
-                Some(src.vector(&a("k_norm.weight"), kn_len)?),
-            )
-        } else {
-            (None, None)
-        };
-        let attn = AttnWeights {
-            q: src.matrix(&a("q_proj"), qd, h)?,
-            k: src.matrix(&a("k_proj"), kd, h)?,
-            v: src.matrix(&a("v_proj"), kd, h)?,
-            o: src.matrix(&a("o_proj"), h, qd)?,
-            q_bias: bias("q_proj", qd)?,
-            k_bias: bias("k_proj", kd)?,
-            v_bias: bias("v_proj", kd)?,
-            q_norm,
-            k_norm,
-        };
-        let mlp = |prefix: &str, inter: usize| -> Result<ExpertMats, RuntimeError> {
-            Ok(ExpertMats {
-                gate: src.matrix(&format!("{prefix}.gate_proj"), inter, h)?,
-                up: src.matrix(&format!("{prefix}.up_proj"), inter, h)?,
-                down: src.matrix(&format!("{prefix}.down_proj"), h, inter)?,
-            })
-        };
+        let h = c.hidden_size;
+        let attn = AttnWeights::load(src, l, &self.attn, h, c.attention_bias)?;
         let ffn = if c.is_moe_layer(l) {
-            let m = self.spec.moe_module;
             let shared = if self.spec.shared_expert && c.shared_expert_intermediate_size > 0 {
                 Some(SharedExpert {
-                    mlp: mlp(
+                    mlp: load_mlp(
+                        src,
                         &layer_name(l, "mlp.shared_expert"),
+                        h,
                         c.shared_expert_intermediate_size,
                     )?,
-                    gate: src.matrix(&layer_name(l, "mlp.shared_expert_gate"), 1, h)?,
+                    gate: Some(src.matrix(&layer_name(l, "mlp.shared_expert_gate"), 1, h)?),
                 })
             } else {
                 None
             };
-            Ffn::Moe(MoeWeights {
-                router: src.matrix(&layer_name(l, &format!("{m}.gate")), c.num_experts, h)?,
+            let rule = Routing {
+                top_k: c.num_experts_per_tok,
+                renormalize: c.norm_topk_prob,
+            };
+            let gate = layer_name(l, &format!("{}.gate", self.spec.moe_module));
+            Ffn::Moe(MoeFfn {
+                router: SoftmaxRouter::load(src, &gate, c.num_experts, h, rule)?,
                 shared,
             })
         } else {
-            Ffn::Dense(mlp(&layer_name(l, "mlp"), c.intermediate_size)?)
+            Ffn::Dense(load_mlp(
+                src,
+                &layer_name(l, "mlp"),
+                h,
+                c.intermediate_size,
+            )?)
         };
-        Ok(LayerWeights {
+        Ok(DecoderLayer {
             index: l,
             input_norm: src.vector(&layer_name(l, "input_layernorm.weight"), h)?,
             post_norm: src.vector(&layer_name(l, "post_attention_layernorm.weight"), h)?,
@@ -227,90 +367,83 @@ impl Transformer {
         })
     }
 
-    /// Loads layer `l`'s routed experts (empty for a dense layer); names
-    /// from [`super::layerwise::Layerwise`].
-    pub fn load_layer_experts(
-        &self,
-        src: &dyn WeightSource,
-        l: usize,
-    ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        super::layerwise::Layerwise::layer_experts(self, src, l)
+    fn new_state(&self, kv: KvBits) -> LayerKv {
+        LayerKv::new(kv, self.cfg.num_key_value_heads, self.cfg.head_dim)
     }
 
-    /// Runs layer `lw` over `hidden` (`[n, hidden]`, one sequence, positions
-    /// `kv.len()..kv.len()+n`), in place; appends to `kv`.
-    pub fn layer_forward(
+    fn layer_forward(
         &self,
-        lw: &LayerWeights,
+        lw: &DecoderLayer,
+        next: Option<&DecoderLayer>,
         experts: &dyn ExpertProvider,
         hidden: &mut [f32],
         kv: &mut LayerKv,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
-        self.layer_forward_next(lw, None, experts, hidden, kv, observer)
-    }
-
-    /// [`Self::layer_forward`] that also lets the provider prefetch for the
-    /// next layer `next` (its router applied to this layer's post-attention
-    /// residual stream, see [`crate::cache::prefetch`]).
-    pub fn layer_forward_next(
-        &self,
-        lw: &LayerWeights,
-        next: Option<&LayerWeights>,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        kv: &mut LayerKv,
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        let h = self.cfg.hidden_size;
-        let n = hidden.len() / h;
         let eps = self.cfg.rms_norm_eps;
+        let n = hidden.len() / self.cfg.hidden_size;
         let xn = norm_rows(hidden, &lw.input_norm, eps);
-        let a = attention(&self.attn_shape, &lw.attn, &self.rope, &xn, n, kv);
-        for (x, y) in hidden.iter_mut().zip(&a) {
-            *x += y;
-        }
-        let xn = norm_rows(hidden, &lw.post_norm, eps);
-        let proxy = match next {
-            Some(
-                nl @ LayerWeights {
-                    ffn: Ffn::Moe(nm), ..
-                },
-            ) if experts.wants_next_hint(nl.index) => {
-                Some((nl.index, &nm.router, norm_rows(hidden, &nl.post_norm, eps)))
-            }
-            _ => None,
-        };
-        let next = proxy.as_ref().map(|(layer, router, input)| NextLayer {
-            layer: *layer,
-            router,
-            input,
-        });
-        let f = match &lw.ffn {
-            Ffn::Dense(m) => m.forward(&xn, n),
-            Ffn::Moe(mw) => {
-                moe_forward_ext(lw.index, &self.routing, mw, experts, &xn, n, observer, next)?
-            }
-        };
-        for (x, y) in hidden.iter_mut().zip(&f) {
-            *x += y;
-        }
-        Ok(())
+        add_into(hidden, &gqa(&self.attn, &lw.attn, &self.rope, &xn, n, kv));
+        ffn_residual(
+            lw.ffn_layer(),
+            next.map(DecoderLayer::ffn_layer),
+            experts,
+            hidden,
+            eps,
+            observer,
+        )
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(s: &str) -> Result<ModelConfig, RuntimeError> {
+        ModelConfig::from_json_str(s, Path::new("config.json"))
     }
 
-    /// Final norm and lm_head: `[n, vocab]` logits if `all`, else the last row's `[vocab]`.
-    pub fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        let h = self.cfg.hidden_size;
-        let n = hidden.len() / h;
-        let rows = if all || n == 0 {
-            hidden
-        } else {
-            &hidden[(n - 1) * h..]
-        };
-        let m = rows.len() / h;
-        let xn = norm_rows(rows, &self.final_norm, self.cfg.rms_norm_eps);
-        let mut out = vec![0.0; m * self.cfg.vocab_size];
-        kernels::matmul(&self.lm_head.mat(), &xn, m, &mut out);
-        out
+    const BASE: &str = r#""model_type":"qwen3_moe","vocab_size":10,"hidden_size":8,"num_hidden_layers":2,
+        "num_attention_heads":2,"num_key_value_heads":1,"moe_intermediate_size":4,"num_experts_per_tok":2"#;
+
+    #[test]
+    fn accepts_hub_and_transformers5_spellings() {
+        let hub = parse(&format!(
+            "{{{BASE},\"num_experts\":4,\"rope_theta\":1000000.0}}"
+        ))
+        .unwrap();
+        let t5 =
+            parse(&format!("{{{BASE},\"num_local_experts\":4,\"rope_parameters\":{{\"rope_theta\":1000000.0,\"rope_type\":\"default\"}}}}"))
+                .unwrap();
+        assert_eq!(hub.num_experts, 4);
+        assert_eq!(t5.num_experts, 4);
+        assert_eq!(hub.rope_theta, 1e6);
+        assert_eq!(t5.rope_theta, 1e6);
+        assert_eq!(hub.head_dim, 4);
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = parse(&format!("{{{BASE},\"rope_theta\":10000.0}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_experts") && e.contains("num_local_experts"),
+            "{e}"
+        );
+        let e = parse(r#"{"model_type":"mixtral"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn unknown_arch_and_scaled_rope_are_refused() {
+        let e = parse(r#"{"model_type":"llama"}"#).unwrap_err().to_string();
+        assert!(e.contains("unsupported architecture `llama`"), "{e}");
+        let e = parse(&format!("{{{BASE},\"num_experts\":4,\"rope_scaling\":{{\"rope_type\":\"yarn\",\"factor\":4.0}},\"rope_theta\":1.0}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("yarn"), "{e}");
     }
 }

@@ -1,158 +1,260 @@
-//! One config type over all seven families, so that whatever holds a
-//! `config.json` (a checkpoint directory, or the copy embedded in a `.mfx`
-//! pack) routes to the right model: the four shared-decoder families are
-//! described by [`ModelConfig`], the other three by their own structs.
+//! The [`Family`] trait every model family implements, and
+//! [`FamilyConfig`], a parsed `config.json` of any registered family with
+//! the family's type erased: what loaders, prep and the CLI hold.
 //!
-//! This is the dispatch `models::load` and prep both go through; neither
-//! re-reads `model_type` itself.
+//! A family supplies its dimensions ([`Dims`]), its layer (load and
+//! forward, with its own per-layer sequence state) and its working-memory
+//! shape; [`super::stack`] does everything else once for all of them
+//! (embeddings, final norm and lm_head, the [`super::Model`] and
+//! [`super::layerwise::Layerwise`] implementations, resident or streamed
+//! experts). Which `model_type` is which family is decided in
+//! [`super::registry`] and nowhere else.
 
-use super::deepseek_v3::{DeepseekV3, DeepseekV3Config};
-use super::glm4_moe::{Glm4Config, Glm4Moe};
 use super::layerwise::Layerwise;
-use super::qwen3_next::{Qwen3Next, Qwen3NextConfig};
-use super::sigmoid_moe::JsonCfg;
-use super::{is_pack, ExpertProvider, LoadOptions, Model, MoeModel, Transformer};
-use crate::cache::ExpertCache;
-use crate::config::{Arch, ModelConfig};
+use super::nn::kv_cache::{KvBits, LayerKv};
+use super::nn::moe::RouterObserver;
+use super::stack::{FamilyModel, Stack};
+use super::{LoadOptions, Model};
+use crate::cache::{ExpertCache, WorkingShape};
 use crate::error::RuntimeError;
-use crate::weights::pack::PackSource;
-use crate::weights::safetensors::SafetensorsSource;
+use crate::experts::{ExpertNames, ExpertProvider};
 use crate::weights::WeightSource;
+use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A parsed `config.json` of any supported family.
+/// What every family shares, read once from its config: the stack, the
+/// expert cache, prep and the CLI read these and never match on the family.
 #[derive(Debug, Clone)]
-pub enum FamilyConfig {
-    /// qwen3_moe, qwen2_moe, mixtral, olmoe.
-    Decoder(ModelConfig),
-    Glm4(Glm4Config),
-    Deepseek(DeepseekV3Config),
-    Next(Qwen3NextConfig),
+pub struct Dims {
+    /// The registry's `model_type` (`qwen3_moe`, `glm4_moe`, ...).
+    pub arch: &'static str,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Width of one routed expert.
+    pub moe_intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon (the final norm's too).
+    pub eps: f32,
+    pub tie_word_embeddings: bool,
+    /// The final norm is zero-centred (`x * rsqrt(ms + eps) * (1 + w)`, qwen3_next).
+    pub zero_centred_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// A layer's state across forward calls (KV cache, recurrent state).
+pub trait SeqState: Send + Sync {
+    /// Positions held.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keeps the first `len` positions; false if this state cannot.
+    fn truncate(&mut self, len: usize) -> bool;
+    fn clear(&mut self);
+}
+
+impl SeqState for LayerKv {
+    fn len(&self) -> usize {
+        LayerKv::len(self)
+    }
+    fn truncate(&mut self, len: usize) -> bool {
+        LayerKv::truncate(self, len);
+        true
+    }
+    fn clear(&mut self) {
+        LayerKv::clear(self)
+    }
+}
+
+/// The (gate, up, down) projection names of the hub's SwiGLU experts.
+pub const GATE_UP_DOWN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// Expert `e` of layer `l` under `module` in the hub layout (names without `.weight`).
+pub fn hub_expert_names(l: usize, module: &str, e: usize, proj: [&str; 3]) -> ExpertNames {
+    proj.map(|p| format!("model.layers.{l}.{module}.experts.{e}.{p}"))
+}
+
+/// Layer `l`'s stacked experts under `module` in the MLX layout (`switch_mlp`).
+pub fn stacked_expert_names(l: usize, module: &str) -> ExpertNames {
+    GATE_UP_DOWN.map(|p| format!("model.layers.{l}.{module}.switch_mlp.{p}"))
+}
+
+/// One model family: its config turned into [`Dims`] plus whatever its
+/// layer needs, its layer, and its per-layer state. See
+/// docs/ARCHITECTURE.md, "Adding a family".
+pub trait Family: Clone + Send + Sync + 'static {
+    /// Everything of one layer except its routed experts.
+    type Layer: Send + Sync + 'static;
+    /// One layer's sequence state.
+    type State: SeqState + 'static;
+
+    fn dims(&self) -> &Dims;
+    /// Whether layer `l` has routed experts.
+    fn is_moe_layer(&self, l: usize) -> bool;
+    /// Routed expert `e` of layer `l` in the hub layout (default: `mlp.experts.{e}.{gate,up,down}_proj`).
+    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
+        hub_expert_names(l, "mlp", e, GATE_UP_DOWN)
+    }
+    /// Layer `l`'s stacked MLX experts (default: `mlp.switch_mlp.*`).
+    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
+        stacked_expert_names(l, "mlp")
+    }
+    /// What this family needs in memory besides weights (the budget's working reserve).
+    fn working_shape(&self, kv: KvBits) -> WorkingShape;
+
+    /// Layer `l` without its routed experts.
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<Self::Layer, RuntimeError>;
+    /// An empty state for one layer (`kv`: KV cache storage precision).
+    fn new_state(&self, kv: KvBits) -> Self::State;
+    /// Runs `layer` over `hidden` (`[n, hidden]`, one sequence, the
+    /// positions after those in `state`), in place, appending to `state`.
+    /// Routed experts come from `experts`, which may prefetch for `next`
+    /// (the following layer, see [`crate::cache::prefetch`]); every routing
+    /// decision goes to `observer`.
+    fn layer_forward(
+        &self,
+        layer: &Self::Layer,
+        next: Option<&Self::Layer>,
+        experts: &dyn ExpertProvider,
+        hidden: &mut [f32],
+        state: &mut Self::State,
+        observer: Option<&mut (dyn RouterObserver + '_)>,
+    ) -> Result<(), RuntimeError>;
+}
+
+/// [`Family`] with its types erased, so one value holds any family.
+trait AnyFamily: Send + Sync {
+    fn dims(&self) -> &Dims;
+    fn working_shape(&self, kv: KvBits) -> WorkingShape;
+    fn layerwise(&self, src: &dyn WeightSource) -> Result<Box<dyn Layerwise>, RuntimeError>;
+    fn build(
+        &self,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        experts: Option<Arc<dyn ExpertProvider>>,
+        cache: Option<Arc<ExpertCache>>,
+    ) -> Result<Box<dyn Model>, RuntimeError>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<F: Family> AnyFamily for F {
+    fn dims(&self) -> &Dims {
+        Family::dims(self)
+    }
+    fn working_shape(&self, kv: KvBits) -> WorkingShape {
+        Family::working_shape(self, kv)
+    }
+    fn layerwise(&self, src: &dyn WeightSource) -> Result<Box<dyn Layerwise>, RuntimeError> {
+        Ok(Box::new(Stack::load(self.clone(), src)?))
+    }
+    fn build(
+        &self,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        experts: Option<Arc<dyn ExpertProvider>>,
+        cache: Option<Arc<ExpertCache>>,
+    ) -> Result<Box<dyn Model>, RuntimeError> {
+        let mut m = FamilyModel::build(self.clone(), src, opts, experts)?;
+        m.set_cache(cache);
+        Ok(Box::new(m))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A parsed `config.json` of any registered family (a checkpoint's or the
+/// copy embedded in a pack).
+#[derive(Clone)]
+pub struct FamilyConfig(Arc<dyn AnyFamily>);
+
+impl std::fmt::Debug for FamilyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("FamilyConfig").field(self.dims()).finish()
+    }
 }
 
 impl FamilyConfig {
+    /// Wraps a parsed family (what each family's `parse` returns).
+    pub fn new<F: Family>(family: F) -> Self {
+        FamilyConfig(Arc::new(family))
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, RuntimeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
         Self::from_json_str(&text, path)
     }
 
-    /// Parses config text; `path` is only used in error messages.
+    /// Parses config text with the family the registry names for its
+    /// `model_type`; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self, RuntimeError> {
-        let c = JsonCfg::from_str(text, path)?;
-        Ok(match Arch::of_config(&c.obj, path)? {
-            Arch::Glm4Moe => FamilyConfig::Glm4(Glm4Config::parse(&c)?),
-            Arch::DeepseekV3 => FamilyConfig::Deepseek(DeepseekV3Config::parse(&c)?),
-            Arch::Qwen3Next => FamilyConfig::Next(Qwen3NextConfig::parse(&c)?),
-            _ => FamilyConfig::Decoder(ModelConfig::from_json_str(text, path)?),
-        })
+        let c = super::nn::config::JsonCfg::from_str(text, path)?;
+        super::registry::parse(&c)
     }
 
-    pub fn arch(&self) -> Arch {
-        match self {
-            FamilyConfig::Decoder(c) => c.arch,
-            FamilyConfig::Glm4(_) => Arch::Glm4Moe,
-            FamilyConfig::Deepseek(_) => Arch::DeepseekV3,
-            FamilyConfig::Next(_) => Arch::Qwen3Next,
-        }
+    pub fn dims(&self) -> &Dims {
+        self.0.dims()
+    }
+
+    /// The family's `model_type`.
+    pub fn arch(&self) -> &'static str {
+        self.dims().arch
     }
 
     pub fn hidden_size(&self) -> usize {
-        match self {
-            FamilyConfig::Decoder(c) => c.hidden_size,
-            FamilyConfig::Glm4(c) => c.hidden_size,
-            FamilyConfig::Deepseek(c) => c.hidden_size,
-            FamilyConfig::Next(c) => c.hidden_size,
-        }
+        self.dims().hidden_size
     }
 
     /// Width of one routed expert.
     pub fn moe_intermediate_size(&self) -> usize {
-        match self {
-            FamilyConfig::Decoder(c) => c.moe_intermediate_size,
-            FamilyConfig::Glm4(c) => c.moe_intermediate_size,
-            FamilyConfig::Deepseek(c) => c.ffn.moe_intermediate,
-            FamilyConfig::Next(c) => c.moe_intermediate_size,
-        }
+        self.dims().moe_intermediate_size
     }
 
     pub fn max_position_embeddings(&self) -> usize {
-        match self {
-            FamilyConfig::Decoder(c) => c.max_position_embeddings,
-            FamilyConfig::Glm4(c) => c.max_position_embeddings,
-            FamilyConfig::Deepseek(c) => c.max_position_embeddings,
-            FamilyConfig::Next(c) => c.max_position_embeddings,
-        }
+        self.dims().max_position_embeddings
     }
 
     pub fn num_hidden_layers(&self) -> usize {
-        match self {
-            FamilyConfig::Decoder(c) => c.num_hidden_layers,
-            FamilyConfig::Glm4(c) => c.num_hidden_layers,
-            FamilyConfig::Deepseek(c) => c.num_hidden_layers,
-            FamilyConfig::Next(c) => c.num_hidden_layers,
-        }
+        self.dims().num_hidden_layers
+    }
+
+    /// The family's working-memory shape for the budget.
+    pub fn working_shape(&self, kv: KvBits) -> WorkingShape {
+        self.0.working_shape(kv)
+    }
+
+    /// The family itself, when it is an `F` (tests, `mfx eval`'s aux loss).
+    pub fn downcast<F: Family>(&self) -> Option<&F> {
+        self.0.as_any().downcast_ref()
     }
 
     /// The layer-by-layer view of this model over `src` (loads only what
     /// every layer shares: embeddings, final norm, lm_head).
     pub fn layerwise(&self, src: &dyn WeightSource) -> Result<Box<dyn Layerwise>, RuntimeError> {
         check_layers_present(self.num_hidden_layers(), src, Path::new(&src.location()))?;
-        Ok(match self {
-            FamilyConfig::Decoder(c) => Box::new(Transformer::load(c, src)?),
-            FamilyConfig::Glm4(c) => Box::new(super::glm4_moe::Glm4Shared::load(c, src)?),
-            FamilyConfig::Deepseek(c) => Box::new(super::deepseek_v3::DsShared::load(c, src)?),
-            FamilyConfig::Next(c) => Box::new(super::qwen3_next::QnShared::load(c, src)?),
-        })
+        self.0.layerwise(src)
     }
 
     /// A whole model over `src`; `experts` replaces holding every routed
-    /// expert of `src` resident (a pack's experts, the streaming cache).
+    /// expert of `src` resident (a pack's experts, the streaming cache),
+    /// `cache` is the streaming cache behind them, if that is what they are.
     pub fn build(
         &self,
         src: &dyn WeightSource,
         opts: &LoadOptions,
         experts: Option<Arc<dyn ExpertProvider>>,
+        cache: Option<Arc<ExpertCache>>,
     ) -> Result<Box<dyn Model>, RuntimeError> {
         check_layers_present(self.num_hidden_layers(), src, Path::new(&src.location()))?;
-        Ok(match self {
-            FamilyConfig::Decoder(c) => Box::new(MoeModel::from_source(c, src, opts, experts)?),
-            FamilyConfig::Glm4(c) => Box::new(Glm4Moe::from_source(c, src, opts, experts)?),
-            FamilyConfig::Deepseek(c) => Box::new(DeepseekV3::from_source(c, src, opts, experts)?),
-            FamilyConfig::Next(c) => Box::new(Qwen3Next::from_source(c, src, opts, experts)?),
-        })
+        self.0.build(src, opts, experts, cache)
     }
-}
-
-/// Opens a checkpoint directory (or its `config.json`) or an `.mfx` pack of
-/// any family: its config and a lazy source of its tensors (for a pack,
-/// routed experts come from [`PackExperts`], not the source).
-pub fn open(path: &Path) -> Result<(FamilyConfig, Box<dyn WeightSource>), RuntimeError> {
-    let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
-        path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        path.to_path_buf()
-    };
-    if dir.is_file() && is_pack(&dir) {
-        let src = PackSource::open(&dir)?;
-        let cfg = pack_config(&src, &dir)?;
-        return Ok((cfg, Box::new(src)));
-    }
-    if !dir.is_dir() {
-        if !dir.exists() {
-            return Err(RuntimeError::io(
-                &dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-            ));
-        }
-        return Err(RuntimeError::NotAModel { path: dir });
-    }
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return Err(RuntimeError::NotAModel { path: dir });
-    }
-    let cfg = FamilyConfig::from_file(&cfg_path)?;
-    Ok((cfg, Box::new(SafetensorsSource::open(&dir)?)))
 }
 
 /// Refuses a config declaring more layers than `src` holds tensors for,
@@ -191,125 +293,4 @@ fn layer_of(name: &str) -> Option<usize> {
         .strip_prefix("layers.")
         .or_else(|| name.split_once(".layers.").map(|(_, r)| r))?;
     rest.split('.').next()?.parse().ok()
-}
-
-/// The family config embedded in a pack's manifest.
-pub fn pack_config(src: &PackSource, path: &Path) -> Result<FamilyConfig, RuntimeError> {
-    FamilyConfig::from_json_str(&src.pack().manifest().config.to_string(), path)
-}
-
-/// Loads a glm4_moe, deepseek_v3 or qwen3_next model from a checkpoint
-/// directory or a pack; `None` for the shared-decoder families (and for
-/// paths that are neither, so the caller reports them its own way).
-pub fn load_own_type(
-    path: &Path,
-    opts: &LoadOptions,
-) -> Result<Option<Box<dyn Model>>, RuntimeError> {
-    if path.is_file() && is_pack(path) {
-        let src = PackSource::open(path)?;
-        let cfg = pack_config(&src, path)?;
-        if cfg.arch().uses_shared_decoder() {
-            return Ok(None);
-        }
-        check_layers_present(cfg.num_hidden_layers(), &src, path)?;
-        // Same streaming path as the shared-decoder families: routed experts
-        // behind the budgeted cache, dense tensors read into owned memory so
-        // a pack truncated while running is an error, not a SIGBUS.
-        crate::cache::check_expert_shapes(
-            src.pack(),
-            cfg.hidden_size(),
-            cfg.moe_intermediate_size(),
-        )?;
-        let shape = super::working::family(&cfg, opts.kv_bits);
-        let opts = &super::working::budgeted(opts, cfg.max_position_embeddings());
-        let copts = super::working::cache_options(&shape, cfg.max_position_embeddings(), opts);
-        let cache = crate::cache::provider_for_open_pack(
-            Arc::clone(src.pack()),
-            &copts,
-            cfg.num_hidden_layers(),
-        )?;
-        let provider: Arc<dyn ExpertProvider> = cache.clone();
-        let dense = PackSource::reading(Arc::clone(src.pack()), opts.cache.verify);
-        let inner = cfg.build(&dense, opts, Some(provider))?;
-        return Ok(Some(Box::new(Cached { inner, cache })));
-    }
-    let cfg_path = path.join("config.json");
-    if !path.is_dir() || !cfg_path.is_file() {
-        return Ok(None);
-    }
-    let cfg = FamilyConfig::from_file(&cfg_path)?;
-    if cfg.arch().uses_shared_decoder() {
-        return Ok(None);
-    }
-    let src = SafetensorsSource::open(path)?;
-    let shape = super::working::family(&cfg, opts.kv_bits);
-    let opts = &super::working::check_resident(path, &shape, cfg.max_position_embeddings(), opts)?;
-    cfg.build(&src, opts, None).map(Some)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_fixture_config_routes_to_its_family() {
-        let root = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures"
-        ));
-        for (dir, arch, decoder) in [
-            ("qwen3_moe", Arch::Qwen3Moe, true),
-            ("qwen2_moe", Arch::Qwen2Moe, true),
-            ("mixtral", Arch::Mixtral, true),
-            ("olmoe", Arch::Olmoe, true),
-            ("glm4_moe", Arch::Glm4Moe, false),
-            ("deepseek_v3", Arch::DeepseekV3, false),
-            ("qwen3_next", Arch::Qwen3Next, false),
-        ] {
-            let c = FamilyConfig::from_file(&root.join(dir).join("config.json")).unwrap();
-            assert_eq!(c.arch(), arch, "{dir}");
-            assert_eq!(matches!(c, FamilyConfig::Decoder(_)), decoder, "{dir}");
-            assert!(
-                c.hidden_size() > 0 && c.moe_intermediate_size() > 0,
-                "{dir}"
-            );
-        }
-    }
-
-    #[test]
-    fn shared_decoder_config_refuses_own_type_families() {
-        let e = ModelConfig::from_json_str(r#"{"model_type":"glm4_moe"}"#, Path::new("c.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("glm4_moe") && e.contains("FamilyConfig"), "{e}");
-    }
-}
-
-/// A family model whose routed experts stream through an [`ExpertCache`]:
-/// the model itself only sees an `ExpertProvider`, so this wrapper is what
-/// hands the cache to `--stats`, `/metrics` and `mfx bench`.
-struct Cached {
-    inner: Box<dyn Model>,
-    cache: Arc<ExpertCache>,
-}
-
-impl Model for Cached {
-    fn info(&self) -> &super::ModelInfo {
-        self.inner.info()
-    }
-    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
-        self.inner.forward(tokens, all_logits)
-    }
-    fn seq_len(&self) -> usize {
-        self.inner.seq_len()
-    }
-    fn truncate(&mut self, len: usize) -> bool {
-        self.inner.truncate(len)
-    }
-    fn reset(&mut self) {
-        self.inner.reset()
-    }
-    fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
-        Some(Arc::clone(&self.cache))
-    }
 }

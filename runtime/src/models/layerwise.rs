@@ -2,12 +2,13 @@
 //! walks layers rather than tokens: `mfx prep` loads layer L, pushes its
 //! whole calibration batch through it and drops it, so its peak memory is
 //! about one layer plus activations whatever the model's size. It is the
-//! same arithmetic the [`super::Model`] implementations run (they call the
-//! same `layer_forward`), which is what keeps prep's routing profile and
-//! quality checks on the runtime's one forward pass.
+//! same arithmetic the [`super::Model`] implementations run (both are
+//! [`super::stack`] over the family's one `layer_forward`), which is what
+//! keeps prep's routing profile and quality checks on the runtime's one
+//! forward pass.
 //!
 //! ```ignore
-//! let (cfg, src) = models::family::open(path)?;
+//! let (cfg, src) = models::open(path)?;
 //! let lw = cfg.layerwise(src.as_ref())?;           // embeddings, final norm, lm_head
 //! let mut hidden = lw.embed(&ids)?;                // one sequence, [n, hidden]
 //! for l in 0..lw.n_layers() {
@@ -19,19 +20,14 @@
 //! let logits = lw.final_logits(&hidden, true);
 //! ```
 //!
-//! Which tensors are routed experts, and their names, is decided here
-//! ([`Layerwise::expert_names`], [`Layerwise::stacked_expert_names`]) and
-//! nowhere else: the models load experts through it and prep uses it to
-//! tell experts from dense tensors.
+//! Which tensors are routed experts, and their names, is each family's
+//! `Family::expert_names` exposed here ([`Layerwise::expert_names`],
+//! [`Layerwise::stacked_expert_names`]) and nowhere else: the models load
+//! experts through it and prep uses it to tell experts from dense tensors.
 
-use super::deepseek_v3::{DsLayer, DsShared};
-use super::glm4_moe::{Glm4Layer, Glm4Shared};
-use super::kv_cache::KvBits;
-use super::moe::{ExpertMats, ExpertNames, ExpertProvider, RouterObserver};
-use super::qwen3_next::{LayerState, QnLayer, QnShared};
-use super::{LayerWeights, Transformer};
-use crate::config::Arch;
+use super::nn::moe::RouterObserver;
 use crate::error::RuntimeError;
+use crate::experts::{ExpertMats, ExpertNames, ExpertProvider};
 use crate::weights::WeightSource;
 use std::any::Any;
 use std::collections::BTreeSet;
@@ -42,11 +38,11 @@ use std::collections::BTreeSet;
 pub struct LayerBox(Box<dyn Any + Send + Sync>);
 
 impl LayerBox {
-    fn new<T: Any + Send + Sync>(layer: T) -> Self {
+    pub(crate) fn new<T: Any + Send + Sync>(layer: T) -> Self {
         LayerBox(Box::new(layer))
     }
 
-    fn get<T: Any>(&self, family: &str) -> Result<&T, RuntimeError> {
+    pub(crate) fn get<T: Any>(&self, family: &str) -> Result<&T, RuntimeError> {
         self.0.downcast_ref().ok_or_else(|| {
             RuntimeError::Other(format!("a layer of another family was passed to {family}"))
         })
@@ -58,7 +54,8 @@ const LINEAR_SUFFIXES: [&str; 3] = ["weight", "scales", "biases"];
 
 /// A model as a stack of separately loadable layers (see the module docs).
 pub trait Layerwise: Send + Sync {
-    fn arch(&self) -> Arch;
+    /// The family's `model_type`.
+    fn arch(&self) -> &'static str;
     fn n_layers(&self) -> usize;
     fn hidden_size(&self) -> usize;
     fn vocab_size(&self) -> usize;
@@ -153,231 +150,5 @@ pub trait Layerwise: Send + Sync {
             }
         }
         out
-    }
-}
-
-fn hub_names(l: usize, module: &str, e: usize, proj: [&str; 3]) -> ExpertNames {
-    proj.map(|p| format!("model.layers.{l}.{module}.experts.{e}.{p}"))
-}
-
-fn stacked_names(l: usize, module: &str) -> ExpertNames {
-    ["gate_proj", "up_proj", "down_proj"]
-        .map(|p| format!("model.layers.{l}.{module}.switch_mlp.{p}"))
-}
-
-const GATE_UP_DOWN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
-impl Layerwise for Transformer {
-    fn arch(&self) -> Arch {
-        self.cfg.arch
-    }
-    fn n_layers(&self) -> usize {
-        self.cfg.num_hidden_layers
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn num_experts(&self) -> usize {
-        self.cfg.num_experts
-    }
-    fn top_k(&self) -> usize {
-        self.cfg.num_experts_per_tok
-    }
-    fn moe_intermediate_size(&self) -> usize {
-        self.cfg.moe_intermediate_size
-    }
-    fn is_moe_layer(&self, l: usize) -> bool {
-        self.cfg.is_moe_layer(l)
-    }
-    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
-        hub_names(l, self.spec.moe_module, e, self.spec.expert_proj)
-    }
-    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
-        stacked_names(l, self.spec.moe_module)
-    }
-    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        Transformer::embed(self, ids)
-    }
-    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
-        Ok(LayerBox::new(Transformer::load_layer(self, src, l)?))
-    }
-    fn layer_forward(
-        &self,
-        layer: &LayerBox,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        let lw: &LayerWeights = layer.get(self.cfg.arch.name())?;
-        // Positions 0..n of one sequence attend to f32 keys computed in this
-        // call; the cache's storage precision never enters.
-        let mut kv = self.new_kv(KvBits::F16);
-        Transformer::layer_forward(self, lw, experts, hidden, &mut kv, observer)
-    }
-    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        Transformer::final_logits(self, hidden, all)
-    }
-}
-
-impl Layerwise for Glm4Shared {
-    fn arch(&self) -> Arch {
-        Arch::Glm4Moe
-    }
-    fn n_layers(&self) -> usize {
-        self.cfg.num_hidden_layers
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn num_experts(&self) -> usize {
-        self.cfg.n_routed_experts
-    }
-    fn top_k(&self) -> usize {
-        self.cfg.routing.top_k
-    }
-    fn moe_intermediate_size(&self) -> usize {
-        self.cfg.moe_intermediate_size
-    }
-    fn is_moe_layer(&self, l: usize) -> bool {
-        self.cfg.is_moe_layer(l)
-    }
-    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
-        hub_names(l, "mlp", e, GATE_UP_DOWN)
-    }
-    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
-        stacked_names(l, "mlp")
-    }
-    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        Glm4Shared::embed(self, ids)
-    }
-    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
-        Ok(LayerBox::new(Glm4Shared::load_layer(self, src, l)?))
-    }
-    fn layer_forward(
-        &self,
-        layer: &LayerBox,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        let lw: &Glm4Layer = layer.get("glm4_moe")?;
-        let mut kv = self.new_kv(KvBits::F16);
-        Glm4Shared::layer_forward(self, lw, experts, hidden, &mut kv, observer)
-    }
-    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        Glm4Shared::final_logits(self, hidden, all)
-    }
-}
-
-impl Layerwise for DsShared {
-    fn arch(&self) -> Arch {
-        Arch::DeepseekV3
-    }
-    fn n_layers(&self) -> usize {
-        self.cfg.num_hidden_layers
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn num_experts(&self) -> usize {
-        self.cfg.ffn.n_routed
-    }
-    fn top_k(&self) -> usize {
-        self.cfg.routing.top_k
-    }
-    fn moe_intermediate_size(&self) -> usize {
-        self.cfg.ffn.moe_intermediate
-    }
-    fn is_moe_layer(&self, l: usize) -> bool {
-        l >= self.cfg.ffn.first_k_dense
-    }
-    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
-        hub_names(l, "mlp", e, GATE_UP_DOWN)
-    }
-    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
-        stacked_names(l, "mlp")
-    }
-    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        DsShared::embed(self, ids)
-    }
-    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
-        Ok(LayerBox::new(DsShared::load_layer(self, src, l)?))
-    }
-    fn layer_forward(
-        &self,
-        layer: &LayerBox,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        let lw: &DsLayer = layer.get("deepseek_v3")?;
-        let mut kv = self.new_kv(KvBits::F16);
-        DsShared::layer_forward(self, lw, experts, hidden, &mut kv, observer)
-    }
-    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        DsShared::final_logits(self, hidden, all)
-    }
-}
-
-impl Layerwise for QnShared {
-    fn arch(&self) -> Arch {
-        Arch::Qwen3Next
-    }
-    fn n_layers(&self) -> usize {
-        self.cfg.num_hidden_layers
-    }
-    fn hidden_size(&self) -> usize {
-        self.cfg.hidden_size
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn num_experts(&self) -> usize {
-        self.cfg.num_experts
-    }
-    fn top_k(&self) -> usize {
-        self.cfg.top_k
-    }
-    fn moe_intermediate_size(&self) -> usize {
-        self.cfg.moe_intermediate_size
-    }
-    fn is_moe_layer(&self, _l: usize) -> bool {
-        // Qwen3-Next has no dense layers (the config parser refuses them).
-        true
-    }
-    fn expert_names(&self, l: usize, e: usize) -> ExpertNames {
-        hub_names(l, "mlp", e, GATE_UP_DOWN)
-    }
-    fn stacked_expert_names(&self, l: usize) -> ExpertNames {
-        stacked_names(l, "mlp")
-    }
-    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        QnShared::embed(self, ids)
-    }
-    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<LayerBox, RuntimeError> {
-        Ok(LayerBox::new(QnShared::load_layer(self, src, l)?))
-    }
-    fn layer_forward(
-        &self,
-        layer: &LayerBox,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        let lw: &QnLayer = layer.get("qwen3_next")?;
-        let mut st = LayerState::default();
-        QnShared::layer_forward(self, lw, experts, hidden, &mut st, observer)
-    }
-    fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        QnShared::final_logits(self, hidden, all)
     }
 }

@@ -3,14 +3,18 @@
 //! renormalized, which equals a softmax over the top-k logits. No q/k norm,
 //! no bias.
 
-use super::attention::QkNorm;
 use super::decoder::FamilySpec;
+use super::nn::attention::QkNorm;
 
 pub fn spec() -> FamilySpec {
     FamilySpec {
+        name: "mixtral",
         qk_norm: QkNorm::None,
         moe_module: "block_sparse_moe",
         expert_proj: ["w1", "w3", "w2"],
         shared_expert: false,
+        experts_in_intermediate_size: true,
+        always_renormalize: true,
+        bias_key: ("attention_bias", false),
     }
 }

@@ -1,44 +1,51 @@
-//! Models: the [`Model`] trait the generation loop drives, loading from any
-//! supported checkpoint, and the four MoE families (one file each; the
-//! shared decoder arithmetic is in `decoder.rs`).
+//! Models: the [`Model`] trait the generation loop drives, and the model
+//! families as a registry over one generic stack.
+//!
+//! - [`registry`]: the one table `model_type` -> family.
+//! - [`family`]: the [`Family`] trait (a family's dimensions, layer and
+//!   per-layer state) and [`FamilyConfig`], any family's parsed config.
+//! - [`stack`]: the generic stack implementing [`Model`] and
+//!   [`layerwise::Layerwise`] for every family.
+//! - [`nn`]: the building blocks (config reader, rope, attention, KV cache,
+//!   routers, the routed-experts path).
+//! - One file per family: [`decoder`] (the shared decoder) with its four
+//!   specs [`qwen3_moe`], [`qwen2_moe`], [`mixtral`], [`olmoe`]; and
+//!   [`glm4_moe`], [`deepseek_v3`], [`qwen3_next`] with their own layers.
+//!
+//! Loading (MODEL resolution, packs, the expert cache) is [`crate::load`].
 
-pub mod attention;
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod family;
 pub mod glm4_moe;
-pub mod kv_cache;
 pub mod layerwise;
 pub mod mixtral;
-pub mod moe;
+pub mod nn;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod qwen3_next;
-pub mod rope;
-pub mod sigmoid_moe;
+pub mod registry;
+pub mod stack;
 pub mod working;
 
-pub use decoder::{FamilySpec, Ffn, LayerWeights, Transformer};
-pub use kv_cache::{KvBits, LayerKv};
-pub use moe::{
-    ExpertMats, ExpertProvider, ExpertWeights, ResidentExperts, RouterObserver, Routing,
-};
+pub use crate::experts::{ExpertMats, ExpertProvider, ExpertWeights, ResidentExperts};
+pub use decoder::{Decoder, FamilySpec, ModelConfig};
+pub use family::{Dims, Family, FamilyConfig};
+pub use nn::kv_cache::{KvBits, LayerKv};
+pub use nn::moe::RouterObserver;
+pub use nn::router::Routing;
+pub use stack::{FamilyModel, Stack};
 
 use crate::cache::{CacheOptions, ExpertCache};
-use crate::config::{Arch, ModelConfig};
 use crate::error::RuntimeError;
-use crate::weights::pack::PackSource;
-use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::WeightSource;
-use mfx_formats::pack::MAGIC;
-use std::path::Path;
 use std::sync::Arc;
 
 /// What callers need to know about a loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// `qwen3_moe`, `qwen2_moe`, `mixtral` or `olmoe`.
+    /// The family's `model_type` (see [`registry::FAMILIES`]).
     pub arch: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -70,7 +77,11 @@ pub trait Model: Send {
     }
 }
 
-/// How to load a model.
+/// The largest prompt chunk one forward pass takes unless
+/// [`LoadOptions::prefill_chunk`] says otherwise.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// How to load a model (see [`crate::load`]).
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// KV cache storage precision (f16 unless asked otherwise).
@@ -80,124 +91,19 @@ pub struct LoadOptions {
     /// [`crate::cache::RESERVED_CONTEXT_DEFAULT`]).
     pub max_context: Option<usize>,
     /// The largest prompt chunk the caller will run in one forward pass
-    /// (default [`crate::generate::DEFAULT_PREFILL_CHUNK`]); sizes the
-    /// activation part of the working reserve.
+    /// (default [`DEFAULT_PREFILL_CHUNK`]); sizes the
+    /// activation part of the working reserve, and `Generator` prefills in
+    /// chunks of this size.
     pub prefill_chunk: Option<usize>,
     /// How a pack's routed experts are cached (ignored for checkpoint
     /// directories, whose experts stay mapped).
     pub cache: CacheOptions,
 }
 
-/// The family switches for a config (`None` for the families with their
-/// own model type, which `ModelConfig::from_json_str` refuses anyway).
-pub fn family_spec(cfg: &ModelConfig) -> Option<FamilySpec> {
-    match cfg.arch {
-        Arch::Qwen3Moe => Some(qwen3_moe::spec()),
-        Arch::Qwen2Moe => Some(qwen2_moe::spec()),
-        Arch::Mixtral => Some(mixtral::spec()),
-        Arch::Olmoe => Some(olmoe::spec()),
-        Arch::Glm4Moe | Arch::DeepseekV3 | Arch::Qwen3Next => None,
-    }
-}
+/// The shared decoder's model type (qwen3_moe, qwen2_moe, mixtral, olmoe).
+pub type MoeModel = FamilyModel<Decoder>;
 
-/// Opens a checkpoint directory (Hugging Face or MLX layout) or an `.mfx`
-/// pack: its config and a lazy source of its tensors (for a pack, routed
-/// experts come from [`PackExperts`], not the source). Also accepts the path
-/// of a checkpoint's `config.json`.
-pub fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>), RuntimeError> {
-    let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "config.json") {
-        path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        path.to_path_buf()
-    };
-    if dir.is_file() && is_pack(&dir) {
-        let src = PackSource::open(&dir)?;
-        let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), &dir)?;
-        return Ok((cfg, Box::new(src)));
-    }
-    if !dir.is_dir() {
-        if !dir.exists() {
-            return Err(RuntimeError::io(
-                &dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-            ));
-        }
-        return Err(RuntimeError::NotAModel { path: dir });
-    }
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
-        return Err(RuntimeError::NotAModel { path: dir });
-    }
-    let cfg = ModelConfig::from_file(&cfg_path)?;
-    let src = SafetensorsSource::open(&dir)?;
-    Ok((cfg, Box::new(src)))
-}
-
-/// Whether `path` is an `.mfx` pack (by its magic bytes, so a renamed pack still loads).
-pub fn is_pack(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 8];
-    let n = MAGIC.len().min(8);
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic[..n]))
-        .is_ok()
-        && magic[..n] == MAGIC[..n]
-}
-
-/// Loads a model from a checkpoint directory (HF or MLX) or a `.mfx` pack.
-pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>, RuntimeError> {
-    // Families with their own model type (not a FamilySpec of the shared
-    // decoder), from a checkpoint directory or a pack's embedded config.
-    if let Some(m) = family::load_own_type(path, opts)? {
-        return Ok(m);
-    }
-    Ok(Box::new(MoeModel::load(path, opts)?))
-}
-
-/// The one [`Model`] implementation: the shared decoder over any family,
-/// with all non-expert weights resident and routed experts from a provider.
-pub struct MoeModel {
-    info: ModelInfo,
-    tf: Transformer,
-    layers: Vec<LayerWeights>,
-    experts: Arc<dyn ExpertProvider>,
-    cache: Option<Arc<ExpertCache>>,
-    kv: Vec<LayerKv>,
-}
-
-impl MoeModel {
-    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, RuntimeError> {
-        if path.is_file() && is_pack(path) {
-            let src = PackSource::open(path)?;
-            let cfg = ModelConfig::from_json_str(&src.pack().manifest().config.to_string(), path)?;
-            family::check_layers_present(cfg.num_hidden_layers, &src, path)?;
-            crate::cache::check_expert_shapes(
-                src.pack(),
-                cfg.hidden_size,
-                cfg.moe_intermediate_size,
-            )?;
-            let shape = working::decoder(&cfg, opts.kv_bits);
-            let opts = &working::budgeted(opts, cfg.max_position_embeddings);
-            let copts = working::cache_options(&shape, cfg.max_position_embeddings, opts);
-            let cache = crate::cache::provider_for_open_pack(
-                Arc::clone(src.pack()),
-                &copts,
-                cfg.num_hidden_layers,
-            )?;
-            let provider: Arc<dyn ExpertProvider> = cache.clone();
-            // Dense tensors read into owned memory, not viewed in the map:
-            // a pack truncated while running must not SIGBUS (cache::dense).
-            let dense = PackSource::reading(Arc::clone(src.pack()), opts.cache.verify);
-            let mut m = Self::from_source(&cfg, &dense, opts, Some(provider))?;
-            m.cache = Some(cache);
-            return Ok(m);
-        }
-        let (cfg, src) = open(path)?;
-        let shape = working::decoder(&cfg, opts.kv_bits);
-        let opts = &working::check_resident(path, &shape, cfg.max_position_embeddings, opts)?;
-        Self::from_source(&cfg, src.as_ref(), opts, None)
-    }
-
+impl FamilyModel<Decoder> {
     /// Builds a model from an opened source. `experts`: a provider to use
     /// instead of holding every expert of `src` resident (the streaming cache).
     pub fn from_source(
@@ -206,123 +112,11 @@ impl MoeModel {
         opts: &LoadOptions,
         experts: Option<Arc<dyn ExpertProvider>>,
     ) -> Result<Self, RuntimeError> {
-        family::check_layers_present(cfg.num_hidden_layers, src, &cfg.path)?;
-        let tf = Transformer::load(cfg, src)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| tf.load_layer(src, l))
-            .collect::<Result<Vec<_>, _>>()?;
-        let experts = match experts {
-            Some(p) => p,
-            None => {
-                let mut r = ResidentExperts::new(cfg.num_hidden_layers);
-                for l in 0..cfg.num_hidden_layers {
-                    r.insert_layer(l, tf.load_layer_experts(src, l)?);
-                }
-                Arc::new(r)
-            }
-        };
-        let max_context = opts.max_context.unwrap_or(cfg.max_position_embeddings);
-        let info = ModelInfo {
-            arch: cfg.arch.name().to_string(),
-            vocab_size: cfg.vocab_size,
-            hidden_size: cfg.hidden_size,
-            n_layers: cfg.num_hidden_layers,
-            max_position_embeddings: cfg.max_position_embeddings,
-            max_context,
-            bos_token_id: cfg.bos_token_id,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            num_experts: cfg.num_experts,
-            num_experts_per_tok: cfg.num_experts_per_tok,
-        };
-        let kv = (0..cfg.num_hidden_layers)
-            .map(|_| tf.new_kv(opts.kv_bits))
-            .collect();
-        Ok(MoeModel {
-            info,
-            tf,
-            layers,
-            experts,
-            cache: None,
-            kv,
-        })
+        FamilyModel::build(Decoder::new(cfg.clone()), src, opts, experts)
     }
 
-    pub fn transformer(&self) -> &Transformer {
-        &self.tf
-    }
-
-    /// [`Model::forward`] that also reports every routing decision.
-    pub fn forward_observed(
-        &mut self,
-        tokens: &[u32],
-        all_logits: bool,
-        mut observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<Vec<f32>, RuntimeError> {
-        let needed = self.seq_len() + tokens.len();
-        if needed > self.info.max_context {
-            return Err(RuntimeError::ContextFull {
-                needed,
-                max: self.info.max_context,
-            });
-        }
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut hidden = self.tf.embed(tokens)?;
-        for (l, kv) in self.kv.iter_mut().enumerate() {
-            let obs = observer.as_deref_mut();
-            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
-            if let Err(e) =
-                self.tf
-                    .layer_forward_next(lw, next, self.experts.as_ref(), &mut hidden, kv, obs)
-            {
-                // Keep the layers' caches consistent: drop this call's positions.
-                let keep = needed - tokens.len();
-                for kv in self.kv.iter_mut() {
-                    kv.truncate(keep);
-                }
-                return Err(e);
-            }
-        }
-        Ok(self.tf.final_logits(&hidden, all_logits))
-    }
-
-    /// Bytes held by the KV cache.
-    pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|k| k.bytes()).sum()
-    }
-}
-
-impl Model for MoeModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
-        self.forward_observed(tokens, all_logits, None)
-    }
-
-    fn seq_len(&self) -> usize {
-        self.kv.first().map_or(0, |k| k.len())
-    }
-
-    fn truncate(&mut self, len: usize) -> bool {
-        if len > self.seq_len() {
-            return false;
-        }
-        for kv in self.kv.iter_mut() {
-            kv.truncate(len);
-        }
-        true
-    }
-
-    fn reset(&mut self) {
-        for kv in self.kv.iter_mut() {
-            kv.clear();
-        }
-    }
-
-    fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
-        self.cache.clone()
+    /// The family (config and switches).
+    pub fn transformer(&self) -> &Decoder {
+        self.family()
     }
 }

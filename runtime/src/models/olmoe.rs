@@ -3,14 +3,18 @@
 //! split into heads), optional `clip_qkv` clamping, top-k without
 //! renormalization unless `norm_topk_prob`.
 
-use super::attention::QkNorm;
 use super::decoder::FamilySpec;
+use super::nn::attention::QkNorm;
 
 pub fn spec() -> FamilySpec {
     FamilySpec {
+        name: "olmoe",
         qk_norm: QkNorm::Full,
         moe_module: "mlp",
         expert_proj: ["gate_proj", "up_proj", "down_proj"],
         shared_expert: false,
+        experts_in_intermediate_size: true,
+        always_renormalize: false,
+        bias_key: ("attention_bias", false),
     }
 }

@@ -16,25 +16,28 @@
 //! (key heads repeated for value heads). Prompts run the same per-token
 //! recurrence as decoding, so both give identical results.
 //!
-//! The conv and recurrent states, and the full-attention keys/values (kept
-//! f32, so a prompt split into pieces matches one pass), live per layer in
-//! [`LayerState`]. Recurrent state cannot be truncated: `truncate` returns
-//! false unless the length is unchanged.
+//! Full attention runs on [`super::nn::attention::attend`] like every
+//! family's, its keys/values kept f32 ([`KvBits::F32`]) so a prompt split
+//! into pieces matches one pass; zero-centred norm weights are stored as
+//! `1 + w` at load, so the shared RMSNorm applies them. The conv and
+//! recurrent states and the KV cache live per layer in [`LayerState`].
+//! Recurrent state cannot be truncated: `truncate` returns false unless
+//! the length is unchanged.
 
-use super::glm4_moe::{causal_attend, final_logits, inv_freq, ln, mlp, rope_partial};
-use super::moe::{
-    moe_forward_ext, ExpertMats, ExpertProvider, MoeWeights, NextLayer, ResidentExperts,
-    RouterObserver, Routing, SharedExpert,
-};
-use super::sigmoid_moe::JsonCfg;
-use super::{LoadOptions, Model, ModelInfo};
+use super::family::{Dims, Family, FamilyConfig, SeqState};
+use super::nn::attention::{attend, AttnParams};
+use super::nn::config::JsonCfg;
+use super::nn::kv_cache::{KvBits, LayerKv};
+use super::nn::linear::{add_into, layer_name as ln, load_mlp, matmul, norm_in_place, norm_rows};
+use super::nn::moe::{ffn_residual, Ffn, FfnLayer, MoeFfn, RouterObserver, SharedExpert};
+use super::nn::rope::Rope;
+use super::nn::router::{Routing, SoftmaxRouter};
+use crate::cache::WorkingShape;
 use crate::error::RuntimeError;
+use crate::experts::ExpertProvider;
 use crate::kernels;
-use crate::weights::safetensors::SafetensorsSource;
-use crate::weights::{DType, Matrix, WeightSource};
+use crate::weights::{Matrix, WeightSource};
 use rayon::prelude::*;
-use std::path::Path;
-use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Qwen3NextConfig {
@@ -176,71 +179,45 @@ impl Qwen3NextConfig {
     }
 }
 
-/// The depthwise conv1d weight `[conv_dim, 1, kernel]` as f32 `[conv_dim * kernel]`.
-fn conv_weight(
-    src: &dyn WeightSource,
-    name: &str,
-    conv_dim: usize,
-    kernel: usize,
-) -> Result<Vec<f32>, RuntimeError> {
-    let t = src.require(name)?;
-    if t.shape != [conv_dim, 1, kernel] {
-        return Err(RuntimeError::Shape {
-            name: name.into(),
-            location: src.location_of(name),
-            expected: format!("[{conv_dim}, 1, {kernel}]"),
-            found: t.shape.clone(),
-        });
-    }
-    let b = t.data.bytes();
-    Ok(match t.dtype {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::Bf16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(RuntimeError::Dtype {
-                name: name.into(),
-                location: src.location_of(name),
-                dtype: format!("{other:?}"),
-                expected: "f32, f16 or bf16".into(),
-            })
-        }
-    })
+/// Parses a `qwen3_next` config (the registry's entry point).
+pub fn parse(c: &JsonCfg) -> Result<FamilyConfig, RuntimeError> {
+    let cfg = Qwen3NextConfig::parse(c)?;
+    Ok(FamilyConfig::new(Qwen3Next {
+        dims: Dims {
+            arch: "qwen3_next",
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_experts: cfg.num_experts,
+            top_k: cfg.top_k,
+            moe_intermediate_size: cfg.moe_intermediate_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            eps: cfg.eps,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            zero_centred_norm: true,
+            bos_token_id: cfg.bos_token_id,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+        },
+        rope: Rope::new(cfg.rope_theta, cfg.rotary_dim),
+        cfg,
+    }))
 }
 
-/// Zero-centred RMSNorm (`(1 + w)`) of each `w.len()`-wide row, in place.
-fn norm_zc(x: &mut [f32], w: &[f32], eps: f32) {
-    let d = w.len();
-    for row in x.chunks_exact_mut(d) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (v, g) in row.iter_mut().zip(w) {
-            *v = *v * inv * (1.0 + g);
-        }
-    }
+/// A zero-centred norm weight (`1 + w`), so the shared RMSNorm applies it.
+fn zero_centred(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>, RuntimeError> {
+    let mut w = src.vector(name, len)?;
+    w.iter_mut().for_each(|x| *x += 1.0);
+    Ok(w)
 }
 
-fn matmul(w: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
-    let mut y = vec![0.0; n * w.rows()];
-    kernels::matmul(&w.mat(), x, n, &mut y);
-    y
-}
-
+/// Gated full attention: `q_proj` yields a query and an output gate per head.
 #[derive(Debug, Clone)]
 pub struct FullAttn {
     pub q: Matrix,
     pub k: Matrix,
     pub v: Matrix,
     pub o: Matrix,
+    /// `1 + w` (zero-centred).
     pub q_norm: Vec<f32>,
     pub k_norm: Vec<f32>,
 }
@@ -266,144 +243,64 @@ pub enum Mixer {
 #[derive(Debug, Clone)]
 pub struct QnLayer {
     pub index: usize,
+    /// `1 + w` (zero-centred), as is `post_norm`.
     pub input_norm: Vec<f32>,
     pub post_norm: Vec<f32>,
     pub mixer: Mixer,
-    pub moe: MoeWeights,
+    pub ffn: Ffn<SoftmaxRouter>,
 }
 
-/// Per-layer sequence state: f32 keys/values for full attention, conv
+impl QnLayer {
+    fn ffn_layer(&self) -> FfnLayer<'_, SoftmaxRouter> {
+        FfnLayer {
+            index: self.index,
+            post_norm: &self.post_norm,
+            ffn: &self.ffn,
+        }
+    }
+}
+
+/// Per-layer sequence state: the f32 KV cache for full attention, conv
 /// window and recurrent matrices for DeltaNet.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LayerState {
     pub len: usize,
-    pub keys: Vec<f32>,
-    pub vals: Vec<f32>,
+    pub kv: LayerKv,
     /// Last `kernel - 1` conv inputs, `[kernel-1, conv_dim]`, oldest first.
     pub conv: Vec<f32>,
     /// `[v_heads, k_dim, v_dim]`.
     pub rec: Vec<f32>,
 }
 
-pub struct QnShared {
-    pub cfg: Qwen3NextConfig,
-    inv_freq: Vec<f32>,
-    embed: Matrix,
-    final_norm: Vec<f32>,
-    lm_head: Matrix,
-    routing: Routing,
+impl SeqState for LayerState {
+    fn len(&self) -> usize {
+        self.len
+    }
+    /// Recurrent state has no snapshots: only a no-op truncation succeeds.
+    fn truncate(&mut self, len: usize) -> bool {
+        len == self.len
+    }
+    fn clear(&mut self) {
+        self.len = 0;
+        self.kv.clear();
+        self.conv = Vec::new();
+        self.rec = Vec::new();
+    }
 }
 
-impl QnShared {
-    pub fn load(cfg: &Qwen3NextConfig, src: &dyn WeightSource) -> Result<Self, RuntimeError> {
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = src.matrix("model.embed_tokens", v, h)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            src.matrix("lm_head", v, h)?
-        };
-        Ok(QnShared {
-            inv_freq: inv_freq(cfg.rope_theta, cfg.rotary_dim),
-            final_norm: src
-                .vector("model.norm.weight", h)?
-                .iter()
-                .map(|w| 1.0 + w)
-                .collect(),
-            embed,
-            lm_head,
-            routing: Routing {
-                top_k: cfg.top_k,
-                renormalize: cfg.norm_topk_prob,
-            },
-            cfg: cfg.clone(),
-        })
-    }
+/// Qwen3-Next as a [`Family`].
+#[derive(Debug, Clone)]
+pub struct Qwen3Next {
+    dims: Dims,
+    pub cfg: Qwen3NextConfig,
+    rope: Rope,
+}
 
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        let h = self.cfg.hidden_size;
-        let m = self.embed.mat();
-        let mut out = vec![0.0; ids.len() * h];
-        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(h)) {
-            if id as usize >= self.cfg.vocab_size {
-                return Err(RuntimeError::TokenOutOfRange {
-                    id,
-                    vocab: self.cfg.vocab_size,
-                });
-            }
-            m.row_f32(id as usize, o);
-        }
-        Ok(out)
-    }
-
-    pub fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<QnLayer, RuntimeError> {
-        let c = &self.cfg;
-        let h = c.hidden_size;
-        let mixer = if c.full_attention[l] {
-            let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-            Mixer::Full(FullAttn {
-                q: src.matrix(&ln(l, "self_attn.q_proj"), 2 * qd, h)?,
-                k: src.matrix(&ln(l, "self_attn.k_proj"), kd, h)?,
-                v: src.matrix(&ln(l, "self_attn.v_proj"), kd, h)?,
-                o: src.matrix(&ln(l, "self_attn.o_proj"), h, qd)?,
-                q_norm: src.vector(&ln(l, "self_attn.q_norm.weight"), c.head_dim)?,
-                k_norm: src.vector(&ln(l, "self_attn.k_norm.weight"), c.head_dim)?,
-            })
-        } else {
-            let conv_name = ln(l, "linear_attn.conv1d.weight");
-            let conv = conv_weight(src, &conv_name, c.conv_dim(), c.conv_kernel)?;
-            Mixer::Linear(DeltaNet {
-                in_qkvz: src.matrix(
-                    &ln(l, "linear_attn.in_proj_qkvz"),
-                    2 * c.key_dim() + 2 * c.value_dim(),
-                    h,
-                )?,
-                in_ba: src.matrix(&ln(l, "linear_attn.in_proj_ba"), 2 * c.lin_v_heads, h)?,
-                conv,
-                a_log: src.vector(&ln(l, "linear_attn.A_log"), c.lin_v_heads)?,
-                dt_bias: src.vector(&ln(l, "linear_attn.dt_bias"), c.lin_v_heads)?,
-                norm: src.vector(&ln(l, "linear_attn.norm.weight"), c.lin_v_dim)?,
-                out: src.matrix(&ln(l, "linear_attn.out_proj"), h, c.value_dim())?,
-            })
-        };
-        let shared = if c.shared_expert_intermediate_size > 0 {
-            Some(SharedExpert {
-                mlp: mlp(
-                    src,
-                    &ln(l, "mlp.shared_expert"),
-                    h,
-                    c.shared_expert_intermediate_size,
-                )?,
-                gate: src.matrix(&ln(l, "mlp.shared_expert_gate"), 1, h)?,
-            })
-        } else {
-            None
-        };
-        Ok(QnLayer {
-            index: l,
-            input_norm: src.vector(&ln(l, "input_layernorm.weight"), h)?,
-            post_norm: src.vector(&ln(l, "post_attention_layernorm.weight"), h)?,
-            mixer,
-            moe: MoeWeights {
-                router: src.matrix(&ln(l, "mlp.gate"), c.num_experts, h)?,
-                shared,
-            },
-        })
-    }
-
-    /// Layer `l`'s routed experts; names from [`super::layerwise::Layerwise`].
-    pub fn load_layer_experts(
-        &self,
-        src: &dyn WeightSource,
-        l: usize,
-    ) -> Result<Vec<ExpertMats>, RuntimeError> {
-        super::layerwise::Layerwise::layer_experts(self, src, l)
-    }
-
+impl Qwen3Next {
     fn full_attention(&self, w: &FullAttn, xn: &[f32], n: usize, st: &mut LayerState) -> Vec<f32> {
         let c = &self.cfg;
         let hd = c.head_dim;
-        let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
+        let qd = c.heads * hd;
         let qg = matmul(&w.q, xn, n);
         let mut q = vec![0.0; n * qd];
         let mut gate = vec![0.0; n * qd];
@@ -413,26 +310,18 @@ impl QnShared {
         }
         let mut k = matmul(&w.k, xn, n);
         let v = matmul(&w.v, xn, n);
-        norm_zc(&mut q, &w.q_norm, c.eps);
-        norm_zc(&mut k, &w.k_norm, c.eps);
-        let past = st.len;
-        for i in 0..n {
-            rope_partial(&mut q[i * qd..(i + 1) * qd], hd, &self.inv_freq, past + i);
-            rope_partial(&mut k[i * kd..(i + 1) * kd], hd, &self.inv_freq, past + i);
-        }
-        st.keys.extend_from_slice(&k);
-        st.vals.extend_from_slice(&v);
-        let mut out = causal_attend(
-            &q,
-            &st.keys,
-            &st.vals,
+        norm_in_place(&mut q, hd, &w.q_norm, c.eps);
+        norm_in_place(&mut k, hd, &w.k_norm, c.eps);
+        self.rope.apply(
+            &mut [q.as_mut_slice(), k.as_mut_slice()],
             n,
-            c.heads,
-            c.kv_heads,
             hd,
-            hd,
-            1.0 / (hd as f32).sqrt(),
+            0,
+            st.kv.len(),
         );
+        let p = AttnParams::new(c.heads, c.kv_heads, hd);
+        let mut out = attend(&p, &q, &k, &v, &st.kv, n);
+        st.kv.append(&k, &v);
         for (o, g) in out.iter_mut().zip(&gate) {
             *o *= 1.0 / (1.0 + (-g).exp());
         }
@@ -579,23 +468,114 @@ impl QnShared {
         }
         matmul(&w.out, &out, n)
     }
+}
 
-    pub fn layer_forward(
-        &self,
-        lw: &QnLayer,
-        experts: &dyn ExpertProvider,
-        hidden: &mut [f32],
-        st: &mut LayerState,
-        observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<(), RuntimeError> {
-        self.layer_forward_next(lw, None, experts, hidden, st, observer)
+impl Family for Qwen3Next {
+    type Layer = QnLayer;
+    type State = LayerState;
+
+    fn dims(&self) -> &Dims {
+        &self.dims
     }
 
-    /// [`Self::layer_forward`] that also lets the provider read ahead for
-    /// the next layer `next`: its router on this layer's post-attention
-    /// residual stream under its own post-attention norm, as the shared
-    /// decoder does (see [`crate::cache::prefetch`]).
-    pub fn layer_forward_next(
+    fn is_moe_layer(&self, _l: usize) -> bool {
+        // Qwen3-Next has no dense layers (the config parser refuses them).
+        true
+    }
+
+    // Full-attention layers keep an f32 KV cache; DeltaNet layers a fixed
+    // recurrent state (value heads x k_dim x v_dim) and a conv window.
+    fn working_shape(&self, _kv: KvBits) -> WorkingShape {
+        let c = &self.cfg;
+        let full = c.full_attention.iter().filter(|&&f| f).count() as u64;
+        let linear = c.num_hidden_layers as u64 - full;
+        let conv_width = 2 * c.lin_k_heads * c.lin_k_dim + c.lin_v_heads * c.lin_v_dim;
+        let state = c.lin_v_heads * c.lin_k_dim * c.lin_v_dim + c.conv_kernel * conv_width;
+        WorkingShape {
+            hidden: c.hidden_size as u64,
+            vocab: c.vocab_size as u64,
+            kv_bytes_per_token: full * 2 * (c.kv_heads * c.head_dim) as u64 * 4,
+            state_bytes: linear * 4 * state as u64,
+            qkv: ((2 * c.heads + 2 * c.kv_heads) * c.head_dim)
+                .max(conv_width + c.lin_v_heads * c.lin_v_dim) as u64,
+            top_k: c.top_k as u64,
+            expert_inter: c.moe_intermediate_size as u64,
+            shared_inter: c.shared_expert_intermediate_size as u64,
+            experts: c.num_experts as u64,
+        }
+    }
+
+    fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<QnLayer, RuntimeError> {
+        let c = &self.cfg;
+        let h = c.hidden_size;
+        let mixer = if c.full_attention[l] {
+            let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+            Mixer::Full(FullAttn {
+                q: src.matrix(&ln(l, "self_attn.q_proj"), 2 * qd, h)?,
+                k: src.matrix(&ln(l, "self_attn.k_proj"), kd, h)?,
+                v: src.matrix(&ln(l, "self_attn.v_proj"), kd, h)?,
+                o: src.matrix(&ln(l, "self_attn.o_proj"), h, qd)?,
+                q_norm: zero_centred(src, &ln(l, "self_attn.q_norm.weight"), c.head_dim)?,
+                k_norm: zero_centred(src, &ln(l, "self_attn.k_norm.weight"), c.head_dim)?,
+            })
+        } else {
+            Mixer::Linear(DeltaNet {
+                in_qkvz: src.matrix(
+                    &ln(l, "linear_attn.in_proj_qkvz"),
+                    2 * c.key_dim() + 2 * c.value_dim(),
+                    h,
+                )?,
+                in_ba: src.matrix(&ln(l, "linear_attn.in_proj_ba"), 2 * c.lin_v_heads, h)?,
+                // The depthwise conv1d weight `[conv_dim, 1, kernel]`.
+                conv: src.tensor_f32(
+                    &ln(l, "linear_attn.conv1d.weight"),
+                    &[c.conv_dim(), 1, c.conv_kernel],
+                )?,
+                a_log: src.vector(&ln(l, "linear_attn.A_log"), c.lin_v_heads)?,
+                dt_bias: src.vector(&ln(l, "linear_attn.dt_bias"), c.lin_v_heads)?,
+                norm: src.vector(&ln(l, "linear_attn.norm.weight"), c.lin_v_dim)?,
+                out: src.matrix(&ln(l, "linear_attn.out_proj"), h, c.value_dim())?,
+            })
+        };
+        let shared = if c.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert {
+                mlp: load_mlp(
+                    src,
+                    &ln(l, "mlp.shared_expert"),
+                    h,
+                    c.shared_expert_intermediate_size,
+                )?,
+                gate: Some(src.matrix(&ln(l, "mlp.shared_expert_gate"), 1, h)?),
+            })
+        } else {
+            None
+        };
+        let rule = Routing {
+            top_k: c.top_k,
+            renormalize: c.norm_topk_prob,
+        };
+        Ok(QnLayer {
+            index: l,
+            input_norm: zero_centred(src, &ln(l, "input_layernorm.weight"), h)?,
+            post_norm: zero_centred(src, &ln(l, "post_attention_layernorm.weight"), h)?,
+            mixer,
+            ffn: Ffn::Moe(MoeFfn {
+                router: SoftmaxRouter::load(src, &ln(l, "mlp.gate"), c.num_experts, h, rule)?,
+                shared,
+            }),
+        })
+    }
+
+    fn new_state(&self, _kv: KvBits) -> LayerState {
+        LayerState {
+            len: 0,
+            kv: LayerKv::new(KvBits::F32, self.cfg.kv_heads, self.cfg.head_dim),
+            conv: Vec::new(),
+            rec: Vec::new(),
+        }
+    }
+
+    fn layer_forward(
         &self,
         lw: &QnLayer,
         next: Option<&QnLayer>,
@@ -604,180 +584,23 @@ impl QnShared {
         st: &mut LayerState,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
-        let h = self.cfg.hidden_size;
-        let n = hidden.len() / h;
         let eps = self.cfg.eps;
-        let mut xn = hidden.to_vec();
-        norm_zc(&mut xn, &lw.input_norm, eps);
+        let n = hidden.len() / self.cfg.hidden_size;
+        let xn = norm_rows(hidden, &lw.input_norm, eps);
         let a = match &lw.mixer {
             Mixer::Full(w) => self.full_attention(w, &xn, n, st),
             Mixer::Linear(w) => self.delta_net(w, &xn, n, st),
         };
         st.len += n;
-        for (x, y) in hidden.iter_mut().zip(&a) {
-            *x += y;
-        }
-        let mut xn = hidden.to_vec();
-        norm_zc(&mut xn, &lw.post_norm, eps);
-        let proxy = next
-            .filter(|nl| experts.wants_next_hint(nl.index))
-            .map(|nl| {
-                let mut p = hidden.to_vec();
-                norm_zc(&mut p, &nl.post_norm, eps);
-                (nl, p)
-            });
-        let next = proxy.as_ref().map(|(nl, input)| NextLayer {
-            layer: nl.index,
-            router: &nl.moe.router,
-            input,
-        });
-        let f = moe_forward_ext(
-            lw.index,
-            &self.routing,
-            &lw.moe,
+        add_into(hidden, &a);
+        ffn_residual(
+            lw.ffn_layer(),
+            next.map(QnLayer::ffn_layer),
             experts,
-            &xn,
-            n,
-            observer,
-            next,
-        )?;
-        for (x, y) in hidden.iter_mut().zip(&f) {
-            *x += y;
-        }
-        Ok(())
-    }
-
-    pub fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32> {
-        let c = &self.cfg;
-        final_logits(
             hidden,
-            all,
-            &self.final_norm,
-            &self.lm_head,
-            c.eps,
-            c.hidden_size,
-            c.vocab_size,
+            eps,
+            observer,
         )
-    }
-}
-
-pub struct Qwen3Next {
-    info: ModelInfo,
-    pub shared: QnShared,
-    layers: Vec<QnLayer>,
-    experts: Arc<dyn ExpertProvider>,
-    state: Vec<LayerState>,
-}
-
-impl Qwen3Next {
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, RuntimeError> {
-        let c = JsonCfg::from_file(&dir.join("config.json"))?;
-        let cfg = Qwen3NextConfig::parse(&c)?;
-        let src = SafetensorsSource::open(dir)?;
-        Self::from_source(&cfg, &src, opts, None)
-    }
-
-    pub fn from_source(
-        cfg: &Qwen3NextConfig,
-        src: &dyn WeightSource,
-        opts: &LoadOptions,
-        experts: Option<Arc<dyn ExpertProvider>>,
-    ) -> Result<Self, RuntimeError> {
-        let shared = QnShared::load(cfg, src)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| shared.load_layer(src, l))
-            .collect::<Result<Vec<_>, _>>()?;
-        let experts = match experts {
-            Some(p) => p,
-            None => {
-                let mut r = ResidentExperts::new(cfg.num_hidden_layers);
-                for l in 0..cfg.num_hidden_layers {
-                    r.insert_layer(l, shared.load_layer_experts(src, l)?);
-                }
-                Arc::new(r)
-            }
-        };
-        let info = ModelInfo {
-            arch: "qwen3_next".into(),
-            vocab_size: cfg.vocab_size,
-            hidden_size: cfg.hidden_size,
-            n_layers: cfg.num_hidden_layers,
-            max_position_embeddings: cfg.max_position_embeddings,
-            max_context: opts.max_context.unwrap_or(cfg.max_position_embeddings),
-            bos_token_id: cfg.bos_token_id,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            num_experts: cfg.num_experts,
-            num_experts_per_tok: cfg.top_k,
-        };
-        let state = vec![LayerState::default(); cfg.num_hidden_layers];
-        Ok(Qwen3Next {
-            info,
-            shared,
-            layers,
-            experts,
-            state,
-        })
-    }
-
-    pub fn forward_observed(
-        &mut self,
-        tokens: &[u32],
-        all_logits: bool,
-        mut observer: Option<&mut (dyn RouterObserver + '_)>,
-    ) -> Result<Vec<f32>, RuntimeError> {
-        let needed = self.seq_len() + tokens.len();
-        if needed > self.info.max_context {
-            return Err(RuntimeError::ContextFull {
-                needed,
-                max: self.info.max_context,
-            });
-        }
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut hidden = self.shared.embed(tokens)?;
-        for (l, st) in self.state.iter_mut().enumerate() {
-            let obs = observer.as_deref_mut();
-            let (lw, next) = (&self.layers[l], self.layers.get(l + 1));
-            if let Err(e) = self.shared.layer_forward_next(
-                lw,
-                next,
-                self.experts.as_ref(),
-                &mut hidden,
-                st,
-                obs,
-            ) {
-                // Recurrent state cannot be rolled back: drop the sequence.
-                self.reset();
-                return Err(e);
-            }
-        }
-        Ok(self.shared.final_logits(&hidden, all_logits))
-    }
-}
-
-impl Model for Qwen3Next {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
-        self.forward_observed(tokens, all_logits, None)
-    }
-
-    fn seq_len(&self) -> usize {
-        self.state.first().map_or(0, |s| s.len)
-    }
-
-    /// Recurrent state has no snapshots: only a no-op truncation succeeds.
-    fn truncate(&mut self, len: usize) -> bool {
-        len == self.seq_len()
-    }
-
-    fn reset(&mut self) {
-        for s in self.state.iter_mut() {
-            *s = LayerState::default();
-        }
     }
 }
 

@@ -1,105 +1,26 @@
-//! Each family's [`WorkingShape`]: what it needs in memory besides weights,
-//! so that `--ram` leaves room for its KV cache and prompt activations.
+//! The budget's view of a model: each family's [`WorkingShape`] (what it
+//! needs in memory besides weights, so that `--ram` leaves room for its KV
+//! cache and prompt activations; each family computes its own in its file)
+//! turned into the expert cache's options and the resident check.
 
+use super::decoder::ModelConfig;
 use super::family::FamilyConfig;
+use super::DEFAULT_PREFILL_CHUNK;
 use super::{KvBits, LoadOptions};
 use crate::cache::{WorkingShape, RESERVED_CONTEXT_DEFAULT};
-use crate::config::ModelConfig;
-use crate::generate::DEFAULT_PREFILL_CHUNK;
-
-/// Bytes of one cached key or value vector of `dim` elements.
-fn kv_vector(bits: KvBits, dim: usize) -> u64 {
-    match bits {
-        KvBits::F16 => 2 * dim as u64,
-        // int8 codes plus one f32 scale per vector.
-        KvBits::Q8 => dim as u64 + 4,
-    }
-}
 
 /// The shared-decoder families (qwen3_moe, qwen2_moe, mixtral, olmoe).
 pub fn decoder(c: &ModelConfig, kv: KvBits) -> WorkingShape {
-    let dense_mlp = if !c.mlp_only_layers.is_empty() || c.decoder_sparse_step > 1 {
-        c.intermediate_size
-    } else {
-        0
-    };
-    WorkingShape {
-        hidden: c.hidden_size as u64,
-        vocab: c.vocab_size as u64,
-        kv_bytes_per_token: c.num_hidden_layers as u64
-            * 2
-            * c.num_key_value_heads as u64
-            * kv_vector(kv, c.head_dim),
-        state_bytes: 0,
-        qkv: ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) as u64,
-        top_k: c.num_experts_per_tok as u64,
-        expert_inter: c.moe_intermediate_size as u64,
-        shared_inter: c.shared_expert_intermediate_size.max(dense_mlp) as u64,
-        experts: c.num_experts as u64,
-    }
+    super::decoder::working_shape(c, kv)
 }
 
-/// Any family.
+/// Any family (each family's [`super::Family::working_shape`]).
 pub fn family(c: &FamilyConfig, kv: KvBits) -> WorkingShape {
-    match c {
-        FamilyConfig::Decoder(c) => decoder(c, kv),
-        FamilyConfig::Glm4(c) => WorkingShape {
-            hidden: c.hidden_size as u64,
-            vocab: c.vocab_size as u64,
-            kv_bytes_per_token: c.num_hidden_layers as u64
-                * 2
-                * c.kv_heads as u64
-                * kv_vector(kv, c.head_dim),
-            state_bytes: 0,
-            qkv: ((c.heads + 2 * c.kv_heads) * c.head_dim) as u64,
-            top_k: c.routing.top_k as u64,
-            expert_inter: c.moe_intermediate_size as u64,
-            shared_inter: (c.n_shared_experts * c.moe_intermediate_size).max(c.intermediate_size)
-                as u64,
-            experts: c.n_routed_experts as u64,
-        },
-        // MLA: keys and values are cached expanded, per head.
-        FamilyConfig::Deepseek(c) => WorkingShape {
-            hidden: c.hidden_size as u64,
-            vocab: c.vocab_size as u64,
-            kv_bytes_per_token: c.num_hidden_layers as u64
-                * 2
-                * c.heads as u64
-                * kv_vector(kv, c.qk_head_dim()),
-            state_bytes: 0,
-            qkv: (3 * c.heads * c.qk_head_dim() + c.kv_lora_rank + c.q_lora_rank.unwrap_or(0))
-                as u64,
-            top_k: c.routing.top_k as u64,
-            expert_inter: c.ffn.moe_intermediate as u64,
-            shared_inter: (c.ffn.n_shared * c.ffn.moe_intermediate).max(c.ffn.intermediate) as u64,
-            experts: c.ffn.n_routed as u64,
-        },
-        // Full-attention layers keep an f32 KV cache; DeltaNet layers a fixed
-        // recurrent state (value heads x k_dim x v_dim) and a conv window.
-        FamilyConfig::Next(c) => {
-            let full = c.full_attention.iter().filter(|&&f| f).count() as u64;
-            let linear = c.num_hidden_layers as u64 - full;
-            let conv_width = 2 * c.lin_k_heads * c.lin_k_dim + c.lin_v_heads * c.lin_v_dim;
-            let state = c.lin_v_heads * c.lin_k_dim * c.lin_v_dim + c.conv_kernel * conv_width;
-            WorkingShape {
-                hidden: c.hidden_size as u64,
-                vocab: c.vocab_size as u64,
-                kv_bytes_per_token: full * 2 * (c.kv_heads * c.head_dim) as u64 * 4,
-                state_bytes: linear * 4 * state as u64,
-                qkv: ((2 * c.heads + 2 * c.kv_heads) * c.head_dim)
-                    .max(conv_width + c.lin_v_heads * c.lin_v_dim) as u64,
-                top_k: c.top_k as u64,
-                expert_inter: c.moe_intermediate_size as u64,
-                shared_inter: c.shared_expert_intermediate_size as u64,
-                experts: c.num_experts as u64,
-            }
-        }
-    }
+    c.working_shape(kv)
 }
 
 /// `opts.cache` with the working set of a model of this shape filled in:
-/// what both pack loaders (shared decoder and own-type families) hand the
-/// expert cache.
+/// what the loader hands the expert cache.
 pub fn cache_options(
     shape: &WorkingShape,
     max_position: usize,

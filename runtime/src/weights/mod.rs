@@ -165,6 +165,37 @@ pub struct RawTensor {
     pub data: Blob,
 }
 
+impl RawTensor {
+    /// The values as f32 (f32, f16 or bf16 storage; anything else is an
+    /// error naming `name` in `location`). The one such conversion: the
+    /// weight sources, prep's quantizer and the families all use it.
+    pub fn to_f32(&self, name: &str, location: &str) -> Result<Vec<f32>, RuntimeError> {
+        let b = self.data.bytes();
+        Ok(match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(RuntimeError::Dtype {
+                    name: name.into(),
+                    location: location.into(),
+                    dtype: format!("{other:?}"),
+                    expected: "f32, f16 or bf16".into(),
+                })
+            }
+        })
+    }
+}
+
 /// An owned weight matrix `[rows, cols]` (rows = output features) in one of
 /// the schemes the kernels understand. Invariant (checked at construction):
 /// buffers are aligned for their element type and have exactly the lengths
@@ -352,6 +383,15 @@ pub trait WeightSource: Send + Sync {
         to_f32(self, name, &t)
     }
 
+    /// A float tensor of exactly `shape` (any rank), converted to f32.
+    fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, RuntimeError> {
+        let t = self.require(name)?;
+        if t.shape != shape {
+            return Err(shape_err(self, name, format!("{shape:?}"), &t.shape));
+        }
+        to_f32(self, name, &t)
+    }
+
     /// The linear layer `prefix` (`prefix.weight`, plus `prefix.scales` and
     /// `prefix.biases` when quantized) as a `[rows, cols]` matrix.
     fn matrix(&self, prefix: &str, rows: usize, cols: usize) -> Result<Matrix, RuntimeError> {
@@ -391,29 +431,7 @@ fn to_f32<S: WeightSource + ?Sized>(
     name: &str,
     t: &RawTensor,
 ) -> Result<Vec<f32>, RuntimeError> {
-    let b = t.data.bytes();
-    Ok(match t.dtype {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::Bf16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(RuntimeError::Dtype {
-                name: name.into(),
-                location: src.location_of(name),
-                dtype: format!("{other:?}"),
-                expected: "f32, f16 or bf16".into(),
-            })
-        }
-    })
+    t.to_f32(name, &src.location_of(name))
 }
 
 /// Group scales and biases must be bf16 for the kernels; f16/f32 ones

@@ -1,22 +1,19 @@
-//! `.mfx` packs as a weight source, and their routed experts as an
-//! [`ExpertProvider`].
+//! `.mfx` packs as a weight source (their routed experts as a provider
+//! without a budget: [`crate::experts::PackExperts`]).
 //!
 //! Dense tensors are viewed in place in the pack's mapping (the format
 //! aligns every part to 64 bytes). Experts are stored as one blob each,
 //! possibly compressed: an uncompressed blob is viewed in place, a
 //! compressed one is decoded on first use and kept. That keep-everything
 //! policy is the simple default; the budgeted streaming cache replaces
-//! [`PackExperts`] through `MoeModel::from_source`.
+//! [`PackExperts`] (see `crate::load`).
 
 use super::{Blob, BlobOwner, DType, Matrix, RawTensor, WeightSource};
 use crate::error::RuntimeError;
-use crate::models::{ExpertMats, ExpertProvider};
-use mfx_formats::pack::{ExpertEntry, Pack};
+use mfx_formats::pack::Pack;
 use mfx_formats::quant::Scheme;
-use mfx_formats::Codec;
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Keeps a pack's mapping alive for as long as a [`Blob`] views it.
 struct PackBytes(Arc<Pack>);
@@ -40,7 +37,7 @@ pub struct PackSource {
     verify: bool,
 }
 
-fn pack_err(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
+pub(crate) fn pack_err(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Pack {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -76,7 +73,12 @@ impl PackSource {
     }
 
     /// Fails naming `what` and the pack if `bytes` do not hash to `expected`.
-    fn check(&self, what: &str, bytes: &[u8], expected: u64) -> Result<(), RuntimeError> {
+    pub(crate) fn check(
+        &self,
+        what: &str,
+        bytes: &[u8],
+        expected: u64,
+    ) -> Result<(), RuntimeError> {
         if !self.verify {
             return Ok(());
         }
@@ -105,7 +107,7 @@ impl PackSource {
 
     /// Bytes `[offset, offset+len)` of the file: a zero-copy view of the
     /// mapping, or (for [`Self::reading`]) a fresh owned copy.
-    fn blob(&self, what: &str, offset: u64, len: u64) -> Result<Blob, RuntimeError> {
+    pub(crate) fn blob(&self, what: &str, offset: u64, len: u64) -> Result<Blob, RuntimeError> {
         if self.read {
             return crate::cache::dense::read_blob(&self.pack, what, offset, len);
         }
@@ -257,96 +259,5 @@ impl WeightSource for PackSource {
             name: format!("{prefix}.weight[{index}]"),
             location: format!("{} (packs store experts as blobs)", self.location()),
         })
-    }
-}
-
-/// Routed experts of a pack (see the module docs for residency).
-pub struct PackExperts {
-    src: PackSource,
-    hidden: usize,
-    inter: usize,
-    decoded: Mutex<HashMap<(usize, usize), Arc<ExpertMats>>>,
-}
-
-impl PackExperts {
-    pub fn new(src: PackSource, hidden: usize, inter: usize) -> Self {
-        PackExperts {
-            src,
-            hidden,
-            inter,
-            decoded: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn build(&self, e: &ExpertEntry) -> Result<ExpertMats, RuntimeError> {
-        let loc = self.src.location();
-        let blob = if e.codec == Codec::None {
-            let b = self.src.blob(&e.label(), e.offset, e.raw_length)?;
-            self.src.check(&e.label(), b.bytes(), e.checksum.0)?;
-            b
-        } else {
-            let stored = self.src.pack.expert_bytes_mapped(e);
-            self.src.check(&e.label(), stored, e.checksum.0)?;
-            let mut out = vec![0u8; e.raw_length as usize];
-            e.decode_into(stored, &mut out)
-                .map_err(|err| pack_err(self.src.pack.path(), err))?;
-            Blob::copy_of(&out)
-        };
-        let part = |name: &str, rows: usize, cols: usize| -> Result<Matrix, RuntimeError> {
-            let label = format!("{} {name}", e.label());
-            let i = e
-                .part_index(name)
-                .ok_or_else(|| RuntimeError::MissingTensor {
-                    name: label.clone(),
-                    location: loc.clone(),
-                })?;
-            let (off, layout) = e
-                .part_layout(i)
-                .ok_or_else(|| pack_err(self.src.pack.path(), format!("{label}: bad layout")))?;
-            if off + layout.length > blob.len() as u64 {
-                return Err(pack_err(
-                    self.src.pack.path(),
-                    format!("{label}: outside the expert blob"),
-                ));
-            }
-            let p = &e.parts[i];
-            matrix_from(
-                &label,
-                &loc,
-                p.scheme,
-                &p.shape,
-                blob.slice(off as usize, layout.length as usize),
-                rows,
-                cols,
-            )
-        };
-        Ok(ExpertMats {
-            gate: part("gate_proj", self.inter, self.hidden)?,
-            up: part("up_proj", self.inter, self.hidden)?,
-            down: part("down_proj", self.hidden, self.inter)?,
-        })
-    }
-}
-
-impl ExpertProvider for PackExperts {
-    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertMats>, RuntimeError> {
-        if let Ok(m) = self.decoded.lock() {
-            if let Some(x) = m.get(&(layer, expert)) {
-                return Ok(x.clone());
-            }
-        }
-        let e = self
-            .src
-            .pack
-            .expert(layer as u32, expert as u32)
-            .ok_or_else(|| RuntimeError::MissingTensor {
-                name: mfx_formats::pack::manifest::expert_label(layer as u32, expert as u32),
-                location: self.src.location(),
-            })?;
-        let x = Arc::new(self.build(e)?);
-        if let Ok(mut m) = self.decoded.lock() {
-            m.insert((layer, expert), x.clone());
-        }
-        Ok(x)
     }
 }

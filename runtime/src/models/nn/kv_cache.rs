@@ -15,6 +15,9 @@ pub enum KvBits {
     F16,
     /// Symmetric int8 per (position, KV head) vector, absmax scaling.
     Q8,
+    /// Full precision: qwen3_next's few full-attention layers, so that a
+    /// prompt split into pieces gives what one pass gives.
+    F32,
 }
 
 impl std::str::FromStr for KvBits {
@@ -32,6 +35,7 @@ impl std::str::FromStr for KvBits {
 
 #[derive(Debug, Clone)]
 enum Store {
+    F32(Vec<f32>),
     F16(Vec<f16>),
     Q8 { q: Vec<i8>, scales: Vec<f32> },
 }
@@ -39,6 +43,7 @@ enum Store {
 impl Store {
     fn new(bits: KvBits) -> Self {
         match bits {
+            KvBits::F32 => Store::F32(Vec::new()),
             KvBits::F16 => Store::F16(Vec::new()),
             KvBits::Q8 => Store::Q8 {
                 q: Vec::new(),
@@ -49,6 +54,7 @@ impl Store {
 
     fn push(&mut self, x: &[f32], head_dim: usize) {
         match self {
+            Store::F32(v) => v.extend_from_slice(x),
             Store::F16(v) => v.extend(x.iter().map(|&a| f16::from_f32(a))),
             Store::Q8 { q, scales } => {
                 for h in x.chunks_exact(head_dim) {
@@ -67,6 +73,7 @@ impl Store {
     /// Dequantizes the first `n` elements into `out`.
     fn read(&self, n: usize, head_dim: usize, out: &mut [f32]) {
         match self {
+            Store::F32(v) => out[..n].copy_from_slice(&v[..n]),
             Store::F16(v) => {
                 for (o, a) in out[..n].iter_mut().zip(&v[..n]) {
                     *o = a.to_f32();
@@ -91,6 +98,7 @@ impl Store {
     #[inline]
     fn dot(&self, off: usize, q: &[f32]) -> f32 {
         match self {
+            Store::F32(v) => kernels::backend().dot(q, &v[off..off + q.len()]),
             Store::F16(v) => kernels::backend().dot_f16(q, &v[off..off + q.len()]),
             Store::Q8 { q: codes, scales } => {
                 kernels::dot_i8(&codes[off..off + q.len()], scales[off / q.len()], q)
@@ -102,6 +110,7 @@ impl Store {
     #[inline]
     fn axpy(&self, off: usize, alpha: f32, y: &mut [f32]) {
         match self {
+            Store::F32(v) => kernels::backend().axpy(alpha, &v[off..off + y.len()], y),
             Store::F16(v) => kernels::backend().axpy_f16(alpha, &v[off..off + y.len()], y),
             Store::Q8 { q: codes, scales } => {
                 kernels::axpy_i8(alpha, &codes[off..off + y.len()], scales[off / y.len()], y)
@@ -111,6 +120,7 @@ impl Store {
 
     fn truncate(&mut self, n: usize, head_dim: usize) {
         match self {
+            Store::F32(v) => v.truncate(n),
             Store::F16(v) => v.truncate(n),
             Store::Q8 { q, scales } => {
                 q.truncate(n);
@@ -121,6 +131,7 @@ impl Store {
 
     fn bytes(&self) -> usize {
         match self {
+            Store::F32(v) => v.len() * 4,
             Store::F16(v) => v.len() * 2,
             Store::Q8 { q, scales } => q.len() + scales.len() * 4,
         }
@@ -221,7 +232,7 @@ impl LayerKv {
         }
         match &self.k[kv_head] {
             Store::F16(v) => kernels::backend().dot_f16_rows(self.rows(v), q, scores, ld),
-            Store::Q8 { .. } => {
+            Store::Q8 { .. } | Store::F32(_) => {
                 for (h, qh) in q.chunks_exact(self.head_dim).enumerate() {
                     for pos in 0..self.len {
                         scores[h * ld + pos] = self.key_dot(pos, kv_head, qh);
@@ -239,7 +250,7 @@ impl LayerKv {
         }
         match &self.v[kv_head] {
             Store::F16(v) => kernels::backend().axpy_f16_rows(self.rows(v), p, ld, out),
-            Store::Q8 { .. } => {
+            Store::Q8 { .. } | Store::F32(_) => {
                 for (h, oh) in out.chunks_exact_mut(self.head_dim).enumerate() {
                     for pos in 0..self.len {
                         self.value_axpy(pos, kv_head, p[h * ld + pos], oh);
@@ -287,7 +298,11 @@ mod tests {
         let x: Vec<f32> = (0..64)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.37)
             .collect();
-        for (bits, tol) in [(KvBits::F16, 1e-3), (KvBits::Q8, 8.0 * 0.37 / 127.0)] {
+        for (bits, tol) in [
+            (KvBits::F32, 0.0),
+            (KvBits::F16, 1e-3),
+            (KvBits::Q8, 8.0 * 0.37 / 127.0),
+        ] {
             let mut kv = LayerKv::new(bits, 2, 16);
             kv.append(&x, &x);
             kv.append(&x, &x);

@@ -1,177 +1,141 @@
-//! The DeepSeek-V3 router family (also GLM-4-MoE): sigmoid expert scores,
-//! a per-expert `e_score_correction_bias` that only steers *selection*,
-//! group-limited top-k (`n_group` groups ranked by the sum of their two best
-//! biased scores, keep `topk_group`), optional renormalization and a
-//! `routed_scaling_factor`. The mixing weights come from the unbiased
-//! sigmoid scores, as in transformers' `DeepseekV3TopkRouter`.
+//! Routers: from a layer's router logits to each token's experts and
+//! mixing weights. One [`Router`] trait over the two gating functions the
+//! families use, the way llama.cpp's `build_moe_ffn` takes the gating
+//! function as a parameter; everything after routing is one path
+//! (`super::moe`).
 //!
-//! Also the pieces those families share: a small JSON config reader (their
-//! configs use keys `ModelConfig` does not know) and the routed-expert
-//! combine over an [`ExpertProvider`], so the streaming cache serves them
-//! exactly as it serves the softmax families.
+//! - [`SoftmaxRouter`] (qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_next):
+//!   softmax over all experts, top-k, optional renormalization.
+//! - [`SigmoidRouter`] (deepseek_v3, glm4_moe): sigmoid scores, a
+//!   per-expert `e_score_correction_bias` that only steers *selection*,
+//!   group-limited top-k (`n_group` groups ranked by the sum of their two
+//!   best biased scores, keep `topk_group`), optional renormalization and a
+//!   `routed_scaling_factor`; the mixing weights come from the unbiased
+//!   sigmoid scores, as in transformers' `DeepseekV3TopkRouter`.
 
-use super::moe::{routed_experts_forward, ExpertProvider, RoutedBatch, RouterObserver};
+use super::config::JsonCfg;
 use crate::error::RuntimeError;
 use crate::kernels;
-use crate::weights::Matrix;
-use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use crate::weights::{Matrix, WeightSource};
 
-/// Reads `config.json` keys, naming the file and key in every error.
-pub struct JsonCfg {
-    pub path: PathBuf,
-    pub obj: Map<String, Value>,
+/// One token's `(expert, weight)` choices.
+pub type Choices = Vec<(usize, f32)>;
+
+/// A layer's router: its weight and gating function.
+pub trait Router: Send + Sync {
+    /// `[experts, hidden]`.
+    fn weight(&self) -> &Matrix;
+    /// Experts per token.
+    fn top_k(&self) -> usize;
+    /// One token: fills `probs` with the scores observers see (softmax or
+    /// sigmoid of `logits`) and returns the selected experts (best first,
+    /// ties to the lower id) and their mixing weights.
+    fn route(&self, logits: &[f32], probs: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>);
+    /// `--skip-missing`: drops the experts marked in `missing` from one
+    /// token's choices and re-weights the rest as this gating function
+    /// would had it chosen only those; returns how many were dropped.
+    fn skip_missing(&self, sel: &mut Choices, missing: &[bool]) -> usize;
+    /// Turns router logits (`[n, experts]`, in place) into the next-layer
+    /// predictor's per-token distribution over experts.
+    fn distribution(&self, logits: &mut [f32]);
 }
 
-impl JsonCfg {
-    pub fn from_file(path: &Path) -> Result<Self, RuntimeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        Self::from_str(&text, path)
-    }
+/// How a softmax family turns router logits into mixing weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing {
+    pub top_k: usize,
+    /// Divide the top-k probabilities by their sum (Mixtral always; qwen and
+    /// OLMoE when `norm_topk_prob`). Otherwise they are the softmax over all
+    /// experts, unnormalized.
+    pub renormalize: bool,
+}
 
-    pub fn from_str(text: &str, path: &Path) -> Result<Self, RuntimeError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| RuntimeError::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        match v {
-            Value::Object(obj) => Ok(JsonCfg {
-                path: path.to_path_buf(),
-                obj,
-            }),
-            _ => Err(RuntimeError::BadKey {
-                path: path.to_path_buf(),
-                key: "(top level)".into(),
-                msg: "expected a JSON object".into(),
-            }),
-        }
-    }
-
-    pub fn bad(&self, key: &str, msg: impl Into<String>) -> RuntimeError {
-        RuntimeError::BadKey {
-            path: self.path.clone(),
-            key: key.into(),
-            msg: msg.into(),
-        }
-    }
-
-    /// A key at top level or, failing that, inside `rope_parameters` /
-    /// `rope_scaling` (transformers 5 moved rope keys there).
-    fn get(&self, key: &str) -> Option<&Value> {
-        if let Some(v) = self.obj.get(key).filter(|v| !v.is_null()) {
-            return Some(v);
-        }
-        for nest in ["rope_parameters", "rope_scaling"] {
-            if let Some(v) = self
-                .obj
-                .get(nest)
-                .and_then(|o| o.get(key))
-                .filter(|v| !v.is_null())
-            {
-                return Some(v);
+impl Routing {
+    /// Softmax over all experts, top-k (ties to the lower index, as
+    /// `torch.topk` on CPU does), optional renormalization. Fills `probs`
+    /// and returns `(selected, weights)`.
+    pub fn route(&self, logits: &[f32], probs: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+        probs.clear();
+        probs.extend_from_slice(logits);
+        kernels::softmax(probs);
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        idx.truncate(self.top_k);
+        let mut w: Vec<f32> = idx.iter().map(|&e| probs[e]).collect();
+        if self.renormalize {
+            let s: f32 = w.iter().sum();
+            for x in w.iter_mut() {
+                *x /= s;
             }
         }
-        None
+        (idx, w)
     }
 
-    pub fn has(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-
-    pub fn usize_opt(&self, key: &str) -> Result<Option<usize>, RuntimeError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => crate::config::check_cap(key, n)
-                    .map(Some)
-                    .map_err(|m| self.bad(key, m)),
-                None => Err(self.bad(key, format!("expected a non-negative integer, found {v}"))),
-            },
+    /// Renormalized over the kept experts when the family renormalizes its
+    /// top-k, else the softmax weights unchanged (the skipped experts'
+    /// share is simply lost, as with any expert outside the top-k).
+    pub fn skip_missing(&self, sel: &mut Choices, missing: &[bool]) -> usize {
+        let before = sel.len();
+        sel.retain(|&(e, _)| !missing[e]);
+        let dropped = before - sel.len();
+        if dropped > 0 && self.renormalize {
+            let s: f32 = sel.iter().map(|x| x.1).sum();
+            if s > 0.0 {
+                for x in sel.iter_mut() {
+                    x.1 /= s;
+                }
+            }
         }
+        dropped
     }
+}
 
-    pub fn usize_req(&self, key: &str) -> Result<usize, RuntimeError> {
-        self.usize_opt(key)?
-            .ok_or_else(|| RuntimeError::MissingKey {
-                path: self.path.clone(),
-                key: key.into(),
-            })
+/// A softmax top-k router (`{module}.gate`).
+#[derive(Debug, Clone)]
+pub struct SoftmaxRouter {
+    pub weight: Matrix,
+    pub rule: Routing,
+}
+
+impl SoftmaxRouter {
+    /// `{prefix}.weight` for `experts` experts over `hidden` inputs.
+    pub fn load(
+        src: &dyn WeightSource,
+        prefix: &str,
+        experts: usize,
+        hidden: usize,
+        rule: Routing,
+    ) -> Result<Self, RuntimeError> {
+        Ok(SoftmaxRouter {
+            weight: src.matrix(prefix, experts, hidden)?,
+            rule,
+        })
     }
+}
 
-    pub fn positive(&self, key: &str) -> Result<usize, RuntimeError> {
-        let n = self.usize_req(key)?;
-        if n == 0 {
-            return Err(self.bad(key, "must be positive"));
-        }
-        Ok(n)
+impl Router for SoftmaxRouter {
+    fn weight(&self) -> &Matrix {
+        &self.weight
     }
-
-    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>, RuntimeError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, format!("expected a number, found {v}"))),
-        }
+    fn top_k(&self) -> usize {
+        self.rule.top_k
     }
-
-    pub fn bool_opt(&self, key: &str) -> Result<Option<bool>, RuntimeError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, format!("expected true or false, found {v}"))),
-        }
+    fn route(&self, logits: &[f32], probs: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+        self.rule.route(logits, probs)
     }
-
-    pub fn str_opt(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| v.as_str())
+    fn skip_missing(&self, sel: &mut Choices, missing: &[bool]) -> usize {
+        self.rule.skip_missing(sel, missing)
     }
-
-    pub fn ids(&self, key: &str) -> Result<Vec<u32>, RuntimeError> {
-        let one = |v: &Value| -> Result<u32, RuntimeError> {
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| self.bad(key, format!("expected a token id, found {v}")))
-        };
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(one).collect(),
-            Some(v) => Ok(vec![one(v)?]),
-        }
-    }
-
-    /// Refuses scaled rope types this reader does not implement.
-    pub fn default_rope_only(&self) -> Result<(), RuntimeError> {
-        match self.str_opt("rope_type").or_else(|| self.str_opt("type")) {
-            None | Some("default") => Ok(()),
-            Some(t) => Err(self.bad(
-                "rope_parameters.rope_type",
-                format!("rope type `{t}` is not supported (only the default rope)"),
-            )),
-        }
-    }
-
-    /// `hidden_act` must be silu (the only activation the experts implement).
-    pub fn silu_only(&self) -> Result<(), RuntimeError> {
-        match self.obj.get("hidden_act") {
-            None => Ok(()),
-            Some(v) if v.as_str() == Some("silu") => Ok(()),
-            Some(v) => Err(self.bad(
-                "hidden_act",
-                format!("activation {v} is not supported (only silu)"),
-            )),
+    fn distribution(&self, logits: &mut [f32]) {
+        let ne = self.weight.rows();
+        for row in logits.chunks_exact_mut(ne) {
+            kernels::softmax(row);
         }
     }
 }
 
 /// The sigmoid, bias-corrected, group-limited router.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct SigmoidRouting {
     pub top_k: usize,
     pub n_group: usize,
@@ -278,7 +242,7 @@ impl SigmoidRouting {
     /// `routed_scaling_factor` again (so the kept weights still sum to the
     /// factor); without it each weight is its own scaled score, unchanged.
     /// Returns how many were dropped.
-    pub fn skip_missing(&self, sel: &mut Vec<(usize, f32)>, missing: &[bool]) -> usize {
+    pub fn skip_missing(&self, sel: &mut Choices, missing: &[bool]) -> usize {
         let before = sel.len();
         sel.retain(|&(e, _)| !missing[e]);
         let dropped = before - sel.len();
@@ -296,21 +260,48 @@ impl SigmoidRouting {
     }
 }
 
-/// A sigmoid-routed MoE block's resident weights (router and its bias).
+/// A sigmoid, bias-corrected, group-limited router (`mlp.gate` and its
+/// `e_score_correction_bias`).
 #[derive(Debug, Clone)]
 pub struct SigmoidRouter {
     pub weight: Matrix,
     pub bias: Vec<f32>,
+    pub rule: SigmoidRouting,
 }
 
-/// The next MoE layer, for prefetch: its router and a proxy of its input
-/// (this layer's post-attention residual stream under the next layer's
-/// post-attention norm), as [`super::moe::NextLayer`] is for the softmax
-/// families.
-pub struct SigmoidNext<'a> {
-    pub layer: usize,
-    pub router: &'a SigmoidRouter,
-    pub input: &'a [f32],
+impl SigmoidRouter {
+    /// `{prefix}.weight` and `{prefix}.e_score_correction_bias`.
+    pub fn load(
+        src: &dyn WeightSource,
+        prefix: &str,
+        experts: usize,
+        hidden: usize,
+        rule: SigmoidRouting,
+    ) -> Result<Self, RuntimeError> {
+        Ok(SigmoidRouter {
+            weight: src.matrix(prefix, experts, hidden)?,
+            bias: src.vector(&format!("{prefix}.e_score_correction_bias"), experts)?,
+            rule,
+        })
+    }
+}
+
+impl Router for SigmoidRouter {
+    fn weight(&self) -> &Matrix {
+        &self.weight
+    }
+    fn top_k(&self) -> usize {
+        self.rule.top_k
+    }
+    fn route(&self, logits: &[f32], probs: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+        self.rule.route(logits, &self.bias, probs)
+    }
+    fn skip_missing(&self, sel: &mut Choices, missing: &[bool]) -> usize {
+        self.rule.skip_missing(sel, missing)
+    }
+    fn distribution(&self, logits: &mut [f32]) {
+        selection_distribution(logits, &self.bias)
+    }
 }
 
 /// The predictor's input for a sigmoid router: per token, the biased
@@ -334,66 +325,30 @@ fn selection_distribution(logits: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Routes `n` tokens of `xn` and returns the weighted sum of their routed
-/// experts' outputs (`[n, hidden]`), fetching experts from `experts`. With
-/// `next`, the provider also gets a prediction of the next MoE layer's
-/// experts before this layer's experts compute.
-#[allow(clippy::too_many_arguments)]
-pub fn routed_forward(
-    layer: usize,
-    routing: &SigmoidRouting,
-    router: &SigmoidRouter,
-    experts: &dyn ExpertProvider,
-    xn: &[f32],
-    n: usize,
-    mut observer: Option<&mut (dyn RouterObserver + '_)>,
-    next: Option<SigmoidNext<'_>>,
-) -> Result<Vec<f32>, RuntimeError> {
-    let hidden = router.weight.cols();
-    let ne = router.weight.rows();
-    let mut logits = vec![0.0; n * ne];
-    kernels::matmul(&router.weight.mat(), xn, n, &mut logits);
-    let mut per_token: Vec<Vec<(usize, f32)>> = Vec::with_capacity(n);
-    let mut scores = Vec::with_capacity(ne);
-    for t in 0..n {
-        let lg = &logits[t * ne..(t + 1) * ne];
-        let (sel, wts) = routing.route(lg, &router.bias, &mut scores);
-        if let Some(obs) = observer.as_deref_mut() {
-            obs.observe(layer, t, lg, &scores, &sel, &wts);
-        }
-        per_token.push(sel.into_iter().zip(wts).collect());
-    }
-    let hint = next
-        .filter(|nx| experts.wants_next_hint(nx.layer))
-        .map(|nx| {
-            let probs = move || {
-                let ne2 = nx.router.weight.rows();
-                let mut p2 = vec![0.0; n * ne2];
-                kernels::matmul(&nx.router.weight.mat(), nx.input, n, &mut p2);
-                selection_distribution(&mut p2, &nx.router.bias);
-                p2
-            };
-            (nx.layer, probs)
-        });
-    routed_experts_forward(
-        RoutedBatch {
-            layer,
-            per_token,
-            num_experts: ne,
-            top_k: routing.top_k,
-            reweight: &|sel, missing| routing.skip_missing(sel, missing),
-            next: hint.as_ref().map(|(l, f)| (*l, f as &dyn Fn() -> Vec<f32>)),
-        },
-        experts,
-        xn,
-        n,
-        hidden,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_skipping_renormalizes_only_where_the_family_does() {
+        let missing = [false, true, false, false];
+        let sel = vec![(0, 0.5), (1, 0.3), (2, 0.2)];
+        let renorm = Routing {
+            top_k: 3,
+            renormalize: true,
+        };
+        let mut a = sel.clone();
+        assert_eq!(renorm.skip_missing(&mut a, &missing), 1);
+        assert_eq!(a.len(), 2);
+        assert!((a[0].1 - 0.5 / 0.7).abs() < 1e-6 && (a[1].1 - 0.2 / 0.7).abs() < 1e-6);
+        let plain = Routing {
+            top_k: 3,
+            renormalize: false,
+        };
+        let mut b = sel.clone();
+        assert_eq!(plain.skip_missing(&mut b, &missing), 1);
+        assert_eq!(b, vec![(0, 0.5), (2, 0.2)]);
+    }
 
     #[test]
     fn skipping_renormalizes_and_keeps_the_scaling_factor() {

@@ -1,4 +1,9 @@
-//! Causal grouped-query self-attention with a KV cache, f32 throughout.
+//! The one attention: causal grouped-query attention over a head-major KV
+//! cache ([`attend`], the kernel path every family uses, MLA after its
+//! projection and qwen3_next's full-attention layers included), and the
+//! standard GQA block around it ([`gqa`]: q/k/v projections with optional
+//! bias, clip and q/k norm, rope, `attend`, o_proj) that the shared decoder
+//! and glm4_moe run.
 //!
 //! Keys and values of the tokens being processed are used at full f32
 //! precision for attention within this call and only rounded to the cache's
@@ -7,9 +12,11 @@
 //! the f32 computation transformers does.
 
 use super::kv_cache::LayerKv;
+use super::linear::{layer_name, norm_in_place};
 use super::rope::Rope;
-use crate::kernels::{self, rms_norm};
-use crate::weights::Matrix;
+use crate::error::RuntimeError;
+use crate::kernels;
+use crate::weights::{Matrix, WeightSource};
 use rayon::prelude::*;
 
 /// Where (if anywhere) a family normalizes queries and keys.
@@ -47,6 +54,53 @@ pub struct AttnWeights {
     pub k_norm: Option<Vec<f32>>,
 }
 
+impl AttnWeights {
+    /// Layer `l`'s `self_attn.{q,k,v,o}_proj` for shape `s` over `hidden`
+    /// inputs, with q/k/v biases when `bias`, and q/k norm weights as
+    /// `s.qk_norm` says.
+    pub fn load(
+        src: &dyn WeightSource,
+        l: usize,
+        s: &AttnShape,
+        hidden: usize,
+        bias: bool,
+    ) -> Result<Self, RuntimeError> {
+        let (qd, kd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let a = |n: &str| layer_name(l, &format!("self_attn.{n}"));
+        let b = |n: &str, len: usize| -> Result<Option<Vec<f32>>, RuntimeError> {
+            if bias {
+                src.vector(&a(&format!("{n}.bias")), len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (qn_len, kn_len) = match s.qk_norm {
+            QkNorm::None => (0, 0),
+            QkNorm::PerHead => (s.head_dim, s.head_dim),
+            QkNorm::Full => (qd, kd),
+        };
+        let (q_norm, k_norm) = if qn_len > 0 {
+            (
+                Some(src.vector(&a("q_norm.weight"), qn_len)?),
+                Some(src.vector(&a("k_norm.weight"), kn_len)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(AttnWeights {
+            q: src.matrix(&a("q_proj"), qd, hidden)?,
+            k: src.matrix(&a("k_proj"), kd, hidden)?,
+            v: src.matrix(&a("v_proj"), kd, hidden)?,
+            o: src.matrix(&a("o_proj"), hidden, qd)?,
+            q_bias: b("q_proj", qd)?,
+            k_bias: b("k_proj", kd)?,
+            v_bias: b("v_proj", kd)?,
+            q_norm,
+            k_norm,
+        })
+    }
+}
+
 /// q, k and v in one shared-input product (x quantized once where the
 /// kernels do that), then each one's bias and clip.
 fn project_qkv(w: &AttnWeights, x: &[f32], n: usize, clip: Option<f32>) -> [Vec<f32>; 3] {
@@ -80,19 +134,11 @@ fn project_qkv(w: &AttnWeights, x: &[f32], n: usize, clip: Option<f32>) -> [Vec<
     [q, k, v]
 }
 
-fn norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
-    let mut tmp = vec![0.0; width];
-    for row in x.chunks_exact_mut(width) {
-        rms_norm(row, w, eps, &mut tmp);
-        row.copy_from_slice(&tmp);
-    }
-}
-
-/// Attention over `n` new tokens whose normalized hidden states are `xn`
-/// (`[n, hidden]`), at positions `kv.len()..kv.len()+n`. Appends their keys
-/// and values to `kv` and returns the attention output after `o_proj`
+/// The GQA block over `n` new tokens whose normalized hidden states are
+/// `xn` (`[n, hidden]`), at positions `kv.len()..kv.len()+n`. Appends their
+/// keys and values to `kv` and returns the attention output after `o_proj`
 /// (`[n, hidden]`).
-pub fn attention(
+pub fn gqa(
     s: &AttnShape,
     w: &AttnWeights,
     rope: &Rope,
@@ -107,25 +153,26 @@ pub fn attention(
         QkNorm::None => {}
         QkNorm::PerHead => {
             if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
-                norm_rows(&mut q, hd, qn, s.eps);
-                norm_rows(&mut k, hd, kn, s.eps);
+                norm_in_place(&mut q, hd, qn, s.eps);
+                norm_in_place(&mut k, hd, kn, s.eps);
             }
         }
         QkNorm::Full => {
             if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
-                norm_rows(&mut q, qd, qn, s.eps);
-                norm_rows(&mut k, kd, kn, s.eps);
+                norm_in_place(&mut q, qd, qn, s.eps);
+                norm_in_place(&mut k, kd, kn, s.eps);
             }
         }
     }
-    let past = kv.len();
-    let (mut cos, mut sin) = (vec![0.0; hd / 2], vec![0.0; hd / 2]);
-    for i in 0..n {
-        rope.angles(past + i, &mut cos, &mut sin);
-        Rope::apply(&mut q[i * qd..(i + 1) * qd], hd, &cos, &sin);
-        Rope::apply(&mut k[i * kd..(i + 1) * kd], hd, &cos, &sin);
-    }
-    let out = attend(&q, &k, &v, kv, n, nh, nkv, hd, 1.0 / (hd as f32).sqrt());
+    rope.apply(
+        &mut [q.as_mut_slice(), k.as_mut_slice()],
+        n,
+        hd,
+        0,
+        kv.len(),
+    );
+    let p = AttnParams::new(nh, nkv, hd);
+    let out = attend(&p, &q, &k, &v, kv, n);
     kv.append(&k, &v);
     let mut y = vec![0.0; n * w.o.rows()];
     kernels::matmul(&w.o.mat(), &out, n, &mut y);
@@ -143,6 +190,31 @@ fn heads_per_task(group: usize, tasks: usize, threads: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// What [`attend`] needs besides the tensors. Where gpt-oss's additions go
+/// when they come: per-head attention sinks (an extra logit per head in
+/// the softmax denominator) and a sliding window (the first key position a
+/// query sees), as fields here, so no caller's argument list changes.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParams {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Scores are `scale * q.k` (usually `head_dim^-0.5`).
+    pub scale: f32,
+}
+
+impl AttnParams {
+    /// `head_dim^-0.5` scaling.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttnParams {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
 /// Causal grouped-query attention of `n` new queries (`q`: `[n, heads *
 /// head_dim]`) over the `kv.len()` cached positions followed by this call's
 /// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32,
@@ -152,18 +224,20 @@ fn heads_per_task(group: usize, tasks: usize, threads: usize) -> usize {
 /// int8) by the backend's widening dot/axpy, so a decode step costs one pass
 /// over the cache and no allocation proportional to the context; the new
 /// positions stay f32 so a one-shot forward is exactly the f32 computation.
-#[allow(clippy::too_many_arguments)]
 pub fn attend(
+    p: &AttnParams,
     q: &[f32],
     k_new: &[f32],
     v_new: &[f32],
     kv: &LayerKv,
     n: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scale: f32,
 ) -> Vec<f32> {
+    let AttnParams {
+        heads,
+        kv_heads,
+        head_dim,
+        scale,
+    } = *p;
     let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
     debug_assert_eq!(q.len(), n * qd);
     debug_assert_eq!(k_new.len(), n * kd);

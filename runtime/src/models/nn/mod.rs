@@ -1,0 +1,19 @@
+//! The building blocks every family is made of, each written once:
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`config`] | the one `config.json` reader ([`config::JsonCfg`]) |
+//! | [`linear`] | matmul, bias, RMSNorm, residual add, the SwiGLU MLP loader |
+//! | [`rope`] | rotary embedding: rotary width, offset, interleave, YaRN |
+//! | [`attention`] | [`attention::attend`] (causal GQA over the head-major KV cache) and the standard GQA block |
+//! | [`kv_cache`] | the per-layer KV cache (f32, f16 or int8 storage) |
+//! | [`router`] | the [`router::Router`] trait: softmax top-k, sigmoid group-limited |
+//! | [`moe`] | the one routed-experts path and the feed-forward half of a layer |
+
+pub mod attention;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod moe;
+pub mod rope;
+pub mod router;
