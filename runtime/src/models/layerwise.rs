@@ -8,8 +8,9 @@
 //! forward pass.
 //!
 //! ```ignore
-//! let (cfg, src) = models::open(path)?;
-//! let lw = cfg.layerwise(src.as_ref())?;           // embeddings, final norm, lm_head
+//! let r = load::resolve(path)?;                    // config parsed by its family
+//! let src = r.weights()?;
+//! let lw = r.config.layerwise(src.as_ref())?;      // embeddings, final norm, lm_head
 //! let mut hidden = lw.embed(&ids)?;                // one sequence, [n, hidden]
 //! for l in 0..lw.n_layers() {
 //!     let layer = lw.load_layer(src.as_ref(), l)?; // attention/mixer, norms, router, shared experts
