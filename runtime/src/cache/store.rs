@@ -652,6 +652,13 @@ fn build_mats(entry: &ExpertEntry, owner: Arc<dyn BlobOwner>) -> Result<ExpertMa
                 blob(l.biases_offset, l.groups_len)?,
             )
             .map_err(|e| format!("{label} {name}: {e}")),
+            Scheme::Mxfp4 => Matrix::mxfp4(
+                rows,
+                cols,
+                blob(0, l.packed_len)?,
+                blob(l.scales_offset, l.groups_len)?,
+            )
+            .map_err(|e| format!("{label} {name}: {e}")),
         }
     };
     let m = ExpertMats {
