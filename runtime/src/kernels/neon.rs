@@ -98,6 +98,9 @@ impl Backend for Neon {
 
 /// Runs `$f::<..., NB>` for a runtime block size `nb` in `1..=8`.
 macro_rules! with_nb {
+    ($nb:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        with_nb!($nb, $f::<>($($arg),*))
+    };
     ($nb:expr, $f:ident::<$($t:ty),*>($($arg:expr),* $(,)?)) => {
         match $nb {
             1 => $f::<$($t,)* 1>($($arg),*),
