@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod mxfp4;
 pub mod pack;
 pub mod profile;
 pub mod quant;

@@ -34,6 +34,9 @@ pub enum Scheme {
         bits: u8,
         group_size: u32,
     },
+    /// OCP MXFP4 (e2m1 codes, one e8m0 scale per 32), the layout of the
+    /// hub's gpt-oss experts: see [`crate::mxfp4`]. Serialized as `mxfp4`.
+    Mxfp4,
 }
 
 impl Scheme {
@@ -61,6 +64,7 @@ impl Scheme {
             Scheme::F32 => 32.0,
             Scheme::F16 | Scheme::Bf16 => 16.0,
             Scheme::Affine { bits, group_size } => bits as f64 + 32.0 / group_size as f64,
+            Scheme::Mxfp4 => 4.25,
         }
     }
 
@@ -76,6 +80,10 @@ impl Scheme {
                 let groups = n / group_size as usize;
                 packed + groups * 4
             }
+            Scheme::Mxfp4 => {
+                let (codes, scales) = crate::mxfp4::mxfp4_sizes(rows, cols)?;
+                codes + scales
+            }
         })
     }
 }
@@ -87,6 +95,7 @@ impl std::fmt::Display for Scheme {
             Scheme::F16 => f.write_str("f16"),
             Scheme::Bf16 => f.write_str("bf16"),
             Scheme::Affine { bits, group_size } => write!(f, "q{bits}g{group_size}"),
+            Scheme::Mxfp4 => f.write_str("mxfp4"),
         }
     }
 }
@@ -98,6 +107,7 @@ impl std::str::FromStr for Scheme {
             "f32" => Ok(Scheme::F32),
             "f16" => Ok(Scheme::F16),
             "bf16" => Ok(Scheme::Bf16),
+            "mxfp4" => Ok(Scheme::Mxfp4),
             _ => {
                 let bad = || QuantError::BadSchemeName(s.to_string());
                 let rest = s.strip_prefix('q').ok_or_else(bad)?;
@@ -130,13 +140,17 @@ pub enum QuantError {
     #[error("unsupported group size {0} (expected 32, 64 or 128)")]
     UnsupportedGroupSize(u32),
     #[error(
-        "bad quantization scheme name {0:?} (expected f32, f16, bf16 or qBITSgGROUP such as q4g64)"
+        "bad quantization scheme name {0:?} (expected f32, f16, bf16, mxfp4 or qBITSgGROUP such as q4g64)"
     )]
     BadSchemeName(String),
     #[error("{cols} input columns is not a multiple of the group size {group_size}")]
     ColsNotMultipleOfGroup { cols: usize, group_size: u32 },
     #[error("size arithmetic overflowed")]
     Overflow,
+    #[error(
+        "mxfp4 scale of row {row}, block {block} is 0xFF, which the OCP MX spec defines as NaN"
+    )]
+    NanScale { row: usize, block: usize },
     #[error("buffer length mismatch for {what}: expected {expected} bytes, got {got}")]
     Length {
         what: &'static str,

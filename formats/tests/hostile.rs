@@ -144,7 +144,8 @@ fn resealed_header_with_bad_fields_names_the_field() {
             other => panic!("{field}: {other:?}"),
         }
     };
-    case(16, &1u64.to_le_bytes(), "flags");
+    // Bit 0 is the mxfp4 feature (known); bit 1 is not.
+    case(16, &2u64.to_le_bytes(), "flags");
     case(24, &1000u32.to_le_bytes(), "alignment");
     case(24, &(1u32 << 21).to_le_bytes(), "alignment");
     case(32, &8192u64.to_le_bytes(), "data_offset");
@@ -521,5 +522,39 @@ fn fuzz_like_random_mutations_never_panic() {
         let _ = mfx_formats::pack::parse_and_verify_bytes(&x);
         let cut = next() as usize % x.len();
         let _ = mfx_formats::pack::parse_and_verify_bytes(&x[..cut]);
+    }
+}
+
+/// A pack with mxfp4 data carries feature bit 0, which readers from before
+/// MXFP4 refuse ("unknown incompatible feature bits 0x1"); a pack that has
+/// mxfp4 data but lost the bit is refused by this reader, naming the tensor.
+#[test]
+fn mxfp4_pack_needs_its_feature_bit() {
+    use mfx_formats::pack::{PackWriter, FLAG_MXFP4};
+    use mfx_formats::quant::Scheme;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.mfx");
+    let q = mfx_formats::mxfp4::quantize_mxfp4(&testing::floats(4 * 64, 3), 4, 64).unwrap();
+    let mut w = PackWriter::create(&p, testing::tiny_meta(), 4096).unwrap();
+    w.add_tensor("w", Scheme::Mxfp4, &[4, 64], &[&q.blocks, &q.scales])
+        .unwrap();
+    w.finish().unwrap();
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(u64_at(&b, 16), FLAG_MXFP4);
+    let pack = Pack::open(&p).unwrap();
+    pack.verify().unwrap();
+    let m = pack.tensor("w").unwrap().mxfp4().unwrap();
+    assert_eq!(m.dequantize(), q.view().dequantize());
+    assert!(pack.tensor("w").unwrap().affine().is_err());
+
+    let mut x = b.clone();
+    x[16..24].copy_from_slice(&0u64.to_le_bytes());
+    testing::fix_checksums(&mut x);
+    match err_of(&x) {
+        FormatError::BadHeader { field, reason } => {
+            assert_eq!(field, "flags");
+            assert!(reason.contains("tensor w"), "{reason}");
+        }
+        other => panic!("{other:?}"),
     }
 }

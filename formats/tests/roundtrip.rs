@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use mfx_formats::codec::Codec;
-use mfx_formats::pack::{Pack, PackWriter, PartData, TensorLayout};
+use mfx_formats::pack::{Pack, PackWriter, PartData, TensorLayout, FLAG_MXFP4};
 use mfx_formats::quant::Scheme;
 use mfx_formats::testing;
 use proptest::prelude::*;
@@ -33,6 +33,7 @@ fn scheme_strategy() -> impl Strategy<Value = Scheme> {
             prop::sample::select(vec![32u32, 64, 128])
         )
             .prop_map(|(b, g)| Scheme::affine(b, g).unwrap()),
+        Just(Scheme::Mxfp4),
     ]
 }
 
@@ -47,6 +48,10 @@ fn tensor_strategy() -> impl Strategy<Value = TensorSpec> {
             if let Scheme::Affine { group_size, .. } = scheme {
                 // Affine needs >= 1 dim and a last dim that is a multiple of the group.
                 shape.push(group_size as u64 * k);
+            }
+            if scheme == Scheme::Mxfp4 {
+                // Whole 32-element blocks.
+                shape.push(32 * k);
             }
             TensorSpec {
                 scheme,
@@ -121,6 +126,8 @@ proptest! {
         }
         let summary = w.finish().unwrap();
         prop_assert_eq!(summary.file_length, std::fs::metadata(&path).unwrap().len());
+        let any_mxfp4 = tensor_data.iter().any(|(_, t, _)| t.scheme == Scheme::Mxfp4)
+            || expert_data.iter().any(|(s, _)| s.parts.iter().any(|p| p.scheme == Scheme::Mxfp4));
 
         let pack = Pack::open(&path).unwrap();
         let report = pack.verify().unwrap();
@@ -128,6 +135,8 @@ proptest! {
         prop_assert_eq!(report.expert_blobs, expert_data.len());
         prop_assert_eq!(pack.manifest().config.clone(), testing::tiny_meta().config);
         prop_assert_eq!(pack.header().data_offset % 4096, 0);
+        // The feature bit is set exactly when an mxfp4 tensor or part exists.
+        prop_assert_eq!(pack.header().flags & FLAG_MXFP4 != 0, any_mxfp4);
 
         for (name, t, b) in &tensor_data {
             let v = pack.tensor(name).unwrap();
@@ -145,6 +154,11 @@ proptest! {
                     prop_assert_eq!(a.packed, b[0].as_slice());
                     prop_assert_eq!(bytemuck::cast_slice::<_, u8>(a.scales), b[1].as_slice());
                     prop_assert_eq!(bytemuck::cast_slice::<_, u8>(a.biases), b[2].as_slice());
+                }
+                Scheme::Mxfp4 => {
+                    let m = v.mxfp4().unwrap();
+                    prop_assert_eq!(m.blocks, b[0].as_slice());
+                    prop_assert_eq!(m.scales, b[1].as_slice());
                 }
             }
         }

@@ -183,6 +183,8 @@ fn weighted_mean(members: &[(Arc<ExpertWeights>, f64)]) -> ExpertWeights {
         gate: avg(&|w| &w.gate),
         up: avg(&|w| &w.up),
         down: avg(&|w| &w.down),
+        // A mean of experts is new f32 weights: quantized like any other.
+        mxfp4: [None, None, None],
     }
 }
 

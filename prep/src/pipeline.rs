@@ -712,11 +712,24 @@ fn encode_expert(
     let mut raw_parts: Vec<PartData> = Vec::new();
     let _ = &mut raw_parts;
     let mut ent = 0f64;
-    for (p, m) in [
+    for (k, (p, m)) in [
         ("gate_proj", &ew.gate),
         ("up_proj", &ew.up),
         ("down_proj", &ew.down),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // MXFP4 sources (gpt-oss) keep their bytes whatever `bits` says.
+        if let Some(src) = &ew.mxfp4[k] {
+            if let Some((scheme, s)) = quantize::as_is(src, &name(p))? {
+                if let Stored::Mxfp4(q) = &s {
+                    ent += code_entropy(&q.blocks, 4) / 3.0;
+                }
+                parts.push((scheme, vec![m.rows as u64, m.cols as u64], s));
+                continue;
+            }
+        }
         let g = quantize::group_for(m.cols, group).ok_or_else(|| PrepError::Tensor {
             name: name(p),
             msg: format!("{} columns is not a multiple of 32", m.cols),
@@ -786,5 +799,48 @@ fn pinned_share(profile: &Profile, pl: &Plan) -> f64 {
         0.0
     } else {
         hit as f64 / tot as f64
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::source::{ExpertWeights, Mat};
+    use mfx_formats::mxfp4::quantize_mxfp4;
+    use mfx_runtime::weights::Matrix;
+
+    fn mat(rows: usize, cols: usize, seed: usize) -> Mat {
+        Mat {
+            rows,
+            cols,
+            data: (0..rows * cols)
+                .map(|i| (((i + seed) * 7919 % 211) as f32 / 105.0 - 1.0) * 0.1)
+                .collect(),
+        }
+    }
+
+    /// MXFP4 source parts go into the pack byte for byte whatever the bit
+    /// width asked for; the others are quantized as before.
+    #[test]
+    fn mxfp4_sources_are_stored_as_they_are() {
+        let (hidden, inter) = (64, 32);
+        let gate_q = quantize_mxfp4(&mat(inter, hidden, 1).data, inter, hidden).unwrap();
+        let down_q = quantize_mxfp4(&mat(hidden, inter, 3).data, hidden, inter).unwrap();
+        let gate_m = Matrix::from_mxfp4(&gate_q).unwrap();
+        let down_m = Matrix::from_mxfp4(&down_q).unwrap();
+        let ew = ExpertWeights {
+            gate: Mat::of(&gate_m),
+            up: mat(inter, hidden, 2),
+            down: Mat::of(&down_m),
+            mxfp4: [Some(gate_m), None, Some(down_m)],
+        };
+        let out = encode_expert(&ew, 2, 32, 0.0, 0, 0).unwrap();
+        let [(gs, gshape, g), (us, _, _), (ds, dshape, d)] = &out.parts;
+        assert_eq!((*gs, gshape.as_slice()), (Scheme::Mxfp4, &[32u64, 64][..]));
+        assert_eq!((*ds, dshape.as_slice()), (Scheme::Mxfp4, &[64u64, 32][..]));
+        assert_eq!(*us, Scheme::affine(2, 32).unwrap());
+        assert_eq!(g.parts(), vec![&gate_q.blocks[..], &gate_q.scales[..]]);
+        assert_eq!(d.parts(), vec![&down_q.blocks[..], &down_q.scales[..]]);
     }
 }

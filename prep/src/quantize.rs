@@ -2,11 +2,15 @@
 //! expert parts with `mfx_formats::quant::quantize` (the MLX affine rule).
 //! MLX-quantized sources are dequantized with the reference first and then
 //! requantized, so every pack is made by one rule whatever the source.
+//! The exception is MXFP4 (gpt-oss's hub experts): [`as_is`] stores those
+//! bytes unchanged, 4.25 bits with no requantization loss.
 
 use crate::error::{PrepError, Result};
 use crate::source::{from_runtime, Mat, Source};
+use mfx_formats::mxfp4::{quantize_mxfp4, Mxfp4Owned};
 use mfx_formats::quant::{quantize, AffineOwned, Scheme};
-use mfx_runtime::weights::{DType, WeightSource};
+use mfx_runtime::kernels::MatRef;
+use mfx_runtime::weights::{DType, Matrix, WeightSource};
 
 /// Dense-weight bit widths: 2 bits wrecks attention and embeddings.
 pub const DENSE_BITS: [u8; 2] = [4, 8];
@@ -154,10 +158,12 @@ pub fn expert_bytes(hidden: usize, inter: usize, bits: u8, group: u32) -> Result
     Ok((2 * a + b) as u64)
 }
 
-/// Bytes of a stored tensor: one slice for floats, (packed, scales, biases) for affine.
+/// Bytes of a stored tensor: one slice for floats, (packed, scales, biases)
+/// for affine, (blocks, scales) for mxfp4.
 pub enum Stored {
     Float(Vec<u8>),
     Affine(AffineOwned),
+    Mxfp4(Mxfp4Owned),
 }
 
 impl Stored {
@@ -169,8 +175,22 @@ impl Stored {
                 bytemuck_bf16(&a.scales),
                 bytemuck_bf16(&a.biases),
             ],
+            Stored::Mxfp4(m) => vec![&m.blocks, &m.scales],
         }
     }
+}
+
+/// An MXFP4 source matrix stored as it is: its code and scale bytes copied
+/// into the pack's `mxfp4` layout (the same bytes, see
+/// `mfx_formats::mxfp4`), so the pack computes with exactly the hub's
+/// weights. `None` for any other scheme. The values still pass
+/// [`check_finite`] (a scale of 254 with code 6 overflows f32).
+pub fn as_is(m: &Matrix, what: &str) -> Result<Option<(Scheme, Stored)>> {
+    let MatRef::Mxfp4(v) = m.mat() else {
+        return Ok(None);
+    };
+    check_finite(&m.dequantize(), v.cols, what)?;
+    Ok(Some((Scheme::Mxfp4, Stored::Mxfp4(v.owned()))))
 }
 
 fn bytemuck_bf16(v: &[half::bf16]) -> &[u8] {
@@ -204,6 +224,13 @@ pub fn quantize_mat(m: &Mat, scheme: Scheme, what: &str) -> Result<Stored> {
         Scheme::F32 => Ok(Stored::Float(
             m.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         )),
+        // f32 to MXFP4 by the OCP rule (not the as-is path of [`as_is`]).
+        Scheme::Mxfp4 => quantize_mxfp4(&m.data, m.rows, m.cols)
+            .map(Stored::Mxfp4)
+            .map_err(|e| PrepError::Tensor {
+                name: what.into(),
+                msg: format!("quantize to {scheme}: {e}"),
+            }),
     }
 }
 

@@ -120,14 +120,21 @@ pub struct ExpertWeights {
     pub gate: Mat,
     pub up: Mat,
     pub down: Mat,
+    /// The source matrices (gate, up, down) that are MXFP4 (gpt-oss's hub
+    /// experts): the pack stores these bytes as they are
+    /// (`quantize::as_is`) instead of requantizing `gate`/`up`/`down`.
+    /// Zero-copy handles on the mapped checkpoint.
+    pub mxfp4: [Option<Matrix>; 3],
 }
 
 impl ExpertWeights {
     pub fn of(m: &ExpertMats) -> Self {
+        let keep = |x: &Matrix| matches!(x, Matrix::Mxfp4 { .. }).then(|| x.clone());
         ExpertWeights {
             gate: Mat::of(&m.gate),
             up: Mat::of(&m.up),
             down: Mat::of(&m.down),
+            mxfp4: [keep(&m.gate), keep(&m.up), keep(&m.down)],
         }
     }
 

@@ -4,7 +4,7 @@
 //! `scripts/membw.sh` (decode reads every weight byte once per token, so the
 //! memory read bandwidth is the bound).
 //!
-//! Usage: `bench_kernels [--quick] [--schemes f32,bf16,q4g64] [--tiers scalar,avx2]
+//! Usage: `bench_kernels [--quick] [--schemes f32,bf16,q4g64,mxfp4] [--tiers scalar,avx2]
 //!         [--n 1,8] [--threads 1,2] [--shapes 2048x768,...]`
 //!
 //! "cold": the matrix is one of enough copies to span 512 MiB, rotated per
@@ -14,6 +14,7 @@
 //! counts 2 * rows * cols * n.
 
 use half::{bf16, f16};
+use mfx_formats::mxfp4::{quantize_mxfp4, Mxfp4Owned};
 use mfx_formats::quant::{quantize, AffineOwned, Scheme};
 use mfx_runtime::kernels::{self, Backend, MatRef};
 use rand::{Rng, SeedableRng};
@@ -24,6 +25,7 @@ enum Owned {
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
     Affine(AffineOwned),
+    Mxfp4(Mxfp4Owned),
 }
 
 impl Owned {
@@ -45,6 +47,7 @@ impl Owned {
                 data: d,
             },
             Owned::Affine(a) => MatRef::Affine(a.view()),
+            Owned::Mxfp4(m) => MatRef::Mxfp4(m.view()),
         }
     }
     fn clone_deep(&self) -> Owned {
@@ -53,6 +56,7 @@ impl Owned {
             Owned::Bf16(d) => Owned::Bf16(d.clone()),
             Owned::F16(d) => Owned::F16(d.clone()),
             Owned::Affine(a) => Owned::Affine(a.clone()),
+            Owned::Mxfp4(m) => Owned::Mxfp4(m.clone()),
         }
     }
 }
@@ -73,6 +77,7 @@ fn make(
         Scheme::Affine { bits, group_size } => Owned::Affine(
             quantize(&w, rows, cols, bits, group_size as usize).map_err(|e| e.to_string())?,
         ),
+        Scheme::Mxfp4 => Owned::Mxfp4(quantize_mxfp4(&w, rows, cols).map_err(|e| e.to_string())?),
     })
 }
 

@@ -217,6 +217,13 @@ pub fn decode_blob(
                 sub(l.biases_offset, l.groups_len),
             )
             .map_err(|e| format!("{label} {name}: {e}")),
+            Scheme::Mxfp4 => Matrix::mxfp4(
+                rows,
+                cols,
+                sub(0, l.packed_len),
+                sub(l.scales_offset, l.groups_len),
+            )
+            .map_err(|e| format!("{label} {name}: {e}")),
         }
     };
     let m = ExpertMats {

@@ -13,8 +13,15 @@ pub const DEFAULT_ALIGNMENT: u32 = 16 * 1024;
 pub const MIN_ALIGNMENT: u32 = 4096;
 pub const MAX_ALIGNMENT: u32 = 1 << 20;
 pub const MAX_MANIFEST_LEN: u64 = 1 << 30;
-/// Bits 0..31 of `flags`: features a reader must understand. v1 knows none.
+/// Bits 0..31 of `flags`: features a reader must understand.
 pub const INCOMPATIBLE_FLAGS_MASK: u64 = 0xffff_ffff;
+/// Incompatible bit 0: the pack holds `mxfp4` tensors or expert parts
+/// (docs/FORMAT.md section 7). Set so that a reader from before MXFP4
+/// refuses the pack at the header, naming `flags`, instead of failing later
+/// on an unknown scheme name.
+pub const FLAG_MXFP4: u64 = 1;
+/// The incompatible bits this reader understands.
+pub const KNOWN_INCOMPATIBLE_FLAGS: u64 = FLAG_MXFP4;
 
 const CHECKSUM_AT: usize = 120;
 
@@ -129,13 +136,11 @@ impl Header {
             manifest_checksum: u64_at(&raw, 64),
             file_length: u64_at(&raw, 72),
         };
-        if h.flags & INCOMPATIBLE_FLAGS_MASK != 0 {
+        let unknown = h.flags & INCOMPATIBLE_FLAGS_MASK & !KNOWN_INCOMPATIBLE_FLAGS;
+        if unknown != 0 {
             return Err(bad(
                 "flags",
-                format!(
-                    "unknown incompatible feature bits {:#x}",
-                    h.flags & INCOMPATIBLE_FLAGS_MASK
-                ),
+                format!("unknown incompatible feature bits {unknown:#x} (written by a newer mfx?)"),
             ));
         }
         if !h.alignment.is_power_of_two() || !(MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&h.alignment)

@@ -18,13 +18,13 @@ pub struct TensorLayout {
     pub rows: u64,
     /// The last dim (1 for a 0-d tensor).
     pub cols: u64,
-    /// Bytes of the element data (raw) or the packed codes (affine).
+    /// Bytes of the element data (raw) or the packed codes (affine, mxfp4).
     pub packed_len: u64,
-    /// Sub-offset of the bf16 scales (affine only; 0 otherwise).
+    /// Sub-offset of the scales (bf16 for affine, e8m0 bytes for mxfp4; 0 otherwise).
     pub scales_offset: u64,
     /// Sub-offset of the bf16 biases (affine only; 0 otherwise).
     pub biases_offset: u64,
-    /// Bytes of scales, equally of biases (affine only; 0 otherwise).
+    /// Bytes of scales, equally of biases for affine (0 for raw schemes).
     pub groups_len: u64,
     /// Total stored bytes.
     pub length: u64,
@@ -97,6 +97,22 @@ impl TensorLayout {
                     .checked_add(l.groups_len)
                     .ok_or("byte size overflows u64")?;
             }
+            Scheme::Mxfp4 => {
+                // codes | pad to 64 | one e8m0 byte per 32 elements.
+                if shape.is_empty() {
+                    return Err("an mxfp4 tensor needs at least one dimension".into());
+                }
+                if cols % crate::mxfp4::BLOCK as u64 != 0 {
+                    return Err(format!("last dim {cols} is not a multiple of 32"));
+                }
+                l.packed_len = numel / 2;
+                l.groups_len = numel / crate::mxfp4::BLOCK as u64;
+                l.scales_offset = up64(l.packed_len).ok_or("byte size overflows u64")?;
+                l.length = l
+                    .scales_offset
+                    .checked_add(l.groups_len)
+                    .ok_or("byte size overflows u64")?;
+            }
         }
         Ok(l)
     }
@@ -106,16 +122,26 @@ impl TensorLayout {
     }
 
     /// The (offset, length) of each stored part in order: one for raw
-    /// schemes, `packed, scales, biases` for affine ones.
+    /// schemes, `packed, scales, biases` for affine ones, `blocks, scales`
+    /// for mxfp4.
     pub fn parts(&self) -> Vec<(u64, u64)> {
-        if self.is_affine() {
-            vec![
+        match self.scheme {
+            Scheme::Affine { .. } => vec![
                 (0, self.packed_len),
                 (self.scales_offset, self.groups_len),
                 (self.biases_offset, self.groups_len),
-            ]
-        } else {
-            vec![(0, self.packed_len)]
+            ],
+            Scheme::Mxfp4 => vec![(0, self.packed_len), (self.scales_offset, self.groups_len)],
+            Scheme::F32 | Scheme::F16 | Scheme::Bf16 => vec![(0, self.packed_len)],
+        }
+    }
+
+    /// Names of [`Self::parts`], for error messages.
+    pub fn part_names(&self) -> &'static [&'static str] {
+        match self.scheme {
+            Scheme::Affine { .. } => &["packed", "scales", "biases"],
+            Scheme::Mxfp4 => &["blocks", "scales"],
+            Scheme::F32 | Scheme::F16 | Scheme::Bf16 => &["data"],
         }
     }
 }
@@ -143,6 +169,29 @@ mod tests {
         assert_eq!(l.scales_offset, 128);
         assert_eq!(l.biases_offset, 128 + 64);
         assert_eq!(l.length, 204, "the worked example of FORMAT.md section 12");
+    }
+
+    #[test]
+    fn mxfp4_is_codes_then_scales() {
+        // gpt-oss-120b's down_proj: [2880, 2880] -> 4147200 code bytes,
+        // 259200 scales; 4.25 bits per weight up to the 64-byte pad.
+        let l = TensorLayout::of(Scheme::Mxfp4, &[2880, 2880]).unwrap();
+        assert_eq!(l.packed_len, 2880 * 2880 / 2);
+        assert_eq!(l.scales_offset, 4147200);
+        assert_eq!(l.groups_len, 2880 * 90);
+        assert_eq!(l.length, 4147200 + 259200);
+        assert_eq!(l.parts(), vec![(0, 4147200), (4147200, 259200)]);
+        // [3, 32]: 48 code bytes, scales after the pad at 64.
+        let l = TensorLayout::of(Scheme::Mxfp4, &[3, 32]).unwrap();
+        assert_eq!((l.packed_len, l.scales_offset, l.length), (48, 64, 67));
+        assert!(TensorLayout::of(Scheme::Mxfp4, &[4, 48])
+            .unwrap_err()
+            .contains("multiple of 32"));
+        assert!(TensorLayout::of(Scheme::Mxfp4, &[]).is_err());
+        assert_eq!(
+            Scheme::Mxfp4.matrix_bytes(2880, 2880).unwrap() as f64 * 8.0 / (2880.0 * 2880.0),
+            4.25
+        );
     }
 
     #[test]

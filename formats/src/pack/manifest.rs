@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::header::{align_up, Header};
+use super::header::{align_up, Header, FLAG_MXFP4};
 use super::layout::{TensorLayout, PART_ALIGN};
 use crate::codec::{self, Codec};
 use crate::error::FormatError;
@@ -195,6 +195,32 @@ fn check_range(what: &str, offset: u64, length: u64, h: &Header) -> Result<u64, 
     Ok(end)
 }
 
+/// A pack with an `mxfp4` tensor or part must carry [`FLAG_MXFP4`], so
+/// that readers from before MXFP4 refuse it at the header.
+fn check_mxfp4_flag(m: &Manifest, h: &Header) -> Result<(), FormatError> {
+    if h.flags & FLAG_MXFP4 != 0 {
+        return Ok(());
+    }
+    let first = m
+        .tensors
+        .iter()
+        .find(|t| t.scheme == Scheme::Mxfp4)
+        .map(|t| format!("tensor {}", t.name))
+        .or_else(|| {
+            m.experts
+                .iter()
+                .find(|e| e.parts.iter().any(|p| p.scheme == Scheme::Mxfp4))
+                .map(|e| e.label())
+        });
+    match first {
+        None => Ok(()),
+        Some(what) => Err(FormatError::BadHeader {
+            field: "flags",
+            reason: format!("{what} is mxfp4 but the mxfp4 feature bit (0) is not set"),
+        }),
+    }
+}
+
 /// Checks every rule of FORMAT.md section 6 against the header: caps, order,
 /// uniqueness, sizes implied by schemes, ranges inside the data section and
 /// pairwise non-overlap. Returns the lookup index.
@@ -212,6 +238,7 @@ pub(crate) fn validate(m: &Manifest, h: &Header) -> Result<Index, FormatError> {
     };
     cap("tensors", m.tensors.len(), MAX_TENSORS)?;
     cap("experts", m.experts.len(), MAX_EXPERTS)?;
+    check_mxfp4_flag(m, h)?;
 
     let mut index = Index::default();
     // (start, end, label) of every distinct blob, for the overlap check.

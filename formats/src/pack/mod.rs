@@ -44,7 +44,7 @@ pub mod manifest;
 pub mod reader;
 pub mod writer;
 
-pub use header::{Header, DEFAULT_ALIGNMENT, FORMAT_VERSION, HEADER_LEN, MAGIC};
+pub use header::{Header, DEFAULT_ALIGNMENT, FLAG_MXFP4, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use layout::TensorLayout;
 pub use manifest::{Checksum, ExpertEntry, ExpertPart, Manifest, TensorEntry, WriterInfo};
 pub use reader::{parse_and_verify_bytes, Pack, Parsed, TensorView, VerifyReport};

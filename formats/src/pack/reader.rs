@@ -15,6 +15,7 @@ use super::header::{Header, HEADER_LEN};
 use super::layout::TensorLayout;
 use super::manifest::{self, ExpertEntry, Index, Manifest, TensorEntry};
 use crate::error::FormatError;
+use crate::mxfp4::Mxfp4Matrix;
 use crate::quant::{AffineMatrix, Scheme};
 
 /// Header, manifest and lookup index of a validated pack.
@@ -395,7 +396,8 @@ impl<'a> TensorView<'a> {
         self.layout.scheme
     }
 
-    /// The stored bytes (for affine: packed | pad | scales | pad | biases).
+    /// The stored bytes (for affine: packed | pad | scales | pad | biases;
+    /// for mxfp4: blocks | pad | scales).
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }
@@ -461,6 +463,28 @@ impl<'a> TensorView<'a> {
             packed,
             scales,
             biases,
+        )
+        .map_err(|e| FormatError::invalid(self.name, e.to_string()))
+    }
+
+    /// Splits an mxfp4 tensor into its codes and e8m0 scales (rows =
+    /// product of leading dims). Scales are not inspected here: a NaN scale
+    /// (0xFF) is refused by [`Mxfp4Matrix::check_scales`] where the caller
+    /// wants that pass over the bytes.
+    pub fn mxfp4(&self) -> Result<Mxfp4Matrix<'a>, FormatError> {
+        if self.layout.scheme != Scheme::Mxfp4 {
+            return Err(FormatError::WrongScheme {
+                what: self.name.to_string(),
+                scheme: self.layout.scheme.to_string(),
+                wanted: "mxfp4",
+            });
+        }
+        let l = &self.layout;
+        Mxfp4Matrix::new(
+            l.rows as usize,
+            l.cols as usize,
+            &self.bytes[..l.packed_len as usize],
+            &self.bytes[l.scales_offset as usize..(l.scales_offset + l.groups_len) as usize],
         )
         .map_err(|e| FormatError::invalid(self.name, e.to_string()))
     }

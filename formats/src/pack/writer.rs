@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::header::{
-    align_up, Header, DEFAULT_ALIGNMENT, FORMAT_VERSION, HEADER_LEN, MAX_ALIGNMENT, MIN_ALIGNMENT,
+    align_up, Header, DEFAULT_ALIGNMENT, FLAG_MXFP4, FORMAT_VERSION, HEADER_LEN, MAX_ALIGNMENT,
+    MIN_ALIGNMENT,
 };
 use super::layout::{TensorLayout, PART_ALIGN};
 use super::manifest::{
@@ -82,18 +83,15 @@ fn parts_match(layout: &TensorLayout, bytes: &[&[u8]], what: &str) -> Result<(),
         return Err(FormatError::invalid(
             what,
             format!(
-                "{} byte slices given, {} needs {} (packed, scales, biases for affine)",
+                "{} byte slices given, {} needs {} ({})",
                 bytes.len(),
                 layout.scheme,
-                want.len()
+                want.len(),
+                layout.part_names().join(", ")
             ),
         ));
     }
-    let names = if layout.is_affine() {
-        ["packed", "scales", "biases"]
-    } else {
-        ["data", "", ""]
-    };
+    let names = layout.part_names();
     for (k, ((_, len), b)) in want.iter().zip(bytes).enumerate() {
         if *len != b.len() as u64 {
             return Err(FormatError::BufferSize {
@@ -401,6 +399,11 @@ impl PackWriter {
             align_up(data_end, 8).ok_or_else(|| FormatError::invalid("pack", "offset overflow"))?;
         self.pad_to(manifest_offset)?;
         let meta = std::mem::take(&mut self.meta);
+        let uses_mxfp4 = self.tensors.iter().any(|t| t.scheme == Scheme::Mxfp4)
+            || self
+                .experts
+                .iter()
+                .any(|e| e.parts.iter().any(|p| p.scheme == Scheme::Mxfp4));
         let manifest = Manifest {
             writer: WriterInfo {
                 name: "mfx".into(),
@@ -421,7 +424,7 @@ impl PackWriter {
         self.write(&json)?;
         let header = Header {
             format_version: FORMAT_VERSION,
-            flags: 0,
+            flags: if uses_mxfp4 { FLAG_MXFP4 } else { 0 },
             alignment: self.alignment,
             data_offset,
             data_length: data_end - data_offset,

@@ -30,6 +30,7 @@
 use super::parallel::{for_row_chunks, Out};
 use super::{check_matmul, Backend, F16Rows, MatRef, Tier};
 use half::{bf16, f16};
+use mfx_formats::mxfp4::Mxfp4Matrix;
 use mfx_formats::quant::AffineMatrix;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -102,11 +103,37 @@ impl Backend for Avx2 {
                 // check_matmul accepted only AFFINE_BITS.
                 b => unreachable!("affine bit width {b} passed check_matmul"),
             },
+            MatRef::Mxfp4(m) if self.int8_x => mxfp4_i8_many(&[m], x, n, &[out]),
+            MatRef::Mxfp4(m) => mxfp4_matmul_f32(m, x, n, out),
         }
     }
 
     fn matmul_many(&self, ws: &[MatRef<'_>], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
         assert_eq!(ws.len(), ys.len(), "matmul_many: one output per matrix");
+        // gpt-oss's gate and up: MXFP4 of one width share the quantized x.
+        let mx: Vec<&Mxfp4Matrix<'_>> = ws
+            .iter()
+            .filter_map(|w| match w {
+                MatRef::Mxfp4(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if self.int8_x
+            && ws.len() > 1
+            && mx.len() == ws.len()
+            && mx.windows(2).all(|p| p[0].cols == p[1].cols)
+        {
+            let outs: Vec<Out> = ws
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(w, y)| {
+                    check_matmul(w, x, n, y);
+                    Out::new(y, n, w.rows())
+                })
+                .collect();
+            mxfp4_i8_many(&mx, x, n, &outs);
+            return;
+        }
         // One quantized x and one pass only where every matrix takes the
         // same int8 path with the same layout.
         let affs: Vec<&AffineMatrix<'_>> = ws
@@ -1785,6 +1812,305 @@ unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
                 } else {
                     _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
                 };
+                a[0] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
+            }
+        }
+    }
+    let mut res = [0.0f32; N];
+    for (r, a) in res.iter_mut().zip(&acc) {
+        *r = unsafe { hsum(_mm256_add_ps(a[0], a[1])) };
+    }
+    res
+}
+
+// ---------------------------------------------------------------- mxfp4 weights
+//
+// Codes are looked up as the doubled e2m1 integers (`E2M1_X2`, |v| <= 12)
+// with one `pshufb`, and the factor 1/2 rides in the block scale
+// (`E8M0_HALF`), so both paths multiply exact small integers.
+//
+// * int8 activations (`avx2`, the default, as for 4-bit affine): x is
+//   quantized per 32-block exactly as for q4 (`quantize_x::<Q4i8>`: the
+//   nibble order of MXFP4 bytes is the q4 one, low nibble = even element),
+//   and a block pair costs two `vpmaddubsw` with the sign trick (|w|
+//   unsigned times x carrying w's sign; pair sums <= 2 * 12 * 127, their sum
+//   fits i16), one `vpmaddwd`, one convert, one FMA with
+//   `scale_w * scale_x` per i32 lane. Error: x's rounding only, as for q4.
+// * f32 activations (`avx2-f32x`): each block decoded to four f32 vectors
+//   in the q4 split order and multiplied by its scale; within f32
+//   reassociation error of the scalar reference (and so of transformers'
+//   dequantized weights).
+
+/// `E2M1_X2` in both 128-bit halves (`pshufb` looks up per half).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_lut() -> __m256i {
+    let t = mfx_formats::mxfp4::E2M1_X2;
+    _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(t.as_ptr() as *const __m128i) })
+}
+
+/// The e8m0 scales of one row as f32 half-scales.
+#[inline]
+fn mxfp4_scales(scales: &[u8], out: &mut [f32]) {
+    for (o, &s) in out.iter_mut().zip(scales) {
+        *o = super::E8M0_HALF[s as usize];
+    }
+}
+
+fn mxfp4_matmul_f32(m: &Mxfp4Matrix<'_>, x: &[f32], n: usize, out: Out) {
+    // cols is whole 32-blocks, so the permutation never straddles rows.
+    let xp = permute_x(x, &split_perm(4));
+    for_row_chunks(m.rows, m.row_bytes(), n, |range| {
+        let mut sbuf = vec![0.0f32; m.blocks_per_row()];
+        let mut i0 = 0;
+        while i0 < n {
+            let nb = (n - i0).min(NB);
+            // SAFETY: features detected; check_matmul verified the buffer
+            // lengths; the rows in range belong to this task.
+            unsafe {
+                with_nb!(
+                    nb,
+                    mxfp4_rows_f32(m, &xp, i0, range.clone(), out, &mut sbuf)
+                )
+            };
+            i0 += nb;
+        }
+    });
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_rows_f32<const N: usize>(
+    m: &Mxfp4Matrix<'_>,
+    x: &[f32],
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+    sbuf: &mut [f32],
+) {
+    let (cb, bpr) = (m.row_code_bytes(), m.blocks_per_row());
+    let lut = unsafe { mxfp4_lut() };
+    let xp = unsafe { x.as_ptr().add(i0 * m.cols) };
+    for r in rows {
+        mxfp4_scales(&m.scales[r * bpr..(r + 1) * bpr], sbuf);
+        let res = unsafe {
+            mxfp4_dot_f32::<N>(
+                m.blocks.as_ptr().add(r * cb),
+                sbuf.as_ptr(),
+                m.cols,
+                xp,
+                lut,
+            )
+        };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+/// One block's 32 codes as f32 doubled values, in `split_perm(4)` order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_decode32(p: *const u8, lut: __m256i) -> [__m256; 4] {
+    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let m = _mm_set1_epi8(0x0F);
+    let l = _mm256_castsi256_si128(lut);
+    let lo = _mm_shuffle_epi8(l, _mm_and_si128(v, m));
+    let hi = _mm_shuffle_epi8(l, _mm_and_si128(_mm_srli_epi16(v, 4), m));
+    unsafe {
+        [
+            i8x8_to_f32(lo),
+            i8x8_to_f32(_mm_srli_si128(lo, 8)),
+            i8x8_to_f32(hi),
+            i8x8_to_f32(_mm_srli_si128(hi, 8)),
+        ]
+    }
+}
+
+/// The low 8 signed bytes of `v` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn i8x8_to_f32(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+/// Dots one mxfp4 row (half-scales widened) with `N` rows of permuted x.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_dot_f32<const N: usize>(
+    row: *const u8,
+    scales: *const f32,
+    cols: usize,
+    x: *const f32,
+    lut: __m256i,
+) -> [f32; N] {
+    let ka = chains(N);
+    let mut acc = [[_mm256_setzero_ps(); 4]; N];
+    for b in 0..cols / 32 {
+        let c = 32 * b;
+        let s = _mm256_set1_ps(unsafe { *scales.add(b) });
+        let q = unsafe { mxfp4_decode32(row.add(16 * b), lut) };
+        for (k, qk) in q.into_iter().enumerate() {
+            let wv = _mm256_mul_ps(qk, s);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(x.add(i * cols + c + 8 * k)) };
+                a[k % ka] = _mm256_fmadd_ps(wv, xv, a[k % ka]);
+            }
+        }
+    }
+    let mut res = [0.0f32; N];
+    for (r, a) in res.iter_mut().zip(&acc) {
+        *r = unsafe {
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ))
+        };
+    }
+    res
+}
+
+/// MXFP4 matrices of one width sharing x: x quantized once (q4 layout),
+/// their rows concatenated into one set of parallel chunks.
+fn mxfp4_i8_many(ms: &[&Mxfp4Matrix<'_>], x: &[f32], n: usize, outs: &[Out]) {
+    let m0 = ms[0];
+    let xq = quantize_x::<Q4i8>(x, n, m0.cols, 32);
+    let mut starts = Vec::with_capacity(ms.len() + 1);
+    starts.push(0);
+    for m in ms {
+        starts.push(starts.last().copied().unwrap_or(0) + m.rows);
+    }
+    let total = starts[ms.len()];
+    for_row_chunks(total, m0.row_bytes(), n, |range| {
+        let mut sbuf = vec![0.0f32; m0.blocks_per_row()];
+        for (j, (m, out)) in ms.iter().zip(outs).enumerate() {
+            let (lo, hi) = (range.start.max(starts[j]), range.end.min(starts[j + 1]));
+            if lo >= hi {
+                continue;
+            }
+            let local = lo - starts[j]..hi - starts[j];
+            let mut i0 = 0;
+            while i0 < n {
+                let nb = (n - i0).min(NB);
+                // SAFETY: features detected; check_matmul verified every
+                // buffer length; xq was built from x (n * cols); the rows
+                // belong to this task.
+                unsafe {
+                    with_nb!(
+                        nb,
+                        mxfp4_rows_i8(m, &xq, i0, local.clone(), *out, &mut sbuf)
+                    )
+                };
+                i0 += nb;
+            }
+        }
+    });
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_rows_i8<const N: usize>(
+    m: &Mxfp4Matrix<'_>,
+    xq: &XInt8,
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+    sbuf: &mut [f32],
+) {
+    let (cb, bpr) = (m.row_code_bytes(), m.blocks_per_row());
+    let npairs = bpr / 2;
+    let lut = unsafe { mxfp4_lut() };
+    for r in rows {
+        mxfp4_scales(&m.scales[r * bpr..(r + 1) * bpr], sbuf);
+        let res = unsafe {
+            mxfp4_dot_i8::<N>(
+                m.blocks.as_ptr().add(r * cb),
+                sbuf.as_ptr(),
+                m.cols,
+                xq.q.as_ptr().add(i0 * m.cols),
+                xq.d.as_ptr().add(i0 * bpr),
+                xq.dpat.as_ptr().add(i0 * npairs * 8),
+                lut,
+            )
+        };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+/// Dots one mxfp4 row with `N` rows of int8 x (laid out by `quantize_x::<Q4i8>`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_dot_i8<const N: usize>(
+    row: *const u8,
+    scales: *const f32,
+    cols: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xdpat: *const f32,
+    lut: __m256i,
+) -> [f32; N] {
+    let nblk = cols / 32;
+    let npairs = nblk / 2;
+    let ones = _mm256_set1_epi16(1);
+    let nib = _mm256_set1_epi8(0x0F);
+    let lane_mask = {
+        let m = Q4i8::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
+        unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
+    };
+    let k1 = if N <= 4 { 1 } else { 0 };
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
+        // SAFETY: p < npairs: the pair's 32 code bytes, 64 x codes and
+        // scales exist.
+        unsafe {
+            let v = _mm256_loadu_si256(row.add(32 * p) as *const __m256i);
+            let ca = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib));
+            let cb = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+            let (aa, ab) = (_mm256_abs_epi8(ca), _mm256_abs_epi8(cb));
+            let sv = _mm256_blendv_ps(
+                _mm256_set1_ps(*scales.add(2 * p)),
+                _mm256_set1_ps(*scales.add(2 * p + 1)),
+                lane_mask,
+            );
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = xq.add(i * cols + 64 * p);
+                let xa = _mm256_loadu_si256(xi as *const __m256i);
+                let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                let s16 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(aa, _mm256_sign_epi8(xa, ca)),
+                    _mm256_maddubs_epi16(ab, _mm256_sign_epi8(xb, cb)),
+                );
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                let scale = _mm256_mul_ps(sv, _mm256_loadu_ps(xdpat.add((i * npairs + p) * 8)));
+                a[slot] = _mm256_fmadd_ps(f, scale, a[slot]);
+            }
+        }
+    };
+    let mut p = 0;
+    while p + 2 <= npairs {
+        pair(p, &mut acc, 0);
+        pair(p + 1, &mut acc, k1);
+        p += 2;
+    }
+    if p < npairs {
+        pair(p, &mut acc, 0);
+    }
+    if nblk % 2 == 1 {
+        let blk = nblk - 1;
+        // SAFETY: the trailing block's 16 code bytes, 32 x codes and scale exist.
+        unsafe {
+            let v = _mm_loadu_si128(row.add(16 * blk) as *const __m128i);
+            let m = _mm_set1_epi8(0x0F);
+            let idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+            let c = _mm256_shuffle_epi8(lut, idx);
+            let ac = _mm256_abs_epi8(c);
+            let s = *scales.add(blk);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_si256(xq.add(i * cols + blk * 32) as *const __m256i);
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                    _mm256_maddubs_epi16(ac, _mm256_sign_epi8(xv, c)),
+                    ones,
+                ));
                 a[0] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
             }
         }

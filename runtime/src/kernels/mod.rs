@@ -28,6 +28,7 @@ mod parallel;
 pub use parallel::on_workers;
 
 use half::{bf16, f16};
+use mfx_formats::mxfp4::Mxfp4Matrix;
 use mfx_formats::quant::AffineMatrix;
 use std::sync::OnceLock;
 
@@ -50,6 +51,9 @@ pub enum MatRef<'a> {
         data: &'a [f16],
     },
     Affine(AffineMatrix<'a>),
+    /// OCP MXFP4 (gpt-oss's experts as the hub ships them), see
+    /// `mfx_formats::mxfp4`: usable wherever an affine matrix is.
+    Mxfp4(Mxfp4Matrix<'a>),
 }
 
 impl MatRef<'_> {
@@ -59,6 +63,7 @@ impl MatRef<'_> {
                 *rows
             }
             MatRef::Affine(a) => a.rows,
+            MatRef::Mxfp4(m) => m.rows,
         }
     }
     pub fn cols(&self) -> usize {
@@ -67,6 +72,7 @@ impl MatRef<'_> {
                 *cols
             }
             MatRef::Affine(a) => a.cols,
+            MatRef::Mxfp4(m) => m.cols,
         }
     }
     /// Bytes of weights (codes + scales + biases) one output row reads; what
@@ -76,6 +82,7 @@ impl MatRef<'_> {
             MatRef::F32 { cols, .. } => cols * 4,
             MatRef::Bf16 { cols, .. } | MatRef::F16 { cols, .. } => cols * 2,
             MatRef::Affine(a) => a.row_bytes() + a.groups_per_row() * 4,
+            MatRef::Mxfp4(m) => m.row_bytes(),
         }
     }
     /// Whether the buffers hold exactly `rows * cols` elements; kernels check
@@ -94,6 +101,10 @@ impl MatRef<'_> {
                     && n.map(|n| n / 8 * a.bits as usize) == Some(a.packed.len())
                     && n.map(|n| n / a.group_size) == Some(a.scales.len())
                     && a.biases.len() == a.scales.len()
+            }
+            MatRef::Mxfp4(m) => {
+                mfx_formats::mxfp4::mxfp4_sizes(m.rows, m.cols)
+                    == Ok((m.blocks.len(), m.scales.len()))
             }
         }
     }
@@ -114,6 +125,7 @@ impl MatRef<'_> {
                 }
             }
             MatRef::Affine(a) => a.dequantize_row(r, out),
+            MatRef::Mxfp4(m) => m.dequantize_row(r, out),
         }
     }
 }
@@ -256,6 +268,22 @@ impl<'a> F16Rows<'a> {
         );
     }
 }
+
+/// `2^(s - 128)` for every e8m0 byte (`mfx_formats::mxfp4::e8m0_to_f32_half`):
+/// the SIMD tiers multiply the doubled e2m1 integers by it.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) static E8M0_HALF: [f32; 256] = {
+    let mut t = [0.0f32; 256];
+    let mut s = 0;
+    while s < 256 {
+        t[s] = mfx_formats::mxfp4::e8m0_to_f32_half(s as u8);
+        s += 1;
+    }
+    t
+};
 
 static BACKEND: OnceLock<&'static dyn Backend> = OnceLock::new();
 

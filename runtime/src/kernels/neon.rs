@@ -18,6 +18,7 @@
 use super::parallel::{for_row_chunks, Out};
 use super::{check_matmul, Backend, MatRef, Tier};
 use half::{bf16, f16};
+use mfx_formats::mxfp4::Mxfp4Matrix;
 use mfx_formats::quant::AffineMatrix;
 use std::arch::aarch64::*;
 use std::ops::Range;
@@ -63,6 +64,7 @@ impl Backend for Neon {
                 8 => affine_matmul::<Q8>(a, x, n, out),
                 b => unreachable!("affine bit width {b} passed check_matmul"),
             },
+            MatRef::Mxfp4(m) => mxfp4_matmul(m, x, n, out),
         }
     }
 
@@ -96,6 +98,9 @@ impl Backend for Neon {
 
 /// Runs `$f::<..., NB>` for a runtime block size `nb` in `1..=8`.
 macro_rules! with_nb {
+    ($nb:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        with_nb!($nb, $f::<>($($arg),*))
+    };
     ($nb:expr, $f:ident::<$($t:ty),*>($($arg:expr),* $(,)?)) => {
         match $nb {
             1 => $f::<$($t,)* 1>($($arg),*),
@@ -501,6 +506,108 @@ unsafe fn affine_dot<D: Decode, const N: usize>(
                 }
             }
             c += 32;
+        }
+    }
+    let mut res = [0.0f32; N];
+    for (r, a) in res.iter_mut().zip(&acc) {
+        *r = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+    }
+    res
+}
+
+// ---------------------------------------------------------------- mxfp4 weights
+//
+// A block's 16 bytes split into low nibbles (even elements) and high nibbles
+// (odd), each looked up as the doubled e2m1 integers (`E2M1_X2`) with one
+// `tbl`, widened to f32 and multiplied by the block's half-scale
+// (`E8M0_HALF`): exact weights, f32 activations, x permuted once to the
+// q4 split order.
+
+fn mxfp4_matmul(m: &Mxfp4Matrix<'_>, x: &[f32], n: usize, out: Out) {
+    let xp = permute_x(x, &q4_perm());
+    for_row_chunks(m.rows, m.row_bytes(), n, |range| {
+        let mut sbuf = vec![0.0f32; m.blocks_per_row()];
+        let mut i0 = 0;
+        while i0 < n {
+            let nb = (n - i0).min(NB);
+            // SAFETY: NEON detected; check_matmul verified every buffer length.
+            unsafe { with_nb!(nb, mxfp4_rows(m, &xp, i0, range.clone(), out, &mut sbuf)) };
+            i0 += nb;
+        }
+    });
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn mxfp4_rows<const N: usize>(
+    m: &Mxfp4Matrix<'_>,
+    x: &[f32],
+    i0: usize,
+    rows: Range<usize>,
+    out: Out,
+    sbuf: &mut [f32],
+) {
+    let (cb, bpr) = (m.row_code_bytes(), m.blocks_per_row());
+    let lut = unsafe { vld1q_s8(mfx_formats::mxfp4::E2M1_X2.as_ptr()) };
+    let xp = unsafe { x.as_ptr().add(i0 * m.cols) };
+    for r in rows {
+        for (o, &s) in sbuf.iter_mut().zip(&m.scales[r * bpr..(r + 1) * bpr]) {
+            *o = super::E8M0_HALF[s as usize];
+        }
+        let res = unsafe {
+            mxfp4_dot::<N>(
+                m.blocks.as_ptr().add(r * cb),
+                sbuf.as_ptr(),
+                m.cols,
+                xp,
+                lut,
+            )
+        };
+        for (i, v) in res.into_iter().enumerate() {
+            unsafe { out.write(i0 + i, r, v) };
+        }
+    }
+}
+
+/// 16 doubled e2m1 values (int8) to four f32 vectors, in byte order.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn i8x16_to_f32(v: int8x16_t) -> [float32x4_t; 4] {
+    let l = vmovl_s8(vget_low_s8(v));
+    let h = vmovl_s8(vget_high_s8(v));
+    [
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(l))),
+        vcvtq_f32_s32(vmovl_s16(vget_high_s16(l))),
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))),
+        vcvtq_f32_s32(vmovl_s16(vget_high_s16(h))),
+    ]
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn mxfp4_dot<const N: usize>(
+    row: *const u8,
+    scales: *const f32,
+    cols: usize,
+    x: *const f32,
+    lut: int8x16_t,
+) -> [f32; N] {
+    let ka = chains(N);
+    let mut acc = [[vdupq_n_f32(0.0); 4]; N];
+    for b in 0..cols / 32 {
+        let c = 32 * b;
+        let q = unsafe {
+            let v = vld1q_u8(row.add(16 * b));
+            let lo = vqtbl1q_s8(lut, vandq_u8(v, vdupq_n_u8(0x0F)));
+            let hi = vqtbl1q_s8(lut, vshrq_n_u8::<4>(v));
+            concat(i8x16_to_f32(lo), i8x16_to_f32(hi))
+        };
+        let s = vdupq_n_f32(unsafe { *scales.add(b) });
+        for (k, qk) in q.into_iter().enumerate() {
+            let wv = vmulq_f32(qk, s);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = unsafe { vld1q_f32(x.add(i * cols + c + 4 * k)) };
+                a[k % ka] = vfmaq_f32(a[k % ka], wv, xv);
+            }
         }
     }
     let mut res = [0.0f32; N];

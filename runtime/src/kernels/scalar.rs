@@ -6,6 +6,7 @@
 use super::parallel::{for_row_chunks, Out};
 use super::{check_matmul, Backend, MatRef, Tier};
 use half::{bf16, f16};
+use mfx_formats::mxfp4::{e8m0_to_f32, BLOCK, BLOCK_BYTES, E2M1};
 use mfx_formats::quant::get_bits;
 
 pub struct Scalar;
@@ -77,6 +78,26 @@ pub fn row_dot(w: &MatRef<'_>, r: usize, x: &[f32]) -> f32 {
                     sx += x[c];
                 }
                 acc += s * qx + b * sx;
+            }
+            acc
+        }
+        MatRef::Mxfp4(m) => {
+            let bpr = m.blocks_per_row();
+            let codes = &m.blocks[r * bpr * BLOCK_BYTES..(r + 1) * bpr * BLOCK_BYTES];
+            let scales = &m.scales[r * bpr..(r + 1) * bpr];
+            let mut acc = 0.0f32;
+            for ((c, xb), &s) in codes
+                .chunks_exact(BLOCK_BYTES)
+                .zip(x.chunks_exact(BLOCK))
+                .zip(scales)
+            {
+                // sum(v * d * x) = d * sum(v * x): the power-of-two scale once per block.
+                let mut bx = 0.0f32;
+                for (&byte, xp) in c.iter().zip(xb.chunks_exact(2)) {
+                    bx += E2M1[(byte & 0x0F) as usize] * xp[0];
+                    bx += E2M1[(byte >> 4) as usize] * xp[1];
+                }
+                acc += e8m0_to_f32(s) * bx;
             }
             acc
         }

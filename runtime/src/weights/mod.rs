@@ -15,6 +15,7 @@
 //! assembled, which [`WeightSource::matrix`] decides per tensor.
 
 pub mod mmap;
+pub mod mxfp4;
 pub mod pack;
 pub mod safetensors;
 
@@ -22,6 +23,7 @@ use crate::error::RuntimeError;
 use crate::kernels::MatRef;
 use half::{bf16, f16};
 use memmap2::Mmap;
+use mfx_formats::mxfp4::Mxfp4Matrix;
 use mfx_formats::quant::AffineMatrix;
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ pub enum DType {
     F16,
     Bf16,
     U32,
+    /// Bytes: MXFP4 `*_blocks` codes and `*_scales` (e8m0).
+    U8,
     Other,
 }
 
@@ -40,7 +44,7 @@ impl DType {
         match self {
             DType::F32 | DType::U32 => 4,
             DType::F16 | DType::Bf16 => 2,
-            DType::Other => 1,
+            DType::U8 | DType::Other => 1,
         }
     }
 }
@@ -217,6 +221,14 @@ pub enum Matrix {
         scales: Blob,
         biases: Blob,
     },
+    /// MXFP4 (see `mfx_formats::mxfp4`): `blocks` holds `rows * cols / 2`
+    /// code bytes, `scales` `rows * cols / 32` e8m0 bytes.
+    Mxfp4 {
+        rows: usize,
+        cols: usize,
+        blocks: Blob,
+        scales: Blob,
+    },
 }
 
 impl Matrix {
@@ -275,15 +287,50 @@ impl Matrix {
         })
     }
 
+    /// Builds an MXFP4 matrix from its code and scale bytes (no copy). A
+    /// NaN scale (0xFF) is refused here, naming row and block, so kernels
+    /// never meet one.
+    pub fn mxfp4(
+        rows: usize,
+        cols: usize,
+        blocks: Blob,
+        scales: Blob,
+    ) -> Result<Self, mfx_formats::quant::QuantError> {
+        Mxfp4Matrix::new(rows, cols, blocks.bytes(), scales.bytes())?.check_scales()?;
+        Ok(Matrix::Mxfp4 {
+            rows,
+            cols,
+            blocks,
+            scales,
+        })
+    }
+
+    /// An owned copy of an MXFP4 matrix (e.g. rows gathered out of a fused
+    /// projection).
+    pub fn from_mxfp4(
+        m: &mfx_formats::mxfp4::Mxfp4Owned,
+    ) -> Result<Self, mfx_formats::quant::QuantError> {
+        Matrix::mxfp4(
+            m.rows,
+            m.cols,
+            Blob::copy_of(&m.blocks),
+            Blob::copy_of(&m.scales),
+        )
+    }
+
     pub fn rows(&self) -> usize {
         match self {
-            Matrix::Dense { rows, .. } | Matrix::Affine { rows, .. } => *rows,
+            Matrix::Dense { rows, .. }
+            | Matrix::Affine { rows, .. }
+            | Matrix::Mxfp4 { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            Matrix::Dense { cols, .. } | Matrix::Affine { cols, .. } => *cols,
+            Matrix::Dense { cols, .. }
+            | Matrix::Affine { cols, .. }
+            | Matrix::Mxfp4 { cols, .. } => *cols,
         }
     }
 
@@ -297,6 +344,76 @@ impl Matrix {
                 biases,
                 ..
             } => packed.len() + scales.len() + biases.len(),
+            Matrix::Mxfp4 { blocks, scales, .. } => blocks.len() + scales.len(),
+        }
+    }
+
+    /// The values as the kernels define them (the scalar reference
+    /// dequantization for quantized schemes), row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0.0f32; rows * cols];
+        let m = self.mat();
+        for (r, o) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+            m.row_f32(r, o);
+        }
+        out
+    }
+
+    /// A copy of the given rows (in that order) in the same scheme, with no
+    /// requantization: e.g. gpt-oss's gate (even rows) and up (odd rows)
+    /// out of one fused `gate_up_proj`.
+    ///
+    /// # Panics
+    /// If a row index is out of range (a caller bug).
+    pub fn gather_rows(&self, pick: &[usize]) -> Matrix {
+        let n = self.rows();
+        let copy = |b: &Blob, per_row: usize| {
+            let mut v = Vec::with_capacity(pick.len() * per_row);
+            for &r in pick {
+                assert!(r < n, "gather_rows: row {r} of {n}");
+                v.extend_from_slice(&b.bytes()[r * per_row..(r + 1) * per_row]);
+            }
+            Blob::copy_of(&v)
+        };
+        let rows = pick.len();
+        match self {
+            Matrix::Dense {
+                dtype, cols, data, ..
+            } => Matrix::Dense {
+                dtype: *dtype,
+                rows,
+                cols: *cols,
+                data: copy(data, cols * dtype.size()),
+            },
+            Matrix::Affine {
+                cols,
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                ..
+            } => Matrix::Affine {
+                rows,
+                cols: *cols,
+                bits: *bits,
+                group_size: *group_size,
+                packed: copy(packed, cols * *bits as usize / 8),
+                scales: copy(scales, cols / group_size * 2),
+                biases: copy(biases, cols / group_size * 2),
+            },
+            Matrix::Mxfp4 {
+                cols,
+                blocks,
+                scales,
+                ..
+            } => Matrix::Mxfp4 {
+                rows,
+                cols: *cols,
+                blocks: copy(blocks, cols / 2),
+                scales: copy(scales, cols / mfx_formats::mxfp4::BLOCK),
+            },
         }
     }
 
@@ -344,6 +461,17 @@ impl Matrix {
                 packed: packed.bytes(),
                 scales: bytemuck::cast_slice(scales.bytes()),
                 biases: bytemuck::cast_slice(biases.bytes()),
+            }),
+            Matrix::Mxfp4 {
+                rows,
+                cols,
+                blocks,
+                scales,
+            } => MatRef::Mxfp4(Mxfp4Matrix {
+                rows: *rows,
+                cols: *cols,
+                blocks: blocks.bytes(),
+                scales: scales.bytes(),
             }),
         }
     }

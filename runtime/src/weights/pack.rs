@@ -130,7 +130,7 @@ fn dtype_of(s: Scheme) -> DType {
         Scheme::F32 => DType::F32,
         Scheme::F16 => DType::F16,
         Scheme::Bf16 => DType::Bf16,
-        Scheme::Affine { .. } => DType::Other,
+        Scheme::Affine { .. } | Scheme::Mxfp4 => DType::Other,
     }
 }
 
@@ -182,6 +182,17 @@ fn matrix_from(
                 source: e,
             })
         }
+        Scheme::Mxfp4 => Matrix::mxfp4(
+            rows,
+            cols,
+            blob.slice(0, layout.packed_len as usize),
+            blob.slice(layout.scales_offset as usize, layout.groups_len as usize),
+        )
+        .map_err(|e| RuntimeError::Quant {
+            name: name.into(),
+            location: location.into(),
+            source: e,
+        }),
         s => Matrix::dense(dtype_of(s), rows, cols, blob)
             .map_err(|msg| RuntimeError::Other(format!("{name} in {location}: {msg}"))),
     }
@@ -213,7 +224,7 @@ impl WeightSource for PackSource {
         let Some(e) = self.entry(name) else {
             return Ok(None);
         };
-        if let Scheme::Affine { .. } = e.scheme {
+        if matches!(e.scheme, Scheme::Affine { .. } | Scheme::Mxfp4) {
             return Err(RuntimeError::Dtype {
                 name: name.into(),
                 location: self.location(),

@@ -35,6 +35,7 @@ fn map_dtype(d: safetensors::Dtype) -> DType {
         safetensors::Dtype::F16 => DType::F16,
         safetensors::Dtype::BF16 => DType::Bf16,
         safetensors::Dtype::U32 => DType::U32,
+        safetensors::Dtype::U8 => DType::U8,
         _ => DType::Other,
     }
 }
