@@ -121,6 +121,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Applies the model's chat template with the generation prompt added.
     fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError>;
 
+    /// The source of the chat template `render_chat` uses, if any: the
+    /// server reads the model's output format (reasoning and tool-call
+    /// markup) off it.
+    fn template_source(&self) -> Option<&str> {
+        None
+    }
+
     /// Token ids of already-rendered text (special tokens parsed, none added).
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError>;
 

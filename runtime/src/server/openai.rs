@@ -66,6 +66,10 @@ pub struct Message {
     pub tool_call_id: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, as this server (and vLLM, DeepSeek's
+    /// API) returns it; `reasoning` is the newer spelling some clients use.
+    #[serde(default, alias = "reasoning")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +249,12 @@ pub fn to_template_messages(messages: Vec<Message>) -> Result<Vec<Value>, ApiErr
         if let Some(name) = m.name {
             msg["name"] = Value::String(name);
         }
+        if let Some(r) = m
+            .reasoning_content
+            .filter(|r| !r.is_empty() && role == "assistant")
+        {
+            msg["reasoning_content"] = Value::String(r);
+        }
         out.push(msg);
     }
     Ok(out)
@@ -366,10 +376,12 @@ async fn chat_collect(
     ctx: ResponseCtx,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut reasoning = String::new();
     let mut calls: Vec<Value> = Vec::new();
     while let Some(ev) = gen.next().await {
         match ev {
             Out::Text(t) => text.push_str(&t),
+            Out::Reasoning(t) => reasoning.push_str(&t),
             Out::ToolStart { name, .. } => calls.push(json!({
                 "id": new_id("call_"), "type": "function", "function": {"name": name, "arguments": ""}
             })),
@@ -382,6 +394,9 @@ async fn chat_collect(
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished { completion, tool_calls } => {
                 let mut message = json!({"role": "assistant", "content": text});
+                if !reasoning.is_empty() {
+                    message["reasoning_content"] = Value::String(std::mem::take(&mut reasoning));
+                }
                 if !calls.is_empty() {
                     if text.trim().is_empty() {
                         message["content"] = Value::Null;
@@ -461,6 +476,9 @@ fn chat_stream(
                     break Bytes::from_static(b"data: [DONE]\n\n");
                 }
                 Some(Out::Text(t)) => break data(&chunk(&st, json!({"content": t}), Value::Null)),
+                Some(Out::Reasoning(t)) => {
+                    break data(&chunk(&st, json!({"reasoning_content": t}), Value::Null))
+                }
                 Some(Out::ToolStart { index, name }) => {
                     let id = new_id("call_");
                     st.call_ids.push(id.clone());
