@@ -375,6 +375,7 @@ pub async fn messages(
         max_tokens: Some(max_tokens),
         stop: req.stop_sequences.take().unwrap_or_default(),
         ignore_eos: false,
+        penalties: Default::default(),
     };
     let prepared = pipeline::prepare(&state, F, source, sampling).await?;
     let input_tokens = prepared.prompt.len();

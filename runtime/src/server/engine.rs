@@ -200,11 +200,19 @@ impl Backend for GeneratorBackend {
                 g
             }
         };
+        let pen = &params.penalties;
         let sampling = SamplingParams {
             temperature: params.temperature,
             top_p: params.top_p,
             top_k: params.top_k,
             seed: params.seed,
+            presence_penalty: pen.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: pen.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: pen
+                .repetition_penalty
+                .unwrap_or(self.sampling.repetition_penalty),
+            min_p: pen.min_p.unwrap_or(self.sampling.min_p),
+            logit_bias: pen.logit_bias.clone(),
             ..self.sampling.clone()
         };
         let opts = GenerateOptions {

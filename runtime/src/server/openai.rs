@@ -17,7 +17,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::backend::{ChatPrompt, Completion, Finish};
+use super::backend::{ChatPrompt, Completion, Finish, Penalties};
 use super::error::{parse_body, ApiError, Flavor};
 use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
 use super::{toolchoice, AppState};
@@ -127,6 +127,26 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
+    /// `min_p` are vLLM's extensions.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Refused when asked for (see [`check_unsupported`]).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +184,28 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub echo: Option<bool>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
+    /// `min_p` are vLLM's extensions.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Refused when asked for (see [`check_unsupported`]).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 fn content_text(c: Option<Content>, at: usize) -> Result<String, ApiError> {
@@ -260,6 +302,67 @@ pub fn to_template_messages(messages: Vec<Message>) -> Result<Vec<Value>, ApiErr
     Ok(out)
 }
 
+/// The sampler fields of a request, with `logit_bias` keys read as ids.
+fn penalties(
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    min_p: Option<f32>,
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+) -> Result<Penalties, ApiError> {
+    let mut bias = Vec::new();
+    for (k, v) in logit_bias.unwrap_or_default() {
+        let id = k.trim().parse::<u32>().map_err(|_| {
+            ApiError::bad_request(
+                F,
+                format!("logit_bias: keys are token ids (integers as strings), got {k:?}"),
+            )
+            .param("logit_bias")
+        })?;
+        bias.push((id, v));
+    }
+    bias.sort_by_key(|(id, _)| *id);
+    Ok(Penalties {
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        min_p,
+        logit_bias: bias,
+    })
+}
+
+/// Fields that would change the reply and are not implemented: refused by
+/// name rather than ignored. Log probabilities need the engine to report
+/// them per token; structured output needs constrained decoding.
+fn check_unsupported(
+    logprobs: Option<&Value>,
+    top_logprobs: Option<u32>,
+    response_format: Option<&Value>,
+) -> Result<(), ApiError> {
+    let refuse = |param: &str, msg: &str| Err(ApiError::bad_request(F, msg).param(param));
+    let asks = match logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => n.as_u64() != Some(0),
+        Some(_) => true,
+    };
+    if asks {
+        return refuse("logprobs", "logprobs are not supported by this server");
+    }
+    if top_logprobs.is_some_and(|n| n > 0) {
+        return refuse(
+            "top_logprobs",
+            "top_logprobs are not supported by this server",
+        );
+    }
+    match response_format.and_then(|f| f.get("type")).and_then(Value::as_str) {
+        None | Some("text") => Ok(()),
+        Some(other) => refuse(
+            "response_format",
+            &format!("response_format of type `{other}` is not supported (no constrained decoding); only `text` is"),
+        ),
+    }
+}
+
 fn check_n(n: Option<u32>) -> Result<(), ApiError> {
     match n {
         None | Some(1) => Ok(()),
@@ -291,6 +394,18 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(F, &body_bytes(body)?)?;
     check_n(req.n)?;
+    check_unsupported(
+        req.logprobs.as_ref(),
+        req.top_logprobs,
+        req.response_format.as_ref(),
+    )?;
+    let pen = penalties(
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.repetition_penalty,
+        req.min_p,
+        req.logit_bias,
+    )?;
     let tools = req.tools.unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {
         let name = t
@@ -315,6 +430,7 @@ pub async fn chat_completions(
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        penalties: pen,
     };
     let prepared = pipeline::prepare(
         &state,
@@ -543,6 +659,23 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(F, &body_bytes(body)?)?;
     check_n(req.n)?;
+    check_unsupported(
+        req.logprobs.as_ref(),
+        req.top_logprobs,
+        req.response_format.as_ref(),
+    )?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(
+            ApiError::bad_request(F, "suffix (insertion) is not supported").param("suffix"),
+        );
+    }
+    let pen = penalties(
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.repetition_penalty,
+        req.min_p,
+        req.logit_bias,
+    )?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request(F, "echo is not supported").param("echo"));
     }
@@ -566,6 +699,7 @@ pub async fn completions(
         max_tokens: Some(req.max_tokens.unwrap_or(16)),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        penalties: pen,
     };
     let prepared = pipeline::prepare(&state, F, PromptSource::Text(prompt), sampling).await?;
     let prompt_tokens = prepared.prompt.len();

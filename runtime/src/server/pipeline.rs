@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::backend::{BackendError, ChatPrompt, Completion, GenParams};
+use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Penalties};
 use super::error::{ApiError, Flavor};
 use super::toolchoice::{Mode, ToolChoice};
 use super::worker::Event;
@@ -35,6 +35,7 @@ pub struct SamplingRequest {
     pub max_tokens: Option<i64>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    pub penalties: Penalties,
 }
 
 /// A request ready for the queue.
@@ -261,6 +262,7 @@ fn resolve(
         }
         Some(n) => (n as usize).min(room),
     };
+    check_penalties(flavor, &s.penalties)?;
     check_stops(flavor, &s.stop)?;
     let stop = s.stop.iter().filter(|x| !x.is_empty()).cloned().collect();
     Ok(GenParams {
@@ -271,7 +273,44 @@ fn resolve(
         max_tokens,
         stop,
         ignore_eos: s.ignore_eos,
+        penalties: s.penalties.clone(),
     })
+}
+
+/// Range checks of the optional sampler fields, naming the field.
+fn check_penalties(flavor: Flavor, p: &Penalties) -> Result<(), ApiError> {
+    let bad = |param: &str, msg: String| Err(ApiError::bad_request(flavor, msg).param(param));
+    for (name, v) in [
+        ("presence_penalty", p.presence_penalty),
+        ("frequency_penalty", p.frequency_penalty),
+    ] {
+        if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return bad(name, format!("{name} must be between -2 and 2, got {v}"));
+        }
+    }
+    if let Some(v) = p
+        .repetition_penalty
+        .filter(|v| !(v.is_finite() && *v > 0.0))
+    {
+        return bad(
+            "repetition_penalty",
+            format!("repetition_penalty must be a number > 0, got {v}"),
+        );
+    }
+    if let Some(v) = p.min_p.filter(|v| !(0.0..=1.0).contains(v)) {
+        return bad("min_p", format!("min_p must be between 0 and 1, got {v}"));
+    }
+    if let Some((id, b)) = p
+        .logit_bias
+        .iter()
+        .find(|(_, b)| !(-100.0..=100.0).contains(b))
+    {
+        return bad(
+            "logit_bias",
+            format!("logit_bias: the bias of token {id} must be between -100 and 100, got {b}"),
+        );
+    }
+    Ok(())
 }
 
 /// Most stop strings a request may give (OpenAI allows 4, Anthropic does

@@ -356,6 +356,7 @@ pub async fn create(
         max_tokens: req.max_output_tokens,
         stop: Vec::new(),
         ignore_eos: false,
+        penalties: Default::default(),
     };
     let prepared = pipeline::prepare(
         &state,

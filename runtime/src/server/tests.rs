@@ -29,6 +29,8 @@ struct Fake {
     prompts: Mutex<Vec<String>>,
     /// What `cache_stats` reports.
     cache: Mutex<Option<StatsSnapshot>>,
+    /// Every `GenParams` `generate` was given.
+    params: Mutex<Vec<GenParams>>,
 }
 
 impl Fake {
@@ -69,6 +71,7 @@ impl Fake {
             template,
             prompts: Mutex::new(Vec::new()),
             cache: Mutex::new(None),
+            params: Mutex::new(Vec::new()),
         })
     }
 }
@@ -171,6 +174,9 @@ impl Backend for Fake {
         }
         if let Ok(mut p) = self.prompts.lock() {
             p.push(prompt_text.clone());
+        }
+        if let Ok(mut p) = self.params.lock() {
+            p.push(params.clone());
         }
         let long_reply = "Hello, world! How are you? ".repeat(20);
         let reply = if let Some(cont) = forced_continuation(&prompt_text) {
@@ -1812,4 +1818,134 @@ async fn harmony_output_is_split_into_reasoning_and_calls() {
         .cloned()
         .expect("rendered");
     assert!(rendered.ends_with("<|start|>assistant"), "{rendered}");
+}
+
+/// The sampler fields reach the backend, range- and type-checked by name;
+/// the fields this server cannot honour are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampler_fields_are_honoured_or_refused_by_name() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 2,
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1,
+        "min_p": 0.05, "logit_bias": {"7": -100, "3": 2.5}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = fake
+        .params
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("params");
+    assert_eq!(
+        p.penalties,
+        Penalties {
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.25),
+            repetition_penalty: Some(1.1),
+            min_p: Some(0.05),
+            logit_bias: vec![(3, 2.5), (7, -100.0)],
+        }
+    );
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2, "frequency_penalty": 1.0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = fake
+        .params
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("params");
+    assert_eq!(p.penalties.frequency_penalty, Some(1.0));
+
+    for (path, extra, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"presence_penalty": "x"}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"presence_penalty": 2.5}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"frequency_penalty": -3}),
+            "frequency_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"repetition_penalty": 0}),
+            "repetition_penalty",
+        ),
+        ("/v1/chat/completions", json!({"min_p": 1.5}), "min_p"),
+        (
+            "/v1/chat/completions",
+            json!({"logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logit_bias": {"5": 101}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 3}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        ("/v1/completions", json!({"logprobs": 2}), "logprobs"),
+        ("/v1/completions", json!({"suffix": "end"}), "suffix"),
+        ("/v1/completions", json!({"min_p": -0.1}), "min_p"),
+    ] {
+        let mut body = if path == "/v1/completions" {
+            json!({"prompt": "x"})
+        } else {
+            json!({"messages": msgs})
+        };
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let r = post(addr, path, body).await;
+        assert_eq!(r.status, 400, "{path} {extra}: {}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["param"], param, "{path} {extra}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(param)),
+            "{v}"
+        );
+    }
+    // Their neutral values are accepted.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 1,
+        "logprobs": false, "response_format": {"type": "text"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
