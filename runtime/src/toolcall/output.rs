@@ -232,7 +232,7 @@ impl OutputParser {
             think: spec.think.then(|| ThinkSplitter::new(spec.in_reasoning)),
             inner,
             reasoning_trim: EdgeTrim::new(),
-            text_trim: EdgeTrim::new(),
+            text_trim: EdgeTrim::keeping_start(),
             calls: 0,
         }
     }
@@ -273,17 +273,19 @@ impl OutputParser {
             }
         }
         self.inner.finish(&mut raw);
-        let out = self.polish(raw);
+        let mut out = self.polish(raw);
         self.reasoning_trim.end();
-        self.text_trim.end();
-        out
+        // Whitespace that ends the output is the model's text.
+        out.push(ToolEvent::Text(self.text_trim.flush()));
+        merge_text(out)
     }
 
     fn route(&mut self, piece: Piece, raw: &mut Vec<ToolEvent>) {
         match piece {
             Piece::Reasoning(r) => raw.push(ToolEvent::Reasoning(r)),
-            // An empty text event ends the reasoning segment in `polish`.
-            Piece::ReasoningEnd => raw.push(ToolEvent::Text(String::new())),
+            // Tells `polish` that what follows is after reasoning, even
+            // when the block was empty.
+            Piece::ReasoningEnd => raw.push(ToolEvent::Reasoning(String::new())),
             Piece::Content(c) => self.inner.push(&c, raw),
         }
     }
@@ -294,6 +296,8 @@ impl OutputParser {
         for ev in raw {
             match ev {
                 ToolEvent::Reasoning(r) => {
+                    // Text after reasoning starts a new segment.
+                    self.text_trim.end();
                     out.push(ToolEvent::Reasoning(self.reasoning_trim.push(&r)))
                 }
                 ToolEvent::Text(t) => {

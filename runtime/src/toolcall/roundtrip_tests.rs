@@ -420,3 +420,32 @@ fn open_think_in_prompt_and_forced_call_close_it() {
         );
     }
 }
+
+/// Text with no reasoning or calls around it is the model's own, edges
+/// included (greedy output must equal the reference's); only whitespace
+/// next to markup is layout.
+#[test]
+fn plain_text_keeps_its_whitespace() {
+    let plain = ParserSpec {
+        format: ChatFormat::Qwen(ToolForm::Hermes),
+        tools: Some(ToolSchemas::default()),
+        think: true,
+        in_reasoning: false,
+    };
+    for sizes in [&[usize::MAX][..], &[1], &[2, 3]] {
+        let got = parse(&plain, "\n  def f():\n    pass\n\n", sizes);
+        assert_eq!(got.text, "\n  def f():\n    pass\n\n", "{sizes:?}");
+        let got = parse(&plain, "<think>\nr\n</think>\n\nAnswer:\n  x\n", sizes);
+        assert_eq!(
+            (got.reasoning.as_str(), got.text.as_str()),
+            ("r", "Answer:\n  x\n")
+        );
+        // An empty block the prompt opened still makes what follows a new segment.
+        let opened = ParserSpec {
+            in_reasoning: true,
+            ..plain.clone()
+        };
+        let got = parse(&opened, "</think>\n\nHi", sizes);
+        assert_eq!((got.reasoning.as_str(), got.text.as_str()), ("", "Hi"));
+    }
+}

@@ -6,6 +6,11 @@
 //! (`content.strip()`, `.lstrip('\n')`). A segment's leading whitespace is
 //! dropped, and trailing whitespace is held back until more text shows it
 //! was inside the segment, or the segment ends and it is dropped.
+//!
+//! Only edges next to such markup are layout: the text of an output with
+//! no reasoning or calls is the model's, whitespace and all (greedy output
+//! must equal the reference's), so text starts untrimmed and what is held
+//! at the very end is released ([`EdgeTrim::flush`]).
 
 #[derive(Debug, Default)]
 pub(super) struct EdgeTrim {
@@ -16,11 +21,25 @@ pub(super) struct EdgeTrim {
 }
 
 impl EdgeTrim {
+    /// A trimmer whose first segment's start is trimmed.
     pub fn new() -> Self {
         Self {
             at_start: true,
             held: String::new(),
         }
+    }
+
+    /// A trimmer whose first segment's start is kept.
+    pub fn keeping_start() -> Self {
+        Self {
+            at_start: false,
+            held: String::new(),
+        }
+    }
+
+    /// Releases held whitespace (the output ended inside the segment).
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
     }
 
     /// What of `delta` can be released now.
