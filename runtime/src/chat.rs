@@ -73,6 +73,9 @@ pub struct RenderOptions {
 /// A compiled chat template with the special-token strings it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The source, kept for format detection (minijinja's copy is only
+    /// reachable through a borrow of a looked-up template).
+    source: String,
     origin: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -196,8 +199,12 @@ impl ChatTemplate {
         env.set_fuel(Some(Self::RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson_filter);
+        // DeepSeek-V3.2's template parses string arguments with it (a
+        // filter of llama.cpp's minja, not of jinja2).
+        env.add_filter("from_json", from_json_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        let kept = source.clone();
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| ChatTemplateError::Syntax {
                 origin: origin.clone(),
@@ -205,10 +212,17 @@ impl ChatTemplate {
             })?;
         Ok(Self {
             env,
+            source: kept,
             origin,
             bos_token,
             eos_token,
         })
+    }
+
+    /// The template's source text (what [`crate::toolcall::ChatFormat::detect`]
+    /// reads the model's output format from).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -295,6 +309,50 @@ pub fn normalize_tool_call_arguments(messages: &mut [Json]) {
     }
 }
 
+/// Puts the reasoning of earlier assistant turns where `template_source`
+/// reads it. OpenAI-style requests carry it as `reasoning_content` (as do
+/// Qwen3, GLM, MiniMax and DeepSeek templates); gpt-oss's template reads
+/// `thinking`, and there an assistant turn with tool calls may not have
+/// both `content` and `thinking` (its content *is* the analysis), so the
+/// two are joined into `thinking`.
+pub fn adapt_reasoning_field(messages: &mut [Json], template_source: &str) {
+    // A template variable named `thinking` (DeepSeek's switch) is not the
+    // message field.
+    let reads_thinking = [
+        "message.thinking",
+        "message['thinking']",
+        "message[\"thinking\"]",
+    ]
+    .iter()
+    .any(|f| template_source.contains(f));
+    if template_source.contains("reasoning_content") || !reads_thinking {
+        return;
+    }
+    for m in messages {
+        let Some(obj) = m.as_object_mut() else {
+            continue;
+        };
+        let Some(Json::String(r)) = obj.remove("reasoning_content") else {
+            continue;
+        };
+        if r.is_empty() {
+            continue;
+        }
+        let content = obj.get("content").and_then(Json::as_str).unwrap_or("");
+        let has_calls = obj
+            .get("tool_calls")
+            .and_then(Json::as_array)
+            .is_some_and(|c| !c.is_empty());
+        if has_calls && !content.is_empty() {
+            let joined = format!("{r}\n\n{content}");
+            obj.insert("content".into(), Json::String(String::new()));
+            obj.insert("thinking".into(), Json::String(joined));
+        } else {
+            obj.insert("thinking".into(), Json::String(r));
+        }
+    }
+}
+
 /// `bos_token`/`eos_token` are a string, an AddedToken object with
 /// `content`, or null.
 fn special_token(
@@ -362,6 +420,13 @@ fn describe(e: &JinjaError) -> String {
         src = cause.source();
     }
     s
+}
+
+fn from_json_filter(s: String) -> Result<Value, JinjaError> {
+    let v: Json = serde_json::from_str(&s).map_err(|e| {
+        JinjaError::new(ErrorKind::InvalidOperation, "from_json: not JSON").with_source(e)
+    })?;
+    Ok(Value::from_serialize(&v))
 }
 
 fn raise_exception(msg: String) -> Result<Value, JinjaError> {

@@ -2,7 +2,10 @@
 //!
 //! The filters run in Hugging Face's order -- repetition penalty, then
 //! temperature, then top-k, top-p, min-p -- so that a `generation_config.json`
-//! tuned for transformers means the same thing here. Temperature 0 is greedy
+//! tuned for transformers means the same thing here. OpenAI's request
+//! fields come first: `logit_bias` is added to the raw logits, and the
+//! presence/frequency penalties are subtracted after the repetition penalty,
+//! counting only the completion's tokens (OpenAI's definition). Temperature 0 is greedy
 //! (argmax, ties to the lowest id, like `torch.argmax`/`np.argmax`), which
 //! makes greedy output comparable token for token with reference runs.
 //!
@@ -32,6 +35,15 @@ pub struct SamplingParams {
     /// How many of the most recent tokens (prompt included) the penalty
     /// looks at; 0 means all of them, as transformers does.
     pub repetition_last_n: usize,
+    /// OpenAI's presence penalty: subtracted once from the logit of every
+    /// token the completion already holds; 0 disables.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once
+    /// per time the completion holds it; 0 disables.
+    pub frequency_penalty: f32,
+    /// Added to the raw logits of these token ids (OpenAI's `logit_bias`;
+    /// -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
     /// RNG seed; `None` draws one from the OS.
     pub seed: Option<u64>,
 }
@@ -45,6 +57,9 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             repetition_last_n: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: None,
         }
     }
@@ -86,6 +101,27 @@ impl SamplingParams {
                 "a finite number > 0",
             );
         }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad(
+                "presence_penalty",
+                self.presence_penalty,
+                "a number in [-2, 2]",
+            );
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad(
+                "frequency_penalty",
+                self.frequency_penalty,
+                "a number in [-2, 2]",
+            );
+        }
+        if let Some(&(_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias", b, "biases in [-100, 100]");
+        }
         Ok(())
     }
 }
@@ -100,6 +136,8 @@ pub enum SamplingError {
     },
     #[error("the model produced no finite logit (all {0} are NaN or -inf)")]
     NoFiniteLogits(usize),
+    #[error("logit_bias: token id {id} is not in the vocabulary ({vocab} tokens)")]
+    BiasOutOfVocab { id: u32, vocab: usize },
 }
 
 /// A stateful sampler: the parameters plus the RNG stream.
@@ -110,6 +148,9 @@ pub struct Sampler {
     /// Scratch (id, value) pairs reused across steps to avoid reallocating a
     /// vocabulary-sized buffer per token.
     scratch: Vec<(u32, f32)>,
+    /// Length of the history at the first call: the prompt. The OpenAI
+    /// penalties count only what comes after it.
+    prompt_len: Option<usize>,
 }
 
 impl Sampler {
@@ -123,6 +164,7 @@ impl Sampler {
             params,
             rng,
             scratch: Vec::new(),
+            prompt_len: None,
         })
     }
 
@@ -132,8 +174,17 @@ impl Sampler {
 
     /// Picks the next token. `logits` is modified in place (penalised and
     /// scaled); `history` is every token so far, prompt included.
+    /// The first call's `history` is taken to be the prompt.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Result<u32, SamplingError> {
+        let prompt_len = *self.prompt_len.get_or_insert(history.len());
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            let vocab = logits.len();
+            let v = logits
+                .get_mut(id as usize)
+                .ok_or(SamplingError::BiasOutOfVocab { id, vocab })?;
+            *v += bias;
+        }
         if p.repetition_penalty != 1.0 {
             let start = if p.repetition_last_n == 0 {
                 0
@@ -141,6 +192,10 @@ impl Sampler {
                 history.len().saturating_sub(p.repetition_last_n)
             };
             apply_repetition_penalty(logits, &history[start..], p.repetition_penalty);
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let completion = &history[prompt_len.min(history.len())..];
+            apply_openai_penalties(logits, completion, p.presence_penalty, p.frequency_penalty);
         }
         if p.is_greedy() {
             return argmax(logits).ok_or(SamplingError::NoFiniteLogits(logits.len()));
@@ -235,6 +290,20 @@ fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f32) {
         };
         if done.insert(t) {
             *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+        }
+    }
+}
+
+/// OpenAI's `logits[j] -= c[j] * frequency + (c[j] > 0) * presence`, with
+/// `c[j]` the count of token `j` in the completion so far.
+fn apply_openai_penalties(logits: &mut [f32], completion: &[u32], presence: f32, frequency: f32) {
+    let mut counts = std::collections::HashMap::with_capacity(completion.len());
+    for &t in completion {
+        *counts.entry(t).or_insert(0u32) += 1;
+    }
+    for (t, c) in counts {
+        if let Some(v) = logits.get_mut(t as usize) {
+            *v -= c as f32 * frequency + presence;
         }
     }
 }
@@ -520,5 +589,99 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn openai_penalties_count_only_the_completion() {
+        // Prompt [0, 0]; the completion so far holds 1 twice and 2 once.
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
+        let mut s = sampler(p);
+        let mut first = vec![1.0, 1.0, 1.0, 1.0];
+        s.sample(&mut first, &[0, 0]).expect("sample");
+        // Nothing generated yet: the prompt's tokens are not penalised.
+        assert_eq!(first, vec![1.0, 1.0, 1.0, 1.0]);
+        let mut l = vec![1.0, 1.0, 1.0, 1.0];
+        s.sample(&mut l, &[0, 0, 1, 2, 1]).expect("sample");
+        assert_eq!(l, vec![1.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 1.0]);
+        // Greedy follows the penalised logits: 1 was best, 3 now is.
+        let mut s = sampler(SamplingParams {
+            frequency_penalty: 2.0,
+            ..Default::default()
+        });
+        s.sample(&mut [0.0; 4], &[9])
+            .expect("first call sets the prompt");
+        let mut l = vec![0.0, 3.0, 0.0, 2.5];
+        assert_eq!(s.sample(&mut l, &[9, 1]).expect("sample"), 3);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_distribution_and_bans() {
+        let logits = [0.0f32, 0.0, 0.0];
+        // Bias +ln(2) on token 1 doubles its odds: p = [1/4, 1/2, 1/4].
+        let p = SamplingParams {
+            temperature: 1.0,
+            logit_bias: vec![(1, std::f32::consts::LN_2)],
+            seed: Some(7),
+            ..Default::default()
+        };
+        let n = 40_000;
+        let h = histogram(p, &logits, n);
+        for (got, want) in h.iter().zip([0.25, 0.5, 0.25]) {
+            let f = *got as f64 / n as f64;
+            assert!((f - want).abs() < 0.01, "{h:?}");
+        }
+        // -100 bans: never sampled.
+        let p = SamplingParams {
+            temperature: 1.0,
+            logit_bias: vec![(0, -100.0)],
+            seed: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(histogram(p, &logits, 5000)[0], 0);
+        // An id outside the vocabulary is an error, not ignored.
+        let mut s = sampler(SamplingParams {
+            logit_bias: vec![(3, 1.0)],
+            ..Default::default()
+        });
+        assert_eq!(
+            s.sample(&mut logits.to_vec(), &[]),
+            Err(SamplingError::BiasOutOfVocab { id: 3, vocab: 3 })
+        );
+    }
+
+    #[test]
+    fn openai_fields_are_range_checked_by_name() {
+        for (p, field) in [
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(0, 101.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+        ] {
+            match Sampler::new(p) {
+                Err(SamplingError::InvalidParam { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
     }
 }

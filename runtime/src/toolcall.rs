@@ -23,6 +23,17 @@
 
 use std::collections::HashMap;
 
+mod framed;
+mod harmony;
+mod output;
+mod pylit;
+#[cfg(test)]
+mod roundtrip_tests;
+mod think;
+mod trim;
+
+pub use output::{ends_in_reasoning, parse_all, ChatFormat, OutputParser, ParserSpec};
+
 const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
 const FUNC_OPEN: &str = "<function=";
@@ -75,6 +86,9 @@ impl ToolForm {
 pub enum ToolEvent {
     /// Ordinary assistant text.
     Text(String),
+    /// The model's reasoning (a `<think>` block, harmony's analysis
+    /// channel), to be returned apart from the text.
+    Reasoning(String),
     /// A call to `name` begins; `index` counts calls from 0 in this output.
     CallStart { index: usize, name: String },
     /// More of the call's arguments, as JSON text.
@@ -125,7 +139,7 @@ impl ToolSchemas {
         Self { types }
     }
 
-    fn type_of(&self, func: &str, param: &str) -> Option<&str> {
+    pub(crate) fn type_of(&self, func: &str, param: &str) -> Option<&str> {
         self.types.get(func)?.get(param).map(String::as_str)
     }
 }
@@ -136,12 +150,18 @@ fn typed_value(raw: &str, ty: Option<&str>) -> serde_json::Value {
     // framing, not content.
     let raw = raw.strip_prefix('\n').unwrap_or(raw);
     let raw = raw.strip_suffix('\n').unwrap_or(raw);
+    typed_by_schema(raw, ty)
+}
+
+/// A parameter value typed by its schema `type`: `string` stays text; a
+/// declared non-string type is JSON, or a Python literal (see `pylit`);
+/// an undeclared parameter is JSON if it parses; otherwise text.
+pub(crate) fn typed_by_schema(raw: &str, ty: Option<&str>) -> serde_json::Value {
+    let text = || serde_json::Value::String(raw.to_owned());
     match ty {
-        Some("string") => serde_json::Value::String(raw.to_owned()),
-        // Unknown parameter or non-string type: JSON if it parses
-        // (numbers, booleans, objects, arrays, null), text otherwise.
-        _ => serde_json::from_str(raw.trim())
-            .unwrap_or_else(|_| serde_json::Value::String(raw.to_owned())),
+        Some("string") => text(),
+        Some(_) => pylit::parse_loose(raw).unwrap_or_else(text),
+        None => serde_json::from_str(raw.trim()).unwrap_or_else(|_| text()),
     }
 }
 
@@ -487,15 +507,20 @@ impl ToolCallParser {
     }
 }
 
-/// Drops empty text events and joins neighbouring ones.
-fn merge_text(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
+/// Drops empty text and reasoning events and joins neighbouring ones of
+/// the same kind.
+pub(crate) fn merge_text(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
     let mut out: Vec<ToolEvent> = Vec::with_capacity(events.len());
     for ev in events {
         match ev {
-            ToolEvent::Text(t) if t.is_empty() => {}
+            ToolEvent::Text(t) | ToolEvent::Reasoning(t) if t.is_empty() => {}
             ToolEvent::Text(t) => match out.last_mut() {
                 Some(ToolEvent::Text(prev)) => prev.push_str(&t),
                 _ => out.push(ToolEvent::Text(t)),
+            },
+            ToolEvent::Reasoning(t) => match out.last_mut() {
+                Some(ToolEvent::Reasoning(prev)) => prev.push_str(&t),
+                _ => out.push(ToolEvent::Reasoning(t)),
             },
             other => out.push(other),
         }
@@ -534,10 +559,35 @@ pub fn collect(events: &[ToolEvent]) -> (String, Vec<ToolCall>) {
                     c.arguments.push_str(json);
                 }
             }
-            ToolEvent::CallEnd { .. } => {}
+            ToolEvent::CallEnd { .. } | ToolEvent::Reasoning(_) => {}
         }
     }
     (text, calls)
+}
+
+/// The reasoning, text and calls a whole output holds.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    pub reasoning: String,
+    pub text: String,
+    pub calls: Vec<ToolCall>,
+}
+
+/// Like [`collect`], keeping the reasoning too.
+pub fn collect_all(events: &[ToolEvent]) -> Parsed {
+    let (text, calls) = collect(events);
+    let reasoning = events
+        .iter()
+        .filter_map(|e| match e {
+            ToolEvent::Reasoning(r) => Some(r.as_str()),
+            _ => None,
+        })
+        .collect();
+    Parsed {
+        reasoning,
+        text,
+        calls,
+    }
 }
 
 #[cfg(test)]

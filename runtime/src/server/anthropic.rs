@@ -53,6 +53,8 @@ pub struct Block {
     pub content: Option<Content>,
     #[serde(default)]
     pub is_error: Option<bool>,
+    #[serde(default)]
+    pub thinking: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -110,10 +112,12 @@ pub struct MessagesRequest {
 
 /// Checks the fields agent clients send that change nothing here, so that
 /// they are accepted for what they are and anything else is refused by name:
-/// * `thinking`: the reply carries no thinking blocks (the served model
-///   writes its reasoning, if any, as text); the shape is validated.
-/// * `context_management`: only `clear_thinking_*` edits, which hold
-///   trivially: earlier thinking blocks never reach the prompt.
+/// * `thinking`: the shape is validated; whether the model reasons is the
+///   model's (its template's) choice, and what it reasons comes back as
+///   `thinking` blocks, never as text.
+/// * `context_management`: only `clear_thinking_*` edits, which hold: the
+///   model's template decides which earlier thinking reaches the prompt
+///   (most keep only the current turn's).
 /// * `output_config.effort`: one generation path, whatever the effort.
 ///   `output_config.format` (structured output) is refused: without
 ///   constrained decoding it cannot be guaranteed.
@@ -231,10 +235,17 @@ pub fn to_template_messages(
             Content::Blocks(b) => b,
         };
         let mut text = String::new();
+        let mut reasoning = String::new();
         let mut calls = Vec::new();
         for (j, b) in blocks.into_iter().enumerate() {
             match b.kind.as_str() {
                 "text" => text.push_str(b.text.as_deref().unwrap_or("")),
+                // The turn's reasoning goes back to the template, which
+                // keeps or drops it as the model was trained (GLM-4.7 and
+                // MiniMax-M2 keep it in agent loops).
+                "thinking" if m.role == "assistant" => {
+                    reasoning.push_str(b.thinking.as_deref().unwrap_or(""))
+                }
                 "tool_use" if m.role == "assistant" => {
                     let name = b.name.ok_or_else(|| {
                         ApiError::bad_request(F, format!("messages.{i}.content.{j}.name: required for tool_use"))
@@ -256,7 +267,7 @@ pub fn to_template_messages(
                         "role": "tool", "content": content, "tool_call_id": b.tool_use_id.unwrap_or_default(),
                     }));
                 }
-                // Reasoning blocks from an earlier turn carry nothing the template uses.
+                // Encrypted reasoning of another model: nothing to render.
                 "thinking" | "redacted_thinking" => {}
                 other => {
                     return Err(ApiError::bad_request(
@@ -270,6 +281,9 @@ pub fn to_template_messages(
             let mut msg = json!({"role": "assistant", "content": text});
             if !calls.is_empty() {
                 msg["tool_calls"] = Value::Array(calls);
+            }
+            if !reasoning.is_empty() {
+                msg["reasoning_content"] = Value::String(reasoning);
             }
             out.push(msg);
         } else if !text.is_empty() {
@@ -361,6 +375,7 @@ pub async fn messages(
         max_tokens: Some(max_tokens),
         stop: req.stop_sequences.take().unwrap_or_default(),
         ignore_eos: false,
+        penalties: Default::default(),
     };
     let prepared = pipeline::prepare(&state, F, source, sampling).await?;
     let input_tokens = prepared.prompt.len();
@@ -428,6 +443,17 @@ async fn collect(mut gen: pipeline::Generation, ctx: Ctx) -> Result<Response, Ap
                 }
                 _ => content.push(json!({"type": "text", "text": t})),
             },
+            // The signature is Anthropic's proof that it wrote the
+            // thinking; there is nothing to prove here, and clients send
+            // the block back as it came.
+            Out::Reasoning(t) => match content.last_mut() {
+                Some(b) if b["type"] == "thinking" => {
+                    if let Some(Value::String(s)) = b.get_mut("thinking") {
+                        s.push_str(&t)
+                    }
+                }
+                _ => content.push(json!({"type": "thinking", "thinking": t, "signature": ""})),
+            },
             Out::ToolStart { name, .. } => {
                 content.push(
                     json!({"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}),
@@ -485,8 +511,8 @@ fn stream(
         finished: bool,
         /// Index of the next content block.
         blocks: usize,
-        /// The open block is text (true) or a tool call (false).
-        open: Option<bool>,
+        /// The kind of the open block.
+        open: Option<Open>,
     }
     let st = St {
         gen,
@@ -496,6 +522,12 @@ fn stream(
         blocks: 0,
         open: None,
     };
+    #[derive(Clone, Copy, PartialEq)]
+    enum Open {
+        Text,
+        Thinking,
+        Tool,
+    }
     futures::stream::unfold(st, |mut st| async move {
         if st.finished {
             return None;
@@ -516,8 +548,16 @@ fn stream(
         let mut s = String::new();
         // Closes the open block, if any.
         let close = |st: &mut St, s: &mut String| {
-            if st.open.take().is_some() {
+            if let Some(open) = st.open.take() {
                 let i = st.blocks - 1;
+                if open == Open::Thinking {
+                    // Anthropic ends a thinking block with its signature.
+                    s.push_str(&event(
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": i,
+                            "delta": {"type": "signature_delta", "signature": ""}}),
+                    ));
+                }
                 s.push_str(&event(
                     "content_block_stop",
                     &json!({"type": "content_block_stop", "index": i}),
@@ -529,14 +569,27 @@ fn stream(
             None => {
                 st.finished = true;
             }
+            Some(Out::Reasoning(t)) => {
+                if st.open != Some(Open::Thinking) {
+                    close(&mut st, &mut s);
+                    let start = json!({"type": "content_block_start", "index": st.blocks,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""}});
+                    s.push_str(&event("content_block_start", &start));
+                    st.blocks += 1;
+                    st.open = Some(Open::Thinking);
+                }
+                let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
+                    "delta": {"type": "thinking_delta", "thinking": t}});
+                s.push_str(&event("content_block_delta", &delta));
+            }
             Some(Out::Text(t)) => {
-                if st.open != Some(true) {
+                if st.open != Some(Open::Text) {
                     close(&mut st, &mut s);
                     let start = json!({"type": "content_block_start", "index": st.blocks,
                         "content_block": {"type": "text", "text": ""}});
                     s.push_str(&event("content_block_start", &start));
                     st.blocks += 1;
-                    st.open = Some(true);
+                    st.open = Some(Open::Text);
                 }
                 let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,
                     "delta": {"type": "text_delta", "text": t}});
@@ -548,7 +601,7 @@ fn stream(
                     "content_block": {"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": {}}});
                 s.push_str(&event("content_block_start", &start));
                 st.blocks += 1;
-                st.open = Some(false);
+                st.open = Some(Open::Tool);
             }
             Some(Out::ToolArgs { json, .. }) => {
                 let delta = json!({"type": "content_block_delta", "index": st.blocks - 1,

@@ -53,6 +53,19 @@ pub struct ModelInfo {
     pub defaults: SamplingDefaults,
 }
 
+/// The sampler fields requests may set beyond temperature/top-p/top-k
+/// (range-checked; see `sampling::SamplingParams` for their meaning).
+/// `None` keeps the model's default (none for the OpenAI penalties).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub min_p: Option<f32>,
+    /// (token id, bias) pairs.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
 /// One generation, fully resolved (no defaults left to apply).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenParams {
@@ -66,6 +79,7 @@ pub struct GenParams {
     /// Keep going past end-of-sequence tokens (vLLM's `ignore_eos`, for
     /// benchmarks that need a fixed output length).
     pub ignore_eos: bool,
+    pub penalties: Penalties,
 }
 
 /// Why a generation ended.
@@ -120,6 +134,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Applies the model's chat template with the generation prompt added.
     fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError>;
+
+    /// The source of the chat template `render_chat` uses, if any: the
+    /// server reads the model's output format (reasoning and tool-call
+    /// markup) off it.
+    fn template_source(&self) -> Option<&str> {
+        None
+    }
 
     /// Token ids of already-rendered text (special tokens parsed, none added).
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError>;

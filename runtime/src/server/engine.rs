@@ -21,6 +21,7 @@ use crate::generate::{Event, FinishReason, GenerateError, GenerateOptions, Gener
 use crate::models::LoadOptions;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::toolcall::ChatFormat;
 
 pub struct GeneratorBackend {
     gen: Mutex<Generator>,
@@ -33,6 +34,36 @@ pub struct GeneratorBackend {
     /// The cache counters as of the last time the generator was free, for
     /// `/metrics` calls that arrive while it generates.
     last_stats: Mutex<Option<StatsSnapshot>>,
+    /// Decode with special tokens kept: the template's output format needs
+    /// markers the tokenizer has as special tokens (see [`keeps_special`]).
+    keep_special: bool,
+}
+
+/// Whether output in the format `template` teaches must be decoded with
+/// special tokens kept: harmony's `<|channel|>`… are special tokens, and so
+/// may be a family's tool-call or `<think>` markers; dropped, the output
+/// could no longer be split into reasoning, text and calls. (Qwen's
+/// `<tool_call>` and `<think>` are added but not special, so Qwen output
+/// keeps dropping `<|im_start|>` and friends.)
+fn keeps_special(template: Option<&ChatTemplate>, tokenizer: &Tokenizer) -> bool {
+    let Some(t) = template else {
+        return false;
+    };
+    let format = ChatFormat::detect(Some(t.source()), "");
+    if format == ChatFormat::Harmony {
+        return true;
+    }
+    let special: Vec<String> = tokenizer
+        .inner()
+        .get_added_tokens_decoder()
+        .into_values()
+        .filter(|t| t.special)
+        .map(|t| t.content)
+        .collect();
+    format
+        .markers()
+        .iter()
+        .any(|m| special.iter().any(|s| s == m))
 }
 
 impl GeneratorBackend {
@@ -67,7 +98,9 @@ impl GeneratorBackend {
             },
         };
         let last_stats = Mutex::new(gen.cache_stats());
+        let keep_special = keeps_special(template.as_ref(), &tokenizer);
         Self {
+            keep_special,
             gen: Mutex::new(gen),
             tokenizer,
             template,
@@ -140,6 +173,10 @@ impl Backend for GeneratorBackend {
         t.render(&prompt.messages, &opts).map_err(invalid)
     }
 
+    fn template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(ChatTemplate::source)
+    }
+
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
         // The template (or the raw-completion caller) wrote any special
         // tokens already; add none.
@@ -163,11 +200,19 @@ impl Backend for GeneratorBackend {
                 g
             }
         };
+        let pen = &params.penalties;
         let sampling = SamplingParams {
             temperature: params.temperature,
             top_p: params.top_p,
             top_k: params.top_k,
             seed: params.seed,
+            presence_penalty: pen.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: pen.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: pen
+                .repetition_penalty
+                .unwrap_or(self.sampling.repetition_penalty),
+            min_p: pen.min_p.unwrap_or(self.sampling.min_p),
+            logit_bias: pen.logit_bias.clone(),
             ..self.sampling.clone()
         };
         let opts = GenerateOptions {
@@ -176,7 +221,8 @@ impl Backend for GeneratorBackend {
             ignore_eos: params.ignore_eos,
             // Qwen's `<tool_call>` is an added but not special token, so it
             // survives; `<|im_start|>` and friends do not leak into replies.
-            skip_special_tokens: true,
+            // Formats whose markers are special tokens keep them all.
+            skip_special_tokens: !self.keep_special,
         };
         let mut on_event = |e: Event| {
             let text = match &e {

@@ -33,8 +33,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 pub use backend::{
-    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, SamplingDefaults,
-    StatsSnapshot,
+    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, Penalties,
+    SamplingDefaults, StatsSnapshot,
 };
 use error::{ApiError, Flavor};
 use metrics::Metrics;

@@ -17,7 +17,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::backend::{ChatPrompt, Completion, Finish};
+use super::backend::{ChatPrompt, Completion, Finish, Penalties};
 use super::error::{parse_body, ApiError, Flavor};
 use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
 use super::{toolchoice, AppState};
@@ -66,6 +66,10 @@ pub struct Message {
     pub tool_call_id: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, as this server (and vLLM, DeepSeek's
+    /// API) returns it; `reasoning` is the newer spelling some clients use.
+    #[serde(default, alias = "reasoning")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +127,26 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
+    /// `min_p` are vLLM's extensions.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Refused when asked for (see [`check_unsupported`]).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +184,28 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub echo: Option<bool>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
+    /// `min_p` are vLLM's extensions.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Refused when asked for (see [`check_unsupported`]).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 fn content_text(c: Option<Content>, at: usize) -> Result<String, ApiError> {
@@ -245,9 +291,76 @@ pub fn to_template_messages(messages: Vec<Message>) -> Result<Vec<Value>, ApiErr
         if let Some(name) = m.name {
             msg["name"] = Value::String(name);
         }
+        if let Some(r) = m
+            .reasoning_content
+            .filter(|r| !r.is_empty() && role == "assistant")
+        {
+            msg["reasoning_content"] = Value::String(r);
+        }
         out.push(msg);
     }
     Ok(out)
+}
+
+/// The sampler fields of a request, with `logit_bias` keys read as ids.
+fn penalties(
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    min_p: Option<f32>,
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+) -> Result<Penalties, ApiError> {
+    let mut bias = Vec::new();
+    for (k, v) in logit_bias.unwrap_or_default() {
+        let id = k.trim().parse::<u32>().map_err(|_| {
+            ApiError::bad_request(
+                F,
+                format!("logit_bias: keys are token ids (integers as strings), got {k:?}"),
+            )
+            .param("logit_bias")
+        })?;
+        bias.push((id, v));
+    }
+    bias.sort_by_key(|(id, _)| *id);
+    Ok(Penalties {
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        min_p,
+        logit_bias: bias,
+    })
+}
+
+/// Fields that would change the reply and are not implemented: refused by
+/// name rather than ignored. Log probabilities need the engine to report
+/// them per token; structured output needs constrained decoding.
+fn check_unsupported(
+    logprobs: Option<&Value>,
+    top_logprobs: Option<u32>,
+    response_format: Option<&Value>,
+) -> Result<(), ApiError> {
+    let refuse = |param: &str, msg: &str| Err(ApiError::bad_request(F, msg).param(param));
+    let asks = match logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => n.as_u64() != Some(0),
+        Some(_) => true,
+    };
+    if asks {
+        return refuse("logprobs", "logprobs are not supported by this server");
+    }
+    if top_logprobs.is_some_and(|n| n > 0) {
+        return refuse(
+            "top_logprobs",
+            "top_logprobs are not supported by this server",
+        );
+    }
+    match response_format.and_then(|f| f.get("type")).and_then(Value::as_str) {
+        None | Some("text") => Ok(()),
+        Some(other) => refuse(
+            "response_format",
+            &format!("response_format of type `{other}` is not supported (no constrained decoding); only `text` is"),
+        ),
+    }
 }
 
 fn check_n(n: Option<u32>) -> Result<(), ApiError> {
@@ -281,6 +394,18 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(F, &body_bytes(body)?)?;
     check_n(req.n)?;
+    check_unsupported(
+        req.logprobs.as_ref(),
+        req.top_logprobs,
+        req.response_format.as_ref(),
+    )?;
+    let pen = penalties(
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.repetition_penalty,
+        req.min_p,
+        req.logit_bias,
+    )?;
     let tools = req.tools.unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {
         let name = t
@@ -305,6 +430,7 @@ pub async fn chat_completions(
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        penalties: pen,
     };
     let prepared = pipeline::prepare(
         &state,
@@ -366,10 +492,12 @@ async fn chat_collect(
     ctx: ResponseCtx,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut reasoning = String::new();
     let mut calls: Vec<Value> = Vec::new();
     while let Some(ev) = gen.next().await {
         match ev {
             Out::Text(t) => text.push_str(&t),
+            Out::Reasoning(t) => reasoning.push_str(&t),
             Out::ToolStart { name, .. } => calls.push(json!({
                 "id": new_id("call_"), "type": "function", "function": {"name": name, "arguments": ""}
             })),
@@ -382,6 +510,9 @@ async fn chat_collect(
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished { completion, tool_calls } => {
                 let mut message = json!({"role": "assistant", "content": text});
+                if !reasoning.is_empty() {
+                    message["reasoning_content"] = Value::String(std::mem::take(&mut reasoning));
+                }
                 if !calls.is_empty() {
                     if text.trim().is_empty() {
                         message["content"] = Value::Null;
@@ -461,6 +592,9 @@ fn chat_stream(
                     break Bytes::from_static(b"data: [DONE]\n\n");
                 }
                 Some(Out::Text(t)) => break data(&chunk(&st, json!({"content": t}), Value::Null)),
+                Some(Out::Reasoning(t)) => {
+                    break data(&chunk(&st, json!({"reasoning_content": t}), Value::Null))
+                }
                 Some(Out::ToolStart { index, name }) => {
                     let id = new_id("call_");
                     st.call_ids.push(id.clone());
@@ -525,6 +659,23 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(F, &body_bytes(body)?)?;
     check_n(req.n)?;
+    check_unsupported(
+        req.logprobs.as_ref(),
+        req.top_logprobs,
+        req.response_format.as_ref(),
+    )?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(
+            ApiError::bad_request(F, "suffix (insertion) is not supported").param("suffix"),
+        );
+    }
+    let pen = penalties(
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.repetition_penalty,
+        req.min_p,
+        req.logit_bias,
+    )?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request(F, "echo is not supported").param("echo"));
     }
@@ -548,6 +699,7 @@ pub async fn completions(
         max_tokens: Some(req.max_tokens.unwrap_or(16)),
         stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        penalties: pen,
     };
     let prepared = pipeline::prepare(&state, F, PromptSource::Text(prompt), sampling).await?;
     let prompt_tokens = prepared.prompt.len();

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::backend::{BackendError, ChatPrompt, Completion, GenParams};
+use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Penalties};
 use super::error::{ApiError, Flavor};
 use super::toolchoice::{Mode, ToolChoice};
 use super::worker::Event;
 use super::AppState;
-use crate::toolcall::{ToolCallParser, ToolEvent, ToolForm, ToolSchemas};
+use crate::toolcall::{OutputParser, ParserSpec, ToolEvent, ToolSchemas};
 
 /// Where the prompt comes from.
 pub enum PromptSource {
@@ -35,14 +35,16 @@ pub struct SamplingRequest {
     pub max_tokens: Option<i64>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    pub penalties: Penalties,
 }
 
 /// A request ready for the queue.
 pub struct Prepared {
     pub prompt: Vec<u32>,
     pub params: GenParams,
-    /// Present when the request offered tools: the output is then parsed for calls.
-    pub tools: Option<ToolSchemas>,
+    /// Present for chat prompts: how to split the output into reasoning,
+    /// text and (when the request offered tools) tool calls.
+    pub parser: Option<ParserSpec>,
     /// Text the server wrote at the start of the assistant turn (the end of
     /// `prompt`) to force a tool call; the parser reads it as model output.
     pub forced: String,
@@ -53,7 +55,7 @@ pub struct Prepared {
 /// A prompt rendered and tokenized, before any check against the context.
 pub struct Rendered {
     pub prompt: Vec<u32>,
-    pub tools: Option<ToolSchemas>,
+    pub parser: Option<ParserSpec>,
     pub forced: String,
     pub parallel_calls: bool,
 }
@@ -81,23 +83,30 @@ pub async fn render(
         PromptSource::Text(_) => None,
     };
     let backend = state.backend.clone();
-    let (prompt, forced) =
-        tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), BackendError> {
-            let (mut text, forced) = match source {
-                PromptSource::Chat(chat, choice) => {
+    type Out = (Vec<u32>, String, Option<ParserSpec>);
+    let (prompt, forced, parser) =
+        tokio::task::spawn_blocking(move || -> Result<Out, BackendError> {
+            let (mut text, forced, spec) = match source {
+                PromptSource::Chat(mut chat, choice) => {
+                    let template = backend.template_source();
+                    if let Some(src) = template {
+                        crate::chat::adapt_reasoning_field(&mut chat.messages, src);
+                    }
                     let mut text = backend.render_chat(&chat)?;
                     text.push_str(&chat.prefill);
+                    let spec = ParserSpec::new(template, &text, tools);
                     let forced = if choice.forces_call() {
-                        ToolForm::detect(&text).forced_prefix(choice.forced_name(&chat.tools))
+                        spec.format
+                            .forced_prefix(choice.forced_name(&chat.tools), spec.in_reasoning)
                     } else {
                         String::new()
                     };
-                    (text, forced)
+                    (text, forced, Some(spec))
                 }
-                PromptSource::Text(t) => (t, String::new()),
+                PromptSource::Text(t) => (t, String::new(), None),
             };
             text.push_str(&forced);
-            Ok((backend.tokenize(&text)?, forced))
+            Ok((backend.tokenize(&text)?, forced, spec))
         })
         .await
         .map_err(|e| {
@@ -110,7 +119,7 @@ pub async fn render(
         .map_err(|e| backend_error(flavor, e))?;
     Ok(Rendered {
         prompt,
-        tools,
+        parser,
         forced,
         parallel_calls,
     })
@@ -126,7 +135,7 @@ pub async fn prepare(
 ) -> Result<Prepared, ApiError> {
     let Rendered {
         prompt,
-        tools,
+        parser,
         forced,
         parallel_calls,
     } = render(state, flavor, source).await?;
@@ -160,7 +169,7 @@ pub async fn prepare(
     Ok(Prepared {
         prompt,
         params,
-        tools,
+        parser,
         forced,
         parallel_calls,
     })
@@ -253,6 +262,7 @@ fn resolve(
         }
         Some(n) => (n as usize).min(room),
     };
+    check_penalties(flavor, &s.penalties)?;
     check_stops(flavor, &s.stop)?;
     let stop = s.stop.iter().filter(|x| !x.is_empty()).cloned().collect();
     Ok(GenParams {
@@ -263,7 +273,44 @@ fn resolve(
         max_tokens,
         stop,
         ignore_eos: s.ignore_eos,
+        penalties: s.penalties.clone(),
     })
+}
+
+/// Range checks of the optional sampler fields, naming the field.
+fn check_penalties(flavor: Flavor, p: &Penalties) -> Result<(), ApiError> {
+    let bad = |param: &str, msg: String| Err(ApiError::bad_request(flavor, msg).param(param));
+    for (name, v) in [
+        ("presence_penalty", p.presence_penalty),
+        ("frequency_penalty", p.frequency_penalty),
+    ] {
+        if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return bad(name, format!("{name} must be between -2 and 2, got {v}"));
+        }
+    }
+    if let Some(v) = p
+        .repetition_penalty
+        .filter(|v| !(v.is_finite() && *v > 0.0))
+    {
+        return bad(
+            "repetition_penalty",
+            format!("repetition_penalty must be a number > 0, got {v}"),
+        );
+    }
+    if let Some(v) = p.min_p.filter(|v| !(0.0..=1.0).contains(v)) {
+        return bad("min_p", format!("min_p must be between 0 and 1, got {v}"));
+    }
+    if let Some((id, b)) = p
+        .logit_bias
+        .iter()
+        .find(|(_, b)| !(-100.0..=100.0).contains(b))
+    {
+        return bad(
+            "logit_bias",
+            format!("logit_bias: the bias of token {id} must be between -100 and 100, got {b}"),
+        );
+    }
+    Ok(())
 }
 
 /// Most stop strings a request may give (OpenAI allows 4, Anthropic does
@@ -333,8 +380,8 @@ pub fn start(state: &Arc<AppState>, flavor: Flavor, p: Prepared) -> Result<Gener
         parallel_calls: p.parallel_calls,
         calls: 0,
     };
-    if let Some(schemas) = p.tools {
-        let (parser, events) = ToolCallParser::with_prefix(schemas, &p.forced);
+    if let Some(spec) = p.parser {
+        let (parser, events) = OutputParser::with_prefix(spec, &p.forced);
         gen.parser = Some(parser);
         gen.forward(events);
     }
@@ -345,6 +392,9 @@ pub fn start(state: &Arc<AppState>, flavor: Flavor, p: Prepared) -> Result<Gener
 #[derive(Debug)]
 pub enum Out {
     Text(String),
+    /// Reasoning, returned apart from the text (`reasoning_content`,
+    /// `thinking` blocks).
+    Reasoning(String),
     ToolStart {
         index: usize,
         name: String,
@@ -367,7 +417,7 @@ pub enum Out {
 /// A running generation. Dropping it cancels the work.
 pub struct Generation {
     rx: UnboundedReceiver<Event>,
-    parser: Option<ToolCallParser>,
+    parser: Option<OutputParser>,
     pending: VecDeque<Out>,
     done: bool,
     /// Set to end the generation early (the worker reads it between tokens).
@@ -452,6 +502,7 @@ impl Generation {
 fn to_out(e: ToolEvent) -> Out {
     match e {
         ToolEvent::Text(t) => Out::Text(t),
+        ToolEvent::Reasoning(t) => Out::Reasoning(t),
         ToolEvent::CallStart { index, name } => Out::ToolStart { index, name },
         ToolEvent::ArgsDelta { index, json } => Out::ToolArgs { index, json },
         ToolEvent::CallEnd { index } => Out::ToolEnd { index },

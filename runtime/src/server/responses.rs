@@ -4,7 +4,7 @@
 //! `instructions` and `developer`/`system` messages become system text
 //! (folded as in [`pipeline::fold_system_messages`]), `function_call` items
 //! assistant `tool_calls`, `function_call_output` items `tool` messages;
-//! `reasoning` items are dropped (nothing the template uses). Nothing is
+//! `reasoning` items the assistant turn's reasoning. Nothing is
 //! stored: `previous_response_id` is refused, the client sends the whole
 //! conversation (Codex does, with `store: false`).
 //!
@@ -12,7 +12,8 @@
 //! `sequence_number`: `response.created`, `response.in_progress`, then per
 //! output item `response.output_item.added`, for a message
 //! `response.content_part.added` / `response.output_text.delta`s /
-//! `response.output_text.done` / `response.content_part.done`, for a call
+//! `response.output_text.done` / `response.content_part.done`, for
+//! reasoning `response.reasoning_text.delta`s / `.done`, for a call
 //! `response.function_call_arguments.delta`s / `.done`, then
 //! `response.output_item.done`; last `response.completed` (or
 //! `response.incomplete` when `max_output_tokens` ran out) with the whole
@@ -76,8 +77,10 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub metadata: Option<Value>,
     // Accepted, no effect on the output by their nature: `store` (nothing
-    // is stored either way), `include`, `reasoning` (effort and summaries;
-    // no reasoning items are produced), `prompt_cache_key` (the KV prefix is
+    // is stored either way), `include`, `reasoning` (effort and summaries:
+    // the model's template decides whether it reasons; what it reasons is
+    // returned as `reasoning` items with `reasoning_text` content, no
+    // summaries), `prompt_cache_key` (the KV prefix is
     // reused anyway), `client_metadata`, `user`, `service_tier`, `truncation`.
 }
 
@@ -187,7 +190,13 @@ pub fn to_template_messages(
                     }
                 };
                 let text = content_text(item.get("content"), &format!("{at}.content"))?;
-                out.push(json!({"role": role, "content": text}));
+                match out.last_mut() {
+                    // The answer after its reasoning item: one turn.
+                    Some(last) if role == "assistant" && is_bare_reasoning(last) => {
+                        last["content"] = Value::String(text)
+                    }
+                    _ => out.push(json!({"role": role, "content": text})),
+                }
             }
             "function_call" => {
                 let name = item.get("name").and_then(Value::as_str).ok_or_else(|| {
@@ -229,8 +238,24 @@ pub fn to_template_messages(
                     "tool_call_id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
                 }));
             }
-            // Reasoning from an earlier turn carries nothing the template uses.
-            "reasoning" => {}
+            // The reasoning of the assistant turn that follows: the template
+            // keeps or drops it as the model was trained.
+            "reasoning" => {
+                let parts = item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| item.get("summary").and_then(Value::as_array));
+                let text: String = parts
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n\n");
+                if !text.is_empty() {
+                    out.push(json!({"role": "assistant", "content": "", "reasoning_content": text}));
+                }
+            }
             other => {
                 return Err(bad(
                     format!("{at}.type: `{other}` items are not supported; send message, function_call, function_call_output or reasoning items"),
@@ -239,7 +264,17 @@ pub fn to_template_messages(
             }
         }
     }
+    // Reasoning that no answer or call followed renders as nothing.
+    out.retain(|m| !is_bare_reasoning(m));
     Ok(pipeline::fold_system_messages(out))
+}
+
+/// An assistant message holding only reasoning (from a `reasoning` item).
+fn is_bare_reasoning(m: &Value) -> bool {
+    m["role"] == "assistant"
+        && m.get("reasoning_content").is_some()
+        && m.get("tool_calls").is_none()
+        && m["content"].as_str().is_some_and(str::is_empty)
 }
 
 /// Responses tools in the chat-completions shape templates expect.
@@ -321,6 +356,7 @@ pub async fn create(
         max_tokens: req.max_output_tokens,
         stop: Vec::new(),
         ignore_eos: false,
+        penalties: Default::default(),
     };
     let prepared = pipeline::prepare(
         &state,
@@ -397,6 +433,11 @@ fn message_item(id: &str, text: &str, status: &str) -> Value {
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
 }
 
+fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"type": "reasoning", "id": id, "status": status, "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}]})
+}
+
 fn call_item(id: &str, call_id: &str, name: &str, args: &str, status: &str) -> Value {
     json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
         "arguments": args, "status": status})
@@ -416,6 +457,10 @@ enum Open {
         id: String,
         text: String,
     },
+    Reasoning {
+        id: String,
+        text: String,
+    },
     Call {
         id: String,
         call_id: String,
@@ -428,6 +473,7 @@ impl Builder {
     fn close(&mut self) -> Option<Value> {
         let item = match self.open.take()? {
             Open::Text { id, text } => message_item(&id, &text, "completed"),
+            Open::Reasoning { id, text } => reasoning_item(&id, &text, "completed"),
             Open::Call {
                 id,
                 call_id,
@@ -450,6 +496,16 @@ async fn collect(mut gen: pipeline::Generation, base: Value) -> Result<Response,
                     b.close();
                     b.open = Some(Open::Text {
                         id: new_id("msg_"),
+                        text: t,
+                    });
+                }
+            },
+            Out::Reasoning(t) => match &mut b.open {
+                Some(Open::Reasoning { text, .. }) => text.push_str(&t),
+                _ => {
+                    b.close();
+                    b.open = Some(Open::Reasoning {
+                        id: new_id("rs_"),
                         text: t,
                     });
                 }
@@ -528,7 +584,17 @@ fn stream(
             let index = self.index();
             let Some(item) = self.b.close() else { return };
             let id = item["id"].clone();
-            if item["type"] == "message" {
+            if item["type"] == "reasoning" {
+                let text = item
+                    .pointer("/content/0/text")
+                    .cloned()
+                    .unwrap_or(json!(""));
+                self.event(
+                    out,
+                    json!({"type": "response.reasoning_text.done", "item_id": id,
+                    "output_index": index, "content_index": 0, "text": text}),
+                );
+            } else if item["type"] == "message" {
                 let text = item
                     .pointer("/content/0/text")
                     .cloned()
@@ -607,6 +673,29 @@ fn stream(
                         &mut s,
                         json!({"type": "response.output_text.delta", "item_id": id,
                         "output_index": index, "content_index": 0, "delta": t, "logprobs": []}),
+                    );
+                }
+            }
+            Some(Out::Reasoning(t)) => {
+                if !matches!(st.b.open, Some(Open::Reasoning { .. })) {
+                    st.close(&mut s);
+                    let id = new_id("rs_");
+                    let index = st.index();
+                    st.event(&mut s, json!({"type": "response.output_item.added", "output_index": index,
+                        "item": {"type": "reasoning", "id": id, "status": "in_progress", "summary": [], "content": []}}));
+                    st.b.open = Some(Open::Reasoning {
+                        id,
+                        text: String::new(),
+                    });
+                }
+                let index = st.index();
+                if let Some(Open::Reasoning { id, text }) = &mut st.b.open {
+                    text.push_str(&t);
+                    let id = id.clone();
+                    st.event(
+                        &mut s,
+                        json!({"type": "response.reasoning_text.delta", "item_id": id,
+                        "output_index": index, "content_index": 0, "delta": t}),
                     );
                 }
             }

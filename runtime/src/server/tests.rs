@@ -29,6 +29,8 @@ struct Fake {
     prompts: Mutex<Vec<String>>,
     /// What `cache_stats` reports.
     cache: Mutex<Option<StatsSnapshot>>,
+    /// Every `GenParams` `generate` was given.
+    params: Mutex<Vec<GenParams>>,
 }
 
 impl Fake {
@@ -69,6 +71,7 @@ impl Fake {
             template,
             prompts: Mutex::new(Vec::new()),
             cache: Mutex::new(None),
+            params: Mutex::new(Vec::new()),
         })
     }
 }
@@ -94,6 +97,13 @@ fn forced_continuation(prompt: &str) -> Option<&'static str> {
         .find(|(end, _)| prompt.ends_with(end))
         .map(|(_, cont)| *cont)
 }
+
+/// A Qwen3-style reply with reasoning before the answer.
+const THINK_REPLY: &str =
+    "<think>\nThe user says hi; answer <briefly>.\n</think>\n\nHello! How are you?";
+
+/// gpt-oss (harmony) reasoning, then a call, as the model writes them.
+const HARMONY_REPLY: &str = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\", \"days\": 2}";
 
 const TOOL_REPLY: &str = "I'll look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
 
@@ -130,6 +140,12 @@ impl Backend for Fake {
         Ok(s)
     }
 
+    fn template_source(&self) -> Option<&str> {
+        self.template
+            .as_ref()
+            .map(crate::chat::ChatTemplate::source)
+    }
+
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
         Ok(text.chars().map(|c| c as u32).collect())
     }
@@ -159,9 +175,16 @@ impl Backend for Fake {
         if let Ok(mut p) = self.prompts.lock() {
             p.push(prompt_text.clone());
         }
+        if let Ok(mut p) = self.params.lock() {
+            p.push(params.clone());
+        }
         let long_reply = "Hello, world! How are you? ".repeat(20);
         let reply = if let Some(cont) = forced_continuation(&prompt_text) {
             cont
+        } else if tag.contains("HARMONY") {
+            HARMONY_REPLY
+        } else if tag.contains("THINK") {
+            THINK_REPLY
         } else if tag.contains("TOOL") {
             TOOL_REPLY
         } else if tag.contains("LONG") {
@@ -372,7 +395,8 @@ async fn tool_calls_openai_both_ways_and_tools_reach_the_template() {
     let v = post(addr, "/v1/chat/completions", req.clone()).await.json();
     let choice = &v["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
-    assert_eq!(choice["message"]["content"], "I'll look.\n");
+    // The newline before the call is the template's layout, not text.
+    assert_eq!(choice["message"]["content"], "I'll look.");
     let call = &choice["message"]["tool_calls"][0];
     assert_eq!(call["type"], "function");
     assert_eq!(call["function"]["name"], "get_weather");
@@ -510,7 +534,9 @@ async fn anthropic_messages_and_event_sequence() {
         .map(|e| e.lines().next().unwrap_or(""))
         .collect();
     let mut expected = vec!["message_start", "ping", "content_block_start"];
-    let text_deltas = "I'll look.\n".chars().count();
+    // One character a token; a space goes out with the letter after it,
+    // and the newline before the call is template layout, dropped.
+    let text_deltas = "I'll look.".chars().count() - 1;
     expected.extend(std::iter::repeat("content_block_delta").take(text_deltas));
     expected.extend([
         "content_block_stop",
@@ -1599,4 +1625,327 @@ async fn responses_api_function_calls_both_ways() {
         "{rendered}"
     );
     assert!(rendered.contains("sunny, 21 C"), "{rendered}");
+}
+
+/// Reasoning is returned apart from the text, in each provider's shape,
+/// streamed and not, and never appears in the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_comes_back_separately_in_every_api() {
+    let fake = Fake::with_template("qwen3.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let reasoning = "The user says hi; answer <briefly>.";
+    let answer = "Hello! How are you?";
+    let msgs = json!([{"role": "user", "content": "THINK"}]);
+
+    // OpenAI chat, whole.
+    let v = post(addr, "/v1/chat/completions", json!({"messages": msgs}))
+        .await
+        .json();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], answer, "{v}");
+    assert_eq!(m["reasoning_content"], reasoning, "{v}");
+    // Streamed: reasoning deltas, then content deltas, joined the same.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "stream": true}),
+    )
+    .await;
+    let (mut rs, mut cs, mut order) = (String::new(), String::new(), Vec::new());
+    for d in sse_data(&r.body).iter().filter(|d| *d != "[DONE]") {
+        let d: Value = serde_json::from_str(d).expect("chunk");
+        let delta = &d["choices"][0]["delta"];
+        if let Some(t) = delta["reasoning_content"].as_str() {
+            rs.push_str(t);
+            order.push('r');
+        }
+        if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            cs.push_str(t);
+            order.push('c');
+        }
+    }
+    assert_eq!((rs.as_str(), cs.as_str()), (reasoning, answer));
+    assert!(
+        order.windows(2).all(|w| w != ['c', 'r']),
+        "reasoning first: {order:?}"
+    );
+
+    // Anthropic, whole: a thinking block, then a text block.
+    let v = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 200, "messages": msgs}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        v["content"],
+        json!([{"type": "thinking", "thinking": reasoning, "signature": ""},
+               {"type": "text", "text": answer}]),
+        "{v}"
+    );
+    // Streamed: thinking_delta in block 0 (closed with a signature), text in block 1.
+    let r = post(
+        addr,
+        "/v1/messages",
+        json!({"max_tokens": 200, "stream": true, "messages": msgs}),
+    )
+    .await;
+    let ev = sse_events(&r.body);
+    let starts: Vec<&Value> = ev
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[0]["content_block"]["type"], "thinking");
+    assert_eq!(starts[1]["content_block"]["type"], "text");
+    let joined = |kind: &str, field: &str, index: u64| -> String {
+        ev.iter()
+            .filter(|(n, d)| {
+                n == "content_block_delta" && d["index"] == index && d["delta"]["type"] == kind
+            })
+            .filter_map(|(_, d)| d["delta"][field].as_str())
+            .collect()
+    };
+    assert_eq!(joined("thinking_delta", "thinking", 0), reasoning);
+    assert_eq!(joined("text_delta", "text", 1), answer);
+    assert!(ev
+        .iter()
+        .any(|(_, d)| d["index"] == 0 && d["delta"]["type"] == "signature_delta"));
+
+    // Responses: a reasoning item, then the message.
+    let v = post(addr, "/v1/responses", json!({"input": "THINK"}))
+        .await
+        .json();
+    let out = v["output"].as_array().expect("output");
+    assert_eq!(out.len(), 2, "{v}");
+    assert_eq!(out[0]["type"], "reasoning");
+    assert_eq!(out[0]["content"][0]["text"], reasoning);
+    assert_eq!(out[1]["content"][0]["text"], answer);
+    let r = post(
+        addr,
+        "/v1/responses",
+        json!({"input": "THINK", "stream": true}),
+    )
+    .await;
+    let ev = sse_events(&r.body);
+    let deltas: String = ev
+        .iter()
+        .filter(|(n, _)| n == "response.reasoning_text.delta")
+        .filter_map(|(_, d)| d["delta"].as_str())
+        .collect();
+    assert_eq!(deltas, reasoning);
+    let done = ev
+        .iter()
+        .find(|(n, _)| n == "response.completed")
+        .expect("completed");
+    assert_eq!(done.1["response"]["output"][0]["type"], "reasoning");
+}
+
+/// A reasoning turn sent back (OpenAI `reasoning_content`, Anthropic
+/// `thinking` block, Responses `reasoning` item) reaches the template,
+/// which renders it as the model was trained to see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_sent_back_reaches_the_template() {
+    let fake = Fake::with_template("qwen3.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let tools = json!([weather_tool()]);
+    let expect = "<think>\nEarlier thought.\n</think>\n\n";
+    let openai = json!({"tools": tools, "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "reasoning_content": "Earlier thought.",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]});
+    let anthropic = json!({"max_tokens": 10, "tools": [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Earlier thought.", "signature": "x"},
+            {"type": "tool_use", "id": "c1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "sunny"}]}]});
+    let responses = json!({"tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "input": [
+        {"type": "message", "role": "user", "content": "q"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Earlier thought."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]});
+    for (path, body) in [
+        ("/v1/chat/completions", openai),
+        ("/v1/messages", anthropic),
+        ("/v1/responses", responses),
+    ] {
+        let r = post(addr, path, body).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let rendered = fake
+            .rendered
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("rendered");
+        assert!(
+            rendered.contains(&format!("<|im_start|>assistant\n{expect}<tool_call>")),
+            "{path}: {rendered}"
+        );
+    }
+}
+
+/// gpt-oss: harmony channels from the model's output become reasoning and
+/// a tool call, through the real template's format detection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harmony_output_is_split_into_reasoning_and_calls() {
+    let fake = Fake::with_template("gpt-oss.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let req =
+        json!({"tools": [weather_tool()], "messages": [{"role": "user", "content": "HARMONY"}]});
+    let v = post(addr, "/v1/chat/completions", req.clone()).await.json();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Need the weather.", "{v}");
+    assert_eq!(m["content"], Value::Null, "{v}");
+    assert_eq!(
+        openai_calls(&v),
+        vec![(
+            "get_weather".to_owned(),
+            json!({"city": "Paris", "days": 2})
+        )]
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let rendered = fake
+        .rendered
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("rendered");
+    assert!(rendered.ends_with("<|start|>assistant"), "{rendered}");
+}
+
+/// The sampler fields reach the backend, range- and type-checked by name;
+/// the fields this server cannot honour are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampler_fields_are_honoured_or_refused_by_name() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 2,
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1,
+        "min_p": 0.05, "logit_bias": {"7": -100, "3": 2.5}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = fake
+        .params
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("params");
+    assert_eq!(
+        p.penalties,
+        Penalties {
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.25),
+            repetition_penalty: Some(1.1),
+            min_p: Some(0.05),
+            logit_bias: vec![(3, 2.5), (7, -100.0)],
+        }
+    );
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2, "frequency_penalty": 1.0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = fake
+        .params
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("params");
+    assert_eq!(p.penalties.frequency_penalty, Some(1.0));
+
+    for (path, extra, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"presence_penalty": "x"}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"presence_penalty": 2.5}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"frequency_penalty": -3}),
+            "frequency_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"repetition_penalty": 0}),
+            "repetition_penalty",
+        ),
+        ("/v1/chat/completions", json!({"min_p": 1.5}), "min_p"),
+        (
+            "/v1/chat/completions",
+            json!({"logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logit_bias": {"5": 101}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 3}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        ("/v1/completions", json!({"logprobs": 2}), "logprobs"),
+        ("/v1/completions", json!({"suffix": "end"}), "suffix"),
+        ("/v1/completions", json!({"min_p": -0.1}), "min_p"),
+    ] {
+        let mut body = if path == "/v1/completions" {
+            json!({"prompt": "x"})
+        } else {
+            json!({"messages": msgs})
+        };
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let r = post(addr, path, body).await;
+        assert_eq!(r.status, 400, "{path} {extra}: {}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["param"], param, "{path} {extra}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(param)),
+            "{v}"
+        );
+    }
+    // Their neutral values are accepted.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 1,
+        "logprobs": false, "response_format": {"type": "text"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
