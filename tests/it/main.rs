@@ -16,6 +16,7 @@ mod families;
 mod hub;
 mod integrity;
 mod merge;
+mod output;
 mod pack;
 mod prep;
 mod run;
