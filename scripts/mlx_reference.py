@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record mlx-lm's greedy tokens for the MLX 4-bit tiny model.
 
-This is the outside reference that `tests/cli_run.rs` compares mfx against:
+This is the outside reference that `tests/it/run.rs` compares mfx against:
 mlx-lm's own loader, its own 4-bit kernels, greedy (temp 0) sampling.
 
 Setup (Linux, CPU only):

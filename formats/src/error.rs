@@ -10,11 +10,13 @@ use std::path::PathBuf;
 /// Errors from reading, validating, verifying or writing a `.mfx` pack.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{context}: {source}")]
+    /// The I/O error is shown in the message rather than chained as a
+    /// `source`: the CLI prints every cause after the message, which
+    /// repeated "No such file or directory" twice.
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("not an mfx pack: bad magic {found:02x?} (expected \"MFXPACK\\0\")")]
     BadMagic { found: Vec<u8> },
@@ -105,7 +107,7 @@ impl FormatError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         FormatError::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 

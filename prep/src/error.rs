@@ -25,9 +25,16 @@ pub enum PrepError {
     #[error("calibration: {0}")]
     Calibration(String),
     #[error("bad --ram value {value:?}: {msg}")]
-    BadRam { value: String, msg: String },
-    #[error("{0}")]
-    Budget(String),
+    BadRam { value: String, msg: &'static str },
+    /// A budget below the runtime's minimum for the model (the runtime's
+    /// typed refusal, so the minimum can be read).
+    /// (Shown in the message, so not also a `source`: the CLI prints the
+    /// causes after the message and would repeat it.)
+    #[error("--ram {ram} is too small: {budget}; the minimum budget falls with --dense-bits 4 or a smaller --hot-bits")]
+    Budget {
+        ram: String,
+        budget: mfx_runtime::cache::BudgetError,
+    },
     #[error("bad option: {0}")]
     Option(String),
     #[error(transparent)]

@@ -8,7 +8,6 @@ use crate::merge::{self, MergeOutcome};
 use crate::pin::pin_by_mass;
 use crate::plan::{self, LayerUse, Plan, PlanInput};
 use crate::quantize::{self, DenseTensor, Stored};
-use crate::ram::human;
 use crate::report::{self, CodecStats, PackReport};
 use crate::routing::{self, CalibBatch, LayerStats};
 use crate::source::{resolve_model, ExpertWeights, Source, SourceExperts};
@@ -16,6 +15,7 @@ use mfx_formats::codec::Codec;
 use mfx_formats::pack::{PackMeta, PackWriter, PartData};
 use mfx_formats::profile::{PinRule, Profile, PROFILE_SCHEMA, PROFILE_VERSION};
 use mfx_formats::quant::{Scheme, AFFINE_BITS};
+use mfx_runtime::cache::human;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -285,20 +285,22 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     let cold_bytes =
         quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.cold_bits, o.group_size)?;
     let moe_layers = ck.moe_layers();
-    let working = plan::working_bytes(&ck.family, hot_bytes.max(cold_bytes));
+    let (working, expert_buffers) = (plan::working_bytes(&ck.family), plan::expert_buffers());
+    let needs = plan::model_needs(
+        dense_bytes,
+        hot_bytes.max(cold_bytes),
+        top_k,
+        moe_layers.len(),
+        working + expert_buffers * hot_bytes.max(cold_bytes),
+    );
+    let what = format!(
+        "{} at --dense-bits {} and --hot-bits {}",
+        dir.display(),
+        o.dense_bits,
+        o.hot_bits
+    );
     for (label, ram) in &o.rams {
-        let min = plan::minimum_ram(dense_bytes, hot_bytes, top_k, moe_layers.len(), working);
-        if *ram < min {
-            return Err(PrepError::Budget(format!(
-                "--ram {label} is too small for this model: dense weights alone take {} at --dense-bits {}, and the minimum budget \
-                 (dense + runtime reserve + one token's {} experts per layer at {} bits) is {}",
-                human(dense_bytes),
-                o.dense_bits,
-                top_k,
-                o.hot_bits,
-                human(min.div_ceil(1 << 20) << 20)
-            )));
-        }
+        plan::check_ram(*ram, label, &what, &needs)?;
     }
 
     // Stage 1/2: routing profile (or a reused one).
@@ -392,6 +394,9 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
                 layer: l.layer,
                 counts: &l.counts,
                 gate_mass: &l.gate_mass,
+                alias_of: merge_outcome
+                    .as_ref()
+                    .and_then(|m| m.layer_map(l.layer as usize)),
             })
             .collect();
         let pl = plan::plan(&PlanInput {
@@ -400,6 +405,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             hot_bytes,
             cold_bytes,
             working,
+            expert_buffers,
             top_k,
             experts: n_experts,
             layers,

@@ -1,17 +1,17 @@
-//! Stage 4 (memory side): what fits in `--ram`. Splits the budget into
-//! dense weights, pinned experts and a working cache, picks each expert's bit
-//! width (hot or cold) by routing mass, and predicts the cache hit rate.
-//! `plan` is pure arithmetic on sizes and profile counts, so the runtime's
-//! cache planner can call it with the same inputs.
+//! Stage 4 (memory side): what fits in `--ram`. Picks each expert's bit
+//! width (hot or cold) by routing mass and the experts to pin, then sizes
+//! the cache with the runtime's own budget split ([`split_budget`]) over
+//! the pack it is about to write, so the predicted hit rate is for the
+//! slots `mfx run --ram` will give the cache.
 
 use crate::error::{PrepError, Result};
 use crate::pin::{hit_rate, mass_order};
-use crate::ram::human;
+use mfx_runtime::cache::human;
 use serde::Serialize;
 
 /// The runtime's working reserve inside `--ram` (one definition, the runtime's).
 pub use mfx_runtime::cache::runtime_reserve;
-use mfx_runtime::cache::{minimum_budget, reserve_for, Needs};
+use mfx_runtime::cache::{minimum_budget, needs_of, split_budget, LayerExperts, Needs};
 
 /// Working cache wanted beyond the pinned experts, in multiples of top_k per
 /// layer: 4x holds the current token's experts plus recent ones, so a token
@@ -27,6 +27,9 @@ pub struct LayerUse<'a> {
     pub layer: u32,
     pub counts: &'a [u64],
     pub gate_mass: &'a [f64],
+    /// With merging: each expert id's representative (an alias is stored as
+    /// its representative's blob, at its bits). `None`: no merging.
+    pub alias_of: Option<&'a [u32]>,
 }
 
 pub struct PlanInput<'a> {
@@ -35,11 +38,12 @@ pub struct PlanInput<'a> {
     /// Bytes of one expert at hot / cold bits (all projections).
     pub hot_bytes: u64,
     pub cold_bytes: u64,
-    /// The runtime's working set at its default context plus its transient
-    /// expert buffers ([`working_bytes`]): the budget's reserve is the
-    /// runtime's [`reserve_for`] of it, so prep plans the split `mfx run`
-    /// will make.
+    /// The runtime's working set at its default context ([`working_bytes`]),
+    /// without expert buffers.
     pub working: u64,
+    /// Expert-sized buffers the runtime keeps outside the cache's slots
+    /// ([`expert_buffers`]); each is as large as the pack's largest expert.
+    pub expert_buffers: u64,
     pub top_k: usize,
     pub experts: usize,
     pub layers: Vec<LayerUse<'a>>,
@@ -49,6 +53,14 @@ pub struct PlanInput<'a> {
     pub pin_mass: f64,
 }
 
+impl PlanInput<'_> {
+    /// The working set with buffers for the larger of a hot and a cold
+    /// expert: what the runtime reserves at most, before the plan is known.
+    pub fn working_bound(&self) -> u64 {
+        self.working + self.expert_buffers * self.hot_bytes.max(self.cold_bytes)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerPlan {
     pub layer: u32,
@@ -56,7 +68,8 @@ pub struct LayerPlan {
     pub hot: Vec<u32>,
     /// Expert ids kept resident by the runtime, descending mass.
     pub pinned: Vec<u32>,
-    /// Cache slots for streamed experts.
+    /// Cache slots for streamed experts: what the runtime's budget split
+    /// gives this layer of the written pack at this `--ram`.
     pub cache_slots: usize,
     pub predicted_hit_rate: f64,
 }
@@ -78,60 +91,85 @@ pub struct Plan {
     pub reason: String,
 }
 
-/// The least `--ram` that can run the model: the runtime's
-/// [`minimum_budget`] (dense weights, a cache holding one token's experts
-/// (top_k) per layer at hot bits, and the working reserve), so a budget prep
-/// accepts is one `mfx run` accepts.
-pub fn minimum_ram(
+/// What any pack of the model needs at least, before hot sets and pins are
+/// chosen: dense weights, a cache of one token's experts (top_k) in each of
+/// `moe_layers` layers at `expert_bytes` each, and `working` bytes of
+/// working set (expert buffers included). Its [`minimum_budget`] is the
+/// runtime's, so a budget prep accepts is one `mfx run` accepts.
+pub fn model_needs(
     dense_bytes: u64,
-    hot_bytes: u64,
+    expert_bytes: u64,
     top_k: usize,
     moe_layers: usize,
     working: u64,
-) -> u64 {
-    minimum_budget(&Needs {
+) -> Needs {
+    Needs {
         dense: dense_bytes,
         pinned: 0,
-        min_cache: moe_layers as u64 * top_k as u64 * hot_bytes,
+        min_cache: moe_layers as u64 * top_k as u64 * expert_bytes,
         working,
-    })
+    }
+}
+
+/// Refuses `ram` (spelled `label`) for a model at `what` that needs `needs`.
+pub fn check_ram(ram: u64, label: &str, what: &str, needs: &Needs) -> Result<()> {
+    if ram < minimum_budget(needs) {
+        return Err(PrepError::Budget {
+            ram: label.to_string(),
+            budget: mfx_runtime::cache::too_small(what.to_string(), ram, needs),
+        });
+    }
+    Ok(())
 }
 
 /// The working bytes `mfx run` reserves for `family` at its defaults
 /// (f16 KV, 4096 positions, 512-token prompt chunks) on this machine's
-/// threads, plus its transient expert buffers of up to `largest_expert`.
-pub fn working_bytes(
-    family: &mfx_runtime::models::family::FamilyConfig,
-    largest_expert: u64,
-) -> u64 {
+/// threads, without expert buffers ([`expert_buffers`]).
+pub fn working_bytes(family: &mfx_runtime::models::family::FamilyConfig) -> u64 {
     use mfx_runtime::models::{working, KvBits, LoadOptions};
     let shape = working::family(family, KvBits::F16);
-    let opts = LoadOptions::default();
-    working::bytes(&shape, family.max_position_embeddings(), &opts)
-        + mfx_runtime::cache::transient_expert_bytes(
-            largest_expert,
-            opts.cache.io_threads,
-            rayon::current_num_threads(),
-        )
+    working::bytes(
+        &shape,
+        family.max_position_embeddings(),
+        &LoadOptions::default(),
+    )
+}
+
+/// How many expert-sized buffers `mfx run` keeps outside the cache's slots
+/// at its defaults on this machine ([`mfx_runtime::cache::transient_expert_bytes`]
+/// is linear in the expert size).
+pub fn expert_buffers() -> u64 {
+    mfx_runtime::cache::transient_expert_bytes(
+        1,
+        mfx_runtime::cache::CacheOptions::default().io_threads,
+        rayon::current_num_threads(),
+    )
+}
+
+/// One layer's choices before the cache is sized.
+struct Chosen {
+    hot: Vec<u32>,
+    pinned: Vec<u32>,
+    /// Decoded bytes of each expert id as the pack will store it.
+    bytes: Vec<u64>,
+    pinned_bytes: u64,
 }
 
 pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     let nl = inp.layers.len();
     let e = inp.experts;
-    let min = minimum_ram(inp.dense_bytes, inp.hot_bytes, inp.top_k, nl, inp.working);
-    if inp.ram < min {
-        return Err(PrepError::Budget(format!(
-            "--ram {} is too small: dense weights take {}, the runtime reserve {}, and a cache for one token's \
-             {} experts in each of {nl} MoE layers {}; the minimum is {} (try --dense-bits 4 or smaller --hot-bits)",
-            human(inp.ram),
-            human(inp.dense_bytes),
-            human(reserve_for(min, inp.working)),
-            inp.top_k,
-            human(nl as u64 * inp.top_k as u64 * inp.hot_bytes),
-            human(min.div_ceil(1 << 20) << 20)
-        )));
-    }
-    let reserve = reserve_for(inp.ram, inp.working);
+    let bound = model_needs(
+        inp.dense_bytes,
+        inp.hot_bytes.max(inp.cold_bytes),
+        inp.top_k,
+        nl,
+        inp.working_bound(),
+    );
+    check_ram(inp.ram, &human(inp.ram), "the model", &bound)?;
+    let min = minimum_budget(&bound);
+    // Hot sets and pins are chosen against the upper bound of the reserve;
+    // the cache is then sized for the pack these choices make.
+    let reserve = mfx_runtime::cache::reserve_for(inp.ram, inp.working_bound());
     let avail = inp.ram - reserve - inp.dense_bytes;
     let everything_hot = nl as u64 * e as u64 * inp.hot_bytes;
     let all_resident = inp.hot_fraction.is_none() && everything_hot <= avail;
@@ -140,11 +178,8 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     let per_layer = avail / nl.max(1) as u64;
     let fit_hot = (per_layer / inp.hot_bytes.max(1)).saturating_sub(cache_want as u64) as usize;
 
-    let mut layers = Vec::with_capacity(nl);
-    let (mut pinned_bytes, mut cache_bytes) = (0u64, 0u64);
-    let (mut hit_num, mut hit_den) = (0f64, 0f64);
+    let mut chosen = Vec::with_capacity(nl);
     let mut hot_total = 0usize;
-    let mut reason = String::new();
     for lu in &inp.layers {
         let order = mass_order(lu.gate_mass, lu.counts);
         let total_mass: f64 = lu.gate_mass.iter().sum();
@@ -166,14 +201,26 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
         };
         let hot: Vec<u32> = order[..n_hot].to_vec();
         hot_total += n_hot;
-        let bytes_of = |rank: usize| {
-            if rank < n_hot {
-                inp.hot_bytes
-            } else {
-                inp.cold_bytes
-            }
-        };
-        // Cache slots are sized for the largest expert that may stream in.
+        let mut is_hot = vec![false; e];
+        for &h in &hot {
+            is_hot[h as usize] = true;
+        }
+        // An alias is stored as its representative (at the representative's bits).
+        let bytes: Vec<u64> = (0..e)
+            .map(|id| {
+                let rep = lu
+                    .alias_of
+                    .and_then(|m| m.get(id))
+                    .map_or(id, |&r| r as usize);
+                if is_hot.get(rep).copied().unwrap_or(false) {
+                    inp.hot_bytes
+                } else {
+                    inp.cold_bytes
+                }
+            })
+            .collect();
+        // While pinning, room is kept for a cache of the largest expert that
+        // may stream in (the final slot count comes from the runtime's split).
         let slot = if n_hot < e {
             inp.cold_bytes
                 .max(if n_hot > 0 { inp.hot_bytes } else { 0 })
@@ -191,7 +238,7 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
             if total_mass > 0.0 && acc >= reach * total_mass && !all_resident {
                 break;
             }
-            let b = bytes_of(rank);
+            let b = bytes[id as usize];
             let remaining_after = e - rank - 1;
             let cache_need = if remaining_after == 0 {
                 0
@@ -207,25 +254,55 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
             acc += lu.gate_mass[id as usize];
             pinned.push(id);
         }
-        let rest = e - pinned.len();
-        let slots = if rest == 0 {
-            0
-        } else {
-            (((per_layer - used) / slot.max(1)) as usize)
-                .min(rest)
-                .max(inp.top_k.min(rest))
-        };
-        pinned_bytes += used;
-        cache_bytes += slots as u64 * slot;
-        let resident = pinned.len() + slots;
-        let hr = hit_rate(lu.counts, resident);
+        chosen.push(Chosen {
+            hot,
+            pinned,
+            bytes,
+            pinned_bytes: used,
+        });
+    }
+
+    // The cache: the runtime's split of this budget over the pack as it
+    // will be written (its experts' sizes, its pins, its largest expert).
+    let experts: Vec<LayerExperts> = chosen
+        .iter()
+        .map(|c| LayerExperts {
+            experts: c.bytes.len(),
+            bytes: c.bytes.iter().sum(),
+            pinned: c.pinned.len(),
+        })
+        .collect();
+    let pinned_bytes: u64 = chosen.iter().map(|c| c.pinned_bytes).sum();
+    let largest = chosen
+        .iter()
+        .flat_map(|c| c.bytes.iter().copied())
+        .max()
+        .unwrap_or(0);
+    let needs = needs_of(
+        &experts,
+        inp.dense_bytes,
+        pinned_bytes,
+        inp.top_k,
+        inp.working + inp.expert_buffers * largest,
+    );
+    let split = split_budget(inp.ram, &needs, &experts, || "the planned pack".into()).map_err(
+        |budget| PrepError::Budget {
+            ram: human(inp.ram),
+            budget,
+        },
+    )?;
+
+    let (mut hit_num, mut hit_den) = (0f64, 0f64);
+    let mut layers = Vec::with_capacity(nl);
+    for ((lu, c), &slots) in inp.layers.iter().zip(chosen).zip(&split.capacity) {
+        let hr = hit_rate(lu.counts, c.pinned.len() + slots);
         let toks: u64 = lu.counts.iter().sum();
         hit_num += hr * toks as f64;
         hit_den += toks as f64;
         layers.push(LayerPlan {
             layer: lu.layer,
-            hot,
-            pinned,
+            hot: c.hot,
+            pinned: c.pinned,
             cache_slots: slots,
             predicted_hit_rate: hr,
         });
@@ -235,6 +312,7 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     } else {
         hot_total as f64 / (nl * e) as f64
     };
+    let mut reason = String::new();
     if let Some(f) = inp.hot_fraction {
         reason.push_str(&format!("--hot-fraction {f} given: the {f} most-used experts of each layer by routing mass are at hot bits. "));
     } else if all_resident {
@@ -260,10 +338,10 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     };
     Ok(Plan {
         ram: inp.ram,
-        reserve,
+        reserve: split.reserve_bytes,
         dense_bytes: inp.dense_bytes,
         pinned_bytes,
-        cache_bytes,
+        cache_bytes: split.cache_bytes,
         minimum_ram: min,
         hot_fraction,
         all_resident,
@@ -282,6 +360,7 @@ mod tests {
             layer: 0,
             counts,
             gate_mass: mass,
+            alias_of: None,
         }
     }
 
@@ -295,14 +374,25 @@ mod tests {
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
             working: 0,
+            expert_buffers: 0,
             top_k: 2,
             experts: 8,
             layers: vec![layer(&c, &m)],
             hot_fraction: None,
             pin_mass: 0.9,
         };
-        let e = plan(&inp).unwrap_err().to_string();
-        assert!(e.contains("minimum is") && e.contains("156.00 MiB"), "{e}");
+        // dense 90 MiB + one layer's top-2 hot experts 2 MiB + the 64 MiB reserve floor.
+        let err = plan(&inp).unwrap_err();
+        let PrepError::Budget {
+            budget: mfx_runtime::cache::BudgetError::TooSmall { min, .. },
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*min, 156 << 20);
+        let e = err.to_string();
+        assert!(e.contains("minimum is") && e.contains("156 MiB"), "{e}");
     }
 
     #[test]
@@ -315,6 +405,7 @@ mod tests {
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
             working: 0,
+            expert_buffers: 0,
             top_k: 2,
             experts: 4,
             layers: vec![layer(&c, &m)],
@@ -339,6 +430,7 @@ mod tests {
             hot_bytes: 1 << 20,
             cold_bytes: 1 << 19,
             working: 0,
+            expert_buffers: 0,
             top_k: 2,
             experts: 16,
             layers: vec![layer(&counts, &mass)],

@@ -67,10 +67,11 @@ pub enum RuntimeError {
     #[error("{path}: {msg}")]
     Pack { path: PathBuf, msg: String },
     /// A `--ram` budget that cannot hold the model (typed, as issue 17
-    /// asks, so callers can read the minimum).
-    #[error("{source}{hint}")]
+    /// asks, so callers can read the minimum). Shown in the message, not
+    /// chained as a `source`, so the CLI does not print it twice.
+    #[error("{budget}{hint}")]
     Budget {
-        source: crate::cache::BudgetError,
+        budget: crate::cache::BudgetError,
         hint: String,
     },
     #[error("{0}")]

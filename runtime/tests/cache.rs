@@ -388,7 +388,10 @@ fn cache_budget_below_minimum_states_the_minimum() {
         dense,
         pinned,
         ..
-    } = &err;
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
     assert_eq!((*stated, *dense, *pinned), (min, needs.dense, needs.pinned));
     assert!(
         err.to_string()
@@ -420,7 +423,10 @@ fn cache_budget_below_minimum_states_the_minimum() {
     let err = plan_budget(&pack, layers, top_k, min, true, Some(working), io, threads).unwrap_err();
     let BudgetError::TooSmall {
         min: with_working, ..
-    } = err;
+    } = err
+    else {
+        panic!("{err:?}");
+    };
     assert!(with_working > min);
     check(with_working, Some(working));
 }

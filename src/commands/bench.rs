@@ -7,9 +7,9 @@
 //! steps are that text's tokens instead (teacher-forced: each step feeds the
 //! text's next token), so hit rates reflect real routing.
 
+use super::args::CacheArgs;
 use anyhow::{bail, Context, Result};
-use mfx_prep::ram::parse_size;
-use mfx_runtime::cache::{detect_budget, CacheOptions, ExpertCache, PolicyKind, RoutedPass};
+use mfx_runtime::cache::{detect_budget, BudgetError, CacheOptions, ExpertCache, RoutedPass};
 use mfx_runtime::generate::DEFAULT_PREFILL_CHUNK;
 use mfx_runtime::memory;
 use mfx_runtime::models::{LoadOptions, Model};
@@ -21,13 +21,8 @@ use std::time::Instant;
 pub struct Args {
     /// The `.mfx` pack.
     pub pack: PathBuf,
-    /// Memory budget for all weights (dense + pinned + cache), e.g. 32G.
-    /// Default: available memory minus a margin.
-    #[arg(long)]
-    pub ram: Option<String>,
-    /// Experts cached per MoE layer (overrides --ram's split).
-    #[arg(long)]
-    pub capacity: Option<usize>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -36,15 +31,6 @@ pub struct Args {
     /// streamed expert is read at most once per chunk and layer.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
-    /// Eviction policy: lfu-decay (default), lru or depth.
-    #[arg(long, default_value = PolicyKind::default().name())]
-    pub policy: String,
-    /// Skip non-resident secondary experts instead of waiting (changes outputs).
-    #[arg(long)]
-    pub skip_missing: bool,
-    /// Do not predict and read ahead the next layer's experts.
-    #[arg(long)]
-    pub no_prefetch: bool,
     /// Take the prompt and the decode tokens from this text (teacher-forced)
     /// instead of synthetic ids.
     #[arg(long)]
@@ -52,16 +38,6 @@ pub struct Args {
     /// Read experts through the page cache (default: O_DIRECT / F_NOCACHE).
     #[arg(long)]
     pub buffered_io: bool,
-    /// Do not check each blob's checksum when it is first read (checking
-    /// is the default, as in `mfx run`; measure its cost with and without).
-    #[arg(long)]
-    pub no_verify_checksums: bool,
-    /// Do not keep the pack's pinned experts resident (measure the cache alone).
-    #[arg(long)]
-    pub no_pin: bool,
-    /// Background expert readers (reads in flight at once).
-    #[arg(long, default_value_t = CacheOptions::default().io_threads)]
-    pub io_threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -82,23 +58,20 @@ pub type Loaded = (Box<dyn Model>, Arc<ExpertCache>, Option<u64>);
 /// and prompt chunk the run will use, which the working reserve covers.
 pub fn load_cached(
     pack: &Path,
-    ram: Option<&str>,
-    capacity: Option<usize>,
     cache: CacheOptions,
     (context, chunk): (usize, usize),
 ) -> Result<Loaded> {
-    let ram = ram.map(parse_size).transpose()?;
-    let budget = match capacity {
+    // Resolved here rather than by the cache, so the report can state it.
+    let budget = match cache.capacity {
         Some(_) => None,
-        None => Some(match ram {
+        None => Some(match cache.ram {
             Some(b) => b,
-            None => detect_budget().context("cannot detect free memory; pass --ram")?,
+            None => detect_budget().ok_or(BudgetError::Undetected)?,
         }),
     };
     let opts = LoadOptions {
         cache: CacheOptions {
             ram: budget,
-            capacity,
             ..cache
         },
         // The working reserve inside --ram covers exactly this run.
@@ -170,27 +143,16 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let Some(policy) = PolicyKind::parse(&a.policy) else {
-        bail!("--policy {}: expected lru, lfu-decay or depth", a.policy);
-    };
     if a.prompt_tokens == 0 {
         bail!("--prompt-tokens must be at least 1");
     }
     let cc = CacheOptions {
-        policy,
         direct_io: !a.buffered_io,
-        verify: !a.no_verify_checksums,
-        pin: !a.no_pin,
-        skip_missing: a.skip_missing,
-        prefetch: !a.no_prefetch,
-        io_threads: a.io_threads,
-        ..CacheOptions::default()
+        ..a.cache.options()
     };
     let t_load = Instant::now();
     let (mut model, cache, budget) = load_cached(
         &a.pack,
-        a.ram.as_deref(),
-        a.capacity,
         cc,
         (a.prompt_tokens + a.gen_tokens, a.prefill_chunk.max(1)),
     )?;
@@ -241,13 +203,13 @@ pub fn run(a: Args) -> Result<()> {
     let out = serde_json::json!({
         "pack": a.pack.display().to_string(),
         "budget_bytes": budget,
-        "capacity": a.capacity,
-        "policy": policy.name(),
+        "capacity": a.cache.capacity,
+        "policy": a.cache.policy.name(),
         "direct_io": cache.direct_io(),
-        "verify_checksums": !a.no_verify_checksums,
+        "verify_checksums": !a.cache.no_verify_checksums,
         "load_s": load_s,
         "threads": rayon::current_num_threads(),
-        "io_threads": a.io_threads,
+        "io_threads": a.cache.io_threads,
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
         "prompt_tok_s": a.prompt_tokens as f64 / pp_s,

@@ -85,7 +85,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "16")]
     pub kv_bits: KvBits,
     #[command(flatten)]
-    pub cache: super::run::CacheArgs,
+    pub cache: super::args::CacheArgs,
 }
 
 /// Token ids from the command line (a newtype so clap treats the list as one value).
@@ -113,7 +113,7 @@ fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
         max_context,
         // logits/greedy run their ids in one forward pass.
         prefill_chunk: max_context,
-        cache: m.cache.options()?,
+        cache: m.cache.options(),
     };
     mfx_runtime::load::load(&m.model, &opts)
         .with_context(|| format!("loading {}", m.model.display()))
@@ -157,7 +157,7 @@ pub fn run(args: Args) -> Result<()> {
                 max_context: Some(ctx),
                 // Rows are scored in --chunk positions (whole rows by default).
                 prefill_chunk: Some(chunk.unwrap_or(ctx)),
-                cache: model.cache.options()?,
+                cache: model.cache.options(),
             };
             // The router observer (for --router-aux-loss) is the shared
             // decoder's; every family scores plain NLL through `Model`.

@@ -2,6 +2,7 @@
 //! `run(args) -> anyhow::Result<()>`. Add a variant to [`Command`] and an arm
 //! to [`dispatch`] for a new subcommand; keep the logic in the libraries.
 
+pub mod args;
 pub mod bench;
 pub mod chat;
 pub mod eval;

@@ -11,10 +11,9 @@
 use anyhow::{bail, Context, Result};
 use mfx_formats::pack::Pack;
 use mfx_formats::profile::Profile;
-use mfx_prep::ram::parse_size;
 use mfx_runtime::cache::buf::BufPool;
 use mfx_runtime::cache::io::BlobReader;
-use mfx_runtime::cache::{minimum_budget, pack_needs, plan_budget};
+use mfx_runtime::cache::{minimum_budget, pack_needs, plan_budget, too_small};
 use mfx_runtime::models::family::FamilyConfig;
 use mfx_runtime::models::{working, KvBits, LoadOptions};
 use std::path::PathBuf;
@@ -24,12 +23,13 @@ use std::time::Instant;
 pub struct Args {
     /// The `.mfx` pack (its manifest carries the routing profile).
     pub pack: PathBuf,
-    /// The machine's budget for weights; budgets above it are not recommended.
-    #[arg(long)]
-    pub ram: Option<String>,
+    /// The machine's memory budget (as `mfx run --ram`); budgets above it
+    /// are not recommended.
+    #[arg(long, value_name = "SIZE", value_parser = super::args::size)]
+    pub ram: Option<u64>,
     /// Bytes of expert blobs to read when measuring disk bandwidth.
-    #[arg(long, default_value = "256M")]
-    pub probe: String,
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = super::args::size)]
+    pub probe: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     };
     let n_layers = num(&m.config, "num_hidden_layers").context("config: num_hidden_layers")?;
-    let limit = a.ram.as_deref().map(parse_size).transpose()?;
+    let limit = a.ram;
     // The working reserve `mfx run` would keep at its default context (4096
     // positions, 512-token prompt chunks, f16 KV), out of each budget.
     let (working, top_k) = FamilyConfig::from_json_str(&m.config.to_string(), &a.pack)
@@ -70,13 +70,12 @@ pub fn run(a: Args) -> Result<()> {
     let io_threads = mfx_runtime::cache::CacheOptions::default().io_threads;
     let threads = rayon::current_num_threads();
     // The least budget `mfx run` accepts for this pack (same arithmetic).
-    let minimum = minimum_budget(&pack_needs(
-        &pack, n_layers, top_k, true, working, io_threads, threads,
-    ));
+    let needs = pack_needs(&pack, n_layers, top_k, true, working, io_threads, threads);
+    let minimum = minimum_budget(&needs);
 
     // Disk: direct positioned reads of the pack's expert blobs, strided over
     // the file as cache misses would be.
-    let probe = parse_size(&a.probe)?;
+    let probe = a.probe;
     let reader = BlobReader::open(&a.pack, true)?;
     let pool = BufPool::new(4);
     let stride = (m.experts.len() / 64).max(1);
@@ -126,14 +125,9 @@ pub fn run(a: Args) -> Result<()> {
 
     // From the least budget `mfx run` accepts up to one that also holds
     // every expert; the machine's --ram last (refused if below the least).
-    if let Some(l) = limit {
-        if l < minimum {
-            bail!(
-                "--ram {l} bytes is below the least budget `mfx run` accepts for {}: {minimum} bytes ({} MiB)",
-                a.pack.display(),
-                minimum.div_ceil(1 << 20)
-            );
-        }
+    // Refused as `mfx run` refuses it (the same error).
+    if let Some(l) = limit.filter(|&l| l < minimum) {
+        return Err(too_small(a.pack.display().to_string(), l, &needs).into());
     }
     let mut budgets: Vec<u64> = [0u64, 25, 50, 75, 100]
         .iter()

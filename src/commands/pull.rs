@@ -12,22 +12,18 @@ pub struct Args {
     #[arg(value_name = "ORG/NAME")]
     pub repo: String,
     /// Memory to fit (e.g. 32G) [default: this machine's total memory].
-    #[arg(long)]
-    pub ram: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = super::args::size)]
+    pub ram: Option<u64>,
     /// Branch, tag or commit to read.
     #[arg(long, default_value = "main")]
     pub revision: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ram = match &a.ram {
-        Some(s) => Some(mfx_prep::ram::parse_size(s)?),
-        None => None,
-    };
     let pulled = pull(&PullOptions {
         repo: RepoId::parse(&a.repo)?,
         revision: a.revision,
-        ram,
+        ram: a.ram,
     })?;
     match &pulled.commit {
         Some(c) => eprintln!("{}: sha256 ok (commit {c})", pulled.record.file),

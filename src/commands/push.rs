@@ -41,8 +41,7 @@ pub fn run(a: Args) -> Result<()> {
         commit_message: a.commit_message,
         dry_run: a.dry_run,
     };
-    let parse_ram = |s: &str| mfx_prep::ram::parse_size(s).map_err(anyhow::Error::from);
-    let pushed = push(&opts, &parse_ram)?;
+    let pushed = push(&opts)?;
     if opts.dry_run {
         eprintln!("dry run, not run: {}", pushed.command);
         let mut so = std::io::stdout().lock();

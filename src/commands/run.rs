@@ -4,9 +4,9 @@
 //! terminals see it live); the timing summary goes to stderr so that
 //! `mfx run ... > out.txt` captures only the model's words.
 
+use super::args::CacheArgs;
 use anyhow::{Context, Result};
-use mfx_prep::ram::parse_size;
-use mfx_runtime::cache::{CacheOptions, PolicyKind, StatsSnapshot};
+use mfx_runtime::cache::StatsSnapshot;
 use mfx_runtime::chat::{message, RenderOptions};
 use mfx_runtime::generate::{Completion, Event, GenerateOptions, Generator};
 use mfx_runtime::memory;
@@ -39,7 +39,7 @@ pub struct Args {
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// KV cache precision in bits: 16 (f16) or 8 (int8 per vector).
-    #[arg(long, default_value = "16", value_parser = parse_kv_bits)]
+    #[arg(long, default_value = "16")]
     pub kv_bits: KvBits,
     /// Cap on the context length (default: the model's).
     #[arg(long)]
@@ -50,69 +50,6 @@ pub struct LoadArgs {
     /// per token, prefetch precision/recall) on stderr after generating.
     #[arg(long)]
     pub stats: bool,
-}
-
-/// The streaming expert cache's flags (`.mfx` packs only; shared by run,
-/// chat, serve and eval).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct CacheArgs {
-    /// Memory budget for all weights (dense + pinned experts + cache), e.g.
-    /// 32G, 512M. Default: available memory minus a margin.
-    #[arg(long)]
-    pub ram: Option<String>,
-    /// Experts cached per MoE layer besides pinned ones (overrides --ram's split).
-    #[arg(long)]
-    pub capacity: Option<usize>,
-    /// Eviction policy: lfu-decay (default, chosen by measurement of bytes
-    /// read: docs/PERF.md), lru or depth.
-    #[arg(long, default_value = PolicyKind::default().name(), value_parser = parse_policy)]
-    pub policy: PolicyKind,
-    /// Skip a non-resident secondary expert instead of waiting for its read
-    /// (never the top-1; weights renormalized as the model's routing does).
-    /// Changes outputs.
-    #[arg(long)]
-    pub skip_missing: bool,
-    /// Do not predict and read ahead the next layer's experts.
-    #[arg(long)]
-    pub no_prefetch: bool,
-    /// Do not keep the pack's pinned experts resident (measure the cache alone).
-    #[arg(long)]
-    pub no_pin: bool,
-    /// Background expert readers: the reads in flight at once. SSDs and
-    /// network disks read faster with more requests queued; each reader
-    /// costs one expert-sized buffer of the budget.
-    #[arg(long, default_value_t = CacheOptions::default().io_threads)]
-    pub io_threads: usize,
-    /// Do not check each blob's checksum when it is first read (dense
-    /// tensors at load, experts on their first read). Checking is the
-    /// default: a corrupt pack is then an error naming the tensor or expert
-    /// instead of silently wrong output; its cost is in docs/PERF.md.
-    #[arg(long)]
-    pub no_verify_checksums: bool,
-}
-
-fn parse_policy(s: &str) -> Result<PolicyKind, String> {
-    PolicyKind::parse(s).ok_or_else(|| format!("{s:?}: expected lru, lfu-decay or depth"))
-}
-
-impl CacheArgs {
-    pub fn options(&self) -> Result<CacheOptions> {
-        let ram = match &self.ram {
-            Some(s) => Some(parse_size(s).with_context(|| format!("--ram {s}"))?),
-            None => None,
-        };
-        Ok(CacheOptions {
-            ram,
-            capacity: self.capacity,
-            policy: self.policy,
-            skip_missing: self.skip_missing,
-            prefetch: !self.no_prefetch,
-            pin: !self.no_pin,
-            io_threads: self.io_threads,
-            verify: !self.no_verify_checksums,
-            ..CacheOptions::default()
-        })
-    }
 }
 
 /// `cache: hit rate 91.2% (1200 hits, 116 misses), read 12.5 MiB in 116 loads, ...`
@@ -178,18 +115,14 @@ pub struct GenArgs {
     pub ignore_eos: bool,
 }
 
-fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
-    s.parse()
-}
-
 impl LoadArgs {
-    pub fn options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
             kv_bits: self.kv_bits,
             max_context: self.max_context,
             prefill_chunk: None,
-            cache: self.cache.options()?,
-        })
+            cache: self.cache.options(),
+        }
     }
 }
 
@@ -233,12 +166,8 @@ impl GenArgs {
 /// chooses, so `mfx run ORG/NAME --ram X` runs what `mfx pull ORG/NAME --ram X`
 /// downloads.
 pub fn load(model: &std::path::Path, args: &LoadArgs) -> Result<Generator> {
-    let ram = match args.cache.ram.as_deref() {
-        Some(s) => Some(parse_size(s).with_context(|| format!("--ram {s}"))?),
-        None => None,
-    };
-    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), ram)?;
-    Generator::load(&path, &args.options()?).with_context(|| format!("loading {}", path.display()))
+    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), args.cache.ram)?;
+    Generator::load(&path, &args.options()).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Generates and streams to `out`; a write error (closed pipe) cancels

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     #[command(flatten)]
-    pub cache: super::run::CacheArgs,
+    pub cache: super::args::CacheArgs,
     /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`.
     /// (The environment's value is never shown in `--help`.)
     #[arg(long, env = "MFX_API_KEY", hide_env_values = true)]
@@ -41,19 +41,15 @@ pub struct Args {
     #[arg(long)]
     pub model_id: Option<String>,
     /// KV cache precision in bits: 16 (f16) or 8 (int8 per vector).
-    #[arg(long, default_value = "16", value_parser = parse_kv_bits)]
+    #[arg(long, default_value = "16")]
     pub kv_bits: KvBits,
     /// Cap on the context length (default: the model's).
     #[arg(long)]
     pub max_context: Option<usize>,
 }
 
-fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
-    s.parse()
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let cache = args.cache.options()?;
+    let cache = args.cache.options();
     let template = match &args.chat_template {
         None => None,
         Some(path) => {

@@ -8,6 +8,7 @@
 use super::digest::FileDigest;
 use anyhow::{bail, Context, Result};
 use mfx_formats::pack::{Manifest as PackManifest, Pack, FORMAT_VERSION};
+use mfx_runtime::cache::parse_size;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -211,11 +212,7 @@ fn is_lower_hex(s: &str) -> bool {
 /// Builds the record of a local pack: opens it (full structural validation
 /// of header and manifest), reads its budget and quality, and takes the
 /// checksums from `digest` (computed by the caller over the same file).
-pub fn describe_pack(
-    path: &Path,
-    digest: &FileDigest,
-    parse_ram: &dyn Fn(&str) -> Result<u64>,
-) -> Result<PackRecord> {
+pub fn describe_pack(path: &Path, digest: &FileDigest) -> Result<PackRecord> {
     let file = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -237,7 +234,7 @@ pub fn describe_pack(
         );
     }
     let m = pack.manifest();
-    let (ram_label, ram_bytes) = budget_of(path, &file, &m.provenance, parse_ram)?;
+    let (ram_label, ram_bytes) = budget_of(path, &file, &m.provenance)?;
     let quality = quality_of(path, &m.provenance)?;
     Ok(PackRecord {
         file,
@@ -284,12 +281,8 @@ pub fn bits_per_weight(m: &PackManifest) -> f64 {
 /// writes `options.ram` = label and `options.ram_bytes`; top-level `ram`,
 /// `ram_label`, `ram_bytes` are read too), else from the `{ram}` suffix of
 /// `mfx prep -o model-{ram}.mfx` (`model-16G.mfx`).
-fn budget_of(
-    path: &Path,
-    file: &str,
-    prov: &serde_json::Value,
-    parse_ram: &dyn Fn(&str) -> Result<u64>,
-) -> Result<(String, u64)> {
+fn budget_of(path: &Path, file: &str, prov: &serde_json::Value) -> Result<(String, u64)> {
+    let parse_ram = |s: &str| parse_size(s).map_err(anyhow::Error::from);
     let opts = prov.get("options").filter(|o| o.is_object());
     let prov = match opts {
         Some(o) if o.get("ram").is_some() || o.get("ram_bytes").is_some() => o,

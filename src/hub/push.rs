@@ -36,7 +36,7 @@ pub struct Pushed {
 /// Marker of the section push appends to the card; see [`hub_card`].
 const PACKS_MARKER: &str = "<!-- mfx-push-packs -->";
 
-pub fn push(o: &PushOptions, parse_ram: &dyn Fn(&str) -> Result<u64>) -> Result<Pushed> {
+pub fn push(o: &PushOptions) -> Result<Pushed> {
     if o.packs.is_empty() {
         bail!("no packs given: mfx push PACK... --repo ORG/NAME");
     }
@@ -59,7 +59,7 @@ pub fn push(o: &PushOptions, parse_ram: &dyn Fn(&str) -> Result<u64>) -> Result<
         verify_pack(p)?;
         eprintln!("hashing {} ...", p.display());
         let d = digest_file(p)?;
-        let r = describe_pack(p, &d, parse_ram)?;
+        let r = describe_pack(p, &d)?;
         if let Some(prev) = records.iter().find(|x| x.file == r.file) {
             bail!(
                 "two packs are named {} (file names must be unique in the repo): {}",

@@ -26,6 +26,11 @@ pub enum BudgetError {
         min: u64,
         min_mib: u64,
     },
+    /// No `--ram` and no way to read free memory.
+    #[error(
+        "cannot detect free memory (no MemAvailable in /proc/meminfo); pass --ram SIZE or --capacity N"
+    )]
+    Undetected,
 }
 
 /// What a model must hold in memory whatever the budget: the inputs of the
@@ -188,6 +193,121 @@ pub fn detect_budget() -> Option<u64> {
     Some(avail.saturating_sub(margin))
 }
 
+/// One model layer as the budget sees it: its routed experts (0 for a
+/// dense layer), their decoded bytes in all, and how many of them are
+/// pinned. The runtime reads these from a pack ([`pack_layers`]); `mfx prep`
+/// builds them from its plan before writing the pack, so both split a
+/// budget with the same arithmetic ([`needs_of`], [`split_budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerExperts {
+    pub experts: usize,
+    pub bytes: u64,
+    pub pinned: usize,
+}
+
+impl LayerExperts {
+    /// The mean decoded expert: a layer's cache slot (mixed precision makes
+    /// experts of one layer differ; the mean is what a full cache holds).
+    fn slot(&self) -> u64 {
+        (self.bytes / self.experts.max(1) as u64).max(1)
+    }
+
+    /// Experts that stream through the cache (not pinned).
+    fn streamed(&self) -> usize {
+        self.experts - self.pinned.min(self.experts)
+    }
+}
+
+/// The [`Needs`] of a model with these `layers` routing `top_k` experts
+/// per token: `dense` and `pinned` bytes resident, `working` bytes of
+/// working set (expert buffers included).
+pub fn needs_of(
+    layers: &[LayerExperts],
+    dense: u64,
+    pinned: u64,
+    top_k: usize,
+    working: u64,
+) -> Needs {
+    let moe = layers.iter().filter(|l| l.experts > 0);
+    // The cache is split evenly over MoE layers, so the minimum gives every
+    // layer room for top_k of its own (mean-sized) experts, not pinned ones.
+    let per_layer_min = moe
+        .clone()
+        .map(|l| top_k.min(l.streamed()) as u64 * l.slot())
+        .max()
+        .unwrap_or(0);
+    Needs {
+        dense,
+        pinned,
+        min_cache: moe.count() as u64 * per_layer_min,
+        working,
+    }
+}
+
+/// Splits `budget` over a model of `layers` that needs `needs`: the
+/// reserve ([`reserve_for`]) and resident weights first, the rest evenly
+/// over MoE layers in slots of each layer's mean expert. A budget below
+/// [`minimum_budget`] is refused naming `what` (the pack).
+pub fn split_budget(
+    budget: u64,
+    needs: &Needs,
+    layers: &[LayerExperts],
+    what: impl FnOnce() -> String,
+) -> Result<BudgetPlan, BudgetError> {
+    if budget < minimum_budget(needs) {
+        return Err(too_small(what(), budget, needs));
+    }
+    let moe_layers = layers.iter().filter(|l| l.experts > 0).count().max(1) as u64;
+    let reserve = reserve_for(budget, needs.working);
+    let cache = budget - (needs.dense + needs.pinned + reserve);
+    let per_layer = cache / moe_layers;
+    let capacity = layers
+        .iter()
+        .map(|l| {
+            if l.experts == 0 {
+                return 0;
+            }
+            ((per_layer / l.slot()) as usize).min(l.streamed())
+        })
+        .collect();
+    Ok(BudgetPlan {
+        budget_bytes: budget,
+        dense_bytes: needs.dense,
+        pinned_bytes: needs.pinned,
+        reserve_bytes: reserve,
+        cache_bytes: cache,
+        capacity,
+        experts: layers.iter().map(|l| l.experts).collect(),
+    })
+}
+
+/// Per model layer of `pack` (`n_layers` layers): its [`LayerExperts`],
+/// counting the manifest's pins when `pin`; and the pinned experts' bytes.
+pub fn pack_layers(pack: &Pack, n_layers: usize, pin: bool) -> (Vec<LayerExperts>, u64) {
+    let mut layers = vec![LayerExperts::default(); n_layers];
+    for e in &pack.manifest().experts {
+        if let Some(l) = layers.get_mut(e.layer as usize) {
+            l.experts += 1;
+            l.bytes += e.raw_length;
+        }
+    }
+    let pins = if pin {
+        super::pinned_from_manifest(pack)
+    } else {
+        Vec::new()
+    };
+    let mut pinned = 0u64;
+    for &(l, e) in &pins {
+        if let Some(x) = pack.expert(l as u32, e as u32) {
+            pinned += x.raw_length;
+        }
+        if let Some(layer) = layers.get_mut(l) {
+            layer.pinned += 1;
+        }
+    }
+    (layers, pinned)
+}
+
 /// The [`Needs`] of `pack` (a model of `n_layers` layers routing `top_k`
 /// experts per token) whose working set is `working` bytes
 /// ([`WorkingShape::bytes`], 0 when unknown), with `io_threads` readers
@@ -201,51 +321,31 @@ pub fn pack_needs(
     io_threads: usize,
     threads: usize,
 ) -> Needs {
-    let m = pack.manifest();
-    let dense: u64 = m.tensors.iter().map(|t| t.length).sum();
-    let pins = if pin {
-        super::pinned_from_manifest(pack)
-    } else {
-        Vec::new()
-    };
-    let pinned: u64 = pins
-        .iter()
-        .filter_map(|&(l, e)| pack.expert(l as u32, e as u32))
-        .map(|e| e.raw_length)
-        .sum();
-    let (experts, bytes) = per_layer(pack, n_layers);
-    let moe_layers = experts.iter().filter(|&&n| n > 0).count() as u64;
-    // The cache is split evenly over MoE layers, so the minimum gives every
-    // layer room for top_k of its own (mean-sized) experts, not pinned ones.
-    let per_layer_min = (0..n_layers)
-        .filter(|&l| experts[l] > 0)
-        .map(|l| {
-            let pinned_here = pins.iter().filter(|p| p.0 == l).count();
-            let streamed = experts[l] - pinned_here.min(experts[l]);
-            top_k.min(streamed) as u64 * (bytes[l] / experts[l] as u64).max(1)
-        })
-        .max()
-        .unwrap_or(0);
-    let largest = m.experts.iter().map(|e| e.raw_length).max().unwrap_or(0);
-    Needs {
-        dense,
+    let (layers, pinned) = pack_layers(pack, n_layers, pin);
+    needs_of(
+        &layers,
+        dense_bytes(pack),
         pinned,
-        min_cache: moe_layers * per_layer_min,
-        working: working + transient_expert_bytes(largest, io_threads, threads),
-    }
+        top_k,
+        working + pack_buffers(pack, io_threads, threads),
+    )
 }
 
-/// Per model layer: routed experts in the pack and their decoded bytes.
-fn per_layer(pack: &Pack, n_layers: usize) -> (Vec<usize>, Vec<u64>) {
-    let mut experts = vec![0usize; n_layers];
-    let mut bytes = vec![0u64; n_layers];
-    for e in &pack.manifest().experts {
-        if let Some(l) = experts.get_mut(e.layer as usize) {
-            *l += 1;
-            bytes[e.layer as usize] += e.raw_length;
-        }
-    }
-    (experts, bytes)
+/// A pack's dense tensors as stored (read into owned memory at load).
+fn dense_bytes(pack: &Pack) -> u64 {
+    pack.manifest().tensors.iter().map(|t| t.length).sum()
+}
+
+/// [`transient_expert_bytes`] for the pack's largest decoded expert.
+fn pack_buffers(pack: &Pack, io_threads: usize, threads: usize) -> u64 {
+    let largest = pack
+        .manifest()
+        .experts
+        .iter()
+        .map(|e| e.raw_length)
+        .max()
+        .unwrap_or(0);
+    transient_expert_bytes(largest, io_threads, threads)
 }
 
 /// Splits `budget` bytes for `pack` (a model of `n_layers` layers, routing
@@ -253,7 +353,7 @@ fn per_layer(pack: &Pack, n_layers: usize) -> (Vec<usize>, Vec<u64>) {
 /// ([`WorkingShape::bytes`]) when known; `io_threads`: the cache's readers;
 /// `threads`: compute threads. A budget below [`minimum_budget`] is refused
 /// with that minimum: the reserve is never taken out of the cache.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // each is one of the budget's inputs; a struct would only rename them
 pub fn plan_budget(
     pack: &Pack,
     n_layers: usize,
@@ -264,51 +364,11 @@ pub fn plan_budget(
     io_threads: usize,
     threads: usize,
 ) -> Result<BudgetPlan, BudgetError> {
-    let needs = pack_needs(
-        pack,
-        n_layers,
-        top_k,
-        pin,
-        working.unwrap_or(0),
-        io_threads,
-        threads,
-    );
-    let min = minimum_budget(&needs);
-    if budget < min {
-        return Err(too_small(
-            format!("{}", pack.path().display()),
-            budget,
-            &needs,
-        ));
-    }
-    let pins = if pin {
-        super::pinned_from_manifest(pack)
-    } else {
-        Vec::new()
-    };
-    let (experts, bytes) = per_layer(pack, n_layers);
-    let moe_layers = experts.iter().filter(|&&n| n > 0).count().max(1) as u64;
-    let reserve = reserve_for(budget, needs.working);
-    let cache = budget - (needs.dense + needs.pinned + reserve);
-    let per_layer = cache / moe_layers;
-    let capacity = (0..n_layers)
-        .map(|l| {
-            if experts[l] == 0 {
-                return 0;
-            }
-            let mean = (bytes[l] / experts[l] as u64).max(1);
-            let pinned_here = pins.iter().filter(|p| p.0 == l).count();
-            ((per_layer / mean) as usize).min(experts[l] - pinned_here.min(experts[l]))
-        })
-        .collect();
-    Ok(BudgetPlan {
-        budget_bytes: budget,
-        dense_bytes: needs.dense,
-        pinned_bytes: needs.pinned,
-        reserve_bytes: reserve,
-        cache_bytes: cache,
-        capacity,
-        experts,
+    let (layers, pinned) = pack_layers(pack, n_layers, pin);
+    let working = working.unwrap_or(0) + pack_buffers(pack, io_threads, threads);
+    let needs = needs_of(&layers, dense_bytes(pack), pinned, top_k, working);
+    split_budget(budget, &needs, &layers, || {
+        pack.path().display().to_string()
     })
 }
 

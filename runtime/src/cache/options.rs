@@ -5,7 +5,7 @@
 //! `--ram` means the same thing (dense + pinned + cache bytes) whatever the
 //! architecture, and the budget errors read the same everywhere.
 
-use super::budget::{detect_budget, plan_budget};
+use super::budget::{detect_budget, plan_budget, BudgetError};
 use super::policy::PolicyKind;
 use super::store::{CacheConfig, Capacity, ExpertCache};
 use crate::error::RuntimeError;
@@ -94,10 +94,9 @@ pub fn provider_for_open_pack(
         None => {
             let budget = match opts.ram {
                 Some(b) => b,
-                None => detect_budget().ok_or_else(|| {
-                    RuntimeError::Other(
-                        "cannot detect free memory (no /proc/meminfo MemAvailable); pass --ram SIZE or --capacity N".into(),
-                    )
+                None => detect_budget().ok_or(RuntimeError::Budget {
+                    budget: BudgetError::Undetected,
+                    hint: String::new(),
                 })?,
             };
             let plan = plan_budget(
@@ -117,7 +116,7 @@ pub fn provider_for_open_pack(
                     ""
                 };
                 RuntimeError::Budget {
-                    source: e,
+                    budget: e,
                     hint: hint.to_string(),
                 }
             })?;

@@ -90,7 +90,7 @@ pub fn check_resident(
     let working = bytes(shape, max_position, &opts);
     crate::cache::check_resident_budget(dir, opts.cache.ram, weights, working).map_err(|e| {
         crate::error::RuntimeError::Budget {
-            source: e,
+            budget: e,
             hint: " (a checkpoint directory keeps every expert resident; `mfx prep` makes a pack that streams them)".into(),
         }
     })?;

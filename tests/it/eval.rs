@@ -2,8 +2,7 @@
 //! `../shared`, and its errors on broken checkpoints (each must name the
 //! file, key or tensor at fault, exit 1, and never panic).
 
-mod common;
-use common::{mfx, read_npy as read_npy_f32, rel_err, shared, stderr};
+use crate::common::{mfx, read_npy as read_npy_f32, rel_err, shared, stderr};
 
 use std::path::Path;
 

@@ -4,8 +4,7 @@
 //! with the minimum), and hostile configs are refused naming the field
 //! before anything proportional to them is allocated.
 
-mod common;
-use common::{mfx, shared, stderr};
+use crate::common::{mfx, shared, stderr};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -271,7 +270,7 @@ fn hostile_pack(dir: &Path, name: &str, config: serde_json::Value) -> PathBuf {
         generation: serde_json::json!({}),
         pin_profile: None,
         routing_summary: None,
-        provenance: serde_json::json!({"source": "tests/cli_budget.rs"}),
+        provenance: serde_json::json!({"source": "tests/it/budget.rs"}),
     };
     let mut w = PackWriter::create_default(&out, meta).unwrap();
     w.add_tensor(

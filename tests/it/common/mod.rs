@@ -1,7 +1,5 @@
 //! Helpers the integration tests of the `mfx` binary share: where the
 //! shared test material is, running the binary, reading its outputs.
-//! Each test file compiles its own copy, so not every file uses every one.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -13,8 +13,7 @@
 //! vectors. A wrong router-id mapping would route tokens to an unrelated
 //! expert and move the NLL far more than that.
 
-mod common;
-use common::{mfx, ok, shared};
+use crate::common::{mfx, ok, shared};
 
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;

@@ -3,8 +3,7 @@
 //! with a reused profile, one pack per budget from one profiling run, and
 //! the errors users see (each exits 1, names what is wrong, leaves no pack).
 
-mod common;
-use common::{mfx, mfx_env, ok, shared, stderr};
+use crate::common::{mfx, mfx_env, ok, shared, stderr};
 
 use std::path::Path;
 

@@ -128,8 +128,10 @@ fn serve_refuses_bad_input_with_a_message() {
         .args(["serve", MODEL, "--port", "0", "--ram", "lots"])
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--ram lots"));
+    // A usage error (exit 2): the size is parsed with the flags, before the model loads.
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'lots' for '--ram <SIZE>'"), "{err}");
 }
 
 /// Issue 16 item 9: `mfx serve --help` printed `[env: MFX_API_KEY=<the key>]`.

@@ -5,9 +5,7 @@
 //! never in silently wrong output or a file left behind.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-mod common;
-
-use common::{mfx, ok, stderr};
+use crate::common::{mfx, ok, stderr};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -9,8 +9,7 @@
 //! expert of another id, a norm stored as a quantized matrix) gives errors
 //! of order 1, far above the tolerance.
 
-mod common;
-use common::{ok, read_npy, rel_err};
+use crate::common::{ok, read_npy, rel_err};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -47,7 +46,7 @@ fn fixture(name: &str) -> PathBuf {
 /// activations add an error of their own that the random-weight fixtures
 /// amplify (deepseek_v3 at 8/8 bits: 5.0e-2 -> 1.2e-1, qwen3_next 2.8e-1 ->
 /// 3.9e-1); on a trained model it is measured by NLL instead
-/// (`default_tier_int8_activations_cost_little_nll` in tests/cli_run.rs).
+/// (`default_tier_int8_activations_cost_little_nll` in tests/it/run.rs).
 /// A tier the CPU lacks falls back to scalar, which is f32 too.
 const WEIGHT_ROUNDING_TIER: &str = if cfg!(target_arch = "x86_64") {
     "avx2-f32x"

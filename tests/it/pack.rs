@@ -2,8 +2,7 @@
 //! the damaged and foreign files users actually hit.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-mod common;
-use common::mfx;
+use crate::common::mfx;
 
 use std::path::Path;
 

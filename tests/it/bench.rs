@@ -2,8 +2,7 @@
 //! tiny model: the JSON fields users script against, a capacity far below
 //! the expert count, and the budget-below-dense error.
 
-mod common;
-use common::{mfx, ok, shared};
+use crate::common::{mfx, ok, shared};
 
 use std::path::{Path, PathBuf};
 

@@ -550,7 +550,7 @@ fn bf16_pack(out: &Path) {
         generation: serde_json::from_str(&read("generation_config.json")).expect("generation"),
         pin_profile: None,
         routing_summary: None,
-        provenance: serde_json::json!({"source": "tests/cli_run.rs"}),
+        provenance: serde_json::json!({"source": "tests/it/run.rs"}),
     };
     let mut w = PackWriter::create_default(out, meta).expect("pack writer");
     let mut names = src.names();
