@@ -409,7 +409,8 @@ fn mlx_4bit_greedy_parity_with_mlx_lm_generation_loop() {
         let out = Command::new(std::env::current_exe().expect("test binary"))
             .args([
                 "--exact",
-                "mlx_4bit_greedy_parity_with_mlx_lm_generation_loop",
+                // The name within the `it` binary (module path, then the test).
+                "run::mlx_4bit_greedy_parity_with_mlx_lm_generation_loop",
                 "--nocapture",
                 "--test-threads=1",
             ])
