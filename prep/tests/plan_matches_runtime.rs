@@ -6,7 +6,8 @@
 
 use mfx_prep::{run, Options};
 use mfx_runtime::cache::CacheOptions;
-use mfx_runtime::models::{self, LoadOptions};
+use mfx_runtime::load;
+use mfx_runtime::models::LoadOptions;
 use std::path::{Path, PathBuf};
 
 fn shared() -> PathBuf {
@@ -35,14 +36,14 @@ fn check(rams: &[(&str, u64)], hot_fraction: Option<f64>) {
     assert_eq!(outcome.packs.len(), rams.len());
     let mut streamed_somewhere = false;
     for rep in &outcome.packs {
-        let load = LoadOptions {
+        let lopts = LoadOptions {
             cache: CacheOptions {
                 ram: Some(rep.ram),
                 ..CacheOptions::default()
             },
             ..LoadOptions::default()
         };
-        let model = models::load(Path::new(&rep.path), &load).unwrap();
+        let model = load::load(Path::new(&rep.path), &lopts).unwrap();
         let capacities = model.expert_cache().expect("a pack streams").capacities();
         for lp in &rep.plan.layers {
             assert_eq!(
