@@ -7,7 +7,7 @@ G=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/out}
 T0=$(date +%s)
 el() { echo "[t+$(( $(date +%s) - T0 ))s] $*"; }
-for f in "$G"/gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+for f in "$G"/gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done; ldconfig
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv 2>&1 | tee "$OUT/smi.txt"
 nvcc --version | tail -2
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
@@ -25,10 +25,14 @@ if [ "${SKIP_LLAMA:-0}" != 1 ]; then
 fi
 el "cuda ref"
 nvcc -O3 -arch=sm_90 -o /tmp/q4cuda "$G/q4_matvec.cu" && /tmp/q4cuda 2>&1 | tee "$OUT/cuda.txt"
-el "wgpu checked"
-"$G/q4bench" 2>&1 | tee "$OUT/wgpu_checked.txt"
-el "wgpu unchecked"
-"$G/q4bench" --unchecked 2>&1 | tee "$OUT/wgpu_unchecked.txt"
+if [ -x "$G/q4bench" ]; then
+  el "wgpu checked"
+  "$G/q4bench" 2>&1 | tee "$OUT/wgpu_checked.txt"
+  el "wgpu unchecked"
+  "$G/q4bench" --unchecked 2>&1 | tee "$OUT/wgpu_unchecked.txt"
+else
+  el "no q4bench built: wgpu legs skipped"
+fi
 el "waiting for llama build"
 if [ "${SKIP_LLAMA:-0}" != 1 ]; then
   while kill -0 $LLPID 2>/dev/null; do
