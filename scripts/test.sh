@@ -2,8 +2,10 @@
 # The whole test suite, as CI runs it (README's second command).
 #
 # 1. Rust unit and integration tests with the kernels' best tier for this CPU.
-# 2. The kernel-sensitive tests again with MFX_KERNELS=scalar, so the scalar
-#    reference path is held to the same transformers parity as the SIMD one.
+# 2. The parity tests again with MFX_KERNELS=scalar, so the scalar reference
+#    path is held to the same transformers parity as the SIMD one (the kernel
+#    tests in runtime/tests/kernels.rs already run every tier in leg 1).
+#    Then clippy on every target, warnings as errors.
 # 3. The server tests: the real `mfx serve` process driven by the official
 #    openai and anthropic Python clients (installed into target/ by run.sh).
 # 4. aarch64: the kernel-sensitive suites cross-built and run under
@@ -17,7 +19,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 cargo build --release --locked --bin mfx
 cargo test --release --locked --workspace
-MFX_KERNELS=scalar cargo test --release --locked --workspace -- parity kernels
+MFX_KERNELS=scalar cargo test --release --locked --workspace -- parity
+if cargo clippy --version >/dev/null 2>&1 || rustup component add clippy; then
+  cargo clippy --release --locked --workspace --all-targets -- -D warnings
+else
+  echo "=== SKIPPED: clippy (not installed and rustup could not add it) ===" >&2
+fi
 if [ -x tests/server/run.sh ]; then
   bash tests/server/run.sh
 fi

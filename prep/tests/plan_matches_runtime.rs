@@ -3,6 +3,7 @@
 //! the slots `mfx run --ram` gives the cache of the pack it wrote. Checked
 //! by loading each written pack through the runtime's own loader at the
 //! same `--ram` and reading the capacities its expert cache was opened with.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 use mfx_prep::{run, Options};
 use mfx_runtime::cache::CacheOptions;

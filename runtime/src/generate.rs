@@ -880,14 +880,10 @@ mod tests {
     }
 
     /// A generator whose model "says" `text` after `prompt` (then EOS).
-    fn scripted(
-        prompt: &str,
-        text: &str,
-    ) -> (
-        Generator,
-        Vec<u32>,
-        std::sync::Arc<std::sync::Mutex<Vec<Vec<u32>>>>,
-    ) {
+    /// Every token list the scripted model was fed, in call order.
+    type Fed = std::sync::Arc<std::sync::Mutex<Vec<Vec<u32>>>>;
+
+    fn scripted(prompt: &str, text: &str) -> (Generator, Vec<u32>, Fed) {
         let tok = tiny_tokenizer();
         let p = tok.encode(prompt, true).expect("encode");
         let mut script = p.clone();

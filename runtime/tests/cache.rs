@@ -1,6 +1,7 @@
 //! The streaming expert cache against transformers' reference: any capacity
 //! must give the all-resident model's greedy tokens, and a pack damaged while
 //! running must give an error naming the expert, not SIGBUS or garbage.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 use mfx_formats::codec::Codec;
 use mfx_formats::pack::{Pack, PackMeta, PackWriter, PartData};
@@ -157,9 +158,10 @@ fn cache_capacity_far_below_expert_count_matches_reference_greedy() {
         } else {
             assert_eq!(caps, vec![2; 6]);
         }
-        for l in 0..cfg.num_hidden_layers {
+        assert_eq!(caps.len(), cfg.num_hidden_layers);
+        for (l, &cap) in caps.iter().enumerate() {
             assert!(
-                cache.resident(l).len() <= caps[l],
+                cache.resident(l).len() <= cap,
                 "layer {l} holds {:?}",
                 cache.resident(l)
             );
@@ -309,8 +311,7 @@ fn cache_truncated_pack_is_an_error_naming_the_expert() {
     // A direct read past the new end: short read, named.
     let e = cache
         .get(5, 63)
-        .err()
-        .expect("truncated blob must fail")
+        .expect_err("truncated blob must fail")
         .to_string();
     assert!(
         e.contains("expert L5 E63") && e.contains("short read"),
@@ -319,8 +320,7 @@ fn cache_truncated_pack_is_an_error_naming_the_expert() {
     // The next forward pass notices at its safe point.
     let e = m
         .forward(&[42], false)
-        .err()
-        .expect("changed pack must fail")
+        .expect_err("changed pack must fail")
         .to_string();
     assert!(e.contains("changed while running"), "{e}");
 }
@@ -346,8 +346,7 @@ fn cache_rewritten_blob_fails_its_checksum() {
     f.write_all_at(&[0xAB; 64], off + 128).unwrap();
     let e = cache
         .get(1, 9)
-        .err()
-        .expect("rewritten blob must fail")
+        .expect_err("rewritten blob must fail")
         .to_string();
     assert!(
         e.contains("expert L1 E9") && e.contains("checksum mismatch"),
@@ -608,8 +607,7 @@ fn cache_pack_truncated_under_a_loaded_model_errors_instead_of_sigbus() {
     f.set_len(4096).unwrap();
     let e = m
         .forward(&[42], false)
-        .err()
-        .expect("a truncated pack must fail")
+        .expect_err("a truncated pack must fail")
         .to_string();
     assert!(e.contains("changed while running"), "{e}");
     let missing = (0..64)
@@ -617,8 +615,7 @@ fn cache_pack_truncated_under_a_loaded_model_errors_instead_of_sigbus() {
         .expect("capacity 1 leaves experts out");
     let e = cache
         .get(3, missing)
-        .err()
-        .expect("poisoned cache")
+        .expect_err("poisoned cache")
         .to_string();
     assert!(e.contains("changed while running"), "{e}");
 }

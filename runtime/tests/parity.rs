@@ -6,6 +6,7 @@
 //! CI runs this binary twice (scripts/test.sh): with the best kernel tier
 //! for the CPU, and again with `MFX_KERNELS=scalar` (the filter `parity`
 //! matches every test here), so both paths are held to the same numbers.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 use mfx_runtime::kernels;
 use mfx_runtime::models::{KvBits, LoadOptions, Model, MoeModel, RouterObserver};

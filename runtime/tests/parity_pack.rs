@@ -1,6 +1,7 @@
 //! Loading from `.mfx` packs: a family fixture rewritten as a pack (bf16
 //! tensors, experts alternately stored raw and zstd-compressed) must give
 //! the same transformers parity as the checkpoint itself.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 use mfx_formats::pack::{PackMeta, PackWriter, PartData};
 use mfx_formats::quant::Scheme;

@@ -248,7 +248,7 @@ fn eval_error_wrong_tensor_shape() {
     let (r, c) = (shape[0].as_u64().unwrap(), shape[1].as_u64().unwrap());
     h[name]["shape"] = serde_json::json!([r / 2, c * 2]);
     let mut hs = serde_json::to_vec(&h).unwrap();
-    while hs.len() % 8 != 0 {
+    while !hs.len().is_multiple_of(8) {
         hs.push(b' ');
     }
     let mut nb = (hs.len() as u64).to_le_bytes().to_vec();

@@ -6,6 +6,7 @@
 //! Test names keep their old stem as the module (`cli_run.rs`'s
 //! `greedy_parity` is `run::greedy_parity`), so name filters such as
 //! scripts/test.sh's `-- parity kernels` select the same tests.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 mod common;
 

@@ -537,7 +537,7 @@ async fn anthropic_messages_and_event_sequence() {
     // One character a token; a space goes out with the letter after it,
     // and the newline before the call is template layout, dropped.
     let text_deltas = "I'll look.".chars().count() - 1;
-    expected.extend(std::iter::repeat("content_block_delta").take(text_deltas));
+    expected.extend(std::iter::repeat_n("content_block_delta", text_deltas));
     expected.extend([
         "content_block_stop",
         "content_block_start",

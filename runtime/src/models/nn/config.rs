@@ -265,7 +265,7 @@ impl JsonCfg {
     /// `num_key_value_heads` (default: `heads`), which must divide `heads`.
     pub fn kv_heads(&self, heads: usize) -> Result<usize, RuntimeError> {
         let kv = self.usize_opt("num_key_value_heads")?.unwrap_or(heads);
-        if kv == 0 || heads % kv != 0 {
+        if kv == 0 || !heads.is_multiple_of(kv) {
             return Err(self.bad(
                 "num_key_value_heads",
                 format!("{kv} does not divide num_attention_heads = {heads}"),
