@@ -92,7 +92,7 @@ if [ "${MFX_AARCH64_RUN:-0}" != 1 ]; then
 fi
 exe=${CARGO_TARGET_DIR:-target}/$TRIPLE/debug/mfx
 pack=target/aarch64-tiny.mfx
-run_args=(--prompt "def fibonacci(n):" --max-tokens 32)
+run_args=(--prompt "def fibonacci(n):" --max-tokens 32 --temp 0)
 env -u MFX_KERNELS "$host" prep models/tiny-qwen3-moe-coder-mlx-4bit --ram 96M -o "$pack" >/dev/null
 want=$(MFX_KERNELS=scalar "$host" run "$pack" "${run_args[@]}" 2>/dev/null)
 t2=$(date +%s)

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod load;
 pub mod memory;
 pub mod models;
+pub mod pressure;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

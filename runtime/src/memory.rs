@@ -83,6 +83,18 @@ fn rusage_maxrss() -> Option<u64> {
 /// threshold, for 6% of prompt speed (fresh pages are faulted per chunk).
 /// Setting the threshold explicitly also turns the dynamic raise off. A
 /// no-op on other allocators and platforms.
+/// Hands free heap memory back to the OS (glibc keeps blocks below the
+/// mmap threshold in its arenas after `free`): called after memory pressure
+/// shrank the expert cache, so the freed experts leave the process's RSS
+/// and its cgroup's usage, not only the cache's books.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free arena pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before

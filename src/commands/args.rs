@@ -9,10 +9,16 @@ use mfx_runtime::cache::{parse_size, CacheOptions, PolicyKind};
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CacheArgs {
     /// Memory budget for the whole process (weights, expert cache and a
-    /// working reserve), e.g. 32G, 512M. Default: available memory minus a
-    /// margin.
-    #[arg(long, value_name = "SIZE", value_parser = size)]
-    pub ram: Option<u64>,
+    /// working reserve), e.g. 32G, 512M. Default: available memory (or the
+    /// memory cgroup's limit) minus a margin. `auto`: that default, and the
+    /// expert cache shrinks when other programs need memory (--adapt).
+    #[arg(long, value_name = "SIZE|auto", value_parser = ram)]
+    pub ram: Option<Ram>,
+    /// Give expert-cache memory back when other programs need it (memory
+    /// pressure: cgroup usage, PSI, MemAvailable; macOS pressure level) and
+    /// take it again when they are done. Outputs do not change.
+    #[arg(long)]
+    pub adapt: bool,
     /// Experts cached per MoE layer besides pinned ones (overrides --ram's split).
     #[arg(long)]
     pub capacity: Option<usize>,
@@ -44,10 +50,26 @@ pub struct CacheArgs {
     pub no_verify_checksums: bool,
 }
 
+/// `--ram`: a size, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ram {
+    Auto,
+    Bytes(u64),
+}
+
 impl CacheArgs {
+    /// The fixed budget, if `--ram` gave one.
+    pub fn ram_bytes(&self) -> Option<u64> {
+        match self.ram {
+            Some(Ram::Bytes(b)) => Some(b),
+            Some(Ram::Auto) | None => None,
+        }
+    }
+
     pub fn options(&self) -> CacheOptions {
         CacheOptions {
-            ram: self.ram,
+            ram: self.ram_bytes(),
+            adapt: self.adapt || self.ram == Some(Ram::Auto),
             capacity: self.capacity,
             policy: self.policy,
             skip_missing: self.skip_missing,
@@ -64,6 +86,15 @@ impl CacheArgs {
 /// one is a usage error naming the flag, before anything is loaded.
 pub fn size(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.msg.to_string())
+}
+
+fn ram(s: &str) -> Result<Ram, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Ram::Auto);
+    }
+    size(s)
+        .map(Ram::Bytes)
+        .map_err(|e| format!("{e}; or `auto`"))
 }
 
 fn policy(s: &str) -> Result<PolicyKind, String> {

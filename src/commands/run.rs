@@ -166,7 +166,7 @@ impl GenArgs {
 /// chooses, so `mfx run ORG/NAME --ram X` runs what `mfx pull ORG/NAME --ram X`
 /// downloads.
 pub fn load(model: &std::path::Path, args: &LoadArgs) -> Result<Generator> {
-    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), args.cache.ram)?;
+    let path = crate::hub::resolve_model_arg(&model.to_string_lossy(), args.cache.ram_bytes())?;
     Generator::load(&path, &args.options()).with_context(|| format!("loading {}", path.display()))
 }
 

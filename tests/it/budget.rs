@@ -74,8 +74,8 @@ fn stated_minimum(model: &Path, extra: &[&str]) -> u64 {
 }
 
 /// Whether this process may create memory cgroups (root, v1 memory
-/// controller or v2 with it); prints why not.
-fn cgroups_writable() -> bool {
+/// controller or v2 with it); prints why not, naming `test`.
+pub(crate) fn cgroups_writable(test: &str) -> bool {
     let v1 = Path::new("/sys/fs/cgroup/memory");
     let probe = v1.join(format!("mfx-probe-{}", std::process::id()));
     if v1.is_dir() && std::fs::create_dir(&probe).is_ok() {
@@ -91,9 +91,9 @@ fn cgroups_writable() -> bool {
         }
     }
     eprintln!(
-        "\n!!!!! SKIPPED ram_budget_holds_under_cgroup: cannot create a memory cgroup here \
+        "\n!!!!! SKIPPED {test}: cannot create a memory cgroup here \
          (needs root and a writable /sys/fs/cgroup/memory or cgroup v2 with the memory controller); \
-         --ram is NOT checked against a hard limit in this run !!!!!\n"
+         it is NOT checked in this run !!!!!\n"
     );
     false
 }
@@ -139,7 +139,7 @@ fn run_in_cgroup(
 
 #[test]
 fn ram_budget_holds_under_cgroup() {
-    if !cgroups_writable() {
+    if !cgroups_writable("ram_budget_holds_under_cgroup") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

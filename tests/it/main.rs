@@ -20,5 +20,6 @@ mod merge;
 mod output;
 mod pack;
 mod prep;
+mod pressure;
 mod run;
 mod serve;

@@ -177,8 +177,10 @@ pub struct BudgetPlan {
     pub experts: Vec<usize>,
 }
 
-/// Free memory (Linux `MemAvailable`) minus a margin for KV cache,
-/// activations and the OS: the default budget when `--ram` is absent.
+/// Free memory (Linux `MemAvailable`, capped by the process's memory
+/// cgroup limit inside a container) minus a margin for KV cache,
+/// activations and the OS: the default budget when `--ram` is absent or
+/// `auto`.
 pub fn detect_budget() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s
@@ -188,8 +190,12 @@ pub fn detect_budget() -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()?;
-    let avail = kb * 1024;
-    let margin = (avail / 10).max(512 << 20);
+    let mut avail = kb * 1024;
+    // MemAvailable is the machine's; a cgroup's limit is the real ceiling.
+    if let Some(limit) = crate::pressure::cgroup_limit() {
+        avail = avail.min(limit);
+    }
+    let margin = (avail / 10).max((512u64 << 20).min(avail / 4));
     Some(avail.saturating_sub(margin))
 }
 

@@ -47,6 +47,9 @@ pub struct CacheOptions {
     /// Experts each token routes to; the minimum cache holds this many per
     /// MoE layer. Filled in by the model loaders with `working_bytes`.
     pub top_k: usize,
+    /// Shrink the cache when others need memory and grow it back after
+    /// ([`crate::pressure`]; `--ram auto` or `--adapt`).
+    pub adapt: bool,
 }
 
 impl Default for CacheOptions {
@@ -63,6 +66,7 @@ impl Default for CacheOptions {
             io_threads: 2,
             working_bytes: None,
             top_k: 1,
+            adapt: false,
         }
     }
 }
@@ -132,8 +136,23 @@ pub fn provider_for_open_pack(
         pin: opts.pin,
         skip_missing: opts.skip_missing,
         prefetch_next: opts.prefetch,
+        adaptive: opts.adapt,
     };
-    Ok(Arc::new(ExpertCache::open(pack, n_layers, &cfg)?))
+    let cache = Arc::new(ExpertCache::open(pack, n_layers, &cfg)?);
+    if opts.adapt {
+        // The floor is the budget's minimum: top_k slots per MoE layer.
+        let full = cache.capacities();
+        let floor = full
+            .iter()
+            .map(|&c| if c == 0 { 0 } else { opts.top_k.max(1) })
+            .collect();
+        crate::pressure::Governor::new(full, floor)
+            .spawn(&cache)
+            .map_err(|e| {
+                RuntimeError::Other(format!("cannot start the memory-pressure thread: {e}"))
+            })?;
+    }
+    Ok(cache)
 }
 
 /// Checks every routed expert's part shapes against the model's dimensions

@@ -46,6 +46,11 @@ pub struct StatsSnapshot {
     pub prefetch_precision: f64,
     /// `predicted_used / routed_predicted` (0 when nothing was predicted).
     pub prefetch_recall: f64,
+    /// Gauges, not counters (filled by [`super::ExpertCache::stats`]; `since`
+    /// keeps the later value): bytes of pinned and cached experts now, and
+    /// the cache's slots now, which memory pressure moves (`--ram auto`).
+    pub resident_bytes: u64,
+    pub slots: u64,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -84,6 +89,8 @@ impl CacheStats {
             hint_loads: self.hint_loads.load(Relaxed),
             prefetch_precision: ratio(used, predicted),
             prefetch_recall: ratio(used, routed),
+            resident_bytes: 0,
+            slots: 0,
         }
     }
 
@@ -121,6 +128,8 @@ impl StatsSnapshot {
             hint_loads: d(self.hint_loads, earlier.hint_loads),
             prefetch_precision: ratio(used, predicted),
             prefetch_recall: ratio(used, routed),
+            resident_bytes: self.resident_bytes,
+            slots: self.slots,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct CacheConfig {
     pub skip_missing: bool,
     /// Accept the model's next-layer predictions and read them ahead.
     pub prefetch_next: bool,
+    /// Memory pressure may resize the cache ([`ExpertCache::set_capacities`]):
+    /// a pack that fits whole is then loaded into evictable slots, not pinned.
+    pub adaptive: bool,
 }
 
 impl Default for CacheConfig {
@@ -72,6 +75,7 @@ impl Default for CacheConfig {
             pin: true,
             skip_missing: false,
             prefetch_next: true,
+            adaptive: false,
         }
     }
 }
@@ -271,13 +275,42 @@ impl ExpertCache {
         };
         if cfg.pin {
             cache.load_pinned()?;
-            cache.load_all_if_it_fits()?;
+            cache.load_all_if_it_fits(cfg.adaptive)?;
         }
         Ok(cache)
     }
 
+    /// The counters, plus the gauges of what the cache holds now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot()
+        let mut s = self.inner.stats.snapshot();
+        s.resident_bytes = self.resident_bytes() as u64;
+        s.slots = self
+            .capacities()
+            .iter()
+            .map(|&c| if c == usize::MAX { 0 } else { c as u64 })
+            .sum();
+        s
+    }
+
+    /// Sets each layer's slots (memory pressure: [`crate::pressure`]). A
+    /// layer over its new capacity evicts by policy at once; an expert a
+    /// forward pass is using stays alive through its `Arc` until the pass
+    /// ends, so shrinking never pulls weights from under a computation.
+    pub fn set_capacities(&self, caps: &[usize]) {
+        for (slots, &cap) in self.inner.layers.iter().zip(caps) {
+            let mut g = lock(slots);
+            let s = &mut *g;
+            s.capacity = cap;
+            while s.resident.len() > s.capacity {
+                let cands: Vec<usize> = s.resident.keys().copied().collect();
+                let Some(v) = s.policy.victim(&cands) else {
+                    break;
+                };
+                s.resident.remove(&v);
+                s.policy.remove(v);
+                self.inner.stats.add(&self.inner.stats.evictions, 1);
+            }
+        }
     }
 
     /// Starts (or restarts) recording each forward pass's routed experts per layer.
@@ -382,7 +415,9 @@ impl ExpertCache {
     /// few hundred tokens into a stream of synchronous misses (measured: 2.5%
     /// of decode uses missing and 5-11 ms of stall per token over the first
     /// 100 tokens of a resident 8-layer Qwen3-30B-A3B-shaped pack).
-    fn load_all_if_it_fits(&self) -> Result<(), RuntimeError> {
+    /// `evictable`: into the cache's slots instead (memory pressure may
+    /// then take them back).
+    fn load_all_if_it_fits(&self, evictable: bool) -> Result<(), RuntimeError> {
         let inner = &self.inner;
         let mut todo = Vec::new();
         for (l, slots) in inner.layers.iter().enumerate() {
@@ -406,7 +441,12 @@ impl ExpertCache {
         }
         for (l, key) in todo {
             let m = inner.load(l, key).map_err(|msg| inner.err(msg))?;
-            lock(&inner.layers[l]).pinned.insert(key, m);
+            let mut s = lock(&inner.layers[l]);
+            if evictable {
+                inner.insert(&mut s, key, &m, true);
+            } else {
+                s.pinned.insert(key, m);
+            }
         }
         Ok(())
     }

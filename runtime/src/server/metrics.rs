@@ -173,7 +173,7 @@ type MetricFamily = (
 /// families are always announced, so scrapers and dashboards see the same
 /// names whatever is served; without a cache they hold no sample.
 fn render_cache(s: &mut String, c: Option<&StatsSnapshot>) {
-    let families: [MetricFamily; 7] = [
+    let families: [MetricFamily; 9] = [
         (
             "mfx_expert_cache_hits_total",
             "counter",
@@ -213,8 +213,20 @@ fn render_cache(s: &mut String, c: Option<&StatsSnapshot>) {
         (
             "mfx_expert_cache_evictions_total",
             "counter",
-            "Experts evicted to make room.",
+            "Experts evicted to make room (or given back under memory pressure).",
             |c| c.evictions as f64,
+        ),
+        (
+            "mfx_expert_cache_resident_bytes",
+            "gauge",
+            "Bytes of pinned and cached experts held now.",
+            |c| c.resident_bytes as f64,
+        ),
+        (
+            "mfx_expert_cache_slots",
+            "gauge",
+            "Expert slots of the cache now (memory pressure shrinks them under --ram auto).",
+            |c| c.slots as f64,
         ),
     ];
     for (name, kind, help, value) in families {
