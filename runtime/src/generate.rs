@@ -6,12 +6,21 @@
 //! per-token [`Event`] callback is where streaming and cancellation happen.
 //!
 //! What it takes care of, so callers don't have to:
-//! * **Prompt-prefix reuse.** It remembers the ids in the model's KV state;
-//!   a new prompt that starts with them (a chat's next turn, a retried
-//!   request) only prefills the new suffix. `Completion::reused_prompt_tokens`
-//!   says how many were skipped.
+//! * **Prompt-prefix reuse that never changes the output.** It remembers the
+//!   ids in the model's KV state; a new prompt that starts with them (a
+//!   chat's next turn, a retried request) only prefills the new suffix.
+//!   `Completion::reused_prompt_tokens` says how many were skipped.
 //! * **Chunked prefill**, so a long prompt never materializes activations for
-//!   thousands of positions at once.
+//!   thousands of positions at once. Chunks sit on a fixed grid of
+//!   positions (`[0, c)`, `[c, 2c)`, ... then the tail), and only whole grid
+//!   chunks are reused: a kernel's result for a position depends on the
+//!   batch it was computed in (the int8 products accumulate differently for
+//!   1-4 rows than for more; an expert sees a different set of tokens), so
+//!   KV state computed in another split (the previous prompt's tail, the
+//!   tokens it decoded one at a time) would make greedy output depend on
+//!   what ran before. With the grid, a prompt's logits are bit-identical
+//!   whatever ran before; the price is re-prefilling up to `c - 1` tokens
+//!   plus the previous reply on a chat's next turn.
 //! * **Text that is safe to show**: deltas never split a UTF-8 character, and
 //!   text that might be the beginning of a stop string is held back until it
 //!   is known not to be; the stop string itself is never emitted.
@@ -187,6 +196,10 @@ pub struct GenerateOptions {
     /// Drop special tokens (e.g. `<|im_start|>`) from the text. Stop tokens
     /// are never part of the text either way.
     pub skip_special_tokens: bool,
+    /// Report each sampled token's log-probability and this many of the
+    /// most likely alternatives (`Event::Token`'s `logprob`); `None` skips
+    /// the work.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -196,6 +209,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             ignore_eos: false,
             skip_special_tokens: false,
+            logprobs: None,
         }
     }
 }
@@ -211,11 +225,59 @@ pub enum Event {
     },
     /// A token was sampled. `text` is the newly releasable text; it may be
     /// empty (an incomplete character or a possible stop-string start is
-    /// being held back) and held text arrives with later tokens.
-    Token { id: u32, text: String },
+    /// being held back) and held text arrives with later tokens. `logprob`
+    /// is set when [`GenerateOptions::logprobs`] asks for it.
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Held-back text released when the stream ends (no new token): the
     /// tail of a partial stop-string match, or a final partial character.
     Text { text: String },
+}
+
+/// A sampled token's log-probability under the model's distribution: the
+/// log-softmax of the raw logits, before `logit_bias`, penalties,
+/// temperature and truncation (vLLM's default, `raw_logprobs`), so it is
+/// what scoring the same text with the model gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely
+    /// first (ties to the lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax facts of one logits row: its log-sum-exp and top ids.
+struct LogitsSummary {
+    lse: f32,
+    top: Vec<(u32, f32)>,
+}
+
+impl LogitsSummary {
+    fn of(logits: &[f32], k: usize) -> Self {
+        let finite = || logits.iter().copied().filter(|v| v.is_finite());
+        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = finite().map(|v| ((v - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        // k is small (OpenAI allows 20): a sorted list of the best k.
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        if k > 0 {
+            for (i, &v) in logits.iter().enumerate() {
+                if !v.is_finite() || (top.len() == k && v <= top[k - 1].1) {
+                    continue;
+                }
+                let at = top.partition_point(|&(_, t)| t >= v);
+                top.insert(at, (i as u32, v));
+                top.truncate(k);
+            }
+        }
+        for e in &mut top {
+            e.1 -= lse;
+        }
+        Self { lse, top }
+    }
 }
 
 /// Why generation ended.
@@ -304,6 +366,12 @@ pub struct Generator {
     eos_ids: Vec<u32>,
     /// The ids whose KV state the model holds, in order.
     fed: Vec<u32>,
+    /// How many of `fed` were computed as whole prefill chunks on the grid
+    /// (`[0, prefill_chunk)`, `[prefill_chunk, 2 * prefill_chunk)`, ...):
+    /// the only state a later prompt may reuse (see the module docs).
+    on_grid: usize,
+    /// Reuse only state on the grid (the default); off, any common prefix.
+    exact_reuse: bool,
     prefill_chunk: usize,
 }
 
@@ -346,6 +414,8 @@ impl Generator {
             config,
             eos_ids,
             fed: Vec::new(),
+            on_grid: 0,
+            exact_reuse: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
@@ -446,15 +516,28 @@ impl Generator {
         self.fed.len()
     }
 
-    /// Changes the prefill chunk (minimum 1).
+    /// Changes the prefill chunk (minimum 1), and with it the grid of
+    /// reusable positions: no state computed on the old grid is reused.
     pub fn set_prefill_chunk(&mut self, n: usize) {
+        if n.max(1) != self.prefill_chunk {
+            self.on_grid = 0;
+        }
         self.prefill_chunk = n.max(1);
+    }
+
+    /// Whether a prompt's logits must be bit-identical whatever ran before
+    /// (the default: only whole prefill chunks on the grid are reused; see
+    /// the module docs). Off, the whole common prefix is reused, which an
+    /// interactive chat, whose turns extend one another, prefers.
+    pub fn set_exact_prefix_reuse(&mut self, on: bool) {
+        self.exact_reuse = on;
     }
 
     /// Drops the KV state.
     pub fn reset(&mut self) {
         self.model.reset();
         self.fed.clear();
+        self.on_grid = 0;
     }
 
     /// Tokenizes raw prompt text (the tokenizer's post-processor decides
@@ -521,8 +604,12 @@ impl Generator {
         // (at least the last prompt token is re-fed: we need its logits).
         let reused = self.reuse_prefix(prompt_ids);
         let mut logits = Vec::new();
+        // `reused` is on the grid, so these chunks are the grid's.
         for chunk in prompt_ids[reused..].chunks(self.prefill_chunk) {
             logits = self.forward(chunk)?;
+            if chunk.len() == self.prefill_chunk && self.on_grid + chunk.len() == self.fed.len() {
+                self.on_grid = self.fed.len();
+            }
         }
         let prompt_time = start.elapsed();
         let mut completion = Completion {
@@ -560,7 +647,14 @@ impl Generator {
         let mut decoder = StreamDecoder::new(opts.skip_special_tokens);
         let mut stops = StopMatcher::new(&opts.stop);
         while completion.completion_tokens < budget {
+            // Before the sampler rewrites the logits in place.
+            let summary = opts.logprobs.map(|k| LogitsSummary::of(&logits, k));
+            let raw = summary.as_ref().map(|_| logits.clone());
             let id = sampler.sample(&mut logits, &history)?;
+            let logprob = summary.zip(raw).map(|(s, raw)| TokenLogprob {
+                logprob: raw[id as usize] - s.lse,
+                top: s.top,
+            });
             completion.completion_tokens += 1;
             if completion.completion_tokens == 1 {
                 completion.timings.time_to_first_token = start.elapsed();
@@ -574,7 +668,7 @@ impl Generator {
             let piece = decoder.step(&self.tokenizer, id)?;
             let (text, matched) = stops.push(&piece);
             completion.text.push_str(&text);
-            let flow = on_event(Event::Token { id, text });
+            let flow = on_event(Event::Token { id, text, logprob });
             if let Some(s) = matched {
                 completion.finish_reason = FinishReason::StopString(s);
                 break;
@@ -610,8 +704,9 @@ impl Generator {
         Ok(completion)
     }
 
-    /// Keeps the longest prefix of the KV state shared with `prompt`
-    /// (leaving at least one prompt token to feed) and returns its length.
+    /// Keeps the longest prefix of the KV state shared with `prompt` that
+    /// ends on the prefill grid within the state computed on it (leaving at
+    /// least one prompt token to feed) and returns its length.
     fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
         if self.model.seq_len() != self.fed.len() {
             // Someone drove the model behind our back: trust nothing.
@@ -624,13 +719,18 @@ impl Generator {
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count();
-        let keep = common.min(prompt.len() - 1);
+        let mut keep = common.min(prompt.len() - 1);
+        if self.exact_reuse {
+            keep = keep.min(self.on_grid);
+            keep -= keep % self.prefill_chunk;
+        }
         if keep < self.fed.len() {
             if keep == 0 || !self.model.truncate(keep) {
                 self.reset();
                 return 0;
             }
             self.fed.truncate(keep);
+            self.on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
         }
         keep
     }
@@ -1121,7 +1221,7 @@ mod tests {
     }
 
     #[test]
-    fn prompt_prefix_is_reused_and_chunked() {
+    fn prompt_prefix_is_reused_on_the_prefill_grid() {
         let (mut g, p, calls) = scripted("def f(x):\n    return x + 1\n", " # done");
         g.set_prefill_chunk(4);
         let (c, _) = collect(&mut g, &p, &GenerateOptions::default());
@@ -1132,7 +1232,15 @@ mod tests {
             assert!(prefill.iter().all(|c| c.len() <= 4));
             assert_eq!(prefill.iter().map(|c| c.len()).sum::<usize>(), p.len());
         }
-        // The next prompt extends prompt + completion: only the new part is fed.
+        // It ended on EOS: every non-EOS token was fed (to get the logits
+        // that chose the next one); the EOS itself never was.
+        assert_eq!(c.finish_reason, FinishReason::Eos(2));
+        assert_eq!(g.cached_tokens(), p.len() + c.token_ids.len());
+        // The next prompt extends prompt + completion: the state is reused
+        // only up to the last whole grid chunk of the prompt's prefill (the
+        // tail chunk and the decoded tokens were computed in other splits
+        // than a fresh prefill of `next` would use), and the rest is fed on
+        // the grid.
         let mut next = p.clone();
         next.extend(&c.token_ids);
         next.extend([201, 201]);
@@ -1145,16 +1253,20 @@ mod tests {
                 ..Default::default()
             },
         );
-        // It ended on EOS: every non-EOS token was fed (to get the logits
-        // that chose the next one); the EOS itself never was.
-        assert_eq!(c.finish_reason, FinishReason::Eos(2));
-        let kept = p.len() + c.token_ids.len();
+        let kept = p.len() / 4 * 4;
+        assert!(kept > 0 && kept < p.len(), "the test needs a tail chunk");
         assert_eq!(c2.reused_prompt_tokens, kept);
         assert!(
             matches!(events[0], Event::PromptProcessed { reused_tokens, .. } if reused_tokens == kept)
         );
-        assert_eq!(calls.lock().expect("lock")[0], next[kept..].to_vec());
-        // The same prompt again re-feeds only its last token.
+        {
+            let calls = calls.lock().expect("lock");
+            let fed: Vec<u32> = calls.iter().take_while(|c| c.len() == 4).flatten().copied().collect();
+            assert_eq!(calls[0], next[kept..kept + 4].to_vec());
+            assert!(fed.len() >= (next.len() - kept) / 4 * 4);
+        }
+        // The same prompt again re-feeds from its last grid point before
+        // its last token.
         let (c3, _) = collect(
             &mut g,
             &next,
@@ -1163,8 +1275,8 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(c3.reused_prompt_tokens, next.len() - 1);
-        // A diverging prompt truncates to the common prefix.
+        assert_eq!(c3.reused_prompt_tokens, (next.len() - 1) / 4 * 4);
+        // A prompt diverging inside the first chunk reuses nothing.
         let mut other = p[..3].to_vec();
         other.push(7);
         let (c4, _) = collect(
@@ -1175,8 +1287,35 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(c4.reused_prompt_tokens, 3);
-        assert_eq!(g.cached_tokens(), 4);
+        assert_eq!(c4.reused_prompt_tokens, 0);
+        // One diverging after the first chunk keeps that chunk.
+        let mut other = p[..5].to_vec();
+        other.push(7);
+        g.reset();
+        let _ = collect(&mut g, &p, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        let (c5, _) = collect(
+            &mut g,
+            &other,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c5.reused_prompt_tokens, 4);
+        // A new grid reuses nothing computed on the old one.
+        g.set_prefill_chunk(2);
+        let (c6, _) = collect(&mut g, &p, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        assert_eq!(c6.reused_prompt_tokens, 0);
+        // Without exact reuse (`mfx chat`), the whole common prefix is
+        // reused: the prompt and what was decoded after it.
+        g.set_exact_prefix_reuse(false);
+        g.reset();
+        let (c7, _) = collect(&mut g, &p, &GenerateOptions::default());
+        let mut next = p.clone();
+        next.extend(&c7.token_ids);
+        next.push(201);
+        let (c8, _) = collect(&mut g, &next, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        assert_eq!(c8.reused_prompt_tokens, p.len() + c7.token_ids.len());
     }
 
     #[test]
@@ -1319,6 +1458,185 @@ mod tests {
             GenerationConfig::from_model_dir(Path::new("/nonexistent")).expect("absent"),
             GenerationConfig::default()
         );
+    }
+
+    /// Token ids and the bits of their log-probabilities.
+    fn greedy_bits(g: &mut Generator, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<u32>) {
+        let opts = GenerateOptions {
+            max_tokens: n,
+            ignore_eos: true,
+            logprobs: Some(0),
+            ..Default::default()
+        };
+        let (c, events) = collect(g, prompt, &opts);
+        let bits = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token { logprob, .. } => Some(logprob.as_ref().expect("asked for").logprob.to_bits()),
+                _ => None,
+            })
+            .collect();
+        (c.token_ids, bits)
+    }
+
+    /// Issue 23: `class Stack:` after an unrelated chat gave another greedy
+    /// continuation than sent twice, because the reused prefix had been
+    /// computed in another batch split (int8 activations accumulate
+    /// differently for 1-4 rows than for more). The 4-bit model runs the
+    /// int8 kernels on the default tier; the logits' bits must not depend
+    /// on what ran before.
+    #[test]
+    fn greedy_output_does_not_depend_on_what_ran_before() {
+        let dir = shared_model("tiny-qwen3-moe-coder-mlx-4bit");
+        let mut g = Generator::load(&dir, &LoadOptions::default()).expect("load");
+        // A small grid, so that reuse happens within these short prompts.
+        g.set_prefill_chunk(16);
+        let system = "You are a careful Python assistant. Answer with code only, \
+            no prose, and keep every answer short, idiomatic and typed.";
+        let chat = |g: &Generator, user: &str| {
+            let opts = RenderOptions {
+                tools: None,
+                add_generation_prompt: true,
+                extra: Default::default(),
+            };
+            g.encode_chat(&[message("system", system), message("user", user)], &opts)
+                .expect("chat")
+        };
+        let p = chat(&g, "class Stack:");
+        let other = chat(&g, "Write a haiku about the sea.");
+        let fresh = greedy_bits(&mut g, &p, 24);
+        // After an unrelated chat sharing the system prompt.
+        g.reset();
+        let _ = greedy_bits(&mut g, &other, 24);
+        let after_other = greedy_bits(&mut g, &p, 24);
+        assert_eq!(after_other, fresh, "after an unrelated chat");
+        // Twice in a row.
+        let again = greedy_bits(&mut g, &p, 24);
+        assert_eq!(again, fresh, "sent twice");
+        // A prompt that extends the previous prompt and its reply: the
+        // reply's state was decoded token by token, a fresh prefill
+        // computes it in chunks.
+        let mut q = p.clone();
+        q.extend(&fresh.0[..12]);
+        let after_prefix = greedy_bits(&mut g, &q, 16);
+        g.reset();
+        let q_fresh = greedy_bits(&mut g, &q, 16);
+        assert_eq!(after_prefix, q_fresh, "after its own prefix");
+    }
+
+    /// The reported log-probabilities are the model's: greedy tokens are
+    /// the most likely ones, and a sampled completion's log-probabilities
+    /// (and their sum) equal what scoring its tokens in one separate
+    /// forward pass gives.
+    #[test]
+    fn logprobs_are_the_models_scores_of_the_sampled_tokens() {
+        let dir = shared_model("tiny-qwen3-moe-coder");
+        let mut g = Generator::load(&dir, &LoadOptions::default()).expect("load");
+        let reference: Json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference/reference.json")).expect("reference"),
+        )
+        .expect("json");
+        let case = &reference["prompts"]["python"];
+        let prompt = g
+            .encode_prompt(case["text"].as_str().expect("text"))
+            .expect("prompt");
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).expect("ids");
+        assert_eq!(prompt, ids);
+        let opts = GenerateOptions {
+            max_tokens: 20,
+            ignore_eos: true,
+            logprobs: Some(5),
+            ..Default::default()
+        };
+        let logprobs = |events: &[Event]| -> Vec<(u32, TokenLogprob)> {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Token { id, logprob, .. } => Some((*id, logprob.clone().expect("asked"))),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (c, events) = collect(&mut g, &prompt, &opts);
+        let greedy = logprobs(&events);
+        assert_eq!(greedy.len(), c.token_ids.len());
+        // The first token against transformers' float32 logits of the
+        // prompt's last position (`python.logits.npy`, [positions, vocab]).
+        let npy = std::fs::read(dir.join("reference/python.logits.npy")).expect("npy");
+        let vocab = g.model_info().vocab_size;
+        let last: Vec<f32> = npy[npy.len() - 4 * vocab..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let want = LogitsSummary::of(&last, 5);
+        let (first, lp0) = &greedy[0];
+        assert_eq!(*first as u64, case["greedy_48"][0].as_u64().expect("id"));
+        assert!(
+            (lp0.logprob - (last[*first as usize] - want.lse)).abs() < 1e-3,
+            "{} vs transformers {}",
+            lp0.logprob,
+            last[*first as usize] - want.lse
+        );
+        for ((id, l), (rid, rl)) in lp0.top.iter().zip(&want.top) {
+            assert_eq!(id, rid);
+            assert!((l - rl).abs() < 1e-3, "top {id}: {l} vs transformers {rl}");
+        }
+        for (id, lp) in &greedy {
+            assert_eq!(lp.top.len(), 5);
+            assert_eq!(lp.top[0].0, *id, "greedy picks the most likely token");
+            assert_eq!(lp.top[0].1, lp.logprob);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{:?}", lp.top);
+            assert!(lp.logprob <= 0.0);
+        }
+        // Sampled at temperature 1 with top-k: tokens that are not the
+        // most likely ones are scored too.
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            seed: Some(11),
+            ..Default::default()
+        };
+        let mut events = Vec::new();
+        g.reset();
+        let c = g
+            .generate(&prompt, &params, &opts, &mut |e| {
+                events.push(e);
+                ControlFlow::Continue(())
+            })
+            .expect("generate");
+        let sampled = logprobs(&events);
+        assert!(
+            sampled.iter().any(|(id, lp)| lp.top[0].0 != *id),
+            "the seed should sample some token that is not the argmax"
+        );
+        // Scored by a separate model in the same split (the prompt, then
+        // one token at a time): the same numbers, bit for bit, and so the
+        // same sum.
+        let mut model = crate::load::load(&dir, &LoadOptions::default()).expect("load");
+        let mut step = model.forward(&prompt, false).expect("prompt");
+        let (mut got, mut want) = (0.0f64, 0.0f64);
+        for (id, lp) in &sampled {
+            let scored = step[*id as usize] - LogitsSummary::of(&step, 0).lse;
+            assert_eq!(lp.logprob.to_bits(), scored.to_bits(), "{} vs {scored}", lp.logprob);
+            got += lp.logprob as f64;
+            want += scored as f64;
+            step = model.forward(&[*id], false).expect("step");
+        }
+        assert_eq!(got, want);
+        // Scored in one forward pass over the whole sequence: the same
+        // math summed in another order (f32 activations, f16 KV).
+        let mut model = crate::load::load(&dir, &LoadOptions::default()).expect("load");
+        let mut seq = prompt.clone();
+        seq.extend(&c.token_ids);
+        let all = model.forward(&seq, true).expect("score");
+        let mut whole = 0.0f64;
+        for (i, (id, lp)) in sampled.iter().enumerate() {
+            let row = &all[(prompt.len() - 1 + i) * vocab..][..vocab];
+            let scored = row[*id as usize] - LogitsSummary::of(row, 0).lse;
+            assert!((lp.logprob - scored).abs() < 1e-2, "token {i}: {} vs {scored}", lp.logprob);
+            whole += scored as f64;
+        }
+        assert!((got - whole).abs() < 2e-2, "sum {got} vs one-pass scoring {whole}");
     }
 
     #[test]

@@ -35,6 +35,10 @@ const HELP: &str =
 
 pub fn run(args: Args) -> Result<()> {
     let mut gen = run::load(&args.model, &args.load)?;
+    // One conversation, each turn extending the last: reuse all of it (the
+    // reply's state as decoded), rather than only whole prefill chunks,
+    // which would re-prefill the history of a short chat every turn.
+    gen.set_exact_prefix_reuse(false);
     if gen.chat_template().is_none() {
         bail!(
             "{} has no chat template (a base model?); use `mfx run` for plain completion",

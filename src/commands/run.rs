@@ -155,6 +155,7 @@ impl GenArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             skip_special_tokens: false,
+            logprobs: None,
         }
     }
 }

@@ -46,6 +46,11 @@ pub struct Args {
     /// Cap on the context length (default: the model's).
     #[arg(long)]
     pub max_context: Option<usize>,
+    /// Let browser apps on these origins call the API (CORS), e.g.
+    /// `http://localhost:3000` for Open WebUI; comma-separated, `*` for any.
+    /// Off by default.
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    pub cors: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -87,8 +92,16 @@ pub fn run(args: Args) -> Result<()> {
     let config = ServerConfig {
         api_key: args.api_key.clone(),
         max_queue: args.max_queue,
+        cors_origins: args.cors.clone(),
         ..ServerConfig::default()
     };
+    // The access log (one line per request, target `mfx::access`) and the
+    // runtime's warnings, on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .try_init();
     if let Some(warning) = exposure_warning(&args.host, args.api_key.is_some()) {
         eprintln!("{warning}");
     }

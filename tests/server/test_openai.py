@@ -65,6 +65,35 @@ def test_legacy_completion_matches_transformers(client, reference):
     assert "".join(c.choices[0].text for c in stream) == ref["greedy_text"]
 
 
+def test_logprobs_are_consistent_with_the_sampled_tokens(client, reference):
+    """Greedy: each token is its own most likely alternative, the tokens
+    spell the text, the first matches transformers' greedy token, and the
+    streamed log-probabilities are the same numbers as the whole reply's."""
+    ref = reference["python"]
+    r = client.completions.create(model="tiny", prompt=ref["text"], temperature=0, max_tokens=24, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens == 24
+    assert "".join(lp.tokens) == r.choices[0].text == ref["greedy_text"][: len(r.choices[0].text)]
+    for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert l <= 0 and len(top) >= 1
+        assert max(top.values()) == l and top[tok] == l
+
+    kw = dict(model="tiny", messages=[{"role": "user", "content": CHAT_USER}], temperature=0, max_tokens=24,
+              logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)
+        assert bytes(t.bytes) == t.token.encode()
+    streamed = [t for c in client.chat.completions.create(**kw, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert sum(t.logprob for t in streamed) == sum(t.logprob for t in content)
+
+
 def test_stop_sequence_cuts_the_text(client, reference):
     ref = reference["python"]
     stop = "Parameters"
@@ -96,16 +125,20 @@ def test_seed_reproduces_sampling(client):
 
 
 def test_max_completion_tokens_and_prefix_reuse(client, server):
-    history = [{"role": "user", "content": "def add(a, b):"}]
+    code = "\n".join(f"def add_{i}(a, b):\n    return a + b + {i}\n" for i in range(60))
+    history = [{"role": "user", "content": code + "\nWhat do these do?"}]
     r1 = client.chat.completions.create(model="tiny", messages=history, temperature=0, max_completion_tokens=7)
     assert r1.usage.completion_tokens == 7 and r1.choices[0].finish_reason == "length"
+    assert r1.usage.prompt_tokens > 1024, r1.usage.prompt_tokens
     history += [{"role": "assistant", "content": r1.choices[0].message.content},
                 {"role": "user", "content": "Now subtract."}]
     r2 = client.chat.completions.create(model="tiny", messages=history, temperature=0, max_tokens=4)
     # The second turn's prompt starts with the first turn's tokens: the
-    # server must have kept them (reported as cached tokens).
+    # server kept the whole 512-token prefill chunks of them (reported as
+    # cached tokens), and only those, so that the reply is what a fresh
+    # prefill gives.
     cached = r2.usage.prompt_tokens_details.cached_tokens
-    assert cached >= r1.usage.prompt_tokens, (cached, r1.usage.prompt_tokens)
+    assert cached == r1.usage.prompt_tokens // 512 * 512, (cached, r1.usage.prompt_tokens)
 
 
 def test_errors_are_openai_shaped(client, server):

@@ -112,9 +112,10 @@ pub struct MessagesRequest {
 
 /// Checks the fields agent clients send that change nothing here, so that
 /// they are accepted for what they are and anything else is refused by name:
-/// * `thinking`: the shape is validated; whether the model reasons is the
-///   model's (its template's) choice, and what it reasons comes back as
-///   `thinking` blocks, never as text.
+/// * `thinking`: the shape is validated; `disabled` (and `enabled`) reach
+///   the template as `enable_thinking`, `adaptive` leaves the template's
+///   default; what the model reasons comes back as `thinking` blocks,
+///   never as text.
 /// * `context_management`: only `clear_thinking_*` edits, which hold: the
 ///   model's template decides which earlier thinking reaches the prompt
 ///   (most keep only the current turn's).
@@ -338,11 +339,19 @@ fn chat_source(req: &mut MessagesRequest) -> Result<PromptSource, ApiError> {
     let choice = toolchoice::from_anthropic(req.tool_choice.as_ref(), &tools)?;
     let mut messages = to_template_messages(req.system.take(), std::mem::take(&mut req.messages))?;
     let prefill = take_prefill(&mut messages);
+    // `disabled` turns the template's reasoning off; `enabled` (with a
+    // budget) and `adaptive` leave it to the template's default.
+    let enable_thinking = match req.thinking.as_ref().and_then(|t| t.get("type")) {
+        Some(t) if t == "disabled" => Some(false),
+        Some(t) if t == "enabled" => Some(true),
+        _ => None,
+    };
     Ok(PromptSource::Chat(
         ChatPrompt {
             messages,
             tools,
             prefill,
+            enable_thinking,
         },
         choice,
     ))
@@ -376,6 +385,7 @@ pub async fn messages(
         stop: req.stop_sequences.take().unwrap_or_default(),
         ignore_eos: false,
         penalties: Default::default(),
+        logprobs: None,
     };
     let prepared = pipeline::prepare(&state, F, source, sampling).await?;
     let input_tokens = prepared.prompt.len();
@@ -474,6 +484,8 @@ async fn collect(mut gen: pipeline::Generation, ctx: Ctx) -> Result<Response, Ap
                     b["input"] = parsed;
                 }
             }
+            // Anthropic's API has no log-probabilities; never asked for.
+            Out::Logprob(_) => {}
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished {
                 completion,
@@ -611,6 +623,7 @@ fn stream(
             Some(Out::ToolEnd { .. }) => {
                 close(&mut st, &mut s);
             }
+            Some(Out::Logprob(_)) => {}
             Some(Out::Failed(e)) => {
                 st.finished = true;
                 s.push_str(&event("error", &pipeline::backend_error(F, e).body()));

@@ -22,6 +22,11 @@ pub struct ChatPrompt {
     /// trailing assistant message): written after the rendered prompt, so
     /// the model continues it; the reply holds only the continuation.
     pub prefill: String,
+    /// The request's say on reasoning, passed to the template as
+    /// `enable_thinking` (Qwen3's switch; templates without it ignore it):
+    /// `Some(false)` for Anthropic's `thinking: {type: disabled}`, `None`
+    /// leaves the template's default.
+    pub enable_thinking: Option<bool>,
 }
 
 /// Sampling defaults, normally from the model's `generation_config.json`.
@@ -80,6 +85,30 @@ pub struct GenParams {
     /// benchmarks that need a fixed output length).
     pub ignore_eos: bool,
     pub penalties: Penalties,
+    /// Report each token's log-probability and this many alternatives
+    /// (see [`Delta::Logprob`]); `None` when the request did not ask.
+    pub logprobs: Option<usize>,
+}
+
+/// A sampled token's log-probability under the model (the log-softmax of
+/// its raw logits, before sampling filters; see
+/// `generate::TokenLogprob`), tokens as their decoded text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(String, f32)>,
+}
+
+/// What [`Backend::generate`] reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta<'a> {
+    /// Text, never splitting a UTF-8 character, never a stop string.
+    Text(&'a str),
+    /// The next sampled token's log-probability (only when asked for), sent
+    /// before the text it releases.
+    Logprob(Logprob),
 }
 
 /// Why a generation ended.
@@ -146,14 +175,15 @@ pub trait Backend: Send + Sync + 'static {
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError>;
 
     /// Generates from `prompt`, calling `on_delta` with each piece of text
-    /// (never splitting a UTF-8 character, never including a stop string).
+    /// (never splitting a UTF-8 character, never including a stop string)
+    /// and, when `params.logprobs` asks, each token's log-probability.
     /// When `on_delta` returns false the generation stops with
     /// [`Finish::Cancelled`] as soon as possible.
     fn generate(
         &self,
         prompt: &[u32],
         params: &GenParams,
-        on_delta: &mut dyn FnMut(&str) -> bool,
+        on_delta: &mut dyn FnMut(Delta<'_>) -> bool,
     ) -> Result<Completion, BackendError>;
 
     /// The expert cache's counters since start, for `/metrics`; `None`

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::backend::{
-    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, SamplingDefaults,
-    StatsSnapshot,
+    Backend, BackendError, ChatPrompt, Completion, Delta, Finish, GenParams, Logprob, ModelInfo,
+    SamplingDefaults, StatsSnapshot,
 };
 use crate::chat::{ChatTemplate, RenderOptions};
 use crate::generate::{Event, FinishReason, GenerateError, GenerateOptions, Generator};
@@ -162,13 +162,17 @@ impl Backend for GeneratorBackend {
         let t = self.template.as_ref().ok_or_else(|| {
             invalid("this model has no chat template; use /v1/completions with a raw prompt, or start the server with --chat-template")
         })?;
+        let mut extra = serde_json::Map::new();
+        if let Some(on) = prompt.enable_thinking {
+            extra.insert("enable_thinking".into(), on.into());
+        }
         let opts = RenderOptions {
             // An empty list rather than none: minijinja counts `none` as
             // iterable, so Qwen3-Coder's `tools is iterable and tools |
             // length > 0` fails on none; `[]` is falsy wherever none is.
             tools: Some(prompt.tools.clone()),
             add_generation_prompt: true,
-            extra: Default::default(),
+            extra,
         };
         t.render(&prompt.messages, &opts).map_err(invalid)
     }
@@ -187,7 +191,7 @@ impl Backend for GeneratorBackend {
         &self,
         prompt: &[u32],
         params: &GenParams,
-        on_delta: &mut dyn FnMut(&str) -> bool,
+        on_delta: &mut dyn FnMut(Delta<'_>) -> bool,
     ) -> Result<Completion, BackendError> {
         let mut gen = match self.gen.lock() {
             Ok(g) => g,
@@ -223,13 +227,27 @@ impl Backend for GeneratorBackend {
             // survives; `<|im_start|>` and friends do not leak into replies.
             // Formats whose markers are special tokens keep them all.
             skip_special_tokens: !self.keep_special,
+            logprobs: params.logprobs,
         };
+        // A token as its text, special tokens spelled out (what the model
+        // wrote, also where the reply drops them).
+        let piece = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
         let mut on_event = |e: Event| {
-            let text = match &e {
-                Event::Token { text, .. } | Event::Text { text } => text.as_str(),
-                Event::PromptProcessed { .. } => "",
+            let (text, logprob) = match e {
+                Event::Token { id, text, logprob } => (
+                    text,
+                    logprob.map(|lp| Logprob {
+                        token: piece(id),
+                        logprob: lp.logprob,
+                        top: lp.top.into_iter().map(|(t, l)| (piece(t), l)).collect(),
+                    }),
+                ),
+                Event::Text { text } => (text, None),
+                Event::PromptProcessed { .. } => (String::new(), None),
             };
-            if text.is_empty() || on_delta(text) {
+            let go = logprob.is_none_or(|lp| on_delta(Delta::Logprob(lp)))
+                && (text.is_empty() || on_delta(Delta::Text(&text)));
+            if go {
                 ControlFlow::Continue(())
             } else {
                 ControlFlow::Break(())

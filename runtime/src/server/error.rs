@@ -89,6 +89,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body())).into_response();
+        resp.extensions_mut()
+            .insert(super::access::ErrorNote(self.message.clone()));
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             // The queue drains one generation at a time; clients (the
             // official SDKs, Claude Code) wait this long before retrying.

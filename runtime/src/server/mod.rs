@@ -6,10 +6,12 @@
 //! parsing), [`worker`] (the bounded FIFO queue and the one generating
 //! thread) and the [`Backend`] trait, the only thing that knows the model.
 
+pub mod access;
 pub mod anthropic;
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod fields;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
@@ -33,8 +35,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 pub use backend::{
-    Backend, BackendError, ChatPrompt, Completion, Finish, GenParams, ModelInfo, Penalties,
-    SamplingDefaults, StatsSnapshot,
+    Backend, BackendError, ChatPrompt, Completion, Delta, Finish, GenParams, Logprob, ModelInfo,
+    Penalties, SamplingDefaults, StatsSnapshot,
 };
 use error::{ApiError, Flavor};
 use metrics::Metrics;
@@ -50,6 +52,9 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Origins browsers may call the API from (CORS; `*` for any); empty
+    /// sends no CORS headers, so browsers refuse cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +63,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_queue: 64,
             max_body_bytes: 32 << 20,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -121,8 +127,41 @@ pub fn router(
             count_requests,
         ))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn(access::layer))
         .with_state(state.clone());
+    let app = match cors_layer(&config.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
     Ok((app, state))
+}
+
+/// The CORS layer for `--cors`: preflights are answered before the API
+/// key is checked (browsers send them without credentials); the allowed
+/// headers include the providers' (`authorization`, `x-api-key`,
+/// `anthropic-version`, ...), since the layer mirrors what is asked.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -17,28 +17,13 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::backend::{ChatPrompt, Completion, Finish, Penalties};
+use super::backend::{ChatPrompt, Completion, Finish, Logprob};
 use super::error::{parse_body, ApiError, Flavor};
-use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
+use super::fields::SamplerFields;
+use super::pipeline::{self, new_id, unix_now, Out, PromptSource};
 use super::{toolchoice, AppState};
 
 const F: Flavor = Flavor::OpenAi;
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub enum StopSpec {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl StopSpec {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            StopSpec::One(s) => vec![s],
-            StopSpec::Many(v) => v,
-        }
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -93,60 +78,29 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// A chat completions request without its sampler fields, which
+/// [`SamplerFields`] reads from the same body.
 #[derive(Deserialize)]
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<Message>,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub stop: Option<StopSpec>,
-    #[serde(default)]
-    pub seed: Option<i64>,
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// vLLM's extension: do not stop at end-of-sequence tokens.
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
-    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
-    /// `min_p` are vLLM's extensions.
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    /// Token id (as a string) to bias.
-    #[serde(default)]
-    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
-    /// Refused when asked for (see [`check_unsupported`]).
-    #[serde(default)]
-    pub logprobs: Option<Value>,
-    #[serde(default)]
-    pub top_logprobs: Option<u32>,
-    #[serde(default)]
-    pub response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -156,56 +110,24 @@ pub enum PromptIn {
     Many(Vec<String>),
 }
 
+/// A completions request without its sampler fields (see [`ChatRequest`]).
 #[derive(Deserialize)]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: PromptIn,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
     pub max_tokens: Option<i64>,
-    #[serde(default)]
-    pub stop: Option<StopSpec>,
-    #[serde(default)]
-    pub seed: Option<i64>,
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// vLLM's extension: do not stop at end-of-sequence tokens.
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub echo: Option<bool>,
     #[serde(default)]
     pub suffix: Option<String>,
-    /// Sampler fields (see `backend::Penalties`); `repetition_penalty` and
-    /// `min_p` are vLLM's extensions.
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    /// Token id (as a string) to bias.
-    #[serde(default)]
-    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
-    /// Refused when asked for (see [`check_unsupported`]).
-    #[serde(default)]
-    pub logprobs: Option<Value>,
-    #[serde(default)]
-    pub top_logprobs: Option<u32>,
-    #[serde(default)]
-    pub response_format: Option<Value>,
 }
 
 fn content_text(c: Option<Content>, at: usize) -> Result<String, ApiError> {
@@ -302,67 +224,6 @@ pub fn to_template_messages(messages: Vec<Message>) -> Result<Vec<Value>, ApiErr
     Ok(out)
 }
 
-/// The sampler fields of a request, with `logit_bias` keys read as ids.
-fn penalties(
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    repetition_penalty: Option<f32>,
-    min_p: Option<f32>,
-    logit_bias: Option<std::collections::HashMap<String, f32>>,
-) -> Result<Penalties, ApiError> {
-    let mut bias = Vec::new();
-    for (k, v) in logit_bias.unwrap_or_default() {
-        let id = k.trim().parse::<u32>().map_err(|_| {
-            ApiError::bad_request(
-                F,
-                format!("logit_bias: keys are token ids (integers as strings), got {k:?}"),
-            )
-            .param("logit_bias")
-        })?;
-        bias.push((id, v));
-    }
-    bias.sort_by_key(|(id, _)| *id);
-    Ok(Penalties {
-        presence_penalty,
-        frequency_penalty,
-        repetition_penalty,
-        min_p,
-        logit_bias: bias,
-    })
-}
-
-/// Fields that would change the reply and are not implemented: refused by
-/// name rather than ignored. Log probabilities need the engine to report
-/// them per token; structured output needs constrained decoding.
-fn check_unsupported(
-    logprobs: Option<&Value>,
-    top_logprobs: Option<u32>,
-    response_format: Option<&Value>,
-) -> Result<(), ApiError> {
-    let refuse = |param: &str, msg: &str| Err(ApiError::bad_request(F, msg).param(param));
-    let asks = match logprobs {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) => n.as_u64() != Some(0),
-        Some(_) => true,
-    };
-    if asks {
-        return refuse("logprobs", "logprobs are not supported by this server");
-    }
-    if top_logprobs.is_some_and(|n| n > 0) {
-        return refuse(
-            "top_logprobs",
-            "top_logprobs are not supported by this server",
-        );
-    }
-    match response_format.and_then(|f| f.get("type")).and_then(Value::as_str) {
-        None | Some("text") => Ok(()),
-        Some(other) => refuse(
-            "response_format",
-            &format!("response_format of type `{other}` is not supported (no constrained decoding); only `text` is"),
-        ),
-    }
-}
-
 fn check_n(n: Option<u32>) -> Result<(), ApiError> {
     match n {
         None | Some(1) => Ok(()),
@@ -372,10 +233,6 @@ fn check_n(n: Option<u32>) -> Result<(), ApiError> {
         )
         .param("n")),
     }
-}
-
-fn seed(s: Option<i64>) -> Option<u64> {
-    s.map(|s| s as u64)
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -392,20 +249,12 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(F, &body_bytes(body)?)?;
+    let body = body_bytes(body)?;
+    let req: ChatRequest = parse_body(F, &body)?;
+    let fields = SamplerFields::parse(&body)?;
     check_n(req.n)?;
-    check_unsupported(
-        req.logprobs.as_ref(),
-        req.top_logprobs,
-        req.response_format.as_ref(),
-    )?;
-    let pen = penalties(
-        req.presence_penalty,
-        req.frequency_penalty,
-        req.repetition_penalty,
-        req.min_p,
-        req.logit_bias,
-    )?;
+    let logprobs = fields.chat_logprobs()?;
+    let sampling = fields.into_request(req.max_completion_tokens.or(req.max_tokens), logprobs)?;
     let tools = req.tools.unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {
         let name = t
@@ -422,16 +271,6 @@ pub async fn chat_completions(
     let choice =
         toolchoice::from_openai(req.tool_choice.as_ref(), req.parallel_tool_calls, &tools)?;
     let messages = to_template_messages(req.messages)?;
-    let sampling = SamplingRequest {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: seed(req.seed),
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
-        ignore_eos: req.ignore_eos.unwrap_or(false),
-        penalties: pen,
-    };
     let prepared = pipeline::prepare(
         &state,
         F,
@@ -440,6 +279,7 @@ pub async fn chat_completions(
                 messages,
                 tools,
                 prefill: String::new(),
+                enable_thinking: None,
             },
             choice,
         ),
@@ -454,6 +294,7 @@ pub async fn chat_completions(
         created: unix_now(),
         model,
         prompt_tokens,
+        logprobs: logprobs.is_some(),
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
@@ -468,6 +309,34 @@ struct ResponseCtx {
     created: u64,
     model: String,
     prompt_tokens: usize,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
+}
+
+/// One token in chat's `logprobs.content` shape.
+fn chat_logprob(lp: &Logprob) -> Value {
+    let entry = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+    let mut e = entry(&lp.token, lp.logprob);
+    e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
+    e
+}
+
+/// Tokens in the legacy completions `logprobs` shape; `offset` is the
+/// text offset (in characters) of the first one, advanced past them.
+fn completion_logprobs(lps: &[Logprob], offset: &mut usize) -> Value {
+    let mut text_offset = Vec::with_capacity(lps.len());
+    for lp in lps {
+        text_offset.push(*offset);
+        *offset += lp.token.chars().count();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| {
+            l.top.iter().map(|(t, v)| (t.clone(), json!(v))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
 }
 
 fn finish_reason(c: &Completion, tool_calls: usize) -> &'static str {
@@ -494,8 +363,10 @@ async fn chat_collect(
     let mut text = String::new();
     let mut reasoning = String::new();
     let mut calls: Vec<Value> = Vec::new();
+    let mut logprobs: Vec<Value> = Vec::new();
     while let Some(ev) = gen.next().await {
         match ev {
+            Out::Logprob(lp) => logprobs.push(chat_logprob(&lp)),
             Out::Text(t) => text.push_str(&t),
             Out::Reasoning(t) => reasoning.push_str(&t),
             Out::ToolStart { name, .. } => calls.push(json!({
@@ -522,7 +393,12 @@ async fn chat_collect(
                 let body = json!({
                     "id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                     "choices": [{
-                        "index": 0, "message": message, "logprobs": null,
+                        "index": 0, "message": message,
+                        "logprobs": if ctx.logprobs {
+                            json!({"content": std::mem::take(&mut logprobs), "refusal": null})
+                        } else {
+                            Value::Null
+                        },
                         "finish_reason": finish_reason(&completion, tool_calls),
                     }],
                     "usage": usage(&completion),
@@ -556,6 +432,8 @@ fn chat_stream(
         started: bool,
         finished: bool,
         call_ids: Vec<String>,
+        /// Log-probabilities not yet sent: they ride on the next chunk.
+        logprobs: Vec<Value>,
     }
     let st = St {
         gen,
@@ -564,22 +442,28 @@ fn chat_stream(
         started: false,
         finished: false,
         call_ids: Vec::new(),
+        logprobs: Vec::new(),
     };
     futures::stream::unfold(st, |mut st| async move {
         if st.finished {
             return None;
         }
-        let chunk = |st: &St, delta: Value, finish: Value| {
+        let chunk = |st: &mut St, delta: Value, finish: Value| {
+            let logprobs = if st.ctx.logprobs && !st.logprobs.is_empty() {
+                json!({"content": std::mem::take(&mut st.logprobs), "refusal": null})
+            } else {
+                Value::Null
+            };
             json!({
                 "id": st.ctx.id, "object": "chat.completion.chunk", "created": st.ctx.created,
                 "model": st.ctx.model, "system_fingerprint": null,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             })
         };
         if !st.started {
             st.started = true;
             let first = chunk(
-                &st,
+                &mut st,
                 json!({"role": "assistant", "content": ""}),
                 Value::Null,
             );
@@ -591,9 +475,12 @@ fn chat_stream(
                     st.finished = true;
                     break Bytes::from_static(b"data: [DONE]\n\n");
                 }
-                Some(Out::Text(t)) => break data(&chunk(&st, json!({"content": t}), Value::Null)),
+                Some(Out::Logprob(lp)) => st.logprobs.push(chat_logprob(&lp)),
+                Some(Out::Text(t)) => {
+                    break data(&chunk(&mut st, json!({"content": t}), Value::Null))
+                }
                 Some(Out::Reasoning(t)) => {
-                    break data(&chunk(&st, json!({"reasoning_content": t}), Value::Null))
+                    break data(&chunk(&mut st, json!({"reasoning_content": t}), Value::Null))
                 }
                 Some(Out::ToolStart { index, name }) => {
                     let id = new_id("call_");
@@ -602,12 +489,12 @@ fn chat_stream(
                         "index": index, "id": id, "type": "function",
                         "function": {"name": name, "arguments": ""},
                     }]});
-                    break data(&chunk(&st, delta, Value::Null));
+                    break data(&chunk(&mut st, delta, Value::Null));
                 }
                 Some(Out::ToolArgs { index, json }) => {
                     let delta =
                         json!({"tool_calls": [{"index": index, "function": {"arguments": json}}]});
-                    break data(&chunk(&st, delta, Value::Null));
+                    break data(&chunk(&mut st, delta, Value::Null));
                 }
                 Some(Out::ToolEnd { .. }) => continue,
                 Some(Out::Failed(e)) => {
@@ -620,7 +507,7 @@ fn chat_stream(
                     tool_calls,
                 }) => {
                     let last = chunk(
-                        &st,
+                        &mut st,
                         json!({}),
                         json!(finish_reason(&completion, tool_calls)),
                     );
@@ -657,28 +544,21 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(F, &body_bytes(body)?)?;
+    let body = body_bytes(body)?;
+    let req: CompletionRequest = parse_body(F, &body)?;
+    let fields = SamplerFields::parse(&body)?;
     check_n(req.n)?;
-    check_unsupported(
-        req.logprobs.as_ref(),
-        req.top_logprobs,
-        req.response_format.as_ref(),
-    )?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(
             ApiError::bad_request(F, "suffix (insertion) is not supported").param("suffix"),
         );
     }
-    let pen = penalties(
-        req.presence_penalty,
-        req.frequency_penalty,
-        req.repetition_penalty,
-        req.min_p,
-        req.logit_bias,
-    )?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request(F, "echo is not supported").param("echo"));
     }
+    let logprobs = fields.completion_logprobs()?;
+    // OpenAI's legacy default is 16 tokens.
+    let sampling = fields.into_request(Some(req.max_tokens.unwrap_or(16)), logprobs)?;
     let prompt = match req.prompt {
         PromptIn::One(s) => s,
         PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -690,17 +570,6 @@ pub async fn completions(
             .param("prompt"))
         }
     };
-    let sampling = SamplingRequest {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: seed(req.seed),
-        // OpenAI's legacy default is 16 tokens.
-        max_tokens: Some(req.max_tokens.unwrap_or(16)),
-        stop: req.stop.map(StopSpec::into_vec).unwrap_or_default(),
-        ignore_eos: req.ignore_eos.unwrap_or(false),
-        penalties: pen,
-    };
     let prepared = pipeline::prepare(&state, F, PromptSource::Text(prompt), sampling).await?;
     let prompt_tokens = prepared.prompt.len();
     let mut gen = pipeline::start(&state, F, prepared)?;
@@ -709,55 +578,84 @@ pub async fn completions(
         created: unix_now(),
         model: state.backend.info().id.clone(),
         prompt_tokens,
+        logprobs: logprobs.is_some(),
     };
-    let chunk = move |ctx: &ResponseCtx, text: &str, finish: Value| {
+    // `lps`: the tokens since the last chunk; `offset` the text offset.
+    let chunk = move |ctx: &ResponseCtx,
+                      text: &str,
+                      finish: Value,
+                      lps: &mut Vec<Logprob>,
+                      offset: &mut usize| {
+        let logprobs = if ctx.logprobs {
+            let v = completion_logprobs(lps, offset);
+            lps.clear();
+            v
+        } else {
+            Value::Null
+        };
         json!({
             "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         })
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-        let stream =
-            futures::stream::unfold((gen, ctx, false), move |(mut gen, ctx, done)| async move {
-                if done {
-                    return None;
-                }
-                let out = loop {
-                    match gen.next().await {
-                        None => return None,
-                        Some(Out::Text(t)) => break (data(&chunk(&ctx, &t, Value::Null)), false),
-                        Some(Out::Failed(e)) => {
-                            let err = pipeline::backend_error(F, e).body();
-                            break (
-                                Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")),
-                                true,
-                            );
-                        }
-                        Some(Out::Finished { completion, .. }) => {
-                            let mut last = chunk(&ctx, "", json!(finish_reason(&completion, 0)));
-                            if include_usage {
-                                last["usage"] = usage(&completion);
-                            }
-                            break (
-                                Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n")),
-                                true,
-                            );
-                        }
-                        Some(_) => continue,
+        struct St {
+            gen: pipeline::Generation,
+            ctx: ResponseCtx,
+            done: bool,
+            lps: Vec<Logprob>,
+            offset: usize,
+        }
+        let st = St {
+            gen,
+            ctx,
+            done: false,
+            lps: Vec::new(),
+            offset: 0,
+        };
+        let stream = futures::stream::unfold(st, move |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let out = loop {
+                match st.gen.next().await {
+                    None => return None,
+                    Some(Out::Logprob(lp)) => st.lps.push(lp),
+                    Some(Out::Text(t)) => {
+                        break data(&chunk(&st.ctx, &t, Value::Null, &mut st.lps, &mut st.offset))
                     }
-                };
-                Some((Ok(out.0), (gen, ctx, out.1)))
-            });
+                    Some(Out::Failed(e)) => {
+                        st.done = true;
+                        let err = pipeline::backend_error(F, e).body();
+                        break Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n"));
+                    }
+                    Some(Out::Finished { completion, .. }) => {
+                        st.done = true;
+                        let finish = json!(finish_reason(&completion, 0));
+                        let mut last = chunk(&st.ctx, "", finish, &mut st.lps, &mut st.offset);
+                        if include_usage {
+                            last["usage"] = usage(&completion);
+                        }
+                        break Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"));
+                    }
+                    Some(_) => continue,
+                }
+            };
+            Some((Ok(out), st))
+        });
         return Ok(sse_response(stream));
     }
     let mut text = String::new();
+    let mut lps = Vec::new();
     while let Some(ev) = gen.next().await {
         match ev {
+            Out::Logprob(lp) => lps.push(lp),
             Out::Text(t) => text.push_str(&t),
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished { completion, .. } => {
-                let mut body = chunk(&ctx, &text, json!(finish_reason(&completion, 0)));
+                let finish = json!(finish_reason(&completion, 0));
+                let mut body = chunk(&ctx, &text, finish, &mut lps, &mut 0);
                 body["usage"] = usage(&completion);
                 let _ = ctx.prompt_tokens;
                 return Ok(Json(body).into_response());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Penalties};
+use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Logprob, Penalties};
 use super::error::{ApiError, Flavor};
 use super::toolchoice::{Mode, ToolChoice};
 use super::worker::Event;
@@ -36,6 +36,8 @@ pub struct SamplingRequest {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub penalties: Penalties,
+    /// Alternatives per token when log-probabilities are asked for.
+    pub logprobs: Option<usize>,
 }
 
 /// A request ready for the queue.
@@ -274,6 +276,7 @@ fn resolve(
         stop,
         ignore_eos: s.ignore_eos,
         penalties: s.penalties.clone(),
+        logprobs: s.logprobs,
     })
 }
 
@@ -379,6 +382,7 @@ pub fn start(state: &Arc<AppState>, flavor: Flavor, p: Prepared) -> Result<Gener
         halt,
         parallel_calls: p.parallel_calls,
         calls: 0,
+        record: super::access::Record::current(),
     };
     if let Some(spec) = p.parser {
         let (parser, events) = OutputParser::with_prefix(spec, &p.forced);
@@ -406,6 +410,9 @@ pub enum Out {
     ToolEnd {
         index: usize,
     },
+    /// A token's log-probability (asked-for only), ahead of the text the
+    /// parser makes of it.
+    Logprob(Logprob),
     /// The end; `tool_calls` says how many calls the output held.
     Finished {
         completion: Completion,
@@ -425,6 +432,8 @@ pub struct Generation {
     parallel_calls: bool,
     /// Tool calls begun in what was forwarded.
     calls: usize,
+    /// The request's access-log record, told the usage at the end.
+    record: Option<Arc<super::access::Record>>,
 }
 
 impl Generation {
@@ -464,7 +473,8 @@ impl Generation {
             match self.rx.recv().await {
                 Some(Event::Started) => {}
                 // Tokens the worker made before it saw the halt are dropped.
-                Some(Event::Delta(_)) if self.halted() => {}
+                Some(Event::Delta(_) | Event::Logprob(_)) if self.halted() => {}
+                Some(Event::Logprob(lp)) => self.pending.push_back(Out::Logprob(lp)),
                 Some(Event::Delta(text)) => match &mut self.parser {
                     None => self.pending.push_back(Out::Text(text)),
                     Some(p) => {
@@ -477,6 +487,9 @@ impl Generation {
                     if let Some(p) = &mut self.parser {
                         let evs = p.finish();
                         self.forward(evs);
+                    }
+                    if let (Ok(c), Some(r)) = (&result, &self.record) {
+                        r.completed(c);
                     }
                     self.pending.push_back(match result {
                         Ok(completion) => Out::Finished {

@@ -33,7 +33,8 @@ use serde_json::{json, Value};
 use super::backend::{ChatPrompt, Completion, Finish};
 use super::error::{parse_body, ApiError, Flavor};
 use super::openai::sse_response;
-use super::pipeline::{self, new_id, unix_now, Out, PromptSource, SamplingRequest};
+use super::fields::SamplerFields;
+use super::pipeline::{self, new_id, unix_now, Out, PromptSource};
 use super::{toolchoice, AppState};
 
 const F: Flavor = Flavor::OpenAi;
@@ -61,10 +62,6 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub max_output_tokens: Option<i64>,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
     pub previous_response_id: Option<String>,
@@ -73,9 +70,9 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub text: Option<Value>,
     #[serde(default)]
-    pub top_logprobs: Option<u32>,
-    #[serde(default)]
     pub metadata: Option<Value>,
+    // `temperature`, `top_p` and (as vLLM's Responses API) the other
+    // sampler fields are read by `fields::SamplerFields` from the same body.
     // Accepted, no effect on the output by their nature: `store` (nothing
     // is stored either way), `include`, `reasoning` (effort and summaries:
     // the model's template decides whether it reasons; what it reasons is
@@ -99,9 +96,6 @@ fn check_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
     }
     if req.background == Some(true) {
         return Err(bad("background responses are not supported", "background"));
-    }
-    if req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(bad("top_logprobs is not supported", "top_logprobs"));
     }
     if let Some(text) = &req.text {
         let kind = text.pointer("/format/type").and_then(Value::as_str);
@@ -343,21 +337,15 @@ pub async fn create(
         )
     })?;
     let req: ResponsesRequest = parse_body(F, &body)?;
+    let fields = SamplerFields::parse(&body)?;
     check_unsupported(&req)?;
+    fields.refuse_for_responses()?;
     let tools = to_openai_tools(req.tools.clone().unwrap_or_default())?;
     let choice_in = tool_choice(req.tool_choice.clone());
     let choice = toolchoice::from_openai(choice_in.as_ref(), req.parallel_tool_calls, &tools)?;
     let messages = to_template_messages(req.instructions.clone(), req.input)?;
-    let sampling = SamplingRequest {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: None,
-        seed: None,
-        max_tokens: req.max_output_tokens,
-        stop: Vec::new(),
-        ignore_eos: false,
-        penalties: Default::default(),
-    };
+    let (temperature, top_p) = (fields.temperature, fields.top_p);
+    let sampling = fields.into_request(req.max_output_tokens, None)?;
     let prepared = pipeline::prepare(
         &state,
         F,
@@ -366,6 +354,7 @@ pub async fn create(
                 messages,
                 tools,
                 prefill: String::new(),
+                enable_thinking: None,
             },
             choice,
         ),
@@ -381,7 +370,7 @@ pub async fn create(
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "output": [], "parallel_tool_calls": req.parallel_tool_calls.unwrap_or(true),
         "previous_response_id": null, "store": false,
-        "temperature": req.temperature, "top_p": req.top_p,
+        "temperature": temperature, "top_p": top_p,
         "text": {"format": {"type": "text"}},
         "tool_choice": req.tool_choice.unwrap_or(json!("auto")),
         "tools": req.tools.unwrap_or_default(), "truncation": "disabled",
@@ -527,6 +516,8 @@ async fn collect(mut gen: pipeline::Generation, base: Value) -> Result<Response,
             Out::ToolEnd { .. } => {
                 b.close();
             }
+            // `top_logprobs` is refused here, so never asked for.
+            Out::Logprob(_) => {}
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished { completion, .. } => {
                 b.close();
@@ -728,6 +719,7 @@ fn stream(
                 }
             }
             Some(Out::ToolEnd { .. }) => st.close(&mut s),
+            Some(Out::Logprob(_)) => {}
             Some(Out::Failed(e)) => {
                 st.finished = true;
                 let err = pipeline::backend_error(F, e);

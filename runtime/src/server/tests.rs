@@ -114,10 +114,14 @@ impl Backend for Fake {
 
     fn render_chat(&self, p: &ChatPrompt) -> Result<String, BackendError> {
         if let Some(t) = &self.template {
+            let mut extra = serde_json::Map::new();
+            if let Some(on) = p.enable_thinking {
+                extra.insert("enable_thinking".into(), on.into());
+            }
             let opts = crate::chat::RenderOptions {
                 tools: Some(p.tools.clone()),
                 add_generation_prompt: true,
-                extra: Default::default(),
+                extra,
             };
             let s = t
                 .render(&p.messages, &opts)
@@ -158,7 +162,7 @@ impl Backend for Fake {
         &self,
         prompt: &[u32],
         params: &GenParams,
-        on_delta: &mut dyn FnMut(&str) -> bool,
+        on_delta: &mut dyn FnMut(Delta<'_>) -> bool,
     ) -> Result<Completion, BackendError> {
         let t0 = Instant::now();
         let n = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -212,7 +216,16 @@ impl Backend for Fake {
             }
             // Hold back nothing: the fake's stop strings are only checked
             // for single characters in these tests.
-            if !on_delta(&ch.to_string()) {
+            // Each character "has" log-probability -0.25 * (its position
+            // in the reply + 1), its alternatives lower.
+            let lp = params.logprobs.map(|k| Logprob {
+                token: ch.to_string(),
+                logprob: -0.25 * produced as f32,
+                top: (0..k)
+                    .map(|j| (format!("alt{j}"), -0.25 * produced as f32 - j as f32))
+                    .collect(),
+            });
+            if lp.is_some_and(|lp| !on_delta(Delta::Logprob(lp))) || !on_delta(Delta::Text(&ch.to_string())) {
                 self.cancelled.fetch_add(1, Ordering::SeqCst);
                 finish = Finish::Cancelled;
                 break;
@@ -1903,7 +1916,7 @@ async fn sampler_fields_are_honoured_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            json!({"logprobs": true}),
+            json!({"logprobs": "yes"}),
             "logprobs",
         ),
         (
@@ -1913,17 +1926,33 @@ async fn sampler_fields_are_honoured_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        ("/v1/completions", json!({"presence_penalty": "x"}), "presence_penalty"),
+        ("/v1/responses", json!({"presence_penalty": "x"}), "presence_penalty"),
+        ("/v1/responses", json!({"temperature": "hot"}), "temperature"),
+        ("/v1/responses", json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            "/v1/responses",
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
         ),
-        ("/v1/completions", json!({"logprobs": 2}), "logprobs"),
+        ("/v1/completions", json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        ("/v1/completions", json!({"logprobs": 21}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": true}), "logprobs"),
         ("/v1/completions", json!({"suffix": "end"}), "suffix"),
         ("/v1/completions", json!({"min_p": -0.1}), "min_p"),
     ] {
-        let mut body = if path == "/v1/completions" {
-            json!({"prompt": "x"})
-        } else {
-            json!({"messages": msgs})
+        let mut body = match path {
+            "/v1/completions" => json!({"prompt": "x"}),
+            "/v1/responses" => json!({"input": "x"}),
+            _ => json!({"messages": msgs}),
         };
         for (k, v) in extra.as_object().expect("object") {
             body[k] = v.clone();
@@ -1948,4 +1977,227 @@ async fn sampler_fields_are_honoured_or_refused_by_name() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Log-probabilities in chat's and completions' shapes, streamed and not:
+/// one entry per generated token, in order, with the asked-for number of
+/// alternatives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_in_chat_and_completions() {
+    let fake = Fake::new();
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let reply: Vec<String> = "Hello".chars().map(|c| c.to_string()).collect();
+    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 5,
+        "logprobs": true, "top_logprobs": 2}))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("content").clone();
+    assert_eq!(content.len(), 5, "{v}");
+    for (i, e) in content.iter().enumerate() {
+        assert_eq!(e["token"], reply[i]);
+        assert_eq!(e["logprob"], json!(-0.25 * (i + 1) as f32));
+        assert_eq!(e["bytes"], json!(reply[i].as_bytes()));
+        assert_eq!(e["top_logprobs"].as_array().map(Vec::len), Some(2));
+        assert_eq!(e["top_logprobs"][1]["token"], "alt1");
+    }
+    // Not asked: null, and the backend is not asked either.
+    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 2})).await;
+    assert_eq!(r.json()["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(fake.params.lock().expect("lock").last().map(|p| p.logprobs), Some(None));
+    // Streamed: every token's entry rides on a chunk, in order.
+    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 5,
+        "logprobs": true, "stream": true}))
+    .await;
+    let mut tokens = Vec::new();
+    for d in sse_data(&r.body).iter().filter(|d| d.as_str() != "[DONE]") {
+        let c: Value = serde_json::from_str(d).expect("chunk");
+        for e in c["choices"][0]["logprobs"]["content"].as_array().into_iter().flatten() {
+            assert_eq!(e["top_logprobs"], json!([]));
+            tokens.push(e["token"].as_str().expect("token").to_owned());
+        }
+    }
+    assert_eq!(tokens, reply);
+    // Completions: the legacy shape, `logprobs: N` alternatives.
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 5, "logprobs": 3})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lp = r.json()["choices"][0]["logprobs"].clone();
+    assert_eq!(lp["tokens"], json!(reply));
+    assert_eq!(lp["token_logprobs"][4], json!(-1.25f32));
+    assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
+    assert_eq!(lp["top_logprobs"][0].as_object().map(|o| o.len()), Some(3));
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 5, "logprobs": 0,
+        "stream": true}))
+    .await;
+    let mut tokens = Vec::new();
+    for d in sse_data(&r.body).iter().filter(|d| d.as_str() != "[DONE]") {
+        let c: Value = serde_json::from_str(d).expect("chunk");
+        let lp = &c["choices"][0]["logprobs"];
+        let offsets = lp["text_offset"].as_array().cloned().unwrap_or_default();
+        for (t, o) in lp["tokens"].as_array().into_iter().flatten().zip(offsets) {
+            assert_eq!(o, json!(tokens.len()), "offsets continue across chunks");
+            tokens.push(t.as_str().expect("token").to_owned());
+        }
+    }
+    assert_eq!(tokens, reply);
+}
+
+/// Anthropic's `thinking: {type: disabled}` turns the template's reasoning
+/// off (`enable_thinking: false`: Qwen3 writes an empty think block after
+/// the generation prompt); `adaptive` leaves the template's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_thinking_disabled_reaches_the_template() {
+    let fake = Fake::with_template("qwen3.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let last = || fake.rendered.lock().expect("lock").last().cloned().expect("rendered");
+    for (thinking, empty_block) in [
+        (json!({"type": "disabled"}), true),
+        (json!({"type": "adaptive"}), false),
+        (json!({"type": "enabled", "budget_tokens": 1024}), false),
+    ] {
+        let r = post(addr, "/v1/messages", json!({"max_tokens": 4, "thinking": thinking,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            last().ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+            empty_block,
+            "{thinking}: {}",
+            last()
+        );
+    }
+}
+
+/// An assistant history whose call has `arguments: ""` or `"null"` (what
+/// clients send for a call without arguments) renders as a call without
+/// parameters with Qwen3-Coder's template, which iterates over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_or_null_call_arguments_render() {
+    let fake = Fake::with_template("qwen3-coder.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    for args in ["", "null", " "] {
+        let r = post(addr, "/v1/chat/completions", json!({"max_tokens": 2, "messages": [
+            {"role": "user", "content": "what time is it?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "now", "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]}))
+        .await;
+        assert_eq!(r.status, 200, "{args:?}: {}", r.body);
+        let rendered = fake.rendered.lock().expect("lock").last().cloned().expect("rendered");
+        assert!(
+            rendered.contains("<function=now>\n</function>"),
+            "{args:?}: {rendered}"
+        );
+        // Responses' function_call items likewise.
+        let r = post(addr, "/v1/responses", json!({"max_output_tokens": 2, "input": [
+            {"role": "user", "content": "what time is it?"},
+            {"type": "function_call", "call_id": "c1", "name": "now", "arguments": args},
+            {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]}))
+        .await;
+        assert_eq!(r.status, 200, "{args:?}: {}", r.body);
+    }
+}
+
+/// `--cors`: preflights are answered (before the key check) for the
+/// listed origins only; without it no CORS header is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_opt_in_and_per_origin() {
+    let config = ServerConfig {
+        api_key: Some("k".into()),
+        cors_origins: vec!["http://ui.example".into()],
+        ..ServerConfig::default()
+    };
+    let (addr, _) = start(Fake::new(), config).await;
+    let preflight = |origin: &'static str| async move {
+        let h = [
+            ("Origin", origin),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization,content-type,x-api-key"),
+        ];
+        raw(addr, "OPTIONS", "/v1/chat/completions", &h, b"").await
+    };
+    let r = preflight("http://ui.example").await;
+    assert_eq!(r.status, 200, "{}", r.headers);
+    let h = r.headers.to_ascii_lowercase();
+    assert!(h.contains("access-control-allow-origin: http://ui.example"), "{h}");
+    assert!(h.contains("access-control-allow-headers: authorization,content-type,x-api-key"), "{h}");
+    let r = preflight("http://evil.example").await;
+    assert!(!r.headers.to_ascii_lowercase().contains("access-control-allow-origin"), "{}", r.headers);
+    // A real request carries the header too (and still needs the key).
+    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example"), ("x-api-key", "k")], b"").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.to_ascii_lowercase().contains("access-control-allow-origin: http://ui.example"));
+    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example")], b"").await;
+    assert_eq!(r.status, 401);
+
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example")], b"").await;
+    assert_eq!(r.status, 200);
+    assert!(!r.headers.to_ascii_lowercase().contains("access-control"), "{}", r.headers);
+}
+
+/// The access log: one `mfx::access` line per request, written when the
+/// response is complete (a stream's after its last event) with status,
+/// tokens and timings; errors carry their message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_request() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    // The only test that installs one; the server's threads log into it.
+    tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+    let lines = |marker: &str| -> Vec<String> {
+        let b = buf.0.lock().expect("lock");
+        String::from_utf8_lossy(&b)
+            .lines()
+            .filter(|l| l.contains("mfx::access") && l.contains(marker))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    // Other tests log into the same subscriber: these requests carry ids.
+    let send = |path: &'static str, id: &'static str, body: Value| async move {
+        let h = [("Content-Type", "application/json"), ("x-request-id", id)];
+        raw(addr, "POST", path, &h, body.to_string().as_bytes()).await
+    };
+    let r = send("/v1/chat/completions", "acc-chat", json!({"messages": msgs, "max_tokens": 5})).await;
+    assert_eq!(r.status, 200);
+    let r = send("/v1/completions", "acc-stream", json!({"prompt": "x", "max_tokens": 3, "stream": true})).await;
+    assert_eq!(r.status, 200);
+    let r = send("/v1/messages", "acc-error", json!({"messages": msgs})).await;
+    assert_eq!(r.status, 400);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines("acc-stream").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let chat = lines("acc-chat");
+    assert_eq!(chat.len(), 1, "{chat:?}");
+    for field in ["INFO", "method=POST", "path=/v1/chat/completions", "status=200", "completion_tokens=5", "length", "ttft_ms=", "gen_ms=", "ms="] {
+        assert!(chat[0].contains(field), "{field}: {}", chat[0]);
+    }
+    assert!(chat[0].contains("prompt_tokens="), "{}", chat[0]);
+    let stream = lines("acc-stream");
+    assert_eq!(stream.len(), 1, "{stream:?}");
+    assert!(stream[0].contains("completion_tokens=3"), "{}", stream[0]);
+    let err = lines("acc-error");
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("WARN") && err[0].contains("status=400"), "{}", err[0]);
+    assert!(err[0].contains("max_tokens"), "the error message: {}", err[0]);
+    assert!(!err[0].contains("completion_tokens"), "{}", err[0]);
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::{Backend, BackendError, Completion, Finish, GenParams};
+use super::backend::{Backend, BackendError, Completion, Delta, Finish, GenParams, Logprob};
 use super::metrics::Metrics;
 
 /// What the worker sends back for one request.
@@ -27,6 +27,8 @@ pub enum Event {
     Started,
     /// Generated text.
     Delta(String),
+    /// The next token's log-probability (only when the request asked).
+    Logprob(Logprob),
     /// The end, with usage and finish reason, or the backend's error.
     Done(Result<Completion, BackendError>),
 }
@@ -120,8 +122,12 @@ fn run_job(backend: &dyn Backend, job: Job, metrics: &Metrics) {
     metrics.set_busy(true);
     let events = &job.events;
     let halt = &job.halt;
-    let mut on_delta = |text: &str| {
-        !halt.load(Ordering::Relaxed) && events.send(Event::Delta(text.to_owned())).is_ok()
+    let mut on_delta = |d: Delta<'_>| {
+        let ev = match d {
+            Delta::Text(t) => Event::Delta(t.to_owned()),
+            Delta::Logprob(lp) => Event::Logprob(lp),
+        };
+        !halt.load(Ordering::Relaxed) && events.send(ev).is_ok()
     };
     // A panic in the engine must not take the server down with it: report
     // it as an internal error and keep serving.
