@@ -168,3 +168,18 @@ fn parity_pack_deepseek_v3() {
 fn parity_pack_qwen3_next() {
     check("qwen3_next", ["gate_proj", "up_proj", "down_proj"]);
 }
+
+#[test]
+fn parity_pack_glm4_moe_lite() {
+    check("glm4_moe_lite", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_deepseek_v32() {
+    check("deepseek_v32", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_glm_moe_dsa() {
+    check("glm_moe_dsa", ["gate_proj", "up_proj", "down_proj"]);
+}

@@ -1,140 +1,137 @@
-//! DeepSeek-V3 (`DeepseekV3ForCausalLM`): multi-head latent attention (MLA)
-//! and the DeepSeekMoE feed-forward (sigmoid group-limited router with
-//! shared experts; dense SwiGLU for the first `first_k_dense_replace`
-//! layers), both from `nn`.
+//! DeepSeek-V3 (`DeepseekV3ForCausalLM`) and the families that are its
+//! layer with other switches: multi-head latent attention
+//! ([`super::nn::mla`]), optionally with DeepSeek sparse attention's
+//! indexer ([`super::nn::indexer`]), and the DeepSeekMoE feed-forward
+//! (sigmoid group-limited router with shared experts; dense SwiGLU in the
+//! first `first_k_dense_replace` layers or as `mlp_layer_types` says).
 //!
-//! MLA as transformers computes it: queries through an optional low-rank
-//! pair (`q_a_proj` -> `q_a_layernorm` -> `q_b_proj`, or `q_proj` when
-//! `q_lora_rank` is null), each head split into a no-rope part
-//! (`qk_nope_head_dim`) and a rope part (`qk_rope_head_dim`);
-//! `kv_a_proj_with_mqa` yields a `kv_lora_rank` latent (normalized by
-//! `kv_a_layernorm`, expanded per head by `kv_b_proj` into no-rope keys and
-//! values) and one rope key shared by all heads. With `rope_interleave` the
-//! rope part is de-interleaved (even dims, then odd) before rotate-half.
-//! Softmax scale `qk_head_dim^-0.5` (no yarn `mscale`: scaled rope is
-//! refused). After the projection it is plain attention:
-//! [`super::nn::attention::attend`] with as many KV heads as query heads.
-//!
-//! The KV cache holds the expanded per-head keys and values (values padded
-//! to the key width), not the latent: simple and exact, but it does not
-//! give MLA's memory saving yet.
+//! The other families are a [`MlaSpec`] each: `glm4_moe_lite`
+//! (GLM-4.7-Flash), `deepseek_v32` (DeepSeek-V3.2) and `glm_moe_dsa`
+//! (GLM-5), in their own files.
 
-use super::decoder::kv_vector;
 use super::family::{Dims, Family, FamilyConfig};
-use super::nn::attention::{attend, AttnParams};
 use super::nn::config::JsonCfg;
-use super::nn::kv_cache::{KvBits, LayerKv};
-use super::nn::linear::{add_into, layer_name, matmul, norm_in_place, norm_rows};
+use super::nn::indexer::{Indexer, IndexerKeys, IndexerWeights};
+use super::nn::kv_cache::KvBits;
+use super::nn::linear::{add_into, layer_name, norm_rows};
+use super::nn::mla::{Mla, MlaState, MlaWeights};
 use super::nn::moe::{ffn_residual, DeepseekMoe, Ffn, FfnLayer, RouterObserver};
-use super::nn::rope::Rope;
-use super::nn::router::{SigmoidRouter, SigmoidRouting};
+use super::nn::router::SigmoidRouter;
 use crate::cache::WorkingShape;
 use crate::error::RuntimeError;
 use crate::experts::ExpertProvider;
-use crate::weights::{Matrix, WeightSource};
+use crate::weights::WeightSource;
 
-/// MLA's shape.
+/// What tells the MLA families apart.
 #[derive(Debug, Clone, Copy)]
-pub struct Mla {
-    pub heads: usize,
-    pub q_lora_rank: Option<usize>,
-    pub kv_lora_rank: usize,
-    pub qk_nope_head_dim: usize,
-    pub qk_rope_head_dim: usize,
-    pub v_head_dim: usize,
+pub struct MlaSpec {
+    /// The registry's `model_type`.
+    pub arch: &'static str,
+    /// Dense layers when the config has no `mlp_layer_types`.
+    pub dense: DenseLayers,
+    /// Whether MLA's rope is interleaved: `rope_interleave` with this
+    /// default, or `None` when the family always interleaves.
+    pub rope_interleave_default: Option<bool>,
+    /// DeepSeek sparse attention's indexer, and whether its rope is
+    /// interleaved (GLM-5) or half-split (DeepSeek-V3.2).
+    pub indexer: Option<IndexerRope>,
+    /// `rms_norm_eps` when absent.
+    pub eps_default: f64,
 }
 
-impl Mla {
-    pub fn qk_head_dim(&self) -> usize {
-        self.qk_nope_head_dim + self.qk_rope_head_dim
-    }
+/// Which layers are dense when `mlp_layer_types` is absent.
+#[derive(Debug, Clone, Copy)]
+pub enum DenseLayers {
+    /// The first `first_k_dense_replace` (this default when absent).
+    FirstK(usize),
+    /// Only layer 0, whatever else the config says (glm4_moe_lite's
+    /// transformers config).
+    FirstOnly,
 }
 
-/// DeepSeek-V3 as a [`Family`].
+/// How the indexer rotates its rope dims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexerRope {
+    HalfSplit,
+    Interleaved,
+}
+
+/// DeepSeek-V3 itself.
+pub const DEEPSEEK_V3: MlaSpec = MlaSpec {
+    arch: "deepseek_v3",
+    dense: DenseLayers::FirstK(3),
+    rope_interleave_default: Some(true),
+    indexer: None,
+    eps_default: 1e-6,
+};
+
+/// An MLA family as a [`Family`] (deepseek_v3 and its specs).
 #[derive(Debug, Clone)]
 pub struct DeepseekV3 {
     dims: Dims,
     pub mla: Mla,
-    rope: Rope,
     pub ffn: DeepseekMoe,
+    /// DeepSeek sparse attention (every layer has its own indexer).
+    pub indexer: Option<Indexer>,
 }
 
 /// Parses a `deepseek_v3` config (the registry's entry point).
 pub fn parse(c: &JsonCfg) -> Result<FamilyConfig, RuntimeError> {
+    parse_spec(c, DEEPSEEK_V3)
+}
+
+/// Parses the config of the MLA family `spec`.
+pub fn parse_spec(c: &JsonCfg, spec: MlaSpec) -> Result<FamilyConfig, RuntimeError> {
     c.silu_only()?;
-    c.default_rope_only()?;
-    if c.bool_opt("attention_bias")?.unwrap_or(false) {
-        return Err(c.bad(
-            "attention_bias",
-            "attention bias is not supported for deepseek_v3",
-        ));
-    }
-    let qk_rope_head_dim = c.positive("qk_rope_head_dim")?;
-    if qk_rope_head_dim % 2 != 0 {
-        return Err(c.bad("qk_rope_head_dim", "must be even"));
-    }
-    let n_routed = c.positive("n_routed_experts")?;
     let hidden_size = c.positive("hidden_size")?;
-    let ffn = DeepseekMoe {
-        hidden: hidden_size,
-        intermediate: c.positive("intermediate_size")?,
-        moe_intermediate: c.positive("moe_intermediate_size")?,
-        n_routed,
-        n_shared: c.usize_opt("n_shared_experts")?.unwrap_or(0),
-        first_k_dense: c.usize_opt("first_k_dense_replace")?.unwrap_or(0),
-        rule: SigmoidRouting::from_cfg(c, n_routed)?,
+    let n_layers = c.positive("num_hidden_layers")?;
+    let eps = c.f64_opt("rms_norm_eps")?.unwrap_or(spec.eps_default) as f32;
+    let interleave = match spec.rope_interleave_default {
+        Some(d) => c.bool_opt("rope_interleave")?.unwrap_or(d),
+        None => true,
+    };
+    let mla = Mla::from_cfg(c, interleave)?;
+    let first_k = match spec.dense {
+        DenseLayers::FirstK(d) => c.usize_opt("first_k_dense_replace")?.unwrap_or(d),
+        DenseLayers::FirstOnly => 1,
+    };
+    let ffn = DeepseekMoe::from_cfg(c, hidden_size, n_layers, first_k)?;
+    let indexer = match spec.indexer {
+        None => None,
+        Some(r) => {
+            if mla.q_lora_rank.is_none() {
+                return Err(c.bad(
+                    "q_lora_rank",
+                    "sparse attention's indexer reads the low-rank query: q_lora_rank must be set",
+                ));
+            }
+            Some(Indexer::from_cfg(
+                c,
+                &mla.rope,
+                r == IndexerRope::Interleaved,
+            )?)
+        }
     };
     Ok(FamilyConfig::new(DeepseekV3 {
         dims: Dims {
-            arch: "deepseek_v3",
+            arch: spec.arch,
             vocab_size: c.positive("vocab_size")?,
             hidden_size,
-            num_hidden_layers: c.positive("num_hidden_layers")?,
-            num_experts: n_routed,
+            num_hidden_layers: n_layers,
+            num_experts: ffn.n_routed,
             top_k: ffn.rule.top_k,
             moe_intermediate_size: ffn.moe_intermediate,
             max_position_embeddings: c.usize_opt("max_position_embeddings")?.unwrap_or(4096),
-            eps: c.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            eps,
             tie_word_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             zero_centred_norm: false,
             bos_token_id: c.ids("bos_token_id")?.first().copied(),
             eos_token_ids: c.ids("eos_token_id")?,
         },
-        mla: Mla {
-            heads: c.positive("num_attention_heads")?,
-            q_lora_rank: c.usize_opt("q_lora_rank")?,
-            kv_lora_rank: c.positive("kv_lora_rank")?,
-            qk_nope_head_dim: c.positive("qk_nope_head_dim")?,
-            qk_rope_head_dim,
-            v_head_dim: c.positive("v_head_dim")?,
-        },
-        rope: Rope::new(
-            c.f64_opt("rope_theta")?.unwrap_or(10000.0) as f32,
-            qk_rope_head_dim,
-        )
-        .interleaved(c.bool_opt("rope_interleave")?.unwrap_or(true)),
+        mla,
         ffn,
+        indexer,
     }))
-}
-
-/// Query projection: low-rank with a norm in between, or direct.
-#[derive(Debug, Clone)]
-pub enum QProj {
-    Lora {
-        a: Matrix,
-        norm: Vec<f32>,
-        b: Matrix,
-    },
-    Full(Matrix),
-}
-
-#[derive(Debug, Clone)]
-pub struct MlaWeights {
-    pub q: QProj,
-    pub kv_a: Matrix,
-    pub kv_a_norm: Vec<f32>,
-    pub kv_b: Matrix,
-    pub o: Matrix,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +140,7 @@ pub struct DsLayer {
     pub input_norm: Vec<f32>,
     pub post_norm: Vec<f32>,
     pub attn: MlaWeights,
+    pub indexer: Option<IndexerWeights>,
     pub ffn: Ffn<SigmoidRouter>,
 }
 
@@ -156,66 +154,9 @@ impl DsLayer {
     }
 }
 
-impl DeepseekV3 {
-    fn attention(&self, w: &MlaWeights, xn: &[f32], n: usize, kv: &mut LayerKv) -> Vec<f32> {
-        let m = &self.mla;
-        let (nh, nope, rd, vd, r) = (
-            m.heads,
-            m.qk_nope_head_dim,
-            m.qk_rope_head_dim,
-            m.v_head_dim,
-            m.kv_lora_rank,
-        );
-        let qk = nope + rd;
-        let mut q = match &w.q {
-            QProj::Lora { a, norm, b } => {
-                let mut qa = matmul(a, xn, n);
-                norm_in_place(&mut qa, a.rows(), norm, self.dims.eps);
-                matmul(b, &qa, n)
-            }
-            QProj::Full(m) => matmul(m, xn, n),
-        };
-        let ckv = matmul(&w.kv_a, xn, n);
-        let mut lat = vec![0.0; n * r];
-        let mut krot = vec![0.0; n * rd];
-        for i in 0..n {
-            let row = &ckv[i * (r + rd)..(i + 1) * (r + rd)];
-            lat[i * r..(i + 1) * r].copy_from_slice(&row[..r]);
-            krot[i * rd..(i + 1) * rd].copy_from_slice(&row[r..]);
-        }
-        norm_in_place(&mut lat, r, &w.kv_a_norm, self.dims.eps);
-        let kvb = matmul(&w.kv_b, &lat, n); // [n, heads * (nope + vd)]
-                                            // Rope on each query head's rope part and on the one shared rope key.
-        self.rope
-            .apply(&mut [q.as_mut_slice()], n, qk, nope, kv.len());
-        self.rope
-            .apply(&mut [krot.as_mut_slice()], n, rd, 0, kv.len());
-        let mut k = vec![0.0; n * nh * qk];
-        let mut v = vec![0.0; n * nh * qk];
-        for i in 0..n {
-            let kr = &krot[i * rd..(i + 1) * rd];
-            for hh in 0..nh {
-                let src = &kvb[(i * nh + hh) * (nope + vd)..(i * nh + hh + 1) * (nope + vd)];
-                let kh = &mut k[(i * nh + hh) * qk..(i * nh + hh + 1) * qk];
-                kh[..nope].copy_from_slice(&src[..nope]);
-                kh[nope..].copy_from_slice(kr);
-                v[(i * nh + hh) * qk..(i * nh + hh) * qk + vd].copy_from_slice(&src[nope..]);
-            }
-        }
-        // Values are padded to qk: attend over the padded width, keep the first vd.
-        let padded = attend(&AttnParams::new(nh, nh, qk), &q, &k, &v, kv, n);
-        kv.append(&k, &v);
-        let mut out = vec![0.0; n * nh * vd];
-        for (o, p) in out.chunks_exact_mut(vd).zip(padded.chunks_exact(qk)) {
-            o.copy_from_slice(&p[..vd]);
-        }
-        matmul(&w.o, &out, n)
-    }
-}
-
 impl Family for DeepseekV3 {
     type Layer = DsLayer;
-    type State = LayerKv;
+    type State = MlaState;
 
     fn dims(&self) -> &Dims {
         &self.dims
@@ -225,65 +166,41 @@ impl Family for DeepseekV3 {
         self.ffn.is_moe_layer(l)
     }
 
-    // MLA: keys and values are cached expanded, per head.
+    // MLA: keys and values are cached expanded, per head; the indexer
+    // keeps one f32 key per position.
     fn working_shape(&self, kv: KvBits) -> WorkingShape {
-        let (d, m, f) = (&self.dims, &self.mla, &self.ffn);
-        WorkingShape {
-            hidden: d.hidden_size as u64,
-            vocab: d.vocab_size as u64,
-            kv_bytes_per_token: d.num_hidden_layers as u64
-                * 2
-                * m.heads as u64
-                * kv_vector(kv, m.qk_head_dim()),
-            state_bytes: 0,
-            qkv: (3 * m.heads * m.qk_head_dim() + m.kv_lora_rank + m.q_lora_rank.unwrap_or(0))
-                as u64,
-            top_k: d.top_k as u64,
-            expert_inter: f.moe_intermediate as u64,
-            shared_inter: (f.n_shared * f.moe_intermediate).max(f.intermediate) as u64,
-            experts: f.n_routed as u64,
-        }
+        let (d, m) = (&self.dims, &self.mla);
+        let index_key = self.indexer.as_ref().map_or(0, |ix| 4 * ix.head_dim as u64);
+        let index_q = self.indexer.as_ref().map_or(0, |ix| ix.heads * ix.head_dim);
+        self.ffn.working_shape(
+            d.vocab_size,
+            d.num_hidden_layers as u64 * (m.kv_bytes_per_token(kv) + index_key),
+            0,
+            m.qkv_width() + index_q,
+        )
     }
 
     fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<DsLayer, RuntimeError> {
-        let (m, h) = (&self.mla, self.dims.hidden_size);
-        let qk = m.qk_head_dim();
-        let a = |n: &str| layer_name(l, &format!("self_attn.{n}"));
-        let q = match m.q_lora_rank {
-            Some(r) => QProj::Lora {
-                a: src.matrix(&a("q_a_proj"), r, h)?,
-                norm: src.vector(&a("q_a_layernorm.weight"), r)?,
-                b: src.matrix(&a("q_b_proj"), m.heads * qk, r)?,
-            },
-            None => QProj::Full(src.matrix(&a("q_proj"), m.heads * qk, h)?),
-        };
-        let attn = MlaWeights {
-            q,
-            kv_a: src.matrix(
-                &a("kv_a_proj_with_mqa"),
-                m.kv_lora_rank + m.qk_rope_head_dim,
-                h,
-            )?,
-            kv_a_norm: src.vector(&a("kv_a_layernorm.weight"), m.kv_lora_rank)?,
-            kv_b: src.matrix(
-                &a("kv_b_proj"),
-                m.heads * (m.qk_nope_head_dim + m.v_head_dim),
-                m.kv_lora_rank,
-            )?,
-            o: src.matrix(&a("o_proj"), h, m.heads * m.v_head_dim)?,
+        let h = self.dims.hidden_size;
+        let indexer = match (&self.indexer, self.mla.q_lora_rank) {
+            (Some(ix), Some(r)) => Some(ix.load(src, l, h, r)?),
+            _ => None,
         };
         Ok(DsLayer {
             index: l,
             input_norm: src.vector(&layer_name(l, "input_layernorm.weight"), h)?,
             post_norm: src.vector(&layer_name(l, "post_attention_layernorm.weight"), h)?,
-            attn,
+            attn: self.mla.load(src, l, h)?,
+            indexer,
             ffn: self.ffn.load(src, l)?,
         })
     }
 
-    /// Keys and values of every head, values padded to the key width.
-    fn new_state(&self, kv: KvBits) -> LayerKv {
-        LayerKv::new(kv, self.mla.heads, self.mla.qk_head_dim())
+    fn new_state(&self, kv: KvBits) -> MlaState {
+        MlaState {
+            kv: self.mla.new_kv(kv),
+            index: IndexerKeys::new(self.indexer.as_ref().map_or(0, |ix| ix.head_dim)),
+        }
     }
 
     fn layer_forward(
@@ -292,13 +209,14 @@ impl Family for DeepseekV3 {
         next: Option<&DsLayer>,
         experts: &dyn ExpertProvider,
         hidden: &mut [f32],
-        kv: &mut LayerKv,
+        state: &mut MlaState,
         observer: Option<&mut (dyn RouterObserver + '_)>,
     ) -> Result<(), RuntimeError> {
         let eps = self.dims.eps;
         let n = hidden.len() / self.dims.hidden_size;
         let xn = norm_rows(hidden, &lw.input_norm, eps);
-        add_into(hidden, &self.attention(&lw.attn, &xn, n, kv));
+        let indexer = self.indexer.as_ref().zip(lw.indexer.as_ref());
+        add_into(hidden, &self.mla.forward(&lw.attn, indexer, &xn, n, state));
         ffn_residual(
             lw.ffn_layer(),
             next.map(DsLayer::ffn_layer),
@@ -307,5 +225,134 @@ impl Family for DeepseekV3 {
             eps,
             observer,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A small config in the hub's older spelling (top-level `rope_theta`,
+    /// `rope_scaling`, no `mlp_layer_types`) with `extra` keys merged in.
+    fn cfg(model_type: &str, extra: serde_json::Value) -> JsonCfg {
+        let mut c = serde_json::json!({
+            "model_type": model_type,
+            "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "num_hidden_layers": 5,
+            "num_attention_heads": 4, "n_routed_experts": 16, "n_shared_experts": 1,
+            "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+            "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8, "v_head_dim": 16, "rope_theta": 10000.0,
+            "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        JsonCfg::from_str(&c.to_string(), Path::new("config.json")).unwrap()
+    }
+
+    fn family(c: &JsonCfg) -> DeepseekV3 {
+        super::super::registry::parse(c)
+            .unwrap()
+            .downcast::<DeepseekV3>()
+            .unwrap()
+            .clone()
+    }
+
+    fn err(c: &JsonCfg) -> String {
+        super::super::registry::parse(c).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hub_spellings_parse_with_each_familys_defaults() {
+        // DeepSeek-V3.2 as the hub writes it: YaRN under `rope_scaling`
+        // scales the softmax by mscale(40, 1)^2, and the first 3 layers are
+        // dense by default.
+        let f = family(&cfg(
+            "deepseek_v32",
+            serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 40.0,
+                "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1}}),
+        ));
+        let m = 0.1 * 40f32.ln() + 1.0;
+        assert!(
+            (f.mla.scale - m * m / 24f32.sqrt()).abs() < 1e-6,
+            "{}",
+            f.mla.scale
+        );
+        assert_eq!(
+            (0..5).map(|l| f.is_moe_layer(l)).collect::<Vec<_>>(),
+            [false, false, false, true, true]
+        );
+        let ix = f.indexer.as_ref().unwrap();
+        assert_eq!((ix.heads, ix.head_dim, ix.topk), (2, 16, 8));
+        assert_eq!(f.dims.eps, 1e-6);
+        // GLM-4.7-Flash: only layer 0 is dense, whatever first_k_dense_replace says.
+        let f = family(&cfg(
+            "glm4_moe_lite",
+            serde_json::json!({"first_k_dense_replace": 2}),
+        ));
+        assert!(!f.is_moe_layer(0) && f.is_moe_layer(1));
+        assert!(f.indexer.is_none());
+        assert_eq!(f.dims.eps, 1e-5);
+        // transformers 5's `mlp_layer_types` wins over first_k_dense_replace.
+        let f = family(&cfg(
+            "glm_moe_dsa",
+            serde_json::json!({"mlp_layer_types": ["dense", "sparse", "dense", "sparse", "sparse"]}),
+        ));
+        assert_eq!(
+            (0..5).map(|l| f.is_moe_layer(l)).collect::<Vec<_>>(),
+            [false, true, false, true, true]
+        );
+        // A class name instead of model_type routes the same way.
+        let f = family(&cfg("GlmMoeDsaForCausalLM", serde_json::json!({})));
+        assert_eq!(f.dims.arch, "glm_moe_dsa");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_by_key() {
+        let e = err(&cfg(
+            "glm_moe_dsa",
+            serde_json::json!({"mlp_layer_types": ["dense"]}),
+        ));
+        assert!(
+            e.contains("mlp_layer_types") && e.contains("5 layer types"),
+            "{e}"
+        );
+        let e = err(&cfg(
+            "glm_moe_dsa",
+            serde_json::json!({"indexer_types": ["full", "shared", "full", "shared", "full"]}),
+        ));
+        assert!(e.contains("indexer_types") && e.contains("shared"), "{e}");
+        // transformers derives shared layers from index_topk_freq.
+        let e = err(&cfg(
+            "glm_moe_dsa",
+            serde_json::json!({"index_topk_freq": 2}),
+        ));
+        assert!(e.contains("index_topk_freq"), "{e}");
+        let e = err(&cfg(
+            "deepseek_v32",
+            serde_json::json!({"q_lora_rank": null}),
+        ));
+        assert!(e.contains("q_lora_rank"), "{e}");
+        let e = err(&cfg(
+            "deepseek_v32",
+            serde_json::json!({"index_head_dim": 4}),
+        ));
+        assert!(e.contains("index_head_dim"), "{e}");
+        let e = err(&cfg("deepseek_v32", serde_json::json!({"index_topk": 0})));
+        assert!(e.contains("index_topk") && e.contains("positive"), "{e}");
+        let e = err(&cfg(
+            "deepseek_v32",
+            serde_json::json!({"layer_types": ["indexed_attention", "full_attention",
+                "indexed_attention", "indexed_attention", "indexed_attention"]}),
+        ));
+        assert!(e.contains("layer_types"), "{e}");
+        let e = err(&cfg(
+            "deepseek_v3",
+            serde_json::json!({"attention_bias": true}),
+        ));
+        assert!(e.contains("attention_bias"), "{e}");
     }
 }

@@ -16,7 +16,7 @@ use super::nn::kv_cache::{KvBits, LayerKv};
 use super::nn::linear::{add_into, layer_name, norm_rows};
 use super::nn::moe::{ffn_residual, DeepseekMoe, Ffn, FfnLayer, RouterObserver};
 use super::nn::rope::Rope;
-use super::nn::router::{SigmoidRouter, SigmoidRouting};
+use super::nn::router::SigmoidRouter;
 use crate::cache::WorkingShape;
 use crate::error::RuntimeError;
 use crate::experts::ExpertProvider;
@@ -41,24 +41,17 @@ pub fn parse(c: &JsonCfg) -> Result<FamilyConfig, RuntimeError> {
     let kv_heads = c.kv_heads(heads)?;
     let head_dim = c.usize_opt("head_dim")?.unwrap_or(hidden_size / heads);
     let rotary_dim = c.rotary_dim(head_dim, 0.5)?;
-    let n_routed = c.positive("n_routed_experts")?;
     let eps = c.f64_opt("rms_norm_eps")?.unwrap_or(1e-5) as f32;
-    let ffn = DeepseekMoe {
-        hidden: hidden_size,
-        intermediate: c.positive("intermediate_size")?,
-        moe_intermediate: c.positive("moe_intermediate_size")?,
-        n_routed,
-        n_shared: c.usize_opt("n_shared_experts")?.unwrap_or(0),
-        first_k_dense: c.usize_opt("first_k_dense_replace")?.unwrap_or(0),
-        rule: SigmoidRouting::from_cfg(c, n_routed)?,
-    };
+    let n_layers = c.positive("num_hidden_layers")?;
+    let first_k = c.usize_opt("first_k_dense_replace")?.unwrap_or(0);
+    let ffn = DeepseekMoe::from_cfg(c, hidden_size, n_layers, first_k)?;
     Ok(FamilyConfig::new(Glm4 {
         dims: Dims {
             arch: "glm4_moe",
             vocab_size: c.positive("vocab_size")?,
             hidden_size,
-            num_hidden_layers: c.positive("num_hidden_layers")?,
-            num_experts: n_routed,
+            num_hidden_layers: n_layers,
+            num_experts: ffn.n_routed,
             top_k: ffn.rule.top_k,
             moe_intermediate_size: ffn.moe_intermediate,
             max_position_embeddings: c.usize_opt("max_position_embeddings")?.unwrap_or(4096),
@@ -122,21 +115,13 @@ impl Family for Glm4 {
     }
 
     fn working_shape(&self, kv: KvBits) -> WorkingShape {
-        let (d, a, f) = (&self.dims, &self.attn, &self.ffn);
-        WorkingShape {
-            hidden: d.hidden_size as u64,
-            vocab: d.vocab_size as u64,
-            kv_bytes_per_token: d.num_hidden_layers as u64
-                * 2
-                * a.kv_heads as u64
-                * kv_vector(kv, a.head_dim),
-            state_bytes: 0,
-            qkv: ((a.heads + 2 * a.kv_heads) * a.head_dim) as u64,
-            top_k: d.top_k as u64,
-            expert_inter: f.moe_intermediate as u64,
-            shared_inter: (f.n_shared * f.moe_intermediate).max(f.intermediate) as u64,
-            experts: f.n_routed as u64,
-        }
+        let (d, a) = (&self.dims, &self.attn);
+        self.ffn.working_shape(
+            d.vocab_size,
+            d.num_hidden_layers as u64 * 2 * a.kv_heads as u64 * kv_vector(kv, a.head_dim),
+            0,
+            (a.heads + 2 * a.kv_heads) * a.head_dim,
+        )
     }
 
     fn load_layer(&self, src: &dyn WeightSource, l: usize) -> Result<Glm4Layer, RuntimeError> {

@@ -10,14 +10,19 @@
 //!   routers, the routed-experts path).
 //! - One file per family: [`decoder`] (the shared decoder) with its four
 //!   specs [`qwen3_moe`], [`qwen2_moe`], [`mixtral`], [`olmoe`]; and
-//!   [`glm4_moe`], [`deepseek_v3`], [`qwen3_next`] with their own layers.
+//!   [`glm4_moe`], [`deepseek_v3`], [`qwen3_next`] with their own layers;
+//!   [`glm4_moe_lite`], [`deepseek_v32`], [`glm_moe_dsa`] are specs of
+//!   [`deepseek_v3`]'s MLA layer.
 //!
 //! Loading (MODEL resolution, packs, the expert cache) is [`crate::load`].
 
 pub mod decoder;
 pub mod deepseek_v3;
+pub mod deepseek_v32;
 pub mod family;
 pub mod glm4_moe;
+pub mod glm4_moe_lite;
+pub mod glm_moe_dsa;
 pub mod layerwise;
 pub mod mixtral;
 pub mod nn;

@@ -6,7 +6,10 @@
 use super::decoder::FamilySpec;
 use super::family::FamilyConfig;
 use super::nn::config::JsonCfg;
-use super::{deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next};
+use super::{
+    deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, mixtral, olmoe, qwen2_moe,
+    qwen3_moe, qwen3_next,
+};
 use crate::error::RuntimeError;
 
 /// How a registered family is built from its config.
@@ -56,6 +59,17 @@ pub const FAMILIES: &[Entry] = &[
     own("glm4_moe", "Glm4MoeForCausalLM", glm4_moe::parse),
     own("deepseek_v3", "DeepseekV3ForCausalLM", deepseek_v3::parse),
     own("qwen3_next", "Qwen3NextForCausalLM", qwen3_next::parse),
+    own(
+        "glm4_moe_lite",
+        "Glm4MoeLiteForCausalLM",
+        glm4_moe_lite::parse,
+    ),
+    own(
+        "deepseek_v32",
+        "DeepseekV32ForCausalLM",
+        deepseek_v32::parse,
+    ),
+    own("glm_moe_dsa", "GlmMoeDsaForCausalLM", glm_moe_dsa::parse),
 ];
 
 /// The registered `model_type`s, comma-separated (for messages).

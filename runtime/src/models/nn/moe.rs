@@ -311,24 +311,95 @@ pub fn routed_experts_forward(
     Ok(out)
 }
 
-/// The DeepSeekMoE feed-forward layout (deepseek_v3, glm4_moe): dense
-/// SwiGLU for the first `first_k_dense` layers, then a sigmoid router over
-/// `n_routed` experts plus `n_shared * moe_intermediate`-wide always-on
-/// `shared_experts`, added unscaled.
-#[derive(Debug, Clone, Copy)]
+/// The DeepSeekMoE feed-forward layout (deepseek_v3, glm4_moe and the
+/// MLA families after them): a dense SwiGLU in some layers (the first
+/// `first_k_dense_replace`, or those `mlp_layer_types` calls `dense`),
+/// elsewhere a sigmoid router over `n_routed` experts plus
+/// `n_shared * moe_intermediate`-wide always-on `shared_experts`, added
+/// unscaled. Built once by [`DeepseekMoe::from_cfg`] for every such family.
+#[derive(Debug, Clone)]
 pub struct DeepseekMoe {
     pub hidden: usize,
     pub intermediate: usize,
     pub moe_intermediate: usize,
     pub n_routed: usize,
     pub n_shared: usize,
-    pub first_k_dense: usize,
+    /// Per layer: whether it has routed experts.
+    pub moe_layers: Vec<bool>,
     pub rule: super::router::SigmoidRouting,
 }
 
 impl DeepseekMoe {
+    /// Reads the layout of `n_layers` layers of width `hidden`. Which
+    /// layers are dense: `mlp_layer_types` (`"dense"`/`"sparse"` per
+    /// layer, transformers 5) when present, else the first
+    /// `first_k_dense` (the family reads `first_k_dense_replace` with its
+    /// own default).
+    pub fn from_cfg(
+        c: &super::config::JsonCfg,
+        hidden: usize,
+        n_layers: usize,
+        first_k_dense: usize,
+    ) -> Result<Self, RuntimeError> {
+        let n_routed = c.positive_any(&["n_routed_experts", "num_local_experts"])?;
+        let moe_layers = match c.obj.get("mlp_layer_types") {
+            None | Some(serde_json::Value::Null) => {
+                (0..n_layers).map(|l| l >= first_k_dense).collect()
+            }
+            Some(serde_json::Value::Array(a)) if a.len() == n_layers => a
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some("sparse") => Ok(true),
+                    Some("dense") => Ok(false),
+                    _ => Err(c.bad(
+                        "mlp_layer_types",
+                        format!("expected \"dense\" or \"sparse\", found {v}"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => {
+                return Err(c.bad(
+                    "mlp_layer_types",
+                    format!("expected a list of {n_layers} layer types, found {v}"),
+                ))
+            }
+        };
+        Ok(DeepseekMoe {
+            hidden,
+            intermediate: c.positive("intermediate_size")?,
+            moe_intermediate: c.positive("moe_intermediate_size")?,
+            n_routed,
+            n_shared: c.usize_opt("n_shared_experts")?.unwrap_or(0),
+            moe_layers,
+            rule: super::router::SigmoidRouting::from_cfg(c, n_routed)?,
+        })
+    }
+
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        l >= self.first_k_dense
+        self.moe_layers.get(l).copied().unwrap_or(false)
+    }
+
+    /// The working shape of a model with this feed-forward, given what its
+    /// attention needs: KV bytes per position (all layers), fixed state
+    /// bytes, and the width of one layer's projections.
+    pub fn working_shape(
+        &self,
+        vocab: usize,
+        kv_bytes_per_token: u64,
+        state_bytes: u64,
+        qkv: usize,
+    ) -> crate::cache::WorkingShape {
+        crate::cache::WorkingShape {
+            hidden: self.hidden as u64,
+            vocab: vocab as u64,
+            kv_bytes_per_token,
+            state_bytes,
+            qkv: qkv as u64,
+            top_k: self.rule.top_k as u64,
+            expert_inter: self.moe_intermediate as u64,
+            shared_inter: (self.n_shared * self.moe_intermediate).max(self.intermediate) as u64,
+            experts: self.n_routed as u64,
+        }
     }
 
     /// Layer `l`'s feed-forward weights except routed experts.

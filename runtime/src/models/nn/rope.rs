@@ -48,6 +48,20 @@ impl Yarn {
         f as f32
     }
 
+    /// The factor MLA multiplies its softmax scale by (transformers'
+    /// `yarn_apply_mscale`): `get_mscale(factor, mscale_all_dim)^2` when
+    /// `mscale_all_dim` is set and non-zero, else 1. DeepSeek's YaRN scales
+    /// every dimension of `q . k`, not only the rotated ones.
+    pub fn softmax_mscale(&self) -> f32 {
+        match self.mscale_all_dim {
+            Some(all) if all != 0.0 => {
+                let m = yarn_mscale(self.factor, all);
+                (m * m) as f32
+            }
+            _ => 1.0,
+        }
+    }
+
     /// Blends interpolated (`/ factor`) and extrapolated (unscaled)
     /// frequencies with a linear ramp between the correction dims of
     /// `beta_fast` and `beta_slow` rotations over the original context.
