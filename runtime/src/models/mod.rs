@@ -18,6 +18,7 @@ pub mod decoder;
 pub mod deepseek_v3;
 pub mod family;
 pub mod glm4_moe;
+pub mod gpt_oss;
 pub mod layerwise;
 pub mod mixtral;
 pub mod nn;

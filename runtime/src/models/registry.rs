@@ -6,7 +6,7 @@
 use super::decoder::FamilySpec;
 use super::family::FamilyConfig;
 use super::nn::config::JsonCfg;
-use super::{deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next};
+use super::{deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next};
 use crate::error::RuntimeError;
 
 /// How a registered family is built from its config.
@@ -56,6 +56,7 @@ pub const FAMILIES: &[Entry] = &[
     own("glm4_moe", "Glm4MoeForCausalLM", glm4_moe::parse),
     own("deepseek_v3", "DeepseekV3ForCausalLM", deepseek_v3::parse),
     own("qwen3_next", "Qwen3NextForCausalLM", qwen3_next::parse),
+    own("gpt_oss", "GptOssForCausalLM", gpt_oss::parse),
 ];
 
 /// The registered `model_type`s, comma-separated (for messages).
@@ -119,9 +120,9 @@ mod tests {
 
     #[test]
     fn unknown_family_lists_the_registry() {
-        let c = JsonCfg::from_str(r#"{"model_type":"gpt_oss"}"#, Path::new("c.json")).unwrap();
+        let c = JsonCfg::from_str(r#"{"model_type":"llama4_text"}"#, Path::new("c.json")).unwrap();
         let e = lookup(&c).err().unwrap().to_string();
-        assert!(e.contains("unsupported architecture `gpt_oss`"), "{e}");
+        assert!(e.contains("unsupported architecture `llama4_text`"), "{e}");
         for f in FAMILIES {
             assert!(e.contains(f.model_type), "{e}");
         }
