@@ -17,6 +17,7 @@ use linfa::traits::Transformer;
 use linfa_clustering::Dbscan;
 use linfa_nn::{distance::L2Dist, CommonNearestNeighbour};
 use mfx_formats::profile::Profile;
+use mfx_runtime::experts::ExpertBias;
 use mfx_runtime::models::{ExpertMats, ExpertProvider};
 use mfx_runtime::RuntimeError;
 use ndarray::Array2;
@@ -179,12 +180,43 @@ fn weighted_mean(members: &[(Arc<ExpertWeights>, f64)]) -> ExpertWeights {
             data,
         }
     };
+    let weight = |c: f64| {
+        if uniform {
+            1.0 / members.len() as f64
+        } else {
+            c / tot
+        }
+    };
+    // Biases (gpt-oss) are averaged with the same weights as the matrices.
+    let bias = members[0].0.bias.as_ref().map(|b0| {
+        let mut b = ExpertBias {
+            gate: vec![0.0; b0.gate.len()],
+            up: vec![0.0; b0.up.len()],
+            down: vec![0.0; b0.down.len()],
+        };
+        for (w, c) in members {
+            if let Some(x) = &w.bias {
+                let f = weight(*c) as f32;
+                for (acc, v) in [
+                    (&mut b.gate, &x.gate),
+                    (&mut b.up, &x.up),
+                    (&mut b.down, &x.down),
+                ] {
+                    for (a, y) in acc.iter_mut().zip(v) {
+                        *a += f * y;
+                    }
+                }
+            }
+        }
+        b
+    });
     ExpertWeights {
         gate: avg(&|w| &w.gate),
         up: avg(&|w| &w.up),
         down: avg(&|w| &w.down),
         // A mean of experts is new f32 weights: quantized like any other.
         mxfp4: [None, None, None],
+        bias,
     }
 }
 

@@ -281,10 +281,22 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         .iter()
         .map(quantize::dense_bytes)
         .sum::<Result<u64>>()?;
-    let hot_bytes = quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.hot_bits, o.group_size)?;
-    let cold_bytes =
-        quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.cold_bits, o.group_size)?;
     let moe_layers = ck.moe_layers();
+    // Experts are sized from one of them as it will be stored: MXFP4
+    // projections as they are, biases included.
+    let (hot_bytes, cold_bytes) = match moe_layers.first() {
+        Some(&l) => {
+            let sample = ck.expert(l, 0)?;
+            (
+                quantize::expert_bytes_of(&sample, o.hot_bits, o.group_size)?,
+                quantize::expert_bytes_of(&sample, o.cold_bits, o.group_size)?,
+            )
+        }
+        None => (
+            quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.hot_bits, o.group_size)?,
+            quantize::expert_bytes(ck.hidden(), ck.moe_inter(), o.cold_bits, o.group_size)?,
+        ),
+    };
     let (working, expert_buffers) = (plan::working_bytes(&ck.family), plan::expert_buffers());
     let needs = plan::model_needs(
         dense_bytes,
@@ -523,6 +535,11 @@ fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar {
 /// One expert, quantized and measured, ready to append.
 struct ExpertOut {
     parts: [(Scheme, Vec<u64>, Stored); 3],
+    /// The expert's bias parts (gpt-oss), after the projections.
+    bias: Vec<quantize::BiasPart>,
+    /// Mean bits per weight of its codes: `bits`, or 4.25 for a projection
+    /// stored as MXFP4.
+    code_bits: f64,
     codec: Codec,
     measure: Measure,
     entropy_bits: f64,
@@ -623,16 +640,7 @@ fn write_pack(
                 // Merged experts pointing at `e` come right after it in id order
                 // only if larger; the writer needs ascending ids, so add
                 // representatives and aliases in one sorted pass below.
-                let parts: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
-                    .iter()
-                    .zip(&x.parts)
-                    .map(|(n, (scheme, shape, s))| PartData {
-                        name: n.to_string(),
-                        scheme: *scheme,
-                        shape: shape.clone(),
-                        bytes: s.parts(),
-                    })
-                    .collect();
+                let parts = part_data(&x.parts, &x.bias);
                 let n_alias = map.map_or(0, |m| {
                     m.iter()
                         .enumerate()
@@ -645,7 +653,7 @@ fn write_pack(
                 expert_raw += x.measure.raw;
                 let nweights = 3 * (hidden * inter) as u64;
                 expert_weights += nweights * (1 + n_alias as u64);
-                bit_weighted += x.bits as f64 * nweights as f64 * (1 + n_alias) as f64;
+                bit_weighted += x.code_bits * nweights as f64 * (1 + n_alias) as f64;
                 stats.add_expert(&x.measure, x.codec, x.entropy_bits, x.bits);
             }
         }
@@ -718,6 +726,7 @@ fn encode_expert(
     let mut raw_parts: Vec<PartData> = Vec::new();
     let _ = &mut raw_parts;
     let mut ent = 0f64;
+    let mut code_bits = 0f64;
     for (k, (p, m)) in [
         ("gate_proj", &ew.gate),
         ("up_proj", &ew.up),
@@ -732,6 +741,9 @@ fn encode_expert(
                 if let Stored::Mxfp4(q) = &s {
                     ent += code_entropy(&q.blocks, 4) / 3.0;
                 }
+                // A 4-bit code per weight and an 8-bit scale per block.
+                let block = mfx_formats::mxfp4::BLOCK as f64;
+                code_bits += (4.0 + 8.0 / block) / 3.0;
                 parts.push((scheme, vec![m.rows as u64, m.cols as u64], s));
                 continue;
             }
@@ -742,21 +754,17 @@ fn encode_expert(
         })?;
         let scheme = Scheme::affine(bits, g)?;
         let s = quantize::quantize_mat(m, scheme, &name(p))?;
+        code_bits += bits as f64 / 3.0;
         if let Stored::Affine(a) = &s {
             ent += code_entropy(&a.packed, bits) / 3.0;
         }
         parts.push((scheme, vec![m.rows as u64, m.cols as u64], s));
     }
-    let pd: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
-        .iter()
-        .zip(&parts)
-        .map(|(n, (scheme, shape, s))| PartData {
-            name: n.to_string(),
-            scheme: *scheme,
-            shape: shape.clone(),
-            bytes: s.parts(),
-        })
-        .collect();
+    let bias = match &ew.bias {
+        Some(b) => quantize::bias_parts(b, &format!("model.layers.{l}.mlp.experts.{e}"))?,
+        None => Vec::new(),
+    };
+    let pd = part_data(&parts, &bias);
     let (raw, _) = PackWriter::build_expert_blob(&format!("L{l} E{e}"), &pd)
         .map_err(|err| PrepError::Pack(err.to_string()))?;
     let measure = Measure::of(&raw);
@@ -768,11 +776,38 @@ fn encode_expert(
     };
     Ok(ExpertOut {
         parts: [a, b, cc],
+        bias,
+        code_bits,
         codec,
         measure,
         entropy_bits: ent,
         bits,
     })
+}
+
+/// An expert's pack parts: the three projections under their canonical
+/// names, then its bias parts, if any (docs/FORMAT.md 6.2).
+fn part_data<'a>(
+    proj: &'a [(Scheme, Vec<u64>, Stored)],
+    bias: &'a [quantize::BiasPart],
+) -> Vec<PartData<'a>> {
+    let mut pd: Vec<PartData> = ["gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .zip(proj)
+        .map(|(n, (scheme, shape, s))| PartData {
+            name: n.to_string(),
+            scheme: *scheme,
+            shape: shape.clone(),
+            bytes: s.parts(),
+        })
+        .collect();
+    pd.extend(bias.iter().map(|b| PartData {
+        name: b.name.to_string(),
+        scheme: b.scheme,
+        shape: vec![b.len as u64],
+        bytes: vec![&b.bytes],
+    }));
+    pd
 }
 
 /// The profile embedded in a pack: the measured counts with `pinned` set to
@@ -840,6 +875,7 @@ mod tests {
             up: mat(inter, hidden, 2),
             down: Mat::of(&down_m),
             mxfp4: [Some(gate_m), None, Some(down_m)],
+            bias: None,
         };
         let out = encode_expert(&ew, 2, 32, 0.0, 0, 0).unwrap();
         let [(gs, gshape, g), (us, _, _), (ds, dshape, d)] = &out.parts;

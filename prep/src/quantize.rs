@@ -6,9 +6,10 @@
 //! bytes unchanged, 4.25 bits with no requantization loss.
 
 use crate::error::{PrepError, Result};
-use crate::source::{from_runtime, Mat, Source};
+use crate::source::{from_runtime, ExpertWeights, Mat, Source};
 use mfx_formats::mxfp4::{quantize_mxfp4, Mxfp4Owned};
 use mfx_formats::quant::{quantize, AffineOwned, Scheme};
+use mfx_runtime::experts::{ExpertBias, BIAS_PARTS};
 use mfx_runtime::kernels::MatRef;
 use mfx_runtime::weights::{DType, Matrix, WeightSource};
 
@@ -31,9 +32,11 @@ pub struct DenseTensor {
 
 /// Routers (and qwen's shared-expert gate, a router of one) stay at
 /// [`ROUTER_BITS`]: `mlp.gate`, Mixtral's `block_sparse_moe.gate`,
-/// `mlp.shared_expert_gate`.
+/// gpt-oss's `mlp.router`, `mlp.shared_expert_gate`.
 fn is_router(module: &str) -> bool {
-    module.ends_with(".gate") || module.ends_with(".shared_expert_gate")
+    module.ends_with(".gate")
+        || module.ends_with(".router")
+        || module.ends_with(".shared_expert_gate")
 }
 
 /// The group size to use for `cols`: the requested one if it divides, else
@@ -156,6 +159,72 @@ pub fn expert_bytes(hidden: usize, inter: usize, bits: u8, group: u32) -> Result
     let a = Scheme::affine(bits, g1)?.matrix_bytes(inter, hidden)?;
     let b = Scheme::affine(bits, g2)?.matrix_bytes(hidden, inter)?;
     Ok((2 * a + b) as u64)
+}
+
+/// Stored bytes of one expert as prep will write it, from a sample expert
+/// of the source: each projection at `bits` (affine), except MXFP4 source
+/// projections, which are stored as they are (4.25 bits, `as_is`), plus
+/// the bias parts the expert has (gpt-oss).
+pub fn expert_bytes_of(ew: &ExpertWeights, bits: u8, group: u32) -> Result<u64> {
+    let mut total = 0u64;
+    for (k, m) in [&ew.gate, &ew.up, &ew.down].into_iter().enumerate() {
+        let scheme = if ew.mxfp4[k].is_some() {
+            Scheme::Mxfp4
+        } else {
+            let g = group_for(m.cols, group).ok_or_else(|| {
+                PrepError::Option(format!("expert width {} is not a multiple of 32", m.cols))
+            })?;
+            Scheme::affine(bits, g)?
+        };
+        total += scheme.matrix_bytes(m.rows, m.cols)? as u64;
+    }
+    if let Some(b) = &ew.bias {
+        total += bias_parts(b, "expert")?
+            .iter()
+            .map(|p| p.bytes.len() as u64)
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// One bias part of an expert blob (docs/FORMAT.md 6.2).
+pub struct BiasPart {
+    pub name: &'static str,
+    pub scheme: Scheme,
+    pub len: usize,
+    pub bytes: Vec<u8>,
+}
+
+/// An expert's biases as its blob stores them: each vector in bf16 when
+/// every value is a bf16 (a bf16 source: exact), else in f32, so they are
+/// never rounded. Non-finite values are refused naming `what`.
+pub fn bias_parts(b: &ExpertBias, what: &str) -> Result<Vec<BiasPart>> {
+    BIAS_PARTS
+        .into_iter()
+        .zip([&b.gate, &b.up, &b.down])
+        .map(|(name, v)| {
+            check_finite(v, v.len(), &format!("{what} {name}"))?;
+            let exact = v.iter().all(|x| half::bf16::from_f32(*x).to_f32() == *x);
+            let (scheme, bytes) = if exact {
+                let b: Vec<u8> = v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect();
+                (Scheme::Bf16, b)
+            } else {
+                (
+                    Scheme::F32,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            };
+            Ok(BiasPart {
+                name,
+                scheme,
+                len: v.len(),
+                bytes,
+            })
+        })
+        .collect()
 }
 
 /// Bytes of a stored tensor: one slice for floats, (packed, scales, biases)

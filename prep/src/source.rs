@@ -9,6 +9,7 @@
 //! the checkpoint: that is what lets prep work on models larger than RAM.
 
 use crate::error::{PrepError, Result};
+use mfx_runtime::experts::ExpertBias;
 use mfx_runtime::models::family::FamilyConfig;
 use mfx_runtime::models::layerwise::Layerwise;
 use mfx_runtime::models::{ExpertMats, ExpertProvider, ResidentExperts};
@@ -125,6 +126,9 @@ pub struct ExpertWeights {
     /// (`quantize::as_is`) instead of requantizing `gate`/`up`/`down`.
     /// Zero-copy handles on the mapped checkpoint.
     pub mxfp4: [Option<Matrix>; 3],
+    /// The expert's projection biases (gpt-oss), stored beside the
+    /// projections in its pack blob.
+    pub bias: Option<ExpertBias>,
 }
 
 impl ExpertWeights {
@@ -135,6 +139,7 @@ impl ExpertWeights {
             up: Mat::of(&m.up),
             down: Mat::of(&m.down),
             mxfp4: [keep(&m.gate), keep(&m.up), keep(&m.down)],
+            bias: m.bias.clone(),
         }
     }
 
@@ -143,6 +148,7 @@ impl ExpertWeights {
             gate: self.gate.to_matrix()?,
             up: self.up.to_matrix()?,
             down: self.down.to_matrix()?,
+            bias: self.bias.clone(),
         })
     }
 }

@@ -21,13 +21,63 @@ use mfx_formats::Codec;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`. Used for dense layers, for
-/// routed experts and for shared experts.
+/// A gated MLP: `down(glu(gate(x), up(x)))`, SwiGLU unless the family
+/// says otherwise ([`Glu`]). Used for dense layers, for routed experts and
+/// for shared experts.
 #[derive(Debug, Clone)]
 pub struct ExpertMats {
     pub gate: Matrix,
     pub up: Matrix,
     pub down: Matrix,
+    /// Per-expert output biases of the three projections (gpt-oss); `None`
+    /// for every other family. They travel with the expert (its pack blob
+    /// holds them as parts `gate_bias`, `up_bias`, `down_bias`), so a
+    /// streamed expert is as complete as a resident one.
+    pub bias: Option<ExpertBias>,
+}
+
+/// An expert's projection biases, f32: `gate` and `up` are
+/// `intermediate` long, `down` is `hidden` long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBias {
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+}
+
+impl ExpertBias {
+    /// Bytes held (what a cache budgets beside the matrices).
+    pub fn nbytes(&self) -> usize {
+        4 * (self.gate.len() + self.up.len() + self.down.len())
+    }
+}
+
+/// How a gated MLP combines its gate and up projections.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Glu {
+    /// `silu(gate) * up`: every family but gpt-oss.
+    #[default]
+    Silu,
+    /// gpt-oss's clamped SwiGLU (transformers' `GptOssExperts`): the gate
+    /// clamped from above and the up projection on both sides at `limit`,
+    /// then `(up + 1) * gate * sigmoid(alpha * gate)`.
+    Clamped { alpha: f32, limit: f32 },
+}
+
+impl Glu {
+    /// `g[i] = glu(g[i], u[i])`, in place.
+    pub fn apply(self, g: &mut [f32], u: &[f32]) {
+        match self {
+            Glu::Silu => silu_mul(g, u),
+            Glu::Clamped { alpha, limit } => {
+                for (a, &b) in g.iter_mut().zip(u) {
+                    let gate = a.min(limit);
+                    let up = b.clamp(-limit, limit);
+                    *a = (up + 1.0) * (gate / (1.0 + (-alpha * gate).exp()));
+                }
+            }
+        }
+    }
 }
 
 /// Borrowed kernel views of one expert.
@@ -47,14 +97,50 @@ impl ExpertMats {
         }
     }
 
-    /// Bytes of the three matrices (what a cache budgets).
+    /// Bytes of the three matrices and any biases (what a cache budgets).
     pub fn nbytes(&self) -> usize {
-        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+        self.gate.nbytes()
+            + self.up.nbytes()
+            + self.down.nbytes()
+            + self.bias.as_ref().map_or(0, ExpertBias::nbytes)
     }
 
-    /// `y[n, hidden] = mlp(x[n, hidden])`.
+    /// `y[n, hidden] = mlp(x[n, hidden])` with SwiGLU.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        swiglu(&self.weights(), x, n)
+        self.forward_glu(x, n, Glu::Silu)
+    }
+
+    /// `y[n, hidden] = down(glu(gate(x) + bg, up(x) + bu)) + bd`, the biases
+    /// where the expert has them.
+    pub fn forward_glu(&self, x: &[f32], n: usize, glu: Glu) -> Vec<f32> {
+        let w = self.weights();
+        if self.bias.is_none() && glu == Glu::Silu {
+            return swiglu(&w, x, n);
+        }
+        let inter = w.gate.rows();
+        let mut g = vec![0.0; n * inter];
+        let mut u = vec![0.0; n * inter];
+        kernels::matmul_many(&[w.gate, w.up], x, n, &mut [&mut g, &mut u]);
+        if let Some(b) = &self.bias {
+            add_rows(&mut g, &b.gate);
+            add_rows(&mut u, &b.up);
+        }
+        glu.apply(&mut g, &u);
+        let mut y = vec![0.0; n * w.down.rows()];
+        kernels::matmul(&w.down, &g, n, &mut y);
+        if let Some(b) = &self.bias {
+            add_rows(&mut y, &b.down);
+        }
+        y
+    }
+}
+
+/// `y[r] += b` for every `b.len()`-wide row of `y`.
+fn add_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len().max(1)) {
+        for (a, c) in row.iter_mut().zip(b) {
+            *a += c;
+        }
     }
 }
 
@@ -169,6 +255,10 @@ impl ExpertProvider for ResidentExperts {
 /// Tensor names of one expert's three projections (gate, up, down).
 pub type ExpertNames = [String; 3];
 
+/// The pack part names of an expert's biases, in blob order after the
+/// three projections (docs/FORMAT.md, 6.2).
+pub const BIAS_PARTS: [&str; 3] = ["gate_bias", "up_bias", "down_bias"];
+
 /// [`ExpertMats`] over `blob`, an expert's decoded (uncompressed) bytes,
 /// from the manifest's part table. Every part must lie inside the blob,
 /// the three shapes must agree with each other, and with `expect`
@@ -226,11 +316,41 @@ pub fn decode_blob(
             .map_err(|e| format!("{label} {name}: {e}")),
         }
     };
-    let m = ExpertMats {
+    let mut m = ExpertMats {
         gate: part("gate_proj")?,
         up: part("up_proj")?,
         down: part("down_proj")?,
+        bias: None,
     };
+    // The optional bias parts (gpt-oss): all three or none, each a float
+    // vector as long as its projection's output.
+    let present: Vec<&str> = BIAS_PARTS
+        .into_iter()
+        .filter(|p| entry.part_index(p).is_some())
+        .collect();
+    if !present.is_empty() {
+        if present.len() != BIAS_PARTS.len() {
+            return Err(format!(
+                "{label}: has bias part(s) {present:?} but not all of {BIAS_PARTS:?}"
+            ));
+        }
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, String> {
+            let v = part(name)?;
+            if (v.rows(), v.cols()) != (1, len) || !matches!(v, Matrix::Dense { .. }) {
+                return Err(format!(
+                    "{label}: part `{name}` must be a float vector of {len}, found [{}, {}]",
+                    v.rows(),
+                    v.cols()
+                ));
+            }
+            Ok(v.dequantize())
+        };
+        m.bias = Some(ExpertBias {
+            gate: vector("gate_bias", m.gate.rows())?,
+            up: vector("up_bias", m.up.rows())?,
+            down: vector("down_bias", m.down.rows())?,
+        });
+    }
     let shapes = format!(
         "gate [{}, {}], up [{}, {}], down [{}, {}]",
         m.gate.rows(),
@@ -315,5 +435,75 @@ impl ExpertProvider for PackExperts {
             m.insert((layer, expert), x.clone());
         }
         Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(rows: usize, cols: usize, seed: usize) -> (Matrix, Vec<f32>) {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i + seed) * 7919 % 101) as f32 / 50.0 - 1.0) * 3.0)
+            .collect();
+        let m = Matrix::dense(
+            DType::F32,
+            rows,
+            cols,
+            Blob::copy_of(bytemuck::cast_slice(&v)),
+        )
+        .unwrap();
+        (m, v)
+    }
+
+    /// gpt-oss's expert, written out by hand: gate and up with their
+    /// biases, the gate clamped above and up on both sides at `limit`,
+    /// `(up + 1) * gate * sigmoid(alpha * gate)`, down plus its bias.
+    #[test]
+    fn clamped_glu_with_biases_is_the_reference_formula() {
+        let (h, i, n) = (8, 4, 3);
+        let (gate, gw) = dense(i, h, 1);
+        let (up, uw) = dense(i, h, 2);
+        let (down, dw) = dense(h, i, 3);
+        let bias = ExpertBias {
+            gate: vec![0.5, -1.0, 8.0, 0.0],
+            up: vec![-9.0, 0.25, 1.0, 2.0],
+            down: (0..h).map(|k| k as f32 * 0.1).collect(),
+        };
+        let m = ExpertMats {
+            gate,
+            up,
+            down,
+            bias: Some(bias.clone()),
+        };
+        let x: Vec<f32> = (0..n * h)
+            .map(|k| ((k * 13 % 7) as f32 - 3.0) * 0.7)
+            .collect();
+        let (alpha, limit) = (1.702f32, 7.0f32);
+        let got = m.forward_glu(&x, n, Glu::Clamped { alpha, limit });
+        for t in 0..n {
+            let xt = &x[t * h..(t + 1) * h];
+            let dot = |w: &[f32], r: usize, c: usize, v: &[f32]| -> f32 {
+                (0..c).map(|k| w[r * c + k] * v[k]).sum()
+            };
+            let act: Vec<f32> = (0..i)
+                .map(|r| {
+                    let g = (dot(&gw, r, h, xt) + bias.gate[r]).min(limit);
+                    let u = (dot(&uw, r, h, xt) + bias.up[r]).clamp(-limit, limit);
+                    (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+                })
+                .collect();
+            for r in 0..h {
+                let want = dot(&dw, r, i, &act) + bias.down[r];
+                let g = got[t * h + r];
+                assert!(
+                    (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "t{t} r{r}: {g} vs {want}"
+                );
+            }
+        }
+        // Without biases and with Silu it is the plain SwiGLU path.
+        let plain = ExpertMats { bias: None, ..m };
+        assert_eq!(plain.forward_glu(&x, n, Glu::Silu), plain.forward(&x, n));
     }
 }

@@ -99,6 +99,121 @@ fn check(fam: &str, proj: [&str; 3]) {
     let tmp = tempfile::tempdir().unwrap();
     let pack = tmp.path().join(format!("{fam}.mfx"));
     to_pack(&dir, &pack, proj);
+    check_pack(fam, &pack, &LoadOptions::default(), false, 1e-3, 16);
+}
+
+/// Writes a fixture whose experts are fused tensors (gpt-oss) as a pack:
+/// each expert as the runtime's family slices it (`Layerwise::load_expert`:
+/// gate/up/down in their source scheme, MXFP4 kept as MXFP4, plus the bias
+/// parts), every other tensor as it is.
+fn to_pack_by_family(dir: &Path, out: &Path) {
+    use mfx_runtime::models::family::FamilyConfig;
+    use mfx_runtime::weights::Matrix;
+    let src = SafetensorsSource::open(dir).unwrap();
+    let cfg = FamilyConfig::from_file(&dir.join("config.json")).unwrap();
+    let lw = cfg.layerwise(&src).unwrap();
+    let routed = lw.routed_expert_tensors();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let meta = PackMeta {
+        config,
+        tokenizer_json: "{}".into(),
+        chat_template: None,
+        generation: serde_json::json!({}),
+        pin_profile: None,
+        routing_summary: None,
+        provenance: serde_json::json!({"source": "runtime/tests/parity_pack.rs"}),
+    };
+    let mut w = PackWriter::create_default(out, meta).unwrap();
+    let mut names = src.names();
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for n in names.iter().filter(|n| !routed.contains(*n)) {
+        let t = src.raw(n).unwrap().unwrap();
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        w.add_tensor(n, scheme(t.dtype), &shape, &[t.data.bytes()])
+            .unwrap();
+    }
+    for l in 0..lw.n_layers() {
+        for e in 0..lw.num_experts() {
+            let m = lw.load_expert(&src, l, e).unwrap();
+            let b = m.bias.as_ref().expect("gpt-oss experts have biases");
+            let biases: Vec<Vec<u8>> = [&b.gate, &b.up, &b.down]
+                .iter()
+                .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                .collect();
+            let mut pd: Vec<PartData> = [
+                ("gate_proj", &m.gate),
+                ("up_proj", &m.up),
+                ("down_proj", &m.down),
+            ]
+            .into_iter()
+            .map(|(name, mat)| {
+                let (scheme, bytes) = match mat {
+                    Matrix::Dense { dtype, data, .. } => (scheme(*dtype), vec![data.bytes()]),
+                    Matrix::Mxfp4 { blocks, scales, .. } => {
+                        (Scheme::Mxfp4, vec![blocks.bytes(), scales.bytes()])
+                    }
+                    other => panic!("{name}: unexpected {other:?}"),
+                };
+                PartData {
+                    name: name.into(),
+                    scheme,
+                    shape: vec![mat.rows() as u64, mat.cols() as u64],
+                    bytes,
+                }
+            })
+            .collect();
+            for (name, bytes) in ["gate_bias", "up_bias", "down_bias"].iter().zip(&biases) {
+                pd.push(PartData {
+                    name: name.to_string(),
+                    scheme: Scheme::F32,
+                    shape: vec![bytes.len() as u64 / 4],
+                    bytes: vec![bytes.as_slice()],
+                });
+            }
+            let codec = if e % 2 == 0 { Codec::None } else { Codec::Zstd };
+            w.add_expert(l as u32, e as u32, codec, &pd).unwrap();
+        }
+    }
+    w.finish().unwrap();
+}
+
+/// A gpt-oss fixture through a pack: parity and greedy tokens with every
+/// expert resident, then again streamed through 2 unpinned slots per layer
+/// (each expert's blob, biases included, read and checked on demand).
+fn check_gpt_oss(fam: &str) {
+    let dir = shared().join("fixtures").join(fam);
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join(format!("{fam}.mfx"));
+    to_pack_by_family(&dir, &pack);
+    // gpt-oss's references suppress EOS in greedy; the default avx2 tier's
+    // int8 activations on MXFP4 cost 8.7e-3 and move the greedy path after
+    // 9 tokens (both as in runtime/tests/parity_next.rs), f32 tiers are exact.
+    let int8 = fam.ends_with("mxfp4") && mfx_runtime::kernels::backend().name() == "avx2";
+    let (tol, exact) = if int8 { (2e-2, 1) } else { (1e-3, 16) };
+    check_pack(fam, &pack, &LoadOptions::default(), true, tol, exact);
+    let streamed = LoadOptions {
+        cache: mfx_runtime::cache::CacheOptions {
+            ram: Some(1 << 30),
+            capacity: Some(2),
+            pin: false,
+            io_threads: 1,
+            ..Default::default()
+        },
+        ..LoadOptions::default()
+    };
+    check_pack(fam, &pack, &streamed, true, tol, exact);
+}
+
+fn check_pack(
+    fam: &str,
+    pack: &Path,
+    opts: &LoadOptions,
+    no_eos: bool,
+    tol: f64,
+    greedy_exact: usize,
+) {
+    let dir = shared().join("fixtures").join(fam);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -109,7 +224,7 @@ fn check(fam: &str, proj: [&str; 3]) {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     let want = read_npy(&dir.join("reference_logits.npy"));
-    let mut m = mfx_runtime::load::load(&pack, &LoadOptions::default()).unwrap();
+    let mut m = mfx_runtime::load::load(pack, opts).unwrap();
     let got = m.forward(&ids, true).unwrap();
     let num: f64 = got
         .iter()
@@ -119,12 +234,18 @@ fn check(fam: &str, proj: [&str; 3]) {
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     let e = (num / den).sqrt();
     eprintln!("{fam} from pack: logits rel err {e:.3e}");
-    assert!(e < 1e-3, "{fam} pack: {e:.3e}");
+    assert!(e < tol, "{fam} pack: {e:.3e}");
     // Greedy through the KV cache.
     m.reset();
     let mut logits = m.forward(&ids, false).unwrap();
     let mut toks = vec![];
+    let eos = m.info().eos_token_ids.clone();
     for _ in 0..16 {
+        if no_eos {
+            for &s in &eos {
+                logits[s as usize] = f32::NEG_INFINITY;
+            }
+        }
         let t = logits
             .iter()
             .enumerate()
@@ -138,7 +259,11 @@ fn check(fam: &str, proj: [&str; 3]) {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(toks, want_g, "{fam} pack greedy");
+    assert_eq!(
+        toks[..greedy_exact],
+        want_g[..greedy_exact],
+        "{fam} pack greedy: {toks:?}"
+    );
 }
 
 #[test]
@@ -182,4 +307,11 @@ fn parity_pack_deepseek_v32() {
 #[test]
 fn parity_pack_glm_moe_dsa() {
     check("glm_moe_dsa", ["gate_proj", "up_proj", "down_proj"]);
+fn parity_pack_gpt_oss() {
+    check_gpt_oss("gpt_oss");
+}
+
+#[test]
+fn parity_pack_gpt_oss_mxfp4() {
+    check_gpt_oss("gpt_oss_mxfp4");
 }

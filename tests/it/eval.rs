@@ -190,9 +190,9 @@ fn eval_error_corrupt_config_and_unknown_arch_and_missing_key() {
     );
 
     let good = std::fs::read_to_string(shared().join("fixtures/qwen3_moe/config.json")).unwrap();
-    std::fs::write(&cfg, good.replace("\"qwen3_moe\"", "\"gpt_oss\"")).unwrap();
+    std::fs::write(&cfg, good.replace("\"qwen3_moe\"", "\"llama4_text\"")).unwrap();
     let e = fails(t.path());
-    assert!(e.contains("unsupported architecture `gpt_oss`"), "{e}");
+    assert!(e.contains("unsupported architecture `llama4_text`"), "{e}");
 
     std::fs::write(
         &cfg,

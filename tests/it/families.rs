@@ -27,7 +27,7 @@ const TOL_8BIT_QWEN3_NEXT: f64 = 0.4;
 /// logits are finite and still correlated with the reference.
 const TOL_DEFAULT: f64 = 0.9;
 
-const FAMILIES: [&str; 10] = [
+const FAMILIES: [&str; 12] = [
     "qwen3_moe",
     "qwen2_moe",
     "mixtral",
@@ -38,6 +38,8 @@ const FAMILIES: [&str; 10] = [
     "glm4_moe_lite",
     "deepseek_v32",
     "glm_moe_dsa",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -555,4 +557,196 @@ fn mla_families_run_streamed_from_a_pack_as_resident() {
             "{family}: {stats}"
         );
     }
+}
+/// `mfx eval greedy` of `model` (a checkpoint directory or a pack) over
+/// `ids`, with extra flags (the expert cache's).
+fn greedy_cli(model: &Path, ids: &[u32], extra: &[&str]) -> Vec<u32> {
+    let id_arg: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let id_arg = id_arg.join(",");
+    let mut args = vec![
+        "eval",
+        "greedy",
+        model.to_str().unwrap(),
+        "--ids",
+        &id_arg,
+        "--n",
+        "16",
+    ];
+    args.extend(extra);
+    let out = ok(&mfx(&args));
+    out.split_whitespace().map(|t| t.parse().unwrap()).collect()
+}
+
+/// gpt-oss through prep (8-bit dense; the bf16 fixture's experts at 8
+/// bits, the hub fixture's MXFP4 experts as they are) then streamed with
+/// 2 of 16 experts cached per layer and nothing pinned (`mfx eval greedy
+/// --capacity 2 --no-pin`: the fixtures have no tokenizer for `mfx run`):
+/// the greedy tokens and the decode logits are the pack's own all-resident
+/// ones. (Transformers parity through a pack, streamed too:
+/// runtime/tests/parity_pack.rs.)
+#[test]
+fn gpt_oss_streams_through_a_2_slot_cache_like_resident() {
+    let d = tempfile::tempdir().unwrap();
+    for family in ["gpt_oss", "gpt_oss_mxfp4"] {
+        let (pack, ids) = pack_8bit_and_prompt(family, d.path());
+        let resident = greedy_cli(&pack, &ids, &[]);
+        let streamed = greedy_cli(&pack, &ids, &["--capacity", "2", "--no-pin"]);
+        eprintln!("{family}: resident {resident:?}, streamed {streamed:?}");
+        assert_eq!(
+            streamed, resident,
+            "{family}: a 2-slot cache changed the tokens"
+        );
+        let (all, _, _) = stepwise_through_cache(&pack, &ids, None, false);
+        let (two, _, read) = stepwise_through_cache(&pack, &ids, Some(2), false);
+        assert!(read > 0, "{family}: the 2-slot cache read nothing");
+        assert_eq!(two, all, "{family}: a 2-slot cache changed the logits");
+    }
+}
+
+/// The hub's MXFP4 experts go into the pack byte for byte (each expert's
+/// gate = the even rows and up = the odd rows of its `gate_up_proj`
+/// blocks and scales, down its `down_proj`), whatever `--hot-bits` and
+/// `--cold-bits` say, with their bf16 biases as bias parts; and prep's
+/// planner sizes them as stored (4.25 bits plus biases, hot = cold), not as
+/// affine experts at those bits.
+#[test]
+fn gpt_oss_mxfp4_experts_are_stored_as_they_are_and_sized_so() {
+    use mfx_formats::pack::Pack;
+    use mfx_formats::quant::Scheme;
+    use mfx_runtime::weights::safetensors::SafetensorsSource;
+    use mfx_runtime::weights::{mxfp4, Matrix, WeightSource};
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("gpt_oss_mxfp4");
+    let calib = d.path().join("ids.txt");
+    write_calib_ids(&calib);
+    let pack = d.path().join("g.mfx");
+    let report = d.path().join("report.json");
+    ok(&mfx(&[
+        "prep",
+        fx.to_str().unwrap(),
+        "--ram",
+        "1G",
+        "-o",
+        pack.to_str().unwrap(),
+        "--calib-ids",
+        calib.to_str().unwrap(),
+        "--calib-rows",
+        "2",
+        "--calib-seq",
+        "32",
+        "--hot-bits",
+        "4",
+        "--cold-bits",
+        "2",
+        "--hot-fraction",
+        "0.5",
+        "--report",
+        report.to_str().unwrap(),
+        "--no-card",
+        "-q",
+    ]));
+    let src = SafetensorsSource::open(&fx).unwrap();
+    let p = Pack::open(&pack).unwrap();
+    let (n, h, i) = (16, 64, 32);
+    let even: Vec<usize> = (0..i).map(|r| 2 * r).collect();
+    let odd: Vec<usize> = (0..i).map(|r| 2 * r + 1).collect();
+    let bytes = |m: &Matrix| match m {
+        Matrix::Mxfp4 { blocks, scales, .. } => (blocks.bytes().to_vec(), scales.bytes().to_vec()),
+        other => panic!("not mxfp4: {other:?}"),
+    };
+    let mut stored_sizes = std::collections::BTreeSet::new();
+    for l in 0..4u32 {
+        let pre = format!("model.layers.{l}.mlp.experts");
+        let gu_bias = src.require(&format!("{pre}.gate_up_proj_bias")).unwrap();
+        let dn_bias = src.require(&format!("{pre}.down_proj_bias")).unwrap();
+        for e in 0..n as u32 {
+            let gu = mxfp4::expert(
+                &src,
+                &format!("{pre}.gate_up_proj"),
+                e as usize,
+                n,
+                2 * i,
+                h,
+            )
+            .unwrap();
+            let dn = mxfp4::expert(&src, &format!("{pre}.down_proj"), e as usize, n, h, i).unwrap();
+            let want = [
+                bytes(&gu.gather_rows(&even)),
+                bytes(&gu.gather_rows(&odd)),
+                bytes(&dn),
+            ];
+            let entry = p.expert(l, e).unwrap();
+            let mut stored = vec![0u8; entry.length as usize];
+            p.read_expert_into(entry, &mut stored).unwrap();
+            let mut raw = vec![0u8; entry.raw_length as usize];
+            entry.decode_into(&stored, &mut raw).unwrap();
+            let names: Vec<&str> = entry.parts.iter().map(|x| x.name.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                    "gate_bias",
+                    "up_bias",
+                    "down_bias"
+                ],
+                "L{l} E{e}"
+            );
+            let mut size = 0;
+            for (k, (wb, ws)) in want.iter().enumerate() {
+                let v = entry.part(&raw, k).unwrap();
+                assert_eq!(v.scheme(), Scheme::Mxfp4, "L{l} E{e} part {k}");
+                let m = v.mxfp4().unwrap();
+                assert_eq!(
+                    (m.blocks, m.scales),
+                    (&wb[..], &ws[..]),
+                    "L{l} E{e} part {k}"
+                );
+                size += wb.len() + ws.len();
+            }
+            // Biases: bf16 as in the checkpoint; gate/up de-interleaved.
+            let gub = &gu_bias.data.bytes()[e as usize * 4 * i..(e as usize + 1) * 4 * i];
+            let dnb = &dn_bias.data.bytes()[e as usize * 2 * h..(e as usize + 1) * 2 * h];
+            let pick = |parity: usize| -> Vec<u8> {
+                gub.chunks_exact(2)
+                    .skip(parity)
+                    .step_by(2)
+                    .flatten()
+                    .copied()
+                    .collect()
+            };
+            for (k, want) in [(3, pick(0)), (4, pick(1)), (5, dnb.to_vec())] {
+                let v = entry.part(&raw, k).unwrap();
+                assert_eq!(v.scheme(), Scheme::Bf16, "L{l} E{e} part {k}");
+                assert_eq!(v.bytes(), &want[..], "L{l} E{e} part {k}");
+                size += want.len();
+            }
+            stored_sizes.insert(size as u64);
+        }
+    }
+    assert_eq!(stored_sizes.len(), 1, "{stored_sizes:?}");
+    let per_expert = *stored_sizes.first().unwrap();
+    // 3 x (32 x 64 codes at 4 bits + one scale byte per 32) + 256 bytes of bf16 biases.
+    assert_eq!(
+        per_expert,
+        3 * (32 * 64 / 2 + 32 * 64 / 32) + 2 * (32 + 32 + 64)
+    );
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let plan = &rep["packs"][0]["plan"];
+    eprintln!("plan: {plan}");
+    // 1G holds every expert: all 4 x 16 pinned, each at its stored size
+    // (an affine q4 or q2 expert would be 3840 or 2304 bytes + biases).
+    assert_eq!(plan["all_resident"], true, "{plan}");
+    assert_eq!(
+        plan["pinned_bytes"].as_u64().unwrap(),
+        4 * 16 * per_expert,
+        "{plan}"
+    );
+    let code_bits = rep["packs"][0]["expert_code_bits"].as_f64().unwrap();
+    assert!(
+        (code_bits - 4.25).abs() < 1e-9,
+        "expert_code_bits {code_bits}"
+    );
 }

@@ -41,7 +41,8 @@ pub struct PackMeta {
 /// schemes (`packed`, `scales`, `biases`, as in MLX's safetensors).
 #[derive(Debug, Clone)]
 pub struct PartData<'a> {
-    /// Canonical name: `gate_proj`, `up_proj`, `down_proj`.
+    /// Canonical name: `gate_proj`, `up_proj`, `down_proj`, then the
+    /// optional `gate_bias`, `up_bias`, `down_bias` (docs/FORMAT.md 6.2).
     pub name: String,
     pub scheme: Scheme,
     pub shape: Vec<u64>,

@@ -16,7 +16,7 @@ use super::nn::rope::Rope;
 use super::nn::router::{Routing, SoftmaxRouter};
 use crate::cache::WorkingShape;
 use crate::error::RuntimeError;
-use crate::experts::{ExpertNames, ExpertProvider};
+use crate::experts::{ExpertNames, ExpertProvider, Glu};
 use crate::weights::WeightSource;
 use std::path::{Path, PathBuf};
 
@@ -349,6 +349,7 @@ impl Family for Decoder {
             Ffn::Moe(MoeFfn {
                 router: SoftmaxRouter::load(src, &gate, c.num_experts, h, rule)?,
                 shared,
+                glu: Glu::Silu,
             })
         } else {
             Ffn::Dense(load_mlp(

@@ -10,14 +10,14 @@
 //! experts). Which `model_type` is which family is decided in
 //! [`super::registry`] and nowhere else.
 
-use super::layerwise::Layerwise;
+use super::layerwise::{load_expert_by_names, Layerwise};
 use super::nn::kv_cache::{KvBits, LayerKv};
 use super::nn::moe::RouterObserver;
 use super::stack::{FamilyModel, Stack};
 use super::{LoadOptions, Model};
 use crate::cache::{ExpertCache, WorkingShape};
 use crate::error::RuntimeError;
-use crate::experts::{ExpertNames, ExpertProvider};
+use crate::experts::{ExpertMats, ExpertNames, ExpertProvider};
 use crate::weights::WeightSource;
 use std::any::Any;
 use std::path::Path;
@@ -105,6 +105,33 @@ pub trait Family: Clone + Send + Sync + 'static {
     /// Layer `l`'s stacked MLX experts (default: `mlp.switch_mlp.*`).
     fn stacked_expert_names(&self, l: usize) -> ExpertNames {
         stacked_expert_names(l, "mlp")
+    }
+    /// Routed expert `e` of layer `l` from a checkpoint (default: by
+    /// [`Self::expert_names`], else [`Self::stacked_expert_names`]).
+    /// Families whose checkpoints fuse experts into other tensors (gpt-oss's
+    /// `mlp.experts.gate_up_proj`) slice them here.
+    fn load_expert(
+        &self,
+        src: &dyn WeightSource,
+        l: usize,
+        e: usize,
+    ) -> Result<ExpertMats, RuntimeError> {
+        let d = self.dims();
+        load_expert_by_names(
+            src,
+            &self.expert_names(l, e),
+            &self.stacked_expert_names(l),
+            (e, d.num_experts),
+            d.hidden_size,
+            d.moe_intermediate_size,
+        )
+    }
+    /// Tensors of MoE layer `l` that belong to its routed experts beyond
+    /// the names [`Self::expert_names`] implies (fused tensors and their
+    /// biases), so that prep does not store them as dense tensors.
+    fn fused_expert_tensors(&self, l: usize) -> Vec<String> {
+        let _ = l;
+        Vec::new()
     }
     /// What this family needs in memory besides weights (the budget's working reserve).
     fn working_shape(&self, kv: KvBits) -> WorkingShape;

@@ -93,31 +93,23 @@ pub trait Layerwise: Send + Sync {
     fn final_logits(&self, hidden: &[f32], all: bool) -> Vec<f32>;
 
     /// Routed expert `e` of layer `l`: per-expert tensors when the source
-    /// has them, else a slice of the stacked MLX tensors.
+    /// has them, else a slice of the stacked MLX tensors
+    /// ([`load_expert_by_names`]; families with fused expert tensors
+    /// override this through `Family::load_expert`).
     fn load_expert(
         &self,
         src: &dyn WeightSource,
         l: usize,
         e: usize,
     ) -> Result<ExpertMats, RuntimeError> {
-        let (h, i) = (self.hidden_size(), self.moe_intermediate_size());
-        let per = self.expert_names(l, e);
-        if !src.contains(&format!("{}.weight", per[0])) {
-            let st = self.stacked_expert_names(l);
-            if src.contains(&format!("{}.weight", st[0])) {
-                let n = self.num_experts();
-                return Ok(ExpertMats {
-                    gate: src.stacked_matrix(&st[0], e, n, i, h)?,
-                    up: src.stacked_matrix(&st[1], e, n, i, h)?,
-                    down: src.stacked_matrix(&st[2], e, n, h, i)?,
-                });
-            }
-        }
-        Ok(ExpertMats {
-            gate: src.matrix(&per[0], i, h)?,
-            up: src.matrix(&per[1], i, h)?,
-            down: src.matrix(&per[2], h, i)?,
-        })
+        load_expert_by_names(
+            src,
+            &self.expert_names(l, e),
+            &self.stacked_expert_names(l),
+            (e, self.num_experts()),
+            self.hidden_size(),
+            self.moe_intermediate_size(),
+        )
     }
 
     /// All routed experts of layer `l` (none for a dense layer).
@@ -138,18 +130,55 @@ pub trait Layerwise: Send + Sync {
     /// (`.weight`, and `.scales`/`.biases` of quantized sources). Everything
     /// else in a checkpoint is a dense tensor.
     fn routed_expert_tensors(&self) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for l in (0..self.n_layers()).filter(|&l| self.is_moe_layer(l)) {
-            let mut prefixes: Vec<String> = self.stacked_expert_names(l).to_vec();
-            for e in 0..self.num_experts() {
-                prefixes.extend(self.expert_names(l, e));
-            }
-            for p in prefixes {
-                for s in LINEAR_SUFFIXES {
-                    out.insert(format!("{p}.{s}"));
-                }
+        routed_tensors_by_names(self)
+    }
+}
+
+/// Expert `e` of `count` over `hidden` inputs, `inter` wide: the per-expert
+/// tensors `per` when the source has them, else expert `e` of the stacked
+/// MLX tensors `stacked`.
+pub fn load_expert_by_names(
+    src: &dyn WeightSource,
+    per: &ExpertNames,
+    stacked: &ExpertNames,
+    (e, count): (usize, usize),
+    h: usize,
+    i: usize,
+) -> Result<ExpertMats, RuntimeError> {
+    if !src.contains(&format!("{}.weight", per[0]))
+        && src.contains(&format!("{}.weight", stacked[0]))
+    {
+        let st = stacked;
+        return Ok(ExpertMats {
+            gate: src.stacked_matrix(&st[0], e, count, i, h)?,
+            up: src.stacked_matrix(&st[1], e, count, i, h)?,
+            down: src.stacked_matrix(&st[2], e, count, h, i)?,
+            bias: None,
+        });
+    }
+    Ok(ExpertMats {
+        gate: src.matrix(&per[0], i, h)?,
+        up: src.matrix(&per[1], i, h)?,
+        down: src.matrix(&per[2], h, i)?,
+        bias: None,
+    })
+}
+
+/// The routed-expert tensor names a model's expert names imply (what
+/// [`Layerwise::routed_expert_tensors`] returns unless a family adds its
+/// fused tensors).
+pub fn routed_tensors_by_names<L: Layerwise + ?Sized>(m: &L) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in (0..m.n_layers()).filter(|&l| m.is_moe_layer(l)) {
+        let mut prefixes: Vec<String> = m.stacked_expert_names(l).to_vec();
+        for e in 0..m.num_experts() {
+            prefixes.extend(m.expert_names(l, e));
+        }
+        for p in prefixes {
+            for s in LINEAR_SUFFIXES {
+                out.insert(format!("{p}.{s}"));
             }
         }
-        out
     }
+    out
 }

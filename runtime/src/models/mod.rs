@@ -23,6 +23,7 @@ pub mod family;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
 pub mod glm_moe_dsa;
+pub mod gpt_oss;
 pub mod layerwise;
 pub mod mixtral;
 pub mod nn;

@@ -562,6 +562,7 @@ impl Family for Qwen3Next {
             ffn: Ffn::Moe(MoeFfn {
                 router: SoftmaxRouter::load(src, &ln(l, "mlp.gate"), c.num_experts, h, rule)?,
                 shared,
+                glu: crate::experts::Glu::Silu,
             }),
         })
     }

@@ -7,8 +7,8 @@ use super::decoder::FamilySpec;
 use super::family::FamilyConfig;
 use super::nn::config::JsonCfg;
 use super::{
-    deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, mixtral, olmoe, qwen2_moe,
-    qwen3_moe, qwen3_next,
+    deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, gpt_oss, mixtral, olmoe,
+    qwen2_moe, qwen3_moe, qwen3_next,
 };
 use crate::error::RuntimeError;
 
@@ -70,6 +70,7 @@ pub const FAMILIES: &[Entry] = &[
         deepseek_v32::parse,
     ),
     own("glm_moe_dsa", "GlmMoeDsaForCausalLM", glm_moe_dsa::parse),
+    own("gpt_oss", "GptOssForCausalLM", gpt_oss::parse),
 ];
 
 /// The registered `model_type`s, comma-separated (for messages).
@@ -133,9 +134,9 @@ mod tests {
 
     #[test]
     fn unknown_family_lists_the_registry() {
-        let c = JsonCfg::from_str(r#"{"model_type":"gpt_oss"}"#, Path::new("c.json")).unwrap();
+        let c = JsonCfg::from_str(r#"{"model_type":"llama4_text"}"#, Path::new("c.json")).unwrap();
         let e = lookup(&c).err().unwrap().to_string();
-        assert!(e.contains("unsupported architecture `gpt_oss`"), "{e}");
+        assert!(e.contains("unsupported architecture `llama4_text`"), "{e}");
         for f in FAMILIES {
             assert!(e.contains(f.model_type), "{e}");
         }

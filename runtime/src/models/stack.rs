@@ -5,16 +5,17 @@
 //! [`Model`] for the runtime. Both run the family's one `layer_forward`.
 
 use super::family::{Family, SeqState};
-use super::layerwise::{LayerBox, Layerwise};
+use super::layerwise::{routed_tensors_by_names, LayerBox, Layerwise};
 use super::nn::kv_cache::KvBits;
 use super::nn::linear::norm_rows;
 use super::nn::moe::RouterObserver;
 use super::{LoadOptions, Model, ModelInfo};
 use crate::cache::ExpertCache;
 use crate::error::RuntimeError;
-use crate::experts::{ExpertNames, ExpertProvider, ResidentExperts};
+use crate::experts::{ExpertMats, ExpertNames, ExpertProvider, ResidentExperts};
 use crate::kernels;
 use crate::weights::{Matrix, WeightSource};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// A family plus what all its layers share: embeddings, final norm, lm_head.
@@ -115,6 +116,21 @@ impl<F: Family> Layerwise for Stack<F> {
     }
     fn stacked_expert_names(&self, l: usize) -> ExpertNames {
         self.family.stacked_expert_names(l)
+    }
+    fn load_expert(
+        &self,
+        src: &dyn WeightSource,
+        l: usize,
+        e: usize,
+    ) -> Result<ExpertMats, RuntimeError> {
+        self.family.load_expert(src, l, e)
+    }
+    fn routed_expert_tensors(&self) -> BTreeSet<String> {
+        let mut out = routed_tensors_by_names(self);
+        for l in (0..self.n_layers()).filter(|&l| self.family.is_moe_layer(l)) {
+            out.extend(self.family.fused_expert_tensors(l));
+        }
+        out
     }
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
         Stack::embed(self, ids)

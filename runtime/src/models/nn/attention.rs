@@ -146,6 +146,20 @@ pub fn gqa(
     n: usize,
     kv: &mut LayerKv,
 ) -> Vec<f32> {
+    let p = AttnParams::new(s.heads, s.kv_heads, s.head_dim);
+    gqa_with(s, w, rope, &p, xn, n, kv)
+}
+
+/// [`gqa`] with explicit attention parameters (a sliding window, sinks).
+pub fn gqa_with(
+    s: &AttnShape,
+    w: &AttnWeights,
+    rope: &Rope,
+    p: &AttnParams<'_>,
+    xn: &[f32],
+    n: usize,
+    kv: &mut LayerKv,
+) -> Vec<f32> {
     let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
     let (qd, kd) = (nh * hd, nkv * hd);
     let [mut q, mut k, v] = project_qkv(w, xn, n, s.clip_qkv);
@@ -171,8 +185,7 @@ pub fn gqa(
         0,
         kv.len(),
     );
-    let p = AttnParams::new(nh, nkv, hd);
-    let out = attend(&p, &q, &k, &v, kv, n);
+    let out = attend(p, &q, &k, &v, kv, n);
     kv.append(&k, &v);
     let mut y = vec![0.0; n * w.o.rows()];
     kernels::matmul(&w.o.mat(), &out, n, &mut y);
@@ -190,54 +203,107 @@ fn heads_per_task(group: usize, tasks: usize, threads: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// What [`attend`] needs besides the tensors. Where gpt-oss's additions go
-/// when they come: per-head attention sinks (an extra logit per head in
-/// the softmax denominator) and a sliding window (the first key position a
-/// query sees), as fields here, so no caller's argument list changes.
+/// What [`attend`] needs besides the tensors, including gpt-oss's two
+/// additions: a sliding window and per-head attention sinks.
 #[derive(Debug, Clone, Copy)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     /// Scores are `scale * q.k` (usually `head_dim^-0.5`).
     pub scale: f32,
+    /// A query at position `p` sees keys `p - window + 1 ..= p` (`window`
+    /// keys including its own), as transformers' sliding-window mask
+    /// (`kv_idx > q_idx - sliding_window`); `None`: every earlier key.
+    pub window: Option<usize>,
+    /// One logit per query head that joins the softmax's denominator and
+    /// nothing else (gpt-oss's `sinks`): the weights are
+    /// `exp(s_j) / (sum_j exp(s_j) + exp(sink))`, the sink unscaled.
+    pub sinks: Option<&'a [f32]>,
 }
 
-impl AttnParams {
-    /// `head_dim^-0.5` scaling.
+impl AttnParams<'static> {
+    /// `head_dim^-0.5` scaling, full causal attention, no sinks.
     pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
         AttnParams {
             heads,
             kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+            sinks: None,
         }
+    }
+}
+
+impl<'a> AttnParams<'a> {
+    /// These parameters with a sliding window of `window` keys (`None`: full).
+    pub fn windowed(self, window: Option<usize>) -> Self {
+        AttnParams { window, ..self }
+    }
+
+    /// These parameters with per-head attention sinks (`heads` logits).
+    pub fn with_sinks<'b>(self, sinks: &'b [f32]) -> AttnParams<'b> {
+        debug_assert_eq!(sinks.len(), self.heads);
+        AttnParams {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            window: self.window,
+            sinks: Some(sinks),
+        }
+    }
+
+    /// The first key position a query at `pos` sees.
+    fn first_key(&self, pos: usize) -> usize {
+        self.window
+            .map_or(0, |w| (pos + 1).saturating_sub(w.max(1)))
+    }
+}
+
+/// `softmax(scale * x)` over one head's scores, in place, with `sink` (if
+/// any) as one more logit in the denominator. With a sink the backend's
+/// softmax is used as is and rescaled: it gives `exp(z_j - m) / S` (`m` the
+/// largest scaled score, `S` the sum), whose largest entry is `1 / S`, so
+/// multiplying by `S / (S + exp(sink - m))` adds the sink's term.
+fn softmax_with_sink(be: &dyn kernels::Backend, x: &mut [f32], scale: f32, sink: Option<f32>) {
+    let Some(sink) = sink else {
+        be.softmax_scaled(x, scale);
+        return;
+    };
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
+    be.softmax_scaled(x, scale);
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    let top = x.iter().fold(0.0f32, |a, &b| a.max(b));
+    let r = 1.0 / (1.0 + (sink - m).exp() * top);
+    for v in x.iter_mut() {
+        *v *= r;
     }
 }
 
 /// Causal grouped-query attention of `n` new queries (`q`: `[n, heads *
 /// head_dim]`) over the `kv.len()` cached positions followed by this call's
 /// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32,
-/// not yet appended). Returns `[n, heads * head_dim]`.
+/// not yet appended). Returns `[n, heads * head_dim]`. With a window, each
+/// query reads only the keys inside it (cached ones included), so a decode
+/// step of a windowed layer costs `window` positions, not the context.
 ///
 /// Cached positions are read straight from the cache's storage (f16 or
 /// int8) by the backend's widening dot/axpy, so a decode step costs one pass
 /// over the cache and no allocation proportional to the context; the new
 /// positions stay f32 so a one-shot forward is exactly the f32 computation.
 pub fn attend(
-    p: &AttnParams,
+    p: &AttnParams<'_>,
     q: &[f32],
     k_new: &[f32],
     v_new: &[f32],
     kv: &LayerKv,
     n: usize,
 ) -> Vec<f32> {
-    let AttnParams {
-        heads,
-        kv_heads,
-        head_dim,
-        scale,
-    } = *p;
+    let (heads, kv_heads, head_dim, scale) = (p.heads, p.kv_heads, p.head_dim, p.scale);
     let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
     debug_assert_eq!(q.len(), n * qd);
     debug_assert_eq!(k_new.len(), n * kd);
@@ -255,27 +321,81 @@ pub fn attend(
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
             let (i, h0) = (idx / tasks_per_token, (idx % tasks_per_token) * sub);
             let kh = h0 / group;
-            let ctx = past + i + 1;
+            // Visible keys: cached positions `cached`, then this call's
+            // fresh keys `fresh` (indices into k_new), `ctx` in all.
+            let first = p.first_key(past + i);
+            let cached = first.min(past)..past;
+            let fresh = first.saturating_sub(past)..i + 1;
+            let nc = cached.len();
+            let ctx = nc + fresh.len();
             let qg = &q[i * qd + h0 * head_dim..i * qd + (h0 + sub) * head_dim];
             let row = |j: usize| j * kd + kh * head_dim..j * kd + (kh + 1) * head_dim;
             // Every element is written below (cached, then fresh positions),
             // so only growth is zero-filled.
             scores.resize(sub * ctx, 0.0);
-            kv.key_dots(kh, qg, scores, ctx);
+            kv.key_dots_in(kh, qg, scores, ctx, cached.clone());
             for (h, qv) in qg.chunks_exact(head_dim).enumerate() {
                 let sc = &mut scores[h * ctx..(h + 1) * ctx];
-                for (j, s) in sc[past..].iter_mut().enumerate() {
+                for (s, j) in sc[nc..].iter_mut().zip(fresh.clone()) {
                     *s = be.dot(qv, &k_new[row(j)]);
                 }
-                be.softmax_scaled(sc, scale);
+                softmax_with_sink(be, sc, scale, p.sinks.map(|s| s[h0 + h]));
             }
             o.fill(0.0);
-            kv.value_axpys(kh, scores, ctx, o);
+            kv.value_axpys_in(kh, scores, ctx, o, cached.clone());
             for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
-                for (j, &p) in scores[h * ctx + past..(h + 1) * ctx].iter().enumerate() {
-                    be.axpy(p, &v_new[row(j)], oh);
+                for (&w, j) in scores[h * ctx + nc..(h + 1) * ctx]
+                    .iter()
+                    .zip(fresh.clone())
+                {
+                    be.axpy(w, &v_new[row(j)], oh);
                 }
             }
         });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sink is one more logit in the denominator, unscaled, as
+    /// transformers' `eager_attention_forward` concatenates it after the
+    /// scaled scores; the weights then sum to less than 1.
+    #[test]
+    fn sink_joins_only_the_denominator() {
+        let x = [1.0f32, -2.0, 3.5, 0.25];
+        let (scale, sink) = (0.5f32, 1.25f32);
+        let mut got = x;
+        softmax_with_sink(kernels::backend(), &mut got, scale, Some(sink));
+        let den: f64 =
+            x.iter().map(|&v| ((v * scale) as f64).exp()).sum::<f64>() + (sink as f64).exp();
+        for (g, &v) in got.iter().zip(&x) {
+            let want = ((v * scale) as f64).exp() / den;
+            assert!(
+                (*g as f64 - want).abs() < 1e-6 * want.max(1e-3),
+                "{g} vs {want}"
+            );
+        }
+        // A sink far below the scores changes nothing; far above, it takes all.
+        let mut low = x;
+        softmax_with_sink(kernels::backend(), &mut low, scale, Some(-1e4));
+        let mut plain = x;
+        kernels::backend().softmax_scaled(&mut plain, scale);
+        assert_eq!(low, plain);
+        let mut high = x;
+        softmax_with_sink(kernels::backend(), &mut high, scale, Some(1e4));
+        assert!(high.iter().all(|&v| v == 0.0), "{high:?}");
+    }
+
+    /// A window of `w` keys: query `p` sees `p - w + 1 ..= p`.
+    #[test]
+    fn window_starts_w_minus_one_back() {
+        let p = AttnParams::new(1, 1, 2).windowed(Some(3));
+        assert_eq!(
+            (0..6).map(|q| p.first_key(q)).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 2, 3]
+        );
+        assert_eq!(AttnParams::new(1, 1, 2).first_key(100), 0);
+    }
 }

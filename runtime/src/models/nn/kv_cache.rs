@@ -227,15 +227,30 @@ impl LayerKv {
     /// position. The f16 cache goes through the backend's grouped kernel,
     /// which reads each key once for all `g` heads.
     pub fn key_dots(&self, kv_head: usize, q: &[f32], scores: &mut [f32], ld: usize) {
-        if self.len == 0 {
+        self.key_dots_in(kv_head, q, scores, ld, 0..self.len)
+    }
+
+    /// [`Self::key_dots`] over the cached positions `range` only (a sliding
+    /// window), written from `scores[h * ld]` on:
+    /// `scores[h * ld + (pos - range.start)]`.
+    pub fn key_dots_in(
+        &self,
+        kv_head: usize,
+        q: &[f32],
+        scores: &mut [f32],
+        ld: usize,
+        range: std::ops::Range<usize>,
+    ) {
+        debug_assert!(range.end <= self.len);
+        if range.is_empty() {
             return;
         }
         match &self.k[kv_head] {
-            Store::F16(v) => kernels::backend().dot_f16_rows(self.rows(v), q, scores, ld),
+            Store::F16(v) => kernels::backend().dot_f16_rows(self.rows_in(v, range), q, scores, ld),
             Store::Q8 { .. } | Store::F32(_) => {
                 for (h, qh) in q.chunks_exact(self.head_dim).enumerate() {
-                    for pos in 0..self.len {
-                        scores[h * ld + pos] = self.key_dot(pos, kv_head, qh);
+                    for (i, pos) in range.clone().enumerate() {
+                        scores[h * ld + i] = self.key_dot(pos, kv_head, qh);
                     }
                 }
             }
@@ -245,27 +260,41 @@ impl LayerKv {
     /// `out_h += sum_pos p[h * ld + pos] * value[pos, kv_head]` for the heads
     /// of `out` (`[g, head_dim]`): the value side of [`LayerKv::key_dots`].
     pub fn value_axpys(&self, kv_head: usize, p: &[f32], ld: usize, out: &mut [f32]) {
-        if self.len == 0 {
+        self.value_axpys_in(kv_head, p, ld, out, 0..self.len)
+    }
+
+    /// [`Self::value_axpys`] over the cached positions `range` only, the
+    /// weights read as [`Self::key_dots_in`] wrote the scores.
+    pub fn value_axpys_in(
+        &self,
+        kv_head: usize,
+        p: &[f32],
+        ld: usize,
+        out: &mut [f32],
+        range: std::ops::Range<usize>,
+    ) {
+        debug_assert!(range.end <= self.len);
+        if range.is_empty() {
             return;
         }
         match &self.v[kv_head] {
-            Store::F16(v) => kernels::backend().axpy_f16_rows(self.rows(v), p, ld, out),
+            Store::F16(v) => kernels::backend().axpy_f16_rows(self.rows_in(v, range), p, ld, out),
             Store::Q8 { .. } | Store::F32(_) => {
                 for (h, oh) in out.chunks_exact_mut(self.head_dim).enumerate() {
-                    for pos in 0..self.len {
-                        self.value_axpy(pos, kv_head, p[h * ld + pos], oh);
+                    for (i, pos) in range.clone().enumerate() {
+                        self.value_axpy(pos, kv_head, p[h * ld + i], oh);
                     }
                 }
             }
         }
     }
 
-    /// One KV head's f16 store as kernel rows.
-    fn rows<'a>(&self, v: &'a [f16]) -> kernels::F16Rows<'a> {
+    /// Positions `range` of one KV head's f16 store as kernel rows.
+    fn rows_in<'a>(&self, v: &'a [f16], range: std::ops::Range<usize>) -> kernels::F16Rows<'a> {
         kernels::F16Rows {
-            data: &v[..self.len * self.head_dim],
+            data: &v[range.start * self.head_dim..range.end * self.head_dim],
             stride: self.head_dim,
-            len: self.len,
+            len: range.len(),
             width: self.head_dim,
         }
     }

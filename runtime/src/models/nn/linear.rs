@@ -69,5 +69,6 @@ pub fn load_mlp(
         gate: src.matrix(&format!("{prefix}.gate_proj"), inter, hidden)?,
         up: src.matrix(&format!("{prefix}.up_proj"), inter, hidden)?,
         down: src.matrix(&format!("{prefix}.down_proj"), hidden, inter)?,
+        bias: None,
     })
 }

@@ -8,7 +8,7 @@
 use super::linear::{add_into, norm_rows};
 use super::router::{Choices, Router};
 use crate::error::RuntimeError;
-use crate::experts::{ExpertMats, ExpertProvider, NextHint};
+use crate::experts::{ExpertMats, ExpertProvider, Glu, NextHint};
 use crate::kernels;
 use crate::weights::Matrix;
 use rayon::prelude::*;
@@ -24,11 +24,13 @@ pub struct SharedExpert {
 }
 
 /// One MoE layer's resident weights: the router, and the shared expert where
-/// the family has one. Routed experts come from the provider.
+/// the family has one; and how its routed experts gate (`glu`, SwiGLU but
+/// for gpt-oss). Routed experts come from the provider.
 #[derive(Debug, Clone)]
 pub struct MoeFfn<R> {
     pub router: R,
     pub shared: Option<SharedExpert>,
+    pub glu: Glu,
 }
 
 /// The feed-forward half of a layer. One per layer, so the size gap between
@@ -112,6 +114,7 @@ pub fn moe_forward<R: Router>(
     let ne = router.rows();
     let mut logits = vec![0.0; n * ne];
     kernels::matmul(&router.mat(), xn, n, &mut logits);
+    add_bias(&mut logits, w.router.bias());
 
     // Route each token, then group tokens by expert so each expert's weights
     // are read once per call (one matmul with m rows).
@@ -132,6 +135,7 @@ pub fn moe_forward<R: Router>(
                 let ne2 = nx.router.weight().rows();
                 let mut p2 = vec![0.0; n * ne2];
                 kernels::matmul(&nx.router.weight().mat(), nx.input, n, &mut p2);
+                add_bias(&mut p2, nx.router.bias());
                 nx.router.distribution(&mut p2);
                 p2
             };
@@ -145,6 +149,7 @@ pub fn moe_forward<R: Router>(
             top_k: w.router.top_k(),
             reweight: &|sel, missing| w.router.skip_missing(sel, missing),
             next: hint.as_ref().map(|(l, f)| (*l, f as &dyn Fn() -> Vec<f32>)),
+            glu: w.glu,
         },
         experts,
         xn,
@@ -173,6 +178,17 @@ pub fn moe_forward<R: Router>(
     Ok(out)
 }
 
+/// Adds a router's logit bias, if it has one, to each row of `logits`.
+fn add_bias(logits: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in logits.chunks_exact_mut(b.len().max(1)) {
+            for (a, c) in row.iter_mut().zip(b) {
+                *a += c;
+            }
+        }
+    }
+}
+
 /// A family's `--skip-missing` rule: drop the marked experts from one
 /// token's choices, re-weight the rest, return how many were dropped.
 pub type Reweight<'a> = dyn Fn(&mut Choices, &[bool]) -> usize + 'a;
@@ -192,6 +208,8 @@ pub struct RoutedBatch<'a> {
     /// The next MoE layer and how to compute its predicted routing
     /// distribution `[n, experts]`, when the provider wants a hint.
     pub next: Option<(usize, &'a dyn Fn() -> Vec<f32>)>,
+    /// How the routed experts gate.
+    pub glu: Glu,
 }
 
 /// Sees every routing decision. Prep uses this to count expert activations
@@ -285,7 +303,7 @@ pub fn routed_experts_forward(
             xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
         }
         let ex = experts.get(layer, e)?;
-        Ok(ex.forward(&xs, m))
+        Ok(ex.forward_glu(&xs, m, b.glu))
     };
     // Resident experts first, then the ones still being read: the compute
     // threads work through the hits while the readers fetch the misses,
@@ -440,6 +458,7 @@ impl DeepseekMoe {
                 self.rule,
             )?,
             shared,
+            glu: Glu::Silu,
         }))
     }
 }

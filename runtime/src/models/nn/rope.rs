@@ -77,17 +77,20 @@ impl Yarn {
             low = low.floor();
             high = high.ceil();
         }
-        let (low, mut high) = (low.max(0.0) as f32, high.min(dim as f64 - 1.0) as f32);
+        let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
         if low == high {
             high += 0.001;
         }
+        // As torch rounds it: the range's width in f64 (Python floats), the
+        // ramp itself in f32.
+        let (low32, width) = (low as f32, (high - low) as f32);
         let factor = self.factor as f32;
         (0..dim / 2)
             .map(|i| {
                 let pos_freq = theta.powf((2 * i) as f32 / dim as f32);
                 let extra = 1.0 / pos_freq;
                 let inter = 1.0 / (factor * pos_freq);
-                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                let ramp = ((i as f32 - low32) / width).clamp(0.0, 1.0);
                 let extra_factor = 1.0 - ramp;
                 inter * (1.0 - extra_factor) + extra * extra_factor
             })

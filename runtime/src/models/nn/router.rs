@@ -25,6 +25,11 @@ pub type Choices = Vec<(usize, f32)>;
 pub trait Router: Send + Sync {
     /// `[experts, hidden]`.
     fn weight(&self) -> &Matrix;
+    /// A bias added to the router's logits (gpt-oss's `mlp.router.bias`);
+    /// `None` for routers without one.
+    fn bias(&self) -> Option<&[f32]> {
+        None
+    }
     /// Experts per token.
     fn top_k(&self) -> usize;
     /// One token: fills `probs` with the scores observers see (softmax or
@@ -90,11 +95,13 @@ impl Routing {
     }
 }
 
-/// A softmax top-k router (`{module}.gate`).
+/// A softmax top-k router (`{module}.gate`), optionally with a logit bias
+/// (gpt-oss's `mlp.router`, see [`SoftmaxRouter::with_bias`]).
 #[derive(Debug, Clone)]
 pub struct SoftmaxRouter {
     pub weight: Matrix,
     pub rule: Routing,
+    pub bias: Option<Vec<f32>>,
 }
 
 impl SoftmaxRouter {
@@ -109,13 +116,26 @@ impl SoftmaxRouter {
         Ok(SoftmaxRouter {
             weight: src.matrix(prefix, experts, hidden)?,
             rule,
+            bias: None,
         })
+    }
+
+    /// Adds `{prefix}.bias` (`[experts]`) to the logits. gpt-oss selects the
+    /// top-k logits and takes the softmax over those k, which is this rule
+    /// with renormalization: softmax over all experts, top-k, divided by
+    /// their sum (the same numbers up to rounding).
+    pub fn with_bias(mut self, src: &dyn WeightSource, prefix: &str) -> Result<Self, RuntimeError> {
+        self.bias = Some(src.vector(&format!("{prefix}.bias"), self.weight.rows())?);
+        Ok(self)
     }
 }
 
 impl Router for SoftmaxRouter {
     fn weight(&self) -> &Matrix {
         &self.weight
+    }
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
     fn top_k(&self) -> usize {
         self.rule.top_k
