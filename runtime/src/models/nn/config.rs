@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub struct JsonCfg {
     pub path: PathBuf,
     pub obj: Map<String, Value>,
+    /// Where `obj` sits in the file (`text_config.` for [`JsonCfg::nested`]),
+    /// prepended to key names in errors.
+    prefix: String,
 }
 
 /// How a family's rotary embedding is scaled (`rope_type`).
@@ -43,6 +46,7 @@ impl JsonCfg {
             Value::Object(obj) => Ok(JsonCfg {
                 path: path.to_path_buf(),
                 obj,
+                prefix: String::new(),
             }),
             _ => Err(RuntimeError::BadKey {
                 path: path.to_path_buf(),
@@ -55,16 +59,38 @@ impl JsonCfg {
     pub fn bad(&self, key: &str, msg: impl Into<String>) -> RuntimeError {
         RuntimeError::BadKey {
             path: self.path.clone(),
-            key: key.into(),
+            key: format!("{}{key}", self.prefix),
             msg: msg.into(),
+        }
+    }
+
+    /// The object under `key` (a multimodal checkpoint's `text_config`) as
+    /// a config of its own, `None` if absent; its errors name keys as
+    /// `key.inner`.
+    pub fn nested(&self, key: &str) -> Result<Option<JsonCfg>, RuntimeError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(obj)) => Ok(Some(JsonCfg {
+                path: self.path.clone(),
+                obj: obj.clone(),
+                prefix: format!("{}{key}.", self.prefix),
+            })),
+            Some(v) => Err(self.bad(key, format!("expected an object, found {v}"))),
         }
     }
 
     /// The error for a missing key, naming its other spellings.
     pub fn missing(&self, keys: &[&str]) -> RuntimeError {
+        let p = &self.prefix;
         let key = match keys {
-            [one] => one.to_string(),
-            [first, rest @ ..] => format!("{first}` (or `{}", rest.join("` or `")),
+            [one] => format!("{p}{one}"),
+            [first, rest @ ..] => format!(
+                "{p}{first}` (or `{}",
+                rest.iter()
+                    .map(|k| format!("{p}{k}"))
+                    .collect::<Vec<_>>()
+                    .join("` or `")
+            ),
             [] => String::new(),
         };
         RuntimeError::MissingKey {
