@@ -1,7 +1,8 @@
 //! Parity with transformers for the families with their own model types
-//! (glm4_moe, deepseek_v3, qwen3_next): logits within 1e-3 relative L2 error
-//! of the float32 reference in `../shared/fixtures/<family>` and identical
-//! greedy tokens. References were made by transformers 5.17, not by mfx.
+//! (glm4_moe, deepseek_v3, qwen3_next, qwen3_5_moe in its text and hub
+//! layouts, minimax_m2): logits within 1e-3 relative L2 error of the
+//! float32 reference in `../shared/fixtures/<fixture>` and identical greedy
+//! tokens. References were made by transformers 5.17 / 5.25, not by mfx.
 
 use mfx_runtime::kernels;
 use mfx_runtime::models::{LoadOptions, Model};
@@ -100,6 +101,11 @@ fn split_matches_whole(m: &mut dyn Model, prompt: &[u32], tol: f64) {
 }
 
 fn fixture(name: &str) -> Box<dyn Model> {
+    fixture_of(name, name)
+}
+
+/// [`fixture`] for a fixture folder `name` of family `arch`.
+fn fixture_of(name: &str, arch: &str) -> Box<dyn Model> {
     let dir = shared().join("fixtures").join(name);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -107,7 +113,7 @@ fn fixture(name: &str) -> Box<dyn Model> {
     let prompt = ids(&r["input_ids"]);
     let (shape, want) = read_npy(&dir.join("reference_logits.npy"));
     let mut m = mfx_runtime::load::load(&dir, &LoadOptions::default()).unwrap();
-    assert_eq!(m.info().arch, name);
+    assert_eq!(m.info().arch, arch);
     let got = m.forward(&prompt, true).unwrap();
     assert_eq!(got.len(), shape[0] * shape[1]);
     let e = rel_err(&got, &want);
@@ -153,4 +159,38 @@ fn parity_next_qwen3_next() {
     // Recurrent, conv and f32 attention state: a split prompt matches one pass.
     split_matches_whole(m.as_mut(), &ids(&r["input_ids"]), 1e-4);
     assert!(!m.truncate(3), "recurrent state cannot be truncated");
+}
+
+/// The fixture's prompt ids.
+fn prompt(name: &str) -> Vec<u32> {
+    let dir = shared().join("fixtures").join(name);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    ids(&r["input_ids"])
+}
+
+/// Qwen3.5 MoE as transformers re-saves its text model (per-expert keys).
+#[test]
+fn parity_next_qwen3_5_moe() {
+    let mut m = fixture_of("qwen3_5_moe", "qwen3_5_moe");
+    // Recurrent, conv and f32 attention state: a split prompt matches one pass.
+    split_matches_whole(m.as_mut(), &prompt("qwen3_5_moe"), 1e-4);
+    assert!(!m.truncate(3), "recurrent state cannot be truncated");
+}
+
+/// Qwen3.5 MoE in the hub's layout: multimodal config with `text_config`,
+/// tensors under `model.language_model.`, fused experts, F32 tensors, a
+/// vision tower and an MTP head that are not loaded.
+#[test]
+fn parity_next_qwen3_5_moe_hub() {
+    let mut m = fixture_of("qwen3_5_moe_hub", "qwen3_5_moe");
+    split_matches_whole(m.as_mut(), &prompt("qwen3_5_moe_hub"), 1e-4);
+}
+
+#[test]
+fn parity_next_minimax_m2() {
+    let mut m = fixture("minimax_m2");
+    // f16 KV cache: a split prompt reads rounded keys (see glm4_moe).
+    split_matches_whole(m.as_mut(), &prompt("minimax_m2"), 1e-3);
 }

@@ -167,3 +167,22 @@ fn parity_pack_deepseek_v3() {
 fn parity_pack_qwen3_next() {
     check("qwen3_next", ["gate_proj", "up_proj", "down_proj"]);
 }
+
+#[test]
+fn parity_pack_qwen3_5_moe() {
+    check("qwen3_5_moe", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+/// The hub layout's fused experts are written as per-expert parts, its
+/// `model.language_model.` tensors under the text model's names, and the
+/// vision tower and MTP head not at all; the pack embeds the multimodal
+/// config, which routes to the same family.
+#[test]
+fn parity_pack_qwen3_5_moe_hub() {
+    check("qwen3_5_moe_hub", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_minimax_m2() {
+    check("minimax_m2", ["w1", "w3", "w2"]);
+}
