@@ -95,6 +95,19 @@ mod tests {
         assert!(hub.tie_word_embeddings, "the top-level key wins");
     }
 
+    /// transformers 5 saves the config class's top-level
+    /// `partial_rotary_factor` (0.25) beside the one its rope reads, in
+    /// `rope_parameters`; the latter is the model's.
+    #[test]
+    fn rope_parameters_win_over_a_stale_top_level_copy() {
+        let c = cfg(&format!(
+            r#"{{"model_type":"qwen3_5_moe_text",{TEXT},"partial_rotary_factor":0.25,"rope_theta":1.0,
+            "rope_parameters":{{"rope_type":"default","rope_theta":1e6,"partial_rotary_factor":0.5}}}}"#
+        ))
+        .unwrap();
+        assert_eq!((c.rotary_dim, c.rope_theta), (8, 1e6));
+    }
+
     #[test]
     fn errors_name_the_nested_key() {
         let e = cfg(r#"{"model_type":"qwen3_5_moe","text_config":{"hidden_size":64}}"#)

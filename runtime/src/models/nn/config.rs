@@ -10,6 +10,9 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Keys that transformers 5 reads from `rope_parameters` (see [`JsonCfg`]'s `get`).
+const ROPE_KEYS: [&str; 3] = ["rope_theta", "partial_rotary_factor", "rope_type"];
+
 /// Reads `config.json` keys, naming the file and key in every error.
 #[derive(Debug, Clone)]
 pub struct JsonCfg {
@@ -100,22 +103,29 @@ impl JsonCfg {
     }
 
     /// The non-null value of `key` at top level or, failing that, inside
-    /// `rope_parameters` / `rope_scaling`.
+    /// `rope_parameters` / `rope_scaling`. A rope key ([`ROPE_KEYS`]) in
+    /// `rope_parameters` wins over a top-level copy: transformers 5 reads
+    /// rope from there, and its configs may keep a stale top-level default
+    /// (Qwen3-Next/3.5 save `partial_rotary_factor: 0.25` beside
+    /// `rope_parameters.partial_rotary_factor`).
     fn get(&self, key: &str) -> Option<&Value> {
-        if let Some(v) = self.obj.get(key).filter(|v| !v.is_null()) {
-            return Some(v);
-        }
-        for nest in ["rope_parameters", "rope_scaling"] {
-            if let Some(v) = self
-                .obj
+        let nested = |nest: &str| {
+            self.obj
                 .get(nest)
                 .and_then(|o| o.get(key))
                 .filter(|v| !v.is_null())
-            {
+        };
+        if ROPE_KEYS.contains(&key) {
+            if let Some(v) = nested("rope_parameters") {
                 return Some(v);
             }
         }
-        None
+        if let Some(v) = self.obj.get(key).filter(|v| !v.is_null()) {
+            return Some(v);
+        }
+        ["rope_parameters", "rope_scaling"]
+            .into_iter()
+            .find_map(nested)
     }
 
     /// The first of `keys` that is present.
