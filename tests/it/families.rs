@@ -27,7 +27,7 @@ const TOL_8BIT_QWEN3_NEXT: f64 = 0.4;
 /// logits are finite and still correlated with the reference.
 const TOL_DEFAULT: f64 = 0.9;
 
-const FAMILIES: [&str; 7] = [
+const FAMILIES: [&str; 10] = [
     "qwen3_moe",
     "qwen2_moe",
     "mixtral",
@@ -35,7 +35,15 @@ const FAMILIES: [&str; 7] = [
     "glm4_moe",
     "deepseek_v3",
     "qwen3_next",
+    "qwen3_5_moe",
+    "qwen3_5_moe_hub",
+    "minimax_m2",
 ];
+
+/// The fixtures of Gated DeltaNet models (see [`TOL_8BIT_QWEN3_NEXT`]).
+fn is_delta_net(fixture: &str) -> bool {
+    matches!(fixture, "qwen3_next" | "qwen3_5_moe" | "qwen3_5_moe_hub")
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures")).join(name)
@@ -185,7 +193,7 @@ fn every_family_preps_to_a_pack_that_matches_transformers_at_8_bits() {
             "{f:12} 8/8 bits: logits rel err {:.2e}, argmax {}/20 positions, greedy prefix {}/16",
             m.rel, m.argmax_same, m.greedy_same
         );
-        let tol = if f == "qwen3_next" {
+        let tol = if is_delta_net(f) {
             TOL_8BIT_QWEN3_NEXT
         } else {
             TOL_8BIT
@@ -196,7 +204,16 @@ fn every_family_preps_to_a_pack_that_matches_transformers_at_8_bits() {
         // The first generated token is the argmax at the prompt's last
         // position; random-weight fixtures have small margins further on,
         // so later tokens may legitimately differ after 8-bit rounding.
-        if m.greedy_same == 0 {
+        // DeltaNet fixtures amplify the rounding to 0.14-0.28 relative, of
+        // the order of the last position's margin (qwen3_5_moe: top-2 gap
+        // 0.88 against ~0.4 rms logit error), so there most positions'
+        // argmax must agree instead; their tensor mapping is checked
+        // exactly by runtime/tests/parity_pack.rs (a bf16 pack, 1e-5).
+        if is_delta_net(f) {
+            if m.argmax_same < 12 {
+                failures.push(format!("{f}: argmax agrees at {}/20", m.argmax_same));
+            }
+        } else if m.greedy_same == 0 {
             failures.push(format!("{f}: first greedy token differs"));
         }
     }
@@ -326,7 +343,13 @@ fn sigmoid_families_skip_missing_through_a_partial_cache() {
 #[test]
 fn every_own_forward_family_prefetches_the_next_layer_without_changing_outputs() {
     let d = tempfile::tempdir().unwrap();
-    for family in ["qwen3_next", "deepseek_v3", "glm4_moe"] {
+    for family in [
+        "qwen3_next",
+        "deepseek_v3",
+        "glm4_moe",
+        "qwen3_5_moe_hub",
+        "minimax_m2",
+    ] {
         let (pack, ids) = pack_8bit_and_prompt(family, d.path());
         let run = |prefetch: bool| {
             stepwise(
@@ -363,5 +386,119 @@ fn every_own_forward_family_prefetches_the_next_layer_without_changing_outputs()
         );
         assert_eq!(with, without, "{family}: prefetch changed the logits");
         assert_eq!(with, all, "{family}: a 2-slot cache changed the logits");
+    }
+}
+
+/// A copy of fixture `family` (its files linked) with a word-level
+/// tokenizer over its 512 ids (`t0` .. `t511`, whitespace-separated), so
+/// that `mfx run` can take a text prompt: the fixtures have no tokenizer.
+fn fixture_with_tokenizer(family: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{family}-tok"));
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(fixture(family)).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..512).map(|i| (format!("t{i}"), i.into())).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(out.join("tokenizer.json"), tok.to_string()).unwrap();
+    out
+}
+
+/// The 2026 families through prep -> pack -> the CLI with the streaming
+/// cache at 2 slots per layer (`--capacity 2`, so most experts are read
+/// and evicted per token): `mfx run` and `mfx eval greedy` give the same
+/// greedy tokens as with every expert of the pack resident.
+#[test]
+fn new_families_stream_through_two_slots_like_resident() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = d.path().join("ids.txt");
+    write_calib_ids(&calib);
+    for family in ["qwen3_5_moe", "qwen3_5_moe_hub", "minimax_m2"] {
+        let model = fixture_with_tokenizer(family, d.path());
+        let pack = d.path().join(format!("{family}.mfx"));
+        let p = pack.to_str().unwrap();
+        ok(&mfx(&[
+            "prep",
+            model.to_str().unwrap(),
+            "--ram",
+            "1G",
+            "-o",
+            p,
+            "--calib-ids",
+            calib.to_str().unwrap(),
+            "--calib-rows",
+            "4",
+            "--calib-seq",
+            "64",
+            "--dense-bits",
+            "8",
+            "--hot-bits",
+            "8",
+            "--cold-bits",
+            "8",
+            "--no-card",
+            "-q",
+        ]));
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let input = ids_of(&r["input_ids"]);
+        let ids: Vec<String> = input.iter().map(|i| i.to_string()).collect();
+        let ids = ids.join(",");
+        let greedy = |extra: &[&str]| {
+            let mut args = vec!["eval", "greedy", p, "--ids", &ids, "--n", "16"];
+            args.extend_from_slice(extra);
+            ok(&mfx(&args))
+        };
+        let resident = greedy(&[]);
+        assert_eq!(
+            resident.split_whitespace().count(),
+            16,
+            "{family}: {resident}"
+        );
+        assert_eq!(
+            greedy(&["--capacity", "2"]),
+            resident,
+            "{family}: eval greedy through 2 slots"
+        );
+        let words: Vec<String> = input.iter().map(|i| format!("t{i}")).collect();
+        let prompt = words.join(" ");
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", p, "--prompt", &prompt, "--temp", "0", "-n", "16"];
+            args.extend_from_slice(extra);
+            let out = ok(&mfx(&args));
+            // The word-level tokenizer decodes to `t<id>` words (joined
+            // with or without spaces).
+            out.split('t')
+                .skip(1)
+                .map(|w| {
+                    w.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let streamed = run(&["--capacity", "2"]);
+        eprintln!("{family}: run --capacity 2: {streamed}");
+        assert_eq!(run(&[]), streamed, "{family}: mfx run through 2 slots");
+        // Greedy until the fixture's end-of-sequence id (1), if it comes.
+        let until_eos: Vec<&str> = resident
+            .split_whitespace()
+            .take_while(|t| *t != "1")
+            .collect();
+        assert_eq!(
+            streamed,
+            until_eos.join(" "),
+            "{family}: run vs eval greedy"
+        );
     }
 }
