@@ -278,6 +278,9 @@ impl Profile {
 /// Hash of the config fields that decide routing, so that a profile survives
 /// cosmetic config edits (e.g. `transformers_version`) but not a different
 /// model. Input: `(key, canonical JSON value)` pairs; missing keys hash as null.
+/// A multimodal config's keys are read from its `text_config` where the top
+/// level lacks them (Qwen3.5's hub checkpoints), so its text model's shape
+/// is hashed.
 pub fn config_hash(config: &serde_json::Value) -> String {
     const KEYS: [&str; 10] = [
         "model_type",
@@ -298,6 +301,7 @@ pub fn config_hash(config: &serde_json::Value) -> String {
         h.update(
             config
                 .get(k)
+                .or_else(|| config.get("text_config").and_then(|t| t.get(k)))
                 .unwrap_or(&serde_json::Value::Null)
                 .to_string()
                 .as_bytes(),
@@ -402,5 +406,15 @@ mod tests {
         let c = serde_json::json!({"model_type": "qwen3_moe", "num_experts": 32});
         assert_eq!(config_hash(&a), config_hash(&b));
         assert_ne!(config_hash(&a), config_hash(&c));
+    }
+
+    #[test]
+    fn config_hash_reads_a_multimodal_text_config() {
+        let hub = |n: u32| {
+            serde_json::json!({"model_type": "qwen3_5_moe",
+                "text_config": {"num_experts": n, "hidden_size": 64}})
+        };
+        assert_ne!(config_hash(&hub(16)), config_hash(&hub(8)));
+        assert_eq!(config_hash(&hub(16)), config_hash(&hub(16)));
     }
 }

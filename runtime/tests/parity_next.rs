@@ -1,8 +1,9 @@
 //! Parity with transformers for the families with their own model types
-//! (glm4_moe, deepseek_v3, qwen3_next; glm4_moe_lite, deepseek_v32 and
-//! glm_moe_dsa from transformers 5.25): logits within 1e-3 relative L2
-//! error of the float32 reference in `../shared/fixtures/<family>` and
-//! identical greedy tokens. References were made by transformers, not by mfx.
+//! (glm4_moe, deepseek_v3, qwen3_next; qwen3_5_moe in its text and hub
+//! layouts, minimax_m2, glm4_moe_lite, deepseek_v32, glm_moe_dsa and gpt_oss
+//! from transformers 5.25): logits within 1e-3 relative L2 error of the
+//! float32 reference in `../shared/fixtures/<fixture>` and identical greedy
+//! tokens. References were made by transformers, not by mfx.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
 use mfx_runtime::kernels;
@@ -108,6 +109,11 @@ fn split_matches_whole(m: &mut dyn Model, prompt: &[u32], tol: f64) {
 
 fn fixture(name: &str) -> Box<dyn Model> {
     fixture_as(name, name, false, 1e-3, 16)
+}
+
+/// [`fixture`] for a fixture folder `name` of family `arch`.
+fn fixture_of(name: &str, arch: &str) -> Box<dyn Model> {
+    fixture_as(name, arch, false, 1e-3, 16)
 }
 
 /// The fixture `name` of family `arch`; `no_eos`: the reference's greedy
@@ -250,6 +256,8 @@ fn gpt_oss(name: &str) {
     let int8_mxfp4 = name.ends_with("mxfp4") && kernels::backend().name() == "avx2";
     let (tol, exact) = if int8_mxfp4 { (2e-2, 1) } else { (1e-3, 16) };
     let mut m = fixture_as(name, "gpt_oss", true, tol, exact);
+/// The fixture's prompt ids.
+fn prompt(name: &str) -> Vec<u32> {
     let dir = shared().join("fixtures").join(name);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -327,4 +335,30 @@ fn parity_next_gpt_oss() {
 #[test]
 fn parity_next_gpt_oss_mxfp4() {
     gpt_oss("gpt_oss_mxfp4");
+    ids(&r["input_ids"])
+}
+
+/// Qwen3.5 MoE as transformers re-saves its text model (per-expert keys).
+#[test]
+fn parity_next_qwen3_5_moe() {
+    let mut m = fixture_of("qwen3_5_moe", "qwen3_5_moe");
+    // Recurrent, conv and f32 attention state: a split prompt matches one pass.
+    split_matches_whole(m.as_mut(), &prompt("qwen3_5_moe"), 1e-4);
+    assert!(!m.truncate(3), "recurrent state cannot be truncated");
+}
+
+/// Qwen3.5 MoE in the hub's layout: multimodal config with `text_config`,
+/// tensors under `model.language_model.`, fused experts, F32 tensors, a
+/// vision tower and an MTP head that are not loaded.
+#[test]
+fn parity_next_qwen3_5_moe_hub() {
+    let mut m = fixture_of("qwen3_5_moe_hub", "qwen3_5_moe");
+    split_matches_whole(m.as_mut(), &prompt("qwen3_5_moe_hub"), 1e-4);
+}
+
+#[test]
+fn parity_next_minimax_m2() {
+    let mut m = fixture("minimax_m2");
+    // f16 KV cache: a split prompt reads rounded keys (see glm4_moe).
+    split_matches_whole(m.as_mut(), &prompt("minimax_m2"), 1e-3);
 }

@@ -307,6 +307,9 @@ fn parity_pack_deepseek_v32() {
 #[test]
 fn parity_pack_glm_moe_dsa() {
     check("glm_moe_dsa", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
 fn parity_pack_gpt_oss() {
     check_gpt_oss("gpt_oss");
 }
@@ -314,4 +317,23 @@ fn parity_pack_gpt_oss() {
 #[test]
 fn parity_pack_gpt_oss_mxfp4() {
     check_gpt_oss("gpt_oss_mxfp4");
+}
+
+#[test]
+fn parity_pack_qwen3_5_moe() {
+    check("qwen3_5_moe", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+/// The hub layout's fused experts are written as per-expert parts, its
+/// `model.language_model.` tensors under the text model's names, and the
+/// vision tower and MTP head not at all; the pack embeds the multimodal
+/// config, which routes to the same family.
+#[test]
+fn parity_pack_qwen3_5_moe_hub() {
+    check("qwen3_5_moe_hub", ["gate_proj", "up_proj", "down_proj"]);
+}
+
+#[test]
+fn parity_pack_minimax_m2() {
+    check("minimax_m2", ["w1", "w3", "w2"]);
 }

@@ -162,7 +162,8 @@ fn summarize(pack: &Pack) -> Value {
         Err(_) => json!({"raw": v}),
     });
 
-    let cfg = &m.config;
+    // A multimodal config's text model is under `text_config`.
+    let cfg = m.config.get("text_config").filter(|t| t.is_object()).unwrap_or(&m.config);
     json!({
         "path": pack.path().display().to_string(),
         "format_version": h.format_version,
@@ -176,7 +177,7 @@ fn summarize(pack: &Pack) -> Value {
             "manifest": {"offset": h.manifest_offset, "length": h.manifest_length},
         },
         "model": {
-            "model_type": cfg.get("model_type"),
+            "model_type": m.config.get("model_type"),
             "num_hidden_layers": cfg.get("num_hidden_layers"),
             "num_experts": cfg.get("num_experts").or_else(|| cfg.get("num_local_experts")).or_else(|| cfg.get("n_routed_experts")),
             "num_experts_per_tok": cfg.get("num_experts_per_tok"),

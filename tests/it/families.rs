@@ -27,7 +27,7 @@ const TOL_8BIT_QWEN3_NEXT: f64 = 0.4;
 /// logits are finite and still correlated with the reference.
 const TOL_DEFAULT: f64 = 0.9;
 
-const FAMILIES: [&str; 12] = [
+const FAMILIES: [&str; 15] = [
     "qwen3_moe",
     "qwen2_moe",
     "mixtral",
@@ -40,7 +40,15 @@ const FAMILIES: [&str; 12] = [
     "glm_moe_dsa",
     "gpt_oss",
     "gpt_oss_mxfp4",
+    "qwen3_5_moe",
+    "qwen3_5_moe_hub",
+    "minimax_m2",
 ];
+
+/// The fixtures of Gated DeltaNet models (see [`TOL_8BIT_QWEN3_NEXT`]).
+fn is_delta_net(fixture: &str) -> bool {
+    matches!(fixture, "qwen3_next" | "qwen3_5_moe" | "qwen3_5_moe_hub")
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures")).join(name)
@@ -208,7 +216,7 @@ fn every_family_preps_to_a_pack_that_matches_transformers_at_8_bits() {
             m.argmax_same,
             m.greedy_same
         );
-        let tol = if f == "qwen3_next" {
+        let tol = if is_delta_net(f) {
             TOL_8BIT_QWEN3_NEXT
         } else {
             TOL_8BIT
@@ -234,7 +242,16 @@ fn every_family_preps_to_a_pack_that_matches_transformers_at_8_bits() {
         // The first generated token is the argmax at the prompt's last
         // position; random-weight fixtures have small margins further on,
         // so later tokens may legitimately differ after 8-bit rounding.
-        if m.greedy_same == 0 {
+        // DeltaNet fixtures amplify the rounding to 0.14-0.28 relative, of
+        // the order of the last position's margin (qwen3_5_moe: top-2 gap
+        // 0.88 against ~0.4 rms logit error), so there most positions'
+        // argmax must agree instead; their tensor mapping is checked
+        // exactly by runtime/tests/parity_pack.rs (a bf16 pack, 1e-5).
+        if is_delta_net(f) {
+            if m.argmax_same < 12 {
+                failures.push(format!("{f}: argmax agrees at {}/20", m.argmax_same));
+            }
+        } else if m.greedy_same == 0 {
             failures.push(format!("{f}: first greedy token differs"));
         }
     }
@@ -332,6 +349,8 @@ fn sigmoid_families_skip_missing_through_a_partial_cache() {
         "glm4_moe_lite",
         "deepseek_v32",
         "glm_moe_dsa",
+        "qwen3_5_moe_hub",
+        "minimax_m2",
     ] {
         let (pack, ids) = pack_8bit_and_prompt(family, d.path());
         let (all, skipped_all, _) = stepwise_through_cache(&pack, &ids, None, true);
@@ -749,4 +768,96 @@ fn gpt_oss_mxfp4_experts_are_stored_as_they_are_and_sized_so() {
         (code_bits - 4.25).abs() < 1e-9,
         "expert_code_bits {code_bits}"
     );
+}
+
+/// The 2026 families through prep -> pack -> the CLI with the streaming
+/// cache at 2 slots per layer (`--capacity 2`, so most experts are read
+/// and evicted per token): `mfx run` and `mfx eval greedy` give the same
+/// greedy tokens as with every expert of the pack resident.
+#[test]
+fn new_families_stream_through_two_slots_like_resident() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = d.path().join("ids.txt");
+    write_calib_ids(&calib);
+    for family in ["qwen3_5_moe", "qwen3_5_moe_hub", "minimax_m2"] {
+        let model = fixture_with_tokenizer(family, d.path());
+        let pack = d.path().join(format!("{family}.mfx"));
+        let p = pack.to_str().unwrap();
+        ok(&mfx(&[
+            "prep",
+            model.to_str().unwrap(),
+            "--ram",
+            "1G",
+            "-o",
+            p,
+            "--calib-ids",
+            calib.to_str().unwrap(),
+            "--calib-rows",
+            "4",
+            "--calib-seq",
+            "64",
+            "--dense-bits",
+            "8",
+            "--hot-bits",
+            "8",
+            "--cold-bits",
+            "8",
+            "--no-card",
+            "-q",
+        ]));
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(family).join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let input = ids_of(&r["input_ids"]);
+        let ids: Vec<String> = input.iter().map(|i| i.to_string()).collect();
+        let ids = ids.join(",");
+        let greedy = |extra: &[&str]| {
+            let mut args = vec!["eval", "greedy", p, "--ids", &ids, "--n", "16"];
+            args.extend_from_slice(extra);
+            ok(&mfx(&args))
+        };
+        let resident = greedy(&[]);
+        assert_eq!(
+            resident.split_whitespace().count(),
+            16,
+            "{family}: {resident}"
+        );
+        assert_eq!(
+            greedy(&["--capacity", "2"]),
+            resident,
+            "{family}: eval greedy through 2 slots"
+        );
+        let words: Vec<String> = input.iter().map(|i| format!("t{i}")).collect();
+        let prompt = words.join(" ");
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", p, "--prompt", &prompt, "--temp", "0", "-n", "16"];
+            args.extend_from_slice(extra);
+            let out = ok(&mfx(&args));
+            // The word-level tokenizer decodes to `t<id>` words (joined
+            // with or without spaces).
+            out.split('t')
+                .skip(1)
+                .map(|w| {
+                    w.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let streamed = run(&["--capacity", "2"]);
+        eprintln!("{family}: run --capacity 2: {streamed}");
+        assert_eq!(run(&[]), streamed, "{family}: mfx run through 2 slots");
+        // Greedy until the fixture's end-of-sequence id (1), if it comes.
+        let until_eos: Vec<&str> = resident
+            .split_whitespace()
+            .take_while(|t| *t != "1")
+            .collect();
+        assert_eq!(
+            streamed,
+            until_eos.join(" "),
+            "{family}: run vs eval greedy"
+        );
+    }
 }

@@ -10,7 +10,8 @@
 //!   routers, the routed-experts path).
 //! - One file per family: [`decoder`] (the shared decoder) with its four
 //!   specs [`qwen3_moe`], [`qwen2_moe`], [`mixtral`], [`olmoe`]; and
-//!   [`glm4_moe`], [`deepseek_v3`], [`qwen3_next`] with their own layers;
+//!   [`glm4_moe`], [`deepseek_v3`], [`qwen3_next`] (and [`qwen3_5_moe`] on
+//!   its layer), [`minimax_m2`], [`gpt_oss`] with their own layers;
 //!   [`glm4_moe_lite`], [`deepseek_v32`], [`glm_moe_dsa`] are specs of
 //!   [`deepseek_v3`]'s MLA layer.
 //!
@@ -25,10 +26,12 @@ pub mod glm4_moe_lite;
 pub mod glm_moe_dsa;
 pub mod gpt_oss;
 pub mod layerwise;
+pub mod minimax_m2;
 pub mod mixtral;
 pub mod nn;
 pub mod olmoe;
 pub mod qwen2_moe;
+pub mod qwen3_5_moe;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod registry;

@@ -7,8 +7,8 @@ use super::decoder::FamilySpec;
 use super::family::FamilyConfig;
 use super::nn::config::JsonCfg;
 use super::{
-    deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, gpt_oss, mixtral, olmoe,
-    qwen2_moe, qwen3_moe, qwen3_next,
+    deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, gpt_oss, minimax_m2, mixtral,
+    olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next,
 };
 use crate::error::RuntimeError;
 
@@ -71,6 +71,18 @@ pub const FAMILIES: &[Entry] = &[
     ),
     own("glm_moe_dsa", "GlmMoeDsaForCausalLM", glm_moe_dsa::parse),
     own("gpt_oss", "GptOssForCausalLM", gpt_oss::parse),
+    // The hub's multimodal checkpoints, and their text model alone.
+    own(
+        "qwen3_5_moe",
+        "Qwen3_5MoeForConditionalGeneration",
+        qwen3_5_moe::parse,
+    ),
+    own(
+        "qwen3_5_moe_text",
+        "Qwen3_5MoeForCausalLM",
+        qwen3_5_moe::parse,
+    ),
+    own("minimax_m2", "MiniMaxM2ForCausalLM", minimax_m2::parse),
 ];
 
 /// The registered `model_type`s, comma-separated (for messages).
@@ -115,8 +127,15 @@ mod tests {
             "/../../shared/fixtures"
         ));
         for e in FAMILIES {
-            let c = FamilyConfig::from_file(&root.join(e.model_type).join("config.json")).unwrap();
-            assert_eq!(c.arch(), e.model_type);
+            // A text-only model type runs as its multimodal family; the
+            // family's fixture folder is the text one, `_hub` the other.
+            let (dir, arch) = match e.model_type {
+                "qwen3_5_moe" => ("qwen3_5_moe_hub", "qwen3_5_moe"),
+                "qwen3_5_moe_text" => ("qwen3_5_moe", "qwen3_5_moe"),
+                t => (t, t),
+            };
+            let c = FamilyConfig::from_file(&root.join(dir).join("config.json")).unwrap();
+            assert_eq!(c.arch(), arch);
             assert!(
                 c.hidden_size() > 0 && c.moe_intermediate_size() > 0,
                 "{}",

@@ -14,6 +14,7 @@
 //! [`safetensors::SafetensorsSource`]; the difference is only how a matrix is
 //! assembled, which [`WeightSource::matrix`] decides per tensor.
 
+pub mod hub_layout;
 pub mod mmap;
 pub mod mxfp4;
 pub mod pack;

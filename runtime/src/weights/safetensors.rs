@@ -2,7 +2,8 @@
 //! `model.safetensors.index.json` (the hub layout). All shards are mapped at
 //! open and their headers parsed (validated by the `safetensors` crate: header
 //! size cap, offsets inside the file, no holes); tensor bytes are only touched
-//! when a layer asks for them.
+//! when a layer asks for them. The names are the text model's
+//! ([`super::hub_layout`]: multimodal prefixes, fused experts).
 
 use super::mmap::map_file;
 use super::{Blob, DType, RawTensor, WeightSource};
@@ -12,12 +13,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-struct Entry {
-    shard: usize,
-    dtype: DType,
-    shape: Vec<usize>,
-    start: usize,
-    len: usize,
+/// One tensor: its shard, dtype, shape and byte range in the shard's map.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) shard: usize,
+    pub(super) dtype: DType,
+    pub(super) shape: Vec<usize>,
+    pub(super) start: usize,
+    pub(super) len: usize,
 }
 
 /// Named tensors of a safetensors checkpoint directory, zero-copy.
@@ -159,6 +162,7 @@ impl SafetensorsSource {
                 });
             }
         }
+        super::hub_layout::normalize(&mut tensors, |i| shards[i].0.display().to_string())?;
         Ok(SafetensorsSource {
             dir: dir.to_path_buf(),
             shards,

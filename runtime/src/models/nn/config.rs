@@ -10,11 +10,17 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Keys that transformers 5 reads from `rope_parameters` (see [`JsonCfg`]'s `get`).
+const ROPE_KEYS: [&str; 3] = ["rope_theta", "partial_rotary_factor", "rope_type"];
+
 /// Reads `config.json` keys, naming the file and key in every error.
 #[derive(Debug, Clone)]
 pub struct JsonCfg {
     pub path: PathBuf,
     pub obj: Map<String, Value>,
+    /// Where `obj` sits in the file (`text_config.` for [`JsonCfg::nested`]),
+    /// prepended to key names in errors.
+    prefix: String,
 }
 
 /// How a family's rotary embedding is scaled (`rope_type`).
@@ -43,6 +49,7 @@ impl JsonCfg {
             Value::Object(obj) => Ok(JsonCfg {
                 path: path.to_path_buf(),
                 obj,
+                prefix: String::new(),
             }),
             _ => Err(RuntimeError::BadKey {
                 path: path.to_path_buf(),
@@ -55,16 +62,38 @@ impl JsonCfg {
     pub fn bad(&self, key: &str, msg: impl Into<String>) -> RuntimeError {
         RuntimeError::BadKey {
             path: self.path.clone(),
-            key: key.into(),
+            key: format!("{}{key}", self.prefix),
             msg: msg.into(),
+        }
+    }
+
+    /// The object under `key` (a multimodal checkpoint's `text_config`) as
+    /// a config of its own, `None` if absent; its errors name keys as
+    /// `key.inner`.
+    pub fn nested(&self, key: &str) -> Result<Option<JsonCfg>, RuntimeError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(obj)) => Ok(Some(JsonCfg {
+                path: self.path.clone(),
+                obj: obj.clone(),
+                prefix: format!("{}{key}.", self.prefix),
+            })),
+            Some(v) => Err(self.bad(key, format!("expected an object, found {v}"))),
         }
     }
 
     /// The error for a missing key, naming its other spellings.
     pub fn missing(&self, keys: &[&str]) -> RuntimeError {
+        let p = &self.prefix;
         let key = match keys {
-            [one] => one.to_string(),
-            [first, rest @ ..] => format!("{first}` (or `{}", rest.join("` or `")),
+            [one] => format!("{p}{one}"),
+            [first, rest @ ..] => format!(
+                "{p}{first}` (or `{}",
+                rest.iter()
+                    .map(|k| format!("{p}{k}"))
+                    .collect::<Vec<_>>()
+                    .join("` or `")
+            ),
             [] => String::new(),
         };
         RuntimeError::MissingKey {
@@ -74,22 +103,29 @@ impl JsonCfg {
     }
 
     /// The non-null value of `key` at top level or, failing that, inside
-    /// `rope_parameters` / `rope_scaling`.
+    /// `rope_parameters` / `rope_scaling`. A rope key ([`ROPE_KEYS`]) in
+    /// `rope_parameters` wins over a top-level copy: transformers 5 reads
+    /// rope from there, and its configs may keep a stale top-level default
+    /// (Qwen3-Next/3.5 save `partial_rotary_factor: 0.25` beside
+    /// `rope_parameters.partial_rotary_factor`).
     fn get(&self, key: &str) -> Option<&Value> {
-        if let Some(v) = self.obj.get(key).filter(|v| !v.is_null()) {
-            return Some(v);
-        }
-        for nest in ["rope_parameters", "rope_scaling"] {
-            if let Some(v) = self
-                .obj
+        let nested = |nest: &str| {
+            self.obj
                 .get(nest)
                 .and_then(|o| o.get(key))
                 .filter(|v| !v.is_null())
-            {
+        };
+        if ROPE_KEYS.contains(&key) {
+            if let Some(v) = nested("rope_parameters") {
                 return Some(v);
             }
         }
-        None
+        if let Some(v) = self.obj.get(key).filter(|v| !v.is_null()) {
+            return Some(v);
+        }
+        ["rope_parameters", "rope_scaling"]
+            .into_iter()
+            .find_map(nested)
     }
 
     /// The first of `keys` that is present.

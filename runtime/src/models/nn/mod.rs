@@ -5,6 +5,7 @@
 //! | [`config`] | the one `config.json` reader ([`config::JsonCfg`]) |
 //! | [`linear`] | matmul, bias, RMSNorm, residual add, the SwiGLU MLP loader |
 //! | [`rope`] | rotary embedding: rotary width, offset, interleave, YaRN |
+//! | [`delta_rule`] | Gated DeltaNet's gated delta rule, per token and chunked |
 //! | [`attention`] | [`attention::attend`] (causal GQA over the head-major KV cache) and the standard GQA block |
 //! | [`kv_cache`] | the per-layer KV cache (f32, f16 or int8 storage) |
 //! | [`mla`] | multi-head latent attention (DeepSeek-V3 and the families after it) |
@@ -16,6 +17,7 @@
 pub mod attention;
 pub mod config;
 pub mod indexer;
+pub mod delta_rule;
 pub mod kv_cache;
 pub mod linear;
 pub mod mla;
