@@ -1261,7 +1261,12 @@ mod tests {
         );
         {
             let calls = calls.lock().expect("lock");
-            let fed: Vec<u32> = calls.iter().take_while(|c| c.len() == 4).flatten().copied().collect();
+            let fed: Vec<u32> = calls
+                .iter()
+                .take_while(|c| c.len() == 4)
+                .flatten()
+                .copied()
+                .collect();
             assert_eq!(calls[0], next[kept..kept + 4].to_vec());
             assert!(fed.len() >= (next.len() - kept) / 4 * 4);
         }
@@ -1292,7 +1297,14 @@ mod tests {
         let mut other = p[..5].to_vec();
         other.push(7);
         g.reset();
-        let _ = collect(&mut g, &p, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        let _ = collect(
+            &mut g,
+            &p,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
         let (c5, _) = collect(
             &mut g,
             &other,
@@ -1304,7 +1316,14 @@ mod tests {
         assert_eq!(c5.reused_prompt_tokens, 4);
         // A new grid reuses nothing computed on the old one.
         g.set_prefill_chunk(2);
-        let (c6, _) = collect(&mut g, &p, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        let (c6, _) = collect(
+            &mut g,
+            &p,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
         assert_eq!(c6.reused_prompt_tokens, 0);
         // Without exact reuse (`mfx chat`), the whole common prefix is
         // reused: the prompt and what was decoded after it.
@@ -1314,7 +1333,14 @@ mod tests {
         let mut next = p.clone();
         next.extend(&c7.token_ids);
         next.push(201);
-        let (c8, _) = collect(&mut g, &next, &GenerateOptions { max_tokens: 1, ..Default::default() });
+        let (c8, _) = collect(
+            &mut g,
+            &next,
+            &GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        );
         assert_eq!(c8.reused_prompt_tokens, p.len() + c7.token_ids.len());
     }
 
@@ -1472,7 +1498,9 @@ mod tests {
         let bits = events
             .iter()
             .filter_map(|e| match e {
-                Event::Token { logprob, .. } => Some(logprob.as_ref().expect("asked for").logprob.to_bits()),
+                Event::Token { logprob, .. } => {
+                    Some(logprob.as_ref().expect("asked for").logprob.to_bits())
+                }
                 _ => None,
             })
             .collect();
@@ -1552,7 +1580,9 @@ mod tests {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    Event::Token { id, logprob, .. } => Some((*id, logprob.clone().expect("asked"))),
+                    Event::Token { id, logprob, .. } => {
+                        Some((*id, logprob.clone().expect("asked")))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -1617,7 +1647,12 @@ mod tests {
         let (mut got, mut want) = (0.0f64, 0.0f64);
         for (id, lp) in &sampled {
             let scored = step[*id as usize] - LogitsSummary::of(&step, 0).lse;
-            assert_eq!(lp.logprob.to_bits(), scored.to_bits(), "{} vs {scored}", lp.logprob);
+            assert_eq!(
+                lp.logprob.to_bits(),
+                scored.to_bits(),
+                "{} vs {scored}",
+                lp.logprob
+            );
             got += lp.logprob as f64;
             want += scored as f64;
             step = model.forward(&[*id], false).expect("step");
@@ -1633,10 +1668,17 @@ mod tests {
         for (i, (id, lp)) in sampled.iter().enumerate() {
             let row = &all[(prompt.len() - 1 + i) * vocab..][..vocab];
             let scored = row[*id as usize] - LogitsSummary::of(row, 0).lse;
-            assert!((lp.logprob - scored).abs() < 1e-2, "token {i}: {} vs {scored}", lp.logprob);
+            assert!(
+                (lp.logprob - scored).abs() < 1e-2,
+                "token {i}: {} vs {scored}",
+                lp.logprob
+            );
             whole += scored as f64;
         }
-        assert!((got - whole).abs() < 2e-2, "sum {got} vs one-pass scoring {whole}");
+        assert!(
+            (got - whole).abs() < 2e-2,
+            "sum {got} vs one-pass scoring {whole}"
+        );
     }
 
     #[test]

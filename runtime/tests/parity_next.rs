@@ -236,28 +236,6 @@ fn with_index_topk(name: &str, topk: usize) -> tempfile::TempDir {
 /// `models::nn::topk`); mfx does the same. Without ties the selection does
 /// not depend on the split (`nn::indexer`'s unit test).
 fn dsa_selection(name: &str) {
-/// gpt-oss: the bf16 fixture (experts as transformers stores parameters,
-/// `[experts, in, out]`) and the hub's MXFP4 layout with its older config
-/// spellings (YaRN in `rope_scaling`, `experts_per_token`). Both have a
-/// sliding window of 8 on alternate layers, so a 20-token prompt and its
-/// decode read only part of the cache there. Their reference greedy tokens
-/// were generated with the end-of-sequence token (1) suppressed: a
-/// recompute of the whole sequence per token in numpy, from the same
-/// weights and transformers' formulas, gives exactly `greedy_16` with id 1
-/// masked and `[404, 1, ...]` without (the random model's second token is
-/// its EOS), so the comparison masks it too.
-fn gpt_oss(name: &str) {
-    // The default `avx2` tier multiplies MXFP4 weights by int8-quantized
-    // activations (as llama.cpp does), which costs 8.7e-3 of the logits here
-    // and moves the random model's greedy path after 9 tokens; every other
-    // tier (`avx2-f32x`, scalar, neon) computes in f32 and gives ~4e-7 and
-    // all 16 tokens, which the suite checks by running this test again with
-    // MFX_KERNELS=scalar. Under int8 only the first token is required.
-    let int8_mxfp4 = name.ends_with("mxfp4") && kernels::backend().name() == "avx2";
-    let (tol, exact) = if int8_mxfp4 { (2e-2, 1) } else { (1e-3, 16) };
-    let mut m = fixture_as(name, "gpt_oss", true, tol, exact);
-/// The fixture's prompt ids.
-fn prompt(name: &str) -> Vec<u32> {
     let dir = shared().join("fixtures").join(name);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -301,6 +279,33 @@ fn parity_next_deepseek_v32() {
 fn parity_next_glm_moe_dsa() {
     fixture("glm_moe_dsa");
     dsa_selection("glm_moe_dsa");
+}
+
+/// gpt-oss: the bf16 fixture (experts as transformers stores parameters,
+/// `[experts, in, out]`) and the hub's MXFP4 layout with its older config
+/// spellings (YaRN in `rope_scaling`, `experts_per_token`). Both have a
+/// sliding window of 8 on alternate layers, so a 20-token prompt and its
+/// decode read only part of the cache there. Their reference greedy tokens
+/// were generated with the end-of-sequence token (1) suppressed: a
+/// recompute of the whole sequence per token in numpy, from the same
+/// weights and transformers' formulas, gives exactly `greedy_16` with id 1
+/// masked and `[404, 1, ...]` without (the random model's second token is
+/// its EOS), so the comparison masks it too.
+fn gpt_oss(name: &str) {
+    // The default `avx2` tier multiplies MXFP4 weights by int8-quantized
+    // activations (as llama.cpp does), which costs 8.7e-3 of the logits here
+    // and moves the random model's greedy path after 9 tokens; every other
+    // tier (`avx2-f32x`, scalar, neon) computes in f32 and gives ~4e-7 and
+    // all 16 tokens, which the suite checks by running this test again with
+    // MFX_KERNELS=scalar. Under int8 only the first token is required.
+    let int8_mxfp4 = name.ends_with("mxfp4") && kernels::backend().name() == "avx2";
+    let (tol, exact) = if int8_mxfp4 { (2e-2, 1) } else { (1e-3, 16) };
+    let mut m = fixture_as(name, "gpt_oss", true, tol, exact);
+    let dir = shared().join("fixtures").join(name);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let prompt = ids(&r["input_ids"]);
     // f16 cache: rounded cached keys, close.
     split_matches_whole(m.as_mut(), &prompt, if int8_mxfp4 { 1e-2 } else { 1e-3 });
     if int8_mxfp4 {
@@ -335,6 +340,14 @@ fn parity_next_gpt_oss() {
 #[test]
 fn parity_next_gpt_oss_mxfp4() {
     gpt_oss("gpt_oss_mxfp4");
+}
+
+/// The fixture's prompt ids.
+fn prompt(name: &str) -> Vec<u32> {
+    let dir = shared().join("fixtures").join(name);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     ids(&r["input_ids"])
 }
 

@@ -163,7 +163,11 @@ fn summarize(pack: &Pack) -> Value {
     });
 
     // A multimodal config's text model is under `text_config`.
-    let cfg = m.config.get("text_config").filter(|t| t.is_object()).unwrap_or(&m.config);
+    let cfg = m
+        .config
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .unwrap_or(&m.config);
     json!({
         "path": pack.path().display().to_string(),
         "format_version": h.format_version,

@@ -232,6 +232,7 @@ impl Family for MiniMaxM2 {
                     rule: self.rule,
                 },
                 shared: None,
+                glu: crate::experts::Glu::Silu,
             }),
         })
     }

@@ -132,10 +132,7 @@ impl SamplerFields {
             ));
         }
         if top > 0 && !on {
-            return Err(bad(
-                "top_logprobs",
-                "top_logprobs needs `logprobs: true`",
-            ));
+            return Err(bad("top_logprobs", "top_logprobs needs `logprobs: true`"));
         }
         Ok(on.then_some(top as usize))
     }
@@ -154,12 +151,16 @@ impl SamplerFields {
                 Some(k) if k <= u64::from(MAX_TOP_LOGPROBS) => Ok(Some(k as usize)),
                 _ => Err(bad(
                     "logprobs",
-                    format!("logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+                    format!(
+                        "logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {n}"
+                    ),
                 )),
             },
             Some(other) => Err(bad(
                 "logprobs",
-                format!("logprobs: expected an integer between 0 and {MAX_TOP_LOGPROBS}, got {other}"),
+                format!(
+                    "logprobs: expected an integer between 0 and {MAX_TOP_LOGPROBS}, got {other}"
+                ),
             )),
         }
     }
@@ -174,7 +175,10 @@ impl SamplerFields {
             ));
         }
         if self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("logprobs", "logprobs is not supported on /v1/responses"));
+            return Err(bad(
+                "logprobs",
+                "logprobs is not supported on /v1/responses",
+            ));
         }
         if self.top_logprobs.is_some_and(|n| n > 0) {
             return Err(bad(

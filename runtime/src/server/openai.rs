@@ -480,7 +480,11 @@ fn chat_stream(
                     break data(&chunk(&mut st, json!({"content": t}), Value::Null))
                 }
                 Some(Out::Reasoning(t)) => {
-                    break data(&chunk(&mut st, json!({"reasoning_content": t}), Value::Null))
+                    break data(&chunk(
+                        &mut st,
+                        json!({"reasoning_content": t}),
+                        Value::Null,
+                    ))
                 }
                 Some(Out::ToolStart { index, name }) => {
                     let id = new_id("call_");
@@ -623,7 +627,13 @@ pub async fn completions(
                     None => return None,
                     Some(Out::Logprob(lp)) => st.lps.push(lp),
                     Some(Out::Text(t)) => {
-                        break data(&chunk(&st.ctx, &t, Value::Null, &mut st.lps, &mut st.offset))
+                        break data(&chunk(
+                            &st.ctx,
+                            &t,
+                            Value::Null,
+                            &mut st.lps,
+                            &mut st.offset,
+                        ))
                     }
                     Some(Out::Failed(e)) => {
                         st.done = true;

@@ -32,8 +32,8 @@ use serde_json::{json, Value};
 
 use super::backend::{ChatPrompt, Completion, Finish};
 use super::error::{parse_body, ApiError, Flavor};
-use super::openai::sse_response;
 use super::fields::SamplerFields;
+use super::openai::sse_response;
 use super::pipeline::{self, new_id, unix_now, Out, PromptSource};
 use super::{toolchoice, AppState};
 

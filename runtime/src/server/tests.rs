@@ -225,7 +225,9 @@ impl Backend for Fake {
                     .map(|j| (format!("alt{j}"), -0.25 * produced as f32 - j as f32))
                     .collect(),
             });
-            if lp.is_some_and(|lp| !on_delta(Delta::Logprob(lp))) || !on_delta(Delta::Text(&ch.to_string())) {
+            if lp.is_some_and(|lp| !on_delta(Delta::Logprob(lp)))
+                || !on_delta(Delta::Text(&ch.to_string()))
+            {
                 self.cancelled.fetch_add(1, Ordering::SeqCst);
                 finish = Finish::Cancelled;
                 break;
@@ -1929,16 +1931,32 @@ async fn sampler_fields_are_honoured_or_refused_by_name() {
             json!({"logprobs": true, "top_logprobs": 21}),
             "top_logprobs",
         ),
-        ("/v1/completions", json!({"presence_penalty": "x"}), "presence_penalty"),
-        ("/v1/responses", json!({"presence_penalty": "x"}), "presence_penalty"),
-        ("/v1/responses", json!({"temperature": "hot"}), "temperature"),
+        (
+            "/v1/completions",
+            json!({"presence_penalty": "x"}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/responses",
+            json!({"presence_penalty": "x"}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/responses",
+            json!({"temperature": "hot"}),
+            "temperature",
+        ),
         ("/v1/responses", json!({"top_logprobs": 2}), "top_logprobs"),
         (
             "/v1/responses",
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
         ),
-        ("/v1/completions", json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            "/v1/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
         (
             "/v1/chat/completions",
             json!({"response_format": {"type": "json_object"}}),
@@ -1988,12 +2006,19 @@ async fn logprobs_in_chat_and_completions() {
     let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let reply: Vec<String> = "Hello".chars().map(|c| c.to_string()).collect();
-    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 5,
-        "logprobs": true, "top_logprobs": 2}))
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 5,
+        "logprobs": true, "top_logprobs": 2}),
+    )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
-    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("content").clone();
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+        .clone();
     assert_eq!(content.len(), 5, "{v}");
     for (i, e) in content.iter().enumerate() {
         assert_eq!(e["token"], reply[i]);
@@ -2003,32 +2028,57 @@ async fn logprobs_in_chat_and_completions() {
         assert_eq!(e["top_logprobs"][1]["token"], "alt1");
     }
     // Not asked: null, and the backend is not asked either.
-    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 2})).await;
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.json()["choices"][0]["logprobs"], Value::Null);
-    assert_eq!(fake.params.lock().expect("lock").last().map(|p| p.logprobs), Some(None));
+    assert_eq!(
+        fake.params.lock().expect("lock").last().map(|p| p.logprobs),
+        Some(None)
+    );
     // Streamed: every token's entry rides on a chunk, in order.
-    let r = post(addr, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 5,
-        "logprobs": true, "stream": true}))
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 5,
+        "logprobs": true, "stream": true}),
+    )
     .await;
     let mut tokens = Vec::new();
     for d in sse_data(&r.body).iter().filter(|d| d.as_str() != "[DONE]") {
         let c: Value = serde_json::from_str(d).expect("chunk");
-        for e in c["choices"][0]["logprobs"]["content"].as_array().into_iter().flatten() {
+        for e in c["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             assert_eq!(e["top_logprobs"], json!([]));
             tokens.push(e["token"].as_str().expect("token").to_owned());
         }
     }
     assert_eq!(tokens, reply);
     // Completions: the legacy shape, `logprobs: N` alternatives.
-    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 5, "logprobs": 3})).await;
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 5, "logprobs": 3}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let lp = r.json()["choices"][0]["logprobs"].clone();
     assert_eq!(lp["tokens"], json!(reply));
     assert_eq!(lp["token_logprobs"][4], json!(-1.25f32));
     assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
     assert_eq!(lp["top_logprobs"][0].as_object().map(|o| o.len()), Some(3));
-    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 5, "logprobs": 0,
-        "stream": true}))
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 5, "logprobs": 0,
+        "stream": true}),
+    )
     .await;
     let mut tokens = Vec::new();
     for d in sse_data(&r.body).iter().filter(|d| d.as_str() != "[DONE]") {
@@ -2050,14 +2100,25 @@ async fn logprobs_in_chat_and_completions() {
 async fn anthropic_thinking_disabled_reaches_the_template() {
     let fake = Fake::with_template("qwen3.jinja");
     let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
-    let last = || fake.rendered.lock().expect("lock").last().cloned().expect("rendered");
+    let last = || {
+        fake.rendered
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("rendered")
+    };
     for (thinking, empty_block) in [
         (json!({"type": "disabled"}), true),
         (json!({"type": "adaptive"}), false),
         (json!({"type": "enabled", "budget_tokens": 1024}), false),
     ] {
-        let r = post(addr, "/v1/messages", json!({"max_tokens": 4, "thinking": thinking,
-            "messages": [{"role": "user", "content": "hi"}]}))
+        let r = post(
+            addr,
+            "/v1/messages",
+            json!({"max_tokens": 4, "thinking": thinking,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(
@@ -2077,23 +2138,37 @@ async fn empty_or_null_call_arguments_render() {
     let fake = Fake::with_template("qwen3-coder.jinja");
     let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
     for args in ["", "null", " "] {
-        let r = post(addr, "/v1/chat/completions", json!({"max_tokens": 2, "messages": [
+        let r = post(
+            addr,
+            "/v1/chat/completions",
+            json!({"max_tokens": 2, "messages": [
             {"role": "user", "content": "what time is it?"},
             {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
                 "function": {"name": "now", "arguments": args}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]}))
+            {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]}),
+        )
         .await;
         assert_eq!(r.status, 200, "{args:?}: {}", r.body);
-        let rendered = fake.rendered.lock().expect("lock").last().cloned().expect("rendered");
+        let rendered = fake
+            .rendered
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("rendered");
         assert!(
             rendered.contains("<function=now>\n</function>"),
             "{args:?}: {rendered}"
         );
         // Responses' function_call items likewise.
-        let r = post(addr, "/v1/responses", json!({"max_output_tokens": 2, "input": [
+        let r = post(
+            addr,
+            "/v1/responses",
+            json!({"max_output_tokens": 2, "input": [
             {"role": "user", "content": "what time is it?"},
             {"type": "function_call", "call_id": "c1", "name": "now", "arguments": args},
-            {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]}))
+            {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]}),
+        )
         .await;
         assert_eq!(r.status, 200, "{args:?}: {}", r.body);
     }
@@ -2113,28 +2188,71 @@ async fn cors_is_opt_in_and_per_origin() {
         let h = [
             ("Origin", origin),
             ("Access-Control-Request-Method", "POST"),
-            ("Access-Control-Request-Headers", "authorization,content-type,x-api-key"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type,x-api-key",
+            ),
         ];
         raw(addr, "OPTIONS", "/v1/chat/completions", &h, b"").await
     };
     let r = preflight("http://ui.example").await;
     assert_eq!(r.status, 200, "{}", r.headers);
     let h = r.headers.to_ascii_lowercase();
-    assert!(h.contains("access-control-allow-origin: http://ui.example"), "{h}");
-    assert!(h.contains("access-control-allow-headers: authorization,content-type,x-api-key"), "{h}");
+    assert!(
+        h.contains("access-control-allow-origin: http://ui.example"),
+        "{h}"
+    );
+    assert!(
+        h.contains("access-control-allow-headers: authorization,content-type,x-api-key"),
+        "{h}"
+    );
     let r = preflight("http://evil.example").await;
-    assert!(!r.headers.to_ascii_lowercase().contains("access-control-allow-origin"), "{}", r.headers);
+    assert!(
+        !r.headers
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{}",
+        r.headers
+    );
     // A real request carries the header too (and still needs the key).
-    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example"), ("x-api-key", "k")], b"").await;
+    let r = raw(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Origin", "http://ui.example"), ("x-api-key", "k")],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert!(r.headers.to_ascii_lowercase().contains("access-control-allow-origin: http://ui.example"));
-    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example")], b"").await;
+    assert!(r
+        .headers
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin: http://ui.example"));
+    let r = raw(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Origin", "http://ui.example")],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 401);
 
     let (addr, _) = start(Fake::new(), ServerConfig::default()).await;
-    let r = raw(addr, "GET", "/v1/models", &[("Origin", "http://ui.example")], b"").await;
+    let r = raw(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Origin", "http://ui.example")],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert!(!r.headers.to_ascii_lowercase().contains("access-control"), "{}", r.headers);
+    assert!(
+        !r.headers.to_ascii_lowercase().contains("access-control"),
+        "{}",
+        r.headers
+    );
 }
 
 /// The access log: one `mfx::access` line per request, written when the
@@ -2176,9 +2294,19 @@ async fn access_log_has_one_line_per_request() {
         let h = [("Content-Type", "application/json"), ("x-request-id", id)];
         raw(addr, "POST", path, &h, body.to_string().as_bytes()).await
     };
-    let r = send("/v1/chat/completions", "acc-chat", json!({"messages": msgs, "max_tokens": 5})).await;
+    let r = send(
+        "/v1/chat/completions",
+        "acc-chat",
+        json!({"messages": msgs, "max_tokens": 5}),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    let r = send("/v1/completions", "acc-stream", json!({"prompt": "x", "max_tokens": 3, "stream": true})).await;
+    let r = send(
+        "/v1/completions",
+        "acc-stream",
+        json!({"prompt": "x", "max_tokens": 3, "stream": true}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let r = send("/v1/messages", "acc-error", json!({"messages": msgs})).await;
     assert_eq!(r.status, 400);
@@ -2188,7 +2316,17 @@ async fn access_log_has_one_line_per_request() {
     }
     let chat = lines("acc-chat");
     assert_eq!(chat.len(), 1, "{chat:?}");
-    for field in ["INFO", "method=POST", "path=/v1/chat/completions", "status=200", "completion_tokens=5", "length", "ttft_ms=", "gen_ms=", "ms="] {
+    for field in [
+        "INFO",
+        "method=POST",
+        "path=/v1/chat/completions",
+        "status=200",
+        "completion_tokens=5",
+        "length",
+        "ttft_ms=",
+        "gen_ms=",
+        "ms=",
+    ] {
         assert!(chat[0].contains(field), "{field}: {}", chat[0]);
     }
     assert!(chat[0].contains("prompt_tokens="), "{}", chat[0]);
@@ -2197,7 +2335,15 @@ async fn access_log_has_one_line_per_request() {
     assert!(stream[0].contains("completion_tokens=3"), "{}", stream[0]);
     let err = lines("acc-error");
     assert_eq!(err.len(), 1, "{err:?}");
-    assert!(err[0].contains("WARN") && err[0].contains("status=400"), "{}", err[0]);
-    assert!(err[0].contains("max_tokens"), "the error message: {}", err[0]);
+    assert!(
+        err[0].contains("WARN") && err[0].contains("status=400"),
+        "{}",
+        err[0]
+    );
+    assert!(
+        err[0].contains("max_tokens"),
+        "the error message: {}",
+        err[0]
+    );
     assert!(!err[0].contains("completion_tokens"), "{}", err[0]);
 }

@@ -16,8 +16,8 @@
 
 pub mod attention;
 pub mod config;
-pub mod indexer;
 pub mod delta_rule;
+pub mod indexer;
 pub mod kv_cache;
 pub mod linear;
 pub mod mla;
