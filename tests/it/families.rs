@@ -755,12 +755,20 @@ fn gpt_oss_mxfp4_experts_are_stored_as_they_are_and_sized_so() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let plan = &rep["packs"][0]["plan"];
     eprintln!("plan: {plan}");
-    // 1G holds every expert: all 4 x 16 pinned, each at its stored size
-    // (an affine q4 or q2 expert would be 3840 or 2304 bytes + biases).
-    assert_eq!(plan["all_resident"], true, "{plan}");
+    // The plan counts each pinned expert at its stored size, hot (4-bit)
+    // or cold (2-bit) alike: an affine q4 or q2 expert would be 3840 or
+    // 2304 bytes + biases. (`--hot-fraction` is given, so the plan pins by
+    // routing mass rather than keeping everything resident.)
+    let pinned: u64 = plan["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["pinned"].as_array().unwrap().len() as u64)
+        .sum();
+    assert!(pinned > 0, "{plan}");
     assert_eq!(
         plan["pinned_bytes"].as_u64().unwrap(),
-        4 * 16 * per_expert,
+        pinned * per_expert,
         "{plan}"
     );
     let code_bits = rep["packs"][0]["expert_code_bits"].as_f64().unwrap();

@@ -131,7 +131,7 @@ fn serve_refuses_bad_input_with_a_message() {
     // A usage error (exit 2): the size is parsed with the flags, before the model loads.
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("'lots' for '--ram <SIZE>'"), "{err}");
+    assert!(err.contains("'lots' for '--ram <SIZE|auto>'"), "{err}");
 }
 
 /// Issue 16 item 9: `mfx serve --help` printed `[env: MFX_API_KEY=<the key>]`.
