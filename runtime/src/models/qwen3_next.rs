@@ -264,6 +264,9 @@ pub struct FullAttn {
 
 /// DeltaNet's input projections, as each variant stores them.
 #[derive(Debug, Clone)]
+// One per layer, built once and never moved in a loop: boxing the larger
+// variant would only add an indirection to every projection.
+#[allow(clippy::large_enum_variant)]
 pub enum DeltaProj {
     /// Qwen3-Next: per key head `[q, k, v.., z..]` and `[b.., a..]`.
     Grouped { qkvz: Matrix, ba: Matrix },
