@@ -115,15 +115,15 @@ fn index_topk(family: &str) -> Option<usize> {
     c["index_topk"].as_u64().map(|k| k as usize)
 }
 
-/// Preps `family` with `bits` (extra prep args), then scores the pack.
-fn prep_and_score(family: &str, dir: &Path, bits: &[&str]) -> Measured {
-    let fx = fixture(family);
+/// `mfx prep MODEL` into `dir/NAME.mfx` at the fixtures' settings (1G,
+/// the shared calibration ids, 4 rows of 64), with `extra` prep flags.
+fn prep_fixture(model: &Path, dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let calib = dir.join("ids.txt");
     write_calib_ids(&calib);
-    let pack = dir.join(format!("{family}.mfx"));
+    let pack = dir.join(format!("{name}.mfx"));
     let mut args = vec![
         "prep",
-        fx.to_str().unwrap(),
+        model.to_str().unwrap(),
         "--ram",
         "1G",
         "-o",
@@ -137,8 +137,15 @@ fn prep_and_score(family: &str, dir: &Path, bits: &[&str]) -> Measured {
         "--no-card",
         "-q",
     ];
-    args.extend(bits);
+    args.extend(extra);
     ok(&mfx(&args));
+    pack
+}
+
+/// Preps `family` with `bits` (extra prep args), then scores the pack.
+fn prep_and_score(family: &str, dir: &Path, bits: &[&str]) -> Measured {
+    let fx = fixture(family);
+    let pack = prep_fixture(&fx, dir, family, bits);
     ok(&mfx(&["verify", pack.to_str().unwrap()]));
 
     let r: serde_json::Value =
@@ -511,31 +518,12 @@ fn mla_families_run_streamed_from_a_pack_as_resident() {
             "{family}: mfx run on the checkpoint"
         );
 
-        let calib = d.path().join("ids.txt");
-        write_calib_ids(&calib);
-        let pack = d.path().join(format!("{family}.mfx"));
-        ok(&mfx(&[
-            "prep",
-            ckpt.to_str().unwrap(),
-            "--ram",
-            "1G",
-            "-o",
-            pack.to_str().unwrap(),
-            "--calib-ids",
-            calib.to_str().unwrap(),
-            "--calib-rows",
-            "4",
-            "--calib-seq",
-            "64",
-            "--no-card",
-            "-q",
-            "--dense-bits",
-            "8",
-            "--hot-bits",
-            "8",
-            "--cold-bits",
-            "8",
-        ]));
+        let pack = prep_fixture(
+            &ckpt,
+            d.path(),
+            family,
+            &["--dense-bits", "8", "--hot-bits", "8", "--cold-bits", "8"],
+        );
         let resident = run(&pack, &[]);
         let out = mfx(&[
             "run",
