@@ -9,8 +9,7 @@
 # CKPT: the HF checkpoint train.py wrote. DEST must not exist. PYTHON (default
 # python3) needs `mlx[cpu]` and `mlx-lm` (PyPI; they work on Linux). Checks
 # that the routers came out at 8 bits and the rest at 4, and copies the
-# Qwen3-Coder chat template and generation config across (mlx-lm's copy of
-# tokenizer files may drop chat_template.jinja or the generation settings).
+# Qwen3-Coder chat template and the generation config across.
 set -euo pipefail
 ckpt=${1:?usage: to_mlx4.sh CKPT DEST [PYTHON]}
 dest=${2:?usage: to_mlx4.sh CKPT DEST [PYTHON]}
@@ -20,6 +19,10 @@ py=${3:-python3}
 "$py" -m mlx_lm convert --hf-path "$ckpt" --mlx-path "$dest" -q --q-bits 4 --q-group-size 64
 cp "$ckpt/chat_template.jinja" "$dest/chat_template.jinja"
 cp "$ckpt/generation_config.json" "$dest/generation_config.json"
+# mlx-lm's tokenizer_config is kept (as in the shipped coder; it records
+# tool_parser_type qwen3_coder read off the template for mlx_lm.server); its
+# stub README is not: the model card goes there instead.
+rm -f "$dest/README.md"
 "$py" - "$dest" <<'EOF'
 import json, sys
 c = json.load(open(f"{sys.argv[1]}/config.json"))

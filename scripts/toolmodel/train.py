@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -47,22 +48,28 @@ def log(msg):
 
 # ------------------------------------------------------------------ data
 def encode_rows(tok, path, max_len):
+    """(ids, loss mask, is_code) per row, as numpy arrays: a token carries
+    loss if its first character lies in one of the row's spans."""
     rows, dropped = [], 0
     with open(path) as f:
         lines = [json.loads(l) for l in f]
-    encs = tok.encode_batch([l["text"] for l in lines], add_special_tokens=False)
-    for l, e in zip(lines, encs):
-        ids, offs = e.ids, e.offsets
-        spans = l["spans"]
-        mask = [any(a <= o[0] < b for a, b in spans) for o in offs]
-        if len(ids) > max_len:
-            if l.get("kind") != "code":
-                dropped += 1  # a cut conversation would teach a cut call
+    for c in range(0, len(lines), 4096):
+        part = lines[c:c + 4096]
+        encs = tok.encode_batch([l["text"] for l in part], add_special_tokens=False)
+        for l, e in zip(part, encs):
+            ids = np.asarray(e.ids, dtype=np.int64)
+            starts = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+            mask = np.zeros(len(ids), dtype=bool)
+            for a, b in l["spans"]:
+                mask |= (starts >= a) & (starts < b)
+            if len(ids) > max_len:
+                if l.get("kind") != "code":
+                    dropped += 1  # a cut conversation would teach a cut call
+                    continue
+                ids, mask = ids[:max_len], mask[:max_len]
+            if not mask[1:].any():
                 continue
-            ids, mask = ids[:max_len], mask[:max_len]
-        if sum(mask[1:]) == 0:
-            continue
-        rows.append((ids, mask, l.get("kind") == "code"))
+            rows.append((ids, mask, l.get("kind") == "code"))
     return rows, dropped
 
 
@@ -91,17 +98,16 @@ def batches(rows, batch_tokens, r):
 
 def collate(rows, idx, pad_id, device):
     L = max(len(rows[i][0]) for i in idx)
-    ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), L), -100, dtype=torch.long)
-    att = torch.zeros((len(idx), L), dtype=torch.long)
+    ids = np.full((len(idx), L), pad_id, dtype=np.int64)
+    labels = np.full((len(idx), L), -100, dtype=np.int64)
+    att = np.zeros((len(idx), L), dtype=np.int64)
     for b, i in enumerate(idx):
         x, m = rows[i][0], rows[i][1]
-        ids[b, :len(x)] = torch.tensor(x)
+        ids[b, :len(x)] = x
         att[b, :len(x)] = 1
-        lab = torch.tensor(x)
-        lab[~torch.tensor(m)] = -100
-        labels[b, :len(x)] = lab
-    return ids.to(device), att.to(device), labels.to(device)
+        labels[b, :len(x)] = np.where(m, x, -100)
+    return (torch.from_numpy(ids).to(device, non_blocking=True), torch.from_numpy(att).to(device, non_blocking=True),
+            torch.from_numpy(labels).to(device, non_blocking=True))
 
 
 # -------------------------------------------------------------- self-eval
@@ -209,6 +215,35 @@ def self_eval(model, tok, evals, device, max_new, batch=32):
     return res, samples
 
 
+# ------------------------------------------------------------------ model
+def load_model(cls, base, device, rows, pad_id, impl):
+    """The base in float32 on device, with an experts implementation that
+    runs a training step here: transformers' default grouped_mm kernel is
+    not autocast-aware and, depending on the torch build, may refuse float32
+    weights; then batched_mm, then the per-expert eager loop."""
+    cands = [impl] if impl != "auto" else ([None, "batched_mm", "eager"] if device.type == "cuda" else [None, "eager"])
+    probe = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))[:2]
+    last = None
+    for c in cands:
+        kw = {} if c is None else {"experts_implementation": c}
+        try:
+            model = cls.from_pretrained(base, dtype=torch.float32, **kw)
+            model.config.use_cache = False
+            model.to(device).train()
+            ids, att, labels = collate(rows, probe, pad_id, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            got = getattr(model.config, "_experts_implementation", c)
+            log(f"experts implementation: {got or 'default'} (probe step loss {loss.item():.3f})")
+            return model
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+            last = e
+            log(f"experts implementation {c or 'default'} failed a training step here: {str(e).splitlines()[0][:200]}; trying the next")
+    raise SystemExit(f"no experts implementation could run a training step: {last}")
+
+
 # ----------------------------------------------------------------- saving
 def save(model, base, out, template):
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +299,7 @@ def main():
     ap.add_argument("--eval-n", type=int, default=200, help="held-out prompts to self-evaluate (0: skip)")
     ap.add_argument("--eval-max-new", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts-impl", default="auto", help="transformers experts_implementation (auto: the first that runs)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     a = ap.parse_args()
 
@@ -286,13 +322,11 @@ def main():
     rows, dropped = encode_rows(tok, data / "train.jsonl", a.max_len)
     val_rows, rows = rows[:a.val_n], rows[a.val_n:]  # the file is already shuffled
     ntok = sum(len(x[0]) for x in rows)
-    nloss = sum(sum(x[1]) for x in rows)
+    nloss = sum(int(x[1].sum()) for x in rows)
     log(f"{len(rows)} rows ({dropped} conversations over {a.max_len} tokens dropped), {ntok} tokens, {nloss} with loss")
     evals = [json.loads(l) for l in open(data / "eval.jsonl")][:a.eval_n]
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.config.use_cache = False
-    model.to(device).train()
+    model = load_model(AutoModelForCausalLM, base, device, rows, pad_id, a.experts_impl)
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model {nparam / 1e6:.1f}M params from {base}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
