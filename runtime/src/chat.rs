@@ -21,7 +21,7 @@
 //! tool-call `arguments` as an object (HF convention); callers holding the
 //! OpenAI string form should parse it first ([`normalize_tool_call_arguments`]).
 
-use minijinja::value::{Kwargs, Value};
+use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
@@ -204,6 +204,7 @@ impl ChatTemplate {
         env.add_filter("from_json", from_json_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_test("iterable", is_iterable);
         let kept = source.clone();
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| ChatTemplateError::Syntax {
@@ -438,6 +439,19 @@ fn raise_exception(msg: String) -> Result<Value, JinjaError> {
 
 /// HF's `tojson(x, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)`, i.e. Python's `json.dumps` with those arguments.
+/// jinja2's `iterable` test (Python's `iter(v)` succeeds): strings,
+/// sequences, mappings and jinja2's Undefined (which iterates as empty), but
+/// not `none`, numbers or booleans. minijinja's own test also says
+/// yes to `none` (it iterates as empty), so Qwen3-Coder's
+/// `tools is iterable and tools | length > 0` failed on the `none` that a
+/// request without tools renders with ("cannot calculate length").
+fn is_iterable(value: &Value) -> bool {
+    !matches!(
+        value.kind(),
+        ValueKind::None | ValueKind::Bool | ValueKind::Number
+    ) && (value.is_undefined() || value.try_iter().is_ok())
+}
+
 fn tojson_filter(
     value: &Value,
     indent: Option<Value>,
@@ -788,6 +802,34 @@ mod tests {
         ));
         assert!(got.contains("<required>[`city`]</required>"));
         assert!(got.contains("<|im_start|>user\n<tool_response>\n{\"temp\": 21, \"sky\": \"clear\"}\n</tool_response>\n<|im_end|>"));
+    }
+
+    /// Without tools the Qwen3-Coder template tests `tools is iterable` on
+    /// `none`; jinja2 says no, and so must we (transformers' rendering).
+    #[test]
+    fn qwen3_coder_without_tools_matches_transformers() {
+        let (messages, _) = conversation();
+        let t = template_file("qwen3-coder.jinja");
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        let got = t.render(&messages, &opts).expect("render");
+        assert_eq!(got, expected("qwen3-coder.no_tools.expected.txt"));
+    }
+
+    #[test]
+    fn iterable_test_follows_python() {
+        let t = ChatTemplate::new(
+            "{% for v in [none, 1, true, 'ab', [1], {'a': 1}, undefined_name] %}{{ v is iterable }},{% endfor %}".into(),
+            "test".into(),
+            None,
+            None,
+        )
+        .expect("template");
+        let got = t.render(&[], &RenderOptions::default()).expect("render");
+        // Exactly what jinja2 3.1 prints for the same template.
+        assert_eq!(got, "False,False,False,True,True,True,True,");
     }
 
     #[test]

@@ -25,6 +25,7 @@ cases = {
     "qwen3.tools": ("qwen3.jinja", dict(tools=conv["tools"])),
     "qwen3.no_thinking": ("qwen3.jinja", dict(enable_thinking=False)),
     "qwen3-coder.tools": ("qwen3-coder.jinja", dict(tools=conv["tools"])),
+    "qwen3-coder.no_tools": ("qwen3-coder.jinja", dict()),
 }
 for name, (template_file, kwargs) in cases.items():
     template = open(os.path.join(HERE, template_file)).read()
