@@ -64,6 +64,17 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("the model returned {got} logits, expected its vocabulary size {expected}")]
     LogitsSize { got: usize, expected: usize },
+    #[error("constrained decoding: {0}")]
+    Constraint(String),
+}
+
+/// Restricts which tokens may come next (a grammar: `constrain::TokenMask`).
+pub trait TokenConstraint {
+    /// Sets the logits of the tokens not allowed next to -inf; called once
+    /// per step, before sampling.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Advances past the sampled token (not called for end-of-sequence).
+    fn commit(&mut self, id: u32) -> Result<(), String>;
 }
 
 /// The generation defaults of `generation_config.json` that matter here.
@@ -582,6 +593,21 @@ impl Generator {
         opts: &GenerateOptions,
         on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
+        self.generate_constrained(prompt_ids, params, opts, None, on_event)
+    }
+
+    /// [`generate`](Self::generate), with each token drawn only from those
+    /// `constraint` allows (masked after the log-probabilities are taken,
+    /// before the sampler's filters, so greedy and seeded sampling keep
+    /// their meaning over the allowed tokens).
+    pub fn generate_constrained(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        opts: &GenerateOptions,
+        mut constraint: Option<&mut dyn TokenConstraint>,
+        on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<Completion, GenerateError> {
         let start = Instant::now();
         if prompt_ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
@@ -650,6 +676,9 @@ impl Generator {
             // Before the sampler rewrites the logits in place.
             let summary = opts.logprobs.map(|k| LogitsSummary::of(&logits, k));
             let raw = summary.as_ref().map(|_| logits.clone());
+            if let Some(c) = constraint.as_deref_mut() {
+                c.mask(&mut logits).map_err(GenerateError::Constraint)?;
+            }
             let id = sampler.sample(&mut logits, &history)?;
             let logprob = summary.zip(raw).map(|(s, raw)| TokenLogprob {
                 logprob: raw[id as usize] - s.lse,
@@ -662,6 +691,9 @@ impl Generator {
             if !opts.ignore_eos && self.eos_ids.contains(&id) {
                 completion.finish_reason = FinishReason::Eos(id);
                 break;
+            }
+            if let Some(c) = constraint.as_deref_mut() {
+                c.commit(id).map_err(GenerateError::Constraint)?;
             }
             completion.token_ids.push(id);
             history.push(id);

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod constrain;
 pub mod error;
 pub mod experts;
 pub mod generate;

@@ -120,8 +120,8 @@ pub struct MessagesRequest {
 ///   model's template decides which earlier thinking reaches the prompt
 ///   (most keep only the current turn's).
 /// * `output_config.effort`: one generation path, whatever the effort.
-///   `output_config.format` (structured output) is refused: without
-///   constrained decoding it cannot be guaranteed.
+///   `output_config.format` (structured output, `{"type": "json_schema",
+///   "schema"}`) is enforced by a grammar (`constraint::ResponseFormat`).
 fn check_agent_fields(req: &MessagesRequest) -> Result<(), ApiError> {
     let bad = |msg: String| Err(ApiError::bad_request(F, msg));
     if let Some(t) = &req.thinking {
@@ -157,6 +157,7 @@ fn check_agent_fields(req: &MessagesRequest) -> Result<(), ApiError> {
         for (k, v) in obj {
             match k.as_str() {
                 "effort" if v.is_string() => {}
+                "format" => {}
                 "effort" => {
                     return bad(format!("output_config.effort: expected a string, got {v}"))
                 }
@@ -386,6 +387,11 @@ pub async fn messages(
         ignore_eos: false,
         penalties: Default::default(),
         logprobs: None,
+        response_format: super::constraint::ResponseFormat::parse(
+            req.output_config.as_ref().and_then(|oc| oc.get("format")),
+            F,
+            "output_config.format",
+        )?,
     };
     let prepared = pipeline::prepare(&state, F, source, sampling).await?;
     let input_tokens = prepared.prompt.len();

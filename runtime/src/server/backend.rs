@@ -88,6 +88,9 @@ pub struct GenParams {
     /// Report each token's log-probability and this many alternatives
     /// (see [`Delta::Logprob`]); `None` when the request did not ask.
     pub logprobs: Option<usize>,
+    /// The grammar every token must follow (`response_format`, a forced
+    /// tool call), compiled by [`Backend::compile_grammar`].
+    pub grammar: Option<crate::constrain::Grammar>,
 }
 
 /// A sampled token's log-probability under the model (the log-softmax of
@@ -169,6 +172,18 @@ pub trait Backend: Send + Sync + 'static {
     /// markup) off it.
     fn template_source(&self) -> Option<&str> {
         None
+    }
+
+    /// Compiles a constrained-decoding grammar (Lark text from
+    /// `constrain::grammar`), advanced past `prefix`, text the server wrote
+    /// at the start of the reply. `Ok(None)`: this backend cannot constrain
+    /// its output (the test fakes, which have no tokenizer) and samples freely.
+    fn compile_grammar(
+        &self,
+        _lark: &str,
+        _prefix: &str,
+    ) -> Result<Option<crate::constrain::Grammar>, crate::constrain::ConstrainError> {
+        Ok(None)
     }
 
     /// Token ids of already-rendered text (special tokens parsed, none added).

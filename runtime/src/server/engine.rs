@@ -10,13 +10,14 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::backend::{
     Backend, BackendError, ChatPrompt, Completion, Delta, Finish, GenParams, Logprob, ModelInfo,
     SamplingDefaults, StatsSnapshot,
 };
 use crate::chat::{ChatTemplate, RenderOptions};
+use crate::constrain::{ConstrainError, Grammar, GrammarEnv};
 use crate::generate::{Event, FinishReason, GenerateError, GenerateOptions, Generator};
 use crate::models::LoadOptions;
 use crate::sampling::SamplingParams;
@@ -37,6 +38,13 @@ pub struct GeneratorBackend {
     /// Decode with special tokens kept: the template's output format needs
     /// markers the tokenizer has as special tokens (see [`keeps_special`]).
     keep_special: bool,
+    /// The generator's end-of-sequence ids and logits width, for the
+    /// grammar's token trie (read once: the generator is locked while it
+    /// generates, and grammars compile while requests wait).
+    eos_ids: Vec<u32>,
+    vocab: usize,
+    /// The token trie, built on the first constrained request.
+    grammar_env: OnceLock<Result<Arc<GrammarEnv>, String>>,
 }
 
 /// Whether output in the format `template` teaches must be decoded with
@@ -101,6 +109,9 @@ impl GeneratorBackend {
         let keep_special = keeps_special(template.as_ref(), &tokenizer);
         Self {
             keep_special,
+            eos_ids: gen.eos_ids().to_vec(),
+            vocab: gen.model_info().vocab_size,
+            grammar_env: OnceLock::new(),
             gen: Mutex::new(gen),
             tokenizer,
             template,
@@ -181,6 +192,19 @@ impl Backend for GeneratorBackend {
         self.template.as_ref().map(ChatTemplate::source)
     }
 
+    fn compile_grammar(&self, lark: &str, prefix: &str) -> Result<Option<Grammar>, ConstrainError> {
+        let env = self
+            .grammar_env
+            .get_or_init(|| {
+                GrammarEnv::new(self.tokenizer.inner(), &self.eos_ids, self.vocab)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ConstrainError::Tokenizer(e.clone()))?;
+        env.compile(lark, prefix).map(Some)
+    }
+
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
         // The template (or the raw-completion caller) wrote any special
         // tokens already; add none.
@@ -253,7 +277,21 @@ impl Backend for GeneratorBackend {
                 ControlFlow::Break(())
             }
         };
-        let c = gen.generate(prompt, &sampling, &opts, &mut on_event);
+        let mut mask = params.grammar.as_ref().map(Grammar::mask);
+        let constraint = mask
+            .as_mut()
+            .map(|m| m as &mut dyn crate::generate::TokenConstraint);
+        let c = gen.generate_constrained(prompt, &sampling, &opts, constraint, &mut on_event);
+        if let Some(m) = &mask {
+            let (time, steps) = m.cost();
+            // One line per constrained request: what the grammar cost.
+            tracing::info!(
+                target: "mfx::grammar",
+                steps,
+                mask_us_per_token = format!("{:.1}", time.as_secs_f64() * 1e6 / steps.max(1) as f64),
+                "grammar mask cost"
+            );
+        }
         self.remember_stats(gen.cache_stats());
         let c = c.map_err(|e| match e {
             GenerateError::PromptTooLong { .. }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::backend::Penalties;
+use super::constraint::ResponseFormat;
 use super::error::{parse_body, ApiError, Flavor};
 use super::pipeline::SamplingRequest;
 
@@ -73,7 +74,7 @@ pub struct SamplerFields {
     /// Chat only: alternatives per token, with `logprobs: true`.
     #[serde(default)]
     pub top_logprobs: Option<u32>,
-    /// Only `text` (no constrained decoding yet): anything else is refused.
+    /// `text`, `json_object` or `json_schema` (see `constraint::ResponseFormat`).
     #[serde(default)]
     pub response_format: Option<Value>,
 }
@@ -96,7 +97,8 @@ impl SamplerFields {
         max_tokens: Option<i64>,
         logprobs: Option<usize>,
     ) -> Result<SamplingRequest, ApiError> {
-        self.check_response_format()?;
+        let response_format =
+            ResponseFormat::parse(self.response_format.as_ref(), F, "response_format")?;
         let penalties = self.penalties()?;
         Ok(SamplingRequest {
             temperature: self.temperature,
@@ -108,6 +110,7 @@ impl SamplerFields {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             penalties,
             logprobs,
+            response_format,
         })
     }
 
@@ -187,23 +190,6 @@ impl SamplerFields {
             ));
         }
         Ok(())
-    }
-
-    /// Structured output needs constrained decoding, which this server
-    /// does not have yet: anything but `text` is refused by name.
-    fn check_response_format(&self) -> Result<(), ApiError> {
-        match self
-            .response_format
-            .as_ref()
-            .and_then(|f| f.get("type"))
-            .and_then(Value::as_str)
-        {
-            None | Some("text") => Ok(()),
-            Some(other) => Err(bad(
-                "response_format",
-                format!("response_format of type `{other}` is not supported (no constrained decoding); only `text` is"),
-            )),
-        }
     }
 
     /// The penalties, with `logit_bias` keys read as token ids (ranges are

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod anthropic;
 pub mod backend;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod fields;

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Logprob, Penalties};
+use super::constraint::{self, ResponseFormat};
 use super::error::{ApiError, Flavor};
 use super::toolchoice::{Mode, ToolChoice};
 use super::worker::Event;
@@ -38,6 +39,8 @@ pub struct SamplingRequest {
     pub penalties: Penalties,
     /// Alternatives per token when log-probabilities are asked for.
     pub logprobs: Option<usize>,
+    /// A JSON reply (`response_format`), enforced by a grammar.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// A request ready for the queue.
@@ -60,6 +63,8 @@ pub struct Rendered {
     pub parser: Option<ParserSpec>,
     pub forced: String,
     pub parallel_calls: bool,
+    /// The reply's grammar (a forced tool call, `response_format`).
+    pub grammar: Option<crate::constrain::Grammar>,
 }
 
 /// Renders and tokenizes the prompt off the async threads (also what
@@ -68,6 +73,17 @@ pub async fn render(
     state: &Arc<AppState>,
     flavor: Flavor,
     source: PromptSource,
+) -> Result<Rendered, ApiError> {
+    render_constrained(state, flavor, source, None).await
+}
+
+/// [`render`], and the grammar the reply must follow: a forced tool call's
+/// (see `constraint`), else `response_format`'s.
+pub async fn render_constrained(
+    state: &Arc<AppState>,
+    flavor: Flavor,
+    source: PromptSource,
+    response_format: Option<ResponseFormat>,
 ) -> Result<Rendered, ApiError> {
     let mut source = source;
     let mut parallel_calls = true;
@@ -85,16 +101,22 @@ pub async fn render(
         PromptSource::Text(_) => None,
     };
     let backend = state.backend.clone();
-    type Out = (Vec<u32>, String, Option<ParserSpec>);
-    let (prompt, forced, parser) =
-        tokio::task::spawn_blocking(move || -> Result<Out, BackendError> {
-            let (mut text, forced, spec) = match source {
+    type Out = (
+        Vec<u32>,
+        String,
+        Option<ParserSpec>,
+        Option<crate::constrain::Grammar>,
+    );
+    let (prompt, forced, parser, grammar) =
+        tokio::task::spawn_blocking(move || -> Result<Out, ApiError> {
+            let be = |e| backend_error(flavor, e);
+            let (mut text, forced, spec, constraint) = match source {
                 PromptSource::Chat(mut chat, choice) => {
                     let template = backend.template_source();
                     if let Some(src) = template {
                         crate::chat::adapt_reasoning_field(&mut chat.messages, src);
                     }
-                    let mut text = backend.render_chat(&chat)?;
+                    let mut text = backend.render_chat(&chat).map_err(be)?;
                     text.push_str(&chat.prefill);
                     let spec = ParserSpec::new(template, &text, tools);
                     let forced = if choice.forces_call() {
@@ -103,12 +125,31 @@ pub async fn render(
                     } else {
                         String::new()
                     };
-                    (text, forced, Some(spec))
+                    let constraint = constraint::for_chat(
+                        flavor,
+                        spec.format,
+                        &choice,
+                        &chat.tools,
+                        response_format.as_ref(),
+                        spec.in_reasoning,
+                    )?;
+                    (text, forced, Some(spec), constraint)
                 }
-                PromptSource::Text(t) => (t, String::new(), None),
+                PromptSource::Text(t) => (
+                    t,
+                    String::new(),
+                    None,
+                    constraint::for_text(response_format.as_ref()),
+                ),
+            };
+            let grammar = match constraint {
+                Some(c) => backend
+                    .compile_grammar(&c.lark, &forced)
+                    .map_err(|e| constraint::to_api(flavor, e, c.field))?,
+                None => None,
             };
             text.push_str(&forced);
-            Ok((backend.tokenize(&text)?, forced, spec))
+            Ok((backend.tokenize(&text).map_err(be)?, forced, spec, grammar))
         })
         .await
         .map_err(|e| {
@@ -117,13 +158,13 @@ pub async fn render(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("prompt preparation failed: {e}"),
             )
-        })?
-        .map_err(|e| backend_error(flavor, e))?;
+        })??;
     Ok(Rendered {
         prompt,
         parser,
         forced,
         parallel_calls,
+        grammar,
     })
 }
 
@@ -140,7 +181,8 @@ pub async fn prepare(
         parser,
         forced,
         parallel_calls,
-    } = render(state, flavor, source).await?;
+        grammar,
+    } = render_constrained(state, flavor, source, sampling.response_format.clone()).await?;
     let info = state.backend.info();
     let ctx = info.context_length;
     if prompt.is_empty() {
@@ -167,7 +209,8 @@ pub async fn prepare(
             .param("messages")
             .code("context_length_exceeded"));
     }
-    let params = resolve(flavor, &sampling, info.defaults, ctx - prompt.len())?;
+    let mut params = resolve(flavor, &sampling, info.defaults, ctx - prompt.len())?;
+    params.grammar = grammar;
     Ok(Prepared {
         prompt,
         params,
@@ -277,6 +320,7 @@ fn resolve(
         ignore_eos: s.ignore_eos,
         penalties: s.penalties.clone(),
         logprobs: s.logprobs,
+        grammar: None,
     })
 }
 

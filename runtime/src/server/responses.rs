@@ -97,18 +97,6 @@ fn check_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
     if req.background == Some(true) {
         return Err(bad("background responses are not supported", "background"));
     }
-    if let Some(text) = &req.text {
-        let kind = text.pointer("/format/type").and_then(Value::as_str);
-        if kind.is_some_and(|k| k != "text") {
-            return Err(bad(
-                format!(
-                    "text.format.type `{}` is not supported (no constrained decoding); use `text`",
-                    kind.unwrap_or("")
-                ),
-                "text.format.type",
-            ));
-        }
-    }
     Ok(())
 }
 
@@ -345,7 +333,11 @@ pub async fn create(
     let choice = toolchoice::from_openai(choice_in.as_ref(), req.parallel_tool_calls, &tools)?;
     let messages = to_template_messages(req.instructions.clone(), req.input)?;
     let (temperature, top_p) = (fields.temperature, fields.top_p);
-    let sampling = fields.into_request(req.max_output_tokens, None)?;
+    let mut sampling = fields.into_request(req.max_output_tokens, None)?;
+    // `text.format`: json_object / json_schema, enforced by a grammar.
+    let format = req.text.as_ref().and_then(|t| t.get("format"));
+    sampling.response_format =
+        super::constraint::ResponseFormat::parse(format, F, "text.format")?;
     let prepared = pipeline::prepare(
         &state,
         F,
@@ -371,7 +363,8 @@ pub async fn create(
         "output": [], "parallel_tool_calls": req.parallel_tool_calls.unwrap_or(true),
         "previous_response_id": null, "store": false,
         "temperature": temperature, "top_p": top_p,
-        "text": {"format": {"type": "text"}},
+        "text": req.text.clone().filter(|t| t.get("format").is_some())
+            .unwrap_or_else(|| json!({"format": {"type": "text"}})),
         "tool_choice": req.tool_choice.unwrap_or(json!("auto")),
         "tools": req.tools.unwrap_or_default(), "truncation": "disabled",
         "metadata": req.metadata.unwrap_or(json!({})), "usage": null,

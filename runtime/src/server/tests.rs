@@ -1959,7 +1959,7 @@ async fn sampler_fields_are_honoured_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
         ),
         ("/v1/completions", json!({"logprobs": 21}), "logprobs"),

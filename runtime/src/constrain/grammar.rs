@@ -1,0 +1,345 @@
+//! A request's constraint as llguidance Lark grammar text.
+//!
+//! JSON is written the way `json.dumps` writes it (`", "` and `": "`, no
+//! other whitespace; `JSON` below): the style models see most, and one that
+//! leaves a weak model no room to loop on whitespace. `strict` (OpenAI's
+//! flag on `json_schema` and on a function) means "enforce exactly":
+//! llguidance then refuses schemas with keywords it cannot enforce; without
+//! it such keywords are ignored (llguidance's `lenient`).
+//!
+//! Tool calls are written in the model's own syntax, the one its chat
+//! template teaches and `toolcall/` parses back: Hermes
+//! (`<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`) or
+//! Qwen3-Coder's XML (`<tool_call>\n<function=NAME>\n<parameter=P>\nV\n</parameter>\n…`).
+//! Each call names one of the offered tools and its arguments follow that
+//! tool's JSON schema; with `parallel` one or more calls, else exactly one;
+//! then the reply ends.
+
+use serde_json::{json, Map, Value};
+
+use super::ConstrainError;
+
+/// The shape of a JSON reply (`response_format`).
+#[derive(Debug, Clone, Copy)]
+pub enum JsonShape<'a> {
+    /// Any JSON object (`json_object`).
+    AnyObject,
+    /// A value valid under this schema (`json_schema`).
+    Schema { schema: &'a Value, strict: bool },
+}
+
+/// A tool-call syntax with a grammar here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallSyntax {
+    /// `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>`.
+    Hermes,
+    /// Qwen3-Coder: `<tool_call>\n<function=NAME>\n<parameter=P>\nV\n</parameter>\n</function>\n</tool_call>`.
+    QwenXml,
+}
+
+/// One tool a forced call may name.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolDef<'a> {
+    pub name: &'a str,
+    /// The JSON schema of its arguments.
+    pub parameters: &'a Value,
+    pub strict: bool,
+}
+
+impl<'a> ToolDef<'a> {
+    /// Reads an OpenAI-shaped tool (`{"type":"function","function":{…}}`)
+    /// or a bare function object; `None` without a name.
+    pub fn from_openai(tool: &'a Value) -> Option<Self> {
+        static OBJECT: Value = Value::Null;
+        let f = tool.get("function").unwrap_or(tool);
+        Some(Self {
+            name: f.get("name")?.as_str()?,
+            parameters: f.get("parameters").unwrap_or(&OBJECT),
+            strict: f.get("strict").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+}
+
+/// A reply that must be tool calls.
+#[derive(Debug, Clone)]
+pub struct ToolCalls<'a> {
+    pub syntax: CallSyntax,
+    /// The tools a call may name (just one for a named `tool_choice`).
+    pub tools: Vec<ToolDef<'a>>,
+    /// More than one call allowed.
+    pub parallel: bool,
+    /// The prompt leaves a `<think>` block open: the reply may finish it first.
+    pub reasoning: bool,
+}
+
+/// The bytes a Lark string literal stands for, quoted (Lark literals are
+/// JSON strings in llguidance).
+fn lit(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+/// llguidance's JSON options, placed in a schema's top-level `x-guidance`.
+fn json_options(strict: bool) -> Value {
+    json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        "lenient": !strict,
+    })
+}
+
+/// `schema` with our JSON options (a schema's own `x-guidance` wins).
+/// Non-object schemas (`true`) are wrapped.
+fn with_options(schema: &Value, strict: bool) -> Value {
+    let mut m = match schema {
+        Value::Object(m) => m.clone(),
+        Value::Null | Value::Bool(true) => Map::new(),
+        other => {
+            let mut m = Map::new();
+            m.insert("allOf".into(), json!([other]));
+            m
+        }
+    };
+    m.entry("x-guidance").or_insert_with(|| json_options(strict));
+    Value::Object(m)
+}
+
+/// `%json {…}` for `schema`, carrying `defs` (a tool's `$defs` /
+/// `definitions`, which its `#/$defs/…` references point at) at its root.
+fn json_rule(schema: &Value, defs: &Map<String, Value>, strict: bool) -> String {
+    let mut s = with_options(schema, strict);
+    if let Value::Object(m) = &mut s {
+        for (k, v) in defs {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    format!("%json {s}")
+}
+
+/// A schema's `$defs` and `definitions` (the roots of its local references).
+fn defs_of(schema: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    for key in ["$defs", "definitions"] {
+        if let Some(v) = schema.get(key) {
+            out.insert(key.to_owned(), v.clone());
+        }
+    }
+    out
+}
+
+/// Reasoning that finishes the `<think>` block the prompt left open: any
+/// text without `</think>`, then `</think>` and the newlines templates put
+/// after it, as one lexeme (see `xml_text`). Required: the block must close
+/// before the constrained part (a forced call's opening closes it at once).
+const REASONING: &str = r#"REASONING: THINK_BODY "</think>" /\n*/
+THINK_BODY: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/
+"#;
+
+/// The grammar of a JSON reply.
+pub fn json_reply(shape: JsonShape<'_>, reasoning: bool) -> String {
+    let body = match shape {
+        JsonShape::AnyObject => json_rule(&json!({"type": "object"}), &Map::new(), true),
+        JsonShape::Schema { schema, strict } => json_rule(schema, &Map::new(), strict),
+    };
+    if reasoning {
+        format!("start: REASONING value\nvalue: {body}\n{REASONING}")
+    } else {
+        format!("start: value\nvalue: {body}\n")
+    }
+}
+
+/// The grammar of a reply made of tool calls.
+pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
+    if t.tools.is_empty() {
+        return Err(ConstrainError::Unsupported(
+            "a tool call was required but no tool was offered".into(),
+        ));
+    }
+    let mut g = String::new();
+    g.push_str(if t.reasoning {
+        "start: REASONING calls\n"
+    } else {
+        "start: calls\n"
+    });
+    let (open, close) = match t.syntax {
+        CallSyntax::Hermes => ("<tool_call>\n", "\n</tool_call>"),
+        CallSyntax::QwenXml => ("<tool_call>\n", "</tool_call>"),
+    };
+    // Calls follow each other on new lines, as the templates render them.
+    g.push_str(if t.parallel {
+        "calls: call (\"\\n\" call)*\n"
+    } else {
+        "calls: call\n"
+    });
+    let alts: Vec<String> = (0..t.tools.len()).map(|i| format!("t{i}")).collect();
+    g.push_str(&format!(
+        "call: {} ({}) {}\n",
+        lit(open),
+        alts.join(" | "),
+        lit(close)
+    ));
+    for (i, tool) in t.tools.iter().enumerate() {
+        match t.syntax {
+            CallSyntax::Hermes => hermes_tool(&mut g, i, tool),
+            CallSyntax::QwenXml => xml_tool(&mut g, i, tool)?,
+        }
+    }
+    if t.reasoning {
+        g.push_str(REASONING);
+    }
+    Ok(g)
+}
+
+/// `{"name": NAME, "arguments": ARGS}` as one JSON schema.
+fn hermes_tool(g: &mut String, i: usize, tool: &ToolDef<'_>) {
+    let params = match tool.parameters {
+        Value::Null => json!({"type": "object"}),
+        p => p.clone(),
+    };
+    let defs = defs_of(&params);
+    let call = json!({
+        "type": "object",
+        "properties": {
+            "name": {"const": tool.name},
+            "arguments": params,
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": false,
+    });
+    g.push_str(&format!("t{i}: {}\n", json_rule(&call, &defs, tool.strict)));
+}
+
+/// The XML parser's type of a parameter (`toolcall::ToolSchemas`): the
+/// schema's `type`, the first non-null one of a list, `string` when absent.
+fn xml_type(schema: &Value) -> &str {
+    match schema.get("type") {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("string"),
+        _ => "string",
+    }
+}
+
+/// What ends an XML parameter's value.
+const PARAM_TAIL: &str = "\n</parameter>\n";
+
+/// `<function=NAME>\n` then each parameter (required ones always, in the
+/// schema's order) then `</function>\n`.
+fn xml_tool(g: &mut String, i: usize, tool: &ToolDef<'_>) -> Result<(), ConstrainError> {
+    let params = tool.parameters;
+    let defs = defs_of(params);
+    let required: Vec<&str> = params
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let props = params.get("properties").and_then(Value::as_object);
+    let mut seq = vec![lit(&format!("<function={}>\n", tool.name))];
+    for (j, (key, schema)) in props.into_iter().flatten().enumerate() {
+        let rule = format!("t{i}p{j}");
+        let head = lit(&format!("<parameter={key}>\n"));
+        let value = if xml_type(schema) == "string" {
+            xml_text(g, &rule, key, tool, schema)?
+        } else {
+            g.push_str(&format!(
+                "{rule}v: {}\n",
+                json_rule(schema, &defs, tool.strict)
+            ));
+            format!("{rule}v {}", lit(PARAM_TAIL))
+        };
+        g.push_str(&format!("{rule}: {head} {value}\n"));
+        seq.push(if required.contains(&key.as_str()) {
+            rule
+        } else {
+            format!("{rule}?")
+        });
+    }
+    seq.push(lit("</function>\n"));
+    g.push_str(&format!("t{i}: {}\n", seq.join(" ")));
+    Ok(())
+}
+
+/// A string parameter's value as XML text: the template writes it raw, so
+/// it may hold anything but `</parameter>`. `enum`/`const` become the
+/// literal choices, `minLength`/`maxLength` a length bound; `pattern` and
+/// `format` cannot be checked on raw text and are refused under `strict`.
+fn xml_text(
+    g: &mut String,
+    rule: &str,
+    key: &str,
+    tool: &ToolDef<'_>,
+    schema: &Value,
+) -> Result<String, ConstrainError> {
+    let choices: Option<Vec<&Value>> = match (schema.get("const"), schema.get("enum")) {
+        (Some(c), _) => Some(vec![c]),
+        (None, Some(Value::Array(a))) => Some(a.iter().collect()),
+        _ => None,
+    };
+    if let Some(choices) = choices {
+        let strings: Vec<String> = choices
+            .iter()
+            .filter_map(|v| v.as_str())
+            .map(lit)
+            .collect();
+        if strings.is_empty() {
+            return Err(ConstrainError::Unsupported(format!(
+                "tool `{}`, parameter `{key}`: its allowed values are not strings, which this model's XML call syntax cannot write as the schema's type",
+                tool.name
+            )));
+        }
+        return Ok(format!("({}) {}", strings.join(" | "), lit(PARAM_TAIL)));
+    }
+    if tool.strict {
+        for kw in ["pattern", "format"] {
+            if schema.get(kw).is_some() {
+                return Err(ConstrainError::Unsupported(format!(
+                    "tool `{}`, parameter `{key}`: `{kw}` cannot be enforced on this model's XML call syntax (raw text values); drop it or set `strict` false",
+                    tool.name
+                )));
+            }
+        }
+    }
+    let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+    let max = schema.get("maxLength").and_then(Value::as_u64);
+    let name = rule.to_uppercase();
+    let len = match max {
+        Some(max) => format!("{{{min},{max}}}"),
+        None => format!("{{{min},}}"),
+    };
+    // One terminal for the text and its closing tag: a lexeme ends where
+    // it cannot grow, so a separate text lexeme would swallow the start of
+    // `\n</parameter>` and never give it back.
+    g.push_str(&format!(
+        "{name}_TEXT: /(?s:.){len}/ & ~/(?s:.*)<\\/parameter>(?s:.*)/\n{name}_VAL: {name}_TEXT {}\n",
+        lit(PARAM_TAIL)
+    ));
+    Ok(format!("{name}_VAL"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_json_strings() {
+        assert_eq!(lit("a\n\"b\""), r#""a\n\"b\"""#);
+    }
+
+    #[test]
+    fn a_schemas_own_options_win() {
+        let s = with_options(&json!({"x-guidance": {"lenient": true}}), true);
+        assert_eq!(s["x-guidance"], json!({"lenient": true}));
+        let s = with_options(&json!({"type": "object"}), true);
+        assert_eq!(s["x-guidance"]["lenient"], false);
+        assert_eq!(with_options(&json!(true), false)["x-guidance"]["lenient"], true);
+    }
+
+    #[test]
+    fn xml_types_follow_the_parser() {
+        assert_eq!(xml_type(&json!({"type": ["null", "integer"]})), "integer");
+        assert_eq!(xml_type(&json!({"enum": [1, 2]})), "string");
+    }
+}

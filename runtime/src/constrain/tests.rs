@@ -1,0 +1,303 @@
+//! Grammars built from requests, run against the bundled tiny model's real
+//! tokenizer: which replies they accept token by token, and that what they
+//! accept parses back into the calls and JSON the request asked for.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use super::grammar::{self, CallSyntax, JsonShape, ToolCalls, ToolDef};
+use super::{ConstrainError, GrammarEnv};
+use crate::toolcall::{parse_all, ParserSpec, ToolEvent, ToolSchemas};
+
+const EOS: u32 = 2;
+
+fn tokenizer() -> tokenizers::Tokenizer {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/models/tiny-qwen3-moe-coder/tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn env() -> GrammarEnv {
+    GrammarEnv::new(&tokenizer(), &[EOS], 8192).expect("token trie")
+}
+
+/// Whether `lark` (after `prefix`) accepts `text` as a whole reply: every
+/// token allowed in turn, then end-of-sequence.
+fn accepts_with(env: &GrammarEnv, lark: &str, prefix: &str, text: &str) -> bool {
+    let g = env
+        .compile(lark, prefix)
+        .unwrap_or_else(|e| panic!("{e}\n{lark}"));
+    let mut m = g.mask();
+    m.accepts(&env.tokenize(text)) && m.allows_eos(EOS)
+}
+
+fn accepts(lark: &str, text: &str) -> bool {
+    accepts_with(&env(), lark, "", text)
+}
+
+fn weather() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}
+        },
+        "required": ["city", "days"],
+        "additionalProperties": false
+    })
+}
+
+fn calls(syntax: CallSyntax, tools: &[(&'static str, &Value)], parallel: bool) -> String {
+    grammar::tool_calls(&ToolCalls {
+        syntax,
+        tools: tools
+            .iter()
+            .map(|(name, parameters)| ToolDef {
+                name,
+                parameters,
+                strict: true,
+            })
+            .collect(),
+        parallel,
+        reasoning: false,
+    })
+    .expect("grammar")
+}
+
+#[test]
+fn json_object_is_one_object_in_dumps_style() {
+    let g = grammar::json_reply(JsonShape::AnyObject, false);
+    assert!(accepts(&g, r#"{"a": 1, "b": [true, null, "x"]}"#));
+    assert!(accepts(&g, "{}"));
+    assert!(!accepts(&g, "[1]"));
+    assert!(!accepts(&g, r#"{"a":1}"#), "only json.dumps separators");
+    assert!(!accepts(&g, r#"{"a": 1} and more"#));
+    assert!(!accepts(&g, r#"{"a": 1"#), "unfinished");
+}
+
+#[test]
+fn json_schema_is_enforced() {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 5},
+            "age": {"type": "integer", "minimum": 0}
+        },
+        "required": ["name", "age"],
+        "additionalProperties": false
+    });
+    let g = grammar::json_reply(
+        JsonShape::Schema {
+            schema: &schema,
+            strict: true,
+        },
+        false,
+    );
+    assert!(accepts(&g, r#"{"name": "Ann", "age": 30}"#));
+    assert!(!accepts(&g, r#"{"name": "Ann"}"#), "age is required");
+    assert!(!accepts(&g, r#"{"name": "Ann", "age": -1}"#));
+    assert!(!accepts(&g, r#"{"name": "Annabel", "age": 3}"#), "maxLength");
+    assert!(!accepts(&g, r#"{"name": "Ann", "age": 3, "x": 1}"#));
+}
+
+#[test]
+fn strict_refuses_what_it_cannot_enforce_and_lenient_ignores_it() {
+    let schema = json!({"type": "object", "properties": {"c": {"type": "string", "format": "no-such-format"}}});
+    let env = env();
+    let strict = grammar::json_reply(
+        JsonShape::Schema {
+            schema: &schema,
+            strict: true,
+        },
+        false,
+    );
+    match env.compile(&strict, "") {
+        Err(ConstrainError::Grammar(m)) => assert!(m.contains("no-such-format"), "{m}"),
+        other => panic!("expected a grammar error, got {:?}", other.map(|g| g.source().to_owned())),
+    }
+    let lenient = grammar::json_reply(
+        JsonShape::Schema {
+            schema: &schema,
+            strict: false,
+        },
+        false,
+    );
+    assert!(accepts_with(&env, &lenient, "", r#"{"c": "anything"}"#));
+}
+
+#[test]
+fn hermes_calls_name_an_offered_tool_with_schema_valid_arguments() {
+    let w = weather();
+    let empty = json!({"type": "object", "properties": {}});
+    let one = calls(CallSyntax::Hermes, &[("get_weather", &w), ("now", &empty)], false);
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 2}}\n</tool_call>";
+    let now = "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+    assert!(accepts(&one, call));
+    assert!(accepts(&one, now));
+    assert!(!accepts(&one, &format!("{call}\n{now}")), "one call only");
+    assert!(!accepts(&one, "Sure! I will call it."));
+    assert!(!accepts(
+        &one,
+        "<tool_call>\n{\"name\": \"get_wether\", \"arguments\": {}}\n</tool_call>"
+    ));
+    assert!(!accepts(
+        &one,
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 9}}\n</tool_call>"
+    ));
+    assert!(!accepts(
+        &one,
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+    ));
+    let many = calls(CallSyntax::Hermes, &[("get_weather", &w), ("now", &empty)], true);
+    assert!(accepts(&many, &format!("{call}\n{now}")));
+
+    // What the grammar allows is what the Hermes parser reads back.
+    let spec = ParserSpec {
+        format: crate::toolcall::ChatFormat::Qwen(crate::toolcall::ToolForm::Hermes),
+        tools: Some(ToolSchemas::from_openai_tools(&[])),
+        think: false,
+        in_reasoning: false,
+    };
+    assert_eq!(
+        parsed_calls(&format!("{call}\n{now}"), spec),
+        vec![
+            ("get_weather".into(), json!({"city": "Paris", "days": 2})),
+            ("now".into(), json!({})),
+        ]
+    );
+}
+
+#[test]
+fn the_forced_opening_is_consumed_and_the_rest_constrained() {
+    let w = weather();
+    let g = calls(CallSyntax::Hermes, &[("get_weather", &w)], true);
+    let env = env();
+    let prefix = crate::toolcall::ToolForm::Hermes.forced_prefix(Some("get_weather"));
+    assert!(accepts_with(
+        &env,
+        &g,
+        &prefix,
+        " {\"city\": \"Rome\", \"days\": 1}}\n</tool_call>"
+    ));
+    assert!(!accepts_with(&env, &g, &prefix, " {}}\n</tool_call>"));
+    // An opening the grammar cannot continue is the server's bug: a Parser error.
+    assert!(matches!(
+        env.compile(&g, "<tool_call>\n{\"name\": \"other\""),
+        Err(ConstrainError::Parser(_))
+    ));
+    let x = calls(CallSyntax::QwenXml, &[("get_weather", &w)], false);
+    let prefix = crate::toolcall::ToolForm::Xml.forced_prefix(None);
+    assert!(accepts_with(
+        &env,
+        &x,
+        &prefix,
+        "=get_weather>\n<parameter=city>\nRome\n</parameter>\n<parameter=days>\n1\n</parameter>\n</function>\n</tool_call>"
+    ));
+}
+
+#[test]
+fn qwen_xml_calls_follow_the_schema_and_parse_back() {
+    let w = weather();
+    let g = calls(CallSyntax::QwenXml, &[("get_weather", &w)], true);
+    let call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis, \"France\"\n</parameter>\n<parameter=days>\n2\n</parameter>\n<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>";
+    assert!(accepts(&g, call));
+    let no_unit = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+    assert!(accepts(&g, no_unit), "unit is optional");
+    assert!(accepts(&g, &format!("{call}\n{no_unit}")));
+    for bad in [
+        // days missing (required)
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
+        // days not an integer
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\ntwo\n</parameter>\n</function>\n</tool_call>",
+        // unit outside its enum
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n<parameter=unit>\nkelvin\n</parameter>\n</function>\n</tool_call>",
+        // a value that would end the parameter early
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\na</parameter>b\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+    ] {
+        assert!(!accepts(&g, bad), "{bad}");
+    }
+    let spec = ParserSpec {
+        format: crate::toolcall::ChatFormat::Qwen(crate::toolcall::ToolForm::Xml),
+        tools: Some(ToolSchemas::from_openai_tools(&[json!({
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": w}
+        })])),
+        think: false,
+        in_reasoning: false,
+    };
+    assert_eq!(
+        parsed_calls(call, spec),
+        vec![(
+            "get_weather".into(),
+            json!({"city": "Paris, \"France\"", "days": 2, "unit": "celsius"})
+        )]
+    );
+}
+
+#[test]
+fn xml_refuses_what_raw_text_cannot_carry() {
+    let ints = json!({"type": "object", "properties": {"n": {"enum": [1, 2]}}});
+    let e = grammar::tool_calls(&ToolCalls {
+        syntax: CallSyntax::QwenXml,
+        tools: vec![ToolDef {
+            name: "pick",
+            parameters: &ints,
+            strict: false,
+        }],
+        parallel: false,
+        reasoning: false,
+    })
+    .expect_err("refused");
+    assert!(e.to_string().contains("`n`"), "{e}");
+}
+
+#[test]
+fn an_open_reasoning_block_closes_before_the_constrained_part() {
+    let g = grammar::json_reply(JsonShape::AnyObject, true);
+    assert!(accepts(&g, "Let me see.\n</think>\n\n{\"a\": 1}"));
+    assert!(accepts(&g, "</think>{\"a\": 1}"));
+    assert!(!accepts(&g, "{\"a\": 1}"), "still inside <think>");
+    assert!(!accepts(&g, "Let me see.\n</think>\n\nplain text"));
+}
+
+/// An added token the tokenizer does not call special (Qwen's
+/// `<tool_call>`) is text to the grammar: the single token the model
+/// writes matches the literal "<tool_call>" (as a special token it could
+/// only be named as `<tool_call>` in Lark, and the literal would ban it).
+#[test]
+fn non_special_added_tokens_are_text() {
+    let mut t = tokenizer();
+    t.add_tokens(&[tokenizers::AddedToken::from("<tool_call>", false)]);
+    let id = t.token_to_id("<tool_call>").expect("added");
+    let env = GrammarEnv::new(&t, &[EOS], 8192 + 1).expect("trie");
+    let empty = json!({"type": "object", "properties": {}});
+    let g = env
+        .compile(&calls(CallSyntax::Hermes, &[("now", &empty)], false), "")
+        .expect("compiles");
+    let rest = env.tokenize("\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>");
+    let mut m = g.mask();
+    assert!(m.accepts(&[id]) && m.accepts(&rest) && m.allows_eos(EOS));
+    assert_eq!(env.tokenize("<tool_call>")[..], [id]);
+}
+
+fn parsed_calls(text: &str, spec: ParserSpec) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for e in parse_all(text, spec) {
+        match e {
+            ToolEvent::CallStart { name, .. } => out.push((name, String::new())),
+            ToolEvent::ArgsDelta { json, .. } => {
+                if let Some(last) = out.last_mut() {
+                    last.1.push_str(&json);
+                }
+            }
+            ToolEvent::Text(t) => assert!(t.trim().is_empty(), "text {t:?}"),
+            _ => {}
+        }
+    }
+    out.into_iter()
+        .map(|(n, a)| (n, serde_json::from_str(&a).expect("arguments are JSON")))
+        .collect()
+}
