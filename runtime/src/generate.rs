@@ -542,8 +542,13 @@ impl Generator {
 
     /// Keeps other sessions' state in prompt-cache slots (and spills them to
     /// `opts.dir`), replacing any slots held; see [`crate::prompt_cache`].
+    /// Under a streaming expert cache the RAM limit is also the slot bytes
+    /// the budget granted, lowered by the memory-pressure governor.
     pub fn set_slots(&mut self, opts: SlotOptions) {
         self.slots = PromptCache::new(opts, self.identity, self.prefill_chunk);
+        if let Some(c) = self.model.expert_cache() {
+            self.slots.share_limit(c.slot_ram_limit());
+        }
     }
 
     /// Sets the identity spill files are written and accepted under
@@ -553,6 +558,16 @@ impl Generator {
             self.identity = identity;
             self.set_slots(self.slots.options().clone());
         }
+    }
+
+    /// The identity spill files are written and accepted under.
+    pub fn model_identity(&self) -> u64 {
+        self.identity
+    }
+
+    /// Whether other sessions are kept ([`Generator::set_slots`]).
+    pub fn slots_enabled(&self) -> bool {
+        self.slots.enabled()
     }
 
     /// The prompt cache's counters.
@@ -766,18 +781,30 @@ impl Generator {
             // Someone drove the model behind our back: trust nothing.
             self.reset();
         }
+        // Memory pressure may have lowered the slots' limit since.
+        self.slots.enforce();
         let limit = prompt.len() - 1;
         let live = self.live_reach(prompt, limit);
         if self.slots.enabled() && self.model.state().is_some() {
-            if let Some((src, n)) = self.slots.best(prompt, limit, self.exact_reuse) {
-                if n > live {
-                    // A refused spill file is counted and logged by the
-                    // cache; the prompt is then prefilled from what is live.
-                    if let Ok(slot) = self.slots.take(src, self.model.as_ref()) {
-                        self.stash_live();
-                        self.install(slot);
-                    }
+            let best = self.slots.best(prompt, limit, self.exact_reuse);
+            // A refused spill file is counted and logged by the cache; the
+            // prompt is then prefilled from what is live.
+            let slot = match best {
+                Some((src, n)) if n > live => self.slots.take(src, self.model.as_ref()).ok(),
+                _ => None,
+            };
+            match slot {
+                Some(slot) => {
+                    self.stash_live();
+                    self.install(slot);
                 }
+                // Another session (it shares less than half the live
+                // state: a system prompt, not an edited history): the live
+                // one goes to a slot whole, and the prompt continues from a
+                // copy of the shared prefix. An edit of the live session
+                // just truncates it.
+                None if live < self.reachable(self.stash_end()) / 2 => self.fork_live(live),
+                None => {}
             }
         }
         let keep = self.live_reach(prompt, limit);
@@ -842,15 +869,36 @@ impl Generator {
         keep
     }
 
+    /// Where the live state's reusable part ends.
+    fn stash_end(&self) -> usize {
+        if self.exact_reuse {
+            self.on_grid.min(self.fed.len())
+        } else {
+            self.fed.len()
+        }
+    }
+
+    /// Stashes the live session in a slot and makes a copy of its first
+    /// `keep` positions the live state (nothing, if no copy can be made).
+    fn fork_live(&mut self, keep: usize) {
+        let cp = self.checkpoints.iter().find(|c| c.len == keep);
+        let copy = (keep > 0)
+            .then(|| self.model.state().and_then(|s| s.prefix_copy(keep, cp)))
+            .flatten();
+        let tokens = self.fed[..keep.min(self.fed.len())].to_vec();
+        let checkpoints: Vec<Checkpoint> =
+            self.checkpoints.iter().filter(|c| c.len <= keep).cloned().collect();
+        let on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
+        self.stash_live();
+        if let Some(state) = copy {
+            self.install(Slot::new(tokens, on_grid, state, checkpoints));
+        }
+    }
+
     /// Moves the reusable part of the live state into a slot (the rest is
     /// dropped) and leaves the model empty.
     fn stash_live(&mut self) {
-        let end = if self.exact_reuse {
-            self.on_grid
-        } else {
-            self.fed.len()
-        };
-        let keep = self.reachable(end.min(self.fed.len()));
+        let keep = self.reachable(self.stash_end());
         if keep > 0 && self.rewind(keep) == keep {
             if let Some(state) = self.model.take_state() {
                 let slot = Slot::new(

@@ -50,7 +50,7 @@ pub struct Dims {
 }
 
 /// A layer's state across forward calls (KV cache, recurrent state).
-pub trait SeqState: Send + Sync {
+pub trait SeqState: Send + Sync + Clone {
     /// Positions held.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

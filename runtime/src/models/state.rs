@@ -205,6 +205,11 @@ pub trait SeqStates: Send + Sync {
     /// others loaded from `cp`. False (state unspecified: reset it) when `cp`
     /// does not fit.
     fn rollback(&mut self, cp: &Checkpoint) -> bool;
+    /// A copy of the first `len` positions (`cp`: the checkpoint at `len`
+    /// for layers that cannot truncate); `None` when it cannot be made.
+    /// Copies one layer at a time, so the copy never holds more than it keeps
+    /// plus one layer.
+    fn prefix_copy(&self, len: usize, cp: Option<&Checkpoint>) -> Option<Box<dyn SeqStates>>;
     /// Appends every layer's bytes.
     fn save(&self, out: &mut Vec<u8>);
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
@@ -264,6 +269,27 @@ impl<S: SeqState + 'static> SeqStates for Vec<S> {
             }
         }
         true
+    }
+    fn prefix_copy(&self, len: usize, cp: Option<&Checkpoint>) -> Option<Box<dyn SeqStates>> {
+        if len > SeqStates::len(self) || cp.is_some_and(|c| c.len != len || c.layers.len() != self.len()) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for (i, s) in self.iter().enumerate() {
+            let mut c = s.clone();
+            let ok = if s.rolls_back() {
+                c.truncate(len)
+            } else {
+                let bytes = cp?.layers[i].as_ref()?;
+                let mut r = StateReader::new(bytes);
+                c.load(&mut r).is_ok() && r.finish().is_ok() && c.len() == len
+            };
+            if !ok {
+                return None;
+            }
+            out.push(c);
+        }
+        Some(Box::new(out))
     }
     fn save(&self, out: &mut Vec<u8>) {
         put_u64(out, self.len() as u64);

@@ -233,6 +233,12 @@ impl PromptCache {
         self.pressure.clone()
     }
 
+    /// Takes its RAM limit from `limit` too (the expert cache's grant,
+    /// which the memory-pressure governor scales).
+    pub fn share_limit(&mut self, limit: Arc<AtomicU64>) {
+        self.pressure = limit;
+    }
+
     /// The grid changed: memory slots of the old grid are useless, and
     /// files of the old grid are no longer indexed.
     pub fn set_grid(&mut self, grid: usize) {
@@ -251,19 +257,24 @@ impl PromptCache {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return;
         };
-        let prefix = format!("{:016x}-", self.identity);
+        let prefix = spill::name_prefix(self.identity, self.grid);
         for e in entries.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if !name.starts_with(&prefix) || !name.ends_with(spill::EXT) {
                 continue;
             }
-            let Ok(h) = spill::read_header(&path) else {
-                continue;
+            // Named as ours but not ours inside: refused, with the reason.
+            let h = match spill::read_header(&path)
+                .and_then(|h| spill::check_header(&path, &h, self.identity, self.grid).map(|()| h))
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    self.refused(&e);
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
             };
-            if h.identity != self.identity || h.grid != self.grid {
-                continue;
-            }
             let bytes = e.metadata().map_or(0, |m| m.len());
             // Reach is known only once read; an unknown file is assumed
             // truncatable and checked on restore.
@@ -337,9 +348,8 @@ impl PromptCache {
                         });
                     }
                     Err(e) => {
-                        self.stats.restore_errors += 1;
-                        self.stats.last_error = Some(e.to_string());
-                        tracing::warn!("{e}");
+                        let e = e.to_string();
+                        self.refused(&e);
                         let _ = std::fs::remove_file(&d.path);
                     }
                 }
@@ -347,6 +357,13 @@ impl PromptCache {
                 r
             }
         }
+    }
+
+    /// Counts and logs a refused slot file.
+    fn refused(&mut self, e: &dyn std::fmt::Display) {
+        self.stats.restore_errors += 1;
+        self.stats.last_error = Some(e.to_string());
+        tracing::warn!("{e}");
     }
 
     fn read_disk(&self, d: &DiskSlot, model: &dyn Model) -> Result<Slot, SlotError> {
@@ -445,7 +462,7 @@ impl PromptCache {
         let mut state = Vec::with_capacity(s.state.bytes() + 1024);
         s.state.save(&mut state);
         let bytes = spill::encode(&header, &s.checkpoints, &state);
-        let path = dir.join(spill::file_name(self.identity, &s.tokens));
+        let path = dir.join(spill::file_name(self.identity, self.grid, &s.tokens));
         match spill::write_atomic(&path, &bytes) {
             Ok(()) => {
                 self.stats.spills += 1;
@@ -498,3 +515,6 @@ impl PromptCache {
         self.stats.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -158,6 +158,29 @@ fn parse_header(path: &Path, b: &[u8]) -> Result<(Header, usize), SpillError> {
     ))
 }
 
+/// Refuses a header of another model identity or prefill grid.
+pub fn check_header(path: &Path, h: &Header, identity: u64, grid: usize) -> Result<(), SpillError> {
+    if h.identity != identity {
+        return Err(SpillError::invalid(
+            path,
+            format!(
+                "written for another model or build (identity {:016x}, this model {identity:016x})",
+                h.identity
+            ),
+        ));
+    }
+    if h.grid != grid {
+        return Err(SpillError::invalid(
+            path,
+            format!(
+                "computed on a prefill grid of {} tokens, this generator uses {grid}",
+                h.grid
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads just the header and token ids (the directory index at start-up).
 pub fn read_header(path: &Path) -> Result<Header, SpillError> {
     let io = |source| SpillError::Io {
@@ -207,18 +230,7 @@ pub fn decode(path: &Path, b: &[u8], identity: u64, grid: usize) -> Result<SlotF
         )));
     }
     let (header, at) = parse_header(path, body)?;
-    if header.identity != identity {
-        return Err(bad(format!(
-            "written for another model or build (identity {:016x}, this model {identity:016x})",
-            header.identity
-        )));
-    }
-    if header.grid != grid {
-        return Err(bad(format!(
-            "computed on a prefill grid of {} tokens, this generator uses {grid}",
-            header.grid
-        )));
-    }
+    check_header(path, &header, identity, grid)?;
     let mut r = StateReader::new(&body[at..]);
     let layout = |e| bad(format!("{e}"));
     let n = r.usize().map_err(layout)?;
@@ -249,9 +261,14 @@ pub fn decode(path: &Path, b: &[u8], identity: u64, grid: usize) -> Result<SlotF
     })
 }
 
-/// The file name of a slot: its identity and a hash of its tokens, so the
-/// same prefix spilled twice replaces one file.
-pub fn file_name(identity: u64, tokens: &[u32]) -> String {
+/// The file name of a slot: its identity, grid and a hash of its tokens,
+/// so the same prefix spilled twice replaces one file.
+pub fn file_name(identity: u64, grid: usize, tokens: &[u32]) -> String {
     let h = xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens));
-    format!("{identity:016x}-{h:016x}.{EXT}")
+    format!("{}{h:016x}.{EXT}", name_prefix(identity, grid))
+}
+
+/// The start of every file name of slots of this identity and grid.
+pub fn name_prefix(identity: u64, grid: usize) -> String {
+    format!("{identity:016x}-g{grid}-")
 }
