@@ -32,7 +32,12 @@ fn tiny() -> Generator {
 /// The qwen3_next fixture (DeltaNet + gated attention) with the tiny
 /// model's tokenizer (its ids cover the fixture's 512), on a 16-token grid.
 fn qwen3_next() -> Generator {
-    let dir = shared("fixtures/qwen3_next");
+    hybrid("qwen3_next")
+}
+
+/// A hybrid fixture (`qwen3_next`, `qwen3_5_moe`: the same DeltaNet state).
+fn hybrid(fixture: &str) -> Generator {
+    let dir = shared("fixtures").join(fixture);
     let model = crate::load::resolve(&dir)
         .and_then(|r| r.load(&LoadOptions::default()))
         .expect("load qwen3_next fixture");
@@ -130,12 +135,18 @@ fn interleaved_sessions_keep_their_prefixes() {
 /// divergence), and its logits are bit-identical to a cold run's.
 #[test]
 fn hybrid_history_differing_late_resumes_from_a_checkpoint() {
-    let mut g = qwen3_next();
+    for fixture in ["qwen3_next", "qwen3_5_moe"] {
+        resumes_from_a_checkpoint(fixture);
+    }
+}
+
+fn resumes_from_a_checkpoint(fixture: &str) {
+    let mut g = hybrid(fixture);
     g.set_slots(SlotOptions {
         checkpoint_every: 1,
         ..SlotOptions::default()
     });
-    let mut cold = qwen3_next();
+    let mut cold = hybrid(fixture);
     let base = ids(7, 90, 500);
     let mut h1 = base.clone();
     h1.extend(ids(8, 30, 500));
@@ -143,12 +154,12 @@ fn hybrid_history_differing_late_resumes_from_a_checkpoint() {
     h2.extend(ids(9, 25, 500));
     let _ = run(&mut g, &h1, 4);
     let (toks, bits, reused) = run(&mut g, &h2, 8);
-    assert_eq!(reused, 80, "the checkpoint at 80 before the divergence at 90");
+    assert_eq!(reused, 80, "{fixture}: the checkpoint at 80 before the divergence at 90");
     let (cold_toks, cold_bits, cold_reused) = run(&mut cold, &h2, 8);
     assert_eq!(cold_reused, 0);
-    assert_eq!((toks, bits), (cold_toks, cold_bits));
+    assert_eq!((toks, bits), (cold_toks, cold_bits), "{fixture}");
     // Without checkpoints the recurrent state cannot go back.
-    let mut none = qwen3_next();
+    let mut none = hybrid(fixture);
     none.set_slots(SlotOptions {
         max_checkpoints: 0,
         ..SlotOptions::default()
