@@ -108,6 +108,7 @@ pub fn model_needs(
         pinned: 0,
         min_cache: moe_layers as u64 * top_k as u64 * expert_bytes,
         working,
+        slots: 0,
     }
 }
 

@@ -30,7 +30,8 @@
 
 use crate::chat::{ChatTemplate, ChatTemplateError, RenderOptions};
 use crate::error::RuntimeError;
-use crate::models::{LoadOptions, Model, ModelInfo};
+use crate::models::{Checkpoint, LoadOptions, Model, ModelInfo};
+use crate::prompt_cache::{PromptCache, Slot, SlotOptions, SlotStats};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 use serde_json::Value as Json;
@@ -384,6 +385,13 @@ pub struct Generator {
     /// Reuse only state on the grid (the default); off, any common prefix.
     exact_reuse: bool,
     prefill_chunk: usize,
+    /// Other sessions' state (issue 19); none unless [`Generator::set_slots`].
+    slots: PromptCache,
+    /// Checkpoints of the live state's recurrent layers, oldest first
+    /// (empty for models whose state truncates).
+    checkpoints: Vec<Checkpoint>,
+    /// The model's identity in spill files ([`model_identity`]).
+    identity: u64,
 }
 
 impl std::fmt::Debug for Generator {
@@ -428,6 +436,9 @@ impl Generator {
             on_grid: 0,
             exact_reuse: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            slots: PromptCache::new(SlotOptions::default(), 0, DEFAULT_PREFILL_CHUNK),
+            checkpoints: Vec::new(),
+            identity: 0,
         }
     }
 
@@ -472,8 +483,10 @@ impl Generator {
                 )
             }
         };
+        let identity = model_identity(&resolved, opts);
         let model = resolved.load(opts)?;
         let mut g = Self::new(model, tokenizer, chat_template, config);
+        g.identity = identity;
         if let Some(n) = opts.prefill_chunk {
             g.set_prefill_chunk(n);
         }
@@ -532,8 +545,59 @@ impl Generator {
     pub fn set_prefill_chunk(&mut self, n: usize) {
         if n.max(1) != self.prefill_chunk {
             self.on_grid = 0;
+            self.checkpoints.clear();
         }
         self.prefill_chunk = n.max(1);
+        self.slots.set_grid(self.prefill_chunk);
+    }
+
+    /// Keeps other sessions' state in prompt-cache slots (and spills them to
+    /// `opts.dir`), replacing any slots held; see [`crate::prompt_cache`].
+    /// Under a streaming expert cache the RAM limit is also the slot bytes
+    /// the budget granted, lowered by the memory-pressure governor.
+    pub fn set_slots(&mut self, opts: SlotOptions) {
+        self.slots = PromptCache::new(opts, self.identity, self.prefill_chunk);
+        if let Some(c) = self.model.expert_cache() {
+            self.slots.share_limit(c.slot_ram_limit());
+        }
+    }
+
+    /// Sets the identity spill files are written and accepted under
+    /// (loading computes it; a generator built from parts has 0).
+    pub fn set_model_identity(&mut self, identity: u64) {
+        if identity != self.identity {
+            self.identity = identity;
+            self.set_slots(self.slots.options().clone());
+        }
+    }
+
+    /// The identity spill files are written and accepted under.
+    pub fn model_identity(&self) -> u64 {
+        self.identity
+    }
+
+    /// Whether other sessions are kept ([`Generator::set_slots`]).
+    pub fn slots_enabled(&self) -> bool {
+        self.slots.enabled()
+    }
+
+    /// The prompt cache's counters.
+    pub fn slot_stats(&self) -> SlotStats {
+        self.slots.stats()
+    }
+
+    /// A handle the memory-pressure governor lowers the slots' RAM through.
+    pub fn slot_pressure_limit(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.slots.pressure_limit()
+    }
+
+    /// Moves the live state into a slot and spills every slot to the slot
+    /// directory (kept for the next process); a no-op without one.
+    pub fn persist_slots(&mut self) {
+        if self.slots.options().dir.is_some() {
+            self.stash_live();
+            self.slots.spill_all();
+        }
     }
 
     /// Whether a prompt's logits must be bit-identical whatever ran before
@@ -544,11 +608,12 @@ impl Generator {
         self.exact_reuse = on;
     }
 
-    /// Drops the KV state.
+    /// Drops the live KV state (slots are kept).
     pub fn reset(&mut self) {
         self.model.reset();
         self.fed.clear();
         self.on_grid = 0;
+        self.checkpoints.clear();
     }
 
     /// Tokenizes raw prompt text (the tokenizer's post-processor decides
@@ -635,6 +700,7 @@ impl Generator {
             logits = self.forward(chunk)?;
             if chunk.len() == self.prefill_chunk && self.on_grid + chunk.len() == self.fed.len() {
                 self.on_grid = self.fed.len();
+                self.maybe_checkpoint(prompt_ids.len());
             }
         }
         let prompt_time = start.elapsed();
@@ -736,35 +802,180 @@ impl Generator {
         Ok(completion)
     }
 
-    /// Keeps the longest prefix of the KV state shared with `prompt` that
-    /// ends on the prefill grid within the state computed on it (leaving at
-    /// least one prompt token to feed) and returns its length.
+    /// Makes the model hold the longest reusable prefix of `prompt` (the
+    /// live state's, or a slot's, which then becomes the live state) and
+    /// returns its length: a prefix shared with `prompt` that ends on the
+    /// prefill grid within the state computed on it, at a position the state
+    /// can go back to (anything for KV caches, a checkpoint for recurrent
+    /// state), leaving at least one prompt token to feed.
     fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
         if self.model.seq_len() != self.fed.len() {
             // Someone drove the model behind our back: trust nothing.
             self.reset();
-            return 0;
         }
+        // Memory pressure may have lowered the slots' limit since.
+        self.slots.enforce();
+        let limit = prompt.len() - 1;
+        let live = self.live_reach(prompt, limit);
+        if self.slots.enabled() && self.model.state().is_some() {
+            let best = self.slots.best(prompt, limit, self.exact_reuse);
+            // A refused spill file is counted and logged by the cache; the
+            // prompt is then prefilled from what is live.
+            let slot = match best {
+                Some((src, n)) if n > live => self.slots.take(src, self.model.as_ref()).ok(),
+                _ => None,
+            };
+            match slot {
+                Some(slot) => {
+                    self.stash_live();
+                    self.install(slot);
+                }
+                // Another session (it shares less than half the live
+                // state: a system prompt, not an edited history): the live
+                // one goes to a slot whole, and the prompt continues from a
+                // copy of the shared prefix. An edit of the live session
+                // just truncates it.
+                None if live < self.reachable(self.stash_end()) / 2 => self.fork_live(live),
+                None => {}
+            }
+        }
+        let keep = self.live_reach(prompt, limit);
+        let keep = self.rewind(keep);
+        self.slots.note_reuse(keep);
+        keep
+    }
+
+    /// The longest prefix of `prompt` (at most `limit`) the live state can
+    /// give back.
+    fn live_reach(&self, prompt: &[u32], limit: usize) -> usize {
         let common = self
             .fed
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count();
-        let mut keep = common.min(prompt.len() - 1);
+        let mut keep = common.min(limit);
         if self.exact_reuse {
             keep = keep.min(self.on_grid);
             keep -= keep % self.prefill_chunk;
         }
-        if keep < self.fed.len() {
-            if keep == 0 || !self.model.truncate(keep) {
-                self.reset();
-                return 0;
-            }
-            self.fed.truncate(keep);
-            self.on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
+        self.reachable(keep)
+    }
+
+    /// The longest length at most `keep` the live state can go back to.
+    fn reachable(&self, keep: usize) -> usize {
+        match self.model.state() {
+            Some(st) if keep < self.fed.len() && st.needs_checkpoints() => self
+                .checkpoints
+                .iter()
+                .map(|c| c.len)
+                .filter(|&l| l <= keep)
+                .max()
+                .unwrap_or(0),
+            _ => keep,
         }
+    }
+
+    /// Brings the live state back to `keep` positions (truncation, or the
+    /// checkpoint there); returns the length kept (0 after a reset when it
+    /// cannot).
+    fn rewind(&mut self, keep: usize) -> usize {
+        if keep >= self.fed.len() {
+            return self.fed.len();
+        }
+        let ok = keep > 0 && {
+            let cp = self.checkpoints.iter().find(|c| c.len == keep);
+            let needs = self.model.state().is_some_and(|s| s.needs_checkpoints());
+            match cp {
+                Some(cp) if needs => self.model.state_mut().is_some_and(|st| st.rollback(cp)),
+                _ => self.model.truncate(keep),
+            }
+        };
+        if !ok {
+            self.reset();
+            return 0;
+        }
+        self.fed.truncate(keep);
+        self.on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
+        self.checkpoints.retain(|c| c.len <= keep);
         keep
+    }
+
+    /// Where the live state's reusable part ends.
+    fn stash_end(&self) -> usize {
+        if self.exact_reuse {
+            self.on_grid.min(self.fed.len())
+        } else {
+            self.fed.len()
+        }
+    }
+
+    /// Stashes the live session in a slot and makes a copy of its first
+    /// `keep` positions the live state (nothing, if no copy can be made).
+    fn fork_live(&mut self, keep: usize) {
+        let cp = self.checkpoints.iter().find(|c| c.len == keep);
+        let copy = (keep > 0)
+            .then(|| self.model.state().and_then(|s| s.prefix_copy(keep, cp)))
+            .flatten();
+        let tokens = self.fed[..keep.min(self.fed.len())].to_vec();
+        let checkpoints: Vec<Checkpoint> =
+            self.checkpoints.iter().filter(|c| c.len <= keep).cloned().collect();
+        let on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
+        self.stash_live();
+        if let Some(state) = copy {
+            self.install(Slot::new(tokens, on_grid, state, checkpoints));
+        }
+    }
+
+    /// Moves the reusable part of the live state into a slot (the rest is
+    /// dropped) and leaves the model empty.
+    fn stash_live(&mut self) {
+        let keep = self.reachable(self.stash_end());
+        if keep > 0 && self.rewind(keep) == keep {
+            if let Some(state) = self.model.take_state() {
+                let slot = Slot::new(
+                    std::mem::take(&mut self.fed),
+                    self.on_grid,
+                    state,
+                    std::mem::take(&mut self.checkpoints),
+                );
+                self.slots.insert(slot);
+            }
+        }
+        self.reset();
+    }
+
+    /// Makes `slot` the live state.
+    fn install(&mut self, slot: Slot) {
+        if self.model.put_state(slot.state).is_err() {
+            self.reset();
+            return;
+        }
+        self.fed = slot.tokens;
+        self.on_grid = slot.on_grid;
+        self.checkpoints = slot.checkpoints;
+    }
+
+    /// After a grid chunk ending at `on_grid`: checkpoints recurrent state
+    /// every `checkpoint_every` chunks and at the last whole chunk of the
+    /// prompt (where a chat's next turn, or a re-rendered last message,
+    /// resumes).
+    fn maybe_checkpoint(&mut self, prompt_len: usize) {
+        let o = self.slots.options();
+        let (every, max) = (o.checkpoint_every.max(1), o.max_checkpoints);
+        let Some(st) = self.model.state() else {
+            return;
+        };
+        if max == 0 || !st.needs_checkpoints() {
+            return;
+        }
+        let last = prompt_len - self.on_grid < self.prefill_chunk;
+        if (self.on_grid / self.prefill_chunk) % every == 0 || last {
+            self.checkpoints.push(st.checkpoint());
+            if self.checkpoints.len() > max {
+                self.checkpoints.remove(0);
+            }
+        }
     }
 
     /// One forward call that keeps `fed` in step with the model.
@@ -788,6 +999,56 @@ impl Generator {
             }
         }
     }
+}
+
+impl Drop for Generator {
+    /// With a slot directory, the sessions outlive the process.
+    fn drop(&mut self) {
+        self.persist_slots();
+    }
+}
+
+/// What spill files are tied to: the weights (a pack's manifest checksum,
+/// which covers every blob's; a directory's config and its weight files'
+/// names, sizes and times), the KV precision and the kernels (whose
+/// rounding the state carries).
+pub fn model_identity(resolved: &crate::load::Resolved, opts: &LoadOptions) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    match resolved.pack() {
+        Some(p) => h.update(&p.header().manifest_checksum.to_le_bytes()),
+        None => {
+            let dir = if resolved.path.is_dir() {
+                resolved.path.clone()
+            } else {
+                resolved.path.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            if let Ok(b) = std::fs::read(dir.join("config.json")) {
+                h.update(&b);
+            }
+            let mut files: Vec<_> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .collect();
+            files.sort_by_key(|e| e.file_name());
+            for e in files {
+                h.update(e.file_name().to_string_lossy().as_bytes());
+                if let Ok(m) = e.metadata() {
+                    h.update(&m.len().to_le_bytes());
+                    let t = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos());
+                    h.update(&t.to_le_bytes());
+                }
+            }
+        }
+    }
+    h.update(format!("{:?}", opts.kv_bits).as_bytes());
+    h.update(crate::kernels::backend().name().as_bytes());
+    h.digest()
 }
 
 /// Holds back text that could be the start of a stop string.

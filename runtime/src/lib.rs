@@ -13,6 +13,7 @@ pub mod load;
 pub mod memory;
 pub mod models;
 pub mod pressure;
+pub mod prompt_cache;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

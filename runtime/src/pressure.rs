@@ -203,6 +203,10 @@ impl Governor {
                 if let Some(caps) = self.step(v) {
                     let before = cache.resident_bytes();
                     cache.set_capacities(&caps);
+                    // Prompt-cache slots shrink with the expert slots; the
+                    // generator spills (or drops) what no longer fits at
+                    // its next request.
+                    cache.scale_slot_ram(self.level);
                     if v == Verdict::Shrink {
                         crate::memory::trim_heap();
                     }

@@ -149,6 +149,7 @@ pub fn run(a: Args) -> Result<()> {
             b,
             false,
             Some(working),
+            0,
             io_threads,
             threads,
         ) else {

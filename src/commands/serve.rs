@@ -13,6 +13,7 @@ use mfx_runtime::server::engine::GeneratorBackend;
 use mfx_runtime::server::{run_blocking, ServerConfig};
 
 use mfx_runtime::models::{KvBits, LoadOptions};
+use mfx_runtime::prompt_cache::SlotOptions;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -51,10 +52,51 @@ pub struct Args {
     /// Off by default.
     #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
     pub cors: Vec<String>,
+    /// Prompt-cache slots: other sessions' KV (and recurrent) state kept
+    /// besides the live one, least recently used out, so an agent's main
+    /// conversation survives its side requests. 0 keeps one session.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub prompt_slots: usize,
+    /// RAM for the slots, part of --ram's budget (default: 1/8 of --ram, or
+    /// of the detected budget). The expert cache keeps at least its
+    /// minimum: the slots get what the budget holds above it, up to this.
+    #[arg(long, value_name = "SIZE", value_parser = super::args::size)]
+    pub slot_ram: Option<u64>,
+    /// Spill evicted slots to this directory and read them back on a prefix
+    /// hit; also keeps the sessions across restarts (files are tied to the
+    /// model, KV precision and kernels, and checksummed). Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub slot_dir: Option<PathBuf>,
+    /// Most bytes of slot files kept in --slot-dir (least recently used
+    /// deleted first).
+    #[arg(long, value_name = "SIZE", value_parser = super::args::size, default_value = "16G")]
+    pub slot_disk: u64,
+    /// Hybrid models (qwen3_next, qwen3_5_moe): checkpoint the recurrent
+    /// state every this many prefill chunks (and at each prompt's last whole
+    /// chunk), so a history that changes late resumes from the checkpoint
+    /// before the change.
+    #[arg(long, value_name = "CHUNKS", default_value_t = 4)]
+    pub checkpoint_every: usize,
+    /// Prompt positions per forward pass during prefill; also the grid of
+    /// reusable positions (a reused prefix is a whole number of chunks, so
+    /// a prompt's output never depends on what ran before).
+    #[arg(long, value_name = "N", default_value_t = mfx_runtime::models::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cache = args.cache.options();
+    let mut cache = args.cache.options();
+    let slot_ram = if args.prompt_slots == 0 {
+        0
+    } else {
+        args.slot_ram.unwrap_or_else(|| {
+            cache
+                .ram
+                .or_else(mfx_runtime::cache::detect_budget)
+                .map_or(0, |b| b / 8)
+        })
+    };
+    cache.slot_bytes = slot_ram;
     let template = match &args.chat_template {
         None => None,
         Some(path) => {
@@ -82,13 +124,35 @@ pub fn run(args: Args) -> Result<()> {
         &LoadOptions {
             kv_bits: args.kv_bits,
             max_context: args.max_context,
-            prefill_chunk: None,
+            prefill_chunk: Some(args.prefill_chunk.max(1)),
             cache,
         },
         model_id,
         template,
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
+    backend.configure(|g| {
+        // Under a pack's budget the grant (possibly less) limits the slots.
+        g.set_slots(SlotOptions {
+            slots: args.prompt_slots,
+            ram_bytes: slot_ram,
+            dir: args.slot_dir.clone(),
+            disk_bytes: args.slot_disk,
+            checkpoint_every: args.checkpoint_every,
+            ..SlotOptions::default()
+        });
+        let granted = g.expert_cache().map_or(slot_ram, |c| c.slot_ram());
+        if args.prompt_slots > 0 {
+            eprintln!(
+                "mfx serve: {} prompt-cache slots in {}{}",
+                args.prompt_slots,
+                mfx_runtime::cache::size::human(granted),
+                args.slot_dir
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(", spilled to {}", d.display()))
+            );
+        }
+    });
     let config = ServerConfig {
         api_key: args.api_key.clone(),
         max_queue: args.max_queue,
@@ -110,7 +174,13 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         format!("{}:{}", args.host, args.port)
     };
-    run_blocking(Arc::new(backend), &config, &addr)?;
+    let backend = Arc::new(backend);
+    run_blocking(backend.clone(), &config, &addr)?;
+    // Stopped by Ctrl-C: with a slot directory the sessions (the live one
+    // and every slot) are written there for the next start.
+    if args.slot_dir.is_some() {
+        backend.configure(|g| g.persist_slots());
+    }
     Ok(())
 }
 

@@ -163,3 +163,69 @@ fn serve_on_all_interfaces_without_key_warns() {
     let local = start(&[]);
     assert!(!local.banner.join("\n").contains("WARNING"));
 }
+
+/// Issue 19: two conversations interleaved A, B, A, B... through the
+/// server, each turn its history plus the reply and a new message. With
+/// prompt-cache slots both keep more than 90% of their prompt cached after
+/// their first turn; with one session (`--prompt-slots 0`) each turn after
+/// the other conversation's starts over, so the check can fail.
+#[test]
+fn serve_interleaved_conversations_keep_their_cached_prompts() {
+    let topics = [
+        "You maintain a Rust crate for parsing INI files. ",
+        "You are reviewing a Python data pipeline written with pandas. ",
+    ];
+    let mut cached = Vec::new();
+    for slots in ["4", "0"] {
+        let server = start(&["--prefill-chunk", "16", "--prompt-slots", slots]);
+        let mut hist: Vec<Vec<serde_json::Value>> = topics
+            .iter()
+            .map(|t| {
+                vec![
+                    serde_json::json!({"role": "system", "content": t.repeat(60)}),
+                    serde_json::json!({"role": "user", "content": "Start with the first step."}),
+                ]
+            })
+            .collect();
+        let mut ratios = Vec::new();
+        for turn in 0..3 {
+            for h in hist.iter_mut() {
+                let req = serde_json::json!({"messages": h, "temperature": 0, "max_tokens": 4});
+                let (status, body) =
+                    http(&server.addr, "POST", "/v1/chat/completions", &req.to_string());
+                assert_eq!(status, 200, "{body}");
+                let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens");
+                let hit = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .expect("cached_tokens");
+                if turn > 0 {
+                    ratios.push(hit as f64 / prompt as f64);
+                }
+                let reply = v["choices"][0]["message"]["content"].clone();
+                h.push(serde_json::json!({"role": "assistant", "content": reply}));
+                h.push(serde_json::json!({"role": "user", "content": format!("Go on with step {}.", turn + 2)}));
+            }
+        }
+        if slots != "0" {
+            let (_, metrics) = http(&server.addr, "GET", "/metrics", "");
+            let hits = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("mfx_prompt_slot_hits_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("mfx_prompt_slot_hits_total sample");
+            assert!(hits >= 4, "{metrics}");
+        }
+        cached.push(ratios);
+    }
+    assert!(
+        cached[0].iter().all(|&r| r > 0.9),
+        "with slots: cached share per turn {:?}",
+        cached[0]
+    );
+    assert!(
+        cached[1].iter().all(|&r| r < 0.5),
+        "one session only: {:?}",
+        cached[1]
+    );
+}

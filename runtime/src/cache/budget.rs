@@ -50,6 +50,10 @@ pub struct Needs {
     /// The model's working set ([`WorkingShape::bytes`]) plus the expert
     /// buffers that live outside the cache's slots ([`transient_expert_bytes`]).
     pub working: u64,
+    /// Prompt-cache slots asked for (`mfx serve --slot-ram`): other
+    /// sessions' KV and recurrent state. Not part of the minimum: the slots
+    /// get what the budget holds above it, up to this ([`split_budget`]).
+    pub slots: u64,
 }
 
 impl Needs {
@@ -170,6 +174,9 @@ pub struct BudgetPlan {
     /// The working reserve left out of the cache: the larger of
     /// [`runtime_reserve`] and the model's working set plus I/O buffers.
     pub reserve_bytes: u64,
+    /// Prompt-cache slots granted: [`Needs::slots`], or less where the
+    /// expert cache would fall below its minimum.
+    pub slot_bytes: u64,
     pub cache_bytes: u64,
     /// Per model layer: cached experts besides pinned ones (0 for dense layers).
     pub capacity: Vec<usize>,
@@ -247,6 +254,7 @@ pub fn needs_of(
         pinned,
         min_cache: moe.count() as u64 * per_layer_min,
         working,
+        slots: 0,
     }
 }
 
@@ -266,6 +274,9 @@ pub fn split_budget(
     let moe_layers = layers.iter().filter(|l| l.experts > 0).count().max(1) as u64;
     let reserve = reserve_for(budget, needs.working);
     let cache = budget - (needs.dense + needs.pinned + reserve);
+    // Slots come out of what the cache has above its minimum, never below.
+    let slots = needs.slots.min(cache.saturating_sub(needs.min_cache));
+    let cache = cache - slots;
     let per_layer = cache / moe_layers;
     let capacity = layers
         .iter()
@@ -281,6 +292,7 @@ pub fn split_budget(
         dense_bytes: needs.dense,
         pinned_bytes: needs.pinned,
         reserve_bytes: reserve,
+        slot_bytes: slots,
         cache_bytes: cache,
         capacity,
         experts: layers.iter().map(|l| l.experts).collect(),
@@ -356,7 +368,8 @@ fn pack_buffers(pack: &Pack, io_threads: usize, threads: usize) -> u64 {
 
 /// Splits `budget` bytes for `pack` (a model of `n_layers` layers, routing
 /// `top_k` experts per token). `working`: the model's working set
-/// ([`WorkingShape::bytes`]) when known; `io_threads`: the cache's readers;
+/// ([`WorkingShape::bytes`]) when known; `slots`: prompt-cache slot bytes
+/// asked for ([`Needs::slots`]); `io_threads`: the cache's readers;
 /// `threads`: compute threads. A budget below [`minimum_budget`] is refused
 /// with that minimum: the reserve is never taken out of the cache.
 #[allow(clippy::too_many_arguments)] // each is one of the budget's inputs; a struct would only rename them
@@ -367,12 +380,16 @@ pub fn plan_budget(
     budget: u64,
     pin: bool,
     working: Option<u64>,
+    slots: u64,
     io_threads: usize,
     threads: usize,
 ) -> Result<BudgetPlan, BudgetError> {
     let (layers, pinned) = pack_layers(pack, n_layers, pin);
     let working = working.unwrap_or(0) + pack_buffers(pack, io_threads, threads);
-    let needs = needs_of(&layers, dense_bytes(pack), pinned, top_k, working);
+    let needs = Needs {
+        slots,
+        ..needs_of(&layers, dense_bytes(pack), pinned, top_k, working)
+    };
     split_budget(budget, &needs, &layers, || {
         pack.path().display().to_string()
     })
@@ -413,6 +430,7 @@ pub fn check_resident_budget(
         pinned: 0,
         min_cache: 0,
         working,
+        slots: 0,
     };
     if budget < minimum_budget(&needs) {
         return Err(too_small(what.display().to_string(), budget, &needs));
@@ -437,6 +455,7 @@ mod tests {
                 pinned: 0,
                 min_cache: 0,
                 working,
+                slots: 0,
             };
             let m = minimum_budget(&n);
             assert!(m >= base + reserve_for(m, working), "{base} {working}: {m}");
@@ -446,5 +465,42 @@ mod tests {
                 "{base} {working}: {m}"
             );
         }
+    }
+
+    /// Prompt-cache slots (issue 19) come out of the cache above its
+    /// minimum: granted in full where that leaves the minimum, cut to it
+    /// where not, and never a reason to refuse a budget.
+    #[test]
+    fn slots_take_only_what_the_cache_has_above_its_minimum() {
+        let layers = vec![
+            LayerExperts {
+                experts: 8,
+                bytes: 8 << 20,
+                pinned: 0,
+            };
+            4
+        ];
+        let base = needs_of(&layers, 100 << 20, 0, 2, 10 << 20);
+        let min = minimum_budget(&base);
+        let asked = Needs {
+            slots: 64 << 20,
+            ..base
+        };
+        // At the minimum: no slots, the budget is still accepted.
+        let p = split_budget(min, &asked, &layers, || "x".into()).expect("minimum accepted");
+        assert_eq!(p.slot_bytes, 0);
+        // 16 MiB above it: 16 MiB of slots (the reserve grows by 1/16 of it).
+        let b = min + (16 << 20);
+        let p = split_budget(b, &asked, &layers, || "x".into()).expect("plan");
+        let without = split_budget(b, &base, &layers, || "x".into()).expect("plan");
+        assert_eq!(p.slot_bytes + p.cache_bytes, without.cache_bytes);
+        assert_eq!(p.cache_bytes, base.min_cache);
+        // Plenty: the slots get all they asked for.
+        let p = split_budget(min + (1 << 30), &asked, &layers, || "x".into()).expect("plan");
+        assert_eq!(p.slot_bytes, 64 << 20);
+        assert_eq!(
+            p.dense_bytes + p.pinned_bytes + p.reserve_bytes + p.slot_bytes + p.cache_bytes,
+            p.budget_bytes
+        );
     }
 }

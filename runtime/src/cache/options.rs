@@ -50,6 +50,10 @@ pub struct CacheOptions {
     /// Shrink the cache when others need memory and grow it back after
     /// ([`crate::pressure`]; `--ram auto` or `--adapt`).
     pub adapt: bool,
+    /// Prompt-cache slot bytes asked for (`mfx serve --slot-ram`); the plan
+    /// grants what the budget holds above its minimum, up to this, and the
+    /// cache carries the grant ([`ExpertCache::slot_ram`]).
+    pub slot_bytes: u64,
 }
 
 impl Default for CacheOptions {
@@ -67,6 +71,7 @@ impl Default for CacheOptions {
             working_bytes: None,
             top_k: 1,
             adapt: false,
+            slot_bytes: 0,
         }
     }
 }
@@ -93,6 +98,8 @@ pub fn provider_for_open_pack(
     opts: &CacheOptions,
     n_layers: usize,
 ) -> Result<Arc<ExpertCache>, RuntimeError> {
+    // With --capacity there is no plan: the slots get what was asked.
+    let mut granted_slots = opts.slot_bytes;
     let capacity = match opts.capacity {
         Some(n) => Capacity::PerLayer(n),
         None => {
@@ -110,6 +117,7 @@ pub fn provider_for_open_pack(
                 budget,
                 opts.pin,
                 opts.working_bytes,
+                opts.slot_bytes,
                 opts.io_threads,
                 rayon::current_num_threads(),
             )
@@ -124,6 +132,7 @@ pub fn provider_for_open_pack(
                     hint: hint.to_string(),
                 }
             })?;
+            granted_slots = plan.slot_bytes;
             Capacity::Layers(plan.capacity)
         }
     };
@@ -139,6 +148,7 @@ pub fn provider_for_open_pack(
         adaptive: opts.adapt,
     };
     let cache = Arc::new(ExpertCache::open(pack, n_layers, &cfg)?);
+    cache.set_slot_ram(granted_slots);
     if opts.adapt {
         // The floor is the budget's minimum: top_k slots per MoE layer.
         let full = cache.capacities();

@@ -168,6 +168,12 @@ pub struct ExpertCache {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     threads: Vec<JoinHandle<()>>,
     policy: PolicyKind,
+    /// Prompt-cache slot bytes the budget granted (`BudgetPlan::slot_bytes`).
+    slot_granted: std::sync::atomic::AtomicU64,
+    /// What the slots may hold now: the grant, scaled down by the
+    /// memory-pressure governor as it scales the expert slots; the
+    /// generator's prompt cache reads it at each request.
+    slot_limit: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -272,6 +278,8 @@ impl ExpertCache {
             tx: Mutex::new((cfg.io_threads > 0).then_some(tx)),
             threads,
             policy: cfg.policy,
+            slot_granted: std::sync::atomic::AtomicU64::new(0),
+            slot_limit: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         };
         if cfg.pin {
             cache.load_pinned()?;
@@ -290,6 +298,33 @@ impl ExpertCache {
             .map(|&c| if c == usize::MAX { 0 } else { c as u64 })
             .sum();
         s
+    }
+
+    /// Records the prompt-cache slot bytes the budget granted.
+    pub fn set_slot_ram(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.slot_granted.store(bytes, Relaxed);
+        self.slot_limit.store(bytes, Relaxed);
+    }
+
+    /// The prompt-cache slot bytes the budget granted.
+    pub fn slot_ram(&self) -> u64 {
+        self.slot_granted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The slots' current limit, shared with the generator's prompt cache.
+    pub fn slot_ram_limit(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.slot_limit.clone()
+    }
+
+    /// Scales the slots' limit to `level` (0..=1) of the grant: the
+    /// memory-pressure governor shrinks prompt-cache slots as it shrinks the
+    /// expert slots (issue 20).
+    pub fn scale_slot_ram(&self, level: f64) {
+        let granted = self.slot_ram() as f64;
+        let v = (granted * level.clamp(0.0, 1.0)) as u64;
+        self.slot_limit
+            .store(v, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets each layer's slots (memory pressure: [`crate::pressure`]). A

@@ -13,6 +13,7 @@
 use super::layerwise::{load_expert_by_names, Layerwise};
 use super::nn::kv_cache::{KvBits, LayerKv};
 use super::nn::moe::RouterObserver;
+use super::state::{StateError, StateReader};
 use super::stack::{FamilyModel, Stack};
 use super::{LoadOptions, Model};
 use crate::cache::{ExpertCache, WorkingShape};
@@ -49,7 +50,7 @@ pub struct Dims {
 }
 
 /// A layer's state across forward calls (KV cache, recurrent state).
-pub trait SeqState: Send + Sync {
+pub trait SeqState: Send + Sync + Clone {
     /// Positions held.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -58,6 +59,19 @@ pub trait SeqState: Send + Sync {
     /// Keeps the first `len` positions; false if this state cannot.
     fn truncate(&mut self, len: usize) -> bool;
     fn clear(&mut self);
+    /// Whether [`SeqState::truncate`] works for every shorter length (a KV
+    /// cache); false for recurrent state, which a prompt cache reaches
+    /// earlier positions of only through checkpoints (`models::state`).
+    fn rolls_back(&self) -> bool {
+        true
+    }
+    /// Heap bytes held (what a prompt-cache slot costs).
+    fn bytes(&self) -> usize;
+    /// Appends everything [`SeqState::load`] needs to rebuild this state.
+    fn save(&self, out: &mut Vec<u8>);
+    /// Replaces this state with bytes [`SeqState::save`] wrote, refusing
+    /// bytes of another shape (head counts, widths, storage precision).
+    fn load(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError>;
 }
 
 impl SeqState for LayerKv {
@@ -70,6 +84,15 @@ impl SeqState for LayerKv {
     }
     fn clear(&mut self) {
         LayerKv::clear(self)
+    }
+    fn bytes(&self) -> usize {
+        LayerKv::bytes(self)
+    }
+    fn save(&self, out: &mut Vec<u8>) {
+        LayerKv::save(self, out)
+    }
+    fn load(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        LayerKv::load(self, r)
     }
 }
 

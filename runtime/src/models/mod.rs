@@ -36,6 +36,7 @@ pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod registry;
 pub mod stack;
+pub mod state;
 pub mod working;
 
 pub use crate::experts::{ExpertMats, ExpertProvider, ExpertWeights, ResidentExperts};
@@ -45,6 +46,7 @@ pub use nn::kv_cache::{KvBits, LayerKv};
 pub use nn::moe::RouterObserver;
 pub use nn::router::Routing;
 pub use stack::{FamilyModel, Stack};
+pub use state::{Checkpoint, SeqStates, StateError};
 
 use crate::cache::{CacheOptions, ExpertCache};
 use crate::error::RuntimeError;
@@ -79,6 +81,31 @@ pub trait Model: Send {
     /// Returns false if this model cannot (then callers reset).
     fn truncate(&mut self, len: usize) -> bool;
     fn reset(&mut self);
+    /// The sequence state, for prompt-cache checkpoints (`None`: this model
+    /// has no movable state, and the generator keeps no slots).
+    fn state(&self) -> Option<&dyn SeqStates> {
+        None
+    }
+    fn state_mut(&mut self) -> Option<&mut dyn SeqStates> {
+        None
+    }
+    /// Moves the sequence state out (a prompt-cache slot), leaving the model
+    /// empty as after [`Model::reset`].
+    fn take_state(&mut self) -> Option<Box<dyn SeqStates>> {
+        None
+    }
+    /// Moves a state taken from this model (or read by
+    /// [`Model::load_state`]) back in; hands it back if it is not this
+    /// model's kind of state.
+    fn put_state(&mut self, s: Box<dyn SeqStates>) -> Result<(), Box<dyn SeqStates>> {
+        Err(s)
+    }
+    /// A state of this model rebuilt from [`SeqStates::save`]'s bytes,
+    /// every layer's shape checked.
+    fn load_state(&self, bytes: &[u8]) -> Result<Box<dyn SeqStates>, StateError> {
+        let _ = bytes;
+        Err(StateError::Mismatch("this model keeps no movable state".into()))
+    }
     /// The streaming expert cache behind this model's routed experts, when
     /// it was loaded from a pack (for `--stats`, `/metrics`, `mfx bench`).
     fn expert_cache(&self) -> Option<Arc<ExpertCache>> {

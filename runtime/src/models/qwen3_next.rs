@@ -387,14 +387,24 @@ pub struct LayerState {
     pub conv: Vec<f32>,
     /// `[v_heads, k_dim, v_dim]`.
     pub rec: Vec<f32>,
+    /// The sizes `conv` and `rec` have once used, so that loaded state of
+    /// another shape is refused.
+    pub sizes: (usize, usize),
 }
 
 impl SeqState for LayerState {
     fn len(&self) -> usize {
         self.len
     }
-    /// Recurrent state has no snapshots: only a no-op truncation succeeds.
+    /// Recurrent state cannot go back (a prompt cache rolls back to a
+    /// checkpoint instead): only a no-op truncation succeeds, except on a
+    /// full-attention layer, whose state is a KV cache.
     fn truncate(&mut self, len: usize) -> bool {
+        if self.rolls_back() && len <= self.len {
+            self.kv.truncate(len);
+            self.len = len;
+            return true;
+        }
         len == self.len
     }
     fn clear(&mut self) {
@@ -402,6 +412,48 @@ impl SeqState for LayerState {
         self.kv.clear();
         self.conv = Vec::new();
         self.rec = Vec::new();
+    }
+    fn rolls_back(&self) -> bool {
+        self.rec.is_empty() && self.conv.is_empty()
+    }
+    fn bytes(&self) -> usize {
+        self.kv.bytes() + 4 * (self.conv.len() + self.rec.len())
+    }
+    fn save(&self, out: &mut Vec<u8>) {
+        use crate::models::state::{put_f32s, put_u64};
+        put_u64(out, self.len as u64);
+        self.kv.save(out);
+        put_f32s(out, &self.conv);
+        put_f32s(out, &self.rec);
+    }
+    fn load(
+        &mut self,
+        r: &mut crate::models::state::StateReader<'_>,
+    ) -> Result<(), crate::models::state::StateError> {
+        use crate::models::state::StateError;
+        let len = r.usize()?;
+        self.kv.load(r)?;
+        let conv = r.f32s()?;
+        let rec = r.f32s()?;
+        // A full-attention layer holds its positions in the KV cache; a
+        // DeltaNet layer holds both windows or (before its first token) neither.
+        let ok = if rec.is_empty() && conv.is_empty() {
+            self.kv.len() == len || (self.kv.is_empty() && len == 0)
+        } else {
+            self.kv.is_empty() && (conv.len(), rec.len()) == self.sizes
+        };
+        if !ok {
+            return Err(StateError::Mismatch(format!(
+                "a qwen3_next layer state of {len} positions with {} KV positions, {} conv and {} recurrent values",
+                self.kv.len(),
+                conv.len(),
+                rec.len()
+            )));
+        }
+        self.len = len;
+        self.conv = conv;
+        self.rec = rec;
+        Ok(())
     }
 }
 
@@ -682,6 +734,10 @@ impl Family for Qwen3Next {
             kv: LayerKv::new(KvBits::F32, self.cfg.kv_heads, self.cfg.head_dim),
             conv: Vec::new(),
             rec: Vec::new(),
+            sizes: (
+                (self.cfg.conv_kernel - 1) * self.cfg.conv_dim(),
+                self.cfg.lin_v_heads * self.cfg.lin_k_dim * self.cfg.lin_v_dim,
+            ),
         }
     }
 

@@ -9,6 +9,7 @@ use super::layerwise::{routed_tensors_by_names, LayerBox, Layerwise};
 use super::nn::kv_cache::KvBits;
 use super::nn::linear::norm_rows;
 use super::nn::moe::RouterObserver;
+use super::state::{load_states, SeqStates, StateError};
 use super::{LoadOptions, Model, ModelInfo};
 use crate::cache::ExpertCache;
 use crate::error::RuntimeError;
@@ -166,6 +167,7 @@ pub struct FamilyModel<F: Family> {
     experts: Arc<dyn ExpertProvider>,
     cache: Option<Arc<ExpertCache>>,
     state: Vec<F::State>,
+    kv_bits: KvBits,
 }
 
 impl<F: Family> FamilyModel<F> {
@@ -220,6 +222,7 @@ impl<F: Family> FamilyModel<F> {
             experts,
             cache: None,
             state,
+            kv_bits: opts.kv_bits,
         })
     }
 
@@ -298,10 +301,7 @@ impl<F: Family> Model for FamilyModel<F> {
             return false;
         }
         // All or nothing: a state that cannot roll back refuses before any moves.
-        if len != self.seq_len() && !self.state.iter_mut().all(|s| s.truncate(len)) {
-            return false;
-        }
-        true
+        len == self.seq_len() || SeqStates::truncate(&mut self.state, len)
     }
 
     fn reset(&mut self) {
@@ -312,5 +312,44 @@ impl<F: Family> Model for FamilyModel<F> {
 
     fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
         self.cache.clone()
+    }
+
+    fn state(&self) -> Option<&dyn SeqStates> {
+        Some(&self.state)
+    }
+
+    fn state_mut(&mut self) -> Option<&mut dyn SeqStates> {
+        Some(&mut self.state)
+    }
+
+    fn take_state(&mut self) -> Option<Box<dyn SeqStates>> {
+        let fresh = self.fresh_state();
+        Some(Box::new(std::mem::replace(&mut self.state, fresh)))
+    }
+
+    fn put_state(&mut self, s: Box<dyn SeqStates>) -> Result<(), Box<dyn SeqStates>> {
+        let n = self.state.len();
+        // Checked before the downcast consumes it, so a refusal hands it back.
+        if s.as_ref().type_id_of() != std::any::TypeId::of::<Vec<F::State>>() {
+            return Err(s);
+        }
+        let v: Vec<F::State> = *s.into_any().downcast().expect("type checked above");
+        if v.len() != n {
+            return Err(Box::new(v));
+        }
+        self.state = v;
+        Ok(())
+    }
+
+    fn load_state(&self, bytes: &[u8]) -> Result<Box<dyn SeqStates>, StateError> {
+        Ok(Box::new(load_states(self.fresh_state(), bytes)?))
+    }
+}
+
+impl<F: Family> FamilyModel<F> {
+    fn fresh_state(&self) -> Vec<F::State> {
+        (0..self.info.n_layers)
+            .map(|_| self.stack.family.new_state(self.kv_bits))
+            .collect()
     }
 }

@@ -208,4 +208,11 @@ pub trait Backend: Send + Sync + 'static {
     fn cache_stats(&self) -> Option<StatsSnapshot> {
         None
     }
+
+    /// The prompt cache's counters (slots, spills, restores), for
+    /// `/metrics`; `None` when the backend keeps no slots. Like
+    /// [`Backend::cache_stats`], it must not wait for a generation.
+    fn slot_stats(&self) -> Option<crate::prompt_cache::SlotStats> {
+        None
+    }
 }

@@ -35,6 +35,8 @@ pub struct GeneratorBackend {
     /// The cache counters as of the last time the generator was free, for
     /// `/metrics` calls that arrive while it generates.
     last_stats: Mutex<Option<StatsSnapshot>>,
+    /// The prompt cache's counters, likewise.
+    last_slots: Mutex<Option<crate::prompt_cache::SlotStats>>,
     /// Decode with special tokens kept: the template's output format needs
     /// markers the tokenizer has as special tokens (see [`keeps_special`]).
     keep_special: bool,
@@ -106,6 +108,7 @@ impl GeneratorBackend {
             },
         };
         let last_stats = Mutex::new(gen.cache_stats());
+        let last_slots = Mutex::new(slot_stats(&gen));
         let keep_special = keeps_special(template.as_ref(), &tokenizer);
         Self {
             keep_special,
@@ -118,6 +121,7 @@ impl GeneratorBackend {
             info,
             sampling,
             last_stats,
+            last_slots,
         }
     }
 }
@@ -144,7 +148,25 @@ fn invalid(e: impl std::fmt::Display) -> BackendError {
     BackendError::Invalid(e.to_string())
 }
 
+/// The generator's slot counters, when it keeps slots.
+fn slot_stats(gen: &Generator) -> Option<crate::prompt_cache::SlotStats> {
+    gen.slots_enabled().then(|| gen.slot_stats())
+}
+
 impl GeneratorBackend {
+    /// Runs `f` on the generator before serving (prompt-cache slots,
+    /// `mfx serve`'s options).
+    pub fn configure(&self, f: impl FnOnce(&mut Generator)) {
+        let mut g = match self.gen.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+        if let Ok(mut last) = self.last_slots.lock() {
+            *last = slot_stats(&g);
+        }
+    }
+
     fn remember_stats(&self, stats: Option<StatsSnapshot>) {
         if let Ok(mut last) = self.last_stats.lock() {
             *last = stats;
@@ -167,6 +189,17 @@ impl Backend for GeneratorBackend {
             return stats;
         }
         self.last_stats.lock().ok().and_then(|s| *s)
+    }
+
+    fn slot_stats(&self) -> Option<crate::prompt_cache::SlotStats> {
+        if let Ok(gen) = self.gen.try_lock() {
+            let stats = slot_stats(&gen);
+            if let Ok(mut last) = self.last_slots.lock() {
+                *last = stats.clone();
+            }
+            return stats;
+        }
+        self.last_slots.lock().ok().and_then(|s| s.clone())
     }
 
     fn render_chat(&self, prompt: &ChatPrompt) -> Result<String, BackendError> {
@@ -293,6 +326,9 @@ impl Backend for GeneratorBackend {
             );
         }
         self.remember_stats(gen.cache_stats());
+        if let Ok(mut last) = self.last_slots.lock() {
+            *last = slot_stats(&gen);
+        }
         let c = c.map_err(|e| match e {
             GenerateError::PromptTooLong { .. }
             | GenerateError::EmptyPrompt

@@ -275,9 +275,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
-    let text = state
+    let mut text = state
         .metrics
         .render(state.backend.cache_stats(), state.worker.queue_depth());
+    metrics::render_slots(&mut text, state.backend.slot_stats().as_ref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

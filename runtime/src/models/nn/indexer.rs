@@ -94,6 +94,34 @@ impl IndexerKeys {
     pub fn clear(&mut self) {
         self.keys.clear();
     }
+
+    pub fn bytes(&self) -> usize {
+        self.keys.len() * 4
+    }
+
+    /// Appends the keys (`models::state`).
+    pub fn save(&self, out: &mut Vec<u8>) {
+        crate::models::state::put_u64(out, self.head_dim as u64);
+        crate::models::state::put_f32s(out, &self.keys);
+    }
+
+    /// Replaces the keys with what [`IndexerKeys::save`] wrote for keys of this width.
+    pub fn load(
+        &mut self,
+        r: &mut crate::models::state::StateReader<'_>,
+    ) -> Result<(), crate::models::state::StateError> {
+        crate::models::state::expect_eq("the indexer key width", r.usize()?, self.head_dim)?;
+        let keys = r.f32s()?;
+        if self.head_dim == 0 && !keys.is_empty() || self.head_dim > 0 && keys.len() % self.head_dim != 0 {
+            return Err(crate::models::state::StateError::Mismatch(format!(
+                "{} indexer key values are not whole keys of width {}",
+                keys.len(),
+                self.head_dim
+            )));
+        }
+        self.keys = keys;
+        Ok(())
+    }
 }
 
 impl Indexer {

@@ -5,6 +5,7 @@
 //! grows; attention itself always runs in f32 (see `attention.rs`).
 
 use crate::kernels;
+use crate::models::state::{expect_eq, put_f16s, put_f32s, put_i8s, put_u64, StateError, StateReader};
 use half::f16;
 
 /// Storage precision of the KV cache.
@@ -125,6 +126,46 @@ impl Store {
             Store::Q8 { q, scales } => {
                 q.truncate(n);
                 scales.truncate(n / head_dim);
+            }
+        }
+    }
+
+    fn kind(&self) -> usize {
+        match self {
+            Store::F32(_) => 0,
+            Store::F16(_) => 1,
+            Store::Q8 { .. } => 2,
+        }
+    }
+
+    fn save(&self, out: &mut Vec<u8>) {
+        match self {
+            Store::F32(v) => put_f32s(out, v),
+            Store::F16(v) => put_f16s(out, v),
+            Store::Q8 { q, scales } => {
+                put_i8s(out, q);
+                put_f32s(out, scales);
+            }
+        }
+    }
+
+    /// Reads a store of this store's kind holding `n` elements.
+    fn load(&mut self, r: &mut StateReader<'_>, n: usize, head_dim: usize) -> Result<(), StateError> {
+        let check = |got: usize, want: usize| expect_eq("a KV store's element count", got, want);
+        match self {
+            Store::F32(v) => {
+                *v = r.f32s()?;
+                check(v.len(), n)
+            }
+            Store::F16(v) => {
+                *v = r.f16s()?;
+                check(v.len(), n)
+            }
+            Store::Q8 { q, scales } => {
+                *q = r.i8s()?;
+                *scales = r.f32s()?;
+                check(q.len(), n)?;
+                check(scales.len(), n / head_dim)
             }
         }
     }
@@ -315,6 +356,35 @@ impl LayerKv {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(Store::bytes).sum()
+    }
+
+    /// Appends the cache's shape and contents (`models::state`).
+    pub fn save(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.kv_heads as u64);
+        put_u64(out, self.head_dim as u64);
+        put_u64(out, self.k.first().map_or(0, Store::kind) as u64);
+        put_u64(out, self.len as u64);
+        for st in self.k.iter().chain(&self.v) {
+            st.save(out);
+        }
+    }
+
+    /// Replaces the contents with what [`LayerKv::save`] wrote for a cache
+    /// of this shape and storage precision.
+    pub fn load(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        expect_eq("KV heads", r.usize()?, self.kv_heads)?;
+        expect_eq("the KV head width", r.usize()?, self.head_dim)?;
+        let kind = self.k.first().map_or(0, Store::kind);
+        expect_eq("the KV storage kind (0 f32, 1 f16, 2 int8)", r.usize()?, kind)?;
+        let len = r.usize()?;
+        let n = len
+            .checked_mul(self.head_dim)
+            .ok_or_else(|| StateError::Mismatch(format!("{len} KV positions")))?;
+        for st in self.k.iter_mut().chain(self.v.iter_mut()) {
+            st.load(r, n, self.head_dim)?;
+        }
+        self.len = len;
+        Ok(())
     }
 }
 

@@ -273,4 +273,26 @@ impl SeqState for MlaState {
         self.kv.clear();
         self.index.clear();
     }
+    fn bytes(&self) -> usize {
+        self.kv.bytes() + self.index.bytes()
+    }
+    fn save(&self, out: &mut Vec<u8>) {
+        self.kv.save(out);
+        self.index.save(out);
+    }
+    fn load(
+        &mut self,
+        r: &mut crate::models::state::StateReader<'_>,
+    ) -> Result<(), crate::models::state::StateError> {
+        self.kv.load(r)?;
+        self.index.load(r)?;
+        if !self.index.is_empty() && self.index.len() != self.kv.len() {
+            return Err(crate::models::state::StateError::Mismatch(format!(
+                "{} indexer keys for {} KV positions",
+                self.index.len(),
+                self.kv.len()
+            )));
+        }
+        Ok(())
+    }
 }
