@@ -224,8 +224,9 @@ fn prep_reports_kld_beside_nll() {
 /// whose routers lost exactly those rows. Calibrated on the very rows
 /// scored, so every removed expert is one those rows never route to (the
 /// precondition is checked): with top-k renormalization the pruned pack
-/// then computes what the unpruned pack computes, which fails if a router
-/// row and an expert blob were paired wrongly.
+/// then computes what the unpruned pack computes on those rows (up to
+/// routing changes from quantization), which fails if a router row and an
+/// expert blob were paired wrongly.
 #[test]
 fn pruned_pack_drops_unrouted_experts_without_changing_outputs() {
     let d = tempfile::tempdir().unwrap();
@@ -278,12 +279,17 @@ fn pruned_pack_drops_unrouted_experts_without_changing_outputs() {
         assert!(dropped.iter().all(|&e| s[e] == 0.0), "layer {}: {s:?}", l["layer"]);
     }
     let inspect = ok(&mfx(&["inspect", pruned.to_str().unwrap(), "--json"]));
-    assert!(inspect.contains("\"num_experts\":57"), "{inspect}");
-    let v = kld(&pruned, &full, &c, 1, 32);
-    assert!(f(&v, "mean") < 1e-6, "{v}");
-    assert_eq!(f(&v, "top1_agreement"), 1.0);
-    // Against the checkpoint, and on text it was not calibrated on, pruning costs something.
+    assert!(
+        inspect.lines().any(|l| l.trim() == "\"num_experts\": 57,"),
+        "{inspect}"
+    );
+    // Near zero, not zero: the 8-bit routers route a few tokens unlike the
+    // bf16 checkpoint that saliency was measured on (measured 3.6e-5; a
+    // router row paired with the wrong expert gives ~1e-1).
+    let same = f(&kld(&pruned, &full, &c, 1, 32), "mean");
+    assert!(same < 1e-3, "{same}");
+    // On text it was not calibrated on, the removed experts are missed.
     let py = shared().join("data/python.val.txt");
-    let v = kld(&pruned, &tiny(), &py, 2, 64);
-    assert!(f(&v, "mean") > 0.0, "{v}");
+    let other = f(&kld(&pruned, &full, &py, 1, 32), "mean");
+    assert!(other > 100.0 * same, "{other} vs {same}");
 }
