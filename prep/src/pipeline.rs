@@ -6,6 +6,7 @@ use crate::entropy::{code_entropy, Measure};
 use crate::error::{PrepError, Result};
 use crate::merge::{self, MergeOutcome};
 use crate::pin::pin_by_mass;
+use crate::prune::{self, Pruning};
 use crate::plan::{self, LayerUse, Plan, PlanInput};
 use crate::quantize::{self, DenseTensor, Stored};
 use crate::report::{self, CodecStats, PackReport};
@@ -43,6 +44,8 @@ pub struct Options {
     pub hot_fraction: Option<f64>,
     pub merge: bool,
     pub merge_max_nll: f64,
+    /// Share of each MoE layer's experts removed by REAP saliency (0: none).
+    pub prune: f64,
     pub min_codec_saving: f64,
     pub report: Option<PathBuf>,
     /// Texts to measure each pack's NLL on (reference protocol).
@@ -72,6 +75,7 @@ impl Default for Options {
             hot_fraction: None,
             merge: false,
             merge_max_nll: 0.02,
+            prune: 0.0,
             min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
             report: None,
             eval_data: Vec::new(),
@@ -88,6 +92,8 @@ pub struct Outcome {
     pub packs: Vec<PackReport>,
     pub calib_nll: Option<f64>,
     pub merge: Option<MergeOutcome>,
+    /// Which experts `--prune` removed.
+    pub prune: Option<Pruning>,
     /// NLL of the unquantized source on each `--eval-data` text.
     pub source_eval: Vec<(String, f64)>,
 }
@@ -131,6 +137,17 @@ fn check_options(o: &Options) -> Result<()> {
             "several --ram budgets need an -o pattern with {{ram}}, e.g. model-{{ram}}.mfx (got {})",
             o.output
         )));
+    }
+    if !(0.0..1.0).contains(&o.prune) {
+        return Err(PrepError::Option(format!(
+            "--prune {}: expected a fraction in [0, 1)",
+            o.prune
+        )));
+    }
+    if o.prune > 0.0 && o.merge {
+        return Err(PrepError::Option(
+            "--prune and --merge together are not supported: choose one".into(),
+        ));
     }
     if o.calib_rows == 0 || o.calib_seq < 2 {
         return Err(PrepError::Option(
@@ -275,8 +292,17 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         human(ck.input_bytes())
     ));
 
+    if o.prune > 0.0 && !prune::PRUNABLE.contains(&ck.model_type()) {
+        return Err(PrepError::Option(format!(
+            "--prune: {} is a {} model; pruning cuts one [experts, hidden] router per layer and supports {}",
+            dir.display(),
+            ck.model_type(),
+            prune::PRUNABLE.join(", ")
+        )));
+    }
+
     // Sizes first: a budget that cannot work is refused before any profiling.
-    let dense = quantize::dense_tensors(&ck, o.dense_bits, o.group_size)?;
+    let mut dense = quantize::dense_tensors(&ck, o.dense_bits, o.group_size)?;
     let dense_bytes: u64 = dense
         .iter()
         .map(quantize::dense_bytes)
@@ -318,6 +344,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     // Stage 1/2: routing profile (or a reused one).
     let mut calib_nll = None;
     let mut calib_batch = None;
+    let mut saliency: Vec<(usize, Vec<f64>)> = Vec::new();
     let profile = if let Some(p) = &o.profile {
         let prof = Profile::load(p)?;
         prof.check_model(&ck.identity())?;
@@ -343,6 +370,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         bar.finish_and_clear();
         log(&format!("  profiled in {:.1}s", t.elapsed().as_secs_f64()));
         calib_nll = nll;
+        saliency = stats.iter().map(|s| (s.layer, s.saliency())).collect();
         let prof = build_profile(&ck, stats, batch.calibration.clone(), o.pin_mass);
         calib_batch = Some(batch);
         prof
@@ -351,6 +379,42 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         crate::write_atomic(p, prof_json(&profile).as_bytes())?;
         log(&format!("profile written to {}", p.display()));
     }
+
+    // Stage 3a: pruning (optional): REAP saliency over the calibration
+    // batch, measured in stage 1 (or now, when stage 1 was skipped).
+    let pruning = if o.prune > 0.0 {
+        if saliency.is_empty() {
+            let batch = calibration_batch(o, &dir, &ck)?;
+            log(&format!(
+                "--prune: measuring expert saliency over {} calibration tokens",
+                batch.ids.len()
+            ));
+            let (stats, _) = routing::profile_source(&ck, &batch, false, &|_, _| {})?;
+            saliency = stats.iter().map(|s| (s.layer, s.saliency())).collect();
+        }
+        let p = prune::choose(&saliency, n_experts, top_k, o.prune)?;
+        log(&format!(
+            "--prune {}: {} of {} experts kept per MoE layer (REAP saliency over {} calibration tokens)",
+            o.prune, p.experts_after, p.experts_before, profile.calibration.tokens
+        ));
+        for t in &mut dense {
+            if let Some(rows) = p.router_rows(&t.module, t.shape[0]) {
+                t.keep_rows = Some((t.shape[0], rows.to_vec()));
+                t.shape[0] = rows.len() as u64;
+            }
+        }
+        Some(p)
+    } else {
+        None
+    };
+    let dense_bytes: u64 = dense
+        .iter()
+        .map(quantize::dense_bytes)
+        .sum::<Result<u64>>()?;
+    let (profile, n_experts) = match &pruning {
+        Some(p) => (p.remap_profile(&profile), p.experts_after),
+        None => (profile, n_experts),
+    };
 
     // Stage 3: merging (optional).
     let merge_outcome = if o.merge {
@@ -375,10 +439,10 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     } else {
         Some(Tok::load(&dir, None)?)
     };
-    let mut source_eval = Vec::new();
+    let mut source_ref = Vec::new();
     if let Some(tok) = &eval_tok {
         let t = Instant::now();
-        source_eval = crate::eval::nll_per_text(
+        source_ref = crate::eval::source_per_text(
             ck.model.as_ref(),
             &ck.weights,
             tok,
@@ -387,7 +451,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             o.calib_seq,
             &SourceExperts(&ck),
         )?;
-        for (n, v) in &source_eval {
+        for crate::eval::SourceEval { name: n, nll: v, .. } in &source_ref {
             log(&format!("  source NLL on {n}: {v:.4}"));
         }
         log(&format!(
@@ -434,19 +498,28 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             &pl,
             &dense,
             merge_outcome.as_ref(),
+            pruning.as_ref(),
             out,
             label,
         )?;
-        if let Some(tok) = &eval_tok {
-            // The pack just written, through the runtime's loader and forward.
-            rep.eval_nll =
-                crate::eval::pack_nll_per_text(out, tok, &eval_texts, o.eval_rows, o.calib_seq)?;
-            for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&source_eval) {
+        if !source_ref.is_empty() {
+            // The pack just written, through the runtime's loader and
+            // forward, against the source on the same rows.
+            let ev = crate::eval::pack_per_text(out, ck.model.as_ref(), &source_ref)?;
+            for (e, r) in ev.iter().zip(&source_ref) {
                 log(&format!(
-                    "  pack NLL on {n}: {v:.4} (source {b:.4}, {:+.2}%)",
-                    (v - b) / b * 100.0
+                    "  pack NLL on {}: {:.4} (source {:.4}, {:+.2}%), KLD {:.5} (p99 {:.4}), top-1 agreement {:.2}%",
+                    e.name,
+                    e.nll,
+                    r.nll,
+                    (e.nll - r.nll) / r.nll * 100.0,
+                    e.kld.mean,
+                    e.kld.p99,
+                    e.kld.top1_agreement * 100.0
                 ));
             }
+            rep.eval_nll = ev.iter().map(|e| (e.name.clone(), e.nll)).collect();
+            rep.eval_kld = ev.into_iter().map(|e| (e.name, e.kld)).collect();
         }
         log(&format!(
             "  wrote {} ({}) in {:.1}s: {:.2} bits/weight, {} pinned experts ({:.0}% of routed tokens), predicted hit rate {:.1}%",
@@ -460,11 +533,13 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         ));
         packs.push(rep);
     }
+    let source_eval = source_ref.into_iter().map(|r| (r.name, r.nll)).collect();
     let outcome = Outcome {
         profile,
         packs,
         calib_nll,
         merge: merge_outcome,
+        prune: pruning,
         source_eval,
     };
     let full = report::full_report(
@@ -555,10 +630,12 @@ fn write_pack(
     pl: &Plan,
     dense: &[DenseTensor],
     merge: Option<&MergeOutcome>,
+    pruning: Option<&Pruning>,
     out: &Path,
     ram_label: &str,
 ) -> Result<PackReport> {
-    let (n_experts, hidden, inter) = (ck.experts(), ck.hidden(), ck.moe_inter());
+    let (hidden, inter) = (ck.hidden(), ck.moe_inter());
+    let n_experts = pruning.map_or(ck.experts(), |p| p.experts_after);
     let pack_profile = pack_profile(profile, pl);
     let generation: serde_json::Value = read_opt(&dir.join("generation_config.json"))
         .and_then(|s| serde_json::from_str(&s).ok())
@@ -581,7 +658,7 @@ fn write_pack(
         String::new()
     };
     let meta = PackMeta {
-        config: ck.raw.clone(),
+        config: pruning.map_or_else(|| ck.raw.clone(), |p| p.config(&ck.raw)),
         tokenizer_json,
         chat_template,
         generation,
@@ -628,9 +705,11 @@ fn write_pack(
                 .par_iter()
                 .map(|&e| {
                     let bits = if hot[e] { o.hot_bits } else { o.cold_bits };
+                    // A pruned pack's expert `e` is the `e`-th kept one.
+                    let src_e = pruning.and_then(|p| p.kept(l)).map_or(e, |k| k[e] as usize);
                     let ew = match merge.and_then(|m| m.weights(l, e)) {
                         Some(wts) => wts,
-                        None => ck.expert(l, e)?,
+                        None => ck.expert(l, src_e)?,
                     };
                     encode_expert(&ew, bits, o.group_size, o.min_codec_saving, l, e).map(|x| (e, x))
                 })
@@ -674,6 +753,7 @@ fn write_pack(
         bits_per_weight: ((dense_stored + expert_stored) as f64 * 8.0)
             / weights_total.max(1) as f64,
         eval_nll: Vec::new(),
+        eval_kld: Vec::new(),
         expert_code_bits: bit_weighted / expert_weights.max(1) as f64,
         pinned_experts: pinned,
         total_experts: pl.layers.len() * n_experts,

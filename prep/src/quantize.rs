@@ -28,6 +28,10 @@ pub struct DenseTensor {
     pub module: String,
     pub shape: Vec<u64>,
     pub scheme: Scheme,
+    /// The source's row count and the source rows stored, in order (a
+    /// pruned router, `--prune`); `shape` is then the stored shape.
+    /// `None`: every row.
+    pub keep_rows: Option<(u64, Vec<u32>)>,
 }
 
 /// Routers (and qwen's shared-expert gate, a router of one) stay at
@@ -111,6 +115,7 @@ pub fn dense_tensors(src: &Source, dense_bits: u8, group: u32) -> Result<Vec<Den
             module,
             shape: logical,
             scheme,
+            keep_rows: None,
         });
     }
     out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -329,7 +334,33 @@ pub fn check_finite(data: &[f32], cols: usize, what: &str) -> Result<()> {
 
 /// Reads and encodes one dense tensor.
 pub fn encode_dense(src: &Source, t: &DenseTensor) -> Result<Stored> {
-    let m = if t.shape.len() == 2 {
+    let m = if let (Some((src_rows, keep)), 2) = (&t.keep_rows, t.shape.len()) {
+        let m = src
+            .weights
+            .matrix(&t.module, *src_rows as usize, t.shape[1] as usize)
+            .map_err(from_runtime)?;
+        let full = Mat::of(&m);
+        let cols = full.cols;
+        let mut data = Vec::with_capacity(keep.len() * cols);
+        for &r in keep {
+            let r = r as usize;
+            if r >= full.rows || cols != t.shape[1] as usize {
+                return Err(PrepError::Tensor {
+                    name: t.name.clone(),
+                    msg: format!(
+                        "row {r} of a [{}, {cols}] matrix kept (expected [_, {}])",
+                        full.rows, t.shape[1]
+                    ),
+                });
+            }
+            data.extend_from_slice(&full.data[r * cols..(r + 1) * cols]);
+        }
+        Mat {
+            rows: keep.len(),
+            cols,
+            data,
+        }
+    } else if t.shape.len() == 2 {
         let m = src
             .weights
             .matrix(&t.module, t.shape[0] as usize, t.shape[1] as usize)

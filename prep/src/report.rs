@@ -117,6 +117,9 @@ pub struct PackReport {
     pub hot_fraction: f64,
     /// Measured NLL of this pack per `--eval-data` text (prep's forward, weights as stored).
     pub eval_nll: Vec<(String, f64)>,
+    /// KL divergence of this pack's next-token distributions from the
+    /// source's on the same rows, per `--eval-data` text.
+    pub eval_kld: Vec<(String, crate::kld::KldSummary)>,
     #[serde(skip)]
     pub plan: Plan,
     #[serde(skip)]
@@ -169,7 +172,7 @@ pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Source, pl: &Pl
         "options": {"ram": ram_label, "ram_bytes": pl.ram, "hot_bits": o.hot_bits, "cold_bits": o.cold_bits,
                     "dense_bits": o.dense_bits, "router_bits": crate::quantize::ROUTER_BITS, "group_size": o.group_size,
                     "hot_fraction": o.hot_fraction, "pin_mass": o.pin_mass, "merge": o.merge,
-                    "merge_max_nll": o.merge_max_nll, "min_codec_saving": o.min_codec_saving,
+                    "merge_max_nll": o.merge_max_nll, "prune": o.prune, "min_codec_saving": o.min_codec_saving,
                     "requantized_from_mlx": ck.mlx_quantized()},
         "plan": {"reserve": pl.reserve, "dense_bytes": pl.dense_bytes, "pinned_bytes": pl.pinned_bytes,
                  "cache_bytes": pl.cache_bytes, "hot_fraction": pl.hot_fraction,
@@ -194,6 +197,7 @@ pub fn full_report(dir: &Path, o: &Options, out: &Outcome, secs: f64, input_byte
         "calibration_nll": out.calib_nll,
         "routing": routing_summary(&out.profile),
         "merge": out.merge,
+        "prune": out.prune,
         "source_eval_nll": out.source_eval,
         "packs": packs,
         "seconds": secs,
@@ -274,16 +278,28 @@ pub fn write_model_card(
             ));
         }
     }
+    if let Some(p) = &out.prune {
+        quality.push_str(&format!(
+            "\n## Pruned experts\n\n{} of {} routed experts per MoE layer were removed with their router rows (`--prune {}`): those with the lowest REAP saliency (mean router weight times output norm over the calibration tokens routed to them).\n",
+            p.experts_before - p.experts_after,
+            p.experts_before,
+            p.fraction
+        ));
+    }
     if !rep.eval_nll.is_empty() {
-        quality.push_str("\n## Measured quality\n\nMean next-token NLL (nats; 64 rows x 512 tokens per file), source weights vs this pack:\n\n| data | source | pack | change |\n| --- | --- | --- | --- |\n");
-        for ((n, v), (_, b)) in rep.eval_nll.iter().zip(&out.source_eval) {
+        quality.push_str(&format!("\n## Measured quality\n\nMean next-token NLL (nats; {} predictions per file), source weights vs this pack, and the KL divergence of the pack's next-token distributions from the source's (nats per position; `mfx eval kld`):\n\n| data | source NLL | pack NLL | change | KLD mean | KLD p99 | top-1 agreement |\n| --- | --- | --- | --- | --- | --- | --- |\n", rep.eval_kld.first().map_or(0, |(_, k)| k.positions)));
+        for (i, ((n, v), (_, b))) in rep.eval_nll.iter().zip(&out.source_eval).enumerate() {
             let short = Path::new(n)
                 .file_name()
                 .map(|f| f.to_string_lossy().to_string())
                 .unwrap_or_else(|| n.clone());
+            let k = rep.eval_kld.get(i).map(|(_, k)| k);
             quality.push_str(&format!(
-                "| {short} | {b:.4} | {v:.4} | {:+.2}% |\n",
-                (v - b) / b * 100.0
+                "| {short} | {b:.4} | {v:.4} | {:+.2}% | {} | {} | {} |\n",
+                (v - b) / b * 100.0,
+                k.map_or("-".into(), |k| format!("{:.5}", k.mean)),
+                k.map_or("-".into(), |k| format!("{:.4}", k.p99)),
+                k.map_or("-".into(), |k| format!("{:.2}%", k.top1_agreement * 100.0)),
             ));
         }
     }

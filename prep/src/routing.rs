@@ -26,6 +26,8 @@ struct Collect {
     /// Index of the current sequence's first token in the batch.
     offset: usize,
     bad: Option<String>,
+    /// Per expert: summed `gate weight * ||expert output||` (REAP saliency).
+    saliency: Vec<f64>,
 }
 
 impl RouterObserver for Collect {
@@ -52,6 +54,20 @@ impl RouterObserver for Collect {
             self.r.weights[at + j] = w;
         }
     }
+
+    fn wants_expert_outputs(&self) -> bool {
+        !self.saliency.is_empty()
+    }
+
+    fn expert_output(&mut self, _layer: usize, expert: usize, tokens: &[(usize, f32)], y: &[f32]) {
+        let h = y.len() / tokens.len().max(1);
+        if let Some(s) = self.saliency.get_mut(expert) {
+            for (&(_, w), row) in tokens.iter().zip(y.chunks_exact(h.max(1))) {
+                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                *s += w as f64 * norm;
+            }
+        }
+    }
 }
 
 /// Top pairs kept per previous-layer expert; a dense `E x E` table would be
@@ -63,6 +79,9 @@ pub struct LayerStats {
     pub layer: usize,
     pub counts: Vec<u64>,
     pub gate_mass: Vec<f64>,
+    /// Per expert: summed `gate weight * ||expert output||_2` over the
+    /// tokens routed to it (REAP's saliency is this over `counts`).
+    pub saliency_sum: Vec<f64>,
     /// `[E_prev * E]` co-activation counts (dense while profiling, one layer pair at a time).
     coact: Vec<u32>,
     has_prev: bool,
@@ -74,6 +93,7 @@ impl LayerStats {
             layer,
             counts: vec![0; experts],
             gate_mass: vec![0.0; experts],
+            saliency_sum: vec![0.0; experts],
             coact: if has_prev {
                 vec![0; experts * experts]
             } else {
@@ -100,6 +120,16 @@ impl LayerStats {
                 }
             }
         }
+    }
+
+    /// REAP saliency per expert: the mean over the tokens routed to it of
+    /// its mixing weight times the L2 norm of its output (0 if unused).
+    pub fn saliency(&self) -> Vec<f64> {
+        self.saliency_sum
+            .iter()
+            .zip(&self.counts)
+            .map(|(&s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
+            .collect()
     }
 
     /// Sparse top-N co-activation rows (descending count, then id).
@@ -254,6 +284,26 @@ pub fn profile(
     progress: Progress<'_>,
     release: &dyn Fn(),
 ) -> Result<(Vec<LayerStats>, Option<f64>)> {
+    let (stats, x) = run_layers(model, weights, batch, experts, progress, release)?;
+    let nll = if want_nll {
+        Some(mean_nll(model, &x, &batch.ids, batch.rows, batch.seq))
+    } else {
+        None
+    };
+    Ok((stats, nll))
+}
+
+/// The layer-by-layer pass behind [`profile`]: per-MoE-layer stats and the
+/// final hidden states `[rows * seq, hidden]` (before the final norm), which
+/// [`Layerwise::final_logits`] turns into logits.
+pub fn run_layers(
+    model: &dyn Layerwise,
+    weights: &dyn WeightSource,
+    batch: &CalibBatch,
+    experts: &dyn LayerExperts,
+    progress: Progress<'_>,
+    release: &dyn Fn(),
+) -> Result<(Vec<LayerStats>, Vec<f32>)> {
     let (h, seq, rows) = (model.hidden_size(), batch.seq, batch.rows);
     let n_layers = model.n_layers();
     let mut x = Vec::with_capacity(rows * seq * h);
@@ -283,6 +333,7 @@ pub fn profile(
             },
             offset: 0,
             bad: None,
+            saliency: vec![0.0; if moe { model.num_experts() } else { 0 }],
         };
         for (r, xs) in x.chunks_exact_mut(seq * h).enumerate() {
             obs.offset = r * seq;
@@ -297,23 +348,19 @@ pub fn profile(
         if moe {
             let mut s = LayerStats::new(l, model.num_experts(), prev.is_some());
             s.add(&obs.r, prev.as_ref());
+            s.saliency_sum = std::mem::take(&mut obs.saliency);
             stats.push(s);
             prev = Some(obs.r);
         }
         release();
         progress(l + 1, n_layers);
     }
-    let nll = if want_nll {
-        Some(mean_nll(model, &x, &batch.ids, rows, seq))
-    } else {
-        None
-    };
-    Ok((stats, nll))
+    Ok((stats, x))
 }
 
 /// Mean next-token NLL (nats) of each row's `seq - 1` predictions, averaged
 /// over rows: the protocol of ../shared's reference `val_nll`.
-fn mean_nll(model: &dyn Layerwise, x: &[f32], ids: &[u32], rows: usize, seq: usize) -> f64 {
+pub fn mean_nll(model: &dyn Layerwise, x: &[f32], ids: &[u32], rows: usize, seq: usize) -> f64 {
     let (h, vocab) = (model.hidden_size(), model.vocab_size());
     let mut total = 0f64;
     let mut count = 0usize;

@@ -8,6 +8,13 @@
 //!   (special tokens parsed, nothing added), append token 0 after each,
 //!   concatenate, take `rows * ctx` tokens as `rows` independent rows and
 //!   average the next-token NLL over all `rows * (ctx - 1)` predictions.
+//! * `kld` scores the same rows through MODEL and a reference `--base`
+//!   (a checkpoint or a pack) and reports the KL divergence of MODEL's
+//!   next-token distributions from the reference's (mean, median, p99, max),
+//!   top-1 agreement and both NLLs, as llama.cpp's `perplexity
+//!   --kl-divergence` does; MODEL's cache flags (`--skip-missing`, `--ram`)
+//!   apply to MODEL only, so a lossy run mode is measured against the plain
+//!   reference.
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -75,6 +82,34 @@ pub enum What {
         #[arg(long)]
         stats: bool,
     },
+    /// KL divergence of MODEL's next-token distributions from --base's
+    /// over the rows of a text file (the `ppl` protocol), with top-1
+    /// agreement and both NLLs.
+    Kld {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Reference: checkpoint directory or .mfx pack, loaded as it is
+        /// (a pack with a budget of available memory, no --skip-missing).
+        #[arg(long)]
+        base: PathBuf,
+        /// Text file; documents separated by `\n<|endoftext|>\n`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Number of rows scored.
+        #[arg(long, default_value_t = 64)]
+        rows: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Feed MODEL each row in pieces of this many tokens (1: as decoding
+        /// does, which is how --skip-missing behaves during generation).
+        /// The reference always takes whole rows.
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Print JSON instead of one line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,6 +156,15 @@ fn load(m: &ModelArgs, max_context: Option<usize>) -> Result<Box<dyn Model>> {
 
 pub fn run(args: Args) -> Result<()> {
     match args.what {
+        What::Kld {
+            model,
+            base,
+            data,
+            rows,
+            ctx,
+            chunk,
+            json,
+        } => kld(&model, &base, &data, rows, ctx, chunk, json),
         What::Logits { model, ids, out } => {
             let mut m = load(&model, None)?;
             let logits = m.forward(&ids.0, true)?;
@@ -234,6 +278,86 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `mfx eval kld`: both models over the same rows, one row at a time.
+fn kld(
+    model: &ModelArgs,
+    base: &Path,
+    data: &Path,
+    rows: usize,
+    ctx: usize,
+    chunk: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    if chunk == Some(0) {
+        bail!("--chunk must be at least 1");
+    }
+    if ctx < 2 || rows == 0 {
+        bail!("--ctx must be at least 2 and --rows at least 1");
+    }
+    let tokens = protocol_tokens(&model.model, data, rows * ctx)?;
+    let load_with = |path: &Path, cache: mfx_runtime::cache::CacheOptions, chunk: usize| {
+        let opts = LoadOptions {
+            kv_bits: model.kv_bits,
+            max_context: Some(ctx),
+            prefill_chunk: Some(chunk),
+            cache,
+        };
+        mfx_runtime::load::load(path, &opts).with_context(|| format!("loading {}", path.display()))
+    };
+    let mut m = load_with(&model.model, model.cache.options(), chunk.unwrap_or(ctx))?;
+    let mut b = load_with(base, Default::default(), ctx)?;
+    let (vm, vb) = (m.info().vocab_size, b.info().vocab_size);
+    if vm != vb {
+        bail!(
+            "{} has a vocabulary of {vm} tokens and --base {} one of {vb}: they cannot be compared",
+            model.model.display(),
+            base.display()
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let mut stats = mfx_prep::kld::KldStats::default();
+    for row in tokens.chunks_exact(ctx).take(rows) {
+        b.reset();
+        let lb = b.forward(row, true)?;
+        m.reset();
+        let mut lm = Vec::with_capacity(row.len() * vm);
+        for piece in row.chunks(chunk.unwrap_or(ctx)) {
+            lm.extend(m.forward(piece, true)?);
+        }
+        stats.add_row(&lb, &lm, vm, row);
+    }
+    eprintln!(
+        "compared {} positions in {:.1}s",
+        stats.positions(),
+        t0.elapsed().as_secs_f64()
+    );
+    let s = stats.summary();
+    let mut so = std::io::stdout().lock();
+    if json {
+        let mut v = serde_json::to_value(&s)?;
+        v["rows"] = rows.into();
+        v["ctx"] = ctx.into();
+        v["data"] = data.display().to_string().into();
+        v["base"] = base.display().to_string().into();
+        writeln!(so, "{v}")?;
+    } else {
+        writeln!(
+            so,
+            "kld_mean={:.6} (+-{:.6}) kld_median={:.6} kld_p99={:.6} kld_max={:.6} top1={:.4} nll_base={:.6} nll_model={:.6} ({:+.2}%)",
+            s.mean,
+            s.stderr,
+            s.median,
+            s.p99,
+            s.max,
+            s.top1_agreement,
+            s.nll_base,
+            s.nll_model,
+            (s.nll_model - s.nll_base) / s.nll_base * 100.0
+        )?;
+    }
+    Ok(())
 }
 
 /// transformers' `load_balancing_loss_func` without attention mask, over

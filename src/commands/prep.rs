@@ -62,6 +62,12 @@ pub struct Args {
     /// Largest relative NLL increase a merge may cause (0.02 = +2%).
     #[arg(long, default_value_t = 0.02)]
     pub merge_max_nll: f64,
+    /// Remove this share of each MoE layer's experts (0.25: a quarter),
+    /// those with the lowest REAP saliency over the calibration set (mean
+    /// router weight times output norm over the tokens routed to them),
+    /// router rows included; never fewer than top-k remain.
+    #[arg(long, default_value_t = 0.0)]
+    pub prune: f64,
     /// Store an expert blob coded (zstd/Huffman) only if it saves at least this fraction.
     #[arg(long, default_value_t = mfx_prep::entropy::DEFAULT_MIN_SAVING)]
     pub min_codec_saving: f64,
@@ -104,6 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         hot_fraction: a.hot_fraction,
         merge: a.merge,
         merge_max_nll: a.merge_max_nll,
+        prune: a.prune,
         min_codec_saving: a.min_codec_saving,
         report: a.report,
         eval_data: a.eval_data,

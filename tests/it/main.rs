@@ -16,6 +16,7 @@ mod eval;
 mod families;
 mod hub;
 mod integrity;
+mod kld;
 mod merge;
 mod output;
 mod pack;

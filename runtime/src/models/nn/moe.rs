@@ -155,6 +155,7 @@ pub fn moe_forward<R: Router>(
         xn,
         n,
         hidden,
+        observer,
     )?;
 
     if let Some(sh) = &w.shared {
@@ -229,6 +230,25 @@ pub trait RouterObserver {
         selected: &[usize],
         weights: &[f32],
     );
+
+    /// Whether [`RouterObserver::expert_output`] is wanted (prep's expert
+    /// saliency for `--prune`); nothing else pays for it.
+    fn wants_expert_outputs(&self) -> bool {
+        false
+    }
+
+    /// Routed expert `expert` of MoE layer `layer` computed `outputs`
+    /// (`[tokens.len(), hidden]`, before its mixing weight) for `tokens`,
+    /// `(token index in this call, mixing weight)` each.
+    fn expert_output(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        tokens: &[(usize, f32)],
+        outputs: &[f32],
+    ) {
+        let _ = (layer, expert, tokens, outputs);
+    }
 }
 
 /// Everything after routing, the same for every family: announce the
@@ -243,6 +263,7 @@ pub fn routed_experts_forward(
     xn: &[f32],
     n: usize,
     hidden: usize,
+    observer: Option<&mut (dyn RouterObserver + '_)>,
 ) -> Result<Vec<f32>, RuntimeError> {
     let (layer, ne, mut per_token) = (b.layer, b.num_experts, b.per_token);
     let mut uses = vec![0u32; ne];
@@ -319,6 +340,11 @@ pub fn routed_experts_forward(
         results.extend(done?);
     }
     results.sort_unstable_by_key(|r| r.0);
+    if let Some(obs) = observer.filter(|o| o.wants_expert_outputs()) {
+        for (e, ys) in &results {
+            obs.expert_output(layer, *e, &by_expert[*e], ys);
+        }
+    }
 
     let mut out = vec![0.0; n * hidden];
     for (e, ys) in results {
