@@ -17,6 +17,9 @@ itself with one call of TOOL in that API's stream format (recorded with
 mfx in its next request -- the second-turn shapes (tool_result blocks,
 function_call_output items) of the real client reach the server. What the
 model would have called is not tested by this, only the protocol.
+With `"force": true` the request is forwarded instead, with `tool_choice`
+set to TOOL: mfx itself must then write the call (with constrained
+decoding, schema-valid arguments whatever the model).
 """
 import http.client
 import http.server
@@ -58,7 +61,12 @@ def main():
                     and self.path.split("?")[0] in ("/v1/messages", "/v1/responses")):
                 with lock:
                     spec = inject.pop() if inject else None
-                if spec:
+                if spec and spec.get("force"):
+                    choice = ({"type": "tool", "name": spec["name"]} if spec["api"] == "anthropic"
+                              else {"type": "function", "name": spec["name"]})
+                    body = json.dumps(dict(req, tool_choice=choice)).encode()
+                    entry.update(forced=spec["name"], request_body=decode(body))
+                elif spec:
                     sse = injected_stream(spec, req.get("model", ""))
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")

@@ -31,7 +31,12 @@
 #      own read tool (agent_proxy.py), so the client runs it and sends the
 #      result to mfx -- the second-turn protocol is tested even with a
 #      model that makes no calls; reported as ROUNDTRIP (injected call),
-#      never as PASS;
+#      never as PASS; with AGENTS_E2E_FORCE=1 also as claude-forced /
+#      codex-forced: the first request goes to mfx with tool_choice set to
+#      that tool, so mfx's own tool-call output reaches the client (with
+#      constrained decoding its arguments are schema-valid; the model picks
+#      them, so the path may be wrong and the tool fail: the failure still
+#      goes back to mfx as the tool's result);
 #   4. prints per client the HTTP statuses seen, whether a tool call was made
 #      and its result fed back, the SSE checks and the final answer
 #      (scripts/agents_e2e_report.py), and a verdict:
@@ -138,14 +143,14 @@ workdir() {
 read_task="What is the first line of the file notes.txt? Use a tool to read it, then answer with that line only."
 token() { python3 -c 'import secrets; print("mfx-e2e-" + secrets.token_hex(6))'; }
 
-# NAME [INJECT]: with INJECT (see agent_proxy.py) the first reply is the
-# proxy's tool call, and the run is reported as NAME-inject.
+# [inject|forced]: the first reply is the proxy's tool call, or mfx's forced
+# one (agent_proxy.py); the run is reported as claude-inject / -forced.
 run_claude() {
-  local dir tok rc name=claude${1:+-inject}
+  local dir tok rc name=claude${1:+-$1}
   dir=$(workdir $name); tok=$(token)
   printf '%s\nsecond line\n' "$tok" >"$dir/repo/notes.txt"
   local inject=""
-  [ -z "${1:-}" ] || inject="{\"api\": \"anthropic\", \"name\": \"Read\", \"input\": {\"file_path\": \"$dir/repo/notes.txt\"}}"
+  [ -z "${1:-}" ] || inject="{\"api\": \"anthropic\", \"name\": \"Read\", \"force\": $([ "$1" = forced ] && echo true || echo false), \"input\": {\"file_path\": \"$dir/repo/notes.txt\"}}"
   proxy $name "$inject"
   echo "agents_e2e: claude $("$clients/node_modules/.bin/claude" --version 2>/dev/null)"
   set +e
@@ -161,12 +166,12 @@ run_claude() {
 }
 
 run_codex() {
-  local dir tok rc name=codex${1:+-inject}
+  local dir tok rc name=codex${1:+-$1}
   dir=$(workdir $name); tok=$(token)
   printf '%s\nsecond line\n' "$tok" >"$dir/repo/notes.txt"
   mkdir -p "$dir/home/.codex"
   local inject=""
-  [ -z "${1:-}" ] || inject='{"api": "responses", "name": "exec_command", "input": {"cmd": "head -n 1 notes.txt"}}'
+  [ -z "${1:-}" ] || inject="{\"api\": \"responses\", \"name\": \"exec_command\", \"force\": $([ "$1" = forced ] && echo true || echo false), \"input\": {\"cmd\": \"head -n 1 notes.txt\"}}"
   proxy $name "$inject"
   # A custom provider: Codex 0.1xx speaks only the Responses API to it
   # (wire_api = "chat" is refused), env_key names the variable with the key.
@@ -217,8 +222,10 @@ run_aider() {
 status=0
 for c in "${wanted[@]}"; do
   case $c in
-    claude) run_claude; [ "${AGENTS_E2E_INJECT:-1}" = 0 ] || run_claude inject ;;
-    codex) run_codex; [ "${AGENTS_E2E_INJECT:-1}" = 0 ] || run_codex inject ;;
+    claude|codex)
+      run_$c
+      [ "${AGENTS_E2E_INJECT:-1}" = 0 ] || run_$c inject
+      [ "${AGENTS_E2E_FORCE:-0}" = 0 ] || run_$c forced ;;
     aider) run_aider ;;
     *) echo "agents_e2e: unknown client $c (claude codex aider)" >&2; exit 2 ;;
   esac

@@ -157,6 +157,7 @@ def main():
                     tools.append((tc["id"], tc["function"]["name"]))
     back = fed_back(entries, [i for i, _ in tools])
     injected = any(e.get("injected") for e in entries)
+    forced = any(e.get("forced") for e in entries)
 
     out = open(os.path.join(a.outdir, a.client + ".out"), errors="replace").read()
     err_path = os.path.join(a.outdir, a.client + ".err")
@@ -173,7 +174,9 @@ def main():
     elif kind == "codex" and a.last and os.path.exists(a.last):
         answer = open(a.last, errors="replace").read()
     else:
-        answer = out[-600:]
+        # Aider: what it printed after its banner, up to its token count.
+        body = out.split("Added hello.txt to the chat.")[-1]
+        answer = body.split("\nTokens:")[0][-600:]
     answer = (answer or "").strip()
 
     effect = None
@@ -189,7 +192,7 @@ def main():
 
     print(f"== {a.client}: exit {a.rc}")
     print("  HTTP: " + "; ".join(f"{k} x{n}" for k, n in sorted(statuses.items())))
-    print(f"  tool calls: {len(tools)} {[n for _, n in tools][:8]}{' (injected by the proxy)' if injected else ''};"
+    print(f"  tool calls: {len(tools)} {[n for _, n in tools][:8]}{' (injected by the proxy)' if injected else ' (tool_choice forced by the proxy)' if forced else ''};"
           f" results fed back: {len(back)}")
     for p in stream_problems[:10]:
         print(f"  STREAM: {p}")
@@ -202,6 +205,9 @@ def main():
     elif injected and back:
         # The call was the harness's, the result went to mfx and was answered.
         verdict = "ROUNDTRIP (injected call)"
+    elif forced and back:
+        # mfx wrote the call because tool_choice (set by the harness) said so.
+        verdict = "ROUNDTRIP (forced call)" + (" + task done" if effect else "")
     elif effect and (back or kind == "aider"):
         verdict = "PASS"
     else:
