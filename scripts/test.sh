@@ -12,7 +12,13 @@
 #    qemu-aarch64 on the NEON tier, and `mfx run` of the tiny pack.
 # 5. macOS: the workspace compiled (and mfx linked) for aarch64-apple-darwin.
 # 6. The pip wheel built, installed into a fresh venv and run.
-# Legs 4-6 install their own tools; one that cannot prints a SKIPPED banner.
+# 7. Real coding agents (Claude Code, Codex CLI, Aider, pinned versions) run
+#    against `mfx serve` on the tiny model (scripts/agents_e2e.sh): every
+#    request must be answered and every stream well-formed (the tiny model
+#    makes no tool calls, so the task itself is not asserted). About 3.5 min
+#    of installs into target/ when cold, 2.5 min of runs; MFX_AGENTS_E2E=0
+#    skips it.
+# Legs 4-7 install their own tools; one that cannot prints a SKIPPED banner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,3 +37,11 @@ fi
 bash scripts/test_aarch64.sh
 bash scripts/check_darwin.sh
 bash scripts/test_wheel.sh
+if [ "${MFX_AGENTS_E2E:-1}" = 0 ]; then
+  echo "=== SKIPPED: agent clients (MFX_AGENTS_E2E=0) ===" >&2
+elif ! command -v npm >/dev/null || ! npm ping >/dev/null 2>&1 \
+    || ! python3 -m pip download --no-deps --quiet -d "$(mktemp -d)" "aider-chat==0.86.2" >/dev/null 2>&1; then
+  echo "=== SKIPPED: agent clients (npm or PyPI unreachable, or npm missing) ===" >&2
+else
+  CLAUDE_CODE_VERSION=2.1.332 CODEX_VERSION=0.171.0 AIDER_VERSION=0.86.2 bash scripts/agents_e2e.sh
+fi

@@ -169,6 +169,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(warning) = exposure_warning(&args.host, args.api_key.is_some()) {
         eprintln!("{warning}");
     }
+    if let Some(warning) = context_warning(args.max_context, backend.trained_context()) {
+        eprintln!("{warning}");
+    }
     let addr = if args.host.contains(':') {
         format!("[{}]:{}", args.host, args.port)
     } else {
@@ -182,6 +185,23 @@ pub fn run(args: Args) -> Result<()> {
         backend.configure(|g| g.persist_slots());
     }
     Ok(())
+}
+
+/// A warning when `--max-context` is above the positions the model was
+/// trained on. Allowed, as llama.cpp allows `-c` above `n_ctx_train` with a
+/// warning (vLLM refuses unless told to): agent clients send 5-20K-token
+/// prompts that a small model's trained context cannot hold, and the wire
+/// protocol can be tested there; but the text past the trained length is
+/// not what the model learned, so the user is told, once, at start.
+fn context_warning(requested: Option<usize>, trained: usize) -> Option<String> {
+    let requested = requested?;
+    (requested > trained).then(|| {
+        format!(
+            "mfx serve: WARNING: --max-context {requested} is beyond the {trained} positions this model \
+             was trained on (max_position_embeddings); output past position {trained} is \
+             extrapolated and may degrade."
+        )
+    })
 }
 
 /// A warning when the server listens beyond this machine without a key:
@@ -204,7 +224,16 @@ fn exposure_warning(host: &str, has_key: bool) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::exposure_warning;
+    use super::{context_warning, exposure_warning};
+
+    #[test]
+    fn max_context_beyond_trained_warns() {
+        let w = context_warning(Some(32768), 4096).expect("a warning");
+        assert!(w.contains("32768") && w.contains("4096"), "{w}");
+        assert_eq!(context_warning(Some(4096), 4096), None);
+        assert_eq!(context_warning(Some(1024), 4096), None);
+        assert_eq!(context_warning(None, 4096), None);
+    }
 
     #[test]
     fn non_loopback_host_without_key_warns() {

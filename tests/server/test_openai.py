@@ -149,6 +149,9 @@ def test_errors_are_openai_shaped(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}])
     assert e.value.code == "context_length_exceeded"
+    # OpenAI's and vLLM's wording, which litellm (Aider) maps to its
+    # context-window error.
+    assert "This model's maximum context length is" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
     assert e.value.param == "temperature"

@@ -94,6 +94,16 @@ impl GeneratorBackend {
         Ok(Self::new(gen, template, model_id))
     }
 
+    /// The positions the model was trained on (its config's
+    /// `max_position_embeddings`); `info().context_length` may be larger
+    /// when `--max-context` asked for it.
+    pub fn trained_context(&self) -> usize {
+        match self.gen.lock() {
+            Ok(g) => g.model_info().max_position_embeddings,
+            Err(poisoned) => poisoned.into_inner().model_info().max_position_embeddings,
+        }
+    }
+
     /// Wraps a generator; `template` is the one requests are rendered with.
     pub fn new(gen: Generator, template: Option<ChatTemplate>, model_id: String) -> Self {
         let tokenizer = gen.tokenizer().clone();

@@ -200,8 +200,10 @@ pub async fn prepare(
                 prompt.len(),
                 ctx - 1
             ),
+            // vLLM's wording ("maximum context length"), which litellm
+            // (Aider) matches to report a context-window error.
             Flavor::OpenAi => format!(
-                "the prompt is {} tokens long; this model's context is {ctx} tokens, which leaves no room to generate",
+                "This model's maximum context length is {ctx} tokens; the prompt is {} tokens long, which leaves no room to generate (start `mfx serve` with a larger --max-context)",
                 prompt.len()
             ),
         };

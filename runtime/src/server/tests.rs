@@ -657,6 +657,12 @@ async fn errors_have_provider_shapes() {
     .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    // The message names the limit and the remedy (clients show it as is).
+    let msg = r.json()["error"]["message"].as_str().unwrap_or("").to_owned();
+    assert!(
+        msg.contains("maximum context length is 1024 tokens") && msg.contains("--max-context"),
+        "{msg}"
+    );
 
     let r = post(
         addr,
@@ -1640,6 +1646,115 @@ async fn responses_api_function_calls_both_ways() {
         "{rendered}"
     );
     assert!(rendered.contains("sunny, 21 C"), "{rendered}");
+}
+
+/// The second turn of the real agent clients, as scripts/agents_e2e.sh
+/// recorded them (docs/AGENTS.md; trimmed): Claude Code 2.1.332 after a
+/// Read call, Codex CLI 0.171.0 after an exec_command call. Each must be
+/// answered 200 with the tool's output in the rendered prompt, and, for
+/// Claude Code, the mid-conversation system text kept after the first
+/// user message (so the first turn's rendering, and its cached KV, does
+/// not change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_clients_second_turns_reach_the_template() {
+    let fake = Fake::with_template("qwen3-coder.jinja");
+    let (addr, _) = start(fake.clone(), ServerConfig::default()).await;
+    let last_rendered = || {
+        fake.rendered
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let read_tool = json!({"name": "Read", "description": "Reads a file from the local filesystem.",
+        "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "properties": {"file_path": {"type": "string"}, "limit": {"type": "integer", "exclusiveMinimum": 0}},
+            "required": ["file_path"], "additionalProperties": false}});
+    let claude = json!({
+        "model": "claude-opus-5-5", "max_tokens": 128000, "stream": true,
+        "metadata": {"user_id": "{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"s\"}"},
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "medium"},
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332;"},
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Use the tools.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [read_tool],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>attribution</system-reminder>"},
+                {"type": "text", "text": "What is the first line of notes.txt?"}]},
+            {"role": "system", "content": "# Environment\nPrimary working directory: /w"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read",
+                "input": {"file_path": "/w/notes.txt"}}]},
+            {"role": "user", "content": [{"tool_use_id": "toolu_1", "type": "tool_result",
+                "content": "1\tmfx-e2e-token\n2\tsecond line\n", "cache_control": {"type": "ephemeral"}}]}]});
+    let r = raw(
+        addr,
+        "POST",
+        "/v1/messages?beta=true",
+        &[
+            ("Content-Type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,effort-2025-11-24"),
+        ],
+        claude.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("event: message_stop"), "{}", r.body);
+    let rendered = last_rendered();
+    let (question, env, call, result) = (
+        rendered.find("first line of notes.txt"),
+        rendered.find("Primary working directory"),
+        rendered.find("<function=Read>"),
+        rendered.find("mfx-e2e-token"),
+    );
+    assert!(
+        matches!((question, env, call, result), (Some(q), Some(e), Some(c), Some(t)) if q < e && e < c && c < t),
+        "{rendered}"
+    );
+
+    let codex = json!({
+        "model": "mfx-agent", "stream": true, "store": false, "tool_choice": "auto",
+        "parallel_tool_calls": true, "reasoning": {"summary": "auto"},
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k",
+        "client_metadata": {"x-codex-installation-id": "i"},
+        "tools": [
+            {"type": "function", "name": "exec_command", "description": "Runs a command.", "strict": false,
+             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"],
+                 "additionalProperties": false}},
+            {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+                {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": false,
+                 "parameters": {"type": "object", "properties": {"target": {"type": "string"}}}}]},
+            {"type": "web_search", "external_web_access": false}],
+        "input": [
+            {"type": "message", "id": "msg_1", "role": "developer",
+             "content": [{"type": "input_text", "text": "You are a coding agent running in the Codex CLI."}]},
+            {"type": "message", "id": "msg_2", "role": "developer",
+             "content": [{"type": "input_text", "text": "<permissions instructions>read-only</permissions instructions>"}]},
+            {"type": "message", "id": "msg_3", "role": "user",
+             "content": [{"type": "input_text", "text": "<environment_context>cwd</environment_context>"}]},
+            {"type": "message", "id": "msg_4", "role": "user",
+             "content": [{"type": "input_text", "text": "What is the first line of notes.txt?"}]},
+            {"type": "function_call", "status": "completed", "id": "fc_1", "name": "exec_command",
+             "arguments": "{\"cmd\": \"head -n 1 notes.txt\"}", "call_id": "call_1"},
+            {"type": "function_call_output", "id": "fco_1", "call_id": "call_1",
+             "output": "Process exited with code 0\nOutput:\nmfx-e2e-token\n"}]});
+    let r = post(addr, "/v1/responses", codex).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("event: response.completed"), "{}", r.body);
+    let rendered = last_rendered();
+    let (call, result) = (
+        rendered.find("<function=exec_command>"),
+        rendered.find("mfx-e2e-token"),
+    );
+    assert!(
+        matches!((call, result), (Some(c), Some(t)) if c < t) && rendered.contains("close_agent"),
+        "{rendered}"
+    );
 }
 
 /// Reasoning is returned apart from the text, in each provider's shape,
