@@ -786,3 +786,49 @@ fn softmax_scaled_matches_f64_and_handles_masks() {
     kernels::softmax(&mut y);
     assert_eq!(y, vec![0.0; 3]);
 }
+
+/// A product's row for one input must not depend on the other inputs of
+/// the call (batch invariance): a token's logits then do not depend on how
+/// the sequence was cut into forward calls, which speculative decoding's
+/// verify pass, prefix reuse and batched sequences rely on. Bit equality,
+/// every tier and scheme, batch sizes across the tiers' pass widths.
+#[test]
+fn rows_do_not_depend_on_the_batch() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (rows, cols) = (48, 576);
+    let w = rand_vec(&mut rng, rows * cols);
+    let mut schemes = vec![
+        Weights::F32(w.clone()),
+        Weights::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()),
+        Weights::F16(w.iter().map(|&v| f16::from_f32(v)).collect()),
+    ];
+    for bits in [2u8, 3, 4, 6, 8] {
+        for gs in [32usize, 64] {
+            schemes.push(Weights::Affine(
+                quantize(&w, rows, cols, bits, gs).expect("shape"),
+            ));
+        }
+    }
+    schemes.push(Weights::Mxfp4(
+        quantize_mxfp4(&w, rows, cols).expect("shape"),
+    ));
+    let mut bad = Vec::new();
+    for n in [2usize, 5, 11] {
+        let x = rand_vec(&mut rng, n * cols);
+        for s in &schemes {
+            let m = s.view(rows, cols);
+            for tier in kernels::available() {
+                let all = run(tier, &m, &x, n);
+                for i in 0..n {
+                    let one = run(tier, &m, &x[i * cols..(i + 1) * cols], 1);
+                    let row = &all[i * rows..(i + 1) * rows];
+                    if one.iter().zip(row).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                        bad.push(format!("{} {} n={n} input {i}", tier.name(), s.name()));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "rows depend on the batch: {bad:#?}");
+}

@@ -35,10 +35,12 @@ use mfx_formats::quant::AffineMatrix;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Inputs (rows of x) processed per pass over a weight row. 8 f32
-/// accumulators + the decoded weight vector + one x load fit the 16 ymm
-/// registers without spills.
-const NB: usize = 8;
+/// Inputs (rows of x) processed per pass over a weight row: 4 inputs x
+/// [`CHAINS`] accumulators + the decoded weight vectors + x loads fit the
+/// 16 ymm registers. The same per-input arithmetic whatever the batch
+/// (batch invariance, see [`CHAINS`]) costs a second weight decode per 8
+/// prompt tokens.
+const NB: usize = 4;
 
 /// Marker that AVX2, FMA and F16C were detected; see the module docs.
 pub struct Avx2 {
@@ -295,15 +297,14 @@ macro_rules! with_nb {
     };
 }
 
-/// Independent accumulators per input: one input needs 4 chains to hide
-/// the FMA latency, two need 2 each; from 3 inputs on there are enough.
-const fn chains(n: usize) -> usize {
-    match n {
-        1 => 4,
-        2 => 2,
-        _ => 1,
-    }
-}
+/// Independent accumulator chains per input, the same for every batch
+/// size: a row's result for one input must not depend on how many other
+/// inputs share the call (a token's logits then do not depend on how the
+/// sequence was cut into forward calls: speculative decoding's verify pass,
+/// prefix reuse and batched sequences rely on it; tests/kernels.rs
+/// `rows_do_not_depend_on_the_batch`). Two chains per input hide most of
+/// the FMA latency at one input and still fit [`NB`] inputs in registers.
+const CHAINS: usize = 2;
 
 // ---------------------------------------------------------------- float weights
 
@@ -389,7 +390,7 @@ unsafe fn float_dot<T: FloatLoad, const N: usize>(
     cols: usize,
     x: *const f32,
 ) -> [f32; N] {
-    let ka = chains(N);
+    let ka = CHAINS;
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
     let mut c = 0;
     unsafe {
@@ -653,60 +654,23 @@ fn affine_matmul<D: Decode>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out)
         None => x,
     };
     let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
-    if n == 1 {
-        // Decode: the factored form (see `affine_dot1`) needs x's group sums.
-        let xsum: Vec<f32> = x
-            .chunks_exact(a.group_size)
-            .map(|g| g.iter().sum())
-            .collect();
-        for_row_chunks(a.rows, row_bytes, n, |range| {
-            let mut pad = Vec::new();
-            // SAFETY: as below.
-            unsafe { affine_rows1::<D>(a, x, &xsum, range, out, &mut pad) };
-        });
-        return;
-    }
+    // Every input takes the factored one-input form (see `affine_dot1`),
+    // also in a batch: a row's result must not depend on the other inputs
+    // (batch invariance, see `CHAINS`). A prompt decodes these (3/6-bit,
+    // or `avx2-f32x`) rows once per token; the int8 path serves the common
+    // 2/4/8-bit ones.
+    let xsum: Vec<f32> = x
+        .chunks_exact(a.group_size)
+        .map(|g| g.iter().sum())
+        .collect();
     for_row_chunks(a.rows, row_bytes, n, |range| {
         let mut pad = Vec::new();
-        let mut i0 = 0;
-        while i0 < n {
-            let nb = (n - i0).min(NB);
+        for i in 0..n {
             // SAFETY: features detected; check_matmul verified every buffer
             // length against the shape; rows in range belong to this task.
-            unsafe { with_nb!(nb, affine_rows::<D>(a, x, i0, range.clone(), out, &mut pad)) };
-            i0 += nb;
+            unsafe { affine_rows1::<D>(a, x, &xsum, i, range.clone(), out, &mut pad) };
         }
     });
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_rows<D: Decode, const N: usize>(
-    a: &AffineMatrix<'_>,
-    x: &[f32],
-    i0: usize,
-    rows: Range<usize>,
-    out: Out,
-    pad: &mut Vec<u8>,
-) {
-    let rb = a.row_bytes();
-    let gpr = a.groups_per_row();
-    let xp = unsafe { x.as_ptr().add(i0 * a.cols) };
-    for r in rows {
-        let p = row_ptr(a, r, rb, pad);
-        let res = unsafe {
-            affine_dot::<D, N>(
-                p,
-                a.scales.as_ptr().add(r * gpr),
-                a.biases.as_ptr().add(r * gpr),
-                a.cols,
-                a.group_size,
-                xp,
-            )
-        };
-        for (i, v) in res.into_iter().enumerate() {
-            unsafe { out.write(i0 + i, r, v) };
-        }
-    }
 }
 
 /// Codes of row `r` (`rb` bytes), readable for `OVERREAD` bytes more:
@@ -725,17 +689,21 @@ fn row_ptr(a: &AffineMatrix<'_>, r: usize, rb: usize, pad: &mut Vec<u8>) -> *con
     }
 }
 
+/// Rows `rows` for input `i` (x and its group sums `xsum` hold every input).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn affine_rows1<D: Decode>(
     a: &AffineMatrix<'_>,
     x: &[f32],
     xsum: &[f32],
+    i: usize,
     rows: Range<usize>,
     out: Out,
     pad: &mut Vec<u8>,
 ) {
     let rb = a.row_bytes();
     let gpr = a.groups_per_row();
+    let (x, xsum) = (&x[i * a.cols..], &xsum[i * gpr..]);
     for r in rows {
         let p = row_ptr(a, r, rb, pad);
         let v = unsafe {
@@ -749,7 +717,7 @@ unsafe fn affine_rows1<D: Decode>(
                 xsum.as_ptr(),
             )
         };
-        unsafe { out.write(0, r, v) };
+        unsafe { out.write(i, r, v) };
     }
 }
 
@@ -802,53 +770,6 @@ unsafe fn affine_dot1<D: Decode>(
         ))
     };
     dot + bsum
-}
-
-/// Dots one affine row with `N` consecutive (decoder-ordered) rows of x.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_dot<D: Decode, const N: usize>(
-    row: *const u8,
-    scales: *const bf16,
-    biases: *const bf16,
-    cols: usize,
-    group_size: usize,
-    x: *const f32,
-) -> [f32; N] {
-    let ka = chains(N);
-    let mut acc = [[_mm256_setzero_ps(); 4]; N];
-    let blocks_per_group = group_size / 32;
-    let mut c = 0;
-    for g in 0..cols / group_size {
-        let (s, b) = unsafe {
-            (
-                bf16_bits_to_f32(*scales.add(g)),
-                bf16_bits_to_f32(*biases.add(g)),
-            )
-        };
-        let (s, b) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
-        for _ in 0..blocks_per_group {
-            let q = unsafe { D::decode32(row.add(c * D::BITS / 8)) };
-            for (k, qk) in q.into_iter().enumerate() {
-                let wv = _mm256_fmadd_ps(qk, s, b);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = unsafe { _mm256_loadu_ps(x.add(i * cols + c + 8 * k)) };
-                    a[k % ka] = _mm256_fmadd_ps(wv, xv, a[k % ka]);
-                }
-            }
-            c += 32;
-        }
-    }
-    let mut res = [0.0f32; N];
-    for (r, a) in res.iter_mut().zip(&acc) {
-        *r = unsafe {
-            hsum(_mm256_add_ps(
-                _mm256_add_ps(a[0], a[1]),
-                _mm256_add_ps(a[2], a[3]),
-            ))
-        };
-    }
-    res
 }
 
 // ---------------------------------------------------------------- vector helpers
@@ -1916,8 +1837,9 @@ pub(super) unsafe fn int8x_dot_body<D: DecodeI8, K: I8Dot, const N: usize>(
         let m = D::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
         unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
     };
-    // Two FMA chains per input (even and odd pairs) while registers allow.
-    let k1 = if N <= 4 { 1 } else { 0 };
+    // Two FMA chains per input (even and odd pairs), whatever N (batch
+    // invariance: see `CHAINS`).
+    let k1 = 1;
     let mut acc = [[unsafe { _mm256_setzero_ps() }; 2]; N];
     let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
         // SAFETY: p < npairs, so the pair's bytes, codes and scales exist.
@@ -2111,7 +2033,7 @@ unsafe fn mxfp4_dot_f32<const N: usize>(
     x: *const f32,
     lut: __m256i,
 ) -> [f32; N] {
-    let ka = chains(N);
+    let ka = CHAINS;
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
     for b in 0..cols / 32 {
         let c = 32 * b;
@@ -2225,7 +2147,8 @@ unsafe fn mxfp4_dot_i8<const N: usize>(
         let m = Q4i8::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
         unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
     };
-    let k1 = if N <= 4 { 1 } else { 0 };
+    // Two chains per input whatever N (batch invariance: see `CHAINS`).
+    let k1 = 1;
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
         // SAFETY: p < npairs: the pair's 32 code bytes, 64 x codes and
