@@ -103,7 +103,7 @@ fn fixture_experts_through_every_tier() {
                     }
                     let err = (y[i * rows + r] as f64 - s).abs() / mag.max(1e-30);
                     // int8 activations (avx2) cost up to ~3e-3 of sum |w x|.
-                    let budget = if tier.name() == "avx2" { 5e-3 } else { 1e-6 };
+                    let budget = if tier.int8_activations() { 5e-3 } else { 1e-6 };
                     assert!(err <= budget, "{} e{e} n{i} r{r}: {err:e}", tier.name());
                 }
             }

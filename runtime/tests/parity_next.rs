@@ -298,7 +298,7 @@ fn gpt_oss(name: &str) {
     // tier (`avx2-f32x`, scalar, neon) computes in f32 and gives ~4e-7 and
     // all 16 tokens, which the suite checks by running this test again with
     // MFX_KERNELS=scalar. Under int8 only the first token is required.
-    let int8_mxfp4 = name.ends_with("mxfp4") && kernels::backend().name() == "avx2";
+    let int8_mxfp4 = name.ends_with("mxfp4") && kernels::backend().int8_activations();
     let (tol, exact) = if int8_mxfp4 { (2e-2, 1) } else { (1e-3, 16) };
     let mut m = fixture_as(name, "gpt_oss", true, tol, exact);
     let dir = shared().join("fixtures").join(name);

@@ -189,7 +189,7 @@ fn check_gpt_oss(fam: &str) {
     // gpt-oss's references suppress EOS in greedy; the default avx2 tier's
     // int8 activations on MXFP4 cost 8.7e-3 and move the greedy path after
     // 9 tokens (both as in runtime/tests/parity_next.rs), f32 tiers are exact.
-    let int8 = fam.ends_with("mxfp4") && mfx_runtime::kernels::backend().name() == "avx2";
+    let int8 = fam.ends_with("mxfp4") && mfx_runtime::kernels::backend().int8_activations();
     let (tol, exact) = if int8 { (2e-2, 1) } else { (1e-3, 16) };
     check_pack(fam, &pack, &LoadOptions::default(), true, tol, exact);
     let streamed = LoadOptions {

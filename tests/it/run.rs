@@ -404,7 +404,7 @@ fn mlx_4bit_greedy_parity_with_mlx_lm_generation_loop() {
     if std::env::var_os("MFX_TEST_GREEDY_CHILD").is_none() {
         let tier = std::env::var("MFX_KERNELS")
             .ok()
-            .filter(|t| !t.is_empty() && t != "auto" && t != "avx2")
+            .filter(|t| !t.is_empty() && t != "auto" && t != "avx2" && t != "avx512")
             .unwrap_or_else(|| "avx2-f32x".into());
         let out = Command::new(std::env::current_exe().expect("test binary"))
             .args([

@@ -35,20 +35,35 @@ use mfx_formats::quant::AffineMatrix;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Inputs (rows of x) processed per pass over a weight row. 8 f32
-/// accumulators + the decoded weight vector + one x load fit the 16 ymm
-/// registers without spills.
-const NB: usize = 8;
+/// Inputs (rows of x) processed per pass over a weight row: 4 inputs x
+/// [`CHAINS`] accumulators + the decoded weight vectors + x loads fit the
+/// 16 ymm registers. The same per-input arithmetic whatever the batch
+/// (batch invariance, see [`CHAINS`]) costs a second weight decode per 8
+/// prompt tokens.
+const NB: usize = 4;
 
 /// Marker that AVX2, FMA and F16C were detected; see the module docs.
 pub struct Avx2 {
     /// Quantize x to int8 per 32-block for the 2- and 4-bit products (the
     /// default; see the module docs). `false` keeps x in f32 everywhere.
     int8_x: bool,
+    /// The `avx512` tier: the int8 products run on AVX-512 VNNI
+    /// (`vpdpbusd`, [`super::avx512`]); everything else is this module's.
+    vnni: bool,
 }
 
-static AVX2: Avx2 = Avx2 { int8_x: true };
-static AVX2_F32X: Avx2 = Avx2 { int8_x: false };
+static AVX2: Avx2 = Avx2 {
+    int8_x: true,
+    vnni: false,
+};
+static AVX2_F32X: Avx2 = Avx2 {
+    int8_x: false,
+    vnni: false,
+};
+static AVX512: Avx2 = Avx2 {
+    int8_x: true,
+    vnni: true,
+};
 
 impl Avx2 {
     fn supported() -> bool {
@@ -69,19 +84,34 @@ impl Avx2 {
     pub fn detect_f32x() -> Option<&'static Avx2> {
         Self::supported().then_some(&AVX2_F32X)
     }
+
+    /// The `avx512` tier if this CPU also has AVX-512 F/BW/VL and VNNI:
+    /// the int8 products (2/4/8-bit weights) on 512-bit `vpdpbusd`, the rest
+    /// as `avx2`. See [`super::avx512`] for why only those.
+    pub fn detect_avx512() -> Option<&'static Avx2> {
+        (Self::supported() && super::avx512::supported()).then_some(&AVX512)
+    }
 }
 
 impl Backend for Avx2 {
     fn tier(&self) -> Tier {
-        Tier::Avx2
+        if self.vnni {
+            Tier::Avx512
+        } else {
+            Tier::Avx2
+        }
     }
 
     fn name(&self) -> &'static str {
-        if self.int8_x {
-            "avx2"
-        } else {
-            "avx2-f32x"
+        match (self.vnni, self.int8_x) {
+            (true, _) => "avx512",
+            (false, true) => "avx2",
+            (false, false) => "avx2-f32x",
         }
+    }
+
+    fn int8_activations(&self) -> bool {
+        self.int8_x
     }
 
     fn matmul(&self, w: &MatRef<'_>, x: &[f32], n: usize, y: &mut [f32]) {
@@ -92,9 +122,7 @@ impl Backend for Avx2 {
             MatRef::Bf16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
             MatRef::F16 { rows, cols, data } => float_matmul(data, *rows, *cols, x, n, out),
             MatRef::Affine(a) => match a.bits {
-                2 if self.int8_x => int8x_matmul::<Q2i8>(a, x, n, out),
-                4 if self.int8_x => int8x_matmul::<Q4i8>(a, x, n, out),
-                8 if self.int8_x => int8x_matmul::<Q8i8>(a, x, n, out),
+                2 | 4 | 8 if self.int8_x => self.int8x_many(&[a], x, n, &[out]),
                 2 => affine_matmul::<Q2>(a, x, n, out),
                 3 => affine_matmul::<Q3>(a, x, n, out),
                 4 => affine_matmul::<Q4>(a, x, n, out),
@@ -162,11 +190,7 @@ impl Backend for Avx2 {
                 Out::new(y, n, w.rows())
             })
             .collect();
-        match bits {
-            Some(2) => int8x_many::<Q2i8>(&affs, x, n, &outs),
-            Some(8) => int8x_many::<Q8i8>(&affs, x, n, &outs),
-            _ => int8x_many::<Q4i8>(&affs, x, n, &outs),
-        }
+        self.int8x_many(&affs, x, n, &outs);
     }
 
     fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
@@ -247,7 +271,7 @@ fn bf16_bits_to_f32(b: bf16) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -273,15 +297,14 @@ macro_rules! with_nb {
     };
 }
 
-/// Independent accumulators per input: one input needs 4 chains to hide
-/// the FMA latency, two need 2 each; from 3 inputs on there are enough.
-const fn chains(n: usize) -> usize {
-    match n {
-        1 => 4,
-        2 => 2,
-        _ => 1,
-    }
-}
+/// Independent accumulator chains per input, the same for every batch
+/// size: a row's result for one input must not depend on how many other
+/// inputs share the call (a token's logits then do not depend on how the
+/// sequence was cut into forward calls: speculative decoding's verify pass,
+/// prefix reuse and batched sequences rely on it; tests/kernels.rs
+/// `rows_do_not_depend_on_the_batch`). Two chains per input hide most of
+/// the FMA latency at one input and still fit [`NB`] inputs in registers.
+const CHAINS: usize = 2;
 
 // ---------------------------------------------------------------- float weights
 
@@ -367,7 +390,7 @@ unsafe fn float_dot<T: FloatLoad, const N: usize>(
     cols: usize,
     x: *const f32,
 ) -> [f32; N] {
-    let ka = chains(N);
+    let ka = CHAINS;
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
     let mut c = 0;
     unsafe {
@@ -631,60 +654,23 @@ fn affine_matmul<D: Decode>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out)
         None => x,
     };
     let row_bytes = a.row_bytes() + a.groups_per_row() * 4;
-    if n == 1 {
-        // Decode: the factored form (see `affine_dot1`) needs x's group sums.
-        let xsum: Vec<f32> = x
-            .chunks_exact(a.group_size)
-            .map(|g| g.iter().sum())
-            .collect();
-        for_row_chunks(a.rows, row_bytes, n, |range| {
-            let mut pad = Vec::new();
-            // SAFETY: as below.
-            unsafe { affine_rows1::<D>(a, x, &xsum, range, out, &mut pad) };
-        });
-        return;
-    }
+    // Every input takes the factored one-input form (see `affine_dot1`),
+    // also in a batch: a row's result must not depend on the other inputs
+    // (batch invariance, see `CHAINS`). A prompt decodes these (3/6-bit,
+    // or `avx2-f32x`) rows once per token; the int8 path serves the common
+    // 2/4/8-bit ones.
+    let xsum: Vec<f32> = x
+        .chunks_exact(a.group_size)
+        .map(|g| g.iter().sum())
+        .collect();
     for_row_chunks(a.rows, row_bytes, n, |range| {
         let mut pad = Vec::new();
-        let mut i0 = 0;
-        while i0 < n {
-            let nb = (n - i0).min(NB);
+        for i in 0..n {
             // SAFETY: features detected; check_matmul verified every buffer
             // length against the shape; rows in range belong to this task.
-            unsafe { with_nb!(nb, affine_rows::<D>(a, x, i0, range.clone(), out, &mut pad)) };
-            i0 += nb;
+            unsafe { affine_rows1::<D>(a, x, &xsum, i, range.clone(), out, &mut pad) };
         }
     });
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_rows<D: Decode, const N: usize>(
-    a: &AffineMatrix<'_>,
-    x: &[f32],
-    i0: usize,
-    rows: Range<usize>,
-    out: Out,
-    pad: &mut Vec<u8>,
-) {
-    let rb = a.row_bytes();
-    let gpr = a.groups_per_row();
-    let xp = unsafe { x.as_ptr().add(i0 * a.cols) };
-    for r in rows {
-        let p = row_ptr(a, r, rb, pad);
-        let res = unsafe {
-            affine_dot::<D, N>(
-                p,
-                a.scales.as_ptr().add(r * gpr),
-                a.biases.as_ptr().add(r * gpr),
-                a.cols,
-                a.group_size,
-                xp,
-            )
-        };
-        for (i, v) in res.into_iter().enumerate() {
-            unsafe { out.write(i0 + i, r, v) };
-        }
-    }
 }
 
 /// Codes of row `r` (`rb` bytes), readable for `OVERREAD` bytes more:
@@ -703,17 +689,21 @@ fn row_ptr(a: &AffineMatrix<'_>, r: usize, rb: usize, pad: &mut Vec<u8>) -> *con
     }
 }
 
+/// Rows `rows` for input `i` (x and its group sums `xsum` hold every input).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn affine_rows1<D: Decode>(
     a: &AffineMatrix<'_>,
     x: &[f32],
     xsum: &[f32],
+    i: usize,
     rows: Range<usize>,
     out: Out,
     pad: &mut Vec<u8>,
 ) {
     let rb = a.row_bytes();
     let gpr = a.groups_per_row();
+    let (x, xsum) = (&x[i * a.cols..], &xsum[i * gpr..]);
     for r in rows {
         let p = row_ptr(a, r, rb, pad);
         let v = unsafe {
@@ -727,7 +717,7 @@ unsafe fn affine_rows1<D: Decode>(
                 xsum.as_ptr(),
             )
         };
-        unsafe { out.write(0, r, v) };
+        unsafe { out.write(i, r, v) };
     }
 }
 
@@ -780,53 +770,6 @@ unsafe fn affine_dot1<D: Decode>(
         ))
     };
     dot + bsum
-}
-
-/// Dots one affine row with `N` consecutive (decoder-ordered) rows of x.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_dot<D: Decode, const N: usize>(
-    row: *const u8,
-    scales: *const bf16,
-    biases: *const bf16,
-    cols: usize,
-    group_size: usize,
-    x: *const f32,
-) -> [f32; N] {
-    let ka = chains(N);
-    let mut acc = [[_mm256_setzero_ps(); 4]; N];
-    let blocks_per_group = group_size / 32;
-    let mut c = 0;
-    for g in 0..cols / group_size {
-        let (s, b) = unsafe {
-            (
-                bf16_bits_to_f32(*scales.add(g)),
-                bf16_bits_to_f32(*biases.add(g)),
-            )
-        };
-        let (s, b) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
-        for _ in 0..blocks_per_group {
-            let q = unsafe { D::decode32(row.add(c * D::BITS / 8)) };
-            for (k, qk) in q.into_iter().enumerate() {
-                let wv = _mm256_fmadd_ps(qk, s, b);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = unsafe { _mm256_loadu_ps(x.add(i * cols + c + 8 * k)) };
-                    a[k % ka] = _mm256_fmadd_ps(wv, xv, a[k % ka]);
-                }
-            }
-            c += 32;
-        }
-    }
-    let mut res = [0.0f32; N];
-    for (r, a) in res.iter_mut().zip(&acc) {
-        *r = unsafe {
-            hsum(_mm256_add_ps(
-                _mm256_add_ps(a[0], a[1]),
-                _mm256_add_ps(a[2], a[3]),
-            ))
-        };
-    }
-    res
 }
 
 // ---------------------------------------------------------------- vector helpers
@@ -1340,7 +1283,7 @@ unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
 // belongs to, so scales can be applied per lane.
 
 /// A decoder for the integer path.
-trait DecodeI8 {
+pub(super) trait DecodeI8 {
     const BITS: usize;
     /// Lane `L` of the two decoded vectors (0..32 first, 32..64 second) holds
     /// element `PAIR_PERM[L]` of the pair (0..32 first block, 32..64 second).
@@ -1359,7 +1302,7 @@ trait DecodeI8 {
     const NATURAL: bool = false;
 }
 
-struct Q4i8;
+pub(super) struct Q4i8;
 impl DecodeI8 for Q4i8 {
     const BITS: usize = 4;
     // 32 bytes: low nibbles of both blocks, then high nibbles of both.
@@ -1403,7 +1346,7 @@ const fn q4i8_pair_perm() -> [u8; 64] {
 /// under `128 * 127 * 2`. `w = s q + b = s q' + (b + 128 s)`, so the bias
 /// term gains `128 * sum_g s_g sum(x)_g` (added in [`int8x_rows`]). Lanes are
 /// in natural order; each block of a pair keeps its own vector.
-struct Q8i8;
+pub(super) struct Q8i8;
 impl DecodeI8 for Q8i8 {
     const BITS: usize = 8;
     const PAIR_PERM: [u8; 64] = identity_perm();
@@ -1449,7 +1392,7 @@ unsafe fn signed_dot(q: __m256i, x: __m256i) -> __m256i {
     )
 }
 
-struct Q2i8;
+pub(super) struct Q2i8;
 impl DecodeI8 for Q2i8 {
     const BITS: usize = 2;
     // 16 bytes; first vector: field 0 of all bytes, then field 1; second:
@@ -1516,7 +1459,7 @@ const fn q2i8_perm() -> [u8; 32] {
 }
 
 /// x quantized for the integer path, laid out for one decoder.
-struct XInt8 {
+pub(super) struct XInt8 {
     /// `n * cols` codes: per row, block pairs in `PAIR_PERM` order, then a
     /// trailing odd block in `ONE_PERM` order.
     q: Vec<i8>,
@@ -1527,9 +1470,22 @@ struct XInt8 {
     dpat: Vec<f32>,
     /// `n * groups` exact f32 sums of x per weight group.
     sum: Vec<f32>,
+    /// For 8-bit codes on [`Vnni`] (`n * cols / 4`): `-128 *` the sum of
+    /// each four codes of x, the start value of `vpdpbusd` on raw codes,
+    /// which leaves `sum((q - 128) x)`, the offset codes' sum; empty otherwise.
+    q8corr: Vec<i32>,
 }
 
 fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) -> XInt8 {
+    quantize_x_for::<D, Maddubs>(x, n, cols, group_size)
+}
+
+fn quantize_x_for<D: DecodeI8, K: I8Dot>(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    group_size: usize,
+) -> XInt8 {
     let nblk = cols / 32;
     let npairs = nblk / 2;
     let bpg = group_size / 32;
@@ -1549,11 +1505,19 @@ fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) 
     }
     let sum = bsum.chunks_exact(bpg).map(|g| g.iter().sum()).collect();
     if D::NATURAL {
+        let q8corr = if K::Q8_CORR {
+            nat.chunks_exact(4)
+                .map(|c| -128 * c.iter().map(|&v| v as i32).sum::<i32>())
+                .collect()
+        } else {
+            Vec::new()
+        };
         return XInt8 {
             q: nat,
             d,
             dpat: Vec::new(),
             sum,
+            q8corr,
         };
     }
     let mut q = vec![0i8; x.len()];
@@ -1578,7 +1542,13 @@ fn quantize_x<D: DecodeI8>(x: &[f32], n: usize, cols: usize, group_size: usize) 
             }
         }
     }
-    XInt8 { q, d, dpat, sum }
+    XInt8 {
+        q,
+        d,
+        dpat,
+        sum,
+        q8corr: Vec::new(),
+    }
 }
 
 /// Quantizes 32 floats to int8 with one absmax scale; returns the scale and
@@ -1619,15 +1589,105 @@ unsafe fn quantize_block32(x: *const f32, q: *mut i8) -> (f32, f32) {
     }
 }
 
-fn int8x_matmul<D: DecodeI8>(a: &AffineMatrix<'_>, x: &[f32], n: usize, out: Out) {
-    int8x_many::<D>(&[a], x, n, &[out])
+impl Avx2 {
+    /// The int8-activation product of 2/4/8-bit matrices of one layout, on
+    /// this tier's dot-product instructions.
+    fn int8x_many(&self, ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: &[Out]) {
+        match (ms[0].bits, self.vnni) {
+            (2, false) => int8x_many::<Q2i8, Maddubs>(ms, x, n, outs),
+            (8, false) => int8x_many::<Q8i8, Maddubs>(ms, x, n, outs),
+            (_, false) => int8x_many::<Q4i8, Maddubs>(ms, x, n, outs),
+            (2, true) => int8x_many::<Q2i8, Vnni>(ms, x, n, outs),
+            (8, true) => int8x_many::<Q8i8, Vnni>(ms, x, n, outs),
+            (_, true) => int8x_many::<Q4i8, Vnni>(ms, x, n, outs),
+        }
+    }
 }
+
+/// Which instructions form the integer block sums of a weight row and
+/// quantized x: AVX2's `vpmaddubsw` + `vpmaddwd` ([`Maddubs`]) or AVX-512
+/// VNNI's `vpdpbusd` on 256-bit vectors ([`Vnni`], `kernels/avx512.rs`).
+/// Both produce the same i32 lanes from the same quantized x, and
+/// [`int8x_dot_body`] does the same f32 work on them, so the two tiers'
+/// products are bit-identical.
+pub(super) trait I8Dot {
+    /// Whether [`XInt8::q8corr`] must be filled (see [`Vnni`]).
+    const Q8_CORR: bool;
+    /// `sum(ca * xa + cb * xb)` per i32 lane (four bytes of each), for
+    /// unsigned codes `c <= 15`.
+    /// # Safety: the implementor's features available.
+    unsafe fn pair(ca: __m256i, cb: __m256i, xa: __m256i, xb: __m256i) -> __m256i;
+    /// `sum(c * x)` per i32 lane, unsigned codes `c <= 15`. # Safety: as above.
+    unsafe fn one(c: __m256i, x: __m256i) -> __m256i;
+    /// 32 8-bit codes at `p`, as this implementation's [`I8Dot::signed8`] takes them.
+    /// # Safety: 32 readable bytes; features available.
+    unsafe fn q8_codes(p: *const u8) -> __m256i;
+    /// `sum((q - 128) * x)` per i32 lane for 8-bit codes from
+    /// [`I8Dot::q8_codes`]; `corr` is the block's `q8corr` (8 lanes) when
+    /// `Q8_CORR`. # Safety: as above; `corr` readable when `Q8_CORR`.
+    unsafe fn signed8(c: __m256i, x: __m256i, corr: *const i32) -> __m256i;
+    /// The row dot, [`int8x_dot_body`] compiled with this implementation's features.
+    /// # Safety: as [`int8x_dot_body`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot<D: DecodeI8, const N: usize>(
+        row: *const u8,
+        scales: *const f32,
+        cols: usize,
+        group_size: usize,
+        xq: &XInt8,
+        i0: usize,
+    ) -> [f32; N];
+}
+
+/// AVX2's integer dot ([`I8Dot`]).
+pub(super) struct Maddubs;
+impl I8Dot for Maddubs {
+    const Q8_CORR: bool = false;
+    #[inline(always)]
+    unsafe fn pair(ca: __m256i, cb: __m256i, xa: __m256i, xb: __m256i) -> __m256i {
+        // Codes <= 15: the i16 pair sums cannot saturate (see the section docs).
+        unsafe {
+            let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ca, xa), _mm256_maddubs_epi16(cb, xb));
+            _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+        }
+    }
+    #[inline(always)]
+    unsafe fn one(c: __m256i, x: __m256i) -> __m256i {
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1)) }
+    }
+    #[inline(always)]
+    unsafe fn q8_codes(p: *const u8) -> __m256i {
+        unsafe { Q8i8::decode_one(p) }
+    }
+    #[inline(always)]
+    unsafe fn signed8(c: __m256i, x: __m256i, _corr: *const i32) -> __m256i {
+        unsafe { signed_dot(c, x) }
+    }
+    #[inline]
+    unsafe fn dot<D: DecodeI8, const N: usize>(
+        row: *const u8,
+        scales: *const f32,
+        cols: usize,
+        group_size: usize,
+        xq: &XInt8,
+        i0: usize,
+    ) -> [f32; N] {
+        unsafe { int8x_dot::<D, N>(row, scales, cols, group_size, xq, i0) }
+    }
+}
+
+pub(super) use super::avx512::Vnni;
 
 /// Matrices of one layout (bits, cols, group size) sharing x: x is quantized
 /// once and their rows, concatenated, are cut into one set of parallel chunks.
-fn int8x_many<D: DecodeI8>(ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: &[Out]) {
+fn int8x_many<D: DecodeI8, K: I8Dot>(
+    ms: &[&AffineMatrix<'_>],
+    x: &[f32],
+    n: usize,
+    outs: &[Out],
+) {
     let a0 = ms[0];
-    let xq = quantize_x::<D>(x, n, a0.cols, a0.group_size);
+    let xq = quantize_x_for::<D, K>(x, n, a0.cols, a0.group_size);
     let row_bytes = a0.row_bytes() + a0.groups_per_row() * 4;
     let mut starts = Vec::with_capacity(ms.len() + 1);
     starts.push(0);
@@ -1652,7 +1712,7 @@ fn int8x_many<D: DecodeI8>(ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: 
                 unsafe {
                     with_nb!(
                         nb,
-                        int8x_rows::<D>(m, &xq, i0, local.clone(), *out, &mut sbuf)
+                        int8x_rows::<D, K>(m, &xq, i0, local.clone(), *out, &mut sbuf)
                     )
                 };
                 i0 += nb;
@@ -1662,7 +1722,7 @@ fn int8x_many<D: DecodeI8>(ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: 
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
+unsafe fn int8x_rows<D: DecodeI8, K: I8Dot, const N: usize>(
     a: &AffineMatrix<'_>,
     xq: &XInt8,
     i0: usize,
@@ -1672,8 +1732,6 @@ unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
 ) {
     let rb = a.row_bytes();
     let gpr = a.groups_per_row();
-    let nblk = a.cols / 32;
-    let npairs = nblk / 2;
     for r in rows {
         // SAFETY: check_matmul verified scales/biases hold rows * gpr values.
         let (sc, bi) = unsafe {
@@ -1694,15 +1752,13 @@ unsafe fn int8x_rows<D: DecodeI8, const N: usize>(
             }
         }
         let res = unsafe {
-            int8x_dot::<D, N>(
+            K::dot::<D, N>(
                 a.packed.as_ptr().add(r * rb),
                 sbuf.as_ptr(),
                 a.cols,
                 a.group_size,
-                xq.q.as_ptr().add(i0 * a.cols),
-                xq.d.as_ptr().add(i0 * nblk),
-                // Empty (never read) for natural-order decoders.
-                xq.dpat.as_ptr().wrapping_add(i0 * npairs * 8),
+                xq,
+                i0,
             )
         };
         for (i, (v, b)) in res.into_iter().zip(bias).enumerate() {
@@ -1731,60 +1787,89 @@ unsafe fn bf16_dot(b: *const bf16, x: *const f32, len: usize) -> f32 {
     }
 }
 
-/// Dots one 2/4-bit row (scales already widened to f32) with `N` rows of
-/// quantized x; the bias term is added by the caller.
+/// Dots one 2/4/8-bit row (scales already widened to f32) with `N` rows
+/// of quantized x from row `i0`; the bias term is added by the caller.
+/// # Safety: AVX2/FMA/F16C available; the row's bytes and scales exist;
+/// `xq` was quantized for this layout with at least `i0 + N` rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
+pub(super) unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
     row: *const u8,
     scales: *const f32,
     cols: usize,
     group_size: usize,
-    xq: *const i8,
-    xd: *const f32,
-    xdpat: *const f32,
+    xq: &XInt8,
+    i0: usize,
+) -> [f32; N] {
+    unsafe { int8x_dot_body::<D, Maddubs, N>(row, scales, cols, group_size, xq, i0) }
+}
+
+/// The row dot for any [`I8Dot`]; always inlined into a wrapper that
+/// enables that implementation's features ([`int8x_dot`], `avx512::vnni_dot`),
+/// so each tier gets its own compiled copy.
+/// # Safety: as [`int8x_dot`], with `K`'s features available.
+#[inline(always)]
+pub(super) unsafe fn int8x_dot_body<D: DecodeI8, K: I8Dot, const N: usize>(
+    row: *const u8,
+    scales: *const f32,
+    cols: usize,
+    group_size: usize,
+    x: &XInt8,
+    i0: usize,
 ) -> [f32; N] {
     let nblk = cols / 32;
     let npairs = nblk / 2;
+    // SAFETY (pointer setup): the caller guarantees rows i0..i0+N exist.
+    let (xq, xd, xdpat, xcorr) = unsafe {
+        (
+            x.q.as_ptr().add(i0 * cols),
+            x.d.as_ptr().add(i0 * nblk),
+            // Empty (never read) for natural-order decoders.
+            x.dpat.as_ptr().wrapping_add(i0 * npairs * 8),
+            // Empty (never read) unless K::Q8_CORR.
+            x.q8corr.as_ptr().wrapping_add(i0 * cols / 4),
+        )
+    };
     // Group sizes are powers of two (checked in `check_matmul`): a shift,
     // not a division, in the block loop.
     let bpg_log2 = (group_size / 32).trailing_zeros();
-    let ones = _mm256_set1_epi16(1);
     let lane_mask = {
         let m = D::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
         unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
     };
-    // Two FMA chains per input (even and odd pairs) while registers allow.
-    let k1 = if N <= 4 { 1 } else { 0 };
-    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    // Two FMA chains per input (even and odd pairs), whatever N (batch
+    // invariance: see `CHAINS`).
+    let k1 = 1;
+    let mut acc = [[unsafe { _mm256_setzero_ps() }; 2]; N];
     let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
         // SAFETY: p < npairs, so the pair's bytes, codes and scales exist.
         unsafe {
-            let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
             let s0 = _mm256_set1_ps(*scales.add((2 * p) >> bpg_log2));
             let s1 = _mm256_set1_ps(*scales.add((2 * p + 1) >> bpg_log2));
             if D::BITS == 8 {
+                let ca = K::q8_codes(row.add(p * 64));
+                let cb = K::q8_codes(row.add(p * 64 + 32));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xi = xq.add(i * cols + 64 * p);
                     let xa = _mm256_loadu_si256(xi as *const __m256i);
                     let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                    let ci = xcorr.wrapping_add((i * cols + 64 * p) / 4);
                     let d = xd.add(i * nblk + 2 * p);
-                    let fa = _mm256_cvtepi32_ps(signed_dot(ca, xa));
-                    let fb = _mm256_cvtepi32_ps(signed_dot(cb, xb));
+                    let fa = _mm256_cvtepi32_ps(K::signed8(ca, xa, ci));
+                    let fb = _mm256_cvtepi32_ps(K::signed8(cb, xb, ci.wrapping_add(8)));
                     a[slot] = _mm256_fmadd_ps(fa, _mm256_mul_ps(s0, _mm256_set1_ps(*d)), a[slot]);
                     a[slot] =
                         _mm256_fmadd_ps(fb, _mm256_mul_ps(s1, _mm256_set1_ps(*d.add(1))), a[slot]);
                 }
                 return;
             }
+            let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
             let sv = _mm256_blendv_ps(s0, s1, lane_mask);
             for (i, a) in acc.iter_mut().enumerate() {
                 let xi = xq.add(i * cols + 64 * p);
                 let xa = _mm256_loadu_si256(xi as *const __m256i);
                 let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
-                let s16 =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(ca, xa), _mm256_maddubs_epi16(cb, xb));
-                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                let f = _mm256_cvtepi32_ps(K::pair(ca, cb, xa, xb));
                 let scale = _mm256_mul_ps(sv, _mm256_loadu_ps(xdpat.add((i * npairs + p) * 8)));
                 a[slot] = _mm256_fmadd_ps(f, scale, a[slot]);
             }
@@ -1803,14 +1888,19 @@ unsafe fn int8x_dot<D: DecodeI8, const N: usize>(
         let blk = nblk - 1;
         // SAFETY: the trailing block's bytes, codes and scales exist.
         unsafe {
-            let c = D::decode_one(row.add(blk * 4 * D::BITS));
             let s = *scales.add(blk >> bpg_log2);
+            let c = if D::BITS == 8 {
+                K::q8_codes(row.add(blk * 32))
+            } else {
+                D::decode_one(row.add(blk * 4 * D::BITS))
+            };
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_si256(xq.add(i * cols + blk * 32) as *const __m256i);
                 let f = if D::BITS == 8 {
-                    _mm256_cvtepi32_ps(signed_dot(c, xv))
+                    let ci = xcorr.wrapping_add((i * cols + blk * 32) / 4);
+                    _mm256_cvtepi32_ps(K::signed8(c, xv, ci))
                 } else {
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
+                    _mm256_cvtepi32_ps(K::one(c, xv))
                 };
                 a[0] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *xd.add(i * nblk + blk)), a[0]);
             }
@@ -1943,7 +2033,7 @@ unsafe fn mxfp4_dot_f32<const N: usize>(
     x: *const f32,
     lut: __m256i,
 ) -> [f32; N] {
-    let ka = chains(N);
+    let ka = CHAINS;
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
     for b in 0..cols / 32 {
         let c = 32 * b;
@@ -2057,7 +2147,8 @@ unsafe fn mxfp4_dot_i8<const N: usize>(
         let m = Q4i8::LANE_BLOCK.map(|b| if b == 1 { -1i32 } else { 0 });
         unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
     };
-    let k1 = if N <= 4 { 1 } else { 0 };
+    // Two chains per input whatever N (batch invariance: see `CHAINS`).
+    let k1 = 1;
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
         // SAFETY: p < npairs: the pair's 32 code bytes, 64 x codes and

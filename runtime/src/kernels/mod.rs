@@ -22,6 +22,8 @@ pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 mod parallel;
@@ -135,6 +137,8 @@ impl MatRef<'_> {
 pub enum Tier {
     Scalar,
     Avx2,
+    /// AVX2 with the int8 products on AVX-512 VNNI (`kernels/avx512.rs`).
+    Avx512,
     Neon,
 }
 
@@ -144,6 +148,7 @@ impl Tier {
         match self {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
+            Tier::Avx512 => "avx512",
             Tier::Neon => "neon",
         }
     }
@@ -157,6 +162,13 @@ pub trait Backend: Send + Sync {
     /// (`avx2-f32x`: AVX2 with f32 activations in every product).
     fn name(&self) -> &'static str {
         self.tier().name()
+    }
+    /// Whether products with 2/4/8-bit weights (and MXFP4) quantize x to
+    /// int8 per 32-block: their results carry x's rounding (see
+    /// `avx2.rs`), so they are held to a looser budget than f32 tiers and
+    /// can flip near-tied greedy choices.
+    fn int8_activations(&self) -> bool {
+        false
     }
     /// `y[n, rows] = x[n, cols] @ w^T`. Implementations parallelize over rows.
     ///
@@ -305,6 +317,10 @@ pub fn available() -> Vec<&'static dyn Backend> {
     if let (Some(exact), Some(fast)) = (avx2::Avx2::detect_f32x(), avx2::Avx2::detect()) {
         v.push(exact);
         v.push(fast);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = avx2::Avx2::detect_avx512() {
+        v.push(b);
     }
     #[cfg(target_arch = "aarch64")]
     if let Some(b) = neon::Neon::detect() {
