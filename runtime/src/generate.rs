@@ -970,7 +970,7 @@ impl Generator {
             return;
         }
         let last = prompt_len - self.on_grid < self.prefill_chunk;
-        if (self.on_grid / self.prefill_chunk) % every == 0 || last {
+        if (self.on_grid / self.prefill_chunk).is_multiple_of(every) || last {
             self.checkpoints.push(st.checkpoint());
             if self.checkpoints.len() > max {
                 self.checkpoints.remove(0);
