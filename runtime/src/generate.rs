@@ -33,8 +33,10 @@ use crate::error::RuntimeError;
 use crate::models::{Checkpoint, LoadOptions, Model, ModelInfo};
 use crate::prompt_cache::{PromptCache, Slot, SlotOptions, SlotStats};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::speculate::{DraftStats, Drafter, SpecOptions};
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 use serde_json::Value as Json;
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -67,6 +69,16 @@ pub enum GenerateError {
     LogitsSize { got: usize, expected: usize },
     #[error("constrained decoding: {0}")]
     Constraint(String),
+    #[error("speculative decoding could not take its draft back to position {0} (the model refused to truncate)")]
+    Draft(usize),
+}
+
+/// One verify pass in flight: its draft length, the draft tokens that
+/// matched so far, and its forward's time.
+struct Pass {
+    drafted: usize,
+    accepted: usize,
+    time: Duration,
 }
 
 /// Restricts which tokens may come next (a grammar: `constrain::TokenMask`).
@@ -325,6 +337,8 @@ pub struct Timings {
     pub decode: Duration,
     /// From the call to the first sampled token.
     pub time_to_first_token: Duration,
+    /// What speculative drafting did (all zero when it is off).
+    pub draft: DraftStats,
 }
 
 /// The result of [`Generator::generate`].
@@ -385,6 +399,8 @@ pub struct Generator {
     /// Reuse only state on the grid (the default); off, any common prefix.
     exact_reuse: bool,
     prefill_chunk: usize,
+    /// Prompt-lookup drafting (off unless [`Generator::set_speculation`]).
+    spec: SpecOptions,
     /// Other sessions' state (issue 19); none unless [`Generator::set_slots`].
     slots: PromptCache,
     /// Checkpoints of the live state's recurrent layers, oldest first
@@ -436,6 +452,7 @@ impl Generator {
             on_grid: 0,
             exact_reuse: true,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            spec: SpecOptions::OFF,
             slots: PromptCache::new(SlotOptions::default(), 0, DEFAULT_PREFILL_CHUNK),
             checkpoints: Vec::new(),
             identity: 0,
@@ -555,6 +572,20 @@ impl Generator {
     /// `opts.dir`), replacing any slots held; see [`crate::prompt_cache`].
     /// Under a streaming expert cache the RAM limit is also the slot bytes
     /// the budget granted, lowered by the memory-pressure governor.
+    /// Speculative decoding by prompt lookup (see [`crate::speculate`]):
+    /// the same tokens, sooner where the model repeats its context. Models
+    /// that cannot verify a draft in one exact pass
+    /// ([`Model::batched_steps`]: hybrid recurrent state, sparse attention)
+    /// decode without it.
+    pub fn set_speculation(&mut self, opts: SpecOptions) {
+        self.spec = opts;
+    }
+
+    /// Whether drafting runs for this model (set, and the model can verify).
+    pub fn speculation_active(&self) -> bool {
+        self.spec.enabled() && self.model.batched_steps()
+    }
+
     pub fn set_slots(&mut self, opts: SlotOptions) {
         self.slots = PromptCache::new(opts, self.identity, self.prefill_chunk);
         if let Some(c) = self.model.expert_cache() {
@@ -736,6 +767,11 @@ impl Generator {
 
         let budget = opts.max_tokens.min(context - prompt_ids.len());
         let mut history: Vec<u32> = prompt_ids.to_vec();
+        // Speculation: rows of the last verify pass not yet consumed, each
+        // with the draft token it was computed after; the pass's counts.
+        let mut drafter = self.speculation_active().then(|| Drafter::new(self.spec));
+        let mut pending: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
+        let mut pass: Option<Pass> = None;
         let mut decoder = StreamDecoder::new(opts.skip_special_tokens);
         let mut stops = StopMatcher::new(&opts.stop);
         while completion.completion_tokens < budget {
@@ -778,7 +814,64 @@ impl Generator {
             if completion.completion_tokens == budget {
                 break;
             }
-            logits = self.forward(&[id])?;
+            let Some(d) = drafter.as_mut() else {
+                logits = self.forward(&[id])?;
+                continue;
+            };
+            // A row the verify pass already computed after this very token.
+            if let Some((tok, row)) = pending.pop_front() {
+                if tok == id {
+                    if let Some(p) = pass.as_mut() {
+                        p.accepted += 1;
+                    }
+                    logits = row;
+                    continue;
+                }
+                // A miss: the drafted positions from this one on go.
+                let keep = self.fed.len() - pending.len() - 1;
+                pending.clear();
+                if self.rewind(keep) != keep {
+                    return Err(GenerateError::Draft(keep));
+                }
+            }
+            if let Some(p) = pass.take() {
+                d.verified(p.drafted, p.accepted, p.time);
+            }
+            let room = (budget - completion.completion_tokens - 1)
+                .min(context.saturating_sub(self.fed.len() + 1));
+            let draft = d.draft(&history, room);
+            let t = Instant::now();
+            if draft.is_empty() {
+                logits = self.forward(&[id])?;
+                d.plain_step(t.elapsed());
+                continue;
+            }
+            let mut feed = Vec::with_capacity(draft.len() + 1);
+            feed.push(id);
+            feed.extend_from_slice(&draft);
+            let rows = self.forward_steps(&feed)?;
+            let mut rows = rows.chunks_exact(vocab).map(<[f32]>::to_vec);
+            logits = rows.next().unwrap_or_default();
+            pending.extend(draft.iter().copied().zip(rows));
+            pass = Some(Pass {
+                drafted: draft.len(),
+                accepted: 0,
+                time: t.elapsed(),
+            });
+        }
+        // Drafted positions past the last sampled token leave the state, so
+        // it holds what it would without drafting.
+        if !pending.is_empty() {
+            let keep = self.fed.len() - pending.len();
+            if self.rewind(keep) != keep {
+                return Err(GenerateError::Draft(keep));
+            }
+        }
+        if let Some(d) = drafter.as_mut() {
+            if let Some(p) = pass.take() {
+                d.verified(p.drafted, p.accepted, p.time);
+            }
+            completion.timings.draft = d.stats;
         }
         // Release what was held back (a partial character, or text that
         // could have begun a stop string but the stream ended first).
@@ -974,6 +1067,28 @@ impl Generator {
             self.checkpoints.push(st.checkpoint());
             if self.checkpoints.len() > max {
                 self.checkpoints.remove(0);
+            }
+        }
+    }
+
+    /// [`Model::forward_steps`] (every position's logits, each as a
+    /// one-token step computes it), keeping `fed` in step.
+    fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        match self.model.forward_steps(tokens) {
+            Ok(logits) => {
+                self.fed.extend_from_slice(tokens);
+                let expected = tokens.len() * self.model.info().vocab_size;
+                if logits.len() != expected {
+                    return Err(GenerateError::LogitsSize {
+                        got: logits.len(),
+                        expected,
+                    });
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                self.reset();
+                Err(e.into())
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod models;
 pub mod pressure;
 pub mod prompt_cache;
 pub mod sampling;
+pub mod speculate;
 pub mod tokenizer;
 pub mod weights;
 

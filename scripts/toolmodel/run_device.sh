@@ -60,3 +60,16 @@ timeout --signal=TERM "$hard" "$PY" -u scripts/toolmodel/train.py \
   --steps "$STEPS" --time-budget "$budget" --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" \
   --eval-n "$EVAL_N" --eval-max-new "$EVAL_MAX_NEW" --val-n "$VAL_N" --log-every "${LOG_EVERY:-50}" --val-every 500 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" | tee "$OUT/train.log"
 echo "run_device: finished in $(( $(date +%s) - start ))s" | tee -a "$OUT/train.log"
+
+# The device tool returns at most 8 files of 16 MiB each (64 MiB in all):
+# the weights travel as ~12 MB shards plus their index, everything else
+# (logs, config, tokenizer, template, train_log.json) as one tarball. Here:
+#   tar xzf meta.tgz && mv model-*.safetensors model.safetensors.index.json tiny-qwen3-moe-coder-tools/
+ck="$OUT/tiny-qwen3-moe-coder-tools"
+if [ -d "$ck" ]; then
+  (cd "$OUT" && tar czf meta.tgz --exclude='*.safetensors' --exclude='model.safetensors.index.json' \
+     env.log gen_data.log train.log tiny-qwen3-moe-coder-tools \
+   && mv "$ck"/model*.safetensors "$ck"/model.safetensors.index.json "$OUT"/ \
+   && rm -rf "$ck" env.log gen_data.log train.log)
+  ls -la "$OUT"
+fi

@@ -248,7 +248,9 @@ def load_model(cls, base, device, rows, pad_id, impl):
 def save(model, base, out, template):
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    # Shards under the device tool's 16 MiB per-file limit on what comes back
+    # (a first run lost its 48 MB single-file checkpoint to it).
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="12MB")
     model.float()
     from safetensors import safe_open
     names = []

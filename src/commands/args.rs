@@ -4,6 +4,7 @@
 //! same help text and the same error, wherever it appears.
 
 use mfx_runtime::cache::{parse_size, CacheOptions, PolicyKind};
+use mfx_runtime::speculate::SpecOptions;
 
 /// The streaming expert cache's flags (`.mfx` packs only).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -48,6 +49,32 @@ pub struct CacheArgs {
     /// instead of silently wrong output; its cost is in docs/PERF.md.
     #[arg(long)]
     pub no_verify_checksums: bool,
+}
+
+/// Speculative decoding's flags (run, chat, serve).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DraftArgs {
+    /// Speculative decoding by prompt lookup: draft up to N tokens per step
+    /// from the context (what followed the last earlier occurrence of the
+    /// newest 3- or 2-token sequence) and verify them in one forward pass.
+    /// The output is the same token for token, greedy or seeded; only the
+    /// time changes. Pays when the reply repeats the context (code being
+    /// edited). 0: off
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub draft: usize,
+    /// Keep drafting where it measures slower than plain decoding (by
+    /// default drafting pauses itself then, and tries again later)
+    #[arg(long)]
+    pub draft_always: bool,
+}
+
+impl DraftArgs {
+    pub fn options(&self) -> SpecOptions {
+        SpecOptions {
+            auto_off: !self.draft_always,
+            ..SpecOptions::ngram(self.draft)
+        }
+    }
 }
 
 /// `--ram`: a size, or `auto`.

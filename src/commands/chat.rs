@@ -39,6 +39,7 @@ pub fn run(args: Args) -> Result<()> {
     // reply's state as decoded), rather than only whole prefill chunks,
     // which would re-prefill the history of a short chat every turn.
     gen.set_exact_prefix_reuse(false);
+    gen.set_speculation(args.gen.draft.options());
     if gen.chat_template().is_none() {
         bail!(
             "{} has no chat template (a base model?); use `mfx run` for plain completion",

@@ -113,6 +113,8 @@ pub struct GenArgs {
     /// Do not stop at end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    #[command(flatten)]
+    pub draft: super::args::DraftArgs,
 }
 
 impl LoadArgs {
@@ -210,8 +212,25 @@ pub fn summary(c: &Completion) -> String {
     } else {
         String::new()
     };
+    let d = &c.timings.draft;
+    let draft = if d.passes > 0 {
+        format!(
+            " | draft: {}/{} accepted ({:.0}%) in {} passes{}",
+            d.accepted,
+            d.drafted,
+            100.0 * d.acceptance(),
+            d.passes,
+            if d.paused > 0 {
+                format!(", paused {}x (slower than plain steps)", d.paused)
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "prompt: {} tok{reused}, {:.1} tok/s | decode: {} tok, {:.1} tok/s | peak RSS {}",
+        "prompt: {} tok{reused}, {:.1} tok/s | decode: {} tok, {:.1} tok/s{draft} | peak RSS {}",
         c.prompt_tokens,
         c.prompt_tokens_per_s(),
         c.completion_tokens,
@@ -222,6 +241,7 @@ pub fn summary(c: &Completion) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let mut gen = load(&args.model, &args.load)?;
+    gen.set_speculation(args.gen.draft.options());
     let before = gen.cache_stats();
     let ids = if args.chat || args.system.is_some() {
         let mut msgs = Vec::new();

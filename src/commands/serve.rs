@@ -82,6 +82,8 @@ pub struct Args {
     /// a prompt's output never depends on what ran before).
     #[arg(long, value_name = "N", default_value_t = mfx_runtime::models::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub draft: super::args::DraftArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -132,6 +134,7 @@ pub fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
     backend.configure(|g| {
+        g.set_speculation(args.draft.options());
         // Under a pack's budget the grant (possibly less) limits the slots.
         g.set_slots(SlotOptions {
             slots: args.prompt_slots,

@@ -65,6 +65,16 @@ pub trait SeqState: Send + Sync + Clone {
     fn rolls_back(&self) -> bool {
         true
     }
+    /// Whether this state can compute several new positions exactly as
+    /// one-token steps would ([`SeqState::set_exact_steps`]) and truncate
+    /// them again: what speculative decoding's verify pass needs.
+    fn supports_exact_steps(&self) -> bool {
+        false
+    }
+    /// Switches exact steps on or off (ignored where unsupported).
+    fn set_exact_steps(&mut self, on: bool) {
+        let _ = on;
+    }
     /// Heap bytes held (what a prompt-cache slot costs).
     fn bytes(&self) -> usize;
     /// Appends everything [`SeqState::load`] needs to rebuild this state.
@@ -84,6 +94,12 @@ impl SeqState for LayerKv {
     }
     fn clear(&mut self) {
         LayerKv::clear(self)
+    }
+    fn supports_exact_steps(&self) -> bool {
+        true
+    }
+    fn set_exact_steps(&mut self, on: bool) {
+        LayerKv::set_exact_steps(self, on)
     }
     fn bytes(&self) -> usize {
         LayerKv::bytes(self)

@@ -76,6 +76,24 @@ pub trait Model: Send {
     /// Appends `tokens` to this model's sequence state (KV cache) and returns logits:
     /// all positions `[tokens.len() * vocab]` if `all_logits`, else only the last `[vocab]`.
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError>;
+    /// Appends `tokens` and returns every position's logits
+    /// (`[tokens.len() * vocab]`), each exactly what a one-token forward at
+    /// that position returns, so drafted tokens can be verified in one pass
+    /// without changing a single output. This default feeds the tokens one at
+    /// a time; models that batch it say so in [`Model::batched_steps`].
+    fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let mut out = Vec::with_capacity(tokens.len() * self.info().vocab_size);
+        for &t in tokens {
+            out.extend(self.forward(&[t], false)?);
+        }
+        Ok(out)
+    }
+    /// Whether [`Model::forward_steps`] runs as one batched pass and the
+    /// positions it added can be truncated again (speculative decoding pays
+    /// only then).
+    fn batched_steps(&self) -> bool {
+        false
+    }
     fn seq_len(&self) -> usize;
     /// Keep only the first `len` positions of the state (prompt-prefix reuse).
     /// Returns false if this model cannot (then callers reset).

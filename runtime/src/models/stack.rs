@@ -292,6 +292,30 @@ impl<F: Family> Model for FamilyModel<F> {
         self.forward_observed(tokens, all_logits, None)
     }
 
+    fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if !self.batched_steps() {
+            let mut out = Vec::with_capacity(tokens.len() * self.info.vocab_size);
+            for &t in tokens {
+                out.extend(self.forward(&[t], false)?);
+            }
+            return Ok(out);
+        }
+        for s in self.state.iter_mut() {
+            s.set_exact_steps(true);
+        }
+        let out = self.forward_observed(tokens, true, None);
+        for s in self.state.iter_mut() {
+            s.set_exact_steps(false);
+        }
+        out
+    }
+
+    fn batched_steps(&self) -> bool {
+        self.state
+            .iter()
+            .all(|s| s.supports_exact_steps() && s.rolls_back())
+    }
+
     fn seq_len(&self) -> usize {
         self.state.first().map_or(0, |s| s.len())
     }

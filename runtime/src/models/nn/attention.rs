@@ -185,8 +185,7 @@ pub fn gqa_with(
         0,
         kv.len(),
     );
-    let out = attend(p, &q, &k, &v, kv, n);
-    kv.append(&k, &v);
+    let out = attend_and_store(p, &q, &k, &v, kv, n);
     let mut y = vec![0.0; n * w.o.rows()];
     kernels::matmul(&w.o.mat(), &out, n, &mut y);
     y
@@ -303,12 +302,55 @@ pub fn attend(
     kv: &LayerKv,
     n: usize,
 ) -> Vec<f32> {
+    attend_from(p, q, k_new, v_new, kv, n, kv.len(), false)
+}
+
+/// [`attend`], then appends the new keys and values to `kv`.
+///
+/// With [`LayerKv::exact_steps`] set it stores first and lets query `i`
+/// read the positions before it from the cache (at the cache's storage
+/// precision) and only its own key fresh, which is exactly what a one-token
+/// forward at that position reads. Speculative decoding verifies a draft
+/// this way, so its tokens are the ones decoding one at a time would give
+/// (with the f16 cache, plain [`attend`] differs by f16 rounding).
+pub fn attend_and_store(
+    p: &AttnParams<'_>,
+    q: &[f32],
+    k_new: &[f32],
+    v_new: &[f32],
+    kv: &mut LayerKv,
+    n: usize,
+) -> Vec<f32> {
+    if kv.exact_steps() && n > 1 {
+        let past = kv.len();
+        kv.append(k_new, v_new);
+        attend_from(p, q, k_new, v_new, kv, n, past, true)
+    } else {
+        let out = attend(p, q, k_new, v_new, kv, n);
+        kv.append(k_new, v_new);
+        out
+    }
+}
+
+/// The attention of [`attend`] for queries at positions `past..past + n`;
+/// `stored`: `kv` already holds them, and query `i` reads cached positions
+/// up to `past + i` and only itself from `k_new`/`v_new`.
+#[allow(clippy::too_many_arguments)]
+fn attend_from(
+    p: &AttnParams<'_>,
+    q: &[f32],
+    k_new: &[f32],
+    v_new: &[f32],
+    kv: &LayerKv,
+    n: usize,
+    past: usize,
+    stored: bool,
+) -> Vec<f32> {
     let (heads, kv_heads, head_dim, scale) = (p.heads, p.kv_heads, p.head_dim, p.scale);
     let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
     debug_assert_eq!(q.len(), n * qd);
     debug_assert_eq!(k_new.len(), n * kd);
     debug_assert_eq!(v_new.len(), n * kd);
-    let past = kv.len();
     let group = heads / kv_heads;
     let sub = heads_per_task(group, n * heads, rayon::current_num_threads());
     let tasks_per_token = heads / sub;
@@ -324,8 +366,11 @@ pub fn attend(
             // Visible keys: cached positions `cached`, then this call's
             // fresh keys `fresh` (indices into k_new), `ctx` in all.
             let first = p.first_key(past + i);
-            let cached = first.min(past)..past;
-            let fresh = first.saturating_sub(past)..i + 1;
+            let (cached, fresh) = if stored {
+                (first.min(past + i)..past + i, i..i + 1)
+            } else {
+                (first.min(past)..past, first.saturating_sub(past)..i + 1)
+            };
             let nc = cached.len();
             let ctx = nc + fresh.len();
             let qg = &q[i * qd + h0 * head_dim..i * qd + (h0 + sub) * head_dim];

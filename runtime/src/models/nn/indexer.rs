@@ -78,6 +78,11 @@ impl IndexerKeys {
         }
     }
 
+    /// Whether the layer has an indexer (a width-0 store stands for none).
+    pub fn is_used(&self) -> bool {
+        self.head_dim > 0
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.keys.len().checked_div(self.head_dim).unwrap_or(0)

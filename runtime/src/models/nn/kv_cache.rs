@@ -193,6 +193,10 @@ pub struct LayerKv {
     len: usize,
     k: Vec<Store>,
     v: Vec<Store>,
+    /// Attention stores new positions before reading them (see
+    /// [`super::attention::attend_and_store`]): set while a model computes
+    /// several positions that must equal one-token steps.
+    exact_steps: bool,
 }
 
 impl LayerKv {
@@ -203,7 +207,18 @@ impl LayerKv {
             len: 0,
             k: (0..kv_heads).map(|_| Store::new(bits)).collect(),
             v: (0..kv_heads).map(|_| Store::new(bits)).collect(),
+            exact_steps: false,
         }
+    }
+
+    /// Whether attention over this cache must give each new position
+    /// exactly what a one-token forward at that position gives.
+    pub fn exact_steps(&self) -> bool {
+        self.exact_steps
+    }
+
+    pub fn set_exact_steps(&mut self, on: bool) {
+        self.exact_steps = on;
     }
 
     /// Cached positions.

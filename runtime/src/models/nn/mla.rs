@@ -21,7 +21,7 @@
 //! to the key width), not the latent: simple and exact, but it does not
 //! give MLA's memory saving yet.
 
-use super::attention::{attend, AttnParams};
+use super::attention::{attend_and_store, AttnParams};
 use super::config::{JsonCfg, RopeScaling};
 use super::indexer::{attend_selected, Indexer, IndexerKeys, IndexerWeights};
 use super::kv_cache::{KvBits, LayerKv};
@@ -218,10 +218,13 @@ impl Mla {
             ..AttnParams::new(nh, nh, qk)
         };
         let padded = match &selection {
-            None => attend(&p, &q, &k, &v, &state.kv, n),
-            Some(sel) => attend_selected(&p, &q, &k, &v, &state.kv, n, sel),
+            None => attend_and_store(&p, &q, &k, &v, &mut state.kv, n),
+            Some(sel) => {
+                let out = attend_selected(&p, &q, &k, &v, &state.kv, n, sel);
+                state.kv.append(&k, &v);
+                out
+            }
         };
-        state.kv.append(&k, &v);
         let mut out = vec![0.0; n * nh * vd];
         for (o, p) in out.chunks_exact_mut(vd).zip(padded.chunks_exact(qk)) {
             o.copy_from_slice(&p[..vd]);
@@ -272,6 +275,14 @@ impl SeqState for MlaState {
     fn clear(&mut self) {
         self.kv.clear();
         self.index.clear();
+    }
+    /// Dense MLA only: the indexer's top-k selection over a batch is not
+    /// held to one-token steps (ties may resolve differently).
+    fn supports_exact_steps(&self) -> bool {
+        !self.index.is_used()
+    }
+    fn set_exact_steps(&mut self, on: bool) {
+        self.kv.set_exact_steps(on)
     }
     fn bytes(&self) -> usize {
         self.kv.bytes() + self.index.bytes()
