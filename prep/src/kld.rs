@@ -179,8 +179,10 @@ mod tests {
 
     #[test]
     fn percentiles_are_nearest_rank() {
-        let mut s = KldStats::default();
-        s.kld = (1..=200).map(|i| i as f64).collect();
+        let s = KldStats {
+            kld: (1..=200).map(|i| i as f64).collect(),
+            ..Default::default()
+        };
         let r = s.summary();
         assert_eq!((r.median, r.p99, r.max), (100.0, 198.0, 200.0));
         assert!((r.mean - 100.5).abs() < 1e-12);

@@ -125,8 +125,7 @@ impl Pruning {
             let Some(kept) = self.kept(l) else {
                 continue;
             };
-            let pick = |v: &[u64]| kept.iter().map(|&e| v[e as usize]).collect::<Vec<_>>();
-            lp.counts = pick(&lp.counts);
+            lp.counts = kept.iter().map(|&e| lp.counts[e as usize]).collect();
             lp.gate_mass = kept.iter().map(|&e| lp.gate_mass[e as usize]).collect();
             lp.pinned = lp
                 .pinned
