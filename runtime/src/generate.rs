@@ -818,6 +818,9 @@ impl Generator {
                 logits = self.forward(&[id])?;
                 continue;
             };
+            if pending.is_empty() && pass.is_none() {
+                d.observe(id);
+            }
             // A row the verify pass already computed after this very token.
             if let Some((tok, row)) = pending.pop_front() {
                 if tok == id {

@@ -8,11 +8,12 @@
 //! equals what was sampled. Greedy and seeded output are therefore
 //! identical with drafting on or off; drafting changes only the time.
 //!
-//! Whether it pays depends on the machine and the regime: a verify pass of
-//! k tokens reads the union of their experts, which under streaming can
-//! cost more than k single steps save. [`Drafter`] measures both rates and
-//! stops drafting while the verify passes deliver fewer tokens per second
-//! than single steps do, probing again later.
+//! Whether it pays depends on the machine and the model: a verify pass of
+//! k tokens runs the union of their experts, so on an MoE it can cost
+//! nearly k steps. [`Drafter`] measures what a plain step costs and what
+//! each drafted token adds to a pass, estimates the share of drafts that
+//! hold (also from drafts it did not verify, checked against the tokens as
+//! they come), and verifies only while the expected saving exceeds the cost.
 
 use std::time::Duration;
 
@@ -64,8 +65,8 @@ pub struct DraftStats {
     pub drafted: usize,
     /// Draft tokens that matched what was sampled (each saved a step).
     pub accepted: usize,
-    /// Times auto-off stopped drafting.
-    pub paused: usize,
+    /// Drafts found but not verified because they were not expected to pay.
+    pub skipped: usize,
 }
 
 impl DraftStats {
@@ -102,7 +103,7 @@ pub fn lookup(seq: &[u32], max_ngram: usize, min_ngram: usize, max: usize) -> Ve
     Vec::new()
 }
 
-/// Drafting with adaptive length and auto-off.
+/// Drafting with adaptive length and a cost model (auto-off).
 #[derive(Debug, Clone)]
 pub struct Drafter {
     opts: SpecOptions,
@@ -110,28 +111,33 @@ pub struct Drafter {
     cap: usize,
     /// Seconds per plain one-token step (moving average), once measured.
     step_s: Option<f64>,
-    /// Seconds per token delivered by verify passes (moving average).
-    spec_s: Option<f64>,
-    /// Plain steps to take before drafting again after a pause.
-    pause_left: usize,
-    /// Length of the next pause (doubles while drafting keeps losing).
-    pause_len: usize,
+    /// Seconds each drafted token adds to a pass over a plain step.
+    extra_s: Option<f64>,
+    /// Share of drafted tokens that hold (moving average, real and shadow drafts).
+    accept: f64,
+    /// A draft not verified, compared with the tokens as they are sampled:
+    /// (draft, tokens matched so far).
+    shadow: Option<(Vec<u32>, usize)>,
+    /// Steps since the last verify pass (the cost is re-measured now and then).
+    since_pass: usize,
     pub stats: DraftStats,
 }
 
 const EWMA: f64 = 0.25;
-const FIRST_PAUSE: usize = 16;
-const MAX_PAUSE: usize = 256;
+/// Verify a draft at least this often, so a changed cost is noticed.
+const REPROBE: usize = 256;
 
 impl Drafter {
     pub fn new(opts: SpecOptions) -> Drafter {
         Drafter {
             opts,
-            cap: opts.max_draft,
+            // Start short: the first pass mostly measures what drafting costs.
+            cap: opts.max_draft.min(2),
             step_s: None,
-            spec_s: None,
-            pause_left: 0,
-            pause_len: FIRST_PAUSE,
+            extra_s: None,
+            accept: 0.5,
+            shadow: None,
+            since_pass: 0,
             stats: DraftStats::default(),
         }
     }
@@ -139,16 +145,44 @@ impl Drafter {
     /// A draft to verify after `seq` (at most `room` tokens), or empty for
     /// a plain step.
     pub fn draft(&mut self, seq: &[u32], room: usize) -> Vec<u32> {
-        if !self.opts.enabled() || self.pause_left > 0 || room == 0 {
-            self.pause_left = self.pause_left.saturating_sub(1);
+        self.since_pass += 1;
+        if !self.opts.enabled() || room == 0 {
             return Vec::new();
         }
-        // Auto-off needs the plain rate to compare against: measure a step first.
-        if self.opts.auto_off && self.step_s.is_none() {
-            return Vec::new();
+        let draft = lookup(seq, self.opts.max_ngram, self.opts.min_ngram, self.cap.min(room));
+        if draft.is_empty() || !self.opts.auto_off {
+            return draft;
         }
-        let max = self.cap.min(room);
-        lookup(seq, self.opts.max_ngram, self.opts.min_ngram, max)
+        let pays = match (self.step_s, self.extra_s) {
+            // The plain rate comes first (one step), then one pass measures the cost.
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(step), Some(extra)) => self.accept * step > extra || self.since_pass >= REPROBE,
+        };
+        if pays {
+            return draft;
+        }
+        if self.shadow.is_none() {
+            self.shadow = Some((draft, 0));
+        }
+        self.stats.skipped += 1;
+        Vec::new()
+    }
+
+    /// A token was sampled on a plain step: scores the pending shadow draft.
+    pub fn observe(&mut self, token: u32) {
+        let Some((draft, matched)) = self.shadow.as_mut() else {
+            return;
+        };
+        if draft.get(*matched) == Some(&token) {
+            *matched += 1;
+            if *matched < draft.len() {
+                return;
+            }
+        }
+        let share = *matched as f64 / draft.len() as f64;
+        self.accept += EWMA * (share - self.accept);
+        self.shadow = None;
     }
 
     /// A plain one-token step took `t`.
@@ -162,27 +196,21 @@ impl Drafter {
         self.stats.passes += 1;
         self.stats.drafted += drafted;
         self.stats.accepted += accepted;
+        self.since_pass = 0;
+        self.shadow = None;
         // Full acceptance: try longer drafts; a miss: draft what held, plus one.
         self.cap = if accepted == drafted {
             (self.cap + 2).min(self.opts.max_draft)
         } else {
             (accepted + 1).clamp(1, self.opts.max_draft)
         };
-        // The pass delivered accepted + 1 tokens (the last row's token comes free).
-        let per_token = t.as_secs_f64() / (accepted + 1) as f64;
-        self.spec_s = Some(self.spec_s.map_or(per_token, |s| s + EWMA * (per_token - s)));
-        if !self.opts.auto_off {
+        if drafted == 0 {
             return;
         }
-        if let (Some(step), Some(spec)) = (self.step_s, self.spec_s) {
-            if spec > step && self.stats.passes >= 2 {
-                self.pause_left = self.pause_len;
-                self.pause_len = (self.pause_len * 2).min(MAX_PAUSE);
-                self.spec_s = None;
-                self.stats.paused += 1;
-            } else if spec < step {
-                self.pause_len = FIRST_PAUSE;
-            }
+        self.accept += EWMA * (accepted as f64 / drafted as f64 - self.accept);
+        if let Some(step) = self.step_s {
+            let extra = ((t.as_secs_f64() - step) / drafted as f64).max(0.0);
+            self.extra_s = Some(self.extra_s.map_or(extra, |e| e + EWMA * (extra - e)));
         }
     }
 }
@@ -205,28 +233,37 @@ mod tests {
     }
 
     #[test]
-    fn auto_off_pauses_when_verify_is_slower_and_probes_again() {
+    fn auto_off_verifies_only_while_it_pays() {
         let mut d = Drafter::new(SpecOptions::ngram(4));
         let seq = [1, 2, 3, 1, 2, 3, 1, 2];
         // No plain-step time yet: no draft.
         assert!(d.draft(&seq, 10).is_empty());
         d.plain_step(Duration::from_millis(10));
-        assert_eq!(d.draft(&seq, 10), vec![3, 1, 2]);
-        // Two passes that deliver one token per 50 ms: slower than 10 ms steps.
-        d.verified(3, 0, Duration::from_millis(50));
-        d.verified(1, 0, Duration::from_millis(50));
-        assert_eq!(d.stats.paused, 1);
-        for _ in 0..FIRST_PAUSE {
-            assert!(d.draft(&seq, 10).is_empty());
-        }
-        assert!(!d.draft(&seq, 10).is_empty());
-        // Fast passes keep it on.
+        // One short pass measures the cost: 2 drafted tokens added 20 ms.
+        assert_eq!(d.draft(&seq, 10), vec![3, 1]);
+        d.verified(2, 0, Duration::from_millis(30));
+        // 10 ms per drafted token against 10 ms * acceptance (< 1): skip,
+        // and score the draft against the tokens that come.
+        assert!(d.draft(&seq, 10).is_empty());
+        assert_eq!(d.stats.skipped, 2); // this one and the first (no step time yet)
+        // After a miss the cap is 1: the skipped draft was [3], and it held.
+        d.observe(3);
+        assert!(d.accept > 0.5);
+        // Still not paying at this cost.
+        assert!(d.draft(&seq, 10).is_empty());
+        // A cheap pass (batched weights): drafting pays and stays on.
         let mut d = Drafter::new(SpecOptions::ngram(4));
         d.plain_step(Duration::from_millis(10));
-        for _ in 0..5 {
-            d.verified(4, 4, Duration::from_millis(15));
+        let mut lens = Vec::new();
+        for _ in 0..4 {
+            let n = d.draft(&seq, 10).len();
+            lens.push(n);
+            d.verified(n, n, Duration::from_millis(12));
         }
-        assert_eq!(d.stats.paused, 0);
-        assert_eq!(d.stats.accepted, 20);
+        // Full acceptance lengthens the drafts (here to the 3 tokens the
+        // lookup finds after the match).
+        assert_eq!(lens, vec![2, 3, 3, 3]);
+        assert_eq!(d.stats.skipped, 0);
+        assert_eq!(d.stats.accepted, 11);
     }
 }

@@ -190,3 +190,36 @@ fn drafting_changes_no_token_greedy_or_seeded() {
         }
     }
 }
+
+/// What a verify pass costs against one-token steps on the tiny model
+/// (a measurement, not a check): `cargo test --release --test speculate
+/// -- --ignored --nocapture verify_cost`.
+#[test]
+#[ignore]
+fn verify_cost() {
+    let mut m = load(&tiny_mlx(), KvBits::F16);
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 4000 + 5).collect();
+    for k in [1usize, 2, 3, 5, 9] {
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            m.reset();
+            m.forward(&prompt, false).unwrap();
+            let t = std::time::Instant::now();
+            if k == 1 {
+                m.forward(&[7], false).unwrap();
+            } else {
+                m.forward_steps(&vec![7; k]).unwrap();
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mut plain = f64::MAX;
+        for _ in 0..20 {
+            m.reset();
+            m.forward(&prompt, false).unwrap();
+            let t = std::time::Instant::now();
+            m.forward(&vec![7; k], true).unwrap();
+            plain = plain.min(t.elapsed().as_secs_f64());
+        }
+        println!("k={k}: forward_steps {:.2} ms, forward(all logits) {:.2} ms", best * 1e3, plain * 1e3);
+    }
+}

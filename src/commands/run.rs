@@ -220,8 +220,8 @@ pub fn summary(c: &Completion) -> String {
             d.drafted,
             100.0 * d.acceptance(),
             d.passes,
-            if d.paused > 0 {
-                format!(", paused {}x (slower than plain steps)", d.paused)
+            if d.skipped > 0 {
+                format!(", {} drafts skipped (not expected to pay)", d.skipped)
             } else {
                 String::new()
             }
