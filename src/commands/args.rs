@@ -62,8 +62,8 @@ pub struct DraftArgs {
     /// edited). 0: off
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub draft: usize,
-    /// Keep drafting where it measures slower than plain decoding (by
-    /// default drafting pauses itself then, and tries again later)
+    /// Verify every draft, also where that measures slower than plain
+    /// decoding (by default a draft is verified only while drafting pays)
     #[arg(long)]
     pub draft_always: bool,
 }
