@@ -413,9 +413,8 @@ fn select_honours_forced_tiers() {
         assert_eq!(kernels::select(Some(b.name())).name(), b.name());
         assert_eq!(kernels::select(Some(b.tier().name())).tier(), b.tier());
     }
-    // `avx512` is opt-in (MFX_KERNELS=avx512) until it measures faster
-    // than avx2 on a quiet machine (docs/PERF.md); it is available exactly
-    // where AVX-512 F/BW/VL/VNNI are.
+    // `avx512` is available exactly where AVX-512 F/BW/VL/VNNI are, and
+    // then auto picks it (bit-identical to avx2, faster: docs/PERF.md).
     #[cfg(target_arch = "x86_64")]
     {
         let vnni = std::is_x86_feature_detected!("avx512f")
@@ -428,9 +427,12 @@ fn select_honours_forced_tiers() {
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        assert_eq!(best, Tier::Avx2);
-        // auto quantizes activations for 2/4-bit weights; f32 ones are opt-in.
-        assert_eq!(kernels::select(None).name(), "avx2");
+        // auto quantizes activations for 2/4-bit weights; f32 ones are
+        // opt-in. With VNNI the same sums run on vpdpbusd (bit-identical).
+        let vnni = avail.iter().any(|b| b.name() == "avx512");
+        let (name, tier) = if vnni { ("avx512", Tier::Avx512) } else { ("avx2", Tier::Avx2) };
+        assert_eq!(best, tier);
+        assert_eq!(kernels::select(None).name(), name);
         assert_eq!(kernels::select(Some("avx2-f32x")).name(), "avx2-f32x");
     } else {
         assert_eq!(kernels::select(Some("avx2")).tier(), Tier::Scalar);

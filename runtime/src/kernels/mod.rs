@@ -338,7 +338,12 @@ pub fn available() -> Vec<&'static dyn Backend> {
 /// 1.5067, 4-bit 1.5473, 4-bit + int8 x 1.5475). It can flip near-tied
 /// greedy choices, so `MFX_KERNELS=avx2-f32x` keeps f32 activations for
 /// output that matches mlx-lm (computing in f32) token for token.
-const AUTO_PREFERENCE: [&str; 3] = ["avx2", "neon", "scalar"];
+///
+/// `avx512` (avx2 with the int8 block sums on VNNI) is bit-identical to
+/// `avx2` (tests/kernels.rs), so preferring it changes no output; on a
+/// 2-vCPU AMD EPYC (Zen 4) it measured 1.25x prefill and 1.08x decode on
+/// the Qwen3-30B-A3B-shaped 4-layer pack, 3 interleaved rounds (docs/PERF.md).
+const AUTO_PREFERENCE: [&str; 4] = ["avx512", "avx2", "neon", "scalar"];
 
 /// Picks a tier; `forced` is the value of `MFX_KERNELS` if set. Unset, empty
 /// or `auto` picks by [`AUTO_PREFERENCE`]; a named tier the CPU lacks (or an
