@@ -1074,34 +1074,29 @@ impl Generator {
         }
     }
 
+    /// One forward call (the last position's logits) that keeps `fed` in
+    /// step with the model.
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        self.feed(tokens, false)
+    }
+
     /// [`Model::forward_steps`] (every position's logits, each as a
     /// one-token step computes it), keeping `fed` in step.
     fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        match self.model.forward_steps(tokens) {
-            Ok(logits) => {
-                self.fed.extend_from_slice(tokens);
-                let expected = tokens.len() * self.model.info().vocab_size;
-                if logits.len() != expected {
-                    return Err(GenerateError::LogitsSize {
-                        got: logits.len(),
-                        expected,
-                    });
-                }
-                Ok(logits)
-            }
-            Err(e) => {
-                self.reset();
-                Err(e.into())
-            }
-        }
+        self.feed(tokens, true)
     }
 
-    /// One forward call that keeps `fed` in step with the model.
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        match self.model.forward(tokens, false) {
+    fn feed(&mut self, tokens: &[u32], steps: bool) -> Result<Vec<f32>, GenerateError> {
+        let out = if steps {
+            self.model.forward_steps(tokens)
+        } else {
+            self.model.forward(tokens, false)
+        };
+        match out {
             Ok(logits) => {
                 self.fed.extend_from_slice(tokens);
-                let expected = self.model.info().vocab_size;
+                let rows = if steps { tokens.len() } else { 1 };
+                let expected = rows * self.model.info().vocab_size;
                 if logits.len() != expected {
                     return Err(GenerateError::LogitsSize {
                         got: logits.len(),
