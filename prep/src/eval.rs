@@ -73,10 +73,12 @@ pub fn nll_per_text(
     seq: usize,
     experts: &dyn LayerExperts,
 ) -> Result<Vec<(String, f64)>> {
-    Ok(source_per_text(model, weights, tok, texts, rows, seq, experts)?
-        .into_iter()
-        .map(|s| (s.name, s.nll))
-        .collect())
+    Ok(
+        source_per_text(model, weights, tok, texts, rows, seq, experts)?
+            .into_iter()
+            .map(|s| (s.name, s.nll))
+            .collect(),
+    )
 }
 
 /// The source (or any model) on each evaluation text, kept for comparison.

@@ -120,7 +120,11 @@ impl KldStats {
         let nf = n as f64;
         let mean = self.kld.iter().sum::<f64>() / nf;
         let var = if n > 1 {
-            self.kld.iter().map(|k| (k - mean) * (k - mean)).sum::<f64>() / (nf - 1.0)
+            self.kld
+                .iter()
+                .map(|k| (k - mean) * (k - mean))
+                .sum::<f64>()
+                / (nf - 1.0)
         } else {
             0.0
         };

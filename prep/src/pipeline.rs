@@ -6,8 +6,8 @@ use crate::entropy::{code_entropy, Measure};
 use crate::error::{PrepError, Result};
 use crate::merge::{self, MergeOutcome};
 use crate::pin::pin_by_mass;
-use crate::prune::{self, Pruning};
 use crate::plan::{self, LayerUse, Plan, PlanInput};
+use crate::prune::{self, Pruning};
 use crate::quantize::{self, DenseTensor, Stored};
 use crate::report::{self, CodecStats, PackReport};
 use crate::routing::{self, CalibBatch, LayerStats};
@@ -451,7 +451,10 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             o.calib_seq,
             &SourceExperts(&ck),
         )?;
-        for crate::eval::SourceEval { name: n, nll: v, .. } in &source_ref {
+        for crate::eval::SourceEval {
+            name: n, nll: v, ..
+        } in &source_ref
+        {
             log(&format!("  source NLL on {n}: {v:.4}"));
         }
         log(&format!(

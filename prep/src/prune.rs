@@ -137,7 +137,12 @@ impl Pruning {
                 let rows = match prev.and_then(|pl| self.kept(pl)) {
                     Some(pk) => pk
                         .iter()
-                        .map(|&pe| lp.coactivation.get(pe as usize).cloned().unwrap_or_default())
+                        .map(|&pe| {
+                            lp.coactivation
+                                .get(pe as usize)
+                                .cloned()
+                                .unwrap_or_default()
+                        })
                         .collect(),
                     None => lp.coactivation.clone(),
                 };
@@ -228,7 +233,10 @@ mod tests {
             Some(&[0u32, 2, 3][..])
         );
         assert_eq!(p.router_rows("model.layers.2.mlp.gate", 4), None);
-        assert_eq!(p.router_rows("model.layers.3.mlp.shared_expert_gate", 4), None);
+        assert_eq!(
+            p.router_rows("model.layers.3.mlp.shared_expert_gate", 4),
+            None
+        );
         assert_eq!(p.router_rows("model.layers.3.mlp.gate", 1), None);
         let c = p.config(&serde_json::json!({"num_experts": 4, "top_k": 1}));
         assert_eq!(c["num_experts"], 3);

@@ -1014,8 +1014,12 @@ impl Generator {
             .then(|| self.model.state().and_then(|s| s.prefix_copy(keep, cp)))
             .flatten();
         let tokens = self.fed[..keep.min(self.fed.len())].to_vec();
-        let checkpoints: Vec<Checkpoint> =
-            self.checkpoints.iter().filter(|c| c.len <= keep).cloned().collect();
+        let checkpoints: Vec<Checkpoint> = self
+            .checkpoints
+            .iter()
+            .filter(|c| c.len <= keep)
+            .cloned()
+            .collect();
         let on_grid = self.on_grid.min(keep - keep % self.prefill_chunk);
         self.stash_live();
         if let Some(state) = copy {
@@ -1133,7 +1137,11 @@ pub fn model_identity(resolved: &crate::load::Resolved, opts: &LoadOptions) -> u
             let dir = if resolved.path.is_dir() {
                 resolved.path.clone()
             } else {
-                resolved.path.parent().map(Path::to_path_buf).unwrap_or_default()
+                resolved
+                    .path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
             };
             if let Ok(b) = std::fs::read(dir.join("config.json")) {
                 h.update(&b);

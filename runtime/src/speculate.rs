@@ -149,7 +149,12 @@ impl Drafter {
         if !self.opts.enabled() || room == 0 {
             return Vec::new();
         }
-        let draft = lookup(seq, self.opts.max_ngram, self.opts.min_ngram, self.cap.min(room));
+        let draft = lookup(
+            seq,
+            self.opts.max_ngram,
+            self.opts.min_ngram,
+            self.cap.min(room),
+        );
         if draft.is_empty() || !self.opts.auto_off {
             return draft;
         }
@@ -246,7 +251,7 @@ mod tests {
         // and score the draft against the tokens that come.
         assert!(d.draft(&seq, 10).is_empty());
         assert_eq!(d.stats.skipped, 2); // this one and the first (no step time yet)
-        // After a miss the cap is 1: the skipped draft was [3], and it held.
+                                        // After a miss the cap is 1: the skipped draft was [3], and it held.
         d.observe(3);
         assert!(d.accept > 0.5);
         // Still not paying at this cost.

@@ -399,7 +399,8 @@ fn cache_budget_below_minimum_states_the_minimum() {
     );
 
     let check = |budget: u64, working: Option<u64>| {
-        let plan = plan_budget(&pack, layers, top_k, budget, true, working, 0, io, threads).unwrap();
+        let plan =
+            plan_budget(&pack, layers, top_k, budget, true, working, 0, io, threads).unwrap();
         let total = plan.dense_bytes + plan.pinned_bytes + plan.reserve_bytes + plan.cache_bytes;
         assert!(total <= budget, "{plan:?} adds up to {total} > {budget}");
         assert!(plan.reserve_bytes >= needs.working + working.unwrap_or(0));
@@ -419,7 +420,18 @@ fn cache_budget_below_minimum_states_the_minimum() {
         .zip(&at_min.capacity)
         .all(|(a, b)| a >= b));
     let working = 100u64 << 20;
-    let err = plan_budget(&pack, layers, top_k, min, true, Some(working), 0, io, threads).unwrap_err();
+    let err = plan_budget(
+        &pack,
+        layers,
+        top_k,
+        min,
+        true,
+        Some(working),
+        0,
+        io,
+        threads,
+    )
+    .unwrap_err();
     let BudgetError::TooSmall {
         min: with_working, ..
     } = err

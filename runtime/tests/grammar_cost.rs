@@ -22,9 +22,12 @@ use serde_json::json;
 #[test]
 #[ignore = "a measurement, run by hand (see the module docs)"]
 fn mask_cost_per_token() {
-    let model = std::env::var("MFX_GRAMMAR_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/tiny-qwen3-moe-coder")
-    });
+    let model = std::env::var("MFX_GRAMMAR_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/models/tiny-qwen3-moe-coder")
+        });
     let mut gen = Generator::load(&model, &LoadOptions::default()).expect("load model");
     let t = Instant::now();
     let env = GrammarEnv::new(
@@ -65,7 +68,10 @@ fn mask_cost_per_token() {
         .expect("grammar")
     };
     let cases = [
-        ("json_object", grammar::json_reply(JsonShape::AnyObject, false)),
+        (
+            "json_object",
+            grammar::json_reply(JsonShape::AnyObject, false),
+        ),
         (
             "json_schema",
             grammar::json_reply(

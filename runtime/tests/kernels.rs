@@ -430,7 +430,11 @@ fn select_honours_forced_tiers() {
         // auto quantizes activations for 2/4-bit weights; f32 ones are
         // opt-in. With VNNI the same sums run on vpdpbusd (bit-identical).
         let vnni = avail.iter().any(|b| b.name() == "avx512");
-        let (name, tier) = if vnni { ("avx512", Tier::Avx512) } else { ("avx2", Tier::Avx2) };
+        let (name, tier) = if vnni {
+            ("avx512", Tier::Avx512)
+        } else {
+            ("avx2", Tier::Avx2)
+        };
         assert_eq!(best, tier);
         assert_eq!(kernels::select(None).name(), name);
         assert_eq!(kernels::select(Some("avx2-f32x")).name(), "avx2-f32x");

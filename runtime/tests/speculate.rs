@@ -50,7 +50,15 @@ fn first_difference(a: &[f32], b: &[f32], vocab: usize) -> Option<String> {
     a.iter()
         .zip(b)
         .position(|(x, y)| x.to_bits() != y.to_bits())
-        .map(|i| format!("position {} logit {}: {} vs {}", i / vocab, i % vocab, a[i], b[i]))
+        .map(|i| {
+            format!(
+                "position {} logit {}: {} vs {}",
+                i / vocab,
+                i % vocab,
+                a[i],
+                b[i]
+            )
+        })
 }
 
 /// Every family fixture: `forward_steps` after a prefill equals one-token
@@ -112,11 +120,18 @@ fn tiny_mlx() -> PathBuf {
 /// A file the model has read and is asked to write again: drafts hit.
 fn repeat_prompt(g: &Generator) -> Vec<u32> {
     let code = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument(\"--input\", required=True)\n    parser.add_argument(\"--output\", default=\"out.txt\")\n    return parser.parse_args(argv)\n\n\ndef main(argv):\n    args = parse_args(argv)\n    with open(args.input) as f:\n        text = f.read()\n    with open(args.output, \"w\") as f:\n        f.write(text.upper())\n";
-    let text = format!("{code}\n\n# The same file again:\n{code}\n\n# Once more:\ndef parse_args(argv):\n");
+    let text = format!(
+        "{code}\n\n# The same file again:\n{code}\n\n# Once more:\ndef parse_args(argv):\n"
+    );
     g.encode_prompt(&text).unwrap()
 }
 
-fn run(g: &mut Generator, prompt: &[u32], p: &SamplingParams, spec: SpecOptions) -> (Vec<u32>, usize, usize) {
+fn run(
+    g: &mut Generator,
+    prompt: &[u32],
+    p: &SamplingParams,
+    spec: SpecOptions,
+) -> (Vec<u32>, usize, usize) {
     g.reset();
     g.set_speculation(spec);
     let opts = GenerateOptions {
@@ -130,7 +145,11 @@ fn run(g: &mut Generator, prompt: &[u32], p: &SamplingParams, spec: SpecOptions)
     // The state holds what it would without drafting: prompt and reply
     // (the last sampled token not yet fed).
     assert_eq!(c.token_ids.len(), 96);
-    (c.token_ids, c.timings.draft.passes, c.timings.draft.accepted)
+    (
+        c.token_ids,
+        c.timings.draft.passes,
+        c.timings.draft.accepted,
+    )
 }
 
 #[test]
@@ -166,7 +185,10 @@ fn drafting_changes_no_token_greedy_or_seeded() {
             assert!(passes > 0, "{what} {kv:?}: no verify pass ran");
             if what == "greedy" {
                 // The model copies the file: most drafts hold.
-                assert!(accepted > 24, "{what} {kv:?}: only {accepted} draft tokens accepted");
+                assert!(
+                    accepted > 24,
+                    "{what} {kv:?}: only {accepted} draft tokens accepted"
+                );
             }
             // A follow-up turn reuses the state drafting left behind.
             let mut next = prompt.clone();
@@ -181,12 +203,18 @@ fn drafting_changes_no_token_greedy_or_seeded() {
             let c = g
                 .generate(&next, &greedy, &opts, &mut |_| ControlFlow::Continue(()))
                 .unwrap();
-            assert!(c.reused_prompt_tokens > 0, "{what} {kv:?}: nothing reused after drafting");
+            assert!(
+                c.reused_prompt_tokens > 0,
+                "{what} {kv:?}: nothing reused after drafting"
+            );
             g.reset();
             let cold = g
                 .generate(&next, &greedy, &opts, &mut |_| ControlFlow::Continue(()))
                 .unwrap();
-            assert_eq!(c.token_ids, cold.token_ids, "{what} {kv:?}: reuse after drafting");
+            assert_eq!(
+                c.token_ids, cold.token_ids,
+                "{what} {kv:?}: reuse after drafting"
+            );
         }
     }
 }
@@ -220,6 +248,10 @@ fn verify_cost() {
             m.forward(&vec![7; k], true).unwrap();
             plain = plain.min(t.elapsed().as_secs_f64());
         }
-        println!("k={k}: forward_steps {:.2} ms, forward(all logits) {:.2} ms", best * 1e3, plain * 1e3);
+        println!(
+            "k={k}: forward_steps {:.2} ms, forward(all logits) {:.2} ms",
+            best * 1e3,
+            plain * 1e3
+        );
     }
 }

@@ -60,7 +60,8 @@ fn kld(model: &Path, base: &Path, data: &Path, rows: usize, ctx: usize) -> serde
 }
 
 fn f(v: &serde_json::Value, k: &str) -> f64 {
-    v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_f64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -144,7 +145,11 @@ fn kld_matches_a_direct_computation_from_transformers_logits() {
             lsm(&t[i * vocab..(i + 1) * vocab]),
             lsm(&q[i * vocab..(i + 1) * vocab]),
         );
-        kl += a.iter().zip(&b).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+        kl += a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.exp() * (x - y))
+            .sum::<f64>();
         nll_ref -= a[next as usize];
         let am = |v: &[f64]| {
             v.iter()
@@ -214,9 +219,17 @@ fn prep_reports_kld_beside_nll() {
     // scores rows of --calib-seq tokens through its layer-by-layer pass).
     let v = kld(&out, &tiny(), &c, 2, 64);
     let rel = (f(&v, "mean") - f(k, "mean")).abs() / f(k, "mean");
-    assert!(rel < 0.02, "eval kld {} vs prep {}", f(&v, "mean"), f(k, "mean"));
+    assert!(
+        rel < 0.02,
+        "eval kld {} vs prep {}",
+        f(&v, "mean"),
+        f(k, "mean")
+    );
     let card = std::fs::read_to_string(d.path().join("README.md")).unwrap();
-    assert!(card.contains("| KLD mean | KLD p99 | top-1 agreement |"), "{card}");
+    assert!(
+        card.contains("| KLD mean | KLD p99 | top-1 agreement |"),
+        "{card}"
+    );
 }
 
 /// `--prune`: the report names the experts removed (the lowest saliency,
@@ -265,7 +278,10 @@ fn pruned_pack_drops_unrouted_experts_without_changing_outputs() {
     let (full, _) = make("full", "0");
     let (pruned, r) = make("pruned", "0.1");
     let p = &r["prune"];
-    assert_eq!((p["experts_before"].as_u64(), p["experts_after"].as_u64()), (Some(64), Some(57)));
+    assert_eq!(
+        (p["experts_before"].as_u64(), p["experts_after"].as_u64()),
+        (Some(64), Some(57))
+    );
     let layers = p["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 6);
     for l in layers {
@@ -276,7 +292,11 @@ fn pruned_pack_drops_unrouted_experts_without_changing_outputs() {
         let lo = kept.iter().map(|&e| s[e]).fold(f64::INFINITY, f64::min);
         assert!(dropped.iter().all(|&e| s[e] <= lo), "layer {}", l["layer"]);
         // The precondition: these rows route to none of the dropped experts.
-        assert!(dropped.iter().all(|&e| s[e] == 0.0), "layer {}: {s:?}", l["layer"]);
+        assert!(
+            dropped.iter().all(|&e| s[e] == 0.0),
+            "layer {}: {s:?}",
+            l["layer"]
+        );
     }
     let inspect = ok(&mfx(&["inspect", pruned.to_str().unwrap(), "--json"]));
     assert!(

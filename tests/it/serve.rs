@@ -191,8 +191,12 @@ fn serve_interleaved_conversations_keep_their_cached_prompts() {
         for turn in 0..3 {
             for h in hist.iter_mut() {
                 let req = serde_json::json!({"messages": h, "temperature": 0, "max_tokens": 4});
-                let (status, body) =
-                    http(&server.addr, "POST", "/v1/chat/completions", &req.to_string());
+                let (status, body) = http(
+                    &server.addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &req.to_string(),
+                );
                 assert_eq!(status, 200, "{body}");
                 let v: serde_json::Value = serde_json::from_str(&body).expect("json");
                 let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens");

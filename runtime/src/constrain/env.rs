@@ -63,7 +63,11 @@ impl GrammarEnv {
         }
         let mut info = bt.tokrx_info();
         info.vocab_size = vocab as u32;
-        let eos: Vec<u32> = eos.iter().copied().filter(|&e| (e as usize) < vocab).collect();
+        let eos: Vec<u32> = eos
+            .iter()
+            .copied()
+            .filter(|&e| (e as usize) < vocab)
+            .collect();
         if let Some(&first) = eos.first() {
             info.tok_eos = first;
         }

@@ -100,7 +100,8 @@ fn with_options(schema: &Value, strict: bool) -> Value {
             m
         }
     };
-    m.entry("x-guidance").or_insert_with(|| json_options(strict));
+    m.entry("x-guidance")
+        .or_insert_with(|| json_options(strict));
     Value::Object(m)
 }
 
@@ -279,11 +280,7 @@ fn xml_text(
         _ => None,
     };
     if let Some(choices) = choices {
-        let strings: Vec<String> = choices
-            .iter()
-            .filter_map(|v| v.as_str())
-            .map(lit)
-            .collect();
+        let strings: Vec<String> = choices.iter().filter_map(|v| v.as_str()).map(lit).collect();
         if strings.is_empty() {
             return Err(ConstrainError::Unsupported(format!(
                 "tool `{}`, parameter `{key}`: its allowed values are not strings, which this model's XML call syntax cannot write as the schema's type",
@@ -334,7 +331,10 @@ mod tests {
         assert_eq!(s["x-guidance"], json!({"lenient": true}));
         let s = with_options(&json!({"type": "object"}), true);
         assert_eq!(s["x-guidance"]["lenient"], false);
-        assert_eq!(with_options(&json!(true), false)["x-guidance"]["lenient"], true);
+        assert_eq!(
+            with_options(&json!(true), false)["x-guidance"]["lenient"],
+            true
+        );
     }
 
     #[test]

@@ -15,8 +15,7 @@ const EOS: u32 = 2;
 fn tokenizer() -> tokenizers::Tokenizer {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/models/tiny-qwen3-moe-coder/tokenizer.json");
-    tokenizers::Tokenizer::from_file(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    tokenizers::Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn env() -> GrammarEnv {
@@ -99,7 +98,10 @@ fn json_schema_is_enforced() {
     assert!(accepts(&g, r#"{"name": "Ann", "age": 30}"#));
     assert!(!accepts(&g, r#"{"name": "Ann"}"#), "age is required");
     assert!(!accepts(&g, r#"{"name": "Ann", "age": -1}"#));
-    assert!(!accepts(&g, r#"{"name": "Annabel", "age": 3}"#), "maxLength");
+    assert!(
+        !accepts(&g, r#"{"name": "Annabel", "age": 3}"#),
+        "maxLength"
+    );
     assert!(!accepts(&g, r#"{"name": "Ann", "age": 3, "x": 1}"#));
 }
 
@@ -116,7 +118,10 @@ fn strict_refuses_what_it_cannot_enforce_and_lenient_ignores_it() {
     );
     match env.compile(&strict, "") {
         Err(ConstrainError::Grammar(m)) => assert!(m.contains("no-such-format"), "{m}"),
-        other => panic!("expected a grammar error, got {:?}", other.map(|g| g.source().to_owned())),
+        other => panic!(
+            "expected a grammar error, got {:?}",
+            other.map(|g| g.source().to_owned())
+        ),
     }
     let lenient = grammar::json_reply(
         JsonShape::Schema {
@@ -132,7 +137,11 @@ fn strict_refuses_what_it_cannot_enforce_and_lenient_ignores_it() {
 fn hermes_calls_name_an_offered_tool_with_schema_valid_arguments() {
     let w = weather();
     let empty = json!({"type": "object", "properties": {}});
-    let one = calls(CallSyntax::Hermes, &[("get_weather", &w), ("now", &empty)], false);
+    let one = calls(
+        CallSyntax::Hermes,
+        &[("get_weather", &w), ("now", &empty)],
+        false,
+    );
     let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 2}}\n</tool_call>";
     let now = "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
     assert!(accepts(&one, call));
@@ -151,7 +160,11 @@ fn hermes_calls_name_an_offered_tool_with_schema_valid_arguments() {
         &one,
         "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
     ));
-    let many = calls(CallSyntax::Hermes, &[("get_weather", &w), ("now", &empty)], true);
+    let many = calls(
+        CallSyntax::Hermes,
+        &[("get_weather", &w), ("now", &empty)],
+        true,
+    );
     assert!(accepts(&many, &format!("{call}\n{now}")));
 
     // What the grammar allows is what the Hermes parser reads back.

@@ -1680,12 +1680,7 @@ pub(super) use super::avx512::Vnni;
 
 /// Matrices of one layout (bits, cols, group size) sharing x: x is quantized
 /// once and their rows, concatenated, are cut into one set of parallel chunks.
-fn int8x_many<D: DecodeI8, K: I8Dot>(
-    ms: &[&AffineMatrix<'_>],
-    x: &[f32],
-    n: usize,
-    outs: &[Out],
-) {
+fn int8x_many<D: DecodeI8, K: I8Dot>(ms: &[&AffineMatrix<'_>], x: &[f32], n: usize, outs: &[Out]) {
     let a0 = ms[0];
     let xq = quantize_x_for::<D, K>(x, n, a0.cols, a0.group_size);
     let row_bytes = a0.row_bytes() + a0.groups_per_row() * 4;

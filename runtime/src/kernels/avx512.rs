@@ -41,13 +41,7 @@ impl I8Dot for Vnni {
     const Q8_CORR: bool = true;
     #[inline(always)]
     unsafe fn pair(ca: __m256i, cb: __m256i, xa: __m256i, xb: __m256i) -> __m256i {
-        unsafe {
-            _mm256_dpbusd_epi32(
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), ca, xa),
-                cb,
-                xb,
-            )
-        }
+        unsafe { _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ca, xa), cb, xb) }
     }
     #[inline(always)]
     unsafe fn one(c: __m256i, x: __m256i) -> __m256i {

@@ -13,8 +13,8 @@
 use super::layerwise::{load_expert_by_names, Layerwise};
 use super::nn::kv_cache::{KvBits, LayerKv};
 use super::nn::moe::RouterObserver;
-use super::state::{StateError, StateReader};
 use super::stack::{FamilyModel, Stack};
+use super::state::{StateError, StateReader};
 use super::{LoadOptions, Model};
 use crate::cache::{ExpertCache, WorkingShape};
 use crate::error::RuntimeError;

@@ -122,7 +122,9 @@ pub trait Model: Send {
     /// every layer's shape checked.
     fn load_state(&self, bytes: &[u8]) -> Result<Box<dyn SeqStates>, StateError> {
         let _ = bytes;
-        Err(StateError::Mismatch("this model keeps no movable state".into()))
+        Err(StateError::Mismatch(
+            "this model keeps no movable state".into(),
+        ))
     }
     /// The streaming expert cache behind this model's routed experts, when
     /// it was loaded from a pack (for `--stats`, `/metrics`, `mfx bench`).

@@ -271,7 +271,9 @@ impl<S: SeqState + 'static> SeqStates for Vec<S> {
         true
     }
     fn prefix_copy(&self, len: usize, cp: Option<&Checkpoint>) -> Option<Box<dyn SeqStates>> {
-        if len > SeqStates::len(self) || cp.is_some_and(|c| c.len != len || c.layers.len() != self.len()) {
+        if len > SeqStates::len(self)
+            || cp.is_some_and(|c| c.len != len || c.layers.len() != self.len())
+        {
             return None;
         }
         let mut out = Vec::with_capacity(self.len());

@@ -93,7 +93,11 @@ impl Slot {
     /// What this slot costs in RAM.
     pub fn bytes(&self) -> u64 {
         (self.state.bytes()
-            + self.checkpoints.iter().map(Checkpoint::bytes).sum::<usize>()
+            + self
+                .checkpoints
+                .iter()
+                .map(Checkpoint::bytes)
+                .sum::<usize>()
             + self.tokens.len() * 4) as u64
     }
 }
@@ -293,8 +297,20 @@ impl PromptCache {
     /// How much of `prompt` (at most `limit` tokens) `tokens` with `reach`
     /// can give back: their common prefix, on the grid if `exact`, at a
     /// reachable length.
-    fn usable(&self, tokens: &[u32], on_grid: usize, reach: &Reach, prompt: &[u32], limit: usize, exact: bool) -> usize {
-        let common = tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    fn usable(
+        &self,
+        tokens: &[u32],
+        on_grid: usize,
+        reach: &Reach,
+        prompt: &[u32],
+        limit: usize,
+        exact: bool,
+    ) -> usize {
+        let common = tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         let mut keep = common.min(limit);
         if exact {
             keep = keep.min(on_grid);
@@ -308,10 +324,16 @@ impl PromptCache {
     pub fn best(&self, prompt: &[u32], limit: usize, exact: bool) -> Option<(Source, usize)> {
         let mem = self.slots.iter().enumerate().map(|(i, s)| {
             let reach = Reach::of(s.state.as_ref(), &s.checkpoints);
-            (Source::Memory(i), self.usable(&s.tokens, s.on_grid, &reach, prompt, limit, exact))
+            (
+                Source::Memory(i),
+                self.usable(&s.tokens, s.on_grid, &reach, prompt, limit, exact),
+            )
         });
         let disk = self.disk.iter().enumerate().map(|(i, d)| {
-            (Source::Disk(i), self.usable(&d.tokens, d.on_grid, &d.reachable, prompt, limit, exact))
+            (
+                Source::Disk(i),
+                self.usable(&d.tokens, d.on_grid, &d.reachable, prompt, limit, exact),
+            )
         });
         // Ties go to RAM (listed first).
         mem.chain(disk)
@@ -368,10 +390,12 @@ impl PromptCache {
 
     fn read_disk(&self, d: &DiskSlot, model: &dyn Model) -> Result<Slot, SlotError> {
         let f = spill::read(&d.path, self.identity, self.grid)?;
-        let state = model.load_state(&f.state).map_err(|source| SlotError::State {
-            path: d.path.clone(),
-            source,
-        })?;
+        let state = model
+            .load_state(&f.state)
+            .map_err(|source| SlotError::State {
+                path: d.path.clone(),
+                source,
+            })?;
         let bad = |msg: String| {
             SlotError::Spill(spill::SpillError::Invalid {
                 path: d.path.clone(),
@@ -396,7 +420,12 @@ impl PromptCache {
                 )));
             }
         }
-        Ok(Slot::new(f.header.tokens, f.header.on_grid, state, f.checkpoints))
+        Ok(Slot::new(
+            f.header.tokens,
+            f.header.on_grid,
+            state,
+            f.checkpoints,
+        ))
     }
 
     /// Counts a prompt that reused nothing / `n` tokens.
@@ -418,8 +447,8 @@ impl PromptCache {
         slot.last_use = self.clock;
         let reach = Reach::of(slot.state.as_ref(), &slot.checkpoints);
         self.slots.retain(|s| {
-            let covered = slot.tokens.starts_with(&s.tokens)
-                && reach.best(s.tokens.len()) == s.tokens.len();
+            let covered =
+                slot.tokens.starts_with(&s.tokens) && reach.best(s.tokens.len()) == s.tokens.len();
             !covered
         });
         self.slots.push(slot);
@@ -428,7 +457,9 @@ impl PromptCache {
 
     /// The RAM the slots may use now.
     fn ram_limit(&self) -> u64 {
-        self.opts.ram_bytes.min(self.pressure.load(Ordering::Relaxed))
+        self.opts
+            .ram_bytes
+            .min(self.pressure.load(Ordering::Relaxed))
     }
 
     /// Evicts least recently used slots until within count and bytes.

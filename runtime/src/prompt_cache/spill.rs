@@ -135,11 +135,11 @@ fn parse_header(path: &Path, b: &[u8]) -> Result<(Header, usize), SpillError> {
     let grid = u64_at(24) as usize;
     let n = u64_at(32);
     let on_grid = u64_at(40) as usize;
-    let end = n
-        .checked_mul(4)
-        .and_then(|t| t.checked_add(48))
-        .filter(|&e| e <= b.len() as u64)
-        .ok_or_else(|| bad(&format!("{n} token ids do not fit in the file")))? as usize;
+    let end =
+        n.checked_mul(4)
+            .and_then(|t| t.checked_add(48))
+            .filter(|&e| e <= b.len() as u64)
+            .ok_or_else(|| bad(&format!("{n} token ids do not fit in the file")))? as usize;
     let tokens: Vec<u32> = b[48..end]
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("4")))

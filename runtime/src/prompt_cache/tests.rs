@@ -14,7 +14,9 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 fn shared(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(rel)
 }
 
 /// The tiny 4-bit model (int8 kernels on the default tier, where the
@@ -42,7 +44,12 @@ fn hybrid(fixture: &str) -> Generator {
         .and_then(|r| r.load(&LoadOptions::default()))
         .expect("load qwen3_next fixture");
     let tok = Tokenizer::from_model_dir(&shared("models/tiny-qwen3-moe-coder")).expect("tokenizer");
-    let mut g = Generator::new(model, tok, None::<ChatTemplate>, GenerationConfig::default());
+    let mut g = Generator::new(
+        model,
+        tok,
+        None::<ChatTemplate>,
+        GenerationConfig::default(),
+    );
     g.set_model_identity(0x0123_4567);
     g.set_prefill_chunk(16);
     g
@@ -110,7 +117,11 @@ fn interleaved_sessions_keep_their_prefixes() {
             let (plain_toks, _, plain_reused) = run(&mut plain, h, 6);
             cold.reset();
             let (cold_toks, cold_bits, _) = run(&mut cold, h, 6);
-            assert_eq!((&toks, &bits), (&cold_toks, &cold_bits), "session {s} turn {turn}");
+            assert_eq!(
+                (&toks, &bits),
+                (&cold_toks, &cold_bits),
+                "session {s} turn {turn}"
+            );
             assert_eq!(plain_toks, toks);
             if turn > 0 {
                 assert!(
@@ -118,7 +129,10 @@ fn interleaved_sessions_keep_their_prefixes() {
                     "session {s} turn {turn}: {reused} of {} reused",
                     h.len()
                 );
-                assert_eq!(plain_reused, 0, "without slots the other session's turn evicts");
+                assert_eq!(
+                    plain_reused, 0,
+                    "without slots the other session's turn evicts"
+                );
             }
             h.extend(&toks);
             h.extend(ids(10 + turn as u64 * 2 + s as u64, 12, 5000));
@@ -154,7 +168,10 @@ fn resumes_from_a_checkpoint(fixture: &str) {
     h2.extend(ids(9, 25, 500));
     let _ = run(&mut g, &h1, 4);
     let (toks, bits, reused) = run(&mut g, &h2, 8);
-    assert_eq!(reused, 80, "{fixture}: the checkpoint at 80 before the divergence at 90");
+    assert_eq!(
+        reused, 80,
+        "{fixture}: the checkpoint at 80 before the divergence at 90"
+    );
     let (cold_toks, cold_bits, cold_reused) = run(&mut cold, &h2, 8);
     assert_eq!(cold_reused, 0);
     assert_eq!((toks, bits), (cold_toks, cold_bits), "{fixture}");
@@ -255,7 +272,10 @@ fn damaged_or_foreign_slot_files_are_refused() {
     let st = g.slot_stats();
     assert_eq!(st.restore_errors, 1);
     let msg = st.last_error.expect("an error message");
-    assert!(msg.contains("checksum mismatch") && msg.contains(&*file.to_string_lossy()), "{msg}");
+    assert!(
+        msg.contains("checksum mismatch") && msg.contains(&*file.to_string_lossy()),
+        "{msg}"
+    );
     assert!(!file.exists(), "a refused file is removed");
 
     // A file of another model (here: another identity) under this
@@ -268,7 +288,9 @@ fn damaged_or_foreign_slot_files_are_refused() {
     };
     let mut g = tiny();
     g.set_slots(slots(2, Some(dir.path())));
-    let foreign = dir.path().join(spill::file_name(g.model_identity(), 16, &h[..96]));
+    let foreign = dir
+        .path()
+        .join(spill::file_name(g.model_identity(), 16, &h[..96]));
     std::fs::write(&foreign, spill::encode(&header, &[], &[0; 64])).expect("write");
     g.set_slots(slots(2, Some(dir.path())));
     let got = run(&mut g, &h, 4);

@@ -153,10 +153,11 @@ pub fn to_api(flavor: Flavor, e: ConstrainError, field: &str) -> ApiError {
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),
         ),
-        ConstrainError::Grammar(m) => {
-            ApiError::bad_request(flavor, format!("{field}: the schema cannot be enforced: {m}"))
-                .param(field)
-        }
+        ConstrainError::Grammar(m) => ApiError::bad_request(
+            flavor,
+            format!("{field}: the schema cannot be enforced: {m}"),
+        )
+        .param(field),
         other => ApiError::bad_request(flavor, format!("{field}: {other}")).param(field),
     }
 }

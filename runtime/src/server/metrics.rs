@@ -248,16 +248,66 @@ pub fn render_slots(s: &mut String, c: Option<&crate::prompt_cache::SlotStats>) 
         fn(&crate::prompt_cache::SlotStats) -> u64,
     );
     let families: [SlotFamily; 10] = [
-        ("mfx_prompt_slot_hits_total", "counter", "Prompts that reused a prompt-cache slot held in RAM.", |c| c.hits),
-        ("mfx_prompt_slot_restores_total", "counter", "Prompts that reused a slot read back from the slot directory.", |c| c.restores),
-        ("mfx_prompt_slot_misses_total", "counter", "Prompts that reused no cached state at all.", |c| c.misses),
-        ("mfx_prompt_slot_spills_total", "counter", "Slots written to the slot directory on eviction.", |c| c.spills),
-        ("mfx_prompt_slot_drops_total", "counter", "Slots evicted without a directory to spill to (or failing to write).", |c| c.drops),
-        ("mfx_prompt_slot_restore_errors_total", "counter", "Slot files refused (checksum, model identity, shape).", |c| c.restore_errors),
-        ("mfx_prompt_slots", "gauge", "Sessions held in prompt-cache slots in RAM (besides the live one).", |c| c.slots),
-        ("mfx_prompt_slot_cached_tokens", "gauge", "Tokens whose state the RAM slots hold.", |c| c.cached_tokens),
-        ("mfx_prompt_slot_bytes", "gauge", "Bytes the RAM slots hold.", |c| c.bytes),
-        ("mfx_prompt_slot_disk_bytes", "gauge", "Bytes of slot files in the slot directory.", |c| c.disk_bytes),
+        (
+            "mfx_prompt_slot_hits_total",
+            "counter",
+            "Prompts that reused a prompt-cache slot held in RAM.",
+            |c| c.hits,
+        ),
+        (
+            "mfx_prompt_slot_restores_total",
+            "counter",
+            "Prompts that reused a slot read back from the slot directory.",
+            |c| c.restores,
+        ),
+        (
+            "mfx_prompt_slot_misses_total",
+            "counter",
+            "Prompts that reused no cached state at all.",
+            |c| c.misses,
+        ),
+        (
+            "mfx_prompt_slot_spills_total",
+            "counter",
+            "Slots written to the slot directory on eviction.",
+            |c| c.spills,
+        ),
+        (
+            "mfx_prompt_slot_drops_total",
+            "counter",
+            "Slots evicted without a directory to spill to (or failing to write).",
+            |c| c.drops,
+        ),
+        (
+            "mfx_prompt_slot_restore_errors_total",
+            "counter",
+            "Slot files refused (checksum, model identity, shape).",
+            |c| c.restore_errors,
+        ),
+        (
+            "mfx_prompt_slots",
+            "gauge",
+            "Sessions held in prompt-cache slots in RAM (besides the live one).",
+            |c| c.slots,
+        ),
+        (
+            "mfx_prompt_slot_cached_tokens",
+            "gauge",
+            "Tokens whose state the RAM slots hold.",
+            |c| c.cached_tokens,
+        ),
+        (
+            "mfx_prompt_slot_bytes",
+            "gauge",
+            "Bytes the RAM slots hold.",
+            |c| c.bytes,
+        ),
+        (
+            "mfx_prompt_slot_disk_bytes",
+            "gauge",
+            "Bytes of slot files in the slot directory.",
+            |c| c.disk_bytes,
+        ),
     ];
     for (name, kind, help, value) in families {
         let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n");

@@ -336,8 +336,7 @@ pub async fn create(
     let mut sampling = fields.into_request(req.max_output_tokens, None)?;
     // `text.format`: json_object / json_schema, enforced by a grammar.
     let format = req.text.as_ref().and_then(|t| t.get("format"));
-    sampling.response_format =
-        super::constraint::ResponseFormat::parse(format, F, "text.format")?;
+    sampling.response_format = super::constraint::ResponseFormat::parse(format, F, "text.format")?;
     let prepared = pipeline::prepare(
         &state,
         F,

@@ -658,7 +658,10 @@ async fn errors_have_provider_shapes() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
     // The message names the limit and the remedy (clients show it as is).
-    let msg = r.json()["error"]["message"].as_str().unwrap_or("").to_owned();
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     assert!(
         msg.contains("maximum context length is 1024 tokens") && msg.contains("--max-context"),
         "{msg}"

@@ -117,7 +117,9 @@ impl IndexerKeys {
     ) -> Result<(), crate::models::state::StateError> {
         crate::models::state::expect_eq("the indexer key width", r.usize()?, self.head_dim)?;
         let keys = r.f32s()?;
-        if self.head_dim == 0 && !keys.is_empty() || self.head_dim > 0 && keys.len() % self.head_dim != 0 {
+        if self.head_dim == 0 && !keys.is_empty()
+            || self.head_dim > 0 && keys.len() % self.head_dim != 0
+        {
             return Err(crate::models::state::StateError::Mismatch(format!(
                 "{} indexer key values are not whole keys of width {}",
                 keys.len(),

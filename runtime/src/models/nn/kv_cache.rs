@@ -5,7 +5,9 @@
 //! grows; attention itself always runs in f32 (see `attention.rs`).
 
 use crate::kernels;
-use crate::models::state::{expect_eq, put_f16s, put_f32s, put_i8s, put_u64, StateError, StateReader};
+use crate::models::state::{
+    expect_eq, put_f16s, put_f32s, put_i8s, put_u64, StateError, StateReader,
+};
 use half::f16;
 
 /// Storage precision of the KV cache.
@@ -150,7 +152,12 @@ impl Store {
     }
 
     /// Reads a store of this store's kind holding `n` elements.
-    fn load(&mut self, r: &mut StateReader<'_>, n: usize, head_dim: usize) -> Result<(), StateError> {
+    fn load(
+        &mut self,
+        r: &mut StateReader<'_>,
+        n: usize,
+        head_dim: usize,
+    ) -> Result<(), StateError> {
         let check = |got: usize, want: usize| expect_eq("a KV store's element count", got, want);
         match self {
             Store::F32(v) => {
@@ -390,7 +397,11 @@ impl LayerKv {
         expect_eq("KV heads", r.usize()?, self.kv_heads)?;
         expect_eq("the KV head width", r.usize()?, self.head_dim)?;
         let kind = self.k.first().map_or(0, Store::kind);
-        expect_eq("the KV storage kind (0 f32, 1 f16, 2 int8)", r.usize()?, kind)?;
+        expect_eq(
+            "the KV storage kind (0 f32, 1 f16, 2 int8)",
+            r.usize()?,
+            kind,
+        )?;
         let len = r.usize()?;
         let n = len
             .checked_mul(self.head_dim)
