@@ -27,7 +27,7 @@
 //! the length is unchanged.
 
 use super::family::{Dims, Family, FamilyConfig, SeqState};
-use super::nn::attention::{attend_and_store, AttnParams};
+use super::nn::attention::{attend, AttnParams};
 use super::nn::config::JsonCfg;
 use super::nn::delta_rule::{DeltaHead, HeadSeq};
 use super::nn::kv_cache::{KvBits, LayerKv};
@@ -489,7 +489,7 @@ impl Qwen3Next {
             st.kv.len(),
         );
         let p = AttnParams::new(c.heads, c.kv_heads, hd);
-        let mut out = attend_and_store(&p, &q, &k, &v, &mut st.kv, n);
+        let mut out = attend(&p, &q, &k, &v, &mut st.kv, n);
         for (o, g) in out.iter_mut().zip(&gate) {
             *o *= 1.0 / (1.0 + (-g).exp());
         }

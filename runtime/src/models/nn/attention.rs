@@ -185,7 +185,7 @@ pub fn gqa_with(
         0,
         kv.len(),
     );
-    let out = attend_and_store(p, &q, &k, &v, kv, n);
+    let out = attend(p, &q, &k, &v, kv, n);
     let mut y = vec![0.0; n * w.o.rows()];
     kernels::matmul(&w.o.mat(), &out, n, &mut y);
     y
@@ -285,35 +285,24 @@ fn softmax_with_sink(be: &dyn kernels::Backend, x: &mut [f32], scale: f32, sink:
 
 /// Causal grouped-query attention of `n` new queries (`q`: `[n, heads *
 /// head_dim]`) over the `kv.len()` cached positions followed by this call's
-/// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32,
-/// not yet appended). Returns `[n, heads * head_dim]`. With a window, each
-/// query reads only the keys inside it (cached ones included), so a decode
-/// step of a windowed layer costs `window` positions, not the context.
+/// own keys and values (`k_new`, `v_new`: `[n, kv_heads * head_dim]`, f32),
+/// which are then appended to `kv`. Returns `[n, heads * head_dim]`. With a
+/// window, each query reads only the keys inside it (cached ones included),
+/// so a decode step of a windowed layer costs `window` positions, not the
+/// context.
 ///
 /// Cached positions are read straight from the cache's storage (f16 or
 /// int8) by the backend's widening dot/axpy, so a decode step costs one pass
 /// over the cache and no allocation proportional to the context; the new
 /// positions stay f32 so a one-shot forward is exactly the f32 computation.
-pub fn attend(
-    p: &AttnParams<'_>,
-    q: &[f32],
-    k_new: &[f32],
-    v_new: &[f32],
-    kv: &LayerKv,
-    n: usize,
-) -> Vec<f32> {
-    attend_from(p, q, k_new, v_new, kv, n, kv.len(), false)
-}
-
-/// [`attend`], then appends the new keys and values to `kv`.
 ///
-/// With [`LayerKv::exact_steps`] set it stores first and lets query `i`
-/// read the positions before it from the cache (at the cache's storage
+/// With [`LayerKv::exact_steps`] set, the new positions are stored first
+/// and query `i` reads those before it from the cache (at its storage
 /// precision) and only its own key fresh, which is exactly what a one-token
 /// forward at that position reads. Speculative decoding verifies a draft
 /// this way, so its tokens are the ones decoding one at a time would give
-/// (with the f16 cache, plain [`attend`] differs by f16 rounding).
-pub fn attend_and_store(
+/// (otherwise, with the f16 cache, they differ by f16 rounding).
+pub fn attend(
     p: &AttnParams<'_>,
     q: &[f32],
     k_new: &[f32],
@@ -321,18 +310,18 @@ pub fn attend_and_store(
     kv: &mut LayerKv,
     n: usize,
 ) -> Vec<f32> {
+    let past = kv.len();
     if kv.exact_steps() && n > 1 {
-        let past = kv.len();
         kv.append(k_new, v_new);
         attend_from(p, q, k_new, v_new, kv, n, past, true)
     } else {
-        let out = attend(p, q, k_new, v_new, kv, n);
+        let out = attend_from(p, q, k_new, v_new, kv, n, past, false);
         kv.append(k_new, v_new);
         out
     }
 }
 
-/// The attention of [`attend`] for queries at positions `past..past + n`;
+/// [`attend`]'s attention for queries at positions `past..past + n`;
 /// `stored`: `kv` already holds them, and query `i` reads cached positions
 /// up to `past + i` and only itself from `k_new`/`v_new`.
 #[allow(clippy::too_many_arguments)]

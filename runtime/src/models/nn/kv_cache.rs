@@ -201,7 +201,7 @@ pub struct LayerKv {
     k: Vec<Store>,
     v: Vec<Store>,
     /// Attention stores new positions before reading them (see
-    /// [`super::attention::attend_and_store`]): set while a model computes
+    /// [`super::attention::attend`]): set while a model computes
     /// several positions that must equal one-token steps.
     exact_steps: bool,
 }

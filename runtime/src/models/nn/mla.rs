@@ -21,7 +21,7 @@
 //! to the key width), not the latent: simple and exact, but it does not
 //! give MLA's memory saving yet.
 
-use super::attention::{attend_and_store, AttnParams};
+use super::attention::{attend, AttnParams};
 use super::config::{JsonCfg, RopeScaling};
 use super::indexer::{attend_selected, Indexer, IndexerKeys, IndexerWeights};
 use super::kv_cache::{KvBits, LayerKv};
@@ -218,7 +218,7 @@ impl Mla {
             ..AttnParams::new(nh, nh, qk)
         };
         let padded = match &selection {
-            None => attend_and_store(&p, &q, &k, &v, &mut state.kv, n),
+            None => attend(&p, &q, &k, &v, &mut state.kv, n),
             Some(sel) => {
                 let out = attend_selected(&p, &q, &k, &v, &state.kv, n, sel);
                 state.kv.append(&k, &v);
