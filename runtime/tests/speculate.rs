@@ -4,7 +4,7 @@
 //! seeded sampling alike.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic is the failure report
 
-use mfx_runtime::generate::{GenerateOptions, Generator};
+use mfx_runtime::generate::{Completion, GenerateOptions, Generator};
 use mfx_runtime::models::{KvBits, LoadOptions, Model};
 use mfx_runtime::sampling::SamplingParams;
 use mfx_runtime::speculate::SpecOptions;
@@ -126,6 +126,23 @@ fn repeat_prompt(g: &Generator) -> Vec<u32> {
     g.encode_prompt(&text).unwrap()
 }
 
+fn generate(
+    g: &mut Generator,
+    prompt: &[u32],
+    p: &SamplingParams,
+    max_tokens: usize,
+) -> Completion {
+    let opts = GenerateOptions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    g.generate(prompt, p, &opts, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+}
+
+/// 96 tokens from a fresh state with drafting set to `spec`: the tokens,
+/// verify passes and accepted draft tokens.
 fn run(
     g: &mut Generator,
     prompt: &[u32],
@@ -134,17 +151,11 @@ fn run(
 ) -> (Vec<u32>, usize, usize) {
     g.reset();
     g.set_speculation(spec);
-    let opts = GenerateOptions {
-        max_tokens: 96,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let c = g
-        .generate(prompt, p, &opts, &mut |_| ControlFlow::Continue(()))
-        .unwrap();
-    // The state holds what it would without drafting: prompt and reply
-    // (the last sampled token not yet fed).
+    let c = generate(g, prompt, p, 96);
     assert_eq!(c.token_ids.len(), 96);
+    // The state holds what it would without drafting: the prompt and the
+    // reply but its last token (sampled, not yet fed); no drafted tail.
+    assert_eq!(g.cached_tokens(), prompt.len() + 95);
     (
         c.token_ids,
         c.timings.draft.passes,
@@ -195,22 +206,13 @@ fn drafting_changes_no_token_greedy_or_seeded() {
             next.extend(&spec[..95]);
             next.extend(g.encode_prompt("\n# end\n").unwrap());
             g.set_speculation(draft);
-            let opts = GenerateOptions {
-                max_tokens: 8,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let c = g
-                .generate(&next, &greedy, &opts, &mut |_| ControlFlow::Continue(()))
-                .unwrap();
+            let c = generate(&mut g, &next, &greedy, 8);
             assert!(
                 c.reused_prompt_tokens > 0,
                 "{what} {kv:?}: nothing reused after drafting"
             );
             g.reset();
-            let cold = g
-                .generate(&next, &greedy, &opts, &mut |_| ControlFlow::Continue(()))
-                .unwrap();
+            let cold = generate(&mut g, &next, &greedy, 8);
             assert_eq!(
                 c.token_ids, cold.token_ids,
                 "{what} {kv:?}: reuse after drafting"

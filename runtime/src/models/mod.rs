@@ -82,11 +82,7 @@ pub trait Model: Send {
     /// without changing a single output. This default feeds the tokens one at
     /// a time; models that batch it say so in [`Model::batched_steps`].
     fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        let mut out = Vec::with_capacity(tokens.len() * self.info().vocab_size);
-        for &t in tokens {
-            out.extend(self.forward(&[t], false)?);
-        }
-        Ok(out)
+        forward_each(self, tokens)
     }
     /// Whether [`Model::forward_steps`] runs as one batched pass and the
     /// positions it added can be truncated again (speculative decoding pays
@@ -131,6 +127,18 @@ pub trait Model: Send {
     fn expert_cache(&self) -> Option<Arc<ExpertCache>> {
         None
     }
+}
+
+/// [`Model::forward_steps`] the plain way: one forward call per token.
+pub(crate) fn forward_each<M: Model + ?Sized>(
+    m: &mut M,
+    tokens: &[u32],
+) -> Result<Vec<f32>, RuntimeError> {
+    let mut out = Vec::with_capacity(tokens.len() * m.info().vocab_size);
+    for &t in tokens {
+        out.extend(m.forward(&[t], false)?);
+    }
+    Ok(out)
 }
 
 /// The largest prompt chunk one forward pass takes unless

@@ -294,11 +294,7 @@ impl<F: Family> Model for FamilyModel<F> {
 
     fn forward_steps(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
         if !self.batched_steps() {
-            let mut out = Vec::with_capacity(tokens.len() * self.info.vocab_size);
-            for &t in tokens {
-                out.extend(self.forward(&[t], false)?);
-            }
-            return Ok(out);
+            return super::forward_each(self, tokens);
         }
         for s in self.state.iter_mut() {
             s.set_exact_steps(true);
