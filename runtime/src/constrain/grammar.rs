@@ -105,10 +105,48 @@ fn with_options(schema: &Value, strict: bool) -> Value {
     Value::Object(m)
 }
 
+/// The largest magnitude an integer without bounds may have here: 15
+/// digits (exact in a float64; llama.cpp's JSON grammars also stop at 16).
+/// Without a bound the number lexeme is unbounded, and a weak model asked
+/// for an optional integer (Codex's `max_output_tokens`) wrote digits until
+/// the context was full.
+const INT_BOUND: f64 = 999_999_999_999_999.0;
+
+/// `schema` with [`INT_BOUND`] on every integer that has no bound of its
+/// own (`minimum`/`maximum`, exclusive or not), at any depth. Values
+/// (`const`, `enum`, `default`, `examples`) are left alone.
+fn bound_integers(schema: &mut Value) {
+    match schema {
+        Value::Object(m) => {
+            let is_int = match m.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(a)) => a.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if is_int {
+                if !m.contains_key("minimum") && !m.contains_key("exclusiveMinimum") {
+                    m.insert("minimum".into(), json!(-INT_BOUND));
+                }
+                if !m.contains_key("maximum") && !m.contains_key("exclusiveMaximum") {
+                    m.insert("maximum".into(), json!(INT_BOUND));
+                }
+            }
+            for (k, v) in m.iter_mut() {
+                if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
+                    bound_integers(v);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(bound_integers),
+        _ => {}
+    }
+}
+
 /// `%json {…}` for `schema`, carrying `defs` (a tool's `$defs` /
 /// `definitions`, which its `#/$defs/…` references point at) at its root.
 fn json_rule(schema: &Value, defs: &Map<String, Value>, strict: bool) -> String {
     let mut s = with_options(schema, strict);
+    bound_integers(&mut s);
     if let Value::Object(m) = &mut s {
         for (k, v) in defs {
             m.entry(k.clone()).or_insert_with(|| v.clone());
@@ -244,6 +282,10 @@ fn xml_tool(g: &mut String, i: usize, tool: &ToolDef<'_>) -> Result<(), Constrai
         let head = lit(&format!("<parameter={key}>\n"));
         let value = if xml_type(schema) == "string" {
             xml_text(g, &rule, key, tool, schema)?
+        } else if let Some(rx) = plain_number(schema) {
+            let name = rule.to_uppercase();
+            g.push_str(&format!("{name}_NUM: /{rx}/\n"));
+            format!("{name}_NUM {}", lit(PARAM_TAIL))
         } else {
             g.push_str(&format!(
                 "{rule}v: {}\n",
@@ -261,6 +303,35 @@ fn xml_tool(g: &mut String, i: usize, tool: &ToolDef<'_>) -> Result<(), Constrai
     seq.push(lit("</function>\n"));
     g.push_str(&format!("t{i}: {}\n", seq.join(" ")));
     Ok(())
+}
+
+/// A bounded number lexeme for a parameter that is just a number (`type`
+/// `integer` or `number` and nothing but annotations): at most 15 integer
+/// digits (see [`INT_BOUND`]), 15 fraction digits and a 3-digit exponent.
+/// llguidance's own float lexeme has no length limit, even with bounds, so
+/// a model could write digits forever; numbers with bounds or `multipleOf`
+/// keep llguidance's exact rule (integers there are bounded by
+/// [`bound_integers`]).
+fn plain_number(schema: &Value) -> Option<&'static str> {
+    const ANNOTATIONS: [&str; 8] = [
+        "type",
+        "description",
+        "title",
+        "default",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "$comment",
+    ];
+    let m = schema.as_object()?;
+    if !m.keys().all(|k| ANNOTATIONS.contains(&k.as_str())) {
+        return None;
+    }
+    match m.get("type")?.as_str()? {
+        "integer" => Some(r"-?(0|[1-9][0-9]{0,14})"),
+        "number" => Some(r"-?(0|[1-9][0-9]{0,14})(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?"),
+        _ => None,
+    }
 }
 
 /// A string parameter's value as XML text: the template writes it raw, so

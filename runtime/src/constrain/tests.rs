@@ -250,6 +250,64 @@ fn qwen_xml_calls_follow_the_schema_and_parse_back() {
     );
 }
 
+/// Numbers without bounds have a bounded length: a weak model given an
+/// optional integer must not be able to write digits until the context is
+/// full (the Codex `exec_command` case, issue 23).
+#[test]
+fn unbounded_numbers_have_a_bounded_length() {
+    let exec = json!({
+        "type": "object",
+        "properties": {
+            "cmd": {"type": "string"},
+            "max_output_tokens": {"type": "integer", "description": "Output token budget."},
+            "yield_time_ms": {"type": "number", "description": "Wait before yielding output."}
+        },
+        "required": ["cmd"]
+    });
+    let xml = calls(CallSyntax::QwenXml, &[("exec_command", &exec)], false);
+    let xml_call = |n: &str, t: &str| {
+        format!("<tool_call>\n<function=exec_command>\n<parameter=cmd>\nls\n</parameter>\n<parameter=max_output_tokens>\n{n}\n</parameter>\n<parameter=yield_time_ms>\n{t}\n</parameter>\n</function>\n</tool_call>")
+    };
+    let d15 = "123456789012345";
+    let d16 = "1234567890123456";
+    for (n, t) in [
+        ("10000", "250"),
+        (d15, "1.5"),
+        ("-3", "-0.25e3"),
+        ("0", d15),
+    ] {
+        assert!(accepts(&xml, &xml_call(n, t)), "{n} {t}");
+    }
+    let long_fraction = format!("1.{d16}");
+    for (n, t) in [
+        (d16, "1"),
+        ("1", d16),
+        ("1", long_fraction.as_str()),
+        ("007", "1"),
+        ("1.5", "1"),
+    ] {
+        assert!(!accepts(&xml, &xml_call(n, t)), "{n} {t}");
+    }
+    // Inside JSON (Hermes, and non-plain XML values): integers without
+    // bounds get 15 digits; a schema's own bounds still decide.
+    let hermes = calls(CallSyntax::Hermes, &[("exec_command", &exec)], false);
+    let hermes_call = |n: &str| {
+        format!("<tool_call>\n{{\"name\": \"exec_command\", \"arguments\": {{\"cmd\": \"ls\", \"max_output_tokens\": {n}}}}}\n</tool_call>")
+    };
+    assert!(accepts(&hermes, &hermes_call(d15)));
+    assert!(accepts(&hermes, &hermes_call(&format!("-{d15}"))));
+    assert!(!accepts(&hermes, &hermes_call(d16)));
+    let big = json!({"type": "object", "properties": {"n": {"type": "integer", "maximum": 1e18}}, "required": ["n"]});
+    let g = calls(CallSyntax::Hermes, &[("f", &big)], false);
+    let f = |n: &str| {
+        format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {{\"n\": {n}}}}}\n</tool_call>")
+    };
+    assert!(
+        accepts(&g, &f("100000000000000000")),
+        "the schema's own maximum wins"
+    );
+}
+
 #[test]
 fn xml_refuses_what_raw_text_cannot_carry() {
     let ints = json!({"type": "object", "properties": {"n": {"enum": [1, 2]}}});
