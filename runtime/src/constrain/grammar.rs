@@ -379,9 +379,13 @@ fn xml_text(
     };
     // One terminal for the text and its closing tag: a lexeme ends where
     // it cannot grow, so a separate text lexeme would swallow the start of
-    // `\n</parameter>` and never give it back.
+    // `\n</parameter>` and never give it back. Besides `</parameter>`, the
+    // text may not hold what the streaming parser takes for the next tag
+    // when `</parameter>` is missing (`\n<parameter=`, `\n</function>`,
+    // or either at its very start): text the grammar allows must parse back
+    // as this one value, not as extra (unoffered, repeated) parameters.
     g.push_str(&format!(
-        "{name}_TEXT: /(?s:.){len}/ & ~/(?s:.*)<\\/parameter>(?s:.*)/\n{name}_VAL: {name}_TEXT {}\n",
+        "{name}_TEXT: /(?s:.){len}/ & ~/(?s:.*)(<\\/parameter>|\\n<parameter=|\\n<\\/function>)(?s:.*)/ & ~/(<parameter=|<\\/function>)(?s:.*)/\n{name}_VAL: {name}_TEXT {}\n",
         lit(PARAM_TAIL)
     ));
     Ok(format!("{name}_VAL"))

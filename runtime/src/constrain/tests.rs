@@ -229,6 +229,10 @@ fn qwen_xml_calls_follow_the_schema_and_parse_back() {
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n<parameter=unit>\nkelvin\n</parameter>\n</function>\n</tool_call>",
         // a value that would end the parameter early
         "<tool_call>\n<function=get_weather>\n<parameter=city>\na</parameter>b\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+        // values the streaming parser would split into more parameters
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\n<parameter=city>\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nx\n</function>\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
     ] {
         assert!(!accepts(&g, bad), "{bad}");
     }
@@ -242,10 +246,20 @@ fn qwen_xml_calls_follow_the_schema_and_parse_back() {
         in_reasoning: false,
     };
     assert_eq!(
-        parsed_calls(call, spec),
+        parsed_calls(call, spec.clone()),
         vec![(
             "get_weather".into(),
             json!({"city": "Paris, \"France\"", "days": 2, "unit": "celsius"})
+        )]
+    );
+    // A tag-like string inside a line is text, and parses back as such.
+    let inline = "<tool_call>\n<function=get_weather>\n<parameter=city>\na <parameter=b> c\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
+    assert!(accepts(&g, inline));
+    assert_eq!(
+        parsed_calls(inline, spec),
+        vec![(
+            "get_weather".into(),
+            json!({"city": "a <parameter=b> c", "days": 2})
         )]
     );
 }
