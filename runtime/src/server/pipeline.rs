@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::backend::{BackendError, ChatPrompt, Completion, GenParams, Logprob, Penalties};
+use super::backend::{BackendError, ChatPrompt, Completion, Finish, GenParams, Logprob, Penalties};
 use super::constraint::{self, ResponseFormat};
 use super::error::{ApiError, Flavor};
 use super::toolchoice::{Mode, ToolChoice};
@@ -433,7 +433,7 @@ pub fn start(state: &Arc<AppState>, flavor: Flavor, p: Prepared) -> Result<Gener
     if let Some(spec) = p.parser {
         let (parser, events) = OutputParser::with_prefix(spec, &p.forced);
         gen.parser = Some(parser);
-        gen.forward(events);
+        gen.forward(events, false);
     }
     Ok(gen)
 }
@@ -455,6 +455,9 @@ pub enum Out {
     },
     ToolEnd {
         index: usize,
+        /// False when the generation stopped inside the call (the token
+        /// limit): its arguments are what was written so far.
+        complete: bool,
     },
     /// A token's log-probability (asked-for only), ahead of the text the
     /// parser makes of it.
@@ -491,7 +494,7 @@ impl Generation {
     /// Queues parser events; without parallel calls, the end of the first
     /// call is the end of the reply: the worker is told to stop, and what
     /// the model wrote after it is dropped.
-    fn forward(&mut self, events: Vec<ToolEvent>) {
+    fn forward(&mut self, events: Vec<ToolEvent>, cut: bool) {
         for e in events {
             if self.halted() {
                 return;
@@ -500,7 +503,7 @@ impl Generation {
             if matches!(e, ToolEvent::CallStart { .. }) {
                 self.calls += 1;
             }
-            self.pending.push_back(to_out(e));
+            self.pending.push_back(to_out(e, cut));
             if end && !self.parallel_calls {
                 self.halt.store(true, Ordering::Relaxed);
             }
@@ -525,14 +528,17 @@ impl Generation {
                     None => self.pending.push_back(Out::Text(text)),
                     Some(p) => {
                         let evs = p.push(&text);
-                        self.forward(evs);
+                        self.forward(evs, false);
                     }
                 },
                 Some(Event::Done(result)) => {
                     self.done = true;
+                    // A call the parser closes only now was cut off if the
+                    // generation ran out of tokens.
+                    let cut = matches!(&result, Ok(c) if c.finish == Finish::Length);
                     if let Some(p) = &mut self.parser {
                         let evs = p.finish();
-                        self.forward(evs);
+                        self.forward(evs, cut);
                     }
                     if let (Ok(c), Some(r)) = (&result, &self.record) {
                         r.completed(c);
@@ -558,13 +564,16 @@ impl Generation {
     }
 }
 
-fn to_out(e: ToolEvent) -> Out {
+fn to_out(e: ToolEvent, cut: bool) -> Out {
     match e {
         ToolEvent::Text(t) => Out::Text(t),
         ToolEvent::Reasoning(t) => Out::Reasoning(t),
         ToolEvent::CallStart { index, name } => Out::ToolStart { index, name },
         ToolEvent::ArgsDelta { index, json } => Out::ToolArgs { index, json },
-        ToolEvent::CallEnd { index } => Out::ToolEnd { index },
+        ToolEvent::CallEnd { index } => Out::ToolEnd {
+            index,
+            complete: !cut,
+        },
     }
 }
 

@@ -452,15 +452,21 @@ enum Open {
 
 impl Builder {
     fn close(&mut self) -> Option<Value> {
+        self.close_as("completed")
+    }
+
+    /// Closes the open item with `status` (`incomplete`: a call the token
+    /// limit cut off, whose arguments may miss required fields).
+    fn close_as(&mut self, status: &str) -> Option<Value> {
         let item = match self.open.take()? {
-            Open::Text { id, text } => message_item(&id, &text, "completed"),
-            Open::Reasoning { id, text } => reasoning_item(&id, &text, "completed"),
+            Open::Text { id, text } => message_item(&id, &text, status),
+            Open::Reasoning { id, text } => reasoning_item(&id, &text, status),
             Open::Call {
                 id,
                 call_id,
                 name,
                 args,
-            } => call_item(&id, &call_id, &name, &args, "completed"),
+            } => call_item(&id, &call_id, &name, &args, status),
         };
         self.output.push(item.clone());
         Some(item)
@@ -505,8 +511,8 @@ async fn collect(mut gen: pipeline::Generation, base: Value) -> Result<Response,
                     args.push_str(&json);
                 }
             }
-            Out::ToolEnd { .. } => {
-                b.close();
+            Out::ToolEnd { complete, .. } => {
+                b.close_as(if complete { "completed" } else { "incomplete" });
             }
             // `top_logprobs` is refused here, so never asked for.
             Out::Logprob(_) => {}
@@ -564,8 +570,13 @@ fn stream(
         }
         /// Closes the open item with its `done` events.
         fn close(&mut self, out: &mut String) {
+            self.close_as(out, "completed")
+        }
+        fn close_as(&mut self, out: &mut String, status: &str) {
             let index = self.index();
-            let Some(item) = self.b.close() else { return };
+            let Some(item) = self.b.close_as(status) else {
+                return;
+            };
             let id = item["id"].clone();
             if item["type"] == "reasoning" {
                 let text = item
@@ -710,7 +721,9 @@ fn stream(
                     );
                 }
             }
-            Some(Out::ToolEnd { .. }) => st.close(&mut s),
+            Some(Out::ToolEnd { complete, .. }) => {
+                st.close_as(&mut s, if complete { "completed" } else { "incomplete" })
+            }
             Some(Out::Logprob(_)) => {}
             Some(Out::Failed(e)) => {
                 st.finished = true;

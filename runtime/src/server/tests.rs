@@ -1631,6 +1631,43 @@ async fn responses_api_function_calls_both_ways() {
         json!({"city": "Paris", "days": 2})
     );
 
+    // Cut off inside the call by the token limit: the item says so (an
+    // agent must not run a call whose arguments may be missing fields).
+    let cut = TOOL_REPLY.find("<parameter=days>").expect("fixture") + 20;
+    for stream in [false, true] {
+        let r = post(
+            addr,
+            "/v1/responses",
+            json!({"input": "TOOL", "tools": tools, "max_output_tokens": cut, "stream": stream}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = if stream {
+            let evs = sse_events(&r.body);
+            let done = evs
+                .iter()
+                .find(|(n, v)| {
+                    n == "response.output_item.done" && v["item"]["type"] == "function_call"
+                })
+                .expect("call done");
+            assert_eq!(done.1["item"]["status"], "incomplete", "{}", r.body);
+            evs.iter()
+                .find(|(n, _)| n == "response.incomplete")
+                .expect("response.incomplete")
+                .1["response"]
+                .clone()
+        } else {
+            r.json()
+        };
+        assert_eq!(v["status"], "incomplete");
+        let call = v["output"]
+            .as_array()
+            .and_then(|o| o.iter().find(|i| i["type"] == "function_call"))
+            .cloned()
+            .expect("a call");
+        assert_eq!(call["status"], "incomplete", "stream={stream}: {call}");
+    }
+
     let r = post(addr, "/v1/responses", json!({"tools": tools, "max_output_tokens": 3, "input": [
         {"role": "user", "content": "weather?"},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"},
