@@ -201,6 +201,43 @@ def codex_family(r):
 
     f.read, f.list, f.write, f.edit_call, f.run = do_read, do_list, do_write, do_edit, do_run
     f.edit_needs_read = True
+    if STAGE["n"] >= 2 and r.random() < 0.6:
+        return codex_exec_family(r, f, patch)
+    return f
+
+
+def codex_exec_family(r, f, patch):
+    """Codex CLI since late 2026: `exec_command` takes the command as one
+    string, and its result is a PTY chunk report."""
+    num = lambda d: {"type": "number", "description": d}
+    exe = tool("exec_command", "Runs a command in a PTY, returning output or a session ID for ongoing interaction.",
+               {"cmd": s("Shell command to execute."), "justification": s("User-facing approval question; omit otherwise."),
+                "login": {"type": "boolean", "description": "Request login-shell startup. Omit to inherit."},
+                "max_output_tokens": num("Output token budget. Defaults to 10000 tokens."),
+                "shell": s("Shell binary to launch. Defaults to the user's default shell."),
+                "tty": {"type": "boolean", "description": "True allocates a PTY for the command."},
+                "workdir": s("Working directory for the command. Defaults to the turn cwd."),
+                "yield_time_ms": num("Wait before yielding output. Defaults to 10000 ms.")}, ["cmd"])
+    stdin = tool("write_stdin", "Writes characters to an existing unified exec session and returns recent output.",
+                 {"session_id": num("Identifier of the running unified exec session."), "chars": s("Bytes to write to stdin (may be empty to poll).")},
+                 ["session_id"])
+    f.tools = [exe, patch] + ([stdin] if r.random() < 0.7 else []) + r.sample(GENERIC_DISTRACT, r.choice([0, 0, 1, 2]))
+
+    def out(text):
+        n = max(1, len(text) // 4)
+        return (f"Chunk ID: {r.getrandbits(24):06x}\nWall time: 0.{r.randint(0, 9999):04d} seconds\nProcess exited with code 0\n"
+                f"Original token count: {n}\nOutput:\n{text}\n")
+
+    def do_read(p, content):
+        return "exec_command", {"cmd": r.choice([f"cat {p}", f"sed -n '1,200p' {p}", f"head -n 1 {p}", f"head -n 50 {p}"])}, out(content)
+
+    def do_list(d, entries):
+        return "exec_command", {"cmd": r.choice([f"ls {d}", f"ls -1 {d}", f"ls -la {d}"])}, out("\n".join(entries))
+
+    def do_run(cmd, o):
+        return "exec_command", {"cmd": cmd}, out(o)
+
+    f.read, f.list, f.run = do_read, do_list, do_run
     return f
 
 
@@ -248,6 +285,15 @@ def generic_family(r):
 
 
 FAMILIES = [(claude_family, 0.4), (codex_family, 0.2), (generic_family, 0.4)]
+
+# --stage 2 (context extension, run on the stage-1 checkpoint): a share of
+# the conversations carries an agent-sized prompt (a long system prompt,
+# many tools with paragraph-long descriptions; 4-22K tokens, where the base
+# was trained on 4K), and the clients' current shapes appear: Codex's
+# `exec_command` ({"cmd": "..."}) beside `shell`, its environment as a user
+# message of its own, Claude Code's environment section appended to the
+# user's message (how mfx folds a mid-conversation system message).
+STAGE = {"n": 1, "long_frac": 0.0, "long_chars": (12000, 90000)}
 
 
 # ------------------------------------------------------------------ contents
@@ -405,17 +451,145 @@ def system_prompt(r, fam, root, corpus):
     return sp
 
 
+def claude_env_section(r, root):
+    """Claude Code's environment, sent as a system message after the user's
+    (mfx appends it to that user message)."""
+    return (f"# Environment\nYou have been invoked in the following environment: \n - Primary working directory: {root}\n"
+            f" - Is a git repository: {r.choice(['true', 'false'])}\n - Platform: {r.choice(['linux', 'darwin'])}\n - Shell: {r.choice(['bash', 'zsh'])}")
+
+
+def prose(r, corpus, n):
+    """n paragraphs of instruction-like filler from the corpus."""
+    out = []
+    for _ in range(n):
+        head = r.random()
+        if head < 0.3:
+            out.append("# " + phrase(r, 1, 4).title())
+        elif head < 0.5:
+            out.append("\n".join(f" - {phrase(r, 3, 12).capitalize()}." for _ in range(r.randint(2, 6))))
+        out.append(corpus.snippet(r, 30))
+    return "\n\n".join(out)
+
+
+def synth_tool(r, corpus):
+    """A distractor tool the size real clients send: a long description and
+    typed, sometimes nested, parameters."""
+    w = [r.choice(WORDS) for _ in range(r.randint(1, 3))]
+    name = "".join(x.title() for x in w) if r.random() < 0.5 else "_".join(w)
+    props, req = {}, []
+    for _ in range(r.randint(1, 7)):
+        k = "_".join(r.choice(WORDS) for _ in range(r.randint(1, 2)))
+        t = r.choice(["string", "string", "number", "integer", "boolean", "enum", "array", "object"])
+        d = phrase(r, 3, 14).capitalize() + "."
+        if t == "enum":
+            props[k] = {"type": "string", "enum": r.sample(WORDS, r.randint(2, 4)), "description": d}
+        elif t == "array":
+            props[k] = {"type": "array", "items": {"type": r.choice(["string", "object"])}, "description": d}
+        elif t == "object":
+            props[k] = {"type": "object", "properties": {r.choice(WORDS): {"type": "string"}}, "description": d}
+        else:
+            props[k] = {"type": t, "description": d}
+        if r.random() < 0.4:
+            req.append(k)
+    return tool(name, prose(r, corpus, r.randint(1, 4)), props, sorted(set(req)))
+
+
+def lengthen(r, conv, corpus):
+    """Grows a conversation's prompt to an agent's size: paragraph-long tool
+    descriptions, extra tools, a long system prompt."""
+    target = r.randint(*STAGE["long_chars"])
+    # A copy: the distractor tools are shared module-level dicts.
+    conv["tools"] = tools = json.loads(json.dumps(conv["tools"]))
+    msgs = conv["messages"]
+    size = lambda: len(json.dumps(tools)) + sum(len(m.get("content") or "") for m in msgs)
+    for t in tools:
+        if r.random() < 0.6:
+            t["function"]["description"] += "\n\n" + prose(r, corpus, r.randint(1, 3))
+    names = {t["function"]["name"] for t in tools}
+    sys_msg = msgs[0] if msgs and msgs[0]["role"] == "system" else None
+    if sys_msg is None:
+        sys_msg = {"role": "system", "content": "You are a coding agent."}
+        msgs.insert(0, sys_msg)
+    while size() < target:
+        if r.random() < 0.45 and len(tools) < 40:
+            t = synth_tool(r, corpus)
+            if t["function"]["name"] not in names:
+                names.add(t["function"]["name"])
+                tools.insert(r.randint(0, len(tools)), t)
+        else:
+            sys_msg["content"] += "\n\n" + prose(r, corpus, r.randint(2, 6))
+    conv["family"] += "-long"
+
+
+def rand_root(r):
+    """A working directory never seen twice (test harnesses run in mktemp
+    folders): the model must copy it from the prompt."""
+    tmp = "".join(r.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(6))
+    return r.choice([f"/tmp/{r.choice(WORDS)}-{r.choice(WORDS)}.{tmp}/{r.choice(WORDS)}/repo", f"/tmp/tmp.{tmp}",
+                     f"/home/{r.choice(WORDS)}/{r.choice(WORDS)}-{r.randint(1, 99)}", f"/var/folders/{tmp.lower()}/T/{r.choice(WORDS)}"])
+
+
 def user_text(r, text):
+    if STAGE["n"] >= 2 and r.random() < 0.15:
+        return ("<system-reminder>\n" + phrase(r, 8, 30).capitalize() + ":\n- " + phrase(r, 4, 12) + "\n- " + phrase(r, 4, 12)
+                + "\n</system-reminder>\n" + text)
     if r.random() < 0.08:
         return f"<system-reminder>\nThis is a reminder that your todo list is currently empty.\n</system-reminder>\n{text}"
     return text
 
 
+WHOLE_RULES = [
+    "To change a file, reply with the entire content of the updated file, as a *file listing*:\n\n"
+    "path/to/filename.ext\n```\n// entire file content ...\n```\n\n"
+    "Every *file listing* starts with a line holding just the file's path, then an opening ```, "
+    "the whole content of the file, and a closing ```. Never elide content. To create a new file, "
+    "reply with a *file listing* of it.",
+    "Edit files by returning each changed file in full using this format:\n\nrelative/path.txt\n```\n"
+    "full new contents\n```\n\nThe first line is only the path. Then ``` on its own line, the complete "
+    "file, and ``` again. New files are created the same way.",
+]
+
+
+def whole_file_conversation(r, corpus):
+    """An editor that takes no tools but whole-file listings (aider's
+    `whole` edit format): the files are shown in the chat, the request
+    comes with the format's rules, the reply is a short plan and a
+    *file listing* of every changed or new file."""
+    rules = r.choice(WHOLE_RULES)
+    sp = r.choice(["Act as an expert software developer.\nTake requests for changes to the supplied code.\n"
+                   "If the request is ambiguous, ask questions.\n\n",
+                   "You are a careful coding assistant that edits files.\n\n", ""]) + rules
+    msgs = [{"role": "system", "content": sp}]
+    if r.random() < 0.5:
+        ex_rel = rand_path(r, False, "")[0]
+        ex_c = new_content(r, corpus, ex_rel)
+        msgs += [{"role": "user", "content": f"Change {ex_rel} to say something else"},
+                 {"role": "assistant", "content": f"Ok, I will rewrite {ex_rel}.\n\n{ex_rel}\n```\n{ex_c}\n```"},
+                 {"role": "user", "content": "I switched to a new code base. Please don't consider the above files any longer."},
+                 {"role": "assistant", "content": "Ok."}]
+    rel = rand_path(r, False, "")[0]
+    old = "" if r.random() < 0.5 else file_content(r, corpus, rel)
+    new = new_content(r, corpus, rel)
+    if r.random() < 0.6:
+        msgs += [{"role": "user", "content": f"I have *added these files to the chat* so you can go ahead and edit them.\n\n{rel}\n```\n{old + chr(10) if old else ''}```"},
+                 {"role": "assistant", "content": "Ok, any changes I propose will be to those files."}]
+    short = "\n" not in new and len(new) < 40
+    q = r.choice([f"Create a new file {rel} whose whole content is the single word: {new}" if short and " " not in new else f"Create {rel} containing {new}",
+                  f"Make {rel} contain exactly: {new}" if short else f"Replace the contents of {rel} with:\n{new}",
+                  f"Write {new} to {rel}" if short else f"Put this in {rel}:\n{new}"])
+    msgs.append({"role": "user", "content": q + "\n\n" + rules})
+    msgs.append({"role": "assistant", "content": r.choice(["", f"Ok, I will write {rel}.\n\n", f"I'll create {rel} with that content.\n\n"])
+                 + f"{rel}\n```\n{new}\n```"})
+    return {"tools": [], "messages": msgs, "family": "whole", "task": "write", "expect": None}
+
+
 def make_conversation(r, corpus, fmt_hint=None):
+    if STAGE["n"] >= 2 and r.random() < 0.06:
+        return whole_file_conversation(r, corpus)
     famf = r.choices([f for f, _ in FAMILIES], [w for _, w in FAMILIES])[0]
     fam = famf(r)
     r.shuffle(fam.tools)
-    root = r.choice(ROOTS)
+    root = r.choice(ROOTS) if STAGE["n"] < 2 or r.random() < 0.5 else rand_root(r)
     msgs = []
     sp = system_prompt(r, fam, root, corpus)
     if sp:
@@ -529,7 +703,24 @@ def make_conversation(r, corpus, fmt_hint=None):
                          ("Thanks!", "You're welcome!")])
         msgs.append({"role": "user", "content": q})
         msgs.append({"role": "assistant", "content": a})
-    return {"tools": fam.tools, "messages": msgs, "family": fam.name, "task": task, "expect": expect}
+    conv = {"tools": fam.tools, "messages": msgs, "family": fam.name, "task": task, "expect": expect}
+    if STAGE["n"] >= 2:
+        client_shapes(r, conv, root)
+        if r.random() < STAGE["long_frac"]:
+            lengthen(r, conv, corpus)
+    return conv
+
+
+def client_shapes(r, conv, root):
+    """Stage 2: where the clients now put their environment."""
+    msgs = conv["messages"]
+    first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    if conv["family"] == "claude" and r.random() < 0.5:
+        msgs[first_user]["content"] += "\n\n" + claude_env_section(r, root)
+    elif conv["family"] == "codex" and r.random() < 0.5:
+        env = (f"<environment_context>\n  <cwd>{root}</cwd>\n  <shell>{r.choice(['bash', 'zsh'])}</shell>\n"
+               f"  <current_date>2026-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}</current_date>\n</environment_context>")
+        msgs.insert(first_user, {"role": "user", "content": env})
 
 
 # ----------------------------------------------------------------- rendering
@@ -616,9 +807,13 @@ def main():
     ap.add_argument("--xml-frac", type=float, default=0.65, help="fraction of conversations in the shipped (XML) format")
     ap.add_argument("--code-dir", default=".toolmodel/data", help="folder of *.txt documents separated by <|endoftext|>")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: context extension and current client shapes (see STAGE)")
+    ap.add_argument("--long-frac", type=float, default=0.35, help="stage 2: share of conversations with an agent-sized prompt")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args()
     repo = HERE.parent.parent
+    STAGE["n"] = a.stage
+    STAGE["long_frac"] = a.long_frac if a.stage >= 2 else 0.0
     _G["corpus"] = corpus = Corpus(a.code_dir if os.path.isabs(a.code_dir) else repo / a.code_dir, repo, random.Random(a.seed + 1))
     _G["tmpls"] = tmpls = {f: load_template(f) for f in TEMPLATES}
     out = Path(a.out)

@@ -16,7 +16,11 @@
 # TOTAL_BUDGET seconds after this script started (default 450 s = 7.5 min).
 # Knobs (environment): N_CONV conversations (default 40000), TOTAL_BUDGET,
 # STEPS (an upper bound; the time guard normally ends training first),
-# BATCH_TOKENS, MAX_LEN, EVAL_N, EVAL_MAX_NEW, VAL_N, LOG_EVERY, PYTHON.
+# BATCH_TOKENS, MAX_LEN, EVAL_N, EVAL_MAX_NEW, VAL_N, LOG_EVERY, PYTHON,
+# TOOLMODEL_BASE, GEN_ARGS and TRAIN_ARGS (extra flags for gen_data.py and
+# train.py). Stage 2 (context extension of the stage-1 checkpoint):
+#   TOOLMODEL_BASE=.toolmodel/stage1 N_CONV=4000 MAX_LEN=32768 \
+#   GEN_ARGS="--stage 2" TRAIN_ARGS="--lr 3e-4 --warmup 30 --max-positions 32768" bash ...
 set -euo pipefail
 start=$(date +%s)
 cd "$(dirname "$0")/../.."
@@ -45,7 +49,7 @@ PY=${PYTHON:-python3}
   git log -1 --format='commit %H %s' 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.log"
 
-"$PY" scripts/toolmodel/gen_data.py --out "$DATA" --n "$N_CONV" --code-dir .toolmodel/data 2>&1 | tee "$OUT/gen_data.log"
+"$PY" scripts/toolmodel/gen_data.py --out "$DATA" --n "$N_CONV" --code-dir .toolmodel/data ${GEN_ARGS:-} 2>&1 | tee "$OUT/gen_data.log"
 
 now=$(date +%s)
 budget=$(( TOTAL_BUDGET - (now - start) - TAIL_RESERVE ))
@@ -58,7 +62,7 @@ hard=$(( ${HARD_STOP:-540} - (now - start) ))
 timeout --signal=TERM "$hard" "$PY" -u scripts/toolmodel/train.py \
   --base "$BASE" --data "$DATA" --out "$OUT/tiny-qwen3-moe-coder-tools" \
   --steps "$STEPS" --time-budget "$budget" --batch-tokens "$BATCH_TOKENS" --max-len "$MAX_LEN" \
-  --eval-n "$EVAL_N" --eval-max-new "$EVAL_MAX_NEW" --val-n "$VAL_N" --log-every "${LOG_EVERY:-50}" --val-every 500 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" | tee "$OUT/train.log"
+  --eval-n "$EVAL_N" --eval-max-new "$EVAL_MAX_NEW" --val-n "$VAL_N" --log-every "${LOG_EVERY:-50}" --val-every 500 ${TRAIN_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" | tee "$OUT/train.log"
 echo "run_device: finished in $(( $(date +%s) - start ))s" | tee -a "$OUT/train.log"
 
 # The device tool returns at most 8 files of 16 MiB each (64 MiB in all):

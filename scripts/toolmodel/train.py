@@ -169,15 +169,27 @@ def val_loss(model, rows, pad_id, device, batch_tokens):
 
 
 @torch.no_grad()
-def self_eval(model, tok, evals, device, max_new, batch=32):
+def self_eval(model, tok, evals, device, max_new, batch=32, batch_tokens=65536):
     model.eval()
     im_end = tok.token_to_id("<|im_end|>")
     eot = tok.token_to_id("<|endoftext|>")
     res = {"n": 0, "wellformed": 0, "name_and_required": 0, "exact_args": 0, "by_format": {}}
     samples = []
-    for s in range(0, len(evals), batch):
-        chunk = evals[s:s + batch]
-        enc = [tok.encode(e["prompt"], add_special_tokens=False).ids for e in chunk]
+    # Similar lengths together, and fewer rows per batch for long prompts:
+    # the padded attention mask grows with rows x length^2.
+    encs = [tok.encode(e["prompt"], add_special_tokens=False).ids for e in evals]
+    order = sorted(range(len(evals)), key=lambda i: len(encs[i]))
+    groups, cur = [], []
+    for i in order:
+        if cur and (len(cur) >= batch or (len(cur) + 1) * len(encs[i]) > batch_tokens):
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    for g in groups:
+        chunk = [evals[i] for i in g]
+        enc = [encs[i] for i in g]
         L = max(len(x) for x in enc)
         ids = torch.full((len(enc), L), eot, dtype=torch.long)
         att = torch.zeros((len(enc), L), dtype=torch.long)
@@ -194,8 +206,10 @@ def self_eval(model, tok, evals, device, max_new, batch=32):
             text = tok.decode(gen, skip_special_tokens=False)
             call = parse_call(text, e["format"], e["schema"])
             f = res["by_format"].setdefault(e["format"], {"n": 0, "name_and_required": 0})
+            g = res.setdefault("by_length", {}).setdefault("long" if "-long" in e["kind"] else "short", {"n": 0, "name_and_required": 0})
             res["n"] += 1
             f["n"] += 1
+            g["n"] += 1
             ok = exact = False
             if call is not None:
                 res["wellformed"] += 1
@@ -205,6 +219,7 @@ def self_eval(model, tok, evals, device, max_new, batch=32):
             res["name_and_required"] += ok
             res["exact_args"] += exact
             f["name_and_required"] += ok
+            g["name_and_required"] += ok
             if len(samples) < 12:
                 samples.append({"kind": e["kind"], "expected": e["name"], "ok": ok, "output": text[:400]})
     model.train()
@@ -245,7 +260,7 @@ def load_model(cls, base, device, rows, pad_id, impl):
 
 
 # ----------------------------------------------------------------- saving
-def save(model, base, out, template):
+def save(model, base, out, template, max_positions=0):
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16)
     # Shards under the device tool's 16 MiB per-file limit on what comes back
@@ -269,6 +284,10 @@ def save(model, base, out, template):
     cfg = json.load(open(base / "config.json"))
     cfg["torch_dtype"] = "bfloat16"
     cfg["use_cache"] = True
+    if max_positions:
+        # Trained on rows this long (stage 2, context extension): the
+        # positions the model is good for, which mfx reads as its context.
+        cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], max_positions)
     json.dump(cfg, open(out / "config.json", "w"), indent=2)
     for name in ("tokenizer.json",):
         shutil.copy(base / name, out / name)
@@ -291,6 +310,7 @@ def main():
     ap.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0: no limit)")
     ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per batch")
     ap.add_argument("--max-len", type=int, default=3072)
+    ap.add_argument("--max-positions", type=int, default=0, help="write this max_position_embeddings (the length trained on) into the saved config; 0 keeps the base's")
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=60)
@@ -396,7 +416,7 @@ def main():
     log(f"trained {step} steps in {train_s:.0f}s ({toks_seen} tokens)")
     do_val(step)
 
-    save(model, base, out, template)
+    save(model, base, out, template, a.max_positions)
     log(f"saved {out}")
     result = {"steps": step, "train_seconds": train_s, "tokens_seen": toks_seen, "rows": len(rows), "args": vars(a), "curve": curve, "val": vals}
     if evals:
@@ -405,7 +425,7 @@ def main():
         result["self_eval_samples"] = samples
         log(f"self-eval on {res['n']} held-out prompts: well-formed {res['frac_wellformed']:.3f}, "
             f"right tool + required args {res['frac_name_and_required']:.3f}, exact args {res['frac_exact_args']:.3f}; "
-            + ", ".join(f"{k}: {v['name_and_required']}/{v['n']}" for k, v in res["by_format"].items()))
+            + ", ".join(f"{k}: {v['name_and_required']}/{v['n']}" for k, v in [*res["by_format"].items(), *res["by_length"].items()]))
         for s in samples[:4]:
             log(f"sample [{s['kind']}] ok={s['ok']}: {s['output'][:200]!r}")
     json.dump(result, open(out / "train_log.json", "w"), indent=1)
