@@ -28,8 +28,12 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
+    start_model(MODEL, extra)
+}
+
+fn start_model(model: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mfx"))
-        .args(["serve", MODEL, "--port", "0"])
+        .args(["serve", model, "--port", "0"])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -74,6 +78,13 @@ pub(crate) fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, St
     (status, body.to_owned())
 }
 
+/// POSTs `req` as JSON; the reply must be 200 and JSON.
+fn post_ok(addr: &str, path: &str, req: &serde_json::Value) -> serde_json::Value {
+    let (status, body) = http(addr, "POST", path, &req.to_string());
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
 #[test]
 fn serve_answers_with_transformers_greedy_text() {
     let reference: serde_json::Value = serde_json::from_str(
@@ -90,14 +101,7 @@ fn serve_answers_with_transformers_greedy_text() {
         "messages": [{"role": "user", "content": "Write a Python function `read_lines(path)`: Return the lines of a text file without trailing newlines."}],
         "temperature": 0, "max_tokens": 48,
     });
-    let (status, body) = http(
-        &server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &req.to_string(),
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let v = post_ok(&server.addr, "/v1/chat/completions", &req);
     assert_eq!(v["choices"][0]["message"]["content"], chat["greedy_text"]);
     assert_eq!(
         v["usage"]["prompt_tokens"],
@@ -112,6 +116,45 @@ fn serve_answers_with_transformers_greedy_text() {
     );
     assert_eq!(status, 400);
     assert!(body.contains("invalid_request_error"), "{body}");
+}
+
+/// The shipped tool-calling model (models/tiny-qwen3-moe-coder-tools-mlx-4bit,
+/// issue 23) does a tool round trip unconstrained: a `read_file` call with
+/// the path from the question, then an answer quoting the tool's result.
+#[test]
+fn the_shipped_tool_model_makes_a_call_and_answers_from_its_result() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/tiny-qwen3-moe-coder-tools-mlx-4bit"
+    );
+    let server = start_model(model, &[]);
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "read_file", "description": "Read the contents of a file.",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "Path of the file to read"}}, "required": ["path"]}}},
+        {"type": "function", "function": {"name": "run_command", "description": "Run a shell command and return its output.",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string", "description": "The shell command to run"}}, "required": ["command"]}}}
+    ]);
+    let mut messages = vec![
+        serde_json::json!({"role": "user", "content": "What is the first line of notes.txt?"}),
+    ];
+    let ask = |messages: &[serde_json::Value]| {
+        let req = serde_json::json!({"messages": messages, "tools": tools, "temperature": 0, "max_tokens": 100});
+        post_ok(&server.addr, "/v1/chat/completions", &req)["choices"][0].clone()
+    };
+    let first = ask(&messages);
+    assert_eq!(first["finish_reason"], "tool_calls", "{first}");
+    let call = &first["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "read_file", "{first}");
+    let args: serde_json::Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or(""))
+            .expect("arguments");
+    assert_eq!(args, serde_json::json!({"path": "notes.txt"}));
+    messages.push(first["message"].clone());
+    messages.push(serde_json::json!({"role": "tool", "tool_call_id": call["id"], "content": "release notes for alpha\nsecond line"}));
+    let answer = ask(&messages);
+    assert_eq!(answer["finish_reason"], "stop", "{answer}");
+    let text = answer["message"]["content"].as_str().unwrap_or("");
+    assert!(text.contains("release notes for alpha"), "{answer}");
 }
 
 #[test]
