@@ -182,8 +182,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let backend = Arc::new(backend);
     run_blocking(backend.clone(), &config, &addr)?;
-    // Stopped by Ctrl-C: with a slot directory the sessions (the live one
-    // and every slot) are written there for the next start.
+    // Stopped by Ctrl-C or SIGTERM: with a slot directory the sessions (the
+    // live one and every slot) are written there for the next start.
     if args.slot_dir.is_some() {
         backend.configure(|g| g.persist_slots());
     }

@@ -276,3 +276,48 @@ fn serve_interleaved_conversations_keep_their_cached_prompts() {
         cached[1]
     );
 }
+
+/// SIGTERM, what service managers send, stops the server gracefully: the
+/// session is written to `--slot-dir`, and the next start serves the same
+/// prompt from it (issue 19). Without a handler SIGTERM ended the process
+/// with nothing written.
+#[cfg(unix)]
+#[test]
+fn sigterm_keeps_the_prompt_cache_for_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slots = dir.path().to_str().expect("utf-8 path");
+    // Longer than one 512-token prefill chunk: only whole chunks are kept.
+    let prompt = "Write a Python function `read_lines(path)`. ".repeat(150);
+    let req = serde_json::json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0, "max_tokens": 8,
+    });
+    let mut server = start(&["--slot-dir", slots]);
+    let first = post_ok(&server.addr, "/v1/chat/completions", &req);
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(
+        exit.success(),
+        "SIGTERM should end the server cleanly: {exit}"
+    );
+    let files = std::fs::read_dir(dir.path()).expect("slot dir").count();
+    assert!(files > 0, "no slot file written on SIGTERM");
+
+    let server = start(&["--slot-dir", slots]);
+    let again = post_ok(&server.addr, "/v1/chat/completions", &req);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached_tokens");
+    assert!(
+        cached > 0,
+        "the restart did not reuse the saved session: {again}"
+    );
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        first["choices"][0]["message"]["content"]
+    );
+}

@@ -177,7 +177,32 @@ pub async fn serve(
         .map_err(ServerError::Serve)
 }
 
-/// Binds `addr` and serves until Ctrl-C; prints the address it listens on.
+/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM: what service managers
+/// (systemd, Docker, Kubernetes) send to stop a server. Both end in a
+/// graceful shutdown, so the caller can persist the prompt-cache slots; by
+/// default SIGTERM would end the process with nothing written.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => eprintln!(
+                "mfx serve: WARNING: no SIGTERM handler ({e}); only Ctrl-C stops gracefully"
+            ),
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Binds `addr` and serves until Ctrl-C or SIGTERM; prints the address it
+/// listens on.
 pub fn run_blocking(
     backend: Arc<dyn Backend>,
     config: &ServerConfig,
@@ -202,10 +227,7 @@ pub fn run_blocking(
             "mfx serve: {} listening on http://{local}",
             state.backend.info().id
         );
-        serve(listener, app, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+        serve(listener, app, stop_signal()).await
     })
 }
 
