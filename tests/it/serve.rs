@@ -294,8 +294,9 @@ fn sigterm_keeps_the_prompt_cache_for_the_next_start() {
     });
     let mut server = start(&["--slot-dir", slots]);
     let first = post_ok(&server.addr, "/v1/chat/completions", &req);
-    let term = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
+    // The shell's builtin `kill`: a fresh machine may lack procps' binary.
+    let term = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", server.child.id())])
         .status()
         .expect("kill");
     assert!(term.success());
