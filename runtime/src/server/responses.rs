@@ -409,6 +409,17 @@ fn finish(mut base: Value, output: Vec<Value>, c: &Completion) -> Value {
     base
 }
 
+/// An output item's status: `incomplete` for the one the token limit cut
+/// off (a call whose arguments may miss required fields, a message cut
+/// mid-sentence), as OpenAI reports it.
+fn item_status(complete: bool) -> &'static str {
+    if complete {
+        "completed"
+    } else {
+        "incomplete"
+    }
+}
+
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     json!({"type": "message", "id": id, "status": status, "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
@@ -512,13 +523,13 @@ async fn collect(mut gen: pipeline::Generation, base: Value) -> Result<Response,
                 }
             }
             Out::ToolEnd { complete, .. } => {
-                b.close_as(if complete { "completed" } else { "incomplete" });
+                b.close_as(item_status(complete));
             }
             // `top_logprobs` is refused here, so never asked for.
             Out::Logprob(_) => {}
             Out::Failed(e) => return Err(pipeline::backend_error(F, e)),
             Out::Finished { completion, .. } => {
-                b.close();
+                b.close_as(item_status(completion.finish != Finish::Length));
                 let output = drop_blank_text(std::mem::take(&mut b.output));
                 return Ok(Json(finish(base, output, &completion)).into_response());
             }
@@ -721,9 +732,7 @@ fn stream(
                     );
                 }
             }
-            Some(Out::ToolEnd { complete, .. }) => {
-                st.close_as(&mut s, if complete { "completed" } else { "incomplete" })
-            }
+            Some(Out::ToolEnd { complete, .. }) => st.close_as(&mut s, item_status(complete)),
             Some(Out::Logprob(_)) => {}
             Some(Out::Failed(e)) => {
                 st.finished = true;
@@ -735,7 +744,7 @@ fn stream(
             }
             Some(Out::Finished { completion, .. }) => {
                 st.finished = true;
-                st.close(&mut s);
+                st.close_as(&mut s, item_status(completion.finish != Finish::Length));
                 let output = std::mem::take(&mut st.b.output);
                 let r = finish(st.base.clone(), output, &completion);
                 let kind = if r["status"] == "incomplete" {

@@ -1496,6 +1496,10 @@ async fn responses_api_text_and_stream() {
     );
     assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
     assert_eq!(v["output"][0]["content"][0]["text"], "Hello");
+    assert_eq!(
+        v["output"][0]["status"], "incomplete",
+        "the message the limit cut"
+    );
     assert_eq!(v["usage"]["output_tokens"], 5);
 
     let r = post(addr, "/v1/responses", json!({"model": "m", "stream": true, "store": false,
