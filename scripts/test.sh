@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README's second command).
 #
+# 0. The release mfx must hold no x86 intrinsic as an out-of-line call
+#    (scripts/check_intrinsics.sh says why).
 # 1. Rust unit and integration tests with the kernels' best tier for this CPU.
 # 2. The parity tests again with MFX_KERNELS=scalar, so the scalar reference
 #    path is held to the same transformers parity as the SIMD one (the kernel
@@ -24,6 +26,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
 cargo build --release --locked --bin mfx
+bash scripts/check_intrinsics.sh target/release/mfx
 cargo test --release --locked --workspace
 MFX_KERNELS=scalar cargo test --release --locked --workspace -- parity
 if cargo clippy --version >/dev/null 2>&1 || rustup component add clippy; then

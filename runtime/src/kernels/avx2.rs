@@ -1836,48 +1836,60 @@ pub(super) unsafe fn int8x_dot_body<D: DecodeI8, K: I8Dot, const N: usize>(
     // invariance: see `CHAINS`).
     let k1 = 1;
     let mut acc = [[unsafe { _mm256_setzero_ps() }; 2]; N];
-    let pair = |p: usize, acc: &mut [[__m256; 2]; N], slot: usize| {
-        // SAFETY: p < npairs, so the pair's bytes, codes and scales exist.
-        unsafe {
-            let s0 = _mm256_set1_ps(*scales.add((2 * p) >> bpg_log2));
-            let s1 = _mm256_set1_ps(*scales.add((2 * p + 1) >> bpg_log2));
-            if D::BITS == 8 {
-                let ca = K::q8_codes(row.add(p * 64));
-                let cb = K::q8_codes(row.add(p * 64 + 32));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xi = xq.add(i * cols + 64 * p);
-                    let xa = _mm256_loadu_si256(xi as *const __m256i);
-                    let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
-                    let ci = xcorr.wrapping_add((i * cols + 64 * p) / 4);
-                    let d = xd.add(i * nblk + 2 * p);
-                    let fa = _mm256_cvtepi32_ps(K::signed8(ca, xa, ci));
-                    let fb = _mm256_cvtepi32_ps(K::signed8(cb, xb, ci.wrapping_add(8)));
-                    a[slot] = _mm256_fmadd_ps(fa, _mm256_mul_ps(s0, _mm256_set1_ps(*d)), a[slot]);
-                    a[slot] =
-                        _mm256_fmadd_ps(fb, _mm256_mul_ps(s1, _mm256_set1_ps(*d.add(1))), a[slot]);
+    // A macro, not a closure: a closure does not get the target features of
+    // the wrapper this body is inlined into, so its intrinsics stayed calls
+    // (perf: `_mm256_dpbusd_epi32`, `_mm256_fmadd_ps` as functions, over a
+    // third of decode time); expanded here, they compile in the wrapper's tier.
+    macro_rules! pair {
+        ($p:expr, $slot:expr) => {{
+            let (p, slot): (usize, usize) = ($p, $slot);
+            // SAFETY: p < npairs, so the pair's bytes, codes and scales exist.
+            unsafe {
+                let s0 = _mm256_set1_ps(*scales.add((2 * p) >> bpg_log2));
+                let s1 = _mm256_set1_ps(*scales.add((2 * p + 1) >> bpg_log2));
+                if D::BITS == 8 {
+                    let ca = K::q8_codes(row.add(p * 64));
+                    let cb = K::q8_codes(row.add(p * 64 + 32));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = xq.add(i * cols + 64 * p);
+                        let xa = _mm256_loadu_si256(xi as *const __m256i);
+                        let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                        let ci = xcorr.wrapping_add((i * cols + 64 * p) / 4);
+                        let d = xd.add(i * nblk + 2 * p);
+                        let fa = _mm256_cvtepi32_ps(K::signed8(ca, xa, ci));
+                        let fb = _mm256_cvtepi32_ps(K::signed8(cb, xb, ci.wrapping_add(8)));
+                        a[slot] =
+                            _mm256_fmadd_ps(fa, _mm256_mul_ps(s0, _mm256_set1_ps(*d)), a[slot]);
+                        a[slot] = _mm256_fmadd_ps(
+                            fb,
+                            _mm256_mul_ps(s1, _mm256_set1_ps(*d.add(1))),
+                            a[slot],
+                        );
+                    }
+                } else {
+                    let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
+                    let sv = _mm256_blendv_ps(s0, s1, lane_mask);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = xq.add(i * cols + 64 * p);
+                        let xa = _mm256_loadu_si256(xi as *const __m256i);
+                        let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
+                        let f = _mm256_cvtepi32_ps(K::pair(ca, cb, xa, xb));
+                        let scale =
+                            _mm256_mul_ps(sv, _mm256_loadu_ps(xdpat.add((i * npairs + p) * 8)));
+                        a[slot] = _mm256_fmadd_ps(f, scale, a[slot]);
+                    }
                 }
-                return;
             }
-            let (ca, cb) = D::decode_pair(row.add(p * 8 * D::BITS));
-            let sv = _mm256_blendv_ps(s0, s1, lane_mask);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xi = xq.add(i * cols + 64 * p);
-                let xa = _mm256_loadu_si256(xi as *const __m256i);
-                let xb = _mm256_loadu_si256(xi.add(32) as *const __m256i);
-                let f = _mm256_cvtepi32_ps(K::pair(ca, cb, xa, xb));
-                let scale = _mm256_mul_ps(sv, _mm256_loadu_ps(xdpat.add((i * npairs + p) * 8)));
-                a[slot] = _mm256_fmadd_ps(f, scale, a[slot]);
-            }
-        }
-    };
+        }};
+    }
     let mut p = 0;
     while p + 2 <= npairs {
-        pair(p, &mut acc, 0);
-        pair(p + 1, &mut acc, k1);
+        pair!(p, 0);
+        pair!(p + 1, k1);
         p += 2;
     }
     if p < npairs {
-        pair(p, &mut acc, 0);
+        pair!(p, 0);
     }
     if nblk % 2 == 1 {
         let blk = nblk - 1;
