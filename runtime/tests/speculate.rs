@@ -257,3 +257,33 @@ fn verify_cost() {
         );
     }
 }
+
+/// A loop to profile a k-token pass (`perf record` around it):
+/// `MFX_PROFILE_K=2 cargo test --release --test speculate -- --ignored
+/// --nocapture verify_profile`.
+#[test]
+#[ignore]
+fn verify_profile() {
+    let k: usize = std::env::var("MFX_PROFILE_K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut m = load(&tiny_mlx(), KvBits::F16);
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 4000 + 5).collect();
+    m.forward(&prompt, false).unwrap();
+    let toks: Vec<u32> = (0..k as u32).map(|i| 7 + 13 * i).collect();
+    let t = std::time::Instant::now();
+    let iters = 2000;
+    for _ in 0..iters {
+        if k == 1 {
+            m.forward(&toks, false).unwrap();
+        } else {
+            m.forward_steps(&toks).unwrap();
+        }
+        assert!(m.truncate(prompt.len()));
+    }
+    println!(
+        "k={k}: {:.3} ms per pass",
+        t.elapsed().as_secs_f64() * 1e3 / iters as f64
+    );
+}
