@@ -4,10 +4,10 @@
 # cfg(target_os = "macos") (F_NOCACHE reads, sysctl memory queries) cannot
 # break unnoticed. Nothing here RUNS on macOS: no Mac is available to CI.
 #
-# zig (the `ziglang` wheel) is the cross C compiler for the C dependencies
-# (zstd-sys, onig_sys) and, through cargo-zigbuild (a wheel as well), the
-# linker. `cargo zigbuild` links the mfx binary against zig's bundled macOS
-# libSystem stubs. Where a piece cannot be installed, the step prints a loud
+# It builds the macOS arm64 wheel as the README does (maturin --zig) and
+# checks the Mach-O inside. zig (the `ziglang` wheel) is the cross C compiler
+# and linker; cargo-zigbuild (a wheel as well) drives the MFX_DARWIN=full
+# type-check of the test targets. Where a piece cannot be installed, the step prints a loud
 # SKIPPED banner and exits 0 (MFX_DARWIN=require fails instead, =off skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,39 +32,39 @@ fi
 pytools_env || skip "pip install -r scripts/requirements-tools.txt (ziglang, cargo-zigbuild) failed"
 export CARGO_TERM_COLOR=never
 
-# 1. Every crate of the workspace with its tests, type-checked for macOS:
-#    catches cfg(target_os = "macos") code that no longer compiles, in any
-#    target. Build scripts run, so zstd-sys and onig_sys compile their C for
-#    darwin with zig cc.
+# 1. The macOS arm64 wheel, built the README's way (maturin --zig: zig is the C
+#    cross compiler for zstd-sys and onig_sys and links mfx against its bundled
+#    libSystem stubs), which compiles every crate's library and binary code for
+#    darwin, cfg(target_os = "macos") included, and catches missing symbols
+#    that checking cannot. With the `linkcheck` profile (no optimisation, no
+#    debug info): this proves it builds and links; nothing runs it.
 t0=$(date +%s)
-# The library and binary code is what ships to a Mac; test targets and the
-# link (MFX_DARWIN=full) cost CI minutes that are not spent by default yet.
-if [ "$mode" = full ]; then
-  cargo-zigbuild check --locked --target "$TRIPLE" --workspace --all-targets
-else
-  cargo-zigbuild check --locked --target "$TRIPLE" --workspace --lib --bins
-fi
-echo "darwin: cargo check of the workspace for $TRIPLE OK ($(($(date +%s) - t0)) s)"
-if [ "$mode" != full ]; then
-  echo "## darwin: mfx not linked on this run (MFX_DARWIN=full links it)" >&2
-  exit 0
-fi
-
-# 2. The mfx binary compiled and linked for macOS (zig links against its
-#    bundled libSystem stubs): catches missing symbols that checking cannot.
-#    Unoptimized and without debug info: this proves it links, nothing runs it.
-t1=$(date +%s)
-cargo zigbuild --locked --target "$TRIPLE" --bin mfx \
-  --config 'profile.dev.opt-level=0' --config 'profile.dev.debug=0' \
-  --config 'profile.dev.package."*".opt-level=0'
-bin=${CARGO_TARGET_DIR:-target}/$TRIPLE/debug/mfx
-file_out=$(python3 - "$bin" <<'PY'
-import struct, sys
-with open(sys.argv[1], "rb") as f:
-    magic, cputype = struct.unpack("<II", f.read(8))
+version=$(cargo metadata --locked --no-deps --format-version 1 |
+  python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "mfx"))')
+whl_dir=target/wheels-darwin
+rm -rf "$whl_dir"
+maturin build --locked --zig --target "$TRIPLE" --profile linkcheck --out "$whl_dir"
+whl=$(ls "$whl_dir"/mfx-"$version"-py3-none-macosx_*_arm64.whl) ||
+  { echo "darwin: no macosx arm64 wheel in $whl_dir: $(ls "$whl_dir")" >&2; exit 1; }
+file_out=$(python3 - "$whl" <<'PY'
+import struct, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    names = [n for n in z.namelist() if n.endswith(".data/scripts/mfx")]
+    if len(names) != 1:
+        print(f"wheel holds {names!r}, expected one .data/scripts/mfx")
+        sys.exit()
+    head = z.read(names[0])[:8]
+magic, cputype = struct.unpack("<II", head)
 # MH_MAGIC_64 and CPU_TYPE_ARM64: a 64-bit arm64 Mach-O executable.
 print("ok" if (magic, cputype) == (0xFEEDFACF, 0x0100000C) else f"magic={magic:#x} cputype={cputype:#x}")
 PY
 )
-[ "$file_out" = ok ] || { echo "darwin: $bin is not an arm64 Mach-O ($file_out)" >&2; exit 1; }
-echo "darwin: mfx linked for $TRIPLE as an arm64 Mach-O ($(du -h "$bin" | cut -f1), $(($(date +%s) - t1)) s); not run: no Mac in CI"
+[ "$file_out" = ok ] || { echo "darwin: the mfx in $(basename "$whl") is not an arm64 Mach-O ($file_out)" >&2; exit 1; }
+echo "darwin: built $(basename "$whl") ($(du -h "$whl" | cut -f1)); its mfx is an arm64 Mach-O ($(($(date +%s) - t0)) s); not run: no Mac in CI"
+
+# 2. MFX_DARWIN=full: every crate with its tests, type-checked for macOS too.
+if [ "$mode" = full ]; then
+  t1=$(date +%s)
+  cargo-zigbuild check --locked --target "$TRIPLE" --workspace --all-targets
+  echo "darwin: cargo check of the workspace's tests for $TRIPLE OK ($(($(date +%s) - t1)) s)"
+fi

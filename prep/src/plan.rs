@@ -315,7 +315,10 @@ pub fn plan(inp: &PlanInput<'_>) -> Result<Plan> {
     };
     let mut reason = String::new();
     if let Some(f) = inp.hot_fraction {
-        reason.push_str(&format!("--hot-fraction {f} given: the {f} most-used experts of each layer by routing mass are at hot bits. "));
+        reason.push_str(&format!(
+            "--hot-fraction {f} given: the most-used {:.0}% of each layer's experts by routing mass are at hot bits. ",
+            f * 100.0
+        ));
     } else if all_resident {
         reason.push_str(&format!(
             "every expert fits in RAM at hot bits ({} of {} available after dense weights and reserve), so all are hot and pinned. ",
