@@ -35,6 +35,12 @@ pub enum CallSyntax {
     Hermes,
     /// Qwen3-Coder: `<tool_call>\n<function=NAME>\n<parameter=P>\nV\n</parameter>\n</function>\n</tool_call>`.
     QwenXml,
+    /// gpt-oss harmony, after the prompt's `<|start|>assistant`:
+    /// `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS`,
+    /// the markers special tokens. One call per reply: the model ends it
+    /// with `<|call|>`, an end-of-sequence token, which the grammar's end
+    /// allows as it allows every end-of-sequence token.
+    Harmony,
 }
 
 /// One tool a forced call may name.
@@ -194,6 +200,9 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
             "a tool call was required but no tool was offered".into(),
         ));
     }
+    if t.syntax == CallSyntax::Harmony {
+        return Ok(harmony_call(t));
+    }
     let mut g = String::new();
     g.push_str(if t.reasoning {
         "start: REASONING calls\n"
@@ -203,6 +212,7 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
     let (open, close) = match t.syntax {
         CallSyntax::Hermes => ("<tool_call>\n", "\n</tool_call>"),
         CallSyntax::QwenXml => ("<tool_call>\n", "</tool_call>"),
+        CallSyntax::Harmony => unreachable!("handled above"),
     };
     // Calls follow each other on new lines, as the templates render them.
     g.push_str(if t.parallel {
@@ -221,12 +231,41 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
         match t.syntax {
             CallSyntax::Hermes => hermes_tool(&mut g, i, tool),
             CallSyntax::QwenXml => xml_tool(&mut g, i, tool)?,
+            CallSyntax::Harmony => unreachable!("handled above"),
         }
     }
     if t.reasoning {
         g.push_str(REASONING);
     }
     Ok(g)
+}
+
+/// One harmony tool call. The markers are special tokens (`<|…|>` in a
+/// rule, which llguidance matches by token, never by text). No reasoning
+/// before it: the forced prefix starts the commentary header at once, as
+/// `<tool_call>` does for Qwen. Harmony has no parallel calls in one reply:
+/// `<|call|>` ends generation.
+fn harmony_call(t: &ToolCalls<'_>) -> String {
+    let alts: Vec<String> = (0..t.tools.len()).map(|i| format!("t{i}")).collect();
+    let mut g = format!(
+        "start: <|channel|> {} ({})\n",
+        lit("commentary to=functions."),
+        alts.join(" | ")
+    );
+    for (i, tool) in t.tools.iter().enumerate() {
+        let params = match tool.parameters {
+            Value::Null => json!({"type": "object"}),
+            p => p.clone(),
+        };
+        let defs = defs_of(&params);
+        g.push_str(&format!(
+            "t{i}: {} <|constrain|> {} <|message|> a{i}\na{i}: {}\n",
+            lit(&format!("{} ", tool.name)),
+            lit("json"),
+            json_rule(&params, &defs, tool.strict)
+        ));
+    }
+    g
 }
 
 /// `{"name": NAME, "arguments": ARGS}` as one JSON schema.

@@ -386,3 +386,91 @@ fn parsed_calls(text: &str, spec: ParserSpec) -> Vec<(String, Value)> {
         .map(|(n, a)| (n, serde_json::from_str(&a).expect("arguments are JSON")))
         .collect()
 }
+
+/// The tiny model's tokenizer with gpt-oss's harmony markers added as
+/// special tokens (gpt-oss's own tokenizer is not in the test material), and
+/// `<|call|>`/`<|return|>` as the end-of-sequence tokens, as gpt-oss's
+/// generation config has them.
+fn harmony_env() -> (GrammarEnv, u32) {
+    let mut tok = tokenizer();
+    let marks = [
+        "<|start|>",
+        "<|end|>",
+        "<|message|>",
+        "<|channel|>",
+        "<|constrain|>",
+        "<|call|>",
+        "<|return|>",
+    ];
+    tok.add_special_tokens(&marks.map(|m| tokenizers::AddedToken::from(m, true)));
+    let id = |m: &str| tok.token_to_id(m).expect("added marker");
+    let (call, ret) = (id("<|call|>"), id("<|return|>"));
+    let vocab = tok.get_vocab_size(true);
+    (
+        GrammarEnv::new(&tok, &[call, ret], vocab).expect("token trie"),
+        call,
+    )
+}
+
+#[test]
+fn harmony_calls_follow_the_schema_and_parse_back() {
+    let (env, call) = harmony_env();
+    let w = weather();
+    let empty = json!({"type": "object", "properties": {}});
+    let g = calls(
+        CallSyntax::Harmony,
+        &[("get_weather", &w), ("ping", &empty)],
+        true,
+    );
+    let ok = |prefix: &str, text: &str| {
+        let gr = env
+            .compile(&g, prefix)
+            .unwrap_or_else(|e| panic!("{e}\n{g}"));
+        let mut m = gr.mask();
+        m.accepts(&env.tokenize(text)) && m.allows_eos(call)
+    };
+    let args = r#"{"city": "Rome", "days": 2}"#;
+    let whole = format!(
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{args}"
+    );
+    assert!(ok("", &whole), "{g}");
+    assert!(ok(
+        "",
+        "<|channel|>commentary to=functions.ping <|constrain|>json<|message|>{}"
+    ));
+    // What the server forces for `required`, then for a named tool.
+    let any = crate::toolcall::ChatFormat::Harmony.forced_prefix(None, false);
+    assert!(ok(
+        &any,
+        &format!("get_weather <|constrain|>json<|message|>{args}")
+    ));
+    let named = crate::toolcall::ChatFormat::Harmony.forced_prefix(Some("get_weather"), false);
+    assert!(ok(&named, args));
+    for bad in [
+        // no such tool
+        format!("<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{args}"),
+        // days missing (required), then out of range
+        r#"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Rome"}"#.to_owned(),
+        r#"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Rome", "days": 9}"#.to_owned(),
+        // a final answer instead of the call
+        "<|channel|>final<|message|>It is sunny.".to_owned(),
+        // text after the arguments
+        format!("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{args} and more"),
+    ] {
+        assert!(!ok("", &bad), "{bad}");
+    }
+    let spec = ParserSpec {
+        format: crate::toolcall::ChatFormat::Harmony,
+        tools: Some(ToolSchemas::from_openai_tools(&[json!({
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": w}
+        })])),
+        think: false,
+        in_reasoning: false,
+    };
+    // The model's `<|call|>` ends the reply; the parser sees it too.
+    assert_eq!(
+        parsed_calls(&format!("{whole}<|call|>"), spec),
+        vec![("get_weather".into(), json!({"city": "Rome", "days": 2}))]
+    );
+}

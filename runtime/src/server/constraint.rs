@@ -100,11 +100,12 @@ pub fn for_chat(
         let syntax = match format {
             ChatFormat::Qwen(ToolForm::Hermes) => CallSyntax::Hermes,
             ChatFormat::Qwen(ToolForm::Xml) => CallSyntax::QwenXml,
+            ChatFormat::Harmony => CallSyntax::Harmony,
             other => {
                 return Err(ApiError::bad_request(
                     flavor,
                     format!(
-                        "tool_choice: a forced tool call is only supported for the Hermes and Qwen3-Coder XML call formats (constrained decoding); this model's chat template uses the {other:?} format; use tool_choice `auto`"
+                        "tool_choice: a forced tool call is only supported for the Hermes, Qwen3-Coder XML and gpt-oss harmony call formats (constrained decoding); this model's chat template uses the {other:?} format; use tool_choice `auto`"
                     ),
                 )
                 .param("tool_choice"))
@@ -217,7 +218,7 @@ mod tests {
         };
         let e = for_chat(
             Flavor::OpenAi,
-            ChatFormat::Harmony,
+            ChatFormat::MiniMax,
             &choice,
             &tools,
             None,
@@ -226,7 +227,20 @@ mod tests {
         .err()
         .expect("refused");
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
-        assert!(e.message.contains("Harmony"), "{}", e.message);
+        assert!(e.message.contains("MiniMax"), "{}", e.message);
+        // gpt-oss's harmony calls have a grammar.
+        let h = for_chat(
+            Flavor::OpenAi,
+            ChatFormat::Harmony,
+            &choice,
+            &tools,
+            None,
+            false,
+        )
+        .expect("built")
+        .expect("constrained");
+        assert_eq!(h.field, "tools");
+        assert!(h.lark.contains("<|constrain|>"), "{}", h.lark);
         let c = for_chat(
             Flavor::OpenAi,
             ChatFormat::Qwen(ToolForm::Xml),
