@@ -10,7 +10,10 @@
 set -euo pipefail
 bin=${1:?usage: check_intrinsics.sh BINARY}
 command -v nm >/dev/null || { echo "check_intrinsics: nm not found (binutils)" >&2; exit 1; }
-syms=$(nm -C "$bin" | grep -E ' [tT] core::core_arch::x86(_64)?::[a-z0-9_]+::_mm' || true)
+# Demangled (legacy mangling), or raw (v0 mangling that an older nm cannot
+# demangle keeps both names as substrings).
+syms=$({ nm -C "$bin" | grep -E ' [tT] core::core_arch::x86(_64)?::[a-z0-9_]+::_mm'
+  nm "$bin" | grep -E ' [tT] _R.*core_arch.*_mm' || true; } || true)
 if [ -n "$syms" ]; then
   echo "check_intrinsics: $bin calls SIMD intrinsics out of line (compiled without their target feature):" >&2
   echo "$syms" >&2

@@ -236,15 +236,10 @@ fn qwen_xml_calls_follow_the_schema_and_parse_back() {
     ] {
         assert!(!accepts(&g, bad), "{bad}");
     }
-    let spec = ParserSpec {
-        format: crate::toolcall::ChatFormat::Qwen(crate::toolcall::ToolForm::Xml),
-        tools: Some(ToolSchemas::from_openai_tools(&[json!({
-            "type": "function",
-            "function": {"name": "get_weather", "parameters": w}
-        })])),
-        think: false,
-        in_reasoning: false,
-    };
+    let spec = weather_spec(
+        crate::toolcall::ChatFormat::Qwen(crate::toolcall::ToolForm::Xml),
+        &w,
+    );
     assert_eq!(
         parsed_calls(call, spec.clone()),
         vec![(
@@ -368,6 +363,20 @@ fn non_special_added_tokens_are_text() {
     assert_eq!(env.tokenize("<tool_call>")[..], [id]);
 }
 
+/// How the server parses a reply in `format` when `get_weather` (arguments
+/// `w`) was offered.
+fn weather_spec(format: crate::toolcall::ChatFormat, w: &Value) -> ParserSpec {
+    ParserSpec {
+        format,
+        tools: Some(ToolSchemas::from_openai_tools(&[json!({
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": w}
+        })])),
+        think: false,
+        in_reasoning: false,
+    }
+}
+
 fn parsed_calls(text: &str, spec: ParserSpec) -> Vec<(String, Value)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for e in parse_all(text, spec) {
@@ -459,15 +468,7 @@ fn harmony_calls_follow_the_schema_and_parse_back() {
     ] {
         assert!(!ok("", &bad), "{bad}");
     }
-    let spec = ParserSpec {
-        format: crate::toolcall::ChatFormat::Harmony,
-        tools: Some(ToolSchemas::from_openai_tools(&[json!({
-            "type": "function",
-            "function": {"name": "get_weather", "parameters": w}
-        })])),
-        think: false,
-        in_reasoning: false,
-    };
+    let spec = weather_spec(crate::toolcall::ChatFormat::Harmony, &w);
     // The model's `<|call|>` ends the reply; the parser sees it too.
     assert_eq!(
         parsed_calls(&format!("{whole}<|call|>"), spec),
