@@ -200,44 +200,62 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
             "a tool call was required but no tool was offered".into(),
         ));
     }
-    if t.syntax == CallSyntax::Harmony {
-        return Ok(harmony_call(t));
+    match t.syntax {
+        CallSyntax::Hermes => tagged_calls(t, "\n</tool_call>", |g, i, tool| {
+            hermes_tool(g, i, tool);
+            Ok(())
+        }),
+        CallSyntax::QwenXml => tagged_calls(t, "</tool_call>", xml_tool),
+        CallSyntax::Harmony => Ok(harmony_call(t)),
     }
+}
+
+/// `t0 | t1 | …`: one grammar rule per offered tool.
+fn alternatives(t: &ToolCalls<'_>) -> String {
+    let alts: Vec<String> = (0..t.tools.len()).map(|i| format!("t{i}")).collect();
+    alts.join(" | ")
+}
+
+/// Calls each wrapped in `<tool_call>\n` … `close` (the Qwen forms), one
+/// rule `t{i}` per tool written by `tool_rule`, on new lines when parallel.
+fn tagged_calls(
+    t: &ToolCalls<'_>,
+    close: &str,
+    tool_rule: impl Fn(&mut String, usize, &ToolDef<'_>) -> Result<(), ConstrainError>,
+) -> Result<String, ConstrainError> {
     let mut g = String::new();
     g.push_str(if t.reasoning {
         "start: REASONING calls\n"
     } else {
         "start: calls\n"
     });
-    let (open, close) = match t.syntax {
-        CallSyntax::Hermes => ("<tool_call>\n", "\n</tool_call>"),
-        CallSyntax::QwenXml => ("<tool_call>\n", "</tool_call>"),
-        CallSyntax::Harmony => unreachable!("handled above"),
-    };
     // Calls follow each other on new lines, as the templates render them.
     g.push_str(if t.parallel {
         "calls: call (\"\\n\" call)*\n"
     } else {
         "calls: call\n"
     });
-    let alts: Vec<String> = (0..t.tools.len()).map(|i| format!("t{i}")).collect();
     g.push_str(&format!(
         "call: {} ({}) {}\n",
-        lit(open),
-        alts.join(" | "),
+        lit("<tool_call>\n"),
+        alternatives(t),
         lit(close)
     ));
     for (i, tool) in t.tools.iter().enumerate() {
-        match t.syntax {
-            CallSyntax::Hermes => hermes_tool(&mut g, i, tool),
-            CallSyntax::QwenXml => xml_tool(&mut g, i, tool)?,
-            CallSyntax::Harmony => unreachable!("handled above"),
-        }
+        tool_rule(&mut g, i, tool)?;
     }
     if t.reasoning {
         g.push_str(REASONING);
     }
     Ok(g)
+}
+
+/// A tool's argument schema; a tool without one takes any object.
+fn arguments_schema(tool: &ToolDef<'_>) -> Value {
+    match tool.parameters {
+        Value::Null => json!({"type": "object"}),
+        p => p.clone(),
+    }
 }
 
 /// One harmony tool call. The markers are special tokens (`<|…|>` in a
@@ -246,23 +264,18 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
 /// `<tool_call>` does for Qwen. Harmony has no parallel calls in one reply:
 /// `<|call|>` ends generation.
 fn harmony_call(t: &ToolCalls<'_>) -> String {
-    let alts: Vec<String> = (0..t.tools.len()).map(|i| format!("t{i}")).collect();
     let mut g = format!(
         "start: <|channel|> {} ({})\n",
         lit("commentary to=functions."),
-        alts.join(" | ")
+        alternatives(t)
     );
     for (i, tool) in t.tools.iter().enumerate() {
-        let params = match tool.parameters {
-            Value::Null => json!({"type": "object"}),
-            p => p.clone(),
-        };
-        let defs = defs_of(&params);
+        let params = arguments_schema(tool);
         g.push_str(&format!(
             "t{i}: {} <|constrain|> {} <|message|> a{i}\na{i}: {}\n",
             lit(&format!("{} ", tool.name)),
             lit("json"),
-            json_rule(&params, &defs, tool.strict)
+            json_rule(&params, &defs_of(&params), tool.strict)
         ));
     }
     g
@@ -270,10 +283,7 @@ fn harmony_call(t: &ToolCalls<'_>) -> String {
 
 /// `{"name": NAME, "arguments": ARGS}` as one JSON schema.
 fn hermes_tool(g: &mut String, i: usize, tool: &ToolDef<'_>) {
-    let params = match tool.parameters {
-        Value::Null => json!({"type": "object"}),
-        p => p.clone(),
-    };
+    let params = arguments_schema(tool);
     let defs = defs_of(&params);
     let call = json!({
         "type": "object",

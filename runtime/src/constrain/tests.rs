@@ -25,11 +25,16 @@ fn env() -> GrammarEnv {
 /// Whether `lark` (after `prefix`) accepts `text` as a whole reply: every
 /// token allowed in turn, then end-of-sequence.
 fn accepts_with(env: &GrammarEnv, lark: &str, prefix: &str, text: &str) -> bool {
+    accepts_then(env, lark, prefix, text, EOS)
+}
+
+/// [`accepts_with`] for a tokenizer whose end-of-sequence token is `eos`.
+fn accepts_then(env: &GrammarEnv, lark: &str, prefix: &str, text: &str, eos: u32) -> bool {
     let g = env
         .compile(lark, prefix)
         .unwrap_or_else(|e| panic!("{e}\n{lark}"));
     let mut m = g.mask();
-    m.accepts(&env.tokenize(text)) && m.allows_eos(EOS)
+    m.accepts(&env.tokenize(text)) && m.allows_eos(eos)
 }
 
 fn accepts(lark: &str, text: &str) -> bool {
@@ -431,13 +436,7 @@ fn harmony_calls_follow_the_schema_and_parse_back() {
         &[("get_weather", &w), ("ping", &empty)],
         true,
     );
-    let ok = |prefix: &str, text: &str| {
-        let gr = env
-            .compile(&g, prefix)
-            .unwrap_or_else(|e| panic!("{e}\n{g}"));
-        let mut m = gr.mask();
-        m.accepts(&env.tokenize(text)) && m.allows_eos(call)
-    };
+    let ok = |prefix: &str, text: &str| accepts_then(&env, &g, prefix, text, call);
     let args = r#"{"city": "Rome", "days": 2}"#;
     let whole = format!(
         "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{args}"
