@@ -39,8 +39,7 @@ export CARGO_TERM_COLOR=never
 #    that checking cannot. With the `linkcheck` profile (no optimisation, no
 #    debug info): this proves it builds and links; nothing runs it.
 t0=$(date +%s)
-version=$(cargo metadata --locked --no-deps --format-version 1 |
-  python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "mfx"))')
+version=$(mfx_version)
 whl_dir=target/wheels-darwin
 rm -rf "$whl_dir"
 maturin build --locked --zig --target "$TRIPLE" --profile linkcheck --out "$whl_dir"

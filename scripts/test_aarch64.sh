@@ -87,8 +87,7 @@ echo "aarch64: $passed tests passed under qemu-aarch64 with MFX_KERNELS=neon ($(
 # shellcheck source=scripts/pytools.sh
 . scripts/pytools.sh
 pytools_env || skip "pip install -r scripts/requirements-tools.txt (maturin, zig) failed: the aarch64 wheel and 'mfx run' were not tested"
-version=$(cargo metadata --locked --no-deps --format-version 1 |
-  python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "mfx"))')
+version=$(mfx_version)
 whl_dir=target/wheels-aarch64
 rm -rf "$whl_dir"
 t2=$(date +%s)

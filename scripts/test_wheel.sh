@@ -30,8 +30,7 @@ export CARGO_TERM_COLOR=never
 host=${CARGO_TARGET_DIR:-target}/release/mfx
 [ -x "$host" ] || cargo build --release --locked --bin mfx
 
-version=$(cargo metadata --locked --no-deps --format-version 1 |
-  python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "mfx"))')
+version=$(mfx_version)
 out=target/wheels
 rm -f "$out"/mfx-*.whl
 t0=$(date +%s)
