@@ -8,8 +8,9 @@ use crate::error::{PrepError, Result};
 use crate::source::{from_runtime, LayerExperts, Source, SourceExperts};
 use mfx_formats::profile::{CalibSource, Calibration, LayerProfile};
 use mfx_runtime::models::layerwise::Layerwise;
-use mfx_runtime::models::{ResidentExperts, RouterObserver};
+use mfx_runtime::models::{ExpertProvider, ResidentExperts, RouterObserver};
 use mfx_runtime::weights::WeightSource;
+use std::sync::Arc;
 
 /// The routing decisions of one MoE layer for every token of the batch.
 pub struct Routing {
@@ -293,6 +294,70 @@ pub fn profile(
     Ok((stats, nll))
 }
 
+/// A [`RouterObserver`] that [`walk_layers`] tells which calibration row
+/// the next forward call covers.
+pub trait RowObserver: RouterObserver {
+    /// Row `r` (batch tokens `r * seq..(r + 1) * seq`) goes through the layer next.
+    fn start_row(&mut self, r: usize, seq: usize) {
+        let _ = (r, seq);
+    }
+}
+
+impl RowObserver for Collect {
+    fn start_row(&mut self, r: usize, seq: usize) {
+        self.offset = r * seq;
+    }
+}
+
+/// The one layer-by-layer pass over a calibration batch: load layer L,
+/// push every row through it with the observer `observe(L, is_moe)` made,
+/// hand that observer to `done(L, is_moe, observer)`, drop the layer.
+/// Returns the final hidden states `[rows * seq, hidden]` (before the
+/// final norm). Stage 1 and GPTQ's statistics both walk through here.
+#[allow(clippy::too_many_arguments)]
+pub fn walk_layers<O: RowObserver>(
+    model: &dyn Layerwise,
+    weights: &dyn WeightSource,
+    batch: &CalibBatch,
+    experts: &dyn LayerExperts,
+    progress: Progress<'_>,
+    release: &dyn Fn(),
+    mut observe: impl FnMut(usize, bool, &Arc<dyn ExpertProvider>) -> O,
+    mut done: impl FnMut(usize, bool, O) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let (h, seq, rows) = (model.hidden_size(), batch.seq, batch.rows);
+    let n_layers = model.n_layers();
+    let mut x = Vec::with_capacity(rows * seq * h);
+    for r in 0..rows {
+        x.extend(
+            model
+                .embed(&batch.ids[r * seq..(r + 1) * seq])
+                .map_err(|e| PrepError::Calibration(format!("calibration row {r}: {e}")))?,
+        );
+    }
+    for l in 0..n_layers {
+        let layer = model.load_layer(weights, l).map_err(from_runtime)?;
+        let moe = model.is_moe_layer(l);
+        let ex = if moe {
+            experts.layer(l)?
+        } else {
+            Arc::new(ResidentExperts::new(n_layers))
+        };
+        let mut obs = observe(l, moe, &ex);
+        for (r, xs) in x.chunks_exact_mut(seq * h).enumerate() {
+            obs.start_row(r, seq);
+            model
+                .layer_forward(&layer, ex.as_ref(), xs, Some(&mut obs))
+                .map_err(from_runtime)?;
+        }
+        drop((layer, ex));
+        done(l, moe, obs)?;
+        release();
+        progress(l + 1, n_layers);
+    }
+    Ok(x)
+}
+
 /// The layer-by-layer pass behind [`profile`]: per-MoE-layer stats and the
 /// final hidden states `[rows * seq, hidden]` (before the final norm), which
 /// [`Layerwise::final_logits`] turns into logits.
@@ -304,28 +369,18 @@ pub fn run_layers(
     progress: Progress<'_>,
     release: &dyn Fn(),
 ) -> Result<(Vec<LayerStats>, Vec<f32>)> {
-    let (h, seq, rows) = (model.hidden_size(), batch.seq, batch.rows);
-    let n_layers = model.n_layers();
-    let mut x = Vec::with_capacity(rows * seq * h);
-    for r in 0..rows {
-        x.extend(
-            model
-                .embed(&batch.ids[r * seq..(r + 1) * seq])
-                .map_err(|e| PrepError::Calibration(format!("calibration row {r}: {e}")))?,
-        );
-    }
+    let (seq, rows) = (batch.seq, batch.rows);
+    let (k, ne) = (model.top_k(), model.num_experts());
     let mut stats = Vec::new();
     let mut prev: Option<Routing> = None;
-    for l in 0..n_layers {
-        let layer = model.load_layer(weights, l).map_err(from_runtime)?;
-        let moe = model.is_moe_layer(l);
-        let ex = if moe {
-            experts.layer(l)?
-        } else {
-            std::sync::Arc::new(ResidentExperts::new(n_layers))
-        };
-        let k = model.top_k();
-        let mut obs = Collect {
+    let x = walk_layers(
+        model,
+        weights,
+        batch,
+        experts,
+        progress,
+        release,
+        |_, moe, _| Collect {
             r: Routing {
                 top_k: k,
                 ids: vec![0; if moe { rows * seq * k } else { 0 }],
@@ -333,28 +388,22 @@ pub fn run_layers(
             },
             offset: 0,
             bad: None,
-            saliency: vec![0.0; if moe { model.num_experts() } else { 0 }],
-        };
-        for (r, xs) in x.chunks_exact_mut(seq * h).enumerate() {
-            obs.offset = r * seq;
-            model
-                .layer_forward(&layer, ex.as_ref(), xs, Some(&mut obs))
-                .map_err(from_runtime)?;
-        }
-        if let Some(b) = obs.bad {
-            return Err(PrepError::Calibration(b));
-        }
-        drop((layer, ex));
-        if moe {
-            let mut s = LayerStats::new(l, model.num_experts(), prev.is_some());
-            s.add(&obs.r, prev.as_ref());
-            s.saliency_sum = std::mem::take(&mut obs.saliency);
-            stats.push(s);
-            prev = Some(obs.r);
-        }
-        release();
-        progress(l + 1, n_layers);
-    }
+            saliency: vec![0.0; if moe { ne } else { 0 }],
+        },
+        |l, moe, mut obs| {
+            if let Some(b) = obs.bad {
+                return Err(PrepError::Calibration(b));
+            }
+            if moe {
+                let mut s = LayerStats::new(l, ne, prev.is_some());
+                s.add(&obs.r, prev.as_ref());
+                s.saliency_sum = std::mem::take(&mut obs.saliency);
+                stats.push(s);
+                prev = Some(obs.r);
+            }
+            Ok(())
+        },
+    )?;
     Ok((stats, x))
 }
 

@@ -249,6 +249,26 @@ pub trait RouterObserver {
     ) {
         let _ = (layer, expert, tokens, outputs);
     }
+
+    /// Whether [`RouterObserver::expert_input`] is wanted (prep's GPTQ
+    /// statistics); nothing else pays for gathering the rows twice.
+    fn wants_expert_inputs(&self) -> bool {
+        false
+    }
+
+    /// Routed expert `expert` of MoE layer `layer` was given `inputs`
+    /// (`[tokens.len(), hidden]`, the normalized hidden states of `tokens`)
+    /// and combines its gate and up projections with `glu`.
+    fn expert_input(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        tokens: &[(usize, f32)],
+        inputs: &[f32],
+        glu: Glu,
+    ) {
+        let _ = (layer, expert, tokens, inputs, glu);
+    }
 }
 
 /// Everything after routing, the same for every family: announce the
@@ -340,9 +360,21 @@ pub fn routed_experts_forward(
         results.extend(done?);
     }
     results.sort_unstable_by_key(|r| r.0);
-    if let Some(obs) = observer.filter(|o| o.wants_expert_outputs()) {
-        for (e, ys) in &results {
-            obs.expert_output(layer, *e, &by_expert[*e], ys);
+    if let Some(obs) = observer {
+        if obs.wants_expert_inputs() {
+            let mut xs = Vec::new();
+            for &(e, _) in &results {
+                xs.clear();
+                for &(t, _) in &by_expert[e] {
+                    xs.extend_from_slice(&xn[t * hidden..(t + 1) * hidden]);
+                }
+                obs.expert_input(layer, e, &by_expert[e], &xs, b.glu);
+            }
+        }
+        if obs.wants_expert_outputs() {
+            for (e, ys) in &results {
+                obs.expert_output(layer, *e, &by_expert[*e], ys);
+            }
         }
     }
 
