@@ -373,8 +373,11 @@ pub fn quantize(
     })
 }
 
-/// MLX's per-group parameters (see [`quantize`]).
-fn group_params(g: &[f32], n_bins: f32) -> (bf16, bf16) {
+/// MLX's per-group parameters (see [`quantize`]): `(scale, bias)` for the
+/// values `g` and `n_bins = 2^bits - 1`. Public for prep's GPTQ, which
+/// chooses each group's parameters from its error-corrected weights and
+/// must store them exactly as this quantizer would.
+pub fn group_params(g: &[f32], n_bins: f32) -> (bf16, bf16) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in g {
         lo = lo.min(v);

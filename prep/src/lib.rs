@@ -6,6 +6,7 @@ pub mod calib;
 pub mod entropy;
 pub mod error;
 pub mod eval;
+pub mod gptq;
 pub mod kld;
 pub mod merge;
 pub mod pin;

@@ -4,6 +4,7 @@
 use crate::calib::{self, Tok};
 use crate::entropy::{code_entropy, Measure};
 use crate::error::{PrepError, Result};
+use crate::gptq;
 use crate::merge::{self, MergeOutcome};
 use crate::pin::pin_by_mass;
 use crate::plan::{self, LayerUse, Plan, PlanInput};
@@ -47,6 +48,9 @@ pub struct Options {
     /// Share of each MoE layer's experts removed by REAP saliency (0: none).
     pub prune: f64,
     pub min_codec_saving: f64,
+    /// Choose expert codes below 8 bits by GPTQ on the calibration batch
+    /// instead of rounding to nearest.
+    pub gptq: bool,
     pub report: Option<PathBuf>,
     /// Texts to measure each pack's NLL on (reference protocol).
     pub eval_data: Vec<PathBuf>,
@@ -77,6 +81,7 @@ impl Default for Options {
             merge_max_nll: 0.02,
             prune: 0.0,
             min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
+            gptq: false,
             report: None,
             eval_data: Vec::new(),
             eval_rows: 64,
@@ -463,6 +468,14 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         ));
     }
 
+    // GPTQ's statistics need the calibration rows again (stage 1 keeps
+    // only counts); tokenizing them is cheap next to the pass itself.
+    let gptq_batch = if o.gptq {
+        Some(calibration_batch(o, &dir, &ck)?)
+    } else {
+        None
+    };
+
     // Stage 4-6: per budget.
     let mut packs = Vec::new();
     for ((label, ram), out) in o.rams.iter().zip(&outputs) {
@@ -504,6 +517,7 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
             pruning.as_ref(),
             out,
             label,
+            gptq_batch.as_ref(),
         )?;
         if !source_ref.is_empty() {
             // The pack just written, through the runtime's loader and
@@ -636,6 +650,7 @@ fn write_pack(
     pruning: Option<&Pruning>,
     out: &Path,
     ram_label: &str,
+    gptq_batch: Option<&CalibBatch>,
 ) -> Result<PackReport> {
     let (hidden, inter) = (ck.hidden(), ck.moe_inter());
     let n_experts = pruning.map_or(ck.experts(), |p| p.experts_after);
@@ -692,54 +707,90 @@ fn write_pack(
     let mut expert_raw = 0u64;
     let mut expert_weights = 0u64;
     let mut bit_weighted = 0f64;
-    for lp in &pl.layers {
-        let l = lp.layer as usize;
-        let mut hot = vec![false; n_experts];
-        for &h in &lp.hot {
-            hot[h as usize] = true;
-        }
-        let map = merge.and_then(|m| m.layer_map(l));
-        let reps: Vec<usize> = (0..n_experts)
-            .filter(|&e| map.is_none_or(|m| m[e] as usize == e))
-            .collect();
-        let chunk = rayon::current_num_threads().max(1) * 4;
-        for group in reps.chunks(chunk) {
-            let outs: Vec<Result<(usize, ExpertOut)>> = group
-                .par_iter()
-                .map(|&e| {
-                    let bits = if hot[e] { o.hot_bits } else { o.cold_bits };
-                    // A pruned pack's expert `e` is the `e`-th kept one.
-                    let src_e = pruning.and_then(|p| p.kept(l)).map_or(e, |k| k[e] as usize);
-                    let ew = match merge.and_then(|m| m.weights(l, e)) {
-                        Some(wts) => wts,
-                        None => ck.expert(l, src_e)?,
-                    };
-                    encode_expert(&ew, bits, o.group_size, o.min_codec_saving, l, e).map(|x| (e, x))
-                })
+    let mut write_layer =
+        |lp: &plan::LayerPlan, hess: Option<&gptq::LayerHessians>| -> Result<()> {
+            let l = lp.layer as usize;
+            let mut hot = vec![false; n_experts];
+            for &h in &lp.hot {
+                hot[h as usize] = true;
+            }
+            let map = merge.and_then(|m| m.layer_map(l));
+            let reps: Vec<usize> = (0..n_experts)
+                .filter(|&e| map.is_none_or(|m| m[e] as usize == e))
                 .collect();
-            for r in outs {
-                let (e, x) = r?;
-                // Merged experts pointing at `e` come right after it in id order
-                // only if larger; the writer needs ascending ids, so add
-                // representatives and aliases in one sorted pass below.
-                let parts = part_data(&x.parts, &x.bias);
-                let n_alias = map.map_or(0, |m| {
-                    m.iter()
-                        .enumerate()
-                        .filter(|(i, r)| **r as usize == e && *i != e)
-                        .count()
-                });
-                pending_add(&mut w, l as u32, e as u32, x.codec, &parts, map)?;
-                let per = x.measure.stored(x.codec);
-                expert_stored += per;
-                expert_raw += x.measure.raw;
-                let nweights = 3 * (hidden * inter) as u64;
-                expert_weights += nweights * (1 + n_alias as u64);
-                bit_weighted += x.code_bits * nweights as f64 * (1 + n_alias) as f64;
-                stats.add_expert(&x.measure, x.codec, x.entropy_bits, x.bits);
+            let chunk = rayon::current_num_threads().max(1) * 4;
+            for group in reps.chunks(chunk) {
+                let outs: Vec<Result<(usize, ExpertOut)>> = group
+                    .par_iter()
+                    .map(|&e| {
+                        let bits = if hot[e] { o.hot_bits } else { o.cold_bits };
+                        // A pruned pack's expert `e` is the `e`-th kept one.
+                        let src_e = pruning.and_then(|p| p.kept(l)).map_or(e, |k| k[e] as usize);
+                        let merged = merge.and_then(|m| m.weights(l, e));
+                        // GPTQ needs the inputs this expert saw; a merged
+                        // expert's are a mix, so it is rounded to nearest.
+                        let h = hess.filter(|_| merged.is_none() && bits < 8).and_then(|h| {
+                            Some((h.input.get(src_e)?.as_ref()?, h.mid.get(src_e)?.as_ref()?))
+                        });
+                        let ew = match merged {
+                            Some(wts) => wts,
+                            None => ck.expert(l, src_e)?,
+                        };
+                        encode_expert(&ew, bits, o.group_size, o.min_codec_saving, l, e, h)
+                            .map(|x| (e, x))
+                    })
+                    .collect();
+                for r in outs {
+                    let (e, x) = r?;
+                    // Merged experts pointing at `e` come right after it in id order
+                    // only if larger; the writer needs ascending ids, so add
+                    // representatives and aliases in one sorted pass below.
+                    let parts = part_data(&x.parts, &x.bias);
+                    let n_alias = map.map_or(0, |m| {
+                        m.iter()
+                            .enumerate()
+                            .filter(|(i, r)| **r as usize == e && *i != e)
+                            .count()
+                    });
+                    pending_add(&mut w, l as u32, e as u32, x.codec, &parts, map)?;
+                    let per = x.measure.stored(x.codec);
+                    expert_stored += per;
+                    expert_raw += x.measure.raw;
+                    let nweights = 3 * (hidden * inter) as u64;
+                    expert_weights += nweights * (1 + n_alias as u64);
+                    bit_weighted += x.code_bits * nweights as f64 * (1 + n_alias) as f64;
+                    stats.add_expert(&x.measure, x.codec, x.entropy_bits, x.bits);
+                }
+            }
+            ck.release_pages();
+            Ok(())
+        };
+    match gptq_batch {
+        // GPTQ: the calibration batch walks the source layer by layer and
+        // each MoE layer's experts are written as soon as their statistics
+        // are complete, so only one layer's Hessians are ever held.
+        Some(batch) => {
+            let bar = progress_bar(o.progress, ck.layers() as u64, "gptq");
+            crate::routing::walk_layers(
+                ck.model.as_ref(),
+                &ck.weights,
+                batch,
+                &SourceExperts(ck),
+                &|done, _| bar.set_position(done as u64),
+                &|| ck.release_pages(),
+                |l, moe, ex| gptq::Collector::new(l, ck.experts(), hidden, moe.then(|| ex.clone())),
+                |l, _, obs| match pl.layers.iter().find(|lp| lp.layer as usize == l) {
+                    Some(lp) => write_layer(lp, Some(&obs.finish()?)),
+                    None => Ok(()),
+                },
+            )?;
+            bar.finish_and_clear();
+        }
+        None => {
+            for lp in &pl.layers {
+                write_layer(lp, None)?;
             }
         }
-        ck.release_pages();
     }
     let summary = w.finish().map_err(|e| PrepError::Pack(e.to_string()))?;
     weights_total += expert_weights;
@@ -796,6 +847,9 @@ fn pending_add(
     Ok(())
 }
 
+/// Quantizes one expert; with `hess` (its inputs' and intermediate
+/// activations' Hessians) the affine projections are chosen by GPTQ,
+/// otherwise rounded to nearest.
 fn encode_expert(
     ew: &ExpertWeights,
     bits: u8,
@@ -803,7 +857,15 @@ fn encode_expert(
     min_saving: f64,
     l: usize,
     e: usize,
+    hess: Option<(&gptq::Hessian, &gptq::Hessian)>,
 ) -> Result<ExpertOut> {
+    // gate and up share their inputs, so one factor serves both.
+    let factors = hess.and_then(|(input, mid)| {
+        Some((
+            gptq::Factor::of(input, gptq::DAMP)?,
+            gptq::Factor::of(mid, gptq::DAMP)?,
+        ))
+    });
     let name = |p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}");
     let mut parts = Vec::with_capacity(3);
     let mut raw_parts: Vec<PartData> = Vec::new();
@@ -836,7 +898,22 @@ fn encode_expert(
             msg: format!("{} columns is not a multiple of 32", m.cols),
         })?;
         let scheme = Scheme::affine(bits, g)?;
-        let s = quantize::quantize_mat(m, scheme, &name(p))?;
+        let s = match &factors {
+            Some((fi, fm)) => {
+                quantize::check_finite(&m.data, m.cols, &name(p))?;
+                let f = if k == 2 { fm } else { fi };
+                Stored::Affine(gptq::quantize(
+                    &m.data,
+                    m.rows,
+                    m.cols,
+                    bits,
+                    g as usize,
+                    f,
+                    &name(p),
+                )?)
+            }
+            None => quantize::quantize_mat(m, scheme, &name(p))?,
+        };
         code_bits += bits as f64 / 3.0;
         if let Stored::Affine(a) = &s {
             ent += code_entropy(&a.packed, bits) / 3.0;
@@ -960,7 +1037,7 @@ mod tests {
             mxfp4: [Some(gate_m), None, Some(down_m)],
             bias: None,
         };
-        let out = encode_expert(&ew, 2, 32, 0.0, 0, 0).unwrap();
+        let out = encode_expert(&ew, 2, 32, 0.0, 0, 0, None).unwrap();
         let [(gs, gshape, g), (us, _, _), (ds, dshape, d)] = &out.parts;
         assert_eq!((*gs, gshape.as_slice()), (Scheme::Mxfp4, &[32u64, 64][..]));
         assert_eq!((*ds, dshape.as_slice()), (Scheme::Mxfp4, &[64u64, 32][..]));

@@ -68,6 +68,13 @@ pub struct Args {
     /// router rows included; never fewer than top-k remain.
     #[arg(long, default_value_t = 0.0)]
     pub prune: f64,
+    /// Choose routed experts' codes below 8 bits with GPTQ: a second pass
+    /// over the calibration batch collects each expert's input and
+    /// intermediate-activation statistics, and each row's rounding error is
+    /// spread over its not-yet-quantized columns to minimise the error of
+    /// the expert's outputs (not of its weights). Same pack format; slower.
+    #[arg(long)]
+    pub gptq: bool,
     /// Store an expert blob coded (zstd/Huffman) only if it saves at least this fraction.
     #[arg(long, default_value_t = mfx_prep::entropy::DEFAULT_MIN_SAVING)]
     pub min_codec_saving: f64,
@@ -111,6 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         merge: a.merge,
         merge_max_nll: a.merge_max_nll,
         prune: a.prune,
+        gptq: a.gptq,
         min_codec_saving: a.min_codec_saving,
         report: a.report,
         eval_data: a.eval_data,
