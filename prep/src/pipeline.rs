@@ -51,6 +51,8 @@ pub struct Options {
     /// Choose expert codes below 8 bits by GPTQ on the calibration batch
     /// instead of rounding to nearest.
     pub gptq: bool,
+    /// Blob alignment in the pack (bytes; a power of two in 4 KiB ..= 1 MiB).
+    pub align: u32,
     pub report: Option<PathBuf>,
     /// Texts to measure each pack's NLL on (reference protocol).
     pub eval_data: Vec<PathBuf>,
@@ -82,6 +84,7 @@ impl Default for Options {
             prune: 0.0,
             min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
             gptq: false,
+            align: mfx_formats::pack::DEFAULT_ALIGNMENT,
             report: None,
             eval_data: Vec::new(),
             eval_rows: 64,
@@ -124,6 +127,12 @@ fn check_options(o: &Options) -> Result<()> {
         )));
     }
     Scheme::affine(4, o.group_size)?;
+    if !o.align.is_power_of_two() || !(4096..=1 << 20).contains(&o.align) {
+        return Err(PrepError::Option(format!(
+            "--align {}: expected a power of two from 4096 to 1048576 bytes (the reader's O_DIRECT reads need 4 KiB)",
+            o.align
+        )));
+    }
     if let Some(f) = o.hot_fraction {
         if !(0.0..=1.0).contains(&f) {
             return Err(PrepError::Option(format!(
@@ -685,7 +694,7 @@ fn write_pack(
         provenance: report::provenance(dir, o, ram_label, ck, pl),
     };
     let mut w =
-        PackWriter::create_default(out, meta).map_err(|e| PrepError::Pack(e.to_string()))?;
+        PackWriter::create(out, meta, o.align).map_err(|e| PrepError::Pack(e.to_string()))?;
     let mut stats = CodecStats::default();
     let mut weights_total = 0u64;
     let mut dense_stored = 0u64;

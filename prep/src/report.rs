@@ -173,7 +173,7 @@ pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Source, pl: &Pl
                     "dense_bits": o.dense_bits, "router_bits": crate::quantize::ROUTER_BITS, "group_size": o.group_size,
                     "hot_fraction": o.hot_fraction, "pin_mass": o.pin_mass, "merge": o.merge,
                     "merge_max_nll": o.merge_max_nll, "prune": o.prune, "min_codec_saving": o.min_codec_saving,
-                    "expert_rounding": expert_rounding(o),
+                    "expert_rounding": expert_rounding(o), "align": o.align,
                     "requantized_from_mlx": ck.mlx_quantized()},
         "plan": {"reserve": pl.reserve, "dense_bytes": pl.dense_bytes, "pinned_bytes": pl.pinned_bytes,
                  "cache_bytes": pl.cache_bytes, "hot_fraction": pl.hot_fraction,
@@ -205,7 +205,7 @@ pub fn full_report(dir: &Path, o: &Options, out: &Outcome, secs: f64, input_byte
         "input_bytes": input_bytes,
         "input_mb_per_s": input_bytes as f64 / 1e6 / secs.max(1e-9),
         "options": {"hot_bits": o.hot_bits, "cold_bits": o.cold_bits, "dense_bits": o.dense_bits, "group_size": o.group_size,
-                    "expert_rounding": expert_rounding(o)},
+                    "expert_rounding": expert_rounding(o), "align": o.align},
     });
     let mut s = serde_json::to_string_pretty(&r).unwrap_or_default();
     s.push('\n');

@@ -75,6 +75,12 @@ pub struct Args {
     /// the expert's outputs (not of its weights). Same pack format; slower.
     #[arg(long)]
     pub gptq: bool,
+    /// Align every blob in the pack to this many bytes (a power of two from
+    /// 4096 to 1048576). The default, 16384, is Apple Silicon's page; 4096
+    /// stores small experts (a few KiB at 2-3 bits) without padding each to
+    /// 16 KiB. Expert reads are 4 KiB-aligned either way.
+    #[arg(long, default_value_t = mfx_formats::pack::DEFAULT_ALIGNMENT)]
+    pub align: u32,
     /// Store an expert blob coded (zstd/Huffman) only if it saves at least this fraction.
     #[arg(long, default_value_t = mfx_prep::entropy::DEFAULT_MIN_SAVING)]
     pub min_codec_saving: f64,
@@ -119,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         merge_max_nll: a.merge_max_nll,
         prune: a.prune,
         gptq: a.gptq,
+        align: a.align,
         min_codec_saving: a.min_codec_saving,
         report: a.report,
         eval_data: a.eval_data,

@@ -461,3 +461,74 @@ fn gptq_packs_are_deterministic_valid_and_closer_to_the_source() {
         "GPTQ KLD {k_a:.4} is not clearly below round-to-nearest's {k_rtn:.4}"
     );
 }
+
+/// `--align 4096`: small experts stop being padded to 16 KiB each, the
+/// pack verifies, and streaming it through a 2-slot cache (4 KiB-aligned
+/// O_DIRECT reads of 4 KiB-aligned blobs) generates what the default
+/// alignment does.
+#[test]
+fn four_kib_alignment_shrinks_small_expert_packs_and_runs_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    let c = shared().join("data/c.val.txt");
+    let q = quick(c.to_str().unwrap());
+    let t = tiny();
+    let pack = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let mut args = vec![
+            "prep",
+            &t,
+            "--ram",
+            "70M",
+            "--cold-bits",
+            "3",
+            "--no-card",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(q.iter().map(String::as_str));
+        args.extend(extra);
+        ok(&mfx(&args));
+        ok(&mfx(&["verify", out.to_str().unwrap()]));
+        out
+    };
+    let wide = pack("wide.mfx", &[]);
+    let narrow = pack("narrow.mfx", &["--align", "4096"]);
+    let (lw, ln) = (
+        std::fs::metadata(&wide).unwrap().len(),
+        std::fs::metadata(&narrow).unwrap().len(),
+    );
+    assert!(
+        (ln as f64) < 0.9 * lw as f64,
+        "4 KiB alignment: {ln} bytes against {lw}"
+    );
+    let run = |p: &Path| {
+        let out = mfx(&[
+            "run",
+            p.to_str().unwrap(),
+            "--prompt",
+            "def parse(line):",
+            "--temp",
+            "0",
+            "-n",
+            "32",
+            "--capacity",
+            "2",
+            "--no-pin",
+        ]);
+        ok(&out);
+        out.stdout
+    };
+    assert_eq!(run(&wide), run(&narrow));
+    let bad = mfx(&[
+        "prep",
+        &t,
+        "--ram",
+        "70M",
+        "--align",
+        "2048",
+        "-o",
+        d.path().join("x.mfx").to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--align 2048"), "{}", stderr(&bad));
+}
