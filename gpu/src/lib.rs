@@ -16,30 +16,43 @@ use wgpu::util::DeviceExt;
 pub const MATVEC_WGSL: &str = include_str!("../shaders/q4_matvec.wgsl");
 pub const MATVEC_R1_WGSL: &str = include_str!("../shaders/q4_matvec_r1.wgsl");
 pub const GEMM_WGSL: &str = include_str!("../shaders/q4_gemm.wgsl");
+pub const QUANTIZE_X_WGSL: &str = include_str!("../shaders/q4_quantize_x.wgsl");
+pub const MATVEC_DP4A_WGSL: &str = include_str!("../shaders/q4_matvec_dp4a.wgsl");
 /// Every shader of the crate, by name, for the translation checks.
-pub const SHADERS: [(&str, &str); 3] = [
+pub const SHADERS: [(&str, &str); 5] = [
     ("q4_matvec", MATVEC_WGSL),
     ("q4_matvec_r1", MATVEC_R1_WGSL),
     ("q4_gemm", GEMM_WGSL),
+    ("q4_quantize_x", QUANTIZE_X_WGSL),
+    ("q4_matvec_dp4a", MATVEC_DP4A_WGSL),
 ];
 
-/// The two mat-vec shaders: one row per 32 lanes, or four.
+/// The mat-vec shaders: f32 activations with one row per 32 lanes or four,
+/// or int8 activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Matvec {
     /// `q4_matvec_r1.wgsl`: 8 rows per workgroup.
     R1,
     /// `q4_matvec.wgsl`: 32 rows per workgroup, x reused over 4 rows.
     R4,
+    /// `q4_quantize_x.wgsl` then `q4_matvec_dp4a.wgsl` (8 rows per
+    /// workgroup): x rounded to int8 blocks of 32, packed integer dots. Not
+    /// exact to f32: about 3e-3 relative error, as the CPU's int8 tier.
+    Dp4a,
 }
 
 impl Matvec {
     fn rows_per_workgroup(self) -> u32 {
         match self {
-            Matvec::R1 => 8,
+            Matvec::R1 | Matvec::Dp4a => 8,
             Matvec::R4 => 32,
         }
     }
 }
+/// Elements per int8 activation block (one weight chunk of 16 bytes).
+pub const XBLOCK: usize = 32;
+/// Blocks of x per workgroup of the quantize shader.
+const QUANTIZE_BLOCKS: u32 = 8;
 /// Tile edge of the GEMM shader (`BM` = `BN`).
 const GEMM_TILE: u32 = 64;
 
@@ -59,6 +72,10 @@ pub enum GpuError {
     },
     #[error("input length {got} does not match the expected {expected}")]
     Input { expected: usize, got: usize },
+    #[error(
+        "int8 activations come in blocks of {XBLOCK}; {cols} columns is not a positive multiple"
+    )]
+    Blocks { cols: usize },
     #[error("waiting for the GPU failed: {0}")]
     Poll(String),
     #[error("reading a buffer back failed: {0}")]
@@ -79,6 +96,8 @@ pub struct Gpu {
     matvec: wgpu::ComputePipeline,
     matvec_r1: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
+    quantize_x: wgpu::ComputePipeline,
+    matvec_dp4a: wgpu::ComputePipeline,
 }
 
 /// One q4 g64 matrix resident on the device.
@@ -97,6 +116,15 @@ impl Q4Matrix {
         let n = self.rows as u64 * self.cols as u64;
         n / 2 + n / 64 * 4
     }
+}
+
+/// x quantized on the device for `Matvec::Dp4a` (q4_quantize_x.wgsl's
+/// output): per block of `XBLOCK` elements, 8 words of packed int8 codes
+/// and an f32 pair (scale d, sum of x).
+pub struct QuantizedX {
+    pub cols: u32,
+    codes: wgpu::Buffer,
+    scales: wgpu::Buffer,
 }
 
 /// Bounds-checked shaders (wgpu's default) or not. Unchecked is what a
@@ -179,6 +207,8 @@ impl Gpu {
         let matvec = pipeline("q4_matvec", MATVEC_WGSL);
         let matvec_r1 = pipeline("q4_matvec_r1", MATVEC_R1_WGSL);
         let gemm = pipeline("q4_gemm", GEMM_WGSL);
+        let quantize_x = pipeline("q4_quantize_x", QUANTIZE_X_WGSL);
+        let matvec_dp4a = pipeline("q4_matvec_dp4a", MATVEC_DP4A_WGSL);
         Ok(Self {
             device,
             queue,
@@ -189,6 +219,8 @@ impl Gpu {
             matvec,
             matvec_r1,
             gemm,
+            quantize_x,
+            matvec_dp4a,
         })
     }
 
@@ -258,15 +290,9 @@ impl Gpu {
             })
     }
 
-    fn bind(
-        &self,
-        pipeline: &wgpu::ComputePipeline,
-        m: &Q4Matrix,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        params: &wgpu::Buffer,
-    ) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = [&m.w, &m.scales, &m.biases, x, y, params]
+    /// A bind group with `buffers` at bindings 0, 1, ... in order.
+    fn bind(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
             .iter()
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupEntry {
@@ -282,7 +308,9 @@ impl Gpu {
     }
 
     /// A ready-to-dispatch y = W x: the caller owns the x and y buffers
-    /// (x holds `cols` f32, y `rows` f32).
+    /// (x holds `cols` f32, y `rows` f32). `Matvec::Dp4a` is two dispatches
+    /// (quantize x into a scratch buffer the job owns, then the mat-vec);
+    /// to time them apart use `quantize_job` and `dp4a_job`.
     pub fn matvec_job(
         &self,
         kind: Matvec,
@@ -293,28 +321,91 @@ impl Gpu {
         let pipeline = match kind {
             Matvec::R1 => &self.matvec_r1,
             Matvec::R4 => &self.matvec,
+            Matvec::Dp4a => {
+                // A matrix's cols are whole groups of 64, so whole blocks.
+                let q = self.alloc_quantized(m.cols);
+                let mut job = self.quantize_job(x, &q);
+                job.append(self.dp4a_dispatch(m, &q, y));
+                job.keep(&[&q.codes, &q.scales]);
+                return job;
+            }
         };
         let params = self.uniform([m.rows, m.cols, 0, 0]);
-        let bind = self.bind(pipeline, m, x, y, &params);
+        let bind = self.bind(pipeline, &[&m.w, &m.scales, &m.biases, x, y, &params]);
         let groups = m.rows.div_ceil(kind.rows_per_workgroup());
-        Job {
-            pipeline: pipeline.clone(),
-            bind,
-            groups: self.grid(groups),
-            _params: params,
+        Job::single(pipeline, bind, self.grid(groups), params)
+    }
+
+    /// Device buffers for x quantized to int8 blocks (`cols` a positive
+    /// multiple of `XBLOCK`), filled by a `quantize_job`.
+    pub fn quantized_x(&self, cols: u32) -> Result<QuantizedX, GpuError> {
+        if cols == 0 || !(cols as usize).is_multiple_of(XBLOCK) {
+            return Err(GpuError::Blocks {
+                cols: cols as usize,
+            });
         }
+        self.check_size("int8 activations", cols as u64)?;
+        Ok(self.alloc_quantized(cols))
+    }
+
+    fn alloc_quantized(&self, cols: u32) -> QuantizedX {
+        let blocks = (cols as u64).div_ceil(XBLOCK as u64);
+        let buf = |label: &str, size: u64| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        QuantizedX {
+            cols,
+            codes: buf("int8 x codes", blocks * XBLOCK as u64),
+            scales: buf("int8 x (d, sum)", blocks * 8),
+        }
+    }
+
+    /// A ready-to-dispatch quantization of x (`q.cols` f32) into `q`.
+    pub fn quantize_job(&self, x: &wgpu::Buffer, q: &QuantizedX) -> Job {
+        let blocks = q.cols / XBLOCK as u32;
+        let params = self.uniform([blocks, 0, 0, 0]);
+        let bind = self.bind(&self.quantize_x, &[x, &q.codes, &q.scales, &params]);
+        let groups = self.grid(blocks.div_ceil(QUANTIZE_BLOCKS));
+        Job::single(&self.quantize_x, bind, groups, params)
+    }
+
+    /// A ready-to-dispatch int8-activation y = W x from an x already
+    /// quantized into `q` (by a `quantize_job` earlier in the same or an
+    /// earlier submission); y holds `rows` f32.
+    pub fn dp4a_job(
+        &self,
+        m: &Q4Matrix,
+        q: &QuantizedX,
+        y: &wgpu::Buffer,
+    ) -> Result<Job, GpuError> {
+        if q.cols != m.cols {
+            return Err(GpuError::Input {
+                expected: m.cols as usize,
+                got: q.cols as usize,
+            });
+        }
+        Ok(self.dp4a_dispatch(m, q, y))
+    }
+
+    fn dp4a_dispatch(&self, m: &Q4Matrix, q: &QuantizedX, y: &wgpu::Buffer) -> Job {
+        let params = self.uniform([m.rows, m.cols, 0, 0]);
+        let buffers = [&m.w, &m.scales, &m.biases, &q.codes, &q.scales, y, &params];
+        let bind = self.bind(&self.matvec_dp4a, &buffers);
+        let groups = m.rows.div_ceil(Matvec::Dp4a.rows_per_workgroup());
+        Job::single(&self.matvec_dp4a, bind, self.grid(groups), params)
     }
 
     /// A ready-to-dispatch Y = X W^T for `n` tokens (X is `[n, cols]`, Y `[n, rows]`).
     pub fn gemm_job(&self, m: &Q4Matrix, n: u32, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Job {
         let params = self.uniform([n, m.rows, m.cols, 0]);
-        let bind = self.bind(&self.gemm, m, x, y, &params);
-        Job {
-            pipeline: self.gemm.clone(),
-            bind,
-            groups: (m.rows.div_ceil(GEMM_TILE), n.div_ceil(GEMM_TILE), 1),
-            _params: params,
-        }
+        let bind = self.bind(&self.gemm, &[&m.w, &m.scales, &m.biases, x, y, &params]);
+        let groups = (m.rows.div_ceil(GEMM_TILE), n.div_ceil(GEMM_TILE), 1);
+        Job::single(&self.gemm, bind, groups, params)
     }
 
     /// Spreads `groups` workgroups over x and y so that no dimension passes the limit.
@@ -337,6 +428,22 @@ impl Gpu {
         let job = self.matvec_job(kind, m, &xb, &yb);
         self.run(&[&job])?;
         self.read_f32(&yb, m.rows as usize)
+    }
+
+    /// x quantized by q4_quantize_x.wgsl, read back in element order,
+    /// blocking; `x.len()` must be a positive multiple of `XBLOCK`.
+    pub fn quantize_x(&self, x: &[f32]) -> Result<Int8X, GpuError> {
+        let q = self.quantized_x(x.len() as u32)?;
+        let xb = self.f32_buffer(x);
+        self.run(&[&self.quantize_job(&xb, &q)])?;
+        let words: Vec<u32> =
+            bytemuck::cast_slice(&self.read_bytes(&q.codes, x.len() as u64)?).to_vec();
+        let pairs = self.read_f32(&q.scales, 2 * x.len() / XBLOCK)?;
+        Ok(Int8X {
+            codes: unpack_codes(&words),
+            d: pairs.iter().step_by(2).copied().collect(),
+            sums: pairs.iter().skip(1).step_by(2).copied().collect(),
+        })
     }
 
     /// Y = X W^T for `n` tokens, blocking; `x.len()` must be `n * cols`.
@@ -457,19 +564,53 @@ impl Gpu {
     }
 }
 
-/// One bound dispatch.
+/// One or more bound dispatches, encoded in order into one compute pass
+/// (wgpu puts a barrier between dispatches that write and read a buffer).
 pub struct Job {
+    steps: Vec<Step>,
+    /// Uniforms and scratch buffers the bind groups point at, kept with the job.
+    _buffers: Vec<wgpu::Buffer>,
+}
+
+struct Step {
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
     groups: (u32, u32, u32),
-    _params: wgpu::Buffer,
 }
 
 impl Job {
+    fn single(
+        pipeline: &wgpu::ComputePipeline,
+        bind: wgpu::BindGroup,
+        groups: (u32, u32, u32),
+        params: wgpu::Buffer,
+    ) -> Self {
+        Job {
+            steps: vec![Step {
+                pipeline: pipeline.clone(),
+                bind,
+                groups,
+            }],
+            _buffers: vec![params],
+        }
+    }
+
+    /// Runs `next` after this job's dispatches.
+    fn append(&mut self, next: Job) {
+        self.steps.extend(next.steps);
+        self._buffers.extend(next._buffers);
+    }
+
+    fn keep(&mut self, buffers: &[&wgpu::Buffer]) {
+        self._buffers.extend(buffers.iter().map(|&b| b.clone()));
+    }
+
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
+        for s in &self.steps {
+            pass.set_pipeline(&s.pipeline);
+            pass.set_bind_group(0, &s.bind, &[]);
+            pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+        }
     }
 }
 
@@ -521,6 +662,96 @@ pub fn reference_rows(m: &AffineMatrix<'_>, x: &[f32], rows: &[usize]) -> Vec<f6
         .map(|&r| {
             m.dequantize_row(r, &mut buf);
             buf.iter().zip(x).map(|(&w, &v)| w as f64 * v as f64).sum()
+        })
+        .collect()
+}
+
+/// int8 activations in element order: `codes[i]` is x[i]'s code, `d[b]` and
+/// `sums[b]` block b's scale and f32 sum (blocks of `XBLOCK`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8X {
+    pub codes: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+/// The host twin of q4_quantize_x.wgsl: the same f32 operations in the same
+/// order (max, the 16-8-4-2-1 tree sum, d = max/127, round-half-even of
+/// x * (1/d)), so that on a device with correctly rounded f32 division
+/// (lavapipe) it agrees bit for bit.
+pub fn quantize_x_host(x: &[f32]) -> Result<Int8X, GpuError> {
+    if x.is_empty() || !x.len().is_multiple_of(XBLOCK) {
+        return Err(GpuError::Blocks { cols: x.len() });
+    }
+    let mut out = Int8X {
+        codes: Vec::with_capacity(x.len()),
+        d: Vec::new(),
+        sums: Vec::new(),
+    };
+    for block in x.chunks_exact(XBLOCK) {
+        let mut amax: Vec<f32> = block.iter().map(|v| v.abs()).collect();
+        let mut total = block.to_vec();
+        let mut step = XBLOCK / 2;
+        while step > 0 {
+            for i in 0..step {
+                amax[i] = amax[i].max(amax[i + step]);
+                total[i] += total[i + step];
+            }
+            step /= 2;
+        }
+        let d = amax[0] / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.codes
+            .extend(block.iter().map(|&v| (v * id).round_ties_even() as i8));
+        out.d.push(d);
+        out.sums.push(total[0]);
+    }
+    Ok(out)
+}
+
+/// Element order from the shader's packing: word k of a block holds, byte t
+/// (bits [8t, 8t+8)), the code of element 8(k/2) + (k%2) + 2t. Written from
+/// the layout's definition, independently of the shader, so a packing bug
+/// shows up as codes that disagree with `quantize_x_host`.
+fn unpack_codes(words: &[u32]) -> Vec<i8> {
+    let mut codes = vec![0i8; words.len() * 4];
+    for (w, &word) in words.iter().enumerate() {
+        let (block, k) = (w / 8, w % 8);
+        for t in 0..4 {
+            let e = block * XBLOCK + 8 * (k / 2) + k % 2 + 2 * t;
+            codes[e] = (word >> (8 * t)) as u8 as i8;
+        }
+    }
+    codes
+}
+
+/// The dp4a mat-vec's arithmetic on the host: per row and block c of 32,
+/// the exact integer dot of the nibbles with the codes, then the f32
+/// combination `scale * d * dot + bias * sum` as the shader writes it;
+/// the block terms are summed in f64 (the shader's f32 lane sums and tree
+/// differ from that by rounding only).
+pub fn dp4a_reference_rows(m: &AffineMatrix<'_>, q: &Int8X, rows: &[usize]) -> Vec<f64> {
+    assert_eq!(
+        q.codes.len(),
+        m.cols,
+        "quantized x has the matrix's columns"
+    );
+    rows.iter()
+        .map(|&r| {
+            (0..m.cols / XBLOCK)
+                .map(|c| {
+                    let dot: i32 = (c * XBLOCK..(c + 1) * XBLOCK)
+                        .map(|i| {
+                            let e = r * m.cols + i;
+                            let nibble = (m.packed[e / 2] >> (4 * (e % 2))) & 15;
+                            nibble as i32 * q.codes[i] as i32
+                        })
+                        .sum();
+                    let g = (r * m.cols + c * XBLOCK) / 64;
+                    let (s, b) = (m.scales[g].to_f32(), m.biases[g].to_f32());
+                    (s * q.d[c] * dot as f32 + b * q.sums[c]) as f64
+                })
+                .sum()
         })
         .collect()
 }

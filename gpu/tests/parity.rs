@@ -4,7 +4,10 @@
 //! parity suite that silently runs nothing would pass off an untested path.
 
 use mfx_formats::quant::{quantize, AffineMatrix};
-use mfx_gpu::{random_q4, reference_rows, Checks, Gpu, GpuError, Matvec};
+use mfx_gpu::{
+    dp4a_reference_rows, quantize_x_host, random_q4, reference_rows, Checks, Gpu, GpuError, Int8X,
+    Matvec,
+};
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
 
@@ -124,6 +127,13 @@ fn unchecked_shaders_agree_with_checked() {
         let e = rel_err(&y, &reference_rows(&m, &x[..cols], &all));
         assert!(e < 1e-5, "{kind:?} relative error {e}");
     }
+    let y = g.matvec(Matvec::Dp4a, &dm, &x[..cols]).unwrap();
+    let q = quantized_like_host(&g, &x[..cols]);
+    let e = rel_err(&y, &dp4a_reference_rows(&m, &q, &all));
+    assert!(
+        e < EMULATION_TOL,
+        "Dp4a against its emulation: relative error {e}"
+    );
     let y = g.gemm(&dm, &x, 3).unwrap();
     let mut reference = Vec::new();
     for t in 0..3 {
@@ -150,4 +160,210 @@ fn other_layouts_and_bad_inputs_are_refused() {
     let dm = g.upload(&m).unwrap();
     let err = g.matvec(Matvec::R4, &dm, &[0.5; 64]).unwrap_err();
     assert!(err.to_string().contains("128"), "{err}");
+    let err = g.matvec(Matvec::Dp4a, &dm, &[0.5; 64]).unwrap_err();
+    assert!(err.to_string().contains("128"), "{err}");
+    // int8 activations need whole blocks of 32, and a matching matrix.
+    for cols in [0, 48] {
+        match g.quantize_x(&vec![1.0; cols]) {
+            Err(GpuError::Blocks { cols: c }) if c == cols => {}
+            other => panic!("{cols} columns: {:?}", other.map(|_| ())),
+        }
+        assert!(quantize_x_host(&vec![1.0; cols]).is_err());
+    }
+    let q = g.quantized_x(64).unwrap();
+    let y = g.f32_buffer(&[0.0; 8]);
+    assert!(matches!(
+        g.dp4a_job(&dm, &q, &y),
+        Err(GpuError::Input {
+            expected: 128,
+            got: 64
+        })
+    ));
+}
+
+/// Relative L2 error allowed against the f64 reference for int8
+/// activations. Rounding x to d * code leaves each element off by at most
+/// d/2 = max|x|/254, spread evenly: RMS max|x|/(254 sqrt 3), i.e. 2.3e-3 of
+/// max|x| and 3.9e-3 of the RMS of x uniform in [-1, 1]. y = W x carries
+/// that relative error over (W mixes the errors as it mixes x; the bias
+/// term uses the exact block sums, so it adds none): expected ~3e-3, as the
+/// CUDA kernel measured (2.7e-3 .. 3.7e-3) and as measured here on many
+/// rows (2e-3 .. 3e-3). A single row is noisier (7.4e-3 for the 1x64
+/// case: one dot of 64 terms), hence 2e-2, the CUDA benchmark's bound.
+/// Layout bugs are the emulation's job (errors of order 1 against 5e-6).
+const INT8_TOL: f64 = 2e-2;
+
+/// Against the host emulation of the same int8 arithmetic only f32
+/// rounding differs (the shader's f32 lane sums and tree against f64 block
+/// sums): the f32 kernels measure 1e-7 .. 1e-6 against f64.
+const EMULATION_TOL: f64 = 5e-6;
+
+/// A host value `t = x / d` whose rounding a device may decide either way:
+/// WGSL (like Vulkan) allows 2.5 ulp in f32 division, so `1 / d` can differ
+/// from the host's in the last bits and move `t` across a half by a few ulp
+/// of 127. Exact halves (where round-half-even is what is tested) are not
+/// near ties: they stay exact when d is a power of two.
+fn near_tie(t: f32) -> bool {
+    let f = t.abs().fract();
+    f != 0.5 && (f - 0.5).abs() < 1e-4
+}
+
+/// The device's quantization of x, after checking it against
+/// `quantize_x_host`: codes equal (a difference of one allowed only at a
+/// near tie), d and the block sums equal to an ulp (bit-equal where the
+/// device's division is correctly rounded, as on lavapipe). Returns the
+/// device's, so that the mat-vec emulation runs on exactly its input.
+fn quantized_like_host(g: &Gpu, x: &[f32]) -> Int8X {
+    let dev = g.quantize_x(x).unwrap();
+    let host = quantize_x_host(x).unwrap();
+    if dev != host {
+        eprintln!("quantize_x: device and host differ (within an ulp of d or at near ties)");
+    }
+    let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    for (b, (&dd, &hd)) in dev.d.iter().zip(&host.d).enumerate() {
+        assert!(
+            ulps(dd, hd) <= 1,
+            "block {b}: d {dd} on the device, {hd} on the host"
+        );
+        let scale: f32 = x[b * 32..(b + 1) * 32].iter().map(|v| v.abs()).sum();
+        let (ds, hs) = (dev.sums[b], host.sums[b]);
+        assert!(
+            (ds - hs).abs() <= scale * 1e-6,
+            "block {b}: sum {ds} on the device, {hs} on the host"
+        );
+    }
+    for (i, (&dc, &hc)) in dev.codes.iter().zip(&host.codes).enumerate() {
+        let d = host.d[i / 32];
+        let t = if d > 0.0 { x[i] * (1.0 / d) } else { 0.0 };
+        assert!(
+            dc == hc || ((dc as i32 - hc as i32).abs() == 1 && near_tie(t)),
+            "element {i} (x {}, x/d {t}): code {dc} on the device, {hc} on the host",
+            x[i]
+        );
+    }
+    dev
+}
+
+#[test]
+fn quantize_x_matches_host() {
+    let g = gpu();
+    // Block counts below, at and off the 8 blocks of a workgroup.
+    for (i, &cols) in [32, 256, 416, 4096].iter().enumerate() {
+        let x = xs(cols, 50 + i as u64);
+        let q = quantized_like_host(g, &x);
+        assert!(
+            q.codes.iter().any(|&c| c == 127 || c == -127),
+            "the max maps to 127"
+        );
+    }
+    // Hand-made blocks: exact ties (max 127, so d = 1 and x/d = x: 2.5 -> 2,
+    // -3.5 -> -4, 0.5 -> 0), an all-zero block (d = 0: codes 0, sum 0),
+    // a block of one sign and tiny values (d ~ 1e-30 / 127, subnormal-free).
+    let mut x: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+    x[31] = 127.0;
+    x.extend([0.0f32; 32]);
+    x.extend((0..32).map(|i| 1e-30 * (i + 1) as f32));
+    let q = quantized_like_host(g, &x);
+    assert_eq!(q.d[0], 1.0);
+    assert_eq!(&q.codes[..4], &[-16, -14, -14, -12], "round half to even");
+    assert_eq!(&q.codes[14..18], &[-2, 0, 0, 2], "round half to even");
+    assert_eq!((q.d[1], q.sums[1]), (0.0, 0.0));
+    assert!(q.codes[32..64].iter().all(|&c| c == 0));
+    assert_eq!(q.codes[95], 127);
+}
+
+#[test]
+fn dp4a_matvec_matches_reference_and_emulation() {
+    let g = gpu();
+    // As for the f32 mat-vecs: rows off the 8-row workgroup, one group per
+    // row, chunk counts below, at and above the 32 lanes of a row.
+    for (i, &(rows, cols)) in [
+        (1, 64),
+        (13, 128),
+        (64, 768),
+        (77, 2048),
+        (200, 4096),
+        (35, 2048),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (packed, scales, biases) = random_q4(rows, cols, 300 + i as u64);
+        let m = AffineMatrix::new(rows, cols, 4, 64, &packed, &scales, &biases).unwrap();
+        let x = xs(cols, 60 + i as u64);
+        let y = g.matvec(Matvec::Dp4a, &g.upload(&m).unwrap(), &x).unwrap();
+        let all: Vec<usize> = (0..rows).collect();
+        let e_ref = rel_err(&y, &reference_rows(&m, &x, &all));
+        let q = quantized_like_host(g, &x);
+        let e_emu = rel_err(&y, &dp4a_reference_rows(&m, &q, &all));
+        eprintln!("dp4a {rows}x{cols}: rel err {e_ref:.1e} vs f64, {e_emu:.1e} vs int8 emulation");
+        assert!(
+            e_ref < INT8_TOL,
+            "{rows}x{cols}: relative error {e_ref} against f64"
+        );
+        assert!(
+            e_emu < EMULATION_TOL,
+            "{rows}x{cols}: relative error {e_emu} against the emulation"
+        );
+    }
+}
+
+#[test]
+fn dp4a_on_quantized_weights_and_separate_jobs() {
+    // mfx's own quantizer's codes, with the two passes as separate jobs (the
+    // benchmark's way): one quantized x serving two products.
+    let g = gpu();
+    let (rows, cols) = (96, 512);
+    let w: Vec<f32> = xs(rows * cols, 5).iter().map(|v| v * 0.05).collect();
+    let qw = quantize(&w, rows, cols, 4, 64).unwrap();
+    let m = qw.view();
+    let dm = g.upload(&m).unwrap();
+    let x = xs(cols, 6);
+    let xb = g.f32_buffer(&x);
+    let qx = g.quantized_x(cols as u32).unwrap();
+    let ya = g.f32_buffer(&vec![f32::NAN; rows]);
+    let yb = g.f32_buffer(&vec![f32::NAN; rows]);
+    g.run(&[&g.quantize_job(&xb, &qx)]).unwrap();
+    let ja = g.dp4a_job(&dm, &qx, &ya).unwrap();
+    let jb = g.dp4a_job(&dm, &qx, &yb).unwrap();
+    g.run(&[&ja, &jb]).unwrap();
+    let all: Vec<usize> = (0..rows).collect();
+    let emu = dp4a_reference_rows(&m, &quantized_like_host(g, &x), &all);
+    for yy in [&ya, &yb] {
+        let y = g.read_f32(yy, rows).unwrap();
+        assert!(rel_err(&y, &reference_rows(&m, &x, &all)) < INT8_TOL);
+        let e = rel_err(&y, &emu);
+        assert!(
+            e < EMULATION_TOL,
+            "relative error {e} against the emulation"
+        );
+    }
+}
+
+#[test]
+fn two_dimensional_grid() {
+    // More workgroups than one grid dimension takes (65535 on lavapipe and
+    // most Vulkan drivers): rows spill into the grid's y, as lm_head's do.
+    let g = gpu();
+    // Capped so that a device with a larger limit gets a test of sane size
+    // (it then checks the row tail but not the spill).
+    let limit = (g.limits.max_compute_workgroups_per_dimension as usize).min(65535);
+    let (rows, cols) = (limit * 8 + 13, 64);
+    let (packed, scales, biases) = random_q4(rows, cols, 11);
+    let m = AffineMatrix::new(rows, cols, 4, 64, &packed, &scales, &biases).unwrap();
+    let dm = g.upload(&m).unwrap();
+    let x = xs(cols, 12);
+    let all: Vec<usize> = (0..rows).collect();
+    let y = g.matvec(Matvec::R1, &dm, &x).unwrap();
+    let e = rel_err(&y, &reference_rows(&m, &x, &all));
+    assert!(e < 1e-5, "R1 relative error {e}");
+    let y = g.matvec(Matvec::Dp4a, &dm, &x).unwrap();
+    let e = rel_err(
+        &y,
+        &dp4a_reference_rows(&m, &quantized_like_host(g, &x), &all),
+    );
+    assert!(
+        e < EMULATION_TOL,
+        "Dp4a relative error {e} against the emulation"
+    );
 }

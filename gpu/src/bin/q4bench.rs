@@ -7,6 +7,10 @@
 //! timed pass reads its weights from device memory, not the cache. Results
 //! are checked against formats' dequantizer on sampled rows before timing.
 //!
+//! The int8-activation mat-vec (Dp4a) is timed as cuda/q4_matvec.cu times
+//! it: x is quantized once, the mat-vec passes alone are timed, and the
+//! quantize pass gets its own line (`quantize_x`, per token in a decode).
+//!
 //! Usage: q4bench [--quick] [--unchecked]
 
 use mfx_formats::quant::AffineMatrix;
@@ -49,7 +53,7 @@ fn main() {
         ]
     };
     for &(name, rows, cols) in mv_shapes {
-        for kind in [Matvec::R1, Matvec::R4] {
+        for kind in [Matvec::R1, Matvec::R4, Matvec::Dp4a] {
             for per_pass in [1, 64] {
                 match bench_matvec(&g, kind, rows, cols, if quick { 64 } else { 640 }, per_pass) {
                     Ok((s, gbs, err)) => {
@@ -64,6 +68,16 @@ fn main() {
                     Err(e) => println!("matvec {kind:?} {name}: FAILED {e}"),
                 }
             }
+        }
+        match bench_quantize(&g, cols, if quick { 64 } else { 640 }) {
+            Ok(s) => {
+                println!("quantize_x {cols} cols: median {:.2} us", s * 1e6);
+                table.push(format!(
+                    "| quantize_x (own pass) | {cols} cols | 1 | {:.2} us | | |",
+                    s * 1e6
+                ));
+            }
+            Err(e) => println!("quantize_x {cols} cols: FAILED {e}"),
         }
     }
     let gemm_shapes: &[(&str, usize, usize, usize)] = if quick {
@@ -164,11 +178,20 @@ fn bench_matvec(
     let ys: Vec<wgpu::Buffer> = (0..copies)
         .map(|_| g.f32_buffer(&vec![f32::NAN; rows]))
         .collect();
-    let jobs: Vec<mfx_gpu::Job> = mats
-        .iter()
-        .zip(&ys)
-        .map(|(m, y)| g.matvec_job(kind, m, &xb, y))
-        .collect();
+    let jobs: Vec<mfx_gpu::Job> = if kind == Matvec::Dp4a {
+        // One token's x, quantized once before the timed passes.
+        let qx = g.quantized_x(cols as u32)?;
+        g.run(&[&g.quantize_job(&xb, &qx)])?;
+        mats.iter()
+            .zip(&ys)
+            .map(|(m, y)| g.dp4a_job(m, &qx, y))
+            .collect::<Result<_, _>>()?
+    } else {
+        mats.iter()
+            .zip(&ys)
+            .map(|(m, y)| g.matvec_job(kind, m, &xb, y))
+            .collect()
+    };
     let refs: Vec<&mfx_gpu::Job> = jobs.iter().collect();
     let t = time(g, &refs, iters.max(copies), per_pass)?;
     // Check the last copy's output (written by the timed passes).
@@ -176,10 +199,43 @@ fn bench_matvec(
     let rs = sample_rows(rows);
     let got: Vec<f32> = rs.iter().map(|&r| y[r]).collect();
     let err = rel_err(&got, &reference_rows(&m, &x, &rs));
-    if err.is_nan() || err >= 1e-4 {
+    if err.is_nan() || err >= tolerance(kind) {
         return Err(format!("wrong result: relative error {err}").into());
     }
     Ok((t, mats[0].weight_bytes() as f64 / t / 1e9, err))
+}
+
+/// Relative error a correct kernel stays under against the f64 reference:
+/// f32 rounding, or int8 activations (~3e-3, see tests/parity.rs's INT8_TOL;
+/// 2e-2 as the CUDA benchmark).
+fn tolerance(kind: Matvec) -> f64 {
+    match kind {
+        Matvec::R1 | Matvec::R4 => 1e-4,
+        Matvec::Dp4a => 2e-2,
+    }
+}
+
+/// Median GPU time of the int8 quantization of one x of `cols` (each in its
+/// own pass; x is 4 cols bytes, cache-resident as in a decode step).
+fn bench_quantize(g: &Gpu, cols: usize, iters: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let x = xs(cols, 1);
+    let xb = g.f32_buffer(&x);
+    let qx = g.quantized_x(cols as u32)?;
+    let job = g.quantize_job(&xb, &qx);
+    let t = time(g, &[&job], iters, 1)?;
+    // The device's codes must be the host's (a near-tie may round apart).
+    let dev = g.quantize_x(&x)?;
+    let host = mfx_gpu::quantize_x_host(&x)?;
+    let off = dev
+        .codes
+        .iter()
+        .zip(&host.codes)
+        .filter(|(a, b)| (**a as i32 - **b as i32).abs() > 1)
+        .count();
+    if off > 0 {
+        return Err(format!("{off} codes differ from the host's by more than 1").into());
+    }
+    Ok(t)
 }
 
 fn bench_gemm(
