@@ -18,6 +18,11 @@ pub const MATVEC_R1_WGSL: &str = include_str!("../shaders/q4_matvec_r1.wgsl");
 pub const GEMM_WGSL: &str = include_str!("../shaders/q4_gemm.wgsl");
 pub const QUANTIZE_X_WGSL: &str = include_str!("../shaders/q4_quantize_x.wgsl");
 pub const MATVEC_DP4A_WGSL: &str = include_str!("../shaders/q4_matvec_dp4a.wgsl");
+/// The tensor-core GEMM: needs f16 and wgpu's experimental cooperative
+/// matrices (16x16x16 f16 -> f32), so it is not in `SHADERS` (which must
+/// translate with no optional capability, and to Metal); `tests/metal.rs`
+/// validates it on its own.
+pub const GEMM_COOP_WGSL: &str = include_str!("../shaders/q4_gemm_coop.wgsl");
 /// Every shader of the crate, by name, for the translation checks.
 pub const SHADERS: [(&str, &str); 5] = [
     ("q4_matvec", MATVEC_WGSL),
@@ -55,6 +60,15 @@ pub const XBLOCK: usize = 32;
 const QUANTIZE_BLOCKS: u32 = 8;
 /// Tile edge of the GEMM shader (`BM` = `BN`).
 const GEMM_TILE: u32 = 64;
+/// Tokens (`BM`) and weight rows (`BN`) per tile of the cooperative GEMM.
+const COOP_TILE_TOKENS: u32 = 64;
+const COOP_TILE_ROWS: u32 = 128;
+/// Workgroup memory of q4_gemm_coop.wgsl in bytes: xs (64 x 40 f16), ws
+/// (128 x 40 f16) and the f32 staging (8 x 256).
+const COOP_WORKGROUP_BYTES: u32 = 64 * 40 * 2 + 128 * 40 * 2 + 8 * 256 * 4;
+/// The subgroup width the cooperative GEMM assumes (8 subgroups of 32 in a
+/// workgroup of 256).
+const COOP_SUBGROUP: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -91,13 +105,19 @@ pub struct Gpu {
     /// Whether GPU timestamps can bracket a compute pass.
     pub timestamps: bool,
     /// What the adapter could offer beyond core WGSL (subgroups, f16,
-    /// cooperative matrices), for the record; the kernels use none of it.
+    /// cooperative matrices), for the record; only the cooperative GEMM
+    /// uses any of it.
     pub capabilities: String,
+    /// Why the cooperative GEMM was not built, if it was not.
+    pub coop_missing: Option<String>,
     matvec: wgpu::ComputePipeline,
     matvec_r1: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
     quantize_x: wgpu::ComputePipeline,
     matvec_dp4a: wgpu::ComputePipeline,
+    /// q4_gemm_coop.wgsl, where the adapter has 16x16x16 f16 -> f32
+    /// cooperative matrices (see `coop_support`).
+    gemm_coop: Option<wgpu::ComputePipeline>,
 }
 
 /// One q4 g64 matrix resident on the device.
@@ -167,15 +187,28 @@ impl Gpu {
                 ))
                 .collect::<Vec<_>>()
         );
-        let required_features = if timestamps {
+        let mut required_features = if timestamps {
             wgpu::Features::TIMESTAMP_QUERY
         } else {
             wgpu::Features::empty()
         };
+        let coop_missing = coop_support(&adapter, &info, &limits).err();
+        if coop_missing.is_none() {
+            required_features |= COOP_FEATURES;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("mfx-gpu"),
             required_features,
             required_limits: limits.clone(),
+            // SAFETY: wgpu's condition for experimental features is the
+            // acknowledgement that they may have bugs; only the cooperative
+            // GEMM uses one, and its results are checked against the f64
+            // reference (q4bench, tests/parity.rs) before anything is timed.
+            experimental_features: if coop_missing.is_none() {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(e.to_string()))?;
@@ -209,6 +242,26 @@ impl Gpu {
         let gemm = pipeline("q4_gemm", GEMM_WGSL);
         let quantize_x = pipeline("q4_quantize_x", QUANTIZE_X_WGSL);
         let matvec_dp4a = pipeline("q4_matvec_dp4a", MATVEC_DP4A_WGSL);
+        // The experimental path must not take the rest down: a shader or
+        // pipeline the driver refuses is caught here (error scopes) and
+        // reported through `coop_missing` instead of wgpu's default panic.
+        let mut coop_missing = coop_missing;
+        let gemm_coop = if coop_missing.is_none() {
+            let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+            let p = pipeline("q4_gemm_coop", GEMM_COOP_WGSL);
+            let internal = pollster::block_on(internal.pop());
+            let validation = pollster::block_on(validation.pop());
+            match internal.or(validation) {
+                None => Some(p),
+                Some(e) => {
+                    coop_missing = Some(format!("the coop pipeline failed: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             device,
             queue,
@@ -221,7 +274,14 @@ impl Gpu {
             gemm,
             quantize_x,
             matvec_dp4a,
+            gemm_coop,
+            coop_missing,
         })
+    }
+
+    /// Whether `gemm_coop_job` and `gemm_coop` can run here.
+    pub fn has_coop(&self) -> bool {
+        self.gemm_coop.is_some()
     }
 
     fn check_size(&self, what: &'static str, bytes: u64) -> Result<(), GpuError> {
@@ -408,6 +468,27 @@ impl Gpu {
         Job::single(&self.gemm, bind, groups, params)
     }
 
+    /// A ready-to-dispatch Y = X W^T on cooperative matrices (f16 inputs,
+    /// f32 accumulation), as `gemm_job`; `None` where the adapter lacks them
+    /// (`coop_missing` says why).
+    pub fn gemm_coop_job(
+        &self,
+        m: &Q4Matrix,
+        n: u32,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Option<Job> {
+        let pipeline = self.gemm_coop.as_ref()?;
+        let params = self.uniform([n, m.rows, m.cols, 0]);
+        let bind = self.bind(pipeline, &[&m.w, &m.scales, &m.biases, x, y, &params]);
+        let groups = (
+            m.rows.div_ceil(COOP_TILE_ROWS),
+            n.div_ceil(COOP_TILE_TOKENS),
+            1,
+        );
+        Some(Job::single(pipeline, bind, groups, params))
+    }
+
     /// Spreads `groups` workgroups over x and y so that no dimension passes the limit.
     fn grid(&self, groups: u32) -> (u32, u32, u32) {
         let max = self.limits.max_compute_workgroups_per_dimension.max(1);
@@ -459,6 +540,32 @@ impl Gpu {
         let job = self.gemm_job(m, n as u32, &xb, &yb);
         self.run(&[&job])?;
         self.read_f32(&yb, n * m.rows as usize)
+    }
+
+    /// Y = X W^T on cooperative matrices, blocking, as `gemm`; `Ok(None)`
+    /// where the adapter lacks them.
+    pub fn gemm_coop(
+        &self,
+        m: &Q4Matrix,
+        x: &[f32],
+        n: usize,
+    ) -> Result<Option<Vec<f32>>, GpuError> {
+        if x.len() != n * m.cols as usize {
+            return Err(GpuError::Input {
+                expected: n * m.cols as usize,
+                got: x.len(),
+            });
+        }
+        if !self.has_coop() {
+            return Ok(None);
+        }
+        let xb = self.f32_buffer(x);
+        let yb = self.f32_buffer(&vec![f32::NAN; n * m.rows as usize]);
+        let job = self
+            .gemm_coop_job(m, n as u32, &xb, &yb)
+            .expect("pipeline checked above");
+        self.run(&[&job])?;
+        self.read_f32(&yb, n * m.rows as usize).map(Some)
     }
 
     /// Runs the jobs in order in one compute pass and waits.
@@ -614,6 +721,54 @@ impl Job {
     }
 }
 
+/// Device features the cooperative GEMM needs.
+const COOP_FEATURES: wgpu::Features =
+    wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX.union(wgpu::Features::SHADER_F16);
+
+/// `Ok` where q4_gemm_coop.wgsl can run on `adapter`: the experimental
+/// cooperative-matrix feature with a 16x16x16 f16 x f16 -> f32
+/// configuration (the shader's `coop_mat16x16<f16, A/B>` and
+/// `coop_mat16x16<f32, C>`), f16 in shaders, subgroups of exactly 32 (the
+/// shader maps 32 consecutive invocations to one subgroup-scoped fragment)
+/// and room for its workgroup memory. Otherwise the reason.
+fn coop_support(
+    adapter: &wgpu::Adapter,
+    info: &wgpu::AdapterInfo,
+    limits: &wgpu::Limits,
+) -> Result<(), String> {
+    let f = adapter.features();
+    if !f.contains(COOP_FEATURES) {
+        return Err(format!(
+            "the adapter lacks {:?}",
+            COOP_FEATURES.difference(f)
+        ));
+    }
+    let shape = adapter.cooperative_matrix_properties().iter().any(|p| {
+        (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+            && p.ab_type == wgpu::CooperativeScalarType::F16
+            && p.cr_type == wgpu::CooperativeScalarType::F32
+    });
+    if !shape {
+        return Err("no 16x16x16 f16 -> f32 cooperative-matrix configuration".into());
+    }
+    if (info.subgroup_min_size, info.subgroup_max_size) != (COOP_SUBGROUP, COOP_SUBGROUP) {
+        return Err(format!(
+            "subgroups of {}..{} invocations, the shader needs exactly {COOP_SUBGROUP}",
+            info.subgroup_min_size, info.subgroup_max_size
+        ));
+    }
+    if limits.max_compute_workgroup_storage_size < COOP_WORKGROUP_BYTES
+        || limits.max_compute_invocations_per_workgroup < 256
+        || limits.max_compute_workgroup_size_x < 256
+    {
+        return Err(format!(
+            "workgroup limits too small ({} bytes, {} invocations; needs {COOP_WORKGROUP_BYTES} and 256)",
+            limits.max_compute_workgroup_storage_size, limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    Ok(())
+}
+
 /// Translates a WGSL shader to Metal Shading Language with naga (what wgpu
 /// does on macOS), so CI without a Mac still proves the Metal path compiles
 /// as far as naga's validator and MSL writer go.
@@ -752,6 +907,23 @@ pub fn dp4a_reference_rows(m: &AffineMatrix<'_>, q: &Int8X, rows: &[usize]) -> V
                     (s * q.d[c] * dot as f32 + b * q.sums[c]) as f64
                 })
                 .sum()
+        })
+        .collect()
+}
+
+/// The cooperative GEMM's arithmetic on the host: x and the dequantized
+/// weights (`scale * q + bias` in f32, as formats and the shader compute
+/// it) each rounded to f16, products exact (two 11-bit significands fit
+/// f32's 24), summed in f64 (the tensor cores sum in f32: rounding only).
+/// A layout or staging error is O(1) against this, f16 rounding is not.
+pub fn f16_reference_rows(m: &AffineMatrix<'_>, x: &[f32], rows: &[usize]) -> Vec<f64> {
+    let h = |v: f32| half::f16::from_f32(v).to_f64();
+    let xh: Vec<f64> = x.iter().map(|&v| h(v)).collect();
+    let mut buf = vec![0f32; m.cols];
+    rows.iter()
+        .map(|&r| {
+            m.dequantize_row(r, &mut buf);
+            buf.iter().zip(&xh).map(|(&w, &v)| h(w) * v).sum()
         })
         .collect()
 }

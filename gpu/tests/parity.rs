@@ -5,8 +5,8 @@
 
 use mfx_formats::quant::{quantize, AffineMatrix};
 use mfx_gpu::{
-    dp4a_reference_rows, quantize_x_host, random_q4, reference_rows, Checks, Gpu, GpuError, Int8X,
-    Matvec,
+    dp4a_reference_rows, f16_reference_rows, quantize_x_host, random_q4, reference_rows, Checks,
+    Gpu, GpuError, Int8X, Matvec,
 };
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
@@ -109,6 +109,88 @@ fn gemm_matches_reference() {
         }
         let e = rel_err(&y, &reference);
         assert!(e < 1e-5, "n={n} {rows}x{cols}: relative error {e}");
+    }
+}
+
+/// The cooperative GEMM against the f64 reference: x and the weights enter
+/// the tensor cores as f16 (unit roundoff 2^-11 = 4.9e-4 each), so a dot
+/// product's relative error is about 1e-3 at most for these inputs (random
+/// signs; measured on no device yet); 2e-2 leaves room for activations
+/// whose dot products cancel more, and is the int8 kernels' bound. The
+/// emulation bound (x and w rounded to f16 on the host, so only the f32
+/// accumulation differs) is the tight one: it catches a fragment or
+/// staging layout error that 2e-2 could hide.
+const F16_TOL: f64 = 2e-2;
+const F16_EMULATION_TOL: f64 = 1e-4;
+
+#[test]
+fn coop_gemm_matches_reference_and_emulation() {
+    for checks in [Checks::Checked, Checks::Unchecked] {
+        let g = Gpu::new(checks).unwrap();
+        if !g.has_coop() {
+            eprintln!(
+                "coop gemm test skipped on {}: {}",
+                g.info.name,
+                g.coop_missing.as_deref().unwrap_or("?")
+            );
+            return;
+        }
+        // Edge tiles (tokens off 64, rows off 128, rows under 16), whole
+        // tiles (straight coopStore to Y), several tiles, a long K, a whole
+        // tile whose rows are not 16-byte aligned (staged, not stored).
+        for (i, &(n, rows, cols)) in [
+            (64, 130, 128),
+            (1, 64, 64),
+            (5, 200, 192),
+            (70, 128, 768),
+            (64, 128, 256),
+            (128, 256, 512),
+            (3, 8, 64),
+            (130, 384, 2048),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (packed, scales, biases) = random_q4(rows, cols, 300 + i as u64);
+            let m = AffineMatrix::new(rows, cols, 4, 64, &packed, &scales, &biases).unwrap();
+            let x = xs(n * cols, 40 + i as u64);
+            let y = g.gemm_coop(&g.upload(&m).unwrap(), &x, n).unwrap().unwrap();
+            let all: Vec<usize> = (0..rows).collect();
+            let mut reference = Vec::with_capacity(n * rows);
+            let mut emulated = Vec::with_capacity(n * rows);
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                reference.extend(reference_rows(&m, xt, &all));
+                emulated.extend(f16_reference_rows(&m, xt, &all));
+            }
+            let e = rel_err(&y, &reference);
+            let ee = rel_err(&y, &emulated);
+            eprintln!("coop gemm {checks:?} n={n} {rows}x{cols}: rel err {e:.1e}, against f16 emulation {ee:.1e}");
+            assert!(
+                e < F16_TOL,
+                "{checks:?} n={n} {rows}x{cols}: relative error {e}"
+            );
+            assert!(
+                ee < F16_EMULATION_TOL,
+                "{checks:?} n={n} {rows}x{cols}: against the f16 emulation {ee}"
+            );
+        }
+    }
+}
+
+#[test]
+fn coop_gemm_refuses_bad_input() {
+    let g = gpu();
+    let (packed, scales, biases) = random_q4(64, 64, 1);
+    let m = AffineMatrix::new(64, 64, 4, 64, &packed, &scales, &biases).unwrap();
+    let dm = g.upload(&m).unwrap();
+    assert!(matches!(
+        g.gemm_coop(&dm, &[0.0; 63], 1),
+        Err(GpuError::Input { .. })
+    ));
+    if !g.has_coop() {
+        assert!(g.gemm_coop(&dm, &[0.0; 64], 1).unwrap().is_none());
+        assert!(g.coop_missing.is_some());
     }
 }
 
