@@ -41,6 +41,11 @@ pub enum CallSyntax {
     /// with `<|call|>`, an end-of-sequence token, which the grammar's end
     /// allows as it allows every end-of-sequence token.
     Harmony,
+    /// DeepSeek-V3.1: `<｜tool▁calls▁begin｜>` then, per call,
+    /// `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`, then
+    /// `<｜tool▁calls▁end｜>`; markers the tokenizer has as special tokens
+    /// are named as tokens ([`ToolCalls::special`]).
+    DeepSeek,
 }
 
 /// One tool a forced call may name.
@@ -76,6 +81,10 @@ pub struct ToolCalls<'a> {
     pub parallel: bool,
     /// The prompt leaves a `<think>` block open: the reply may finish it first.
     pub reasoning: bool,
+    /// The tokenizer's special tokens. A marker among them is written as a
+    /// token reference (`<…>`, matched by token id), otherwise as text: a
+    /// text rule could never match the special token the model emits.
+    pub special: &'a [String],
 }
 
 /// The bytes a Lark string literal stands for, quoted (Lark literals are
@@ -207,7 +216,69 @@ pub fn tool_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
         }),
         CallSyntax::QwenXml => tagged_calls(t, "</tool_call>", xml_tool),
         CallSyntax::Harmony => Ok(harmony_call(t)),
+        CallSyntax::DeepSeek => deepseek_calls(t),
     }
+}
+
+/// A format marker as a grammar term: a token reference when the
+/// tokenizer has it as a special token, else its text.
+fn mark(t: &ToolCalls<'_>, m: &str) -> String {
+    if t.special.iter().any(|s| s == m) {
+        m.to_owned()
+    } else {
+        lit(m)
+    }
+}
+
+/// DeepSeek-V3.1's calls ([`CallSyntax::DeepSeek`]), each tool's arguments
+/// as one JSON value under its schema, as the template writes them.
+fn deepseek_calls(t: &ToolCalls<'_>) -> Result<String, ConstrainError> {
+    const CALLS_OPEN: &str = "<｜tool▁calls▁begin｜>";
+    const CALLS_CLOSE: &str = "<｜tool▁calls▁end｜>";
+    const CALL_OPEN: &str = "<｜tool▁call▁begin｜>";
+    const CALL_CLOSE: &str = "<｜tool▁call▁end｜>";
+    const SEP: &str = "<｜tool▁sep｜>";
+    let reasoning = if t.reasoning {
+        // REASONING is one lexeme ending in the text `</think>`; a special
+        // `</think>` cannot end a lexeme, so that case is refused.
+        if t.special.iter().any(|s| s == "</think>") {
+            return Err(ConstrainError::Unsupported(
+                "a forced call after an open <think> block whose end is a special token".into(),
+            ));
+        }
+        "REASONING "
+    } else {
+        ""
+    };
+    let mut g = format!(
+        "start: {reasoning}{} {} {}
+",
+        mark(t, CALLS_OPEN),
+        if t.parallel { "call+" } else { "call" },
+        mark(t, CALLS_CLOSE)
+    );
+    g.push_str(&format!(
+        "call: {} ({}) {}
+",
+        mark(t, CALL_OPEN),
+        alternatives(t),
+        mark(t, CALL_CLOSE)
+    ));
+    for (i, tool) in t.tools.iter().enumerate() {
+        let params = arguments_schema(tool);
+        g.push_str(&format!(
+            "t{i}: {} {} a{i}
+a{i}: {}
+",
+            lit(tool.name),
+            mark(t, SEP),
+            json_rule(&params, &defs_of(&params), tool.strict)
+        ));
+    }
+    if t.reasoning {
+        g.push_str(REASONING);
+    }
+    Ok(g)
 }
 
 /// `t0 | t1 | …`: one grammar rule per offered tool.

@@ -55,6 +55,16 @@ fn weather() -> Value {
 }
 
 fn calls(syntax: CallSyntax, tools: &[(&'static str, &Value)], parallel: bool) -> String {
+    calls_with(syntax, tools, parallel, &[])
+}
+
+/// [`calls`] for a tokenizer whose special tokens are `special`.
+fn calls_with(
+    syntax: CallSyntax,
+    tools: &[(&'static str, &Value)],
+    parallel: bool,
+    special: &[String],
+) -> String {
     grammar::tool_calls(&ToolCalls {
         syntax,
         tools: tools
@@ -67,6 +77,7 @@ fn calls(syntax: CallSyntax, tools: &[(&'static str, &Value)], parallel: bool) -
             .collect(),
         parallel,
         reasoning: false,
+        special,
     })
     .expect("grammar")
 }
@@ -334,6 +345,7 @@ fn xml_refuses_what_raw_text_cannot_carry() {
         }],
         parallel: false,
         reasoning: false,
+        special: &[],
     })
     .expect_err("refused");
     assert!(e.to_string().contains("`n`"), "{e}");
@@ -471,6 +483,117 @@ fn harmony_calls_follow_the_schema_and_parse_back() {
     // The model's `<|call|>` ends the reply; the parser sees it too.
     assert_eq!(
         parsed_calls(&format!("{whole}<|call|>"), spec),
+        vec![("get_weather".into(), json!({"city": "Rome", "days": 2}))]
+    );
+}
+
+/// DeepSeek-V3.1's markers; its tokenizer has them as special tokens.
+const DS_MARKS: [&str; 5] = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+];
+
+/// The tiny tokenizer with its end of sentence added (special) and
+/// DeepSeek's call markers added as special tokens (as DeepSeek's tokenizer
+/// has them), or not added at all: then they are text, several byte-level
+/// tokens each.
+fn deepseek_env(special: bool) -> (GrammarEnv, u32) {
+    let mut tok = tokenizer();
+    let eos = "<｜end▁of▁sentence｜>";
+    if special {
+        let marks: Vec<tokenizers::AddedToken> = DS_MARKS
+            .iter()
+            .map(|m| tokenizers::AddedToken::from(*m, true))
+            .collect();
+        tok.add_special_tokens(&marks);
+    }
+    tok.add_special_tokens(&[tokenizers::AddedToken::from(eos, true)]);
+    let end = tok.token_to_id(eos).expect("added end");
+    let vocab = tok.get_vocab_size(true);
+    (
+        GrammarEnv::new(&tok, &[end], vocab).expect("token trie"),
+        end,
+    )
+}
+
+#[test]
+fn deepseek_calls_follow_the_schema_and_parse_back_with_special_or_text_markers() {
+    let w = weather();
+    let empty = json!({"type": "object", "properties": {}});
+    let args = r#"{"city": "Rome", "days": 2}"#;
+    let call = |name: &str, a: &str| {
+        format!("<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{a}<｜tool▁call▁end｜>")
+    };
+    let whole = format!(
+        "<｜tool▁calls▁begin｜>{}<｜tool▁calls▁end｜>",
+        call("get_weather", args)
+    );
+    for special in [true, false] {
+        let (env, end) = deepseek_env(special);
+        let marks: Vec<String> = if special {
+            DS_MARKS.iter().map(|m| m.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        let tools = [("get_weather", &w), ("ping", &empty)];
+        let g = calls_with(CallSyntax::DeepSeek, &tools, true, &marks);
+        assert_eq!(g.contains("\"<｜tool▁sep｜>\""), !special, "{g}");
+        let ok = |prefix: &str, text: &str| accepts_then(&env, &g, prefix, text, end);
+        assert!(ok("", &whole), "special {special}: {g}");
+        let two = format!(
+            "<｜tool▁calls▁begin｜>{}{}<｜tool▁calls▁end｜>",
+            call("get_weather", args),
+            call("ping", "{}")
+        );
+        assert!(ok("", &two), "special {special}");
+        // What the server forces for `required`, then for a named tool.
+        let fmt = crate::toolcall::ChatFormat::DeepSeek;
+        let any = fmt.forced_prefix(None, false);
+        assert!(ok(
+            &any,
+            &format!("ping<｜tool▁sep｜>{{}}<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+        ));
+        let named = fmt.forced_prefix(Some("get_weather"), false);
+        assert!(ok(
+            &named,
+            &format!("{args}<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+        ));
+        for bad in [
+            // no such tool
+            format!(
+                "<｜tool▁calls▁begin｜>{}<｜tool▁calls▁end｜>",
+                call("get_time", args)
+            ),
+            // days missing (required)
+            format!(
+                "<｜tool▁calls▁begin｜>{}<｜tool▁calls▁end｜>",
+                call("get_weather", r#"{"city": "Rome"}"#)
+            ),
+            // text instead of a call, and text after the calls
+            "It is sunny.".to_owned(),
+            format!("{whole} and more"),
+        ] {
+            assert!(!ok("", &bad), "special {special}: {bad}");
+        }
+        // Without parallel calls a second call is refused.
+        let one = calls_with(CallSyntax::DeepSeek, &tools, false, &marks);
+        assert!(
+            !accepts_then(&env, &one, "", &two, end),
+            "special {special}"
+        );
+        if special {
+            // Why markers must be named as tokens: as text they cannot
+            // match the special tokens the model emits.
+            let text = calls_with(CallSyntax::DeepSeek, &tools, true, &[]);
+            assert!(!accepts_then(&env, &text, "", &whole, end));
+        }
+    }
+    let spec = weather_spec(crate::toolcall::ChatFormat::DeepSeek, &w);
+    assert_eq!(
+        parsed_calls(&whole, spec),
         vec![("get_weather".into(), json!({"city": "Rome", "days": 2}))]
     );
 }

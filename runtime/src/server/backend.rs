@@ -186,6 +186,13 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The tokenizer's special tokens (their text), so that a grammar names
+    /// a marker that is one as a token rather than as text, which the
+    /// tokenizer would never produce for it. Empty for the test fakes.
+    fn special_tokens(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Token ids of already-rendered text (special tokens parsed, none added).
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError>;
 

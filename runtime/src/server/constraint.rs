@@ -95,17 +95,19 @@ pub fn for_chat(
     tools: &[Value],
     response_format: Option<&ResponseFormat>,
     in_reasoning: bool,
+    special: &[String],
 ) -> Result<Option<Constraint>, ApiError> {
     if choice.forces_call() {
         let syntax = match format {
             ChatFormat::Qwen(ToolForm::Hermes) => CallSyntax::Hermes,
             ChatFormat::Qwen(ToolForm::Xml) => CallSyntax::QwenXml,
             ChatFormat::Harmony => CallSyntax::Harmony,
+            ChatFormat::DeepSeek => CallSyntax::DeepSeek,
             other => {
                 return Err(ApiError::bad_request(
                     flavor,
                     format!(
-                        "tool_choice: a forced tool call is only supported for the Hermes, Qwen3-Coder XML and gpt-oss harmony call formats (constrained decoding); this model's chat template uses the {other:?} format; use tool_choice `auto`"
+                        "tool_choice: a forced tool call is only supported for the Hermes, Qwen3-Coder XML, gpt-oss harmony and DeepSeek-V3.1 call formats (constrained decoding); this model's chat template uses the {other:?} format; use tool_choice `auto`"
                     ),
                 )
                 .param("tool_choice"))
@@ -124,6 +126,7 @@ pub fn for_chat(
             tools: defs,
             parallel: choice.parallel,
             reasoning: in_reasoning,
+            special,
         };
         let lark = grammar::tool_calls(&calls).map_err(|e| to_api(flavor, e, "tools"))?;
         return Ok(Some(Constraint {
@@ -223,6 +226,7 @@ mod tests {
             &tools,
             None,
             false,
+            &[],
         )
         .err()
         .expect("refused");
@@ -236,11 +240,27 @@ mod tests {
             &tools,
             None,
             false,
+            &[],
         )
         .expect("built")
         .expect("constrained");
         assert_eq!(h.field, "tools");
         assert!(h.lark.contains("<|constrain|>"), "{}", h.lark);
+        // DeepSeek-V3.1's: its markers as tokens where they are special.
+        let sep = "<｜tool▁sep｜>".to_string();
+        let d = for_chat(
+            Flavor::OpenAi,
+            ChatFormat::DeepSeek,
+            &choice,
+            &tools,
+            None,
+            false,
+            std::slice::from_ref(&sep),
+        )
+        .expect("built")
+        .expect("constrained");
+        assert!(d.lark.contains(" <｜tool▁sep｜> "), "{}", d.lark);
+        assert!(d.lark.contains("\"<｜tool▁call▁begin｜>\""), "{}", d.lark);
         let c = for_chat(
             Flavor::OpenAi,
             ChatFormat::Qwen(ToolForm::Xml),
@@ -248,6 +268,7 @@ mod tests {
             &tools,
             Some(&ResponseFormat::JsonObject),
             false,
+            &[],
         )
         .expect("built")
         .expect("constrained");
@@ -262,6 +283,7 @@ mod tests {
             &tools,
             None,
             false,
+            &[],
         )
         .expect("ok");
         assert!(none.is_none());

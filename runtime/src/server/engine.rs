@@ -63,17 +63,22 @@ fn keeps_special(template: Option<&ChatTemplate>, tokenizer: &Tokenizer) -> bool
     if format == ChatFormat::Harmony {
         return true;
     }
-    let special: Vec<String> = tokenizer
+    let special = special_tokens(tokenizer);
+    format
+        .markers()
+        .iter()
+        .any(|m| special.iter().any(|s| s == m))
+}
+
+/// The text of every added token the tokenizer calls special.
+fn special_tokens(tokenizer: &Tokenizer) -> Vec<String> {
+    tokenizer
         .inner()
         .get_added_tokens_decoder()
         .into_values()
         .filter(|t| t.special)
         .map(|t| t.content)
-        .collect();
-    format
-        .markers()
-        .iter()
-        .any(|m| special.iter().any(|s| s == m))
+        .collect()
 }
 
 impl GeneratorBackend {
@@ -246,6 +251,10 @@ impl Backend for GeneratorBackend {
             .as_ref()
             .map_err(|e| ConstrainError::Tokenizer(e.clone()))?;
         env.compile(lark, prefix).map(Some)
+    }
+
+    fn special_tokens(&self) -> Vec<String> {
+        special_tokens(&self.tokenizer)
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {
