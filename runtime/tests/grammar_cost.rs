@@ -64,6 +64,7 @@ fn mask_cost_per_token() {
             }],
             parallel: false,
             reasoning: false,
+            special: &[],
         })
         .expect("grammar")
     };

@@ -554,7 +554,7 @@ fn deepseek_calls_follow_the_schema_and_parse_back_with_special_or_text_markers(
         let any = fmt.forced_prefix(None, false);
         assert!(ok(
             &any,
-            &format!("ping<｜tool▁sep｜>{{}}<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+            "ping<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
         ));
         let named = fmt.forced_prefix(Some("get_weather"), false);
         assert!(ok(
