@@ -350,13 +350,12 @@ pub fn quantize(
             let sf = s_bf.to_f32();
             let bfv = b_bf.to_f32();
             for (j, &v) in g.iter().enumerate() {
-                let q = ((v - bfv) / sf).round_ties_even();
-                let q = if q.is_nan() {
-                    0.0
-                } else {
-                    q.clamp(0.0, n_bins)
-                };
-                put_bits(prow, gi * group_size + j, bits, q as u32);
+                put_bits(
+                    prow,
+                    gi * group_size + j,
+                    bits,
+                    code(v, sf, bfv, n_bins) as u32,
+                );
             }
             scales.push(s_bf);
             biases.push(b_bf);
@@ -371,6 +370,19 @@ pub fn quantize(
         scales,
         biases,
     })
+}
+
+/// The code of `v` for stored parameters `scale` and `bias` (as f32):
+/// nearest level, ties to even, clamped to `[0, n_bins]`, NaN to 0. The one
+/// rounding rule of every affine quantizer (this one, prep's GPTQ).
+#[inline]
+pub fn code(v: f32, scale: f32, bias: f32, n_bins: f32) -> f32 {
+    let q = ((v - bias) / scale).round_ties_even();
+    if q.is_nan() {
+        0.0
+    } else {
+        q.clamp(0.0, n_bins)
+    }
 }
 
 /// MLX's per-group parameters (see [`quantize`]): `(scale, bias)` for the

@@ -17,7 +17,7 @@
 //! (tested).
 
 use crate::error::{PrepError, Result};
-use mfx_formats::quant::{group_params, put_bits, AffineOwned};
+use mfx_formats::quant::{code, group_params, put_bits, AffineOwned};
 use mfx_runtime::experts::Glu;
 use mfx_runtime::kernels;
 use mfx_runtime::models::{ExpertProvider, RouterObserver};
@@ -138,29 +138,28 @@ impl Factor {
     /// fewer rows than inputs nothing is spread and only the importance
     /// weighting of [`fit_group`] remains.
     pub fn of(h: &Hessian, damp: f64) -> Option<Factor> {
-        let n = h.dim;
-        let lambda = (n as f64 / h.rows.max(1) as f64).min(1.0);
-        let mut shrunk = h.clone();
-        for i in 0..n {
-            for j in 0..n {
-                if i != j {
-                    shrunk.sum[i * n + j] *= 1.0 - lambda;
-                }
-            }
-        }
+        let lambda = (h.dim as f64 / h.rows.max(1) as f64).min(1.0);
         Some(Factor {
-            u: inverse_factor(&shrunk, damp)?,
+            u: inverse_factor(h, lambda, damp)?,
             imp: h.diagonal(),
         })
     }
 }
 
 /// The upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), row-major f32,
-/// with `H` dampened: what GPTQ's column loop reads. `None` if `H` stays
-/// singular after ten-fold increases of the dampening.
-fn inverse_factor(h: &Hessian, damp: f64) -> Option<Vec<f32>> {
+/// with `H`'s off-diagonals scaled by `1 - shrink` and its diagonal
+/// dampened: what GPTQ's column loop reads. `None` if `H` stays singular
+/// after ten-fold increases of the dampening.
+fn inverse_factor(h: &Hessian, shrink: f64, damp: f64) -> Option<Vec<f32>> {
     let n = h.dim;
     let mut base = h.sum.clone();
+    if shrink > 0.0 {
+        for (k, v) in base.iter_mut().enumerate() {
+            if k / n != k % n {
+                *v *= 1.0 - shrink;
+            }
+        }
+    }
     // An input that never varied (a zero diagonal) gets weight 1: its
     // column is then rounded on its own and spreads nothing.
     for i in 0..n {
@@ -240,7 +239,7 @@ pub fn fit_group(v: &[f32], imp: &[f32], n_bins: f32) -> (half::bf16, half::bf16
         v.iter()
             .zip(imp)
             .map(|(&x, &w)| {
-                let q = ((x - b) / s).round_ties_even().clamp(0.0, n_bins);
+                let q = code(x, s, b, n_bins);
                 let d = (s * q + b - x) as f64;
                 w as f64 * d * d
             })
@@ -338,12 +337,7 @@ pub fn quantize(
                     (s, b) = (sb.to_f32(), bb.to_f32());
                 }
                 let v = row[i];
-                let q = ((v - b) / s).round_ties_even();
-                let q = if q.is_nan() {
-                    0.0
-                } else {
-                    q.clamp(0.0, n_bins)
-                };
+                let q = code(v, s, b, n_bins);
                 put_bits(&mut packed, i, bits, q as u32);
                 let err = (v - (s * q + b)) / u[i * cols + i];
                 if err != 0.0 && err.is_finite() {
@@ -569,7 +563,7 @@ mod tests {
             }
         }
         // U^T U must be the inverse of the dampened H.
-        let u = inverse_factor(&h, 0.0).expect("invertible");
+        let u = inverse_factor(&h, 0.0, 0.0).expect("invertible");
         for i in 0..n {
             for j in 0..n {
                 let hinv_ij: f64 = (0..n)

@@ -358,9 +358,8 @@ pub fn walk_layers<O: RowObserver>(
     Ok(x)
 }
 
-/// The layer-by-layer pass behind [`profile`]: per-MoE-layer stats and the
-/// final hidden states `[rows * seq, hidden]` (before the final norm), which
-/// [`Layerwise::final_logits`] turns into logits.
+/// [`walk_layers`] collecting [`profile`]'s per-MoE-layer stats; also
+/// returns the final hidden states.
 pub fn run_layers(
     model: &dyn Layerwise,
     weights: &dyn WeightSource,

@@ -189,8 +189,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The tokenizer's special tokens (their text), so that a grammar names
     /// a marker that is one as a token rather than as text, which the
     /// tokenizer would never produce for it. Empty for the test fakes.
-    fn special_tokens(&self) -> Vec<String> {
-        Vec::new()
+    fn special_tokens(&self) -> &[String] {
+        &[]
     }
 
     /// Token ids of already-rendered text (special tokens parsed, none added).

@@ -40,6 +40,8 @@ pub struct GeneratorBackend {
     /// Decode with special tokens kept: the template's output format needs
     /// markers the tokenizer has as special tokens (see [`keeps_special`]).
     keep_special: bool,
+    /// The tokenizer's special tokens, read once (every forced call asks).
+    special: Vec<String>,
     /// The generator's end-of-sequence ids and logits width, for the
     /// grammar's token trie (read once: the generator is locked while it
     /// generates, and grammars compile while requests wait).
@@ -55,7 +57,7 @@ pub struct GeneratorBackend {
 /// could no longer be split into reasoning, text and calls. (Qwen's
 /// `<tool_call>` and `<think>` are added but not special, so Qwen output
 /// keeps dropping `<|im_start|>` and friends.)
-fn keeps_special(template: Option<&ChatTemplate>, tokenizer: &Tokenizer) -> bool {
+fn keeps_special(template: Option<&ChatTemplate>, special: &[String]) -> bool {
     let Some(t) = template else {
         return false;
     };
@@ -63,7 +65,6 @@ fn keeps_special(template: Option<&ChatTemplate>, tokenizer: &Tokenizer) -> bool
     if format == ChatFormat::Harmony {
         return true;
     }
-    let special = special_tokens(tokenizer);
     format
         .markers()
         .iter()
@@ -124,9 +125,11 @@ impl GeneratorBackend {
         };
         let last_stats = Mutex::new(gen.cache_stats());
         let last_slots = Mutex::new(slot_stats(&gen));
-        let keep_special = keeps_special(template.as_ref(), &tokenizer);
+        let special = special_tokens(&tokenizer);
+        let keep_special = keeps_special(template.as_ref(), &special);
         Self {
             keep_special,
+            special,
             eos_ids: gen.eos_ids().to_vec(),
             vocab: gen.model_info().vocab_size,
             grammar_env: OnceLock::new(),
@@ -253,8 +256,8 @@ impl Backend for GeneratorBackend {
         env.compile(lark, prefix).map(Some)
     }
 
-    fn special_tokens(&self) -> Vec<String> {
-        special_tokens(&self.tokenizer)
+    fn special_tokens(&self) -> &[String] {
+        &self.special
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, BackendError> {

@@ -132,7 +132,7 @@ pub async fn render_constrained(
                         &chat.tools,
                         response_format.as_ref(),
                         spec.in_reasoning,
-                        &backend.special_tokens(),
+                        backend.special_tokens(),
                     )?;
                     (text, forced, Some(spec), constraint)
                 }
