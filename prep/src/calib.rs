@@ -51,14 +51,61 @@ pub const BUILTIN: [(&str, &str); 7] = [
 pub struct CalibText {
     pub name: String,
     pub text: String,
+    /// Rows taken from it, as a multiple of `--calib-rows` (the task mix).
+    pub weight: f64,
 }
 
-pub fn builtin_texts() -> Vec<CalibText> {
+/// What the pack will mostly be used for: the built-in calibration mix
+/// (`--task`). Routing, pins, the hot/cold choice, pruning and GPTQ all
+/// follow the calibration text, so a coding agent's pack should be
+/// calibrated on code and agent chat, a chat assistant's on conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Every built-in source at `--calib-rows` rows.
+    #[default]
+    General,
+    /// Code in every language at full weight, chat (agents speak it) at
+    /// full weight, prose at a quarter.
+    Coding,
+    /// Chat and prose at twice `--calib-rows`, code at a quarter.
+    Chat,
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "general" => Ok(Task::General),
+            "coding" => Ok(Task::Coding),
+            "chat" => Ok(Task::Chat),
+            _ => Err(format!("expected general, coding or chat, got `{s}`")),
+        }
+    }
+}
+
+impl Task {
+    /// Rows of built-in source `name`, as a multiple of `--calib-rows`.
+    pub fn weight(self, name: &str) -> f64 {
+        let code = !matches!(name, "builtin:prose" | "builtin:chat");
+        match (self, code, name) {
+            (Task::General, _, _) => 1.0,
+            (Task::Coding, true, _) | (Task::Coding, _, "builtin:chat") => 1.0,
+            (Task::Coding, _, _) => 0.25,
+            (Task::Chat, false, _) => 2.0,
+            (Task::Chat, true, _) => 0.25,
+        }
+    }
+}
+
+/// The built-in calibration set weighted for `task`.
+pub fn builtin_texts(task: Task) -> Vec<CalibText> {
     BUILTIN
         .iter()
         .map(|(n, t)| CalibText {
             name: n.to_string(),
             text: t.to_string(),
+            weight: task.weight(n),
         })
         .collect()
 }
@@ -76,6 +123,7 @@ pub fn read_texts(paths: &[PathBuf]) -> Result<Vec<CalibText>> {
             Ok(CalibText {
                 name: p.display().to_string(),
                 text,
+                weight: 1.0,
             })
         })
         .collect()

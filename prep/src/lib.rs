@@ -18,6 +18,7 @@ pub mod ram;
 pub mod report;
 pub mod routing;
 pub mod source;
+pub mod suitability;
 
 pub use error::{PrepError, Result};
 pub use pipeline::{run, Options, Outcome};

@@ -43,10 +43,15 @@ pub struct Options {
     pub dense_bits: u8,
     pub group_size: u32,
     pub hot_fraction: Option<f64>,
-    pub merge: bool,
+    /// `--merge`: merge experts that compute nearly the same function.
+    pub merge: Option<merge::MergeMode>,
+    /// `--task`: the built-in calibration mix.
+    pub task: calib::Task,
     pub merge_max_nll: f64,
-    /// Share of each MoE layer's experts removed by REAP saliency (0: none).
+    /// Share of each MoE layer's experts removed by saliency (0: none).
     pub prune: f64,
+    /// `--prune-by`: how pruning (and merging's ranking) scores experts.
+    pub prune_by: prune::SaliencyKind,
     pub min_codec_saving: f64,
     /// Choose expert codes below 8 bits by GPTQ on the calibration batch
     /// instead of rounding to nearest.
@@ -79,9 +84,11 @@ impl Default for Options {
             dense_bits: 8,
             group_size: 64,
             hot_fraction: None,
-            merge: false,
+            merge: None,
+            task: calib::Task::General,
             merge_max_nll: 0.02,
             prune: 0.0,
+            prune_by: prune::SaliencyKind::Total,
             min_codec_saving: crate::entropy::DEFAULT_MIN_SAVING,
             gptq: false,
             align: mfx_formats::pack::DEFAULT_ALIGNMENT,
@@ -104,6 +111,8 @@ pub struct Outcome {
     pub prune: Option<Pruning>,
     /// NLL of the unquantized source on each `--eval-data` text.
     pub source_eval: Vec<(String, f64)>,
+    /// Whether the model suits streaming (shape and measured routing).
+    pub suitability: crate::suitability::Suitability,
 }
 
 fn check_options(o: &Options) -> Result<()> {
@@ -158,7 +167,7 @@ fn check_options(o: &Options) -> Result<()> {
             o.prune
         )));
     }
-    if o.prune > 0.0 && o.merge {
+    if o.prune > 0.0 && o.merge.is_some() {
         return Err(PrepError::Option(
             "--prune and --merge together are not supported: choose one".into(),
         ));
@@ -378,13 +387,16 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         ));
         let t = Instant::now();
         let bar = progress_bar(o.progress, ck.layers() as u64, "profile");
-        let (stats, nll) = routing::profile_source(&ck, &batch, o.merge, &|done, _| {
+        let (stats, nll) = routing::profile_source(&ck, &batch, o.merge.is_some(), &|done, _| {
             bar.set_position(done as u64)
         })?;
         bar.finish_and_clear();
         log(&format!("  profiled in {:.1}s", t.elapsed().as_secs_f64()));
         calib_nll = nll;
-        saliency = stats.iter().map(|s| (s.layer, s.saliency())).collect();
+        saliency = stats
+            .iter()
+            .map(|s| (s.layer, s.saliency(o.prune_by)))
+            .collect();
         let prof = build_profile(&ck, stats, batch.calibration.clone(), o.pin_mass);
         calib_batch = Some(batch);
         prof
@@ -404,12 +416,15 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
                 batch.ids.len()
             ));
             let (stats, _) = routing::profile_source(&ck, &batch, false, &|_, _| {})?;
-            saliency = stats.iter().map(|s| (s.layer, s.saliency())).collect();
+            saliency = stats
+                .iter()
+                .map(|s| (s.layer, s.saliency(o.prune_by)))
+                .collect();
         }
-        let p = prune::choose(&saliency, n_experts, top_k, o.prune)?;
+        let p = prune::choose(&saliency, n_experts, top_k, o.prune, o.prune_by)?;
         log(&format!(
-            "--prune {}: {} of {} experts kept per MoE layer (REAP saliency over {} calibration tokens)",
-            o.prune, p.experts_after, p.experts_before, profile.calibration.tokens
+            "--prune {}: {} of {} experts kept per MoE layer ({:?} saliency over {} calibration tokens)",
+            o.prune, p.experts_after, p.experts_before, o.prune_by, profile.calibration.tokens
         ));
         for t in &mut dense {
             if let Some(rows) = p.router_rows(&t.module, t.shape[0]) {
@@ -431,12 +446,12 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
     };
 
     // Stage 3: merging (optional).
-    let merge_outcome = if o.merge {
+    let merge_outcome = if let Some(mode) = o.merge {
         let batch = match calib_batch.take() {
             Some(b) => b,
             None => calibration_batch(o, &dir, &ck)?,
         };
-        let m = merge::run(&ck, &profile, &batch, o.merge_max_nll, calib_nll, log)?;
+        let m = merge::run(&ck, &profile, &batch, mode, o.merge_max_nll, &saliency, log)?;
         Some(m)
     } else {
         None
@@ -560,7 +575,19 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         packs.push(rep);
     }
     let source_eval = source_ref.into_iter().map(|r| (r.name, r.nll)).collect();
+    let dense_params: u64 = dense.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+    let suitability = crate::suitability::assess(
+        &profile,
+        n_experts,
+        top_k,
+        ck.moe_layers().len(),
+        dense_params,
+        3 * (ck.hidden() * ck.moe_inter()) as u64,
+        dense.iter().any(|t| t.name.contains("shared_expert")),
+    );
+    log(&format!("suitability: {}", suitability.verdict));
     let outcome = Outcome {
+        suitability,
         profile,
         packs,
         calib_nll,
@@ -608,7 +635,7 @@ fn calibration_batch(o: &Options, dir: &Path, ck: &Source) -> Result<CalibBatch>
         .map(|v| v as u32);
     let tok = Tok::load(dir, eos)?;
     let texts = if o.calib.is_empty() {
-        calib::builtin_texts()
+        calib::builtin_texts(o.task)
     } else {
         calib::read_texts(&o.calib)?
     };

@@ -171,8 +171,8 @@ pub fn provenance(dir: &Path, o: &Options, ram_label: &str, ck: &Source, pl: &Pl
                    "safetensors_bytes": ck.input_bytes()},
         "options": {"ram": ram_label, "ram_bytes": pl.ram, "hot_bits": o.hot_bits, "cold_bits": o.cold_bits,
                     "dense_bits": o.dense_bits, "router_bits": crate::quantize::ROUTER_BITS, "group_size": o.group_size,
-                    "hot_fraction": o.hot_fraction, "pin_mass": o.pin_mass, "merge": o.merge,
-                    "merge_max_nll": o.merge_max_nll, "prune": o.prune, "min_codec_saving": o.min_codec_saving,
+                    "hot_fraction": o.hot_fraction, "pin_mass": o.pin_mass, "merge": o.merge, "task": o.task,
+                    "merge_max_nll": o.merge_max_nll, "prune": o.prune, "prune_by": o.prune_by, "min_codec_saving": o.min_codec_saving,
                     "expert_rounding": expert_rounding(o), "align": o.align,
                     "requantized_from_mlx": ck.mlx_quantized()},
         "plan": {"reserve": pl.reserve, "dense_bytes": pl.dense_bytes, "pinned_bytes": pl.pinned_bytes,
@@ -197,6 +197,7 @@ pub fn full_report(dir: &Path, o: &Options, out: &Outcome, secs: f64, input_byte
         "calibration": out.profile.calibration,
         "calibration_nll": out.calib_nll,
         "routing": routing_summary(&out.profile),
+        "suitability": out.suitability,
         "merge": out.merge,
         "prune": out.prune,
         "source_eval_nll": out.source_eval,
@@ -291,10 +292,14 @@ pub fn write_model_card(
     }
     if let Some(p) = &out.prune {
         quality.push_str(&format!(
-            "\n## Pruned experts\n\n{} of {} routed experts per MoE layer were removed with their router rows (`--prune {}`): those with the lowest REAP saliency (mean router weight times output norm over the calibration tokens routed to them).\n",
+            "\n## Pruned experts\n\n{} of {} routed experts per MoE layer were removed with their router rows (`--prune {}`): those with the lowest saliency (router weight times output norm over the calibration tokens routed to them, {}).\n",
             p.experts_before - p.experts_after,
             p.experts_before,
-            p.fraction
+            p.fraction,
+            match p.by {
+                crate::prune::SaliencyKind::Total => "summed",
+                crate::prune::SaliencyKind::Mean => "averaged (REAP)",
+            }
         ));
     }
     if !rep.eval_nll.is_empty() {
@@ -322,7 +327,8 @@ tuned to run in {ram} of RAM: dense weights and the most-used experts stay resid
 | | |\n| --- | --- |\n| file size | {size} |\n| bits per weight | {bpw:.2} |\n| hot experts (4-bit class) | {hotp:.0}% |\n\
 | pinned experts | {pinned} of {total} ({share:.0}% of calibration routing) |\n| predicted cache hit rate | {hit:.1}% |\n| quality | {nll} |\n\n\
 Run it:\n\n```\nmfx run {file} -p \"def fib(n):\"\n```\n\n\
-Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\n{quality}",
+Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\n\n\
+Suitability: {suit}.\n{quality}",
         ram = rep.ram_label,
         ram_bytes = rep.ram,
         bpw = rep.bits_per_weight,
@@ -339,6 +345,7 @@ Made with `mfx prep` (calibration: {toks} tokens from {nsrc} sources). {reason}\
         toks = out.profile.calibration.tokens,
         nsrc = out.profile.calibration.sources.len(),
         reason = rep.plan.reason.trim(),
+        suit = out.suitability.verdict,
     );
     crate::write_atomic(&path, text.as_bytes()).map_err(|e| match e {
         PrepError::Write { source, .. } => PrepError::Write {

@@ -123,13 +123,17 @@ impl LayerStats {
         }
     }
 
-    /// REAP saliency per expert: the mean over the tokens routed to it of
-    /// its mixing weight times the L2 norm of its output (0 if unused).
-    pub fn saliency(&self) -> Vec<f64> {
+    /// Saliency per expert from its mixing weight times the L2 norm of its
+    /// output over the tokens routed to it: summed, or REAP's mean (0 if unused).
+    pub fn saliency(&self, kind: crate::prune::SaliencyKind) -> Vec<f64> {
         self.saliency_sum
             .iter()
             .zip(&self.counts)
-            .map(|(&s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
+            .map(|(&s, &c)| match kind {
+                crate::prune::SaliencyKind::Total => s,
+                crate::prune::SaliencyKind::Mean if c == 0 => 0.0,
+                crate::prune::SaliencyKind::Mean => s / c as f64,
+            })
             .collect()
     }
 
@@ -192,7 +196,8 @@ pub fn tokenize(
     let mut ids = Vec::new();
     let mut sources = Vec::new();
     for t in texts {
-        let r = tok.rows(&t.name, &t.text, rows_per_source, seq)?;
+        let rows = ((rows_per_source as f64 * t.weight).round() as usize).max(1);
+        let r = tok.rows(&t.name, &t.text, rows, seq)?;
         sources.push(CalibSource {
             name: t.name.clone(),
             tokens: r.len() as u64,
@@ -200,13 +205,24 @@ pub fn tokenize(
         ids.extend(r);
     }
     let rows = ids.len() / seq;
+    // A task mix (`--task`) is part of the protocol; the plain one reads as before.
+    let weights = if texts.iter().all(|t| t.weight == 1.0) {
+        String::new()
+    } else {
+        let w: Vec<String> = texts
+            .iter()
+            .map(|t| format!("{} x{}", t.name, t.weight))
+            .collect();
+        format!(" times each source's weight ({})", w.join(", "))
+    };
     Ok(CalibBatch {
         calibration: Calibration {
             sources,
             tokens: ids.len() as u64,
             protocol: format!(
-                "up to {rows_per_source} rows x {seq} tokens per source; documents split on \\n<|endoftext|>\\n, \
-                 encoded without BOS, end-of-text token appended to each"
+                "up to {rows_per_source} rows x {seq} tokens per source{}; documents split on \\n<|endoftext|>\\n, \
+                 encoded without BOS, end-of-text token appended to each",
+                weights
             ),
         },
         ids,

@@ -26,6 +26,12 @@ pub struct Args {
     /// used as given: for checkpoints without a tokenizer.json.
     #[arg(long, num_args = 1.., conflicts_with = "calib")]
     pub calib_ids: Vec<PathBuf>,
+    /// What the pack is for, which weights the built-in calibration mix:
+    /// `general` (every source alike), `coding` (code and agent chat, little
+    /// prose) or `chat` (conversation and prose, little code). Ignored with
+    /// --calib/--calib-ids.
+    #[arg(long, default_value = "general", value_name = "TASK")]
+    pub task: mfx_prep::calib::Task,
     /// Rows of --calib-seq tokens taken from each calibration source.
     #[arg(long, default_value_t = 16)]
     pub calib_rows: usize,
@@ -56,18 +62,27 @@ pub struct Args {
     /// Fraction of each layer's experts at --hot-bits (overrides the automatic choice).
     #[arg(long)]
     pub hot_fraction: Option<f64>,
-    /// Merge near-duplicate experts (checked against --merge-max-nll).
-    #[arg(long)]
-    pub merge: bool,
+    /// Merge experts that compute nearly the same function (outputs compared
+    /// on calibration inputs, hidden units aligned before averaging):
+    /// `--merge` alone merges as much as --merge-max-nll allows; `--merge
+    /// 0.1` merges a tenth of each MoE layer's experts, or nothing if that
+    /// exceeds --merge-max-nll.
+    #[arg(long, value_name = "FRACTION", num_args = 0..=1, default_missing_value = "auto")]
+    pub merge: Option<mfx_prep::merge::MergeMode>,
     /// Largest relative NLL increase a merge may cause (0.02 = +2%).
     #[arg(long, default_value_t = 0.02)]
     pub merge_max_nll: f64,
     /// Remove this share of each MoE layer's experts (0.25: a quarter),
-    /// those with the lowest REAP saliency over the calibration set (mean
-    /// router weight times output norm over the tokens routed to them),
-    /// router rows included; never fewer than top-k remain.
+    /// those with the lowest saliency over the calibration set (router
+    /// weight times output norm over the tokens routed to them, see
+    /// --prune-by), router rows included; never fewer than top-k remain.
     #[arg(long, default_value_t = 0.0)]
     pub prune: f64,
+    /// How --prune (and --merge's ranking) scores experts: `total` (summed
+    /// over the calibration tokens: how much the text leans on the expert)
+    /// or `mean` (REAP's mean over the tokens routed to it).
+    #[arg(long, default_value = "total", value_name = "KIND")]
+    pub prune_by: mfx_prep::prune::SaliencyKind,
     /// Choose routed experts' codes below 8 bits with GPTQ: a second pass
     /// over the calibration batch collects each expert's input and
     /// intermediate-activation statistics, and each row's rounding error is
@@ -112,6 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         calib: a.calib,
         calib_ids: a.calib_ids,
         calib_rows: a.calib_rows,
+        task: a.task,
         calib_seq: a.calib_seq,
         profile: a.profile,
         save_profile: a.save_profile,
@@ -124,6 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         merge: a.merge,
         merge_max_nll: a.merge_max_nll,
         prune: a.prune,
+        prune_by: a.prune_by,
         gptq: a.gptq,
         align: a.align,
         min_codec_saving: a.min_codec_saving,
