@@ -31,6 +31,10 @@ pub struct Args {
     /// streamed expert is read at most once per chunk and layer.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// Positions the working reserve covers (default: the prompt and decode
+    /// tokens). 4096 reserves what `mfx run` does, as `mfx plan`'s budgets assume.
+    #[arg(long)]
+    pub max_context: Option<usize>,
     /// Take the prompt and the decode tokens from this text (teacher-forced)
     /// instead of synthetic ids.
     #[arg(long)]
@@ -92,6 +96,12 @@ pub fn load_cached(
 
 /// Token ids of `text` with the pack's own tokenizer.
 fn text_tokens(pack: &Path, text: &Path, count: usize) -> Result<Vec<u32>> {
+    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    pack_tokens(pack, &s, count).with_context(|| format!("{}", text.display()))
+}
+
+/// The first `count` tokens of `text` by the pack's embedded tokenizer.
+pub fn pack_tokens(pack: &Path, text: &str, count: usize) -> Result<Vec<u32>> {
     let p = mfx_formats::pack::Pack::open(pack)
         .with_context(|| format!("{}: not a valid .mfx pack", pack.display()))?;
     let tok = p
@@ -99,22 +109,19 @@ fn text_tokens(pack: &Path, text: &Path, count: usize) -> Result<Vec<u32>> {
         .tokenizer_json
         .parse::<tokenizers::Tokenizer>()
         .map_err(|e| anyhow::anyhow!("{}: embedded tokenizer.json: {e}", pack.display()))?;
-    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let enc = tok
-        .encode(s.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     let ids = enc.get_ids();
     if ids.len() < count {
         bail!(
-            "{}: {} tokens, --prompt-tokens + --gen-tokens need {count}",
-            text.display(),
+            "{} tokens, {count} needed (--prompt-tokens + --gen-tokens, or the plan's probes)",
             ids.len()
         );
     }
     Ok(ids[..count].to_vec())
 }
 
-/// One JSON line per forward pass and MoE layer.
 fn write_routing(path: &Path, prompt: &[RoutedPass], decode: &[RoutedPass]) -> Result<()> {
     use std::io::Write;
     let mut out = String::new();
@@ -154,7 +161,12 @@ pub fn run(a: Args) -> Result<()> {
     let (mut model, cache, budget) = load_cached(
         &a.pack,
         cc,
-        (a.prompt_tokens + a.gen_tokens, a.prefill_chunk.max(1)),
+        (
+            a.max_context
+                .unwrap_or(0)
+                .max(a.prompt_tokens + a.gen_tokens),
+            a.prefill_chunk.max(1),
+        ),
     )?;
     // Load time includes checking the dense tensors' (and pinned experts') checksums.
     let load_s = t_load.elapsed().as_secs_f64();

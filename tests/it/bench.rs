@@ -82,7 +82,15 @@ fn bench_json_plan_and_budget_errors() {
     );
 
     let out = ok(&mfx(&[
-        "plan", p, "--ram", "200M", "--probe", "8M", "--json",
+        "plan",
+        p,
+        "--ram",
+        "200M",
+        "--probe-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     let rows = v["budgets"].as_array().unwrap();

@@ -224,7 +224,15 @@ fn ram_too_small_is_refused_with_minimum() {
         "{err}"
     );
     // `mfx plan` lists the same minimum.
-    let plan = mfx(&["plan", pack.to_str().unwrap(), "--json", "--probe", "1M"]);
+    let plan = mfx(&[
+        "plan",
+        pack.to_str().unwrap(),
+        "--json",
+        "--probe-tokens",
+        "2",
+        "--repeats",
+        "1",
+    ]);
     assert!(plan.status.success(), "{}", stderr(&plan));
     let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(
