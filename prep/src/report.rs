@@ -133,12 +133,8 @@ pub fn routing_summary(p: &Profile) -> Value {
         .iter()
         .map(|l| {
             let tot: u64 = l.counts.iter().sum();
-            let mut c = l.counts.clone();
-            c.sort_unstable_by(|a, b| b.cmp(a));
-            let q = c.len().div_ceil(4);
-            let top: u64 = c.iter().take(q).sum();
             json!({"layer": l.layer, "tokens": tot / p.model.top_k.max(1) as u64,
-                   "top_quarter_share": if tot > 0 { top as f64 / tot as f64 } else { 0.0 },
+                   "top_quarter_share": crate::suitability::layer_top_quarter_share(l).unwrap_or(0.0),
                    "unused_experts": l.counts.iter().filter(|&&x| x == 0).count()})
         })
         .collect();

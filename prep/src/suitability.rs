@@ -8,7 +8,7 @@
 //! always-resident part (attention, embeddings, shared experts) is not most
 //! of the bytes a token reads.
 
-use mfx_formats::profile::Profile;
+use mfx_formats::profile::{LayerProfile, Profile};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,19 +29,23 @@ pub struct Suitability {
     pub verdict: String,
 }
 
+/// The share of one layer's routed tokens served by its most-used quarter
+/// of experts (`None` if the layer saw no tokens).
+pub fn layer_top_quarter_share(l: &LayerProfile) -> Option<f64> {
+    let tot: u64 = l.counts.iter().sum();
+    (tot > 0).then(|| {
+        let mut c = l.counts.clone();
+        c.sort_unstable_by(|a, b| b.cmp(a));
+        c.iter().take(c.len().div_ceil(4)).sum::<u64>() as f64 / tot as f64
+    })
+}
+
 /// Mean over layers of the top quarter's share of routing counts.
 pub fn top_quarter_share(p: &Profile) -> f64 {
     let shares: Vec<f64> = p
         .layers
         .iter()
-        .filter_map(|l| {
-            let tot: u64 = l.counts.iter().sum();
-            (tot > 0).then(|| {
-                let mut c = l.counts.clone();
-                c.sort_unstable_by(|a, b| b.cmp(a));
-                c.iter().take(c.len().div_ceil(4)).sum::<u64>() as f64 / tot as f64
-            })
-        })
+        .filter_map(layer_top_quarter_share)
         .collect();
     if shares.is_empty() {
         0.0
@@ -100,7 +104,7 @@ pub fn assess(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mfx_formats::profile::{Calibration, LayerProfile, ModelIdentity, PinRule};
+    use mfx_formats::profile::{Calibration, ModelIdentity, PinRule};
 
     fn profile(counts: Vec<Vec<u64>>) -> Profile {
         Profile {
