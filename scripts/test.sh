@@ -20,7 +20,11 @@
 #    makes no tool calls, so the task itself is not asserted). About 3.5 min
 #    of installs into target/ when cold, 2.5 min of runs; MFX_AGENTS_E2E=0
 #    skips it.
-# Legs 4-7 install their own tools; one that cannot prints a SKIPPED banner.
+# 8. The GPU kernels (gpu/, issue 24): their parity tests on Mesa's lavapipe
+#    Vulkan driver and every shader translated to Metal (MSL), about 1.5 min
+#    cold; MFX_GPU=off skips it, MFX_GPU=require fails where lavapipe cannot
+#    be installed.
+# Legs 4-8 install their own tools; one that cannot prints a SKIPPED banner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,4 +51,9 @@ elif ! command -v npm >/dev/null || ! npm ping >/dev/null 2>&1 \
   echo "=== SKIPPED: agent clients (npm or PyPI unreachable, or npm missing) ===" >&2
 else
   CLAUDE_CODE_VERSION=2.1.332 CODEX_VERSION=0.171.0 AIDER_VERSION=0.86.2 bash scripts/agents_e2e.sh
+fi
+if [ "${MFX_GPU:-on}" = off ]; then
+  echo "=== SKIPPED: GPU kernels on lavapipe (MFX_GPU=off) ===" >&2
+else
+  bash scripts/gpu_test.sh
 fi
