@@ -425,7 +425,10 @@ pub fn align(target: &[f32], e: &[f32], m: usize, inter: usize) -> Vec<u32> {
 
 /// The forest of one MoE layer from its probe rows: experts ranked by
 /// `rank` (higher first, ties to the lower id), each pointing at its most
-/// similar higher-ranked expert.
+/// similar higher-ranked expert. Only the `top` strongest edges and those
+/// scoring at least `min_score` are aligned (the others keep an empty
+/// `perm` and are never merged).
+#[allow(clippy::too_many_arguments)]
 pub fn layer_edges(
     provider: &dyn ExpertProvider,
     layer: usize,
@@ -434,6 +437,7 @@ pub fn layer_edges(
     m: usize,
     glu: Glu,
     rank: &[f64],
+    (top, min_score): (usize, f32),
 ) -> Result<Vec<Edge>> {
     let mut mids = Vec::with_capacity(n);
     let mut outs = Vec::with_capacity(n);
@@ -477,13 +481,12 @@ pub fn layer_edges(
             perm: Vec::new(),
         });
     }
-    // Alignment only where it may be used: edges strong enough for the
-    // loosest threshold, or among the top half (fraction mode).
+    // Alignment only where the mode may merge: the `top` strongest edges
+    // and any at least `min_score` similar.
     let mut by_score: Vec<usize> = (0..edges.len()).collect();
     by_score.sort_by(|&a, &b| edges[b].score.total_cmp(&edges[a].score));
-    let loosest = THRESHOLDS[THRESHOLDS.len() - 1];
     for (k, &i) in by_score.iter().enumerate() {
-        if k < n / 2 || edges[i].score >= loosest {
+        if k < top || edges[i].score >= min_score {
             let (e, d) = (edges[i].expert, edges[i].target);
             edges[i].perm = align(&mids[d], &mids[e], m, inter);
         }
@@ -663,6 +666,15 @@ pub fn run(
     let h = src.hidden();
     let cap = PROBE_ROWS.min((PROBE_FLOATS / (n * h).max(1)).max(32));
     let stride = (sub.rows * sub.seq / cap).max(1);
+    // Which edges each mode may merge, so only those are aligned.
+    let drop = match mode {
+        MergeMode::Auto => 0,
+        MergeMode::Fraction(f) => n - crate::prune::kept_count(n, src.top_k(), f),
+    };
+    let need = match mode {
+        MergeMode::Auto => (0, THRESHOLDS[THRESHOLDS.len() - 1]),
+        MergeMode::Fraction(_) => (drop, f32::INFINITY),
+    };
     let model = src.model.as_ref();
     let stage1: BTreeMap<usize, &Vec<f64>> = saliency.iter().map(|(l, s)| (*l, s)).collect();
     let mut forest: BTreeMap<usize, Vec<Edge>> = BTreeMap::new();
@@ -708,7 +720,7 @@ pub fn run(
             let provider = SourceExperts(src).layer(l)?;
             forest.insert(
                 l,
-                layer_edges(provider.as_ref(), l, n, &p.rows, m, p.glu, &rank)?,
+                layer_edges(provider.as_ref(), l, n, &p.rows, m, p.glu, &rank, need)?,
             );
             Ok(())
         },
@@ -762,8 +774,7 @@ pub fn run(
                 (Some(t), r)
             })
             .collect(),
-        MergeMode::Fraction(f) => {
-            let drop = n - crate::prune::kept_count(n, src.top_k(), f);
+        MergeMode::Fraction(_) => {
             let r: Rule = Box::new(move |_, es: &[Edge]| {
                 let mut idx: Vec<usize> = (0..es.len()).collect();
                 idx.sort_by(|&a, &b| es[b].score.total_cmp(&es[a].score));
