@@ -493,7 +493,7 @@ def tensor_specs(cfg: dict) -> list[Spec]:
     return out
 
 
-def next_tensor_specs(cfg: dict) -> list[Spec]:
+def next_tensor_specs(cfg: dict, split_projections: bool = False) -> list[Spec]:
     """Qwen3NextForCausalLM's tensors. Shapes: DeltaNet in_proj_qkvz
     [2*nk*dk + 2*nv*dv, h], in_proj_ba [2*nv, h], depthwise conv1d
     [2*nk*dk + nv*dv, 1, K], A_log / dt_bias [nv], gated norm [dv], out_proj
@@ -513,8 +513,20 @@ def next_tensor_specs(cfg: dict) -> list[Spec]:
                 Spec(f"{a}.dt_bias", (nv,), "ones"),
                 Spec(f"{a}.A_log", (nv,), "alog"),
                 Spec(f"{a}.conv1d.weight", (2 * nk * dk + nv * dv, 1, K), "normal", K**-0.5),
-                Spec(f"{a}.in_proj_qkvz.weight", (2 * nk * dk + 2 * nv * dv, h), "normal", h**-0.5),
-                Spec(f"{a}.in_proj_ba.weight", (2 * nv, h), "normal", h**-0.5),
+            ]
+            if split_projections:  # Qwen3.5: the fused projections split in four
+                out += [
+                    Spec(f"{a}.in_proj_qkv.weight", (2 * nk * dk + nv * dv, h), "normal", h**-0.5),
+                    Spec(f"{a}.in_proj_z.weight", (nv * dv, h), "normal", h**-0.5),
+                    Spec(f"{a}.in_proj_b.weight", (nv, h), "normal", h**-0.5),
+                    Spec(f"{a}.in_proj_a.weight", (nv, h), "normal", h**-0.5),
+                ]
+            else:
+                out += [
+                    Spec(f"{a}.in_proj_qkvz.weight", (2 * nk * dk + 2 * nv * dv, h), "normal", h**-0.5),
+                    Spec(f"{a}.in_proj_ba.weight", (2 * nv, h), "normal", h**-0.5),
+                ]
+            out += [
                 Spec(f"{a}.norm.weight", (dv,), "ones"),
                 Spec(f"{a}.out_proj.weight", (h, nv * dv), "normal", (nv * dv) ** -0.5),
             ]
@@ -554,57 +566,7 @@ def qwen35_tensor_specs(cfg: dict) -> list[Spec]:
     """Qwen3_5MoeForCausalLM's tensors (per ../shared/fixtures/qwen3_5_moe),
     in module order: as qwen3_next but DeltaNet's in_proj_qkv
     [2*nk*dk + nv*dv, h], in_proj_z [nv*dv, h], in_proj_b / in_proj_a [nv, h]."""
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
-    dk, dv, K = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
-    E, ff, sff = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
-    out = [Spec("model.embed_tokens.weight", (v, h), "normal", 1.0)]
-    for L, kind in enumerate(cfg["layer_types"]):
-        p = f"model.layers.{L}"
-        if kind == "linear_attention":
-            a = f"{p}.linear_attn"
-            out += [
-                Spec(f"{a}.dt_bias", (nv,), "ones"),
-                Spec(f"{a}.A_log", (nv,), "alog"),
-                Spec(f"{a}.conv1d.weight", (2 * nk * dk + nv * dv, 1, K), "normal", K**-0.5),
-                Spec(f"{a}.in_proj_qkv.weight", (2 * nk * dk + nv * dv, h), "normal", h**-0.5),
-                Spec(f"{a}.in_proj_z.weight", (nv * dv, h), "normal", h**-0.5),
-                Spec(f"{a}.in_proj_b.weight", (nv, h), "normal", h**-0.5),
-                Spec(f"{a}.in_proj_a.weight", (nv, h), "normal", h**-0.5),
-                Spec(f"{a}.norm.weight", (dv,), "ones"),
-                Spec(f"{a}.out_proj.weight", (h, nv * dv), "normal", (nv * dv) ** -0.5),
-            ]
-        else:
-            a = f"{p}.self_attn"
-            out += [
-                Spec(f"{a}.q_proj.weight", (2 * nq * hd, h), "normal", h**-0.5),
-                Spec(f"{a}.k_proj.weight", (nkv * hd, h), "normal", h**-0.5),
-                Spec(f"{a}.v_proj.weight", (nkv * hd, h), "normal", h**-0.5),
-                Spec(f"{a}.o_proj.weight", (h, nq * hd), "normal", (nq * hd) ** -0.5),
-                Spec(f"{a}.q_norm.weight", (hd,), "zeros"),
-                Spec(f"{a}.k_norm.weight", (hd,), "zeros"),
-            ]
-        out.append(Spec(f"{p}.mlp.gate.weight", (E, h), "router", h**-0.5, L))
-        for e in range(E):
-            out += [
-                Spec(f"{p}.mlp.experts.{e}.gate_proj.weight", (ff, h), "normal", h**-0.5),
-                Spec(f"{p}.mlp.experts.{e}.up_proj.weight", (ff, h), "normal", h**-0.5),
-                Spec(f"{p}.mlp.experts.{e}.down_proj.weight", (h, ff), "normal", ff**-0.5),
-            ]
-        out += [
-            Spec(f"{p}.mlp.shared_expert.gate_proj.weight", (sff, h), "normal", h**-0.5),
-            Spec(f"{p}.mlp.shared_expert.up_proj.weight", (sff, h), "normal", h**-0.5),
-            Spec(f"{p}.mlp.shared_expert.down_proj.weight", (h, sff), "normal", sff**-0.5),
-            Spec(f"{p}.mlp.shared_expert_gate.weight", (1, h), "normal", h**-0.5),
-            Spec(f"{p}.input_layernorm.weight", (h,), "zeros"),
-            Spec(f"{p}.post_attention_layernorm.weight", (h,), "zeros"),
-        ]
-    out += [
-        Spec("model.norm.weight", (h,), "zeros"),
-        Spec("lm_head.weight", (v, h), "normal", h**-0.5),
-    ]
-    return out
+    return next_tensor_specs(cfg, split_projections=True)
 
 
 # Biases: small, see the module docstring.
