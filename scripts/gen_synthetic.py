@@ -239,16 +239,25 @@ def hub_config(preset: str, layers: int | None) -> dict:
     }
 
 
-def next_hub_config(preset: str, layers: int | None) -> dict:
-    p = dict(NEXT_PRESETS[preset])
+def cut_layers(preset: str, p: dict, layers: int | None) -> None:
     if layers is not None:
         if not 1 <= layers <= p["num_hidden_layers"]:
             raise GenError(f"--layers {layers}: preset {preset} has 1..{p['num_hidden_layers']} layers")
         p["num_hidden_layers"] = layers
+
+
+def hybrid_layer_types(p: dict) -> list[str]:
+    """Cutting layers keeps the first N of the full model's pattern."""
     k = p["full_attention_interval"]
-    # Cutting layers keeps the first N of the full model's pattern.
-    layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention"
-                   for i in range(p["num_hidden_layers"])]
+    return ["full_attention" if (i + 1) % k == 0 else "linear_attention"
+            for i in range(p["num_hidden_layers"])]
+
+
+def next_hub_config(preset: str, layers: int | None) -> dict:
+    p = dict(NEXT_PRESETS[preset])
+    cut_layers(preset, p, layers)
+    k = p["full_attention_interval"]
+    layer_types = hybrid_layer_types(p)
     return {
         "architectures": ["Qwen3NextForCausalLM"],
         "attention_bias": False,
@@ -295,13 +304,6 @@ def next_hub_config(preset: str, layers: int | None) -> dict:
     }
 
 
-def cut_layers(preset: str, p: dict, layers: int | None) -> None:
-    if layers is not None:
-        if not 1 <= layers <= p["num_hidden_layers"]:
-            raise GenError(f"--layers {layers}: preset {preset} has 1..{p['num_hidden_layers']} layers")
-        p["num_hidden_layers"] = layers
-
-
 def qwen35_hub_config(preset: str, layers: int | None) -> dict:
     """Keys as in ../shared/fixtures/qwen3_5_moe/config.json (transformers 5's
     Qwen3_5MoeTextConfig: rope in `rope_parameters`, no `intermediate_size`,
@@ -312,8 +314,7 @@ def qwen35_hub_config(preset: str, layers: int | None) -> dict:
     p = dict(QWEN35_PRESETS[preset])
     cut_layers(preset, p, layers)
     k = p["full_attention_interval"]
-    layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention"
-                   for i in range(p["num_hidden_layers"])]
+    layer_types = hybrid_layer_types(p)
     return {
         "architectures": ["Qwen3_5MoeForCausalLM"],
         "attention_bias": False,
