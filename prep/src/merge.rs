@@ -987,6 +987,70 @@ mod tests {
         assert_eq!(perm_of(3), (0..3).map(|i| p3[p1[i]]).collect::<Vec<u32>>());
     }
 
+    /// What merging exists for: an expert that is another's function with
+    /// its hidden units shuffled is far from it as flat weights but found by
+    /// its outputs, and alignment recovers the shuffle; only the edges the
+    /// mode may merge are aligned.
+    #[test]
+    fn a_unit_shuffled_copy_is_found_by_function_and_aligned() {
+        let (inter, hidden, m, n) = (8, 6, 48, 5);
+        let base = expert(11, inter, hidden);
+        let shuffle = [5u32, 3, 7, 0, 6, 1, 4, 2];
+        let copy = aligned(&base, &shuffle);
+        let flat = |w: &ExpertWeights| {
+            let mut v = w.gate.data.clone();
+            v.extend(&w.up.data);
+            v.extend(&w.down.data);
+            v
+        };
+        let (a, b) = (flat(&base), flat(&copy));
+        let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            dot / (norm(&a) * norm(&b)) < 0.5,
+            "weights already look alike"
+        );
+        // Experts: 0 = base, 3 = the shuffled copy, the rest unrelated.
+        let ws: Vec<ExpertWeights> = (0..n)
+            .map(|e| match e {
+                0 => expert(11, inter, hidden),
+                3 => aligned(&base, &shuffle),
+                _ => expert(100 + e as u64, inter, hidden),
+            })
+            .collect();
+        let mut provider = mfx_runtime::models::ResidentExperts::new(1);
+        provider.insert_layer(0, ws.iter().map(|w| w.to_mats().unwrap()).collect());
+        let x: Vec<f32> = {
+            let mut r = lcg(5);
+            (0..m * hidden).map(|_| r()).collect()
+        };
+        // Expert 0 ranks first, so the copy points at it.
+        let rank = [5.0, 4.0, 3.0, 2.0, 1.0];
+        let edges =
+            layer_edges(&provider, 0, n, &x, m, Glu::Silu, &rank, (1, f32::INFINITY)).unwrap();
+        assert_eq!(edges.len(), n - 1);
+        let e3 = edges.iter().find(|e| e.expert == 3).unwrap();
+        assert_eq!(e3.target, 0);
+        assert!(e3.score > 0.999, "{}", e3.score);
+        // perm[i] = the copy's unit matched to base's unit i: `aligned`
+        // put base's unit shuffle[j] at the copy's unit j.
+        for (i, &j) in e3.perm.iter().enumerate() {
+            assert_eq!(shuffle[j as usize] as usize, i, "{:?}", e3.perm);
+        }
+        // Only the strongest edge was aligned (top = 1).
+        assert_eq!(edges.iter().filter(|e| !e.perm.is_empty()).count(), 1);
+        // The merged pair computes base's function.
+        let merged = weighted_mean(&[
+            (expert(11, inter, hidden), 3.0),
+            (aligned(&copy, &e3.perm), 1.0),
+        ]);
+        let (_, y0) = run_expert(&base.to_mats().unwrap(), &x, m, Glu::Silu);
+        let (_, y1) = run_expert(&merged.to_mats().unwrap(), &x, m, Glu::Silu);
+        for (p, q) in y0.iter().zip(&y1) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
+
     #[test]
     fn merge_mode_parses_auto_and_fractions_only() {
         assert_eq!("auto".parse::<MergeMode>(), Ok(MergeMode::Auto));
