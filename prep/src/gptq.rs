@@ -434,22 +434,8 @@ impl Collector {
         let ex = provider
             .get(self.layer, e)
             .map_err(|err| format!("layer {} expert {e}: {err}", self.layer))?;
-        let w = ex.weights();
-        let inter = w.gate.rows();
-        let mut g = vec![0f32; m * inter];
-        let mut u = vec![0f32; m * inter];
-        kernels::matmul_many(&[w.gate, w.up], &rows, m, &mut [&mut g, &mut u]);
-        if let Some(b) = &ex.bias {
-            for (gr, ur) in g.chunks_exact_mut(inter).zip(u.chunks_exact_mut(inter)) {
-                for (v, c) in gr.iter_mut().zip(&b.gate) {
-                    *v += c;
-                }
-                for (v, c) in ur.iter_mut().zip(&b.up) {
-                    *v += c;
-                }
-            }
-        }
-        glu.apply(&mut g, &u);
+        let inter = ex.gate.rows();
+        let g = ex.mid(&rows, m, glu);
         self.stats.input[e]
             .get_or_insert_with(|| Hessian::new(h))
             .add(&rows);

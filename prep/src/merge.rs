@@ -11,9 +11,10 @@
 //!    each MoE layer's experts.
 //! 2. **Similarity.** Every expert is run on the same probe rows; the cosine
 //!    of two experts' outputs is permutation-invariant.
-//! 3. **Forest.** Experts are ranked by REAP saliency (stage 1's, over the
-//!    whole calibration batch); each points at its most similar
-//!    higher-ranked expert, with that cosine as the edge's score.
+//! 3. **Forest.** Experts are ranked by saliency (router weight x output
+//!    norm over the whole calibration batch, `--prune-by`); each points at
+//!    its most similar higher-ranked expert, with that cosine as the edge's
+//!    score.
 //! 4. **Alignment.** Each expert's hidden units are matched to its target's
 //!    by the correlation of their activations on the probe rows (a linear
 //!    assignment, `pathfinding`'s Kuhn-Munkres).
@@ -31,7 +32,6 @@ use crate::routing::{self, CalibBatch, RowObserver};
 use crate::source::{from_runtime, ExpertWeights, LayerExperts, Mat, Source, SourceExperts};
 use mfx_formats::profile::Profile;
 use mfx_runtime::experts::{ExpertBias, Glu};
-use mfx_runtime::kernels;
 use mfx_runtime::models::{ExpertMats, ExpertProvider, RouterObserver};
 use mfx_runtime::RuntimeError;
 use serde::Serialize;
@@ -276,9 +276,8 @@ fn weighted_mean(members: &[(ExpertWeights, f64)]) -> ExpertWeights {
     }
 }
 
-/// Collects one layer's probe rows (distinct tokens' expert inputs, every
-/// `stride`-th token) and, for ranking when stage 1's is not at hand, REAP
-/// saliency sums.
+/// Collects one layer's probe rows: distinct tokens' expert inputs, every
+/// `stride`-th token.
 struct Probe {
     layer: usize,
     moe: bool,
@@ -289,32 +288,11 @@ struct Probe {
     taken: HashSet<usize>,
     rows: Vec<f32>,
     glu: Glu,
-    saliency: Vec<f64>,
-    counts: Vec<u64>,
     bad: Option<String>,
 }
 
 impl RouterObserver for Probe {
-    fn observe(&mut self, _: usize, _: usize, _: &[f32], _: &[f32], selected: &[usize], _: &[f32]) {
-        for &e in selected {
-            if let Some(c) = self.counts.get_mut(e) {
-                *c += 1;
-            }
-        }
-    }
-
-    fn wants_expert_outputs(&self) -> bool {
-        self.moe
-    }
-
-    fn expert_output(&mut self, _: usize, e: usize, tokens: &[(usize, f32)], y: &[f32]) {
-        if let Some(s) = self.saliency.get_mut(e) {
-            for (&(_, w), row) in tokens.iter().zip(y.chunks_exact(self.h)) {
-                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                *s += w as f64 * norm;
-            }
-        }
-    }
+    fn observe(&mut self, _: usize, _: usize, _: &[f32], _: &[f32], _: &[usize], _: &[f32]) {}
 
     fn wants_expert_inputs(&self) -> bool {
         self.moe
@@ -357,25 +335,8 @@ impl RowObserver for Probe {
 /// Each expert's intermediate activations and output on the probe rows `x`
 /// (`m` rows): `(mid [m, inter], out [m, hidden])`.
 fn run_expert(ex: &ExpertMats, x: &[f32], m: usize, glu: Glu) -> (Vec<f32>, Vec<f32>) {
-    let w = ex.weights();
-    let (inter, hidden) = (w.gate.rows(), w.down.rows());
-    let mut g = vec![0f32; m * inter];
-    let mut u = vec![0f32; m * inter];
-    kernels::matmul_many(&[w.gate, w.up], x, m, &mut [&mut g, &mut u]);
-    if let Some(b) = &ex.bias {
-        for (gr, ur) in g.chunks_exact_mut(inter).zip(u.chunks_exact_mut(inter)) {
-            gr.iter_mut().zip(&b.gate).for_each(|(v, c)| *v += c);
-            ur.iter_mut().zip(&b.up).for_each(|(v, c)| *v += c);
-        }
-    }
-    glu.apply(&mut g, &u);
-    let mut y = vec![0f32; m * hidden];
-    kernels::matmul(&w.down, &g, m, &mut y);
-    if let Some(b) = &ex.bias {
-        for yr in y.chunks_exact_mut(hidden) {
-            yr.iter_mut().zip(&b.down).for_each(|(v, c)| *v += c);
-        }
-    }
+    let g = ex.mid(x, m, glu);
+    let y = ex.down_of(&g, m);
     (g, y)
 }
 
@@ -650,8 +611,8 @@ impl ExpertProvider for Remapped {
     }
 }
 
-/// Runs stage 3. `saliency` is stage 1's per-layer REAP saliency (empty when
-/// the profile was reused: then it is measured on the guard rows).
+/// Runs stage 3. `saliency` is each MoE layer's expert saliency over the
+/// calibration batch (`--prune-by`), which ranks experts.
 pub fn run(
     src: &Source,
     profile: &Profile,
@@ -696,8 +657,6 @@ pub fn run(
             taken: HashSet::new(),
             rows: Vec::new(),
             glu: Glu::Silu,
-            saliency: vec![0.0; if moe { n } else { 0 }],
-            counts: vec![0; if moe { n } else { 0 }],
             bad: None,
         },
         |l, moe, p| {
@@ -707,20 +666,14 @@ pub fn run(
             if !moe {
                 return Ok(());
             }
-            let rank: Vec<f64> = match stage1.get(&l) {
-                Some(s) if s.len() == n => s.to_vec(),
-                _ => p
-                    .saliency
-                    .iter()
-                    .zip(&p.counts)
-                    .map(|(&s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
-                    .collect(),
-            };
+            let rank = stage1.get(&l).filter(|s| s.len() == n).ok_or_else(|| {
+                PrepError::Merge(format!("no saliency of layer {l}'s {n} experts"))
+            })?;
             let m = p.rows.len() / h;
             let provider = SourceExperts(src).layer(l)?;
             forest.insert(
                 l,
-                layer_edges(provider.as_ref(), l, n, &p.rows, m, p.glu, &rank, need)?,
+                layer_edges(provider.as_ref(), l, n, &p.rows, m, p.glu, rank, need)?,
             );
             Ok(())
         },

@@ -406,21 +406,28 @@ pub fn run(o: &Options, log: &dyn Fn(&str)) -> Result<Outcome> {
         log(&format!("profile written to {}", p.display()));
     }
 
-    // Stage 3a: pruning (optional): REAP saliency over the calibration
-    // batch, measured in stage 1 (or now, when stage 1 was skipped).
+    // Expert saliency over the calibration batch, which pruning removes by
+    // and merging ranks by: measured in stage 1, or now when stage 1 was
+    // skipped (a reused profile).
+    if saliency.is_empty() && (o.prune > 0.0 || o.merge.is_some()) {
+        let batch = match calib_batch.take() {
+            Some(b) => b,
+            None => calibration_batch(o, &dir, &ck)?,
+        };
+        log(&format!(
+            "measuring expert saliency over {} calibration tokens",
+            batch.ids.len()
+        ));
+        let (stats, _) = routing::profile_source(&ck, &batch, false, &|_, _| {})?;
+        saliency = stats
+            .iter()
+            .map(|s| (s.layer, s.saliency(o.prune_by)))
+            .collect();
+        calib_batch = Some(batch);
+    }
+
+    // Stage 3a: pruning (optional).
     let pruning = if o.prune > 0.0 {
-        if saliency.is_empty() {
-            let batch = calibration_batch(o, &dir, &ck)?;
-            log(&format!(
-                "--prune: measuring expert saliency over {} calibration tokens",
-                batch.ids.len()
-            ));
-            let (stats, _) = routing::profile_source(&ck, &batch, false, &|_, _| {})?;
-            saliency = stats
-                .iter()
-                .map(|s| (s.layer, s.saliency(o.prune_by)))
-                .collect();
-        }
         let p = prune::choose(&saliency, n_experts, top_k, o.prune, o.prune_by)?;
         log(&format!(
             "--prune {}: {} of {} experts kept per MoE layer ({:?} saliency over {} calibration tokens)",

@@ -113,10 +113,16 @@ impl ExpertMats {
     /// `y[n, hidden] = down(glu(gate(x) + bg, up(x) + bu)) + bd`, the biases
     /// where the expert has them.
     pub fn forward_glu(&self, x: &[f32], n: usize, glu: Glu) -> Vec<f32> {
-        let w = self.weights();
         if self.bias.is_none() && glu == Glu::Silu {
-            return swiglu(&w, x, n);
+            return swiglu(&self.weights(), x, n);
         }
+        self.down_of(&self.mid(x, n, glu), n)
+    }
+
+    /// The intermediate activations `glu(gate(x) + bg, up(x) + bu)`,
+    /// `[n, intermediate]` (prep's GPTQ statistics and merge alignment).
+    pub fn mid(&self, x: &[f32], n: usize, glu: Glu) -> Vec<f32> {
+        let w = self.weights();
         let inter = w.gate.rows();
         let mut g = vec![0.0; n * inter];
         let mut u = vec![0.0; n * inter];
@@ -126,8 +132,14 @@ impl ExpertMats {
             add_rows(&mut u, &b.up);
         }
         glu.apply(&mut g, &u);
-        let mut y = vec![0.0; n * w.down.rows()];
-        kernels::matmul(&w.down, &g, n, &mut y);
+        g
+    }
+
+    /// `down(mid) + bd` over `n` rows of [`ExpertMats::mid`]'s activations.
+    pub fn down_of(&self, mid: &[f32], n: usize) -> Vec<f32> {
+        let down = self.down.mat();
+        let mut y = vec![0.0; n * down.rows()];
+        kernels::matmul(&down, mid, n, &mut y);
         if let Some(b) = &self.bias {
             add_rows(&mut y, &b.down);
         }
